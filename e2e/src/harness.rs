@@ -1,0 +1,159 @@
+//! What the end-to-end tests share: the sandbox control plane (started on first use, once per
+//! machine), the project's CRDs installed from the chart, and throwaway namespaces whose state is
+//! dumped when a test fails.
+
+use std::{
+    path::PathBuf,
+    process::Output,
+    sync::atomic::{AtomicU32, Ordering},
+    time::Duration,
+};
+
+use futures::FutureExt;
+use k8s_openapi::{
+    api::core::v1::Namespace,
+    apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+};
+use kube::{
+    Api, Client,
+    api::{DeleteParams, ObjectMeta, Patch, PatchParams, PostParams},
+    runtime::wait::{await_condition, conditions},
+};
+use tokio::sync::OnceCell;
+
+use crate::{
+    Dirs,
+    controlplane::{ControlPlane, Env},
+};
+
+/// Field manager of everything the tests apply.
+pub const FIELD_MANAGER: &str = "kube-migros-e2e";
+
+static ENV: OnceCell<Env> = OnceCell::const_new();
+
+/// The running sandbox control plane, brought up if needed (the first call may build Kubernetes).
+pub async fn env() -> Env {
+    ENV.get_or_init(|| async {
+        match ControlPlane::new(&Dirs::from_env()).up().await {
+            Ok(env) => env,
+            Err(e) => panic!("the sandbox control plane could not be started: {e}"),
+        }
+    })
+    .await
+    .clone()
+}
+
+/// An admin client of the sandbox. Each test gets its own: a client belongs to the runtime of the
+/// test that made it.
+pub async fn client() -> Client {
+    env().await.client().await.unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// The CRD files of the Helm chart, which is what users install.
+pub fn chart_crd_files() -> Vec<PathBuf> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(crds::CHART_CRD_DIR);
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("cannot list {}: {e}", dir.display()))
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .filter(|path| path.extension().is_some_and(|ext| ext == "yaml"))
+        .collect();
+    files.sort();
+    files
+}
+
+/// Applies the chart's CRDs (server-side apply) and waits until the API server serves them.
+pub async fn install_crds(client: &Client) -> Vec<CustomResourceDefinition> {
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let mut installed = Vec::new();
+    for file in chart_crd_files() {
+        let yaml =
+            std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+        let crd: CustomResourceDefinition =
+            serde_yaml_ng::from_str(&yaml).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+        let name = crd.metadata.name.clone().unwrap_or_default();
+        api.patch(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&crd),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("applying CRD {name}: {e}"));
+        let established = await_condition(api.clone(), &name, conditions::is_crd_established());
+        let crd = tokio::time::timeout(Duration::from_secs(60), established)
+            .await
+            .unwrap_or_else(|_| panic!("CRD {name} not Established after 60s"))
+            .unwrap_or_else(|e| panic!("watching CRD {name}: {e}"))
+            .unwrap_or_else(|| panic!("CRD {name} was deleted while waiting for it"));
+        installed.push(crd);
+    }
+    installed
+}
+
+/// Runs `test` in a new namespace named `<prefix>-<unique>`. When the test fails, the namespace's
+/// PodMigrations and Events are printed; the namespace is deleted either way.
+pub async fn with_namespace<F, Fut>(prefix: &str, test: F)
+where
+    F: FnOnce(Client, String) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let client = client().await;
+    let name = unique_name(prefix);
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let ns = Namespace {
+        metadata: ObjectMeta {
+            name: Some(name.clone()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    namespaces
+        .create(&PostParams::default(), &ns)
+        .await
+        .unwrap_or_else(|e| panic!("creating namespace {name}: {e}"));
+    let outcome = std::panic::AssertUnwindSafe(test(client.clone(), name.clone()))
+        .catch_unwind()
+        .await;
+    if outcome.is_err() {
+        dump_namespace(&name).await;
+    }
+    if let Err(e) = namespaces.delete(&name, &DeleteParams::default()).await {
+        eprintln!("warning: could not delete namespace {name}: {e}");
+    }
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+async fn dump_namespace(ns: &str) {
+    let env = env().await;
+    for what in ["podmigrations.migros.io", "events"] {
+        let out = kubectl(&env, &["get", what, "-n", ns, "-o", "yaml"]);
+        eprintln!(
+            "--- {what} in {ns} ---\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// Runs the sandbox's kubectl with its admin kubeconfig.
+pub fn kubectl(env: &Env, args: &[&str]) -> Output {
+    std::process::Command::new(env.kubectl())
+        .arg("--kubeconfig")
+        .arg(&env.kubeconfig)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", env.kubectl().display()))
+}
+
+/// A name unique across the tests of all processes on this machine.
+pub fn unique_name(prefix: &str) -> String {
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    format!("{prefix}-{:x}{:x}{n}", std::process::id(), nanos >> 12)
+}

@@ -1,0 +1,37 @@
+//! The kube-migros sandbox: a real Kubernetes control plane (later also real nodes) on one Linux
+//! machine, built from source and cached, plus the helpers the end-to-end tests share.
+
+pub mod controlplane;
+pub mod harness;
+pub mod k8s;
+pub mod pki;
+pub mod process;
+
+use std::path::PathBuf;
+
+/// Default cache of expensive build artifacts (Kubernetes binaries); kept across runs.
+pub const DEFAULT_CACHE_DIR: &str = "/var/cache/kube-migros";
+/// Default home of the running sandbox (certificates, etcd data, logs, pid files).
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/kube-migros-sandbox";
+
+/// Where the sandbox keeps its cache and its state.
+#[derive(Debug, Clone)]
+pub struct Dirs {
+    pub cache: PathBuf,
+    pub state: PathBuf,
+}
+
+impl Dirs {
+    /// `KUBE_MIGROS_CACHE` and `KUBE_MIGROS_STATE`, else the defaults.
+    pub fn from_env() -> Self {
+        let var = |name: &str, default: &str| {
+            std::env::var_os(name)
+                .filter(|v| !v.is_empty())
+                .map_or_else(|| default.into(), PathBuf::from)
+        };
+        Self {
+            cache: var("KUBE_MIGROS_CACHE", DEFAULT_CACHE_DIR),
+            state: var("KUBE_MIGROS_STATE", DEFAULT_STATE_DIR),
+        }
+    }
+}

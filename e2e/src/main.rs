@@ -1,0 +1,106 @@
+//! `e2e`: the command that builds and runs the kube-migros sandbox (`cargo run -p e2e -- --help`).
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use e2e::{Dirs, controlplane::ControlPlane, k8s};
+
+#[derive(Parser, Debug)]
+#[command(
+    version,
+    about = "The kube-migros sandbox: a real Kubernetes cluster on one Linux machine"
+)]
+struct Cli {
+    /// Cache of built binaries, kept across runs.
+    #[arg(long, global = true, env = "KUBE_MIGROS_CACHE", default_value = e2e::DEFAULT_CACHE_DIR)]
+    cache_dir: std::path::PathBuf,
+    /// Home of the running sandbox (certificates, etcd data, logs, pid files).
+    #[arg(long, global = true, env = "KUBE_MIGROS_STATE", default_value = e2e::DEFAULT_STATE_DIR)]
+    state_dir: std::path::PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Build the Kubernetes binaries of the sandbox into the cache (done by `up` when needed).
+    Build,
+    /// The Kubernetes control plane: etcd, kube-apiserver, kube-controller-manager, kube-scheduler.
+    ControlPlane {
+        #[command(subcommand)]
+        action: ControlPlaneAction,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ControlPlaneAction {
+    /// Start it (building what is missing); does nothing when it already runs and is ready.
+    Up,
+    /// Stop every process of it and delete its state.
+    Down,
+    /// Print shell exports for kubectl (`eval "$(cargo run -q -p e2e -- control-plane env)"`).
+    Env,
+    /// Show which components run.
+    Status,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let dirs = Dirs {
+        cache: cli.cache_dir,
+        state: cli.state_dir,
+    };
+    match cli.command {
+        Command::Build => {
+            let bin = k8s::ensure_built(&dirs.cache).context("building Kubernetes")?;
+            println!(
+                "Kubernetes {} binaries in {}",
+                k8s::K8S_VERSION,
+                bin.display()
+            );
+        }
+        Command::ControlPlane { action } => {
+            control_plane(&ControlPlane::new(&dirs), action).await?
+        }
+    }
+    Ok(())
+}
+
+async fn control_plane(cp: &ControlPlane, action: ControlPlaneAction) -> anyhow::Result<()> {
+    match action {
+        ControlPlaneAction::Up => {
+            let started = std::time::Instant::now();
+            let env = cp.up().await.context("starting the control plane")?;
+            eprintln!(
+                "control plane {} ready at {} ({:.1}s)",
+                k8s::K8S_VERSION,
+                env.server,
+                started.elapsed().as_secs_f64()
+            );
+            print!("{}", env.shell_exports());
+        }
+        ControlPlaneAction::Down => {
+            cp.down().context("stopping the control plane")?;
+            eprintln!("control plane stopped and its state removed");
+        }
+        ControlPlaneAction::Env => print!("{}", cp.env().shell_exports()),
+        ControlPlaneAction::Status => {
+            for (name, pid) in cp.status() {
+                match pid {
+                    Some(pid) => println!("{name:<24} running (pid {pid})"),
+                    None => println!("{name:<24} stopped"),
+                }
+            }
+            let ready = cp.is_ready().await;
+            println!(
+                "{:<24} {}",
+                "api server",
+                if ready { "ready" } else { "not ready" }
+            );
+            if !ready {
+                std::process::exit(1);
+            }
+        }
+    }
+    Ok(())
+}
