@@ -3,10 +3,8 @@
 //! dumped when a test fails.
 
 use std::{
-    path::PathBuf,
     process::Output,
     sync::atomic::{AtomicU32, Ordering},
-    time::Duration,
 };
 
 use futures::FutureExt;
@@ -16,18 +14,15 @@ use k8s_openapi::{
 };
 use kube::{
     Api, Client,
-    api::{DeleteParams, ObjectMeta, Patch, PatchParams, PostParams},
-    runtime::wait::{await_condition, conditions},
+    api::{DeleteParams, ObjectMeta, PostParams},
 };
 use tokio::sync::OnceCell;
 
 use crate::{
     Dirs,
     controlplane::{ControlPlane, Env},
+    install,
 };
-
-/// Field manager of everything the tests apply.
-pub const FIELD_MANAGER: &str = "kube-migros-e2e";
 
 static ENV: OnceCell<Env> = OnceCell::const_new();
 
@@ -49,46 +44,11 @@ pub async fn client() -> Client {
     env().await.client().await.unwrap_or_else(|e| panic!("{e}"))
 }
 
-/// The CRD files of the Helm chart, which is what users install.
-pub fn chart_crd_files() -> Vec<PathBuf> {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .join(crds::CHART_CRD_DIR);
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("cannot list {}: {e}", dir.display()))
-        .filter_map(|entry| entry.ok().map(|e| e.path()))
-        .filter(|path| path.extension().is_some_and(|ext| ext == "yaml"))
-        .collect();
-    files.sort();
-    files
-}
-
-/// Applies the chart's CRDs (server-side apply) and waits until the API server serves them.
+/// Applies the chart's CRDs and waits until the API server serves them.
 pub async fn install_crds(client: &Client) -> Vec<CustomResourceDefinition> {
-    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
-    let mut installed = Vec::new();
-    for file in chart_crd_files() {
-        let yaml =
-            std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
-        let crd: CustomResourceDefinition =
-            serde_yaml_ng::from_str(&yaml).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
-        let name = crd.metadata.name.clone().unwrap_or_default();
-        api.patch(
-            &name,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&crd),
-        )
+    install::apply_chart_crds(client)
         .await
-        .unwrap_or_else(|e| panic!("applying CRD {name}: {e}"));
-        let established = await_condition(api.clone(), &name, conditions::is_crd_established());
-        let crd = tokio::time::timeout(Duration::from_secs(60), established)
-            .await
-            .unwrap_or_else(|_| panic!("CRD {name} not Established after 60s"))
-            .unwrap_or_else(|e| panic!("watching CRD {name}: {e}"))
-            .unwrap_or_else(|| panic!("CRD {name} was deleted while waiting for it"));
-        installed.push(crd);
-    }
-    installed
+        .unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Runs `test` in a new namespace named `<prefix>-<unique>`. When the test fails, the namespace's

@@ -3,6 +3,7 @@
 
 pub mod controlplane;
 pub mod harness;
+pub mod install;
 pub mod k8s;
 pub mod pki;
 pub mod process;

@@ -2,7 +2,19 @@
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use e2e::{Dirs, controlplane::ControlPlane, k8s};
+use e2e::{
+    Dirs,
+    controlplane::{ControlPlane, Env},
+    install, k8s,
+};
+use k8s_openapi::api::core::v1::Namespace;
+use kube::{
+    Api,
+    api::{ObjectMeta, Patch, PatchParams},
+};
+
+/// Namespace the demo works in.
+const DEMO_NAMESPACE: &str = "kube-migros-demo";
 
 #[derive(Parser, Debug)]
 #[command(
@@ -22,6 +34,9 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Bring up the sandbox, install kube-migros and show a PodMigration being accepted and
+    /// validated by the real API server.
+    Demo,
     /// Build the Kubernetes binaries of the sandbox into the cache (done by `up` when needed).
     Build,
     /// The Kubernetes control plane: etcd, kube-apiserver, kube-controller-manager, kube-scheduler.
@@ -62,6 +77,7 @@ async fn main() -> anyhow::Result<()> {
         Command::ControlPlane { action } => {
             control_plane(&ControlPlane::new(&dirs), action).await?
         }
+        Command::Demo => demo(&ControlPlane::new(&dirs)).await?,
     }
     Ok(())
 }
@@ -101,6 +117,80 @@ async fn control_plane(cp: &ControlPlane, action: ControlPlaneAction) -> anyhow:
                 std::process::exit(1);
             }
         }
+    }
+    Ok(())
+}
+
+async fn demo(cp: &ControlPlane) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    eprintln!(
+        "==> starting the sandbox control plane (Kubernetes {})",
+        k8s::K8S_VERSION
+    );
+    let env = cp.up().await.context("starting the control plane")?;
+    eprintln!("    ready after {:.1}s", started.elapsed().as_secs_f64());
+    let client = env.client().await?;
+
+    eprintln!("==> installing the PodMigration CRD from charts/kube-migros/crds");
+    install::apply_chart_crds(&client).await?;
+    let ns = Namespace {
+        metadata: ObjectMeta {
+            name: Some(DEMO_NAMESPACE.into()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    Api::<Namespace>::all(client)
+        .patch(
+            DEMO_NAMESPACE,
+            &PatchParams::apply(install::FIELD_MANAGER),
+            &Patch::Apply(&ns),
+        )
+        .await
+        .with_context(|| format!("creating namespace {DEMO_NAMESPACE}"))?;
+
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/podmigration.yaml");
+    eprintln!("==> kubectl apply -f examples/podmigration.yaml");
+    kubectl(&env, &["apply", "-n", DEMO_NAMESPACE, "-f", example], true)?;
+    eprintln!("==> kubectl get pm");
+    kubectl(&env, &["get", "pm", "-n", DEMO_NAMESPACE], true)?;
+
+    eprintln!("==> a PodMigration with a bad spec is rejected by the API server itself:");
+    let bad = r#"{"apiVersion":"migros.io/v1alpha1","kind":"PodMigration","metadata":{"name":"bad"},"spec":{"podName":"My_Pod","timeoutSeconds":5}}"#;
+    let path = std::env::temp_dir().join("kube-migros-demo-bad.json");
+    std::fs::write(&path, bad)?;
+    let path = path.display().to_string();
+    kubectl(
+        &env,
+        &[
+            "create",
+            "--dry-run=server",
+            "-n",
+            DEMO_NAMESPACE,
+            "-f",
+            &path,
+        ],
+        false,
+    )?;
+
+    eprintln!(
+        "\nThe PodMigration waits for the operator, which is not part of this release yet (see the\n\
+         README's status). Try kubectl yourself:\n\n{}",
+        env.shell_exports()
+    );
+    Ok(())
+}
+
+/// Runs the sandbox's kubectl, showing its output; fails when `must_succeed` and it fails.
+fn kubectl(env: &Env, args: &[&str], must_succeed: bool) -> anyhow::Result<()> {
+    let status = std::process::Command::new(env.kubectl())
+        .arg("--kubeconfig")
+        .arg(&env.kubeconfig)
+        .args(args)
+        .status()
+        .with_context(|| format!("running {}", env.kubectl().display()))?;
+    if must_succeed && !status.success() {
+        anyhow::bail!("kubectl {} failed ({status})", args.join(" "));
     }
     Ok(())
 }

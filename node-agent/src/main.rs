@@ -1,5 +1,5 @@
 //! The kube-migros node agent binary. Its gRPC service (rxe counters, CRI checkpoint, transfer,
-//! staged restore) is built in a later milestone (see docs/roadmap.md).
+//! staged restore) is built in a later milestone (see the README status).
 
 use clap::Parser;
 
@@ -14,7 +14,7 @@ struct Args {}
 fn main() {
     let _args = Args::parse();
     eprintln!(
-        "kube-migros node-agent {}: the agent service is not part of this release yet (see docs/roadmap.md)",
+        "kube-migros node-agent {}: the agent service is not part of this release yet (see the README status)",
         env!("CARGO_PKG_VERSION")
     );
     std::process::exit(2);

@@ -1,5 +1,5 @@
 //! The kube-migros operator binary. Round one ships the API (`crds`) and the test control plane;
-//! the PodMigration reconciler is built in the next milestone (see docs/roadmap.md).
+//! the PodMigration reconciler is built in the next milestone (see the README status).
 
 use clap::Parser;
 
@@ -15,7 +15,7 @@ fn main() {
     let _args = Args::parse();
     eprintln!(
         "kube-migros operator {}: the PodMigration reconciler is not part of this release yet; \
-         only the {} API is installed (see docs/roadmap.md)",
+         only the {} API is installed (see the README status)",
         env!("CARGO_PKG_VERSION"),
         crds::GROUP
     );
