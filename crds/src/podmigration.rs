@@ -239,7 +239,7 @@ pub struct PodMigrationStatus {
 
     /// The rxe QP and MR number block of an RDMA pod.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rxe: Option<RxeBlock>,
+    pub rxe: Option<RxeRanges>,
 
     /// What was checkpointed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -276,7 +276,7 @@ pub struct PhaseTransition {
 /// A block of rxe queue-pair and memory-region numbers owned by one RDMA pod, cluster-wide.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
-pub struct RxeBlock {
+pub struct RxeRanges {
     /// First queue-pair number of the block.
     pub qpn_start: u32,
     /// Number of queue-pair numbers in the block.
@@ -312,6 +312,9 @@ pub struct ContainerCheckpoint {
     pub bytes: i64,
     /// Archive digest, `sha256:<hex>`.
     pub digest: String,
+    /// The image the target runtime restores this container from, once staged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
 }
 
 /// Bytes moved so far.

@@ -1,7 +1,32 @@
-//! The kube-migros operator binary. Round one ships the API (`crds`) and the test control plane;
-//! the PodMigration reconciler is built in the next milestone (see the README status).
+//! The kube-migros operator process: flags, health and metrics endpoints, leader election, and the
+//! PodMigration controller plus rxe block maintenance while leading; stops cleanly on SIGTERM.
 
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use agent_api::tls::TlsFiles;
+use anyhow::Context as _;
 use clap::Parser;
+use kube::{
+    Client,
+    runtime::events::{Recorder, Reporter},
+};
+use operator::{
+    agents::Agents,
+    controller::{self, Context},
+    leader::{Elector, Timing},
+    metrics::Metrics,
+    rxe, server,
+};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
 
 /// Command-line arguments of the operator.
 #[derive(Parser, Debug)]
@@ -9,15 +34,191 @@ use clap::Parser;
     version,
     about = "kube-migros operator: live migration of (RDMA) pods between nodes"
 )]
-struct Args {}
+struct Args {
+    /// Namespace of the operator: its leader Lease and the agents' Leases live here.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "kube-migros")]
+    namespace: String,
+    /// Only reconcile PodMigrations (and keep rxe blocks) of this namespace; all when empty.
+    #[arg(long, env = "KUBE_MIGROS_WATCH_NAMESPACE")]
+    watch_namespace: Option<String>,
+    /// This replica's name in the leader election.
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+    /// Name of the leader-election Lease.
+    #[arg(long, default_value = "kube-migros-operator")]
+    lease_name: String,
+    /// Seconds a leader's Lease stays valid without renewal.
+    #[arg(long, default_value_t = 15)]
+    lease_duration_seconds: u64,
+    /// Seconds between renewals (and between attempts of a standby).
+    #[arg(long, default_value_t = 2)]
+    lease_retry_seconds: u64,
+    /// Address of /live, /ready and /metrics.
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    http_addr: SocketAddr,
+    /// Directory with ca.crt, tls.crt and tls.key for mutual TLS with the agents.
+    #[arg(long, default_value = "/etc/kube-migros/tls")]
+    tls_dir: PathBuf,
+    /// First QPN of the rxe blocks.
+    #[arg(long, default_value_t = rxe::Ranges::default().qpn_base)]
+    rxe_qpn_base: u32,
+    /// QPNs per block.
+    #[arg(long, default_value_t = rxe::Ranges::default().qpn_per_block)]
+    rxe_qpns_per_block: u32,
+    /// First MRN of the rxe blocks.
+    #[arg(long, default_value_t = rxe::Ranges::default().mrn_base)]
+    rxe_mrn_base: u32,
+    /// MRNs per block.
+    #[arg(long, default_value_t = rxe::Ranges::default().mrn_per_block)]
+    rxe_mrns_per_block: u32,
+    /// Number of blocks.
+    #[arg(long, default_value_t = rxe::Ranges::default().blocks)]
+    rxe_blocks: u32,
+    /// Seconds between rxe block allocation/release sweeps.
+    #[arg(long, default_value_t = 10)]
+    rxe_sweep_seconds: u64,
+}
 
-fn main() {
-    let _args = Args::parse();
-    eprintln!(
-        "kube-migros operator {}: the PodMigration reconciler is not part of this release yet; \
-         only the {} API is installed (see the README status)",
-        env!("CARGO_PKG_VERSION"),
-        crds::GROUP
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,kube=warn,tower=warn,hyper=warn".into()),
+        )
+        .init();
+    let args = Args::parse();
+    let ranges = rxe::Ranges {
+        qpn_base: args.rxe_qpn_base,
+        qpn_per_block: args.rxe_qpns_per_block,
+        mrn_base: args.rxe_mrn_base,
+        mrn_per_block: args.rxe_mrns_per_block,
+        blocks: args.rxe_blocks,
+    };
+    ranges.validate()?;
+    let tls = TlsFiles::in_dir(&args.tls_dir)
+        .load()
+        .context("loading the agent TLS material")?;
+    let client = Client::try_default()
+        .await
+        .context("connecting to the API server")?;
+    let identity = args
+        .identity
+        .clone()
+        .unwrap_or_else(|| format!("{}-{}", hostname(), std::process::id()));
+
+    let shutdown = CancellationToken::new();
+    tokio::spawn(signals(shutdown.clone()));
+    let metrics = Arc::new(Metrics::default());
+    let health = server::Health {
+        ready: Arc::new(AtomicBool::new(false)),
+        leader: Arc::new(AtomicBool::new(false)),
+        metrics: metrics.clone(),
+    };
+    let http = tokio::spawn(server::serve(
+        args.http_addr,
+        health.clone(),
+        shutdown.clone().cancelled_owned(),
+    ));
+
+    client
+        .apiserver_version()
+        .await
+        .context("the API server does not answer")?;
+    health.ready.store(true, Ordering::Relaxed);
+    let timing = Timing {
+        lease: Duration::from_secs(args.lease_duration_seconds),
+        retry: Duration::from_secs(args.lease_retry_seconds),
+    };
+    let elector = Elector::new(
+        client.clone(),
+        &args.namespace,
+        &args.lease_name,
+        &identity,
+        timing,
     );
-    std::process::exit(2);
+    tokio::select! {
+        () = elector.acquire() => {}
+        () = shutdown.cancelled() => {
+            info!("stopped while standing by");
+            return Ok(());
+        }
+    }
+    health.leader.store(true, Ordering::Relaxed);
+
+    let lost = CancellationToken::new();
+    let holder = {
+        let (elector, lost) = (elector.clone(), lost.clone());
+        tokio::spawn(async move {
+            elector.hold().await;
+            lost.cancel();
+        })
+    };
+    let stop = CancellationToken::new();
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: controller::FIELD_MANAGER.into(),
+            instance: Some(identity.clone()),
+        },
+    );
+    let allocator = rxe::Allocator::new(client.clone(), ranges);
+    let agents = Agents::new(client.clone(), &args.namespace, tls);
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        agents,
+        allocator.clone(),
+        metrics,
+        recorder,
+    ));
+    let sweeper = tokio::spawn(rxe::maintain(
+        allocator,
+        client,
+        args.watch_namespace.clone(),
+        Duration::from_secs(args.rxe_sweep_seconds),
+        stop.clone(),
+    ));
+    let controller = tokio::spawn(controller::run(
+        ctx,
+        args.watch_namespace.clone(),
+        stop.clone().cancelled_owned(),
+    ));
+
+    let lost_leadership = tokio::select! {
+        () = shutdown.cancelled() => false,
+        () = lost.cancelled() => true,
+    };
+    stop.cancel();
+    let _ = tokio::join!(controller, sweeper);
+    holder.abort();
+    if lost_leadership {
+        error!("lost the leader Lease; exiting so that a fresh process stands for election");
+        std::process::exit(1);
+    }
+    elector.release().await;
+    shutdown.cancel();
+    let _ = http.await;
+    info!("stopped");
+    Ok(())
+}
+
+async fn signals(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        error!("cannot listen for SIGTERM/SIGINT");
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM: shutting down"),
+        _ = int.recv() => info!("SIGINT: shutting down"),
+    }
+    shutdown.cancel();
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map_or_else(|_| "operator".into(), |h| h.trim().to_string())
 }

@@ -1,0 +1,74 @@
+//! `RxeBlock` (`migros.io/v1alpha1`, cluster-scoped): one block of rxe queue-pair and memory-region
+//! numbers owned by one RDMA pod. The object's name is the block's index, so the API server's
+//! uniqueness of names is what makes an allocation atomic across operator replicas.
+
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Label on an RxeBlock naming the namespace of the pod that owns it.
+pub const RXE_POD_NAMESPACE_LABEL: &str = "migros.io/pod-namespace";
+/// Label on an RxeBlock naming the pod that owns it.
+pub const RXE_POD_NAME_LABEL: &str = "migros.io/pod-name";
+
+/// A block of rxe QP and MR numbers owned by the pod `spec.pod`. It follows the pod (by namespace
+/// and name) across migrations and is released when the pod is gone and no migration of it is
+/// active.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[kube(
+    group = "migros.io",
+    version = "v1alpha1",
+    kind = "RxeBlock",
+    plural = "rxeblocks",
+    singular = "rxeblock",
+    shortname = "rxe",
+    category = "migros",
+    doc = "A cluster-unique block of rxe QP and MR numbers owned by one RDMA pod",
+    printcolumn = r#"{"name":"Namespace","type":"string","jsonPath":".spec.pod.namespace"}"#,
+    printcolumn = r#"{"name":"Pod","type":"string","jsonPath":".spec.pod.name"}"#,
+    printcolumn = r#"{"name":"QPN-Start","type":"integer","jsonPath":".spec.qpnStart"}"#,
+    printcolumn = r#"{"name":"QPN-Count","type":"integer","jsonPath":".spec.qpnCount"}"#,
+    printcolumn = r#"{"name":"MRN-Start","type":"integer","jsonPath":".spec.mrnStart"}"#,
+    printcolumn = r#"{"name":"MRN-Count","type":"integer","jsonPath":".spec.mrnCount"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    validation = kube::core::Rule::new("self.spec == oldSelf.spec").message("an RxeBlock's spec is immutable")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct RxeBlockSpec {
+    /// Index of the block in the configured ranges; the object is named `block-<index>`.
+    pub index: u32,
+    /// First queue-pair number.
+    pub qpn_start: u32,
+    /// Number of queue-pair numbers.
+    pub qpn_count: u32,
+    /// First memory-region number.
+    pub mrn_start: u32,
+    /// Number of memory-region numbers.
+    pub mrn_count: u32,
+    /// The pod that owns the block.
+    pub pod: PodReference,
+}
+
+/// A pod by namespace and name (a migrated pod keeps both; its UID changes).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+pub struct PodReference {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl RxeBlockSpec {
+    /// The object name of the block with this index.
+    pub fn object_name(index: u32) -> String {
+        format!("block-{index}")
+    }
+
+    /// The QPN and MRN ranges, as the PodMigration status records them.
+    pub fn ranges(&self) -> crate::podmigration::RxeRanges {
+        crate::podmigration::RxeRanges {
+            qpn_start: self.qpn_start,
+            qpn_count: self.qpn_count,
+            mrn_start: self.mrn_start,
+            mrn_count: self.mrn_count,
+        }
+    }
+}

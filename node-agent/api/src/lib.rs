@@ -1,0 +1,43 @@
+//! The node-agent gRPC API shared by the operator and the agents: the generated protobuf types,
+//! client and server (`v1`), mutual-TLS configuration (`tls`) and who may call what (`identity`).
+
+pub mod identity;
+pub mod tls;
+
+/// Generated from `proto/agent.proto`.
+#[allow(missing_debug_implementations, clippy::all)]
+pub mod v1 {
+    tonic::include_proto!("migros.agent.v1");
+}
+
+pub use v1::{Operation, State};
+
+impl v1::Operation {
+    /// A step that is still going on.
+    pub fn running(migration_uid: &str) -> Self {
+        Self {
+            migration_uid: migration_uid.into(),
+            state: State::Running.into(),
+            ..Default::default()
+        }
+    }
+
+    /// A step that ended well.
+    pub fn succeeded(migration_uid: &str) -> Self {
+        Self {
+            migration_uid: migration_uid.into(),
+            state: State::Succeeded.into(),
+            ..Default::default()
+        }
+    }
+
+    /// A step that failed, and why.
+    pub fn failed(migration_uid: &str, message: impl Into<String>) -> Self {
+        Self {
+            migration_uid: migration_uid.into(),
+            state: State::Failed.into(),
+            message: message.into(),
+            ..Default::default()
+        }
+    }
+}

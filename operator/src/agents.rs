@@ -1,0 +1,266 @@
+//! Finding and calling the node agents. Each agent announces itself with a Lease named
+//! `kube-migros-agent-<node>` in the operator's namespace (renewed while it lives, annotated with its
+//! gRPC endpoint); the operator dials it over mutual TLS and keeps one channel per endpoint.
+
+use std::{collections::BTreeMap, sync::Mutex, time::Duration};
+
+use agent_api::{
+    tls::TlsMaterial,
+    v1::{self, agent_client::AgentClient},
+};
+use k8s_openapi::{api::coordination::v1::Lease, jiff::Timestamp};
+use kube::{Api, Client, api::ListParams};
+use tonic::transport::{Channel, Endpoint};
+
+use crate::statemachine::{Answer, Call};
+
+/// Prefix of the name of every agent's Lease; the node name follows.
+pub const AGENT_LEASE_PREFIX: &str = "kube-migros-agent-";
+/// Label on every agent Lease, to list them.
+pub const AGENT_LEASE_LABEL: &str = "migros.io/agent";
+/// Annotation of an agent Lease: the agent's gRPC endpoint, `host:port`.
+pub const ENDPOINT_ANNOTATION: &str = "migros.io/agent-endpoint";
+
+/// How long one agent call may take; steps that take longer answer RUNNING and are polled.
+const CALL_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// The agents of the cluster, as the operator reaches them.
+pub struct Agents {
+    leases: Api<Lease>,
+    tls: TlsMaterial,
+    channels: Mutex<BTreeMap<String, Channel>>,
+}
+
+impl std::fmt::Debug for Agents {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agents").finish_non_exhaustive()
+    }
+}
+
+/// What the operator sends with a call: the migration and the pod it moves.
+#[derive(Debug, Clone, Default)]
+pub struct CallContext {
+    pub migration_uid: String,
+    pub pod: v1::PodRef,
+    pub rxe: Option<v1::RxeBlock>,
+    pub expected_bytes: u64,
+    pub target_endpoint: String,
+    pub compression: v1::Compression,
+    pub bandwidth_limit: u64,
+}
+
+impl Agents {
+    /// Agents announce themselves in `namespace` (the operator's own).
+    pub fn new(client: Client, namespace: &str, tls: TlsMaterial) -> Self {
+        Self {
+            leases: Api::namespaced(client, namespace),
+            tls,
+            channels: Mutex::default(),
+        }
+    }
+
+    /// Nodes with a live agent, and the agent's endpoint.
+    pub async fn live(&self) -> Result<BTreeMap<String, String>, kube::Error> {
+        let leases = self
+            .leases
+            .list(&ListParams::default().labels(AGENT_LEASE_LABEL))
+            .await?;
+        let now = Timestamp::now();
+        Ok(leases
+            .items
+            .iter()
+            .filter_map(|lease| live_endpoint(lease, now))
+            .collect())
+    }
+
+    /// The endpoint of the agent on `node`, or why there is none.
+    pub async fn endpoint(&self, node: &str) -> Result<String, String> {
+        let name = format!("{AGENT_LEASE_PREFIX}{node}");
+        let lease = self
+            .leases
+            .get_opt(&name)
+            .await
+            .map_err(|e| format!("reading Lease {name}: {e}"))?;
+        let lease = lease.ok_or_else(|| format!("no kube-migros agent runs on node {node}"))?;
+        live_endpoint(&lease, Timestamp::now())
+            .map(|(_, endpoint)| endpoint)
+            .ok_or_else(|| {
+                format!("the kube-migros agent on node {node} stopped renewing its Lease")
+            })
+    }
+
+    /// What the agent at `endpoint` reports about its node.
+    pub async fn capabilities(&self, endpoint: &str) -> Result<v1::NodeCapabilities, String> {
+        let mut client = self.client(endpoint)?;
+        let answer = tokio::time::timeout(
+            CALL_TIMEOUT,
+            client.capabilities(v1::CapabilitiesRequest {}),
+        )
+        .await;
+        match answer {
+            Ok(Ok(response)) => Ok(response.into_inner()),
+            Ok(Err(status)) => Err(format!("{}: {}", status.code(), status.message())),
+            Err(_) => Err(format!("no answer within {}s", CALL_TIMEOUT.as_secs())),
+        }
+    }
+
+    /// Performs `call` on the agent at `endpoint`.
+    pub async fn call(&self, endpoint: &str, call: Call, ctx: &CallContext) -> Answer {
+        let mut client = match self.client(endpoint) {
+            Ok(client) => client,
+            Err(e) => return Answer::Unreachable(e),
+        };
+        let uid = ctx.migration_uid.clone();
+        let step = |role: v1::Role| v1::StepRequest {
+            migration_uid: uid.clone(),
+            role: role.into(),
+        };
+        let request = async {
+            match call {
+                Call::PrepareTarget => {
+                    client
+                        .prepare_target(v1::PrepareTargetRequest {
+                            migration_uid: uid.clone(),
+                            pod: Some(ctx.pod.clone()),
+                            expected_bytes: ctx.expected_bytes,
+                            rxe: ctx.rxe,
+                        })
+                        .await
+                }
+                Call::Checkpoint => {
+                    client
+                        .checkpoint(v1::CheckpointRequest {
+                            migration_uid: uid.clone(),
+                            pod: Some(ctx.pod.clone()),
+                        })
+                        .await
+                }
+                Call::Transfer => {
+                    client
+                        .transfer(v1::TransferRequest {
+                            migration_uid: uid.clone(),
+                            target_endpoint: ctx.target_endpoint.clone(),
+                            compression: ctx.compression.into(),
+                            bandwidth_limit: ctx.bandwidth_limit,
+                        })
+                        .await
+                }
+                Call::StageRestore => {
+                    client
+                        .stage_restore(v1::StageRestoreRequest {
+                            migration_uid: uid.clone(),
+                            pod: Some(ctx.pod.clone()),
+                            rxe: ctx.rxe,
+                        })
+                        .await
+                }
+                Call::FinishRestore => client.finish_restore(step(v1::Role::Target)).await,
+                Call::CommitSource => client.commit(step(v1::Role::Source)).await,
+                Call::AbortSource => client.abort(step(v1::Role::Source)).await,
+                Call::AbortTarget => client.abort(step(v1::Role::Target)).await,
+                Call::CleanupSource => client.cleanup(step(v1::Role::Source)).await,
+                Call::CleanupTarget => client.cleanup(step(v1::Role::Target)).await,
+            }
+        };
+        match tokio::time::timeout(CALL_TIMEOUT, request).await {
+            Ok(Ok(response)) => answer(response.into_inner()),
+            Ok(Err(status)) if status.code() == tonic::Code::Unavailable => {
+                Answer::Unreachable(status.message().to_string())
+            }
+            Ok(Err(status)) => Answer::Failed(format!("{}: {}", status.code(), status.message())),
+            Err(_) => Answer::Unreachable(format!("no answer within {}s", CALL_TIMEOUT.as_secs())),
+        }
+    }
+
+    fn client(&self, endpoint: &str) -> Result<AgentClient<Channel>, String> {
+        let mut channels = self
+            .channels
+            .lock()
+            .map_err(|_| "agent channel cache poisoned".to_string())?;
+        if let Some(channel) = channels.get(endpoint) {
+            return Ok(AgentClient::new(channel.clone()));
+        }
+        let channel = Endpoint::from_shared(format!("https://{endpoint}"))
+            .and_then(|e| e.tls_config(self.tls.client()))
+            .map_err(|e| format!("agent endpoint {endpoint}: {e}"))?
+            .connect_timeout(Duration::from_secs(3))
+            .connect_lazy();
+        channels.insert(endpoint.to_string(), channel.clone());
+        Ok(AgentClient::new(channel))
+    }
+}
+
+fn answer(op: v1::Operation) -> Answer {
+    match op.state() {
+        v1::State::Succeeded => Answer::Succeeded(op),
+        v1::State::Running => Answer::Running {
+            bytes_done: op.bytes_done,
+            bytes_total: op.bytes_total,
+        },
+        v1::State::Failed => Answer::Failed(op.message),
+        v1::State::Unspecified => {
+            Answer::Failed(format!("the agent answered no state: {}", op.message))
+        }
+    }
+}
+
+/// `(node, endpoint)` of a Lease that its agent renewed within its duration.
+fn live_endpoint(lease: &Lease, now: Timestamp) -> Option<(String, String)> {
+    let node = lease
+        .metadata
+        .name
+        .as_deref()?
+        .strip_prefix(AGENT_LEASE_PREFIX)?
+        .to_string();
+    let endpoint = lease
+        .metadata
+        .annotations
+        .as_ref()?
+        .get(ENDPOINT_ANNOTATION)?
+        .clone();
+    let spec = lease.spec.as_ref()?;
+    let renewed = spec.renew_time.as_ref()?.0;
+    let duration = i64::from(spec.lease_duration_seconds.unwrap_or(15));
+    let expires = renewed
+        .checked_add(k8s_openapi::jiff::SignedDuration::from_secs(duration))
+        .ok()?;
+    (expires > now).then_some((node, endpoint))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::{
+        api::coordination::v1::LeaseSpec, apimachinery::pkg::apis::meta::v1::MicroTime,
+    };
+    use kube::api::ObjectMeta;
+
+    fn lease(node: &str, renewed_secs_ago: i64) -> Lease {
+        let renewed =
+            Timestamp::now() - k8s_openapi::jiff::SignedDuration::from_secs(renewed_secs_ago);
+        Lease {
+            metadata: ObjectMeta {
+                name: Some(format!("{AGENT_LEASE_PREFIX}{node}")),
+                annotations: Some(
+                    [(ENDPOINT_ANNOTATION.to_string(), "10.0.0.1:7443".to_string())].into(),
+                ),
+                ..Default::default()
+            },
+            spec: Some(LeaseSpec {
+                renew_time: Some(MicroTime(renewed)),
+                lease_duration_seconds: Some(10),
+                ..Default::default()
+            }),
+        }
+    }
+
+    #[test]
+    fn a_fresh_lease_names_a_live_agent_and_a_stale_one_does_not() {
+        let now = Timestamp::now();
+        assert_eq!(
+            live_endpoint(&lease("node-1", 2), now),
+            Some(("node-1".into(), "10.0.0.1:7443".into()))
+        );
+        assert_eq!(live_endpoint(&lease("node-1", 30), now), None);
+    }
+}

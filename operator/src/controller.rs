@@ -1,0 +1,584 @@
+//! The PodMigration controller: observes the migration, its pod, the nodes and the agents, asks the
+//! state machine what to do, does it (agent call, pod delete or create, status write) and records
+//! every step in the status, so that a restarted operator resumes where the last one stopped.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use agent_api::v1;
+use crds::{Compression, Phase, PodMigration, PodMigrationStatus};
+use futures::{StreamExt, future::join_all};
+use k8s_openapi::{
+    api::core::v1::{Node, Pod},
+    jiff::Timestamp,
+};
+use kube::{
+    Api, Client, Resource, ResourceExt,
+    api::{DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions},
+    runtime::{
+        Controller,
+        controller::Action as Requeue,
+        events::{Event, EventType, Recorder},
+        finalizer::{Event as FinalizerEvent, finalizer},
+        watcher,
+    },
+};
+use serde_json::json;
+use tracing::{Instrument, info, info_span, warn};
+
+use crate::{
+    Error, Result,
+    agents::{Agents, CallContext},
+    metrics::Metrics,
+    replacement, rxe,
+    statemachine::{self, Action, Answer, Call, Facts, PodFacts},
+    targets::{self, Candidate},
+};
+
+/// Finalizer that lets the operator roll back or clean up before a PodMigration goes away.
+pub const FINALIZER: &str = "migros.io/cleanup";
+/// Field manager of the operator's status writes.
+pub const FIELD_MANAGER: &str = "kube-migros-operator";
+/// Steps one reconcile performs before yielding to other objects.
+const STEPS_PER_RECONCILE: usize = 16;
+
+/// What every reconcile shares.
+pub struct Context {
+    pub client: Client,
+    pub agents: Agents,
+    pub rxe: rxe::Allocator,
+    pub metrics: Arc<Metrics>,
+    pub recorder: Recorder,
+    /// Consecutive transient failures per migration UID, for per-object back-off.
+    failures: Mutex<HashMap<String, u32>>,
+    /// UIDs of migrations not yet in a final phase (the `active` gauge).
+    active: Mutex<BTreeSet<String>>,
+}
+
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context").finish_non_exhaustive()
+    }
+}
+
+impl Context {
+    pub fn new(
+        client: Client,
+        agents: Agents,
+        rxe: rxe::Allocator,
+        metrics: Arc<Metrics>,
+        recorder: Recorder,
+    ) -> Self {
+        Self {
+            client,
+            agents,
+            rxe,
+            metrics,
+            recorder,
+            failures: Mutex::default(),
+            active: Mutex::default(),
+        }
+    }
+}
+
+/// Runs the controller until `shutdown` resolves. `namespace` limits it to one namespace.
+pub async fn run(
+    ctx: Arc<Context>,
+    namespace: Option<String>,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) {
+    let api: Api<PodMigration> = match &namespace {
+        Some(ns) => Api::namespaced(ctx.client.clone(), ns),
+        None => Api::all(ctx.client.clone()),
+    };
+    Controller::new(api, watcher::Config::default())
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|_| futures::future::ready(()))
+        .await;
+}
+
+async fn reconcile(pm: Arc<PodMigration>, ctx: Arc<Context>) -> Result<Requeue> {
+    let ns = pm
+        .namespace()
+        .ok_or_else(|| Error::Invalid(pm.name_any()))?;
+    let name = format!("{ns}/{}", pm.name_any());
+    let phase = pm.status.as_ref().and_then(|s| s.phase).unwrap_or_default();
+    let span = info_span!("reconcile", migration = %name, phase = ?phase);
+    let api: Api<PodMigration> = Api::namespaced(ctx.client.clone(), &ns);
+    let uid = pm.uid().unwrap_or_default();
+    let result = finalizer(&api, FINALIZER, pm, |event| async {
+        match event {
+            FinalizerEvent::Apply(pm) => drive(pm, &ctx, false).await,
+            FinalizerEvent::Cleanup(pm) => drive(pm, &ctx, true).await,
+        }
+    })
+    .instrument(span)
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)));
+    if result.is_ok() {
+        if let Ok(mut failures) = ctx.failures.lock() {
+            failures.remove(&uid);
+        }
+    }
+    result
+}
+
+/// Backs off per object on transient errors; waits for a change on invalid objects.
+fn error_policy(pm: Arc<PodMigration>, error: &Error, ctx: Arc<Context>) -> Requeue {
+    ctx.metrics.reconcile_error(error.metric_label());
+    match error.kind() {
+        crate::ErrorKind::Invalid => Requeue::await_change(),
+        crate::ErrorKind::Pending => Requeue::requeue(Duration::from_secs(1)),
+        crate::ErrorKind::Transient => {
+            let uid = pm.uid().unwrap_or_default();
+            let attempt = ctx.failures.lock().map_or(1, |mut f| {
+                let n = f.entry(uid).or_default();
+                *n = n.saturating_add(1);
+                *n
+            });
+            let delay = Duration::from_millis(250u64.saturating_mul(1 << attempt.min(8)))
+                .min(Duration::from_secs(60));
+            warn!(migration = %pm.name_any(), %error, attempt, "reconcile failed; retrying in {delay:?}");
+            Requeue::requeue(delay)
+        }
+    }
+}
+
+enum Next {
+    Continue(PodMigration),
+    Requeue(Duration),
+    Done,
+}
+
+/// Performs steps until the state machine has to wait, or the migration is over.
+async fn drive(pm: Arc<PodMigration>, ctx: &Context, cleanup: bool) -> Result<Requeue> {
+    let mut pm = (*pm).clone();
+    for _ in 0..STEPS_PER_RECONCILE {
+        let facts = observe(&pm, ctx).await?;
+        let action = statemachine::next(&facts);
+        track_active(ctx, &facts);
+        match execute(&pm, &facts, action, ctx).await? {
+            Next::Continue(updated) => pm = updated,
+            Next::Requeue(after) if cleanup => {
+                let _ = after;
+                return Err(Error::CleanupPending(pm.name_any()));
+            }
+            Next::Requeue(after) => return Ok(Requeue::requeue(after)),
+            Next::Done => return Ok(Requeue::await_change()),
+        }
+    }
+    Ok(Requeue::requeue(Duration::ZERO))
+}
+
+fn track_active(ctx: &Context, f: &Facts) {
+    if let Ok(mut active) = ctx.active.lock() {
+        let final_or_gone = f.status.phase.is_some_and(Phase::is_final) || f.deleting;
+        if final_or_gone {
+            active.remove(&f.uid)
+        } else {
+            active.insert(f.uid.clone())
+        };
+        ctx.metrics.set_active(active.len());
+    }
+}
+
+async fn observe(pm: &PodMigration, ctx: &Context) -> Result<Facts> {
+    let ns = pm.namespace().unwrap_or_default();
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    let pod = pods.get_opt(&pm.spec.pod_name).await?;
+    let mut status = pm.status.clone().unwrap_or_default();
+    status.observed_generation = pm.metadata.generation;
+    let mut facts = Facts {
+        uid: pm.uid().unwrap_or_default(),
+        now: Timestamp::now(),
+        created: pm
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .map_or_else(Timestamp::now, |t| t.0),
+        deleting: pm.metadata.deletion_timestamp.is_some(),
+        spec: pm.spec.clone(),
+        status,
+        pod: pod.as_ref().map(pod_facts),
+        busy_with: None,
+        target: None,
+        rxe: None,
+    };
+    let pending = facts.status.phase.unwrap_or_default() == Phase::Pending;
+    let startable = facts
+        .pod
+        .as_ref()
+        .is_some_and(|p| p.migratable && p.phase.as_deref() == Some("Running"));
+    if pending && !facts.deleting && startable {
+        facts.busy_with = busy_with(pm, ctx).await?;
+        if facts.busy_with.is_none() {
+            if let (Some(pod), Some(pf)) = (&pod, &facts.pod) {
+                facts.target = Some(choose_target(pm, pod, pf, ctx).await?);
+                if pf.rdma {
+                    facts.rxe = Some(match ctx.rxe.ensure(&ns, &pm.spec.pod_name).await {
+                        Ok(block) => Ok(block),
+                        Err(e @ (rxe::Error::Exhausted(_) | rxe::Error::InvalidRanges(_))) => {
+                            Err(e.to_string())
+                        }
+                        Err(e) => return Err(e.into()),
+                    });
+                }
+            }
+        }
+    }
+    Ok(facts)
+}
+
+fn pod_facts(pod: &Pod) -> PodFacts {
+    let label = |key: &str| pod.labels().get(key).is_some_and(|v| v == "true");
+    let status = pod.status.as_ref();
+    PodFacts {
+        uid: pod.uid().unwrap_or_default(),
+        node: pod.spec.as_ref().and_then(|s| s.node_name.clone()),
+        phase: status.and_then(|s| s.phase.clone()),
+        ip: status.and_then(|s| s.pod_ip.clone()),
+        migratable: label(crds::MIGRATABLE_LABEL),
+        rdma: label(crds::RDMA_LABEL),
+        created_by_migration: pod
+            .annotations()
+            .get(replacement::MIGRATION_UID_ANNOTATION)
+            .cloned(),
+        deleting: pod.metadata.deletion_timestamp.is_some(),
+    }
+}
+
+/// Another active PodMigration of the same pod that came first (by creation, then name).
+async fn busy_with(pm: &PodMigration, ctx: &Context) -> Result<Option<String>> {
+    let api: Api<PodMigration> =
+        Api::namespaced(ctx.client.clone(), &pm.namespace().unwrap_or_default());
+    let selector = format!("spec.podName={}", pm.spec.pod_name);
+    let others = api.list(&ListParams::default().fields(&selector)).await?;
+    let key = |p: &PodMigration| {
+        (
+            p.metadata.creation_timestamp.clone().map(|t| t.0),
+            p.name_any(),
+        )
+    };
+    let mine = key(pm);
+    Ok(others
+        .items
+        .iter()
+        .filter(|o| o.uid() != pm.uid())
+        .filter(|o| {
+            !o.status
+                .as_ref()
+                .and_then(|s| s.phase)
+                .is_some_and(Phase::is_final)
+        })
+        .filter(|o| o.metadata.deletion_timestamp.is_none() && key(o) < mine)
+        .map(ResourceExt::name_any)
+        .next())
+}
+
+async fn choose_target(
+    pm: &PodMigration,
+    pod: &Pod,
+    pf: &PodFacts,
+    ctx: &Context,
+) -> Result<Result<String, String>> {
+    let source = pf.node.clone().unwrap_or_default();
+    let nodes_api: Api<Node> = Api::all(ctx.client.clone());
+    let nodes = match &pm.spec.target_node {
+        Some(name) => match nodes_api.get_opt(name).await? {
+            Some(node) => vec![node],
+            None => return Ok(Err(format!("target node {name} does not exist"))),
+        },
+        None => nodes_api.list(&ListParams::default()).await?.items,
+    };
+    let live = ctx.agents.live().await?;
+    let capabilities = join_all(nodes.iter().map(|node| async {
+        let endpoint = live.get(&node.name_any())?;
+        ctx.agents.capabilities(endpoint).await.ok()
+    }))
+    .await;
+    let all_pods: Api<Pod> = Api::all(ctx.client.clone());
+    let mut used = Vec::with_capacity(nodes.len());
+    for node in &nodes {
+        let on_node = all_pods
+            .list(&ListParams::default().fields(&format!("spec.nodeName={}", node.name_any())))
+            .await?;
+        used.push(targets::used_by(&on_node.items));
+    }
+    let candidates: Vec<Candidate<'_>> = nodes
+        .iter()
+        .zip(used)
+        .zip(&capabilities)
+        .map(|((node, used), agent)| Candidate {
+            node,
+            used,
+            agent: agent.as_ref(),
+        })
+        .collect();
+    Ok(match &pm.spec.target_node {
+        Some(name) => targets::check(pod, &source, &candidates[0], pf.rdma)
+            .map(|()| name.clone())
+            .map_err(|why| format!("target node {name} {why}")),
+        None => targets::choose(pod, &source, &candidates, pf.rdma),
+    })
+}
+
+async fn execute(pm: &PodMigration, f: &Facts, action: Action, ctx: &Context) -> Result<Next> {
+    let ns = pm.namespace().unwrap_or_default();
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    match action {
+        Action::Start(status) => {
+            let updated = keep_template(pm, &pods, ctx).await?;
+            Ok(Next::Continue(
+                write_status(&updated, f, *status, None, ctx).await?,
+            ))
+        }
+        Action::Write(status) => Ok(Next::Continue(
+            write_status(pm, f, *status, None, ctx).await?,
+        )),
+        Action::Commit(status) => {
+            match write_status(pm, f, *status, pm.resource_version(), ctx).await {
+                Ok(updated) => Ok(Next::Continue(updated)),
+                // The object changed since it was read (deleted, say): decide again on fresh facts.
+                Err(Error::Kube(kube::Error::Api(s))) if s.code == 409 => {
+                    Ok(Next::Requeue(Duration::ZERO))
+                }
+                Err(e) => Err(e),
+            }
+        }
+        Action::Call(call) => {
+            let answer = call_agent(pm, f, call, ctx).await;
+            let (status, after) = statemachine::after(f, call, answer);
+            let updated = write_status(pm, f, status, None, ctx).await?;
+            Ok(if after.is_zero() {
+                Next::Continue(updated)
+            } else {
+                Next::Requeue(after)
+            })
+        }
+        Action::DeleteSourcePod => {
+            let preconditions = Preconditions {
+                uid: f.status.source_pod_uid.clone(),
+                resource_version: None,
+            };
+            let params = DeleteParams {
+                grace_period_seconds: Some(0),
+                preconditions: Some(preconditions),
+                ..Default::default()
+            };
+            match pods.delete(&pm.spec.pod_name, &params).await {
+                Ok(_) => info!(pod = %pm.spec.pod_name, "deleted the source pod"),
+                Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => {}
+                Err(e) => return Err(e.into()),
+            }
+            Ok(Next::Continue(pm.clone()))
+        }
+        Action::CreateReplacement => {
+            let template: Pod = template_of(pm)?;
+            let images: BTreeMap<String, String> = f
+                .status
+                .checkpoint
+                .iter()
+                .flat_map(|c| &c.containers)
+                .filter_map(|c| Some((c.name.clone(), c.image.clone()?)))
+                .collect();
+            let target = f.status.target_node.clone().unwrap_or_default();
+            let pod = replacement::build(
+                &template,
+                &target,
+                (&pm.name_any(), &f.uid),
+                f.status.pod_ip.as_deref(),
+                &images,
+            );
+            match pods.create(&PostParams::default(), &pod).await {
+                Ok(created) => {
+                    info!(node = %target, uid = ?created.uid(), "created the replacement pod")
+                }
+                Err(kube::Error::Api(s)) if s.code == 409 => {}
+                Err(e) => return Err(e.into()),
+            }
+            Ok(Next::Continue(pm.clone()))
+        }
+        Action::Wait(after) => Ok(Next::Requeue(after)),
+        Action::Done => Ok(Next::Done),
+    }
+}
+
+/// Stores the replacement pod's template in an annotation, before the source is touched.
+async fn keep_template(pm: &PodMigration, pods: &Api<Pod>, ctx: &Context) -> Result<PodMigration> {
+    let Some(pod) = pods.get_opt(&pm.spec.pod_name).await? else {
+        return Ok(pm.clone());
+    };
+    let template = serde_json::to_string(&replacement::template(&pod))?;
+    let api: Api<PodMigration> =
+        Api::namespaced(ctx.client.clone(), &pm.namespace().unwrap_or_default());
+    let patch = json!({"metadata": {"annotations": {replacement::TEMPLATE_ANNOTATION: template}}});
+    Ok(api
+        .patch(
+            &pm.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await?)
+}
+
+fn template_of(pm: &PodMigration) -> Result<Pod> {
+    let raw = pm
+        .annotations()
+        .get(replacement::TEMPLATE_ANNOTATION)
+        .ok_or_else(|| {
+            Error::Invalid(format!(
+                "{}: the annotation {} is missing",
+                pm.name_any(),
+                replacement::TEMPLATE_ANNOTATION
+            ))
+        })?;
+    Ok(serde_json::from_str(raw)?)
+}
+
+async fn call_agent(pm: &PodMigration, f: &Facts, call: Call, ctx: &Context) -> Answer {
+    let node = if call.on_source() {
+        &f.status.source_node
+    } else {
+        &f.status.target_node
+    };
+    let Some(node) = node else {
+        return Answer::Failed(format!("{call:?}: no node recorded"));
+    };
+    let endpoint = match ctx.agents.endpoint(node).await {
+        Ok(endpoint) => endpoint,
+        Err(e) => return Answer::Unreachable(e),
+    };
+    let mut context = call_context(pm, f);
+    if call == Call::Transfer {
+        match ctx
+            .agents
+            .endpoint(f.status.target_node.as_deref().unwrap_or_default())
+            .await
+        {
+            Ok(target) => context.target_endpoint = target,
+            Err(e) => return Answer::Failed(e),
+        }
+    }
+    let started = std::time::Instant::now();
+    let answer = ctx.agents.call(&endpoint, call, &context).await;
+    ctx.metrics.agent_call(call, &answer, started.elapsed());
+    answer
+}
+
+fn call_context(pm: &PodMigration, f: &Facts) -> CallContext {
+    let containers = template_of(pm)
+        .ok()
+        .and_then(|t| t.spec)
+        .map(|s| s.containers)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|c| v1::ContainerRef {
+            name: c.name,
+            container_id: String::new(),
+            image: c.image.unwrap_or_default(),
+        })
+        .collect();
+    let s = &f.status;
+    CallContext {
+        migration_uid: f.uid.clone(),
+        pod: v1::PodRef {
+            namespace: pm.namespace().unwrap_or_default(),
+            name: pm.spec.pod_name.clone(),
+            uid: s.source_pod_uid.clone().unwrap_or_default(),
+            pod_ip: s.pod_ip.clone().unwrap_or_default(),
+            containers,
+        },
+        rxe: s.rxe.map(|r| v1::RxeBlock {
+            qpn_start: r.qpn_start,
+            qpn_count: r.qpn_count,
+            mrn_start: r.mrn_start,
+            mrn_count: r.mrn_count,
+        }),
+        expected_bytes: s
+            .checkpoint
+            .as_ref()
+            .map_or(0, |c| u64::try_from(c.bytes).unwrap_or(0)),
+        target_endpoint: String::new(),
+        compression: match pm.spec.compression {
+            Compression::None => v1::Compression::None,
+            Compression::Zstd => v1::Compression::Zstd,
+        },
+        bandwidth_limit: pm
+            .spec
+            .bandwidth_limit
+            .as_ref()
+            .and_then(|q| {
+                targets::milli(&k8s_openapi::apimachinery::pkg::api::resource::Quantity(
+                    q.clone(),
+                ))
+            })
+            .map_or(0, |m| u64::try_from(m / 1000).unwrap_or(0)),
+    }
+}
+
+/// Writes the whole status by server-side apply under the operator's field manager. With
+/// `resource_version`, only if the object is still the one that was read (the commit point).
+async fn write_status(
+    pm: &PodMigration,
+    f: &Facts,
+    status: PodMigrationStatus,
+    resource_version: Option<String>,
+    ctx: &Context,
+) -> Result<PodMigration> {
+    let api: Api<PodMigration> =
+        Api::namespaced(ctx.client.clone(), &pm.namespace().unwrap_or_default());
+    let mut body = json!({
+        "apiVersion": PodMigration::api_version(&()),
+        "kind": PodMigration::kind(&()),
+        "status": status,
+    });
+    if let Some(rv) = resource_version {
+        body["metadata"] = json!({"resourceVersion": rv});
+    }
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    let updated = api
+        .patch_status(&pm.name_any(), &params, &Patch::Apply(&body))
+        .await?;
+    let before = f.status.phase;
+    if status.phase != before {
+        record_phase_change(pm, before, &status, ctx).await;
+    }
+    Ok(updated)
+}
+
+async fn record_phase_change(
+    pm: &PodMigration,
+    before: Option<Phase>,
+    status: &PodMigrationStatus,
+    ctx: &Context,
+) {
+    let Some(phase) = status.phase else { return };
+    let message = status.message.clone().unwrap_or_default();
+    info!(from = ?before, to = ?phase, %message, "phase changed");
+    ctx.metrics.phase_changed(before, status);
+    let (type_, reason) = match phase {
+        Phase::Failed | Phase::RolledBack => {
+            let reason = status
+                .conditions
+                .iter()
+                .find(|c| c.type_ == statemachine::condition::READY)
+                .map_or_else(|| format!("{phase:?}"), |c| c.reason.clone());
+            (EventType::Warning, reason)
+        }
+        _ => (EventType::Normal, format!("{phase:?}")),
+    };
+    let event = Event {
+        type_,
+        reason,
+        note: Some(message),
+        action: "Migrate".into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&event, &pm.object_ref(&())).await {
+        warn!(error = %e, "could not publish an Event");
+    }
+}

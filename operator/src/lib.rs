@@ -1,0 +1,73 @@
+//! The kube-migros operator: reconciles PodMigrations (DESIGN.md section 5) by driving the node
+//! agents over mutual TLS, allocates rxe ID blocks, and elects one leader among its replicas.
+
+pub mod agents;
+pub mod controller;
+pub mod leader;
+pub mod metrics;
+pub mod replacement;
+pub mod rxe;
+pub mod server;
+pub mod statemachine;
+pub mod targets;
+
+/// Errors of a reconcile.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("finalizer: {0}")]
+    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+    #[error("rxe block: {0}")]
+    Rxe(#[from] rxe::Error),
+    #[error("invalid PodMigration {0}")]
+    Invalid(String),
+    #[error("PodMigration {0} is being rolled back or cleaned up before it can go")]
+    CleanupPending(String),
+    #[error("cannot (de)serialize: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+/// How a failed reconcile is retried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The object cannot be handled as it is: wait for it to change.
+    Invalid,
+    /// Work in progress: look again soon, without backing off.
+    Pending,
+    /// The API server or an agent had a hiccup: back off per object.
+    Transient,
+}
+
+impl Error {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::Invalid(_) | Error::Json(_) => ErrorKind::Invalid,
+            Error::CleanupPending(_) => ErrorKind::Pending,
+            Error::Finalizer(inner) => match inner.as_ref() {
+                kube::runtime::finalizer::Error::ApplyFailed(e)
+                | kube::runtime::finalizer::Error::CleanupFailed(e) => e.kind(),
+                _ => ErrorKind::Transient,
+            },
+            Error::Kube(_) | Error::Rxe(_) => ErrorKind::Transient,
+        }
+    }
+
+    /// The `kind` label of the reconcile error metric.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Kube(_) => "kube",
+            Error::Finalizer(inner) => match inner.as_ref() {
+                kube::runtime::finalizer::Error::ApplyFailed(e)
+                | kube::runtime::finalizer::Error::CleanupFailed(e) => e.metric_label(),
+                _ => "finalizer",
+            },
+            Error::Rxe(_) => "rxe",
+            Error::Invalid(_) => "invalid",
+            Error::CleanupPending(_) => "cleanup_pending",
+            Error::Json(_) => "json",
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

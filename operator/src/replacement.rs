@@ -1,0 +1,134 @@
+//! The replacement pod, pure: a copy of the source pod (same name, labels, annotations, owner
+//! references) bound to the target node, without init containers (the restored process is past
+//! them), each container started from its staged checkpoint image.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::ObjectMeta;
+
+/// Annotation of a PodMigration: the template of the replacement pod, taken from the source pod
+/// before anything is done to it, so that the replacement can be built after the source is gone.
+pub const TEMPLATE_ANNOTATION: &str = "migros.io/replacement-template";
+/// Annotation of a replacement pod: the UID of the migration that created it.
+pub const MIGRATION_UID_ANNOTATION: &str = "migros.io/migration-uid";
+/// Annotation of a replacement pod: the name of the migration that created it.
+pub const MIGRATION_ANNOTATION: &str = "migros.io/migration";
+/// Annotation of a replacement pod: the IP it must get (read by the IP reservation mechanisms).
+pub const POD_IP_ANNOTATION: &str = "migros.io/pod-ip";
+
+/// The part of the source pod the replacement is made from (no status, no server-set fields).
+pub fn template(source: &Pod) -> Pod {
+    let meta = &source.metadata;
+    let mut spec = source.spec.clone().unwrap_or_default();
+    spec.init_containers = None;
+    spec.ephemeral_containers = None;
+    spec.node_name = None;
+    // Admission recomputes it from priorityClassName; a stale copy would be refused.
+    spec.priority = None;
+    Pod {
+        metadata: ObjectMeta {
+            name: meta.name.clone(),
+            namespace: meta.namespace.clone(),
+            labels: meta.labels.clone(),
+            annotations: meta.annotations.clone(),
+            owner_references: meta.owner_references.clone(),
+            ..Default::default()
+        },
+        spec: Some(spec),
+        status: None,
+    }
+}
+
+/// The replacement pod to create: the template bound to `target`, marked as made by the migration,
+/// each container's image replaced by its staged checkpoint image.
+pub fn build(
+    template: &Pod,
+    target: &str,
+    migration: (&str, &str),
+    pod_ip: Option<&str>,
+    images: &BTreeMap<String, String>,
+) -> Pod {
+    let mut pod = template.clone();
+    let (migration_name, migration_uid) = migration;
+    let annotations = pod.metadata.annotations.get_or_insert_with(BTreeMap::new);
+    annotations.insert(MIGRATION_ANNOTATION.into(), migration_name.into());
+    annotations.insert(MIGRATION_UID_ANNOTATION.into(), migration_uid.into());
+    if let Some(ip) = pod_ip {
+        annotations.insert(POD_IP_ANNOTATION.into(), ip.into());
+    }
+    if let Some(spec) = pod.spec.as_mut() {
+        spec.node_name = Some(target.into());
+        for container in &mut spec.containers {
+            if let Some(image) = images.get(&container.name) {
+                container.image = Some(image.clone());
+            }
+        }
+    }
+    pod
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::{Container, PodSpec, PodStatus};
+
+    fn source() -> Pod {
+        Pod {
+            metadata: ObjectMeta {
+                name: Some("server".into()),
+                namespace: Some("team".into()),
+                uid: Some("uid-1".into()),
+                resource_version: Some("42".into()),
+                labels: Some([("app".to_string(), "server".to_string())].into()),
+                ..Default::default()
+            },
+            spec: Some(PodSpec {
+                node_name: Some("node-1".into()),
+                priority: Some(0),
+                init_containers: Some(vec![Container {
+                    name: "init".into(),
+                    ..Default::default()
+                }]),
+                containers: vec![Container {
+                    name: "app".into(),
+                    image: Some("registry/app:1".into()),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            status: Some(PodStatus {
+                phase: Some("Running".into()),
+                ..Default::default()
+            }),
+        }
+    }
+
+    #[test]
+    fn the_replacement_keeps_identity_and_drops_what_cannot_be_restored() {
+        let images = [("app".to_string(), "localhost/checkpoint/app:m1".to_string())].into();
+        let pod = build(
+            &template(&source()),
+            "node-2",
+            ("move", "m-uid"),
+            Some("10.0.0.9"),
+            &images,
+        );
+        assert_eq!(pod.metadata.name.as_deref(), Some("server"));
+        assert_eq!(pod.metadata.labels, source().metadata.labels);
+        assert_eq!(pod.metadata.uid, None);
+        assert_eq!(pod.metadata.resource_version, None);
+        let annotations = pod.metadata.annotations.unwrap();
+        assert_eq!(annotations[MIGRATION_UID_ANNOTATION], "m-uid");
+        assert_eq!(annotations[POD_IP_ANNOTATION], "10.0.0.9");
+        let spec = pod.spec.unwrap();
+        assert_eq!(spec.node_name.as_deref(), Some("node-2"));
+        assert_eq!(spec.init_containers, None);
+        assert_eq!(spec.priority, None);
+        assert_eq!(
+            spec.containers[0].image.as_deref(),
+            Some("localhost/checkpoint/app:m1")
+        );
+        assert_eq!(pod.status, None);
+    }
+}

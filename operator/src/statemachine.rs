@@ -1,0 +1,1214 @@
+//! The PodMigration state machine: pure functions of what was observed. [`next`] says what to do
+//! now; [`after`] turns the result of doing it into the next status. No I/O happens here, so every
+//! transition, failure and timeout is unit-tested without a cluster (see DESIGN.md section 5).
+
+use std::time::Duration;
+
+use crds::{
+    CheckpointStatus, ContainerCheckpoint, Phase, PhaseTransition, PodMigrationSpec,
+    PodMigrationStatus, Progress, RxeRanges,
+};
+use k8s_openapi::{
+    apimachinery::pkg::apis::meta::v1::{Condition, Time},
+    jiff::{SignedDuration, Timestamp},
+};
+
+/// Condition types, besides `Ready`, that record progress so that a restarted operator resumes.
+pub mod condition {
+    /// True when the migration succeeded; False with the phase or the failure as reason.
+    pub const READY: &str = "Ready";
+    /// The checkpoint reached the target agent intact.
+    pub const TRANSFERRED: &str = "Transferred";
+    /// The commit point is passed.
+    pub const COMMITTED: &str = "Committed";
+    /// After the commit point: the source agent stopped the source containers for good.
+    pub const SOURCE_STOPPED: &str = "SourceStopped";
+    /// Before the commit point: the migration is being rolled back (reason says why).
+    pub const ABORTING: &str = "Aborting";
+    /// While rolling back: the source agent resumed the source pod.
+    pub const SOURCE_RESUMED: &str = "SourceResumed";
+    /// After the PodMigration was deleted: the source agent dropped its data (or could not).
+    pub const CLEANED_SOURCE: &str = "CleanedSource";
+    /// After the PodMigration was deleted: the target agent dropped its data (or could not).
+    pub const CLEANED_TARGET: &str = "CleanedTarget";
+}
+
+/// Why a migration failed or rolled back; the `reason` of its conditions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    PodNotFound,
+    PodNotMigratable,
+    PodNotRunning,
+    PodBusy,
+    TargetUnavailable,
+    RxeUnavailable,
+    PrepareFailed,
+    CheckpointFailed,
+    TransferFailed,
+    RestoreFailed,
+    TimedOut,
+    Deleted,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::PodNotFound => "PodNotFound",
+            Reason::PodNotMigratable => "PodNotMigratable",
+            Reason::PodNotRunning => "PodNotRunning",
+            Reason::PodBusy => "PodBusy",
+            Reason::TargetUnavailable => "TargetUnavailable",
+            Reason::RxeUnavailable => "RxeUnavailable",
+            Reason::PrepareFailed => "PrepareFailed",
+            Reason::CheckpointFailed => "CheckpointFailed",
+            Reason::TransferFailed => "TransferFailed",
+            Reason::RestoreFailed => "RestoreFailed",
+            Reason::TimedOut => "TimedOut",
+            Reason::Deleted => "Deleted",
+        }
+    }
+
+    fn from_str(s: &str) -> Option<Self> {
+        use Reason::*;
+        [
+            PodNotFound,
+            PodNotMigratable,
+            PodNotRunning,
+            PodBusy,
+            TargetUnavailable,
+            RxeUnavailable,
+            PrepareFailed,
+            CheckpointFailed,
+            TransferFailed,
+            RestoreFailed,
+            TimedOut,
+            Deleted,
+        ]
+        .into_iter()
+        .find(|r| r.as_str() == s)
+    }
+}
+
+/// The pod named by `spec.podName`, as observed.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PodFacts {
+    pub uid: String,
+    pub node: Option<String>,
+    pub phase: Option<String>,
+    pub ip: Option<String>,
+    pub migratable: bool,
+    pub rdma: bool,
+    /// `migros.io/migration-uid` of a replacement pod created by a migration.
+    pub created_by_migration: Option<String>,
+    pub deleting: bool,
+}
+
+impl PodFacts {
+    fn running(&self) -> bool {
+        self.phase.as_deref() == Some("Running") && !self.deleting
+    }
+}
+
+/// Everything `next` and `after` decide on.
+#[derive(Debug, Clone)]
+pub struct Facts {
+    pub uid: String,
+    pub now: Timestamp,
+    pub created: Timestamp,
+    pub deleting: bool,
+    pub spec: PodMigrationSpec,
+    pub status: PodMigrationStatus,
+    pub pod: Option<PodFacts>,
+    /// Name of an earlier, still active PodMigration of the same pod.
+    pub busy_with: Option<String>,
+    /// Pending only: the chosen target node, or why there is none.
+    pub target: Option<Result<String, String>>,
+    /// Pending only, RDMA pods: the pod's rxe block, or why it has none.
+    pub rxe: Option<Result<RxeRanges, String>>,
+}
+
+/// A step an agent performs for the migration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Call {
+    PrepareTarget,
+    Checkpoint,
+    Transfer,
+    CommitSource,
+    StageRestore,
+    FinishRestore,
+    AbortSource,
+    AbortTarget,
+    CleanupSource,
+    CleanupTarget,
+}
+
+impl Call {
+    /// True for the calls made to the source node's agent.
+    pub fn on_source(self) -> bool {
+        matches!(
+            self,
+            Call::Checkpoint
+                | Call::Transfer
+                | Call::CommitSource
+                | Call::AbortSource
+                | Call::CleanupSource
+        )
+    }
+}
+
+/// What the controller does next.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Start the migration: keep a template of the source pod, then write this status.
+    Start(Box<PodMigrationStatus>),
+    /// Write this status and look again.
+    Write(Box<PodMigrationStatus>),
+    /// Ask an agent; feed the answer to [`after`].
+    Call(Call),
+    /// Pass the commit point: write this status only if the object did not change since observed.
+    Commit(Box<PodMigrationStatus>),
+    /// Delete the source pod object (precondition: its UID).
+    DeleteSourcePod,
+    /// Create the replacement pod on the target node.
+    CreateReplacement,
+    /// Nothing to do until the world changes; look again after this long at the latest.
+    Wait(Duration),
+    /// The migration is over (final phase, or deleted and settled).
+    Done,
+}
+
+/// The answer of an agent, as [`after`] needs it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Answer {
+    Running {
+        bytes_done: u64,
+        bytes_total: u64,
+    },
+    Succeeded(agent_api::Operation),
+    Failed(String),
+    /// The agent could not be reached or did not answer.
+    Unreachable(String),
+}
+
+/// How soon to look again while an agent step is running.
+pub const POLL: Duration = Duration::from_millis(500);
+/// How soon to retry a failed step after the commit point.
+pub const RETRY: Duration = Duration::from_secs(2);
+
+/// What to do now.
+pub fn next(f: &Facts) -> Action {
+    let phase = f.status.phase.unwrap_or_default();
+    if phase.is_final() {
+        return if f.deleting {
+            cleanup_or_done(f)
+        } else {
+            Action::Done
+        };
+    }
+    if f.deleting && phase == Phase::Pending {
+        return Action::Done;
+    }
+    if has(f, condition::ABORTING) {
+        return abort_step(f);
+    }
+    if !f.status.committed {
+        if f.deleting {
+            return Action::Write(Box::new(begin_abort(
+                f,
+                Reason::Deleted,
+                "the PodMigration was deleted",
+            )));
+        }
+        if timed_out(f) {
+            let msg = format!(
+                "timed out after {}s in phase {phase:?}",
+                f.spec.timeout_seconds
+            );
+            return Action::Write(Box::new(begin_abort(f, Reason::TimedOut, &msg)));
+        }
+    } else if f.deleting {
+        // The source is gone; the checkpoint on the target is the only copy. Let go of the object
+        // and keep the data for a manual restore.
+        return Action::Done;
+    } else if timed_out(f) {
+        let msg = format!(
+            "timed out after {}s while restoring; the checkpoint is kept at {}",
+            f.spec.timeout_seconds,
+            location(f)
+        );
+        return Action::Write(Box::new(finish(
+            f,
+            Phase::Failed,
+            Some(Reason::TimedOut),
+            &msg,
+        )));
+    }
+    match phase {
+        Phase::Pending => start(f),
+        Phase::Preparing => Action::Call(Call::PrepareTarget),
+        Phase::Checkpointing => Action::Call(Call::Checkpoint),
+        Phase::Transferring if has(f, condition::TRANSFERRED) => {
+            Action::Commit(Box::new(commit(f)))
+        }
+        Phase::Transferring => Action::Call(Call::Transfer),
+        Phase::Restoring => restore_step(f),
+        Phase::Succeeded | Phase::Failed | Phase::RolledBack => Action::Done,
+    }
+}
+
+/// The status after `call` answered `answer`.
+pub fn after(f: &Facts, call: Call, answer: Answer) -> (PodMigrationStatus, Duration) {
+    match answer {
+        Answer::Running {
+            bytes_done,
+            bytes_total,
+        } => {
+            let mut s = f.status.clone();
+            if call == Call::Transfer || bytes_total > 0 {
+                s.progress = Some(Progress {
+                    bytes_transferred: to_i64(bytes_done),
+                    bytes_total: to_i64(bytes_total),
+                });
+            }
+            (s, POLL)
+        }
+        Answer::Succeeded(op) => (succeeded(f, call, &op), Duration::ZERO),
+        Answer::Failed(message) => failed(f, call, &message),
+        Answer::Unreachable(message) => failed(f, call, &format!("agent unreachable: {message}")),
+    }
+}
+
+fn start(f: &Facts) -> Action {
+    let fail = |reason: Reason, msg: String| {
+        Action::Write(Box::new(finish(f, Phase::Failed, Some(reason), &msg)))
+    };
+    let pod_name = &f.spec.pod_name;
+    let Some(pod) = &f.pod else {
+        return fail(
+            Reason::PodNotFound,
+            format!("pod {pod_name} not found in this namespace"),
+        );
+    };
+    if !pod.migratable {
+        return fail(
+            Reason::PodNotMigratable,
+            format!(
+                "pod {pod_name} does not opt in: label it {}=\"true\"",
+                crds::MIGRATABLE_LABEL
+            ),
+        );
+    }
+    let (Some(source), Some(ip), true) = (&pod.node, &pod.ip, pod.running()) else {
+        let phase = pod.phase.as_deref().unwrap_or("unknown");
+        return fail(
+            Reason::PodNotRunning,
+            format!("pod {pod_name} is not Running (phase {phase})"),
+        );
+    };
+    if let Some(other) = &f.busy_with {
+        return fail(
+            Reason::PodBusy,
+            format!("pod {pod_name} is already being migrated by PodMigration {other}"),
+        );
+    }
+    let target = match &f.target {
+        Some(Ok(node)) => node.clone(),
+        Some(Err(why)) => return fail(Reason::TargetUnavailable, why.clone()),
+        None => return Action::Wait(POLL),
+    };
+    let rxe = match (&f.rxe, pod.rdma) {
+        (Some(Ok(block)), true) => Some(*block),
+        (Some(Err(why)), true) => return fail(Reason::RxeUnavailable, why.clone()),
+        (None, true) => return Action::Wait(POLL),
+        (_, false) => None,
+    };
+    let mut s = f.status.clone();
+    s.source_node = Some(source.clone());
+    s.target_node = Some(target.clone());
+    s.pod_ip = Some(ip.clone());
+    s.source_pod_uid = Some(pod.uid.clone());
+    s.rxe = rxe;
+    let msg = format!("moving pod {pod_name} from {source} to {target}");
+    Action::Start(Box::new(enter(f, s, Phase::Preparing, &msg)))
+}
+
+fn restore_step(f: &Facts) -> Action {
+    if !has(f, condition::SOURCE_STOPPED) {
+        return Action::Call(Call::CommitSource);
+    }
+    let source_uid = f.status.source_pod_uid.as_deref();
+    let pod = f.pod.as_ref();
+    if let Some(p) = pod.filter(|p| Some(p.uid.as_str()) == source_uid) {
+        return if p.deleting {
+            Action::Wait(POLL)
+        } else {
+            Action::DeleteSourcePod
+        };
+    }
+    let staged = f.status.checkpoint.as_ref().is_some_and(|c| {
+        !c.containers.is_empty() && c.containers.iter().all(|c| c.image.is_some())
+    });
+    if !staged {
+        return Action::Call(Call::StageRestore);
+    }
+    match pod {
+        None => Action::CreateReplacement,
+        Some(p) if p.created_by_migration.as_deref() != Some(f.uid.as_str()) => {
+            // Someone else created a pod with this name; never touch it.
+            Action::Write(Box::new(retry_message(
+                f,
+                &format!(
+                    "a pod {} not created by this migration exists; waiting for it to go",
+                    f.spec.pod_name
+                ),
+            )))
+        }
+        Some(p) if f.status.target_pod_uid.as_deref() != Some(p.uid.as_str()) => {
+            let mut s = f.status.clone();
+            s.target_pod_uid = Some(p.uid.clone());
+            Action::Write(Box::new(s))
+        }
+        Some(p) if p.running() => Action::Call(Call::FinishRestore),
+        Some(_) => Action::Wait(POLL),
+    }
+}
+
+fn abort_step(f: &Facts) -> Action {
+    if !has(f, condition::SOURCE_RESUMED) {
+        return Action::Call(Call::AbortSource);
+    }
+    Action::Call(Call::AbortTarget)
+}
+
+fn cleanup_or_done(f: &Facts) -> Action {
+    // Only a migration that started has agent state to clean; a kept checkpoint of a failed
+    // restore is left for the operator to restore by hand.
+    let started = f.status.source_node.is_some();
+    let failed_after_commit = f.status.committed && f.status.phase != Some(Phase::Succeeded);
+    if !started || failed_after_commit {
+        return Action::Done;
+    }
+    // One attempt each: a failed cleanup is recorded and left to the agents' garbage collection.
+    if !recorded(f, condition::CLEANED_SOURCE) {
+        return Action::Call(Call::CleanupSource);
+    }
+    if !recorded(f, condition::CLEANED_TARGET) {
+        return Action::Call(Call::CleanupTarget);
+    }
+    Action::Done
+}
+
+fn succeeded(f: &Facts, call: Call, op: &agent_api::Operation) -> PodMigrationStatus {
+    let mut s = f.status.clone();
+    match call {
+        Call::PrepareTarget => {
+            return enter(f, s, Phase::Checkpointing, "checkpointing the source pod");
+        }
+        Call::Checkpoint => {
+            let containers: Vec<ContainerCheckpoint> = op
+                .archives
+                .iter()
+                .map(|a| ContainerCheckpoint {
+                    name: a.name.clone(),
+                    bytes: to_i64(a.bytes),
+                    digest: a.digest.clone(),
+                    image: None,
+                })
+                .collect();
+            let bytes = containers.iter().map(|c| c.bytes).sum();
+            s.checkpoint = Some(CheckpointStatus {
+                bytes,
+                location: None,
+                containers,
+            });
+            s.progress = Some(Progress {
+                bytes_transferred: 0,
+                bytes_total: bytes,
+            });
+            timings(&mut s).checkpoint_ms = Some(to_i64(op.duration_ms));
+            return enter(
+                f,
+                s,
+                Phase::Transferring,
+                "sending the checkpoint to the target node",
+            );
+        }
+        Call::Transfer => {
+            let total = s.checkpoint.as_ref().map_or(0, |c| c.bytes);
+            s.progress = Some(Progress {
+                bytes_transferred: total,
+                bytes_total: total,
+            });
+            timings(&mut s).transfer_ms = Some(to_i64(op.duration_ms));
+            if !op.location.is_empty() {
+                if let Some(c) = s.checkpoint.as_mut() {
+                    c.location = Some(format!("{}:{}", target(f), op.location));
+                }
+            }
+            set_condition(
+                &mut s,
+                f.now,
+                condition::TRANSFERRED,
+                true,
+                "Verified",
+                "digest verified on the target",
+            );
+        }
+        Call::CommitSource => {
+            set_condition(
+                &mut s,
+                f.now,
+                condition::SOURCE_STOPPED,
+                true,
+                "Stopped",
+                "source containers stopped for good",
+            );
+        }
+        Call::StageRestore => {
+            if let Some(c) = s.checkpoint.as_mut() {
+                for container in &mut c.containers {
+                    container.image = op
+                        .staged
+                        .iter()
+                        .find(|staged| staged.name == container.name)
+                        .map(|staged| staged.image.clone());
+                }
+            }
+            s.message = Some("creating the replacement pod on the target node".into());
+        }
+        Call::FinishRestore => {
+            let restore_started = entered(f, Phase::Restoring);
+            let frozen = entered(f, Phase::Checkpointing);
+            let t = timings(&mut s);
+            t.restore_ms = restore_started.map(|at| millis(f.now, at));
+            t.downtime_ms = frozen.map(|at| millis(f.now, at));
+            let msg = format!("pod {} runs on {}", f.spec.pod_name, target(f));
+            return finish_with(f, s, Phase::Succeeded, None, &msg);
+        }
+        Call::AbortSource => {
+            set_condition(
+                &mut s,
+                f.now,
+                condition::SOURCE_RESUMED,
+                true,
+                "Resumed",
+                "the source pod runs as before",
+            );
+        }
+        Call::AbortTarget => return rolled_back(f, s, None),
+        Call::CleanupSource => set_condition(
+            &mut s,
+            f.now,
+            condition::CLEANED_SOURCE,
+            true,
+            "Cleaned",
+            "source agent data removed",
+        ),
+        Call::CleanupTarget => set_condition(
+            &mut s,
+            f.now,
+            condition::CLEANED_TARGET,
+            true,
+            "Cleaned",
+            "target agent data removed",
+        ),
+    }
+    s
+}
+
+fn failed(f: &Facts, call: Call, message: &str) -> (PodMigrationStatus, Duration) {
+    let reason = match call {
+        Call::PrepareTarget => Reason::PrepareFailed,
+        Call::Checkpoint => Reason::CheckpointFailed,
+        Call::Transfer => Reason::TransferFailed,
+        _ => Reason::RestoreFailed,
+    };
+    match call {
+        Call::PrepareTarget | Call::Checkpoint | Call::Transfer => (
+            begin_abort(f, reason, &format!("{call:?} failed: {message}")),
+            Duration::ZERO,
+        ),
+        // After the commit point only the restore can go on: retry until the timeout.
+        Call::CommitSource | Call::StageRestore | Call::FinishRestore => (
+            retry_message(f, &format!("{call:?} failed, retrying: {message}")),
+            RETRY,
+        ),
+        // The source pod must run again: keep asking.
+        Call::AbortSource => (
+            retry_message(
+                f,
+                &format!("resuming the source failed, retrying: {message}"),
+            ),
+            RETRY,
+        ),
+        // Best effort: the target's data is garbage-collected by its agent anyway.
+        Call::AbortTarget => {
+            let note = format!("the target agent could not discard its data ({message})");
+            (
+                rolled_back(f, f.status.clone(), Some(&note)),
+                Duration::ZERO,
+            )
+        }
+        Call::CleanupSource => {
+            let mut s = f.status.clone();
+            set_condition(
+                &mut s,
+                f.now,
+                condition::CLEANED_SOURCE,
+                false,
+                "CleanupFailed",
+                message,
+            );
+            (s, Duration::ZERO)
+        }
+        Call::CleanupTarget => {
+            let mut s = f.status.clone();
+            set_condition(
+                &mut s,
+                f.now,
+                condition::CLEANED_TARGET,
+                false,
+                "CleanupFailed",
+                message,
+            );
+            (s, Duration::ZERO)
+        }
+    }
+}
+
+fn begin_abort(f: &Facts, reason: Reason, message: &str) -> PodMigrationStatus {
+    let mut s = f.status.clone();
+    if f.status.source_node.is_none() {
+        // Nothing was started on any node: there is nothing to roll back.
+        return finish(f, Phase::Failed, Some(reason), message);
+    }
+    set_condition(
+        &mut s,
+        f.now,
+        condition::ABORTING,
+        true,
+        reason.as_str(),
+        message,
+    );
+    s.message = Some(format!("rolling back: {message}"));
+    s
+}
+
+fn rolled_back(f: &Facts, s: PodMigrationStatus, note: Option<&str>) -> PodMigrationStatus {
+    let aborting = f
+        .status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == condition::ABORTING);
+    let reason = aborting.and_then(|c| Reason::from_str(&c.reason));
+    let why = aborting.map_or("", |c| c.message.as_str());
+    let msg = match note {
+        Some(note) => format!("{why}; the source pod runs as before; {note}"),
+        None => format!("{why}; the source pod runs as before"),
+    };
+    finish_with(f, s, Phase::RolledBack, reason, &msg)
+}
+
+fn commit(f: &Facts) -> PodMigrationStatus {
+    let mut s = f.status.clone();
+    s.committed = true;
+    s.commit_time = Some(Time(f.now));
+    set_condition(
+        &mut s,
+        f.now,
+        condition::COMMITTED,
+        true,
+        "Committed",
+        "the checkpoint is on the target; the source will be removed",
+    );
+    enter(
+        f,
+        s,
+        Phase::Restoring,
+        "restoring the pod on the target node",
+    )
+}
+
+fn retry_message(f: &Facts, message: &str) -> PodMigrationStatus {
+    let mut s = f.status.clone();
+    s.message = Some(message.to_string());
+    s
+}
+
+fn finish(f: &Facts, phase: Phase, reason: Option<Reason>, message: &str) -> PodMigrationStatus {
+    finish_with(f, f.status.clone(), phase, reason, message)
+}
+
+fn finish_with(
+    f: &Facts,
+    mut s: PodMigrationStatus,
+    phase: Phase,
+    reason: Option<Reason>,
+    message: &str,
+) -> PodMigrationStatus {
+    timings(&mut s).total_ms = Some(millis(f.now, f.created));
+    if phase == Phase::Failed && f.status.committed {
+        if let Some(c) = s.checkpoint.as_mut() {
+            c.location
+                .get_or_insert_with(|| format!("{}:<agent store>", target(f)));
+        }
+    }
+    let mut s = enter(f, s, phase, message);
+    if let Some(reason) = reason {
+        set_condition(
+            &mut s,
+            f.now,
+            condition::READY,
+            false,
+            reason.as_str(),
+            message,
+        );
+    }
+    s
+}
+
+/// Moves to `phase`: records the transition, the message, `Ready` and the generation.
+fn enter(f: &Facts, mut s: PodMigrationStatus, phase: Phase, message: &str) -> PodMigrationStatus {
+    if s.phase != Some(phase) {
+        s.phase = Some(phase);
+        s.phase_transitions.push(PhaseTransition {
+            phase,
+            time: Time(f.now),
+        });
+    }
+    s.message = Some(message.to_string());
+    let (ready, reason) = match phase {
+        Phase::Succeeded => (true, "Succeeded".to_string()),
+        other => (false, format!("{other:?}")),
+    };
+    set_condition(&mut s, f.now, condition::READY, ready, &reason, message);
+    s
+}
+
+/// Sets a condition, keeping its transition time when its status does not change.
+pub fn set_condition(
+    s: &mut PodMigrationStatus,
+    now: Timestamp,
+    type_: &str,
+    status: bool,
+    reason: &str,
+    message: &str,
+) {
+    let status = if status { "True" } else { "False" }.to_string();
+    let generation = s.observed_generation;
+    match s.conditions.iter_mut().find(|c| c.type_ == type_) {
+        Some(c) => {
+            if c.status != status {
+                c.last_transition_time = Time(now);
+            }
+            c.status = status;
+            c.reason = reason.to_string();
+            c.message = message.to_string();
+            c.observed_generation = generation;
+        }
+        None => s.conditions.push(Condition {
+            type_: type_.to_string(),
+            status,
+            reason: reason.to_string(),
+            message: message.to_string(),
+            last_transition_time: Time(now),
+            observed_generation: generation,
+        }),
+    }
+}
+
+fn has(f: &Facts, type_: &str) -> bool {
+    f.status
+        .conditions
+        .iter()
+        .any(|c| c.type_ == type_ && c.status == "True")
+}
+
+fn recorded(f: &Facts, type_: &str) -> bool {
+    f.status.conditions.iter().any(|c| c.type_ == type_)
+}
+
+fn timed_out(f: &Facts) -> bool {
+    f.now.duration_since(f.created) > SignedDuration::from_secs(f.spec.timeout_seconds)
+}
+
+fn entered(f: &Facts, phase: Phase) -> Option<Timestamp> {
+    f.status
+        .phase_transitions
+        .iter()
+        .rev()
+        .find(|t| t.phase == phase)
+        .map(|t| t.time.0)
+}
+
+fn timings(s: &mut PodMigrationStatus) -> &mut crds::Timings {
+    s.timings.get_or_insert_with(Default::default)
+}
+
+fn target(f: &Facts) -> &str {
+    f.status.target_node.as_deref().unwrap_or("the target node")
+}
+
+fn location(f: &Facts) -> String {
+    f.status
+        .checkpoint
+        .as_ref()
+        .and_then(|c| c.location.clone())
+        .unwrap_or_else(|| format!("{}:<agent store>", target(f)))
+}
+
+fn millis(later: Timestamp, earlier: Timestamp) -> i64 {
+    later
+        .duration_since(earlier)
+        .as_millis()
+        .try_into()
+        .unwrap_or(i64::MAX)
+        .max(0)
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crds::{Compression, NetworkSpec, Strategy};
+
+    const UID: &str = "m-1";
+
+    fn spec() -> PodMigrationSpec {
+        PodMigrationSpec {
+            pod_name: "server".into(),
+            target_node: None,
+            strategy: Strategy::StopAndCopy,
+            network: NetworkSpec::default(),
+            timeout_seconds: 600,
+            compression: Compression::None,
+            bandwidth_limit: None,
+        }
+    }
+
+    fn running_pod() -> PodFacts {
+        PodFacts {
+            uid: "pod-1".into(),
+            node: Some("node-1".into()),
+            phase: Some("Running".into()),
+            ip: Some("10.1.0.5".into()),
+            migratable: true,
+            ..Default::default()
+        }
+    }
+
+    fn pending() -> Facts {
+        let created: Timestamp = "2026-11-26T10:00:00Z".parse().unwrap();
+        Facts {
+            uid: UID.into(),
+            now: created + SignedDuration::from_secs(1),
+            created,
+            deleting: false,
+            spec: spec(),
+            status: PodMigrationStatus::default(),
+            pod: Some(running_pod()),
+            busy_with: None,
+            target: Some(Ok("node-2".into())),
+            rxe: None,
+        }
+    }
+
+    /// Applies `action` the way the controller would, returning the facts after it.
+    fn apply(mut f: Facts, action: &Action) -> Facts {
+        match action {
+            Action::Start(s) | Action::Write(s) | Action::Commit(s) => f.status = (**s).clone(),
+            other => panic!("cannot apply {other:?} without I/O"),
+        }
+        f.now += SignedDuration::from_secs(1);
+        f
+    }
+
+    fn answer(f: Facts, call: Call, a: Answer) -> Facts {
+        let (status, _) = after(&f, call, a);
+        let mut f = Facts { status, ..f };
+        f.now += SignedDuration::from_secs(1);
+        f
+    }
+
+    fn ok() -> Answer {
+        Answer::Succeeded(agent_api::Operation::succeeded(UID))
+    }
+
+    fn checkpointed() -> Answer {
+        let mut op = agent_api::Operation::succeeded(UID);
+        op.duration_ms = 180;
+        op.archives = vec![agent_api::v1::ContainerArchive {
+            name: "app".into(),
+            bytes: 4096,
+            digest: "sha256:ab".into(),
+        }];
+        Answer::Succeeded(op)
+    }
+
+    fn staged() -> Answer {
+        let mut op = agent_api::Operation::succeeded(UID);
+        op.staged = vec![agent_api::v1::StagedContainer {
+            name: "app".into(),
+            image: "localhost/cp/app".into(),
+        }];
+        Answer::Succeeded(op)
+    }
+
+    fn condition<'a>(f: &'a Facts, type_: &str) -> Option<&'a Condition> {
+        f.status.conditions.iter().find(|c| c.type_ == type_)
+    }
+
+    fn phases(f: &Facts) -> Vec<Phase> {
+        f.status.phase_transitions.iter().map(|t| t.phase).collect()
+    }
+
+    /// Runs the happy path up to (not including) `stop`, returning the facts there.
+    fn advance_to(stop: Phase) -> Facts {
+        let mut f = pending();
+        loop {
+            if f.status.phase == Some(stop) {
+                return f;
+            }
+            f = match next(&f) {
+                a @ (Action::Start(_) | Action::Write(_) | Action::Commit(_)) => apply(f, &a),
+                Action::Call(Call::Checkpoint) => answer(f, Call::Checkpoint, checkpointed()),
+                Action::Call(Call::StageRestore) => answer(f, Call::StageRestore, staged()),
+                Action::Call(call) => answer(f, call, ok()),
+                other => panic!("unexpected {other:?} before {stop:?}"),
+            };
+        }
+    }
+
+    fn failed_with(f: &Facts, action: &Action, reason: Reason) {
+        let Action::Write(s) = action else {
+            panic!("expected a failure, got {action:?}")
+        };
+        assert_eq!(s.phase, Some(Phase::Failed));
+        let ready = s
+            .conditions
+            .iter()
+            .find(|c| c.type_ == condition::READY)
+            .unwrap();
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("False", reason.as_str())
+        );
+        assert!(s.message.as_deref().is_some_and(|m| !m.is_empty()));
+        assert_eq!(
+            s.source_node, f.status.source_node,
+            "a precondition failure records no source"
+        );
+    }
+
+    #[test]
+    fn a_valid_migration_starts_by_recording_source_target_and_ip() {
+        let f = pending();
+        let Action::Start(s) = next(&f) else {
+            panic!("expected Start")
+        };
+        assert_eq!(s.phase, Some(Phase::Preparing));
+        assert_eq!(s.source_node.as_deref(), Some("node-1"));
+        assert_eq!(s.target_node.as_deref(), Some("node-2"));
+        assert_eq!(s.pod_ip.as_deref(), Some("10.1.0.5"));
+        assert_eq!(s.source_pod_uid.as_deref(), Some("pod-1"));
+        assert_eq!(s.rxe, None);
+        assert_eq!(s.phase_transitions.len(), 1);
+    }
+
+    #[test]
+    fn every_precondition_failure_ends_failed_with_its_reason() {
+        let cases: Vec<(Box<dyn Fn(&mut Facts)>, Reason)> = vec![
+            (Box::new(|f| f.pod = None), Reason::PodNotFound),
+            (
+                Box::new(|f| f.pod.as_mut().unwrap().migratable = false),
+                Reason::PodNotMigratable,
+            ),
+            (
+                Box::new(|f| f.pod.as_mut().unwrap().phase = Some("Pending".into())),
+                Reason::PodNotRunning,
+            ),
+            (
+                Box::new(|f| f.pod.as_mut().unwrap().deleting = true),
+                Reason::PodNotRunning,
+            ),
+            (
+                Box::new(|f| f.pod.as_mut().unwrap().ip = None),
+                Reason::PodNotRunning,
+            ),
+            (
+                Box::new(|f| f.busy_with = Some("earlier".into())),
+                Reason::PodBusy,
+            ),
+            (
+                Box::new(|f| f.target = Some(Err("target node x is cordoned".into()))),
+                Reason::TargetUnavailable,
+            ),
+            (
+                Box::new(|f| {
+                    f.pod.as_mut().unwrap().rdma = true;
+                    f.rxe = Some(Err("all blocks taken".into()));
+                }),
+                Reason::RxeUnavailable,
+            ),
+        ];
+        for (mutate, reason) in cases {
+            let mut f = pending();
+            mutate(&mut f);
+            failed_with(&f, &next(&f), reason);
+        }
+    }
+
+    #[test]
+    fn an_rdma_pod_carries_its_block_and_waits_for_one() {
+        let mut f = pending();
+        f.pod.as_mut().unwrap().rdma = true;
+        assert_eq!(next(&f), Action::Wait(POLL));
+        let block = RxeRanges {
+            qpn_start: 1024,
+            qpn_count: 256,
+            mrn_start: 1024,
+            mrn_count: 256,
+        };
+        f.rxe = Some(Ok(block));
+        let Action::Start(s) = next(&f) else {
+            panic!("expected Start")
+        };
+        assert_eq!(s.rxe, Some(block));
+    }
+
+    #[test]
+    fn the_happy_path_visits_every_phase_and_records_timings() {
+        let mut f = advance_to(Phase::Restoring);
+        assert!(f.status.committed);
+        assert!(f.status.commit_time.is_some());
+        assert_eq!(
+            condition(&f, condition::COMMITTED).map(|c| c.status.as_str()),
+            Some("True")
+        );
+        assert_eq!(next(&f), Action::Call(Call::CommitSource));
+        f = answer(f, Call::CommitSource, ok());
+        // The source pod object still exists: delete it, then wait while it goes.
+        assert_eq!(next(&f), Action::DeleteSourcePod);
+        f.pod.as_mut().unwrap().deleting = true;
+        assert_eq!(next(&f), Action::Wait(POLL));
+        f.pod = None;
+        assert_eq!(next(&f), Action::Call(Call::StageRestore));
+        f = answer(f, Call::StageRestore, staged());
+        let images: Vec<_> = f
+            .status
+            .checkpoint
+            .as_ref()
+            .unwrap()
+            .containers
+            .iter()
+            .map(|c| c.image.clone())
+            .collect();
+        assert_eq!(images, vec![Some("localhost/cp/app".to_string())]);
+        assert_eq!(next(&f), Action::CreateReplacement);
+        f.pod = Some(PodFacts {
+            uid: "pod-2".into(),
+            node: Some("node-2".into()),
+            phase: Some("Pending".into()),
+            created_by_migration: Some(UID.into()),
+            ..running_pod()
+        });
+        let a = next(&f);
+        f = apply(f, &a);
+        assert_eq!(f.status.target_pod_uid.as_deref(), Some("pod-2"));
+        assert_eq!(next(&f), Action::Wait(POLL));
+        f.pod.as_mut().unwrap().phase = Some("Running".into());
+        assert_eq!(next(&f), Action::Call(Call::FinishRestore));
+        f = answer(f, Call::FinishRestore, ok());
+        assert_eq!(f.status.phase, Some(Phase::Succeeded));
+        assert_eq!(
+            phases(&f),
+            [
+                Phase::Preparing,
+                Phase::Checkpointing,
+                Phase::Transferring,
+                Phase::Restoring,
+                Phase::Succeeded
+            ]
+        );
+        let t = f.status.timings.unwrap();
+        assert_eq!(t.checkpoint_ms, Some(180));
+        assert!(t.downtime_ms.unwrap() > t.restore_ms.unwrap());
+        assert!(t.total_ms.unwrap() >= t.downtime_ms.unwrap());
+        assert_eq!(
+            condition(&f, condition::READY).map(|c| c.status.as_str()),
+            Some("True")
+        );
+        assert_eq!(next(&f), Action::Done);
+    }
+
+    #[test]
+    fn transfer_progress_is_recorded_while_running() {
+        let f = advance_to(Phase::Transferring);
+        let (s, again) = after(
+            &f,
+            Call::Transfer,
+            Answer::Running {
+                bytes_done: 1000,
+                bytes_total: 4096,
+            },
+        );
+        assert_eq!(again, POLL);
+        assert_eq!(
+            s.progress,
+            Some(Progress {
+                bytes_transferred: 1000,
+                bytes_total: 4096
+            })
+        );
+        assert_eq!(s.phase, Some(Phase::Transferring));
+    }
+
+    #[test]
+    fn a_failure_at_each_step_before_the_commit_point_rolls_back() {
+        for (phase, call, reason) in [
+            (Phase::Preparing, Call::PrepareTarget, Reason::PrepareFailed),
+            (
+                Phase::Checkpointing,
+                Call::Checkpoint,
+                Reason::CheckpointFailed,
+            ),
+            (Phase::Transferring, Call::Transfer, Reason::TransferFailed),
+        ] {
+            for failure in [
+                Answer::Failed("disk full".into()),
+                Answer::Unreachable("connection refused".into()),
+            ] {
+                let f = advance_to(phase);
+                assert_eq!(next(&f), Action::Call(call));
+                let mut f = answer(f, call, failure);
+                assert!(!f.status.committed);
+                assert_eq!(
+                    condition(&f, condition::ABORTING).map(|c| c.reason.as_str()),
+                    Some(reason.as_str())
+                );
+                assert_eq!(next(&f), Action::Call(Call::AbortSource));
+                // Resuming the source is retried until it works.
+                let (s, again) = after(&f, Call::AbortSource, Answer::Unreachable("down".into()));
+                assert_eq!(again, RETRY);
+                assert_eq!(s.phase, Some(phase));
+                f = answer(f, Call::AbortSource, ok());
+                assert_eq!(next(&f), Action::Call(Call::AbortTarget));
+                f = answer(f, Call::AbortTarget, Answer::Unreachable("gone".into()));
+                assert_eq!(f.status.phase, Some(Phase::RolledBack));
+                let ready = condition(&f, condition::READY).unwrap();
+                assert_eq!(ready.reason, reason.as_str());
+                assert!(
+                    f.status
+                        .message
+                        .as_deref()
+                        .unwrap()
+                        .contains("the source pod runs as before")
+                );
+                assert_eq!(next(&f), Action::Done);
+            }
+        }
+    }
+
+    #[test]
+    fn a_failure_after_the_commit_point_is_retried_not_rolled_back() {
+        for call in [Call::CommitSource, Call::StageRestore, Call::FinishRestore] {
+            let f = advance_to(Phase::Restoring);
+            let (s, again) = after(&f, call, Answer::Failed("runtime busy".into()));
+            assert_eq!(again, RETRY);
+            assert_eq!(s.phase, Some(Phase::Restoring));
+            assert!(s.committed);
+            assert!(!s.conditions.iter().any(|c| c.type_ == condition::ABORTING));
+            assert!(s.message.unwrap().contains("retrying"));
+        }
+    }
+
+    #[test]
+    fn timeouts_roll_back_before_the_commit_point_and_fail_after_it() {
+        let mut f = advance_to(Phase::Checkpointing);
+        f.now = f.created + SignedDuration::from_secs(601);
+        let Action::Write(s) = next(&f) else { panic!() };
+        let aborting = s
+            .conditions
+            .iter()
+            .find(|c| c.type_ == condition::ABORTING)
+            .unwrap();
+        assert_eq!(aborting.reason, Reason::TimedOut.as_str());
+
+        let mut f = pending();
+        f.now = f.created + SignedDuration::from_secs(601);
+        failed_with(&f, &next(&f), Reason::TimedOut);
+
+        let mut f = advance_to(Phase::Restoring);
+        f.now = f.created + SignedDuration::from_secs(601);
+        let Action::Write(s) = next(&f) else { panic!() };
+        assert_eq!(s.phase, Some(Phase::Failed));
+        assert!(
+            s.checkpoint.unwrap().location.is_some(),
+            "a failed restore says where the checkpoint is"
+        );
+    }
+
+    #[test]
+    fn deleting_a_migration_rolls_back_before_the_commit_point_and_lets_go_after() {
+        let mut f = pending();
+        f.deleting = true;
+        assert_eq!(next(&f), Action::Done);
+
+        let mut f = advance_to(Phase::Transferring);
+        f.deleting = true;
+        let Action::Write(s) = next(&f) else { panic!() };
+        assert!(
+            s.conditions
+                .iter()
+                .any(|c| c.type_ == condition::ABORTING && c.reason == "Deleted")
+        );
+
+        let mut f = advance_to(Phase::Restoring);
+        f.deleting = true;
+        assert_eq!(next(&f), Action::Done);
+    }
+
+    #[test]
+    fn a_deleted_final_migration_cleans_both_agents_once() {
+        let mut f = advance_to(Phase::Checkpointing);
+        f = answer(f, Call::Checkpoint, Answer::Failed("criu".into()));
+        f = answer(f, Call::AbortSource, ok());
+        f = answer(f, Call::AbortTarget, ok());
+        assert_eq!(f.status.phase, Some(Phase::RolledBack));
+        f.deleting = true;
+        assert_eq!(next(&f), Action::Call(Call::CleanupSource));
+        f = answer(f, Call::CleanupSource, Answer::Unreachable("down".into()));
+        assert_eq!(next(&f), Action::Call(Call::CleanupTarget));
+        f = answer(f, Call::CleanupTarget, ok());
+        assert_eq!(next(&f), Action::Done);
+    }
+
+    #[test]
+    fn a_foreign_pod_with_the_same_name_is_never_touched() {
+        let mut f = advance_to(Phase::Restoring);
+        f = answer(f, Call::CommitSource, ok());
+        f.pod = None;
+        f = answer(f, Call::StageRestore, staged());
+        f.pod = Some(PodFacts {
+            uid: "someone-else".into(),
+            created_by_migration: None,
+            ..running_pod()
+        });
+        let Action::Write(s) = next(&f) else { panic!() };
+        assert!(s.message.unwrap().contains("not created by this migration"));
+        assert_eq!(s.target_pod_uid, None);
+    }
+
+    #[test]
+    fn final_phases_are_left_alone() {
+        for phase in [Phase::Succeeded, Phase::Failed, Phase::RolledBack] {
+            let mut f = pending();
+            f.status.phase = Some(phase);
+            f.now = f.created + SignedDuration::from_secs(100_000);
+            assert_eq!(next(&f), Action::Done);
+        }
+    }
+}
