@@ -142,15 +142,15 @@ impl Metrics {
     /// Records the phase just left (from the transitions) and, on a final phase, the result.
     pub fn phase_changed(&self, before: Option<Phase>, status: &PodMigrationStatus) {
         let transitions = &status.phase_transitions;
-        if let (Some(before), [.., left, entered]) = (before, transitions.as_slice()) {
-            if left.phase == before {
-                let seconds = entered.time.0.duration_since(left.time.0).as_secs_f64();
-                self.phase_seconds
-                    .get_or_create(&PhaseLabels {
-                        phase: format!("{before:?}"),
-                    })
-                    .observe(seconds);
-            }
+        if let (Some(before), [.., left, entered]) = (before, transitions.as_slice())
+            && left.phase == before
+        {
+            let seconds = entered.time.0.duration_since(left.time.0).as_secs_f64();
+            self.phase_seconds
+                .get_or_create(&PhaseLabels {
+                    phase: format!("{before:?}"),
+                })
+                .observe(seconds);
         }
         if let Some(phase) = status.phase.filter(|p| p.is_final()) {
             self.migrations

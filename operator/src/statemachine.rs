@@ -440,10 +440,10 @@ fn succeeded(f: &Facts, call: Call, op: &agent_api::Operation) -> PodMigrationSt
                 bytes_total: total,
             });
             timings(&mut s).transfer_ms = Some(to_i64(op.duration_ms));
-            if !op.location.is_empty() {
-                if let Some(c) = s.checkpoint.as_mut() {
-                    c.location = Some(format!("{}:{}", target(f), op.location));
-                }
+            if !op.location.is_empty()
+                && let Some(c) = s.checkpoint.as_mut()
+            {
+                c.location = Some(format!("{}:{}", target(f), op.location));
             }
             set_condition(
                 &mut s,
@@ -647,11 +647,12 @@ fn finish_with(
     message: &str,
 ) -> PodMigrationStatus {
     timings(&mut s).total_ms = Some(millis(f.now, f.created));
-    if phase == Phase::Failed && f.status.committed {
-        if let Some(c) = s.checkpoint.as_mut() {
-            c.location
-                .get_or_insert_with(|| format!("{}:<agent store>", target(f)));
-        }
+    if phase == Phase::Failed
+        && f.status.committed
+        && let Some(c) = s.checkpoint.as_mut()
+    {
+        c.location
+            .get_or_insert_with(|| format!("{}:<agent store>", target(f)));
     }
     let mut s = enter(f, s, phase, message);
     if let Some(reason) = reason {
@@ -776,6 +777,9 @@ mod tests {
     use crds::{Compression, NetworkSpec, Strategy};
 
     const UID: &str = "m-1";
+
+    /// A change to the facts of a pending migration.
+    type Mutation = Box<dyn Fn(&mut Facts)>;
 
     fn spec() -> PodMigrationSpec {
         PodMigrationSpec {
@@ -920,7 +924,7 @@ mod tests {
 
     #[test]
     fn every_precondition_failure_ends_failed_with_its_reason() {
-        let cases: Vec<(Box<dyn Fn(&mut Facts)>, Reason)> = vec![
+        let cases: Vec<(Mutation, Reason)> = vec![
             (Box::new(|f| f.pod = None), Reason::PodNotFound),
             (
                 Box::new(|f| f.pod.as_mut().unwrap().migratable = false),

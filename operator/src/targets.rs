@@ -98,10 +98,10 @@ pub fn check(
     }
     let spec = pod.spec.as_ref();
     let labels = node.metadata.labels.clone().unwrap_or_default();
-    if let Some(selector) = spec.and_then(|s| s.node_selector.as_ref()) {
-        if selector.iter().any(|(k, v)| labels.get(k) != Some(v)) {
-            return Err(Rejection::NodeSelector);
-        }
+    if let Some(selector) = spec.and_then(|s| s.node_selector.as_ref())
+        && selector.iter().any(|(k, v)| labels.get(k) != Some(v))
+    {
+        return Err(Rejection::NodeSelector);
     }
     let required = spec
         .and_then(|s| s.affinity.as_ref())
@@ -110,14 +110,13 @@ pub fn check(
             a.required_during_scheduling_ignored_during_execution
                 .as_ref()
         });
-    if let Some(required) = required {
-        if !required
+    if let Some(required) = required
+        && !required
             .node_selector_terms
             .iter()
             .any(|t| term_matches(t, name, &labels))
-        {
-            return Err(Rejection::NodeAffinity);
-        }
+    {
+        return Err(Rejection::NodeAffinity);
     }
     let tolerations = spec.and_then(|s| s.tolerations.clone()).unwrap_or_default();
     for taint in node
