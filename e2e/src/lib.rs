@@ -2,11 +2,13 @@
 //! machine, built from source and cached, plus the helpers the end-to-end tests share.
 
 pub mod controlplane;
+pub mod fixtures;
 pub mod harness;
 pub mod install;
 pub mod k8s;
 pub mod pki;
 pub mod process;
+pub mod testagent;
 
 use std::path::PathBuf;
 

@@ -5,6 +5,7 @@
 use std::{collections::BTreeMap, sync::Mutex, time::Duration};
 
 use agent_api::{
+    discovery::{ENDPOINT_ANNOTATION, LEASE_LABEL, LEASE_PREFIX},
     tls::TlsMaterial,
     v1::{self, agent_client::AgentClient},
 };
@@ -14,12 +15,6 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::statemachine::{Answer, Call};
 
-/// Prefix of the name of every agent's Lease; the node name follows.
-pub const AGENT_LEASE_PREFIX: &str = "kube-migros-agent-";
-/// Label on every agent Lease, to list them.
-pub const AGENT_LEASE_LABEL: &str = "migros.io/agent";
-/// Annotation of an agent Lease: the agent's gRPC endpoint, `host:port`.
-pub const ENDPOINT_ANNOTATION: &str = "migros.io/agent-endpoint";
 
 /// How long one agent call may take; steps that take longer answer RUNNING and are polled.
 const CALL_TIMEOUT: Duration = Duration::from_secs(20);
@@ -63,7 +58,7 @@ impl Agents {
     pub async fn live(&self) -> Result<BTreeMap<String, String>, kube::Error> {
         let leases = self
             .leases
-            .list(&ListParams::default().labels(AGENT_LEASE_LABEL))
+            .list(&ListParams::default().labels(LEASE_LABEL))
             .await?;
         let now = Timestamp::now();
         Ok(leases
@@ -75,7 +70,7 @@ impl Agents {
 
     /// The endpoint of the agent on `node`, or why there is none.
     pub async fn endpoint(&self, node: &str) -> Result<String, String> {
-        let name = format!("{AGENT_LEASE_PREFIX}{node}");
+        let name = format!("{LEASE_PREFIX}{node}");
         let lease = self
             .leases
             .get_opt(&name)
@@ -210,7 +205,7 @@ fn live_endpoint(lease: &Lease, now: Timestamp) -> Option<(String, String)> {
         .metadata
         .name
         .as_deref()?
-        .strip_prefix(AGENT_LEASE_PREFIX)?
+        .strip_prefix(LEASE_PREFIX)?
         .to_string();
     let endpoint = lease
         .metadata
@@ -240,7 +235,7 @@ mod tests {
             Timestamp::now() - k8s_openapi::jiff::SignedDuration::from_secs(renewed_secs_ago);
         Lease {
             metadata: ObjectMeta {
-                name: Some(format!("{AGENT_LEASE_PREFIX}{node}")),
+                name: Some(format!("{LEASE_PREFIX}{node}")),
                 annotations: Some(
                     [(ENDPOINT_ANNOTATION.to_string(), "10.0.0.1:7443".to_string())].into(),
                 ),

@@ -1,6 +1,7 @@
 //! The node-agent gRPC API shared by the operator and the agents: the generated protobuf types,
 //! client and server (`v1`), mutual-TLS configuration (`tls`) and who may call what (`identity`).
 
+pub mod discovery;
 pub mod identity;
 pub mod tls;
 
