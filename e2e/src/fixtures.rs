@@ -2,6 +2,9 @@
 //! Node objects kept Ready by a heartbeat (as a kubelet would), pods bound to them and marked
 //! Running, and the mutual-TLS certificates of the operator and the agents.
 
+// Test support: a failed set-up step fails the test that asked for it.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
 use std::{path::PathBuf, time::Duration};
 
 use agent_api::{
@@ -39,16 +42,37 @@ impl Certificates {
         let dir = tempfile::tempdir().expect("temporary directory");
         let ca = Ca::create(dir.path(), "ca").expect("CA");
         let issue = |stem, common_name, dns: &'static [&'static str], usage| {
-            let leaf = Leaf { stem, common_name, organisations: &[], dns_names: dns, ips: &[], usage };
+            let leaf = Leaf {
+                stem,
+                common_name,
+                organisations: &[],
+                dns_names: dns,
+                ips: &[],
+                usage,
+            };
             ca.issue(dir.path(), &leaf).expect("certificate");
         };
         issue("operator", OPERATOR_COMMON_NAME, &[], Usage::Client);
-        issue("agent", AGENT_COMMON_NAME, &[AGENT_SERVER_NAME], Usage::Both);
-        issue("stranger", "somebody-else", &[AGENT_SERVER_NAME], Usage::Both);
+        issue(
+            "agent",
+            AGENT_COMMON_NAME,
+            &[AGENT_SERVER_NAME],
+            Usage::Both,
+        );
+        issue(
+            "stranger",
+            "somebody-else",
+            &[AGENT_SERVER_NAME],
+            Usage::Both,
+        );
         // The operator reads ca.crt, tls.crt and tls.key from one directory, as mounted from a Secret.
         let operator_dir = dir.path().join("operator-tls");
         std::fs::create_dir_all(&operator_dir).expect("operator TLS directory");
-        for (from, to) in [("ca.crt", "ca.crt"), ("operator.crt", "tls.crt"), ("operator.key", "tls.key")] {
+        for (from, to) in [
+            ("ca.crt", "ca.crt"),
+            ("operator.crt", "tls.crt"),
+            ("operator.key", "tls.key"),
+        ] {
             std::fs::copy(dir.path().join(from), operator_dir.join(to)).expect("copy certificate");
         }
         Self { dir }
@@ -71,12 +95,18 @@ impl Certificates {
 
     /// The operator's material, loaded as the operator loads it.
     pub fn operator(&self) -> TlsMaterial {
-        TlsFiles::in_dir(&self.operator_dir()).load().expect("operator TLS material")
+        TlsFiles::in_dir(&self.operator_dir())
+            .load()
+            .expect("operator TLS material")
     }
 
     fn material(&self, stem: &str) -> TlsMaterial {
         let read = |name: String| std::fs::read(self.dir.path().join(name)).expect("read PEM");
-        TlsMaterial::from_pem(read("ca.crt".into()), read(format!("{stem}.crt")), read(format!("{stem}.key")))
+        TlsMaterial::from_pem(
+            read("ca.crt".into()),
+            read(format!("{stem}.crt")),
+            read(format!("{stem}.key")),
+        )
     }
 }
 
@@ -90,7 +120,9 @@ pub struct ApiNode {
 
 impl std::fmt::Debug for ApiNode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ApiNode").field("name", &self.name).finish_non_exhaustive()
+        f.debug_struct("ApiNode")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
     }
 }
 
@@ -116,7 +148,10 @@ impl ApiNode {
             spec: Some(NodeSpec::default()),
             status: None,
         };
-        nodes.create(&PostParams::default(), &node).await.unwrap_or_else(|e| panic!("create node {name}: {e}"));
+        nodes
+            .create(&PostParams::default(), &node)
+            .await
+            .unwrap_or_else(|e| panic!("create node {name}: {e}"));
         let status = NodeStatus {
             capacity: Some(capacity.clone()),
             allocatable: Some(capacity),
@@ -124,27 +159,40 @@ impl ApiNode {
             ..Default::default()
         };
         nodes
-            .patch_status(name, &PatchParams::default(), &Patch::Merge(json!({"status": status})))
+            .patch_status(
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"status": status})),
+            )
             .await
             .unwrap_or_else(|e| panic!("set the status of node {name}: {e}"));
         let heartbeat = tokio::spawn(heartbeat(client.clone(), name.to_string()));
         // A new node carries node.kubernetes.io/not-ready:NoSchedule until the node lifecycle
         // controller sees it Ready, as a real node does: wait for that, as a scheduler would.
         let untainted = kube::runtime::wait::await_condition(nodes, name, |n: Option<&Node>| {
-            n.and_then(|n| n.spec.as_ref()).is_some_and(|s| s.taints.as_ref().is_none_or(Vec::is_empty))
+            n.and_then(|n| n.spec.as_ref())
+                .is_some_and(|s| s.taints.as_ref().is_none_or(Vec::is_empty))
         });
         tokio::time::timeout(Duration::from_secs(60), untainted)
             .await
             .unwrap_or_else(|_| panic!("node {name} still tainted after 60s"))
             .unwrap_or_else(|e| panic!("watching node {name}: {e}"));
-        Self { name: name.into(), client: client.clone(), heartbeat }
+        Self {
+            name: name.into(),
+            client: client.clone(),
+            heartbeat,
+        }
     }
 
     /// Sets the node's Ready condition.
     pub async fn set_ready(&self, ready: bool) {
         let patch = json!({"status": {"conditions": [ready_condition(ready)]}});
         Api::<Node>::all(self.client.clone())
-            .patch_status(&self.name, &PatchParams::default(), &Patch::Strategic(patch))
+            .patch_status(
+                &self.name,
+                &PatchParams::default(),
+                &Patch::Strategic(patch),
+            )
             .await
             .expect("patch node condition");
     }
@@ -152,7 +200,11 @@ impl ApiNode {
     /// Cordons or uncordons the node.
     pub async fn set_unschedulable(&self, unschedulable: bool) {
         Api::<Node>::all(self.client.clone())
-            .patch(&self.name, &PatchParams::default(), &Patch::Merge(json!({"spec": {"unschedulable": unschedulable}})))
+            .patch(
+                &self.name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"spec": {"unschedulable": unschedulable}})),
+            )
             .await
             .expect("cordon node");
     }
@@ -165,7 +217,9 @@ impl Drop for ApiNode {
         // Best effort: the test's runtime may already be shutting down.
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             handle.spawn(async move {
-                let _ = Api::<Node>::all(client).delete(&name, &DeleteParams::default()).await;
+                let _ = Api::<Node>::all(client)
+                    .delete(&name, &DeleteParams::default())
+                    .await;
             });
         }
     }
@@ -175,7 +229,14 @@ fn ready_condition(ready: bool) -> NodeCondition {
     NodeCondition {
         type_: "Ready".into(),
         status: if ready { "True" } else { "False" }.into(),
-        reason: Some(if ready { "KubeletReady" } else { "KubeletNotReady" }.into()),
+        reason: Some(
+            if ready {
+                "KubeletReady"
+            } else {
+                "KubeletNotReady"
+            }
+            .into(),
+        ),
         message: Some("set by the test".into()),
         last_heartbeat_time: Some(Time(Timestamp::now())),
         last_transition_time: Some(Time(Timestamp::now())),
@@ -186,7 +247,10 @@ async fn heartbeat(client: Client, node: String) {
     let leases: Api<Lease> = Api::namespaced(client, "kube-node-lease");
     loop {
         let lease = Lease {
-            metadata: ObjectMeta { name: Some(node.clone()), ..Default::default() },
+            metadata: ObjectMeta {
+                name: Some(node.clone()),
+                ..Default::default()
+            },
             spec: Some(LeaseSpec {
                 holder_identity: Some(node.clone()),
                 lease_duration_seconds: Some(40),
@@ -195,7 +259,11 @@ async fn heartbeat(client: Client, node: String) {
             }),
         };
         let _ = leases
-            .patch(&node, &PatchParams::apply("kube-migros-test-node").force(), &Patch::Apply(&lease))
+            .patch(
+                &node,
+                &PatchParams::apply("kube-migros-test-node").force(),
+                &Patch::Apply(&lease),
+            )
             .await;
         tokio::time::sleep(Duration::from_secs(5)).await;
     }
@@ -206,7 +274,12 @@ pub fn pod(name: &str, node: &str, labels: &[(&str, &str)]) -> Pod {
     Pod {
         metadata: ObjectMeta {
             name: Some(name.into()),
-            labels: Some(labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()),
+            labels: Some(
+                labels
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            ),
             ..Default::default()
         },
         spec: Some(PodSpec {
@@ -231,7 +304,9 @@ pub fn pod(name: &str, node: &str, labels: &[(&str, &str)]) -> Pod {
 pub async fn run_pod(client: &Client, ns: &str, pod: &Pod, ip: &str) -> Pod {
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
     let name = pod.metadata.name.clone().unwrap_or_default();
-    pods.create(&PostParams::default(), pod).await.unwrap_or_else(|e| panic!("create pod {name}: {e}"));
+    pods.create(&PostParams::default(), pod)
+        .await
+        .unwrap_or_else(|e| panic!("create pod {name}: {e}"));
     mark_running(client, ns, &name, ip).await
 }
 
@@ -244,7 +319,11 @@ pub async fn mark_running(client: &Client, ns: &str, name: &str, ip: &str) -> Po
         ..Default::default()
     };
     Api::<Pod>::namespaced(client.clone(), ns)
-        .patch_status(name, &PatchParams::default(), &Patch::Merge(json!({"status": status})))
+        .patch_status(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": status})),
+        )
         .await
         .unwrap_or_else(|e| panic!("mark pod {name} Running: {e}"))
 }
@@ -260,9 +339,20 @@ pub async fn report_replacements_running(client: Client, ns: String) {
                 let annotations = pod.metadata.annotations.clone().unwrap_or_default();
                 let replacement = annotations.contains_key("migros.io/migration-uid");
                 let phase = pod.status.as_ref().and_then(|s| s.phase.clone());
-                let bound = pod.spec.as_ref().and_then(|s| s.node_name.as_ref()).is_some();
-                if replacement && bound && phase.as_deref() != Some("Running") && pod.metadata.deletion_timestamp.is_none() {
-                    let ip = annotations.get("migros.io/pod-ip").cloned().unwrap_or_else(|| "10.244.255.1".into());
+                let bound = pod
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.node_name.as_ref())
+                    .is_some();
+                if replacement
+                    && bound
+                    && phase.as_deref() != Some("Running")
+                    && pod.metadata.deletion_timestamp.is_none()
+                {
+                    let ip = annotations
+                        .get("migros.io/pod-ip")
+                        .cloned()
+                        .unwrap_or_else(|| "10.244.255.1".into());
                     let name = pod.metadata.name.clone().unwrap_or_default();
                     let _ = mark_running_quietly(&client, &ns, &name, &ip).await;
                 }
@@ -272,7 +362,14 @@ pub async fn report_replacements_running(client: Client, ns: String) {
     }
 }
 
-async fn mark_running_quietly(client: &Client, ns: &str, name: &str, ip: &str) -> Result<Pod, kube::Error> {
+async fn mark_running_quietly(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    ip: &str,
+) -> Result<Pod, kube::Error> {
     let status = json!({"status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}});
-    Api::<Pod>::namespaced(client.clone(), ns).patch_status(name, &PatchParams::default(), &Patch::Merge(status)).await
+    Api::<Pod>::namespaced(client.clone(), ns)
+        .patch_status(name, &PatchParams::default(), &Patch::Merge(status))
+        .await
 }

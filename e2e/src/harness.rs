@@ -121,8 +121,13 @@ pub fn unique_name(prefix: &str) -> String {
 /// Waits until the controller-manager created the namespace's `default` ServiceAccount; pods cannot
 /// be created before.
 pub async fn wait_for_default_service_account(client: &Client, ns: &str) {
-    let accounts: Api<k8s_openapi::api::core::v1::ServiceAccount> = Api::namespaced(client.clone(), ns);
-    let exists = kube::runtime::wait::await_condition(accounts, "default", |sa: Option<&k8s_openapi::api::core::v1::ServiceAccount>| sa.is_some());
+    let accounts: Api<k8s_openapi::api::core::v1::ServiceAccount> =
+        Api::namespaced(client.clone(), ns);
+    let exists = kube::runtime::wait::await_condition(
+        accounts,
+        "default",
+        |sa: Option<&k8s_openapi::api::core::v1::ServiceAccount>| sa.is_some(),
+    );
     tokio::time::timeout(std::time::Duration::from_secs(60), exists)
         .await
         .unwrap_or_else(|_| panic!("ServiceAccount {ns}/default not created within 60s"))

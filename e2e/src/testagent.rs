@@ -3,6 +3,9 @@
 //! each step answers what the test scripted (succeed, fail, hold until released, or crash) and every
 //! call and every execution is counted, so tests can tell the work was done once.
 
+// Test support: a failed set-up step fails the test that asked for it.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
 use std::{
     collections::HashMap,
     net::SocketAddr,
@@ -13,7 +16,10 @@ use std::{
 use agent_api::{
     identity::{self, Caller},
     tls::TlsMaterial,
-    v1::{self, agent_server::{Agent, AgentServer}},
+    v1::{
+        self,
+        agent_server::{Agent, AgentServer},
+    },
 };
 use kube::Client;
 use node_agent::announce::Announcement;
@@ -50,7 +56,10 @@ const CHUNK_INTERVAL: Duration = Duration::from_millis(60);
 pub enum Behaviour {
     Succeed,
     /// Fail the next `times` executions with this message, then succeed.
-    Fail { message: String, times: u32 },
+    Fail {
+        message: String,
+        times: u32,
+    },
     /// Answer RUNNING until [`TestAgent::release`] is called for the step.
     Hold,
     /// Stop serving (connections are refused) when the step is asked.
@@ -102,11 +111,18 @@ pub struct TestAgent {
 impl TestAgent {
     /// Serves on a free loopback port with `tls` and announces itself in `namespace`.
     pub async fn start(client: Client, namespace: &str, node: &str, tls: &TlsMaterial) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind a loopback port");
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind a loopback port");
         let endpoint = listener.local_addr().expect("local address");
         let state = Arc::new(Mutex::new(State::default()));
         let crash = Arc::new(Notify::new());
-        let service = Service { node: node.into(), state: state.clone(), crash: crash.clone(), tls: tls.clone() };
+        let service = Service {
+            node: node.into(),
+            state: state.clone(),
+            crash: crash.clone(),
+            tls: tls.clone(),
+        };
         let server = tonic::transport::Server::builder()
             .tls_config(tls.server())
             .expect("server TLS configuration")
@@ -114,7 +130,9 @@ impl TestAgent {
         let stop = crash.clone();
         let server = tokio::spawn(async move {
             let incoming = TcpListenerStream::new(listener);
-            let _ = server.serve_with_incoming_shutdown(incoming, stop.notified()).await;
+            let _ = server
+                .serve_with_incoming_shutdown(incoming, stop.notified())
+                .await;
         });
         let announcement = Announcement {
             namespace: namespace.into(),
@@ -122,9 +140,19 @@ impl TestAgent {
             endpoint: endpoint.to_string(),
             lease: Duration::from_secs(6),
         };
-        announcement.renew(&client).await.expect("announce the test agent");
+        announcement
+            .renew(&client)
+            .await
+            .expect("announce the test agent");
         let announcer = tokio::spawn(announcement.keep(client));
-        Self { node: node.into(), endpoint, state, crash, server, announcer }
+        Self {
+            node: node.into(),
+            endpoint,
+            state,
+            crash,
+            server,
+            announcer,
+        }
     }
 
     /// Scripts what `step` does from now on.
@@ -170,9 +198,15 @@ impl Drop for TestAgent {
 
 impl Service {
     fn lock(&self) -> Result<std::sync::MutexGuard<'_, State>, Status> {
-        let state = self.state.lock().map_err(|_| Status::internal("state poisoned"))?;
+        let state = self
+            .state
+            .lock()
+            .map_err(|_| Status::internal("state poisoned"))?;
         if state.crashed {
-            return Err(Status::unavailable(format!("agent on {} crashed", self.node)));
+            return Err(Status::unavailable(format!(
+                "agent on {} crashed",
+                self.node
+            )));
         }
         Ok(state)
     }
@@ -181,7 +215,11 @@ impl Service {
         let mut state = self.lock()?;
         let key = (uid.to_string(), step);
         state.counts.entry(step).or_default().calls += 1;
-        let behaviour = state.script.get(&step).cloned().unwrap_or(Behaviour::Succeed);
+        let behaviour = state
+            .script
+            .get(&step)
+            .cloned()
+            .unwrap_or(Behaviour::Succeed);
         if let Some(op) = state.operations.get(&key).cloned() {
             // A failure is reported once and forgotten: asking again tries again.
             if op.state() == v1::State::Failed {
@@ -189,7 +227,9 @@ impl Service {
                 return Ok(op);
             }
             // Asked again: report the remembered operation, finishing a released hold.
-            if op.state() == v1::State::Running && state.released.get(&step).copied().unwrap_or(false) {
+            if op.state() == v1::State::Running
+                && state.released.get(&step).copied().unwrap_or(false)
+            {
                 let done = succeeded(uid, step);
                 state.operations.insert(key, done.clone());
                 return Ok(done);
@@ -201,14 +241,22 @@ impl Service {
             Behaviour::Succeed => succeeded(uid, step),
             Behaviour::Fail { message, times } => {
                 if times > 1 {
-                    state.script.insert(step, Behaviour::Fail { message: message.clone(), times: times - 1 });
+                    state.script.insert(
+                        step,
+                        Behaviour::Fail {
+                            message: message.clone(),
+                            times: times - 1,
+                        },
+                    );
                 } else {
                     state.script.insert(step, Behaviour::Succeed);
                 }
                 // A failure is reported, not remembered: asking again tries again.
                 return Ok(v1::Operation::failed(uid, message));
             }
-            Behaviour::Hold if state.released.get(&step).copied().unwrap_or(false) => succeeded(uid, step),
+            Behaviour::Hold if state.released.get(&step).copied().unwrap_or(false) => {
+                succeeded(uid, step)
+            }
             Behaviour::Hold => {
                 let mut op = v1::Operation::running(uid);
                 op.bytes_done = 1;
@@ -219,17 +267,29 @@ impl Service {
                 state.crashed = true;
                 self.crash.notify_waiters();
                 self.crash.notify_one();
-                return Err(Status::unavailable(format!("agent on {} crashed", self.node)));
+                return Err(Status::unavailable(format!(
+                    "agent on {} crashed",
+                    self.node
+                )));
             }
         };
         state.operations.insert(key, op.clone());
         Ok(op)
     }
 
-    fn step(&self, request: Request<v1::StepRequest>, source: Step, target: Step) -> Result<Response<v1::Operation>, Status> {
+    fn step(
+        &self,
+        request: Request<v1::StepRequest>,
+        source: Step,
+        target: Step,
+    ) -> Result<Response<v1::Operation>, Status> {
         identity::require(&request, &[Caller::Operator])?;
         let r = request.into_inner();
-        let step = if r.role() == v1::Role::Source { source } else { target };
+        let step = if r.role() == v1::Role::Source {
+            source
+        } else {
+            target
+        };
         self.operate(&r.migration_uid, step).map(Response::new)
     }
 }
@@ -283,7 +343,13 @@ impl Service {
                 self.remember(&uid, Step::Transfer, succeeded(&uid, Step::Transfer));
                 return;
             }
-            Ok(received) => v1::Operation::failed(&uid, format!("the target received {} of {ARCHIVE_BYTES} bytes", received.get_ref().bytes)),
+            Ok(received) => v1::Operation::failed(
+                &uid,
+                format!(
+                    "the target received {} of {ARCHIVE_BYTES} bytes",
+                    received.get_ref().bytes
+                ),
+            ),
             Err(message) => v1::Operation::failed(&uid, message),
         };
         // A failed transfer may be asked for again, and then streams again.
@@ -299,7 +365,11 @@ fn succeeded(uid: &str, step: Step) -> v1::Operation {
     op.duration_ms = 25;
     match step {
         Step::Checkpoint => {
-            op.archives = vec![v1::ContainerArchive { name: "app".into(), bytes: ARCHIVE_BYTES, digest: "sha256:test".into() }];
+            op.archives = vec![v1::ContainerArchive {
+                name: "app".into(),
+                bytes: ARCHIVE_BYTES,
+                digest: "sha256:test".into(),
+            }];
             op.bytes_done = ARCHIVE_BYTES;
             op.bytes_total = ARCHIVE_BYTES;
         }
@@ -309,7 +379,10 @@ fn succeeded(uid: &str, step: Step) -> v1::Operation {
             op.location = format!("/var/lib/kube-migros/checkpoints/{uid}");
         }
         Step::StageRestore => {
-            op.staged = vec![v1::StagedContainer { name: "app".into(), image: format!("localhost/checkpoint/{uid}/app") }];
+            op.staged = vec![v1::StagedContainer {
+                name: "app".into(),
+                image: format!("localhost/checkpoint/{uid}/app"),
+            }];
         }
         _ => {}
     }
@@ -318,7 +391,10 @@ fn succeeded(uid: &str, step: Step) -> v1::Operation {
 
 #[tonic::async_trait]
 impl Agent for Service {
-    async fn capabilities(&self, request: Request<v1::CapabilitiesRequest>) -> Result<Response<v1::NodeCapabilities>, Status> {
+    async fn capabilities(
+        &self,
+        request: Request<v1::CapabilitiesRequest>,
+    ) -> Result<Response<v1::NodeCapabilities>, Status> {
         identity::require(&request, &[Caller::Operator])?;
         Ok(Response::new(v1::NodeCapabilities {
             node_name: self.node.clone(),
@@ -331,17 +407,28 @@ impl Agent for Service {
         }))
     }
 
-    async fn prepare_target(&self, request: Request<v1::PrepareTargetRequest>) -> Result<Response<v1::Operation>, Status> {
+    async fn prepare_target(
+        &self,
+        request: Request<v1::PrepareTargetRequest>,
+    ) -> Result<Response<v1::Operation>, Status> {
         identity::require(&request, &[Caller::Operator])?;
-        self.operate(&request.into_inner().migration_uid, Step::PrepareTarget).map(Response::new)
+        self.operate(&request.into_inner().migration_uid, Step::PrepareTarget)
+            .map(Response::new)
     }
 
-    async fn checkpoint(&self, request: Request<v1::CheckpointRequest>) -> Result<Response<v1::Operation>, Status> {
+    async fn checkpoint(
+        &self,
+        request: Request<v1::CheckpointRequest>,
+    ) -> Result<Response<v1::Operation>, Status> {
         identity::require(&request, &[Caller::Operator])?;
-        self.operate(&request.into_inner().migration_uid, Step::Checkpoint).map(Response::new)
+        self.operate(&request.into_inner().migration_uid, Step::Checkpoint)
+            .map(Response::new)
     }
 
-    async fn transfer(&self, request: Request<v1::TransferRequest>) -> Result<Response<v1::Operation>, Status> {
+    async fn transfer(
+        &self,
+        request: Request<v1::TransferRequest>,
+    ) -> Result<Response<v1::Operation>, Status> {
         identity::require(&request, &[Caller::Operator])?;
         let r = request.into_inner();
         let op = self.operate(&r.migration_uid, Step::Transfer)?;
@@ -356,7 +443,10 @@ impl Agent for Service {
         Ok(Response::new(op))
     }
 
-    async fn receive(&self, request: Request<Streaming<v1::ReceiveChunk>>) -> Result<Response<v1::ReceiveResult>, Status> {
+    async fn receive(
+        &self,
+        request: Request<Streaming<v1::ReceiveChunk>>,
+    ) -> Result<Response<v1::ReceiveResult>, Status> {
         identity::require(&request, &[Caller::Agent])?;
         {
             let mut state = self.lock()?;
@@ -371,27 +461,46 @@ impl Agent for Service {
             drop(self.lock()?);
             bytes += chunk.data.len() as u64;
         }
-        Ok(Response::new(v1::ReceiveResult { bytes, archives: Vec::new() }))
+        Ok(Response::new(v1::ReceiveResult {
+            bytes,
+            archives: Vec::new(),
+        }))
     }
 
-    async fn stage_restore(&self, request: Request<v1::StageRestoreRequest>) -> Result<Response<v1::Operation>, Status> {
+    async fn stage_restore(
+        &self,
+        request: Request<v1::StageRestoreRequest>,
+    ) -> Result<Response<v1::Operation>, Status> {
         identity::require(&request, &[Caller::Operator])?;
-        self.operate(&request.into_inner().migration_uid, Step::StageRestore).map(Response::new)
+        self.operate(&request.into_inner().migration_uid, Step::StageRestore)
+            .map(Response::new)
     }
 
-    async fn finish_restore(&self, request: Request<v1::StepRequest>) -> Result<Response<v1::Operation>, Status> {
+    async fn finish_restore(
+        &self,
+        request: Request<v1::StepRequest>,
+    ) -> Result<Response<v1::Operation>, Status> {
         self.step(request, Step::FinishRestore, Step::FinishRestore)
     }
 
-    async fn commit(&self, request: Request<v1::StepRequest>) -> Result<Response<v1::Operation>, Status> {
+    async fn commit(
+        &self,
+        request: Request<v1::StepRequest>,
+    ) -> Result<Response<v1::Operation>, Status> {
         self.step(request, Step::CommitSource, Step::CommitTarget)
     }
 
-    async fn abort(&self, request: Request<v1::StepRequest>) -> Result<Response<v1::Operation>, Status> {
+    async fn abort(
+        &self,
+        request: Request<v1::StepRequest>,
+    ) -> Result<Response<v1::Operation>, Status> {
         self.step(request, Step::AbortSource, Step::AbortTarget)
     }
 
-    async fn cleanup(&self, request: Request<v1::StepRequest>) -> Result<Response<v1::Operation>, Status> {
+    async fn cleanup(
+        &self,
+        request: Request<v1::StepRequest>,
+    ) -> Result<Response<v1::Operation>, Status> {
         self.step(request, Step::CleanupSource, Step::CleanupTarget)
     }
 }

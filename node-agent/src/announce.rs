@@ -37,18 +37,31 @@ impl Announcement {
         let lease = Lease {
             metadata: ObjectMeta {
                 name: Some(name.clone()),
-                labels: Some(BTreeMap::from([(LEASE_LABEL.to_string(), "true".to_string())])),
-                annotations: Some(BTreeMap::from([(ENDPOINT_ANNOTATION.to_string(), self.endpoint.clone())])),
+                labels: Some(BTreeMap::from([(
+                    LEASE_LABEL.to_string(),
+                    "true".to_string(),
+                )])),
+                annotations: Some(BTreeMap::from([(
+                    ENDPOINT_ANNOTATION.to_string(),
+                    self.endpoint.clone(),
+                )])),
                 ..Default::default()
             },
             spec: Some(LeaseSpec {
                 holder_identity: Some(self.node.clone()),
-                lease_duration_seconds: Some(i32::try_from(self.lease.as_secs().max(1)).unwrap_or(i32::MAX)),
+                lease_duration_seconds: Some(
+                    i32::try_from(self.lease.as_secs().max(1)).unwrap_or(i32::MAX),
+                ),
                 renew_time: Some(MicroTime(Timestamp::now())),
                 ..Default::default()
             }),
         };
-        api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&lease)).await?;
+        api.patch(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&lease),
+        )
+        .await?;
         Ok(())
     }
 

@@ -15,7 +15,6 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::statemachine::{Answer, Call};
 
-
 /// How long one agent call may take; steps that take longer answer RUNNING and are polled.
 const CALL_TIMEOUT: Duration = Duration::from_secs(20);
 

@@ -34,7 +34,13 @@ async fn a_migration_goes_through_every_phase_to_succeeded() {
         let phases: Vec<Phase> = status.phase_transitions.iter().map(|t| t.phase).collect();
         assert_eq!(
             phases,
-            [Phase::Preparing, Phase::Checkpointing, Phase::Transferring, Phase::Restoring, Phase::Succeeded]
+            [
+                Phase::Preparing,
+                Phase::Checkpointing,
+                Phase::Transferring,
+                Phase::Restoring,
+                Phase::Succeeded
+            ]
         );
         assert_eq!(status.source_node, Some(s.node(1)));
         assert_eq!(status.target_node, Some(s.node(2)));
@@ -42,7 +48,11 @@ async fn a_migration_goes_through_every_phase_to_succeeded() {
         assert_eq!(status.source_pod_uid, source.uid());
         assert!(status.committed && status.commit_time.is_some());
         let timings = status.timings.unwrap();
-        assert!(timings.downtime_ms.is_some() && timings.total_ms.is_some() && timings.checkpoint_ms == Some(25));
+        assert!(
+            timings.downtime_ms.is_some()
+                && timings.total_ms.is_some()
+                && timings.checkpoint_ms == Some(25)
+        );
         assert_eq!(status.checkpoint.as_ref().map(|c| c.bytes), Some(4096));
 
         // The replacement: same name and labels, on the target, no init containers, restored image.
@@ -53,8 +63,17 @@ async fn a_migration_goes_through_every_phase_to_succeeded() {
         let spec = pod.spec.unwrap();
         assert_eq!(spec.node_name, Some(s.node(2)));
         assert_eq!(spec.init_containers, None);
-        assert!(spec.containers[0].image.as_deref().unwrap().starts_with("localhost/checkpoint/"));
-        assert_eq!(pod.metadata.annotations.unwrap()["migros.io/pod-ip"], "10.244.1.5");
+        assert!(
+            spec.containers[0]
+                .image
+                .as_deref()
+                .unwrap()
+                .starts_with("localhost/checkpoint/")
+        );
+        assert_eq!(
+            pod.metadata.annotations.unwrap()["migros.io/pod-ip"],
+            "10.244.1.5"
+        );
 
         // Each agent step ran exactly once on the right node.
         for (agent, step) in [
@@ -65,21 +84,43 @@ async fn a_migration_goes_through_every_phase_to_succeeded() {
             (2, Step::StageRestore),
             (2, Step::FinishRestore),
         ] {
-            assert_eq!(s.agent(agent).count(step).executions, 1, "{step:?} on node {agent}");
+            assert_eq!(
+                s.agent(agent).count(step).executions,
+                1,
+                "{step:?} on node {agent}"
+            );
         }
         assert_eq!(s.agent(3).count(Step::PrepareTarget).calls, 0);
 
         // An Event per phase change, and metrics that saw it.
         let reasons = s.event_reasons("move").await;
-        for phase in ["Preparing", "Checkpointing", "Transferring", "Restoring", "Succeeded"] {
-            assert!(reasons.iter().any(|r| r == phase), "no {phase} Event in {reasons:?}");
+        for phase in [
+            "Preparing",
+            "Checkpointing",
+            "Transferring",
+            "Restoring",
+            "Succeeded",
+        ] {
+            assert!(
+                reasons.iter().any(|r| r == phase),
+                "no {phase} Event in {reasons:?}"
+            );
         }
         let (code, metrics) = operator.get("/metrics").await;
         assert_eq!(code, 200);
-        assert!(metrics.contains(r#"migros_migrations_total{result="Succeeded"} 1"#), "{metrics}");
-        assert!(metrics.contains("migros_downtime_seconds_count 1"), "{metrics}");
+        assert!(
+            metrics.contains(r#"migros_migrations_total{result="Succeeded"} 1"#),
+            "{metrics}"
+        );
+        assert!(
+            metrics.contains("migros_downtime_seconds_count 1"),
+            "{metrics}"
+        );
         assert_eq!(operator.get("/live").await.0, 200);
-        assert_eq!(operator.get("/ready").await, (200, "ok: leading".to_string()));
+        assert_eq!(
+            operator.get("/ready").await,
+            (200, "ok: leading".to_string())
+        );
     })
     .await;
 }
@@ -89,11 +130,22 @@ async fn unmet_preconditions_fail_with_a_reason_and_touch_nothing() {
     with_namespace("op-pre", |client, ns| async move {
         let s = Scenario::new(client, &ns).await;
         s.pod("server", 1, "10.244.1.5").await;
-        s.pod_with("optout", 1, "10.244.1.6", &[("app", "optout")]).await;
-        e2e::fixtures::run_pod(&s.client, &ns, &e2e::fixtures::pod("pending", &s.node(1), &[(crds::MIGRATABLE_LABEL, "true")]), "10.244.1.7").await;
+        s.pod_with("optout", 1, "10.244.1.6", &[("app", "optout")])
+            .await;
+        e2e::fixtures::run_pod(
+            &s.client,
+            &ns,
+            &e2e::fixtures::pod("pending", &s.node(1), &[(crds::MIGRATABLE_LABEL, "true")]),
+            "10.244.1.7",
+        )
+        .await;
         // "pending" is reported Pending again, as a kubelet still pulling images would.
         s.pods()
-            .patch_status("pending", &Default::default(), &kube::api::Patch::Merge(serde_json::json!({"status": {"phase": "Pending"}})))
+            .patch_status(
+                "pending",
+                &Default::default(),
+                &kube::api::Patch::Merge(serde_json::json!({"status": {"phase": "Pending"}})),
+            )
             .await
             .unwrap();
         s.nodes[2].set_unschedulable(true).await;
@@ -104,26 +156,86 @@ async fn unmet_preconditions_fail_with_a_reason_and_touch_nothing() {
         let _operator = Operator::start(&ns, "op-a", &s.certs).await;
 
         let cases = [
-            ("missing", "nobody", Some(s.node(2)), "PodNotFound", "not found"),
-            ("opted-out", "optout", Some(s.node(2)), "PodNotMigratable", "migros.io/migratable"),
-            ("not-running", "pending", Some(s.node(2)), "PodNotRunning", "is not Running"),
-            ("no-node", "server", Some(format!("{ns}-nowhere")), "TargetUnavailable", "does not exist"),
-            ("same-node", "server", Some(s.node(1)), "TargetUnavailable", "is the pod's current node"),
-            ("cordoned", "server", Some(s.node(3)), "TargetUnavailable", "is cordoned"),
-            ("not-ready", "server", Some(not_ready.name.clone()), "TargetUnavailable", "is not Ready"),
-            ("no-agent", "server", Some(no_agent.name.clone()), "TargetUnavailable", "has no running kube-migros agent"),
+            (
+                "missing",
+                "nobody",
+                Some(s.node(2)),
+                "PodNotFound",
+                "not found",
+            ),
+            (
+                "opted-out",
+                "optout",
+                Some(s.node(2)),
+                "PodNotMigratable",
+                "migros.io/migratable",
+            ),
+            (
+                "not-running",
+                "pending",
+                Some(s.node(2)),
+                "PodNotRunning",
+                "is not Running",
+            ),
+            (
+                "no-node",
+                "server",
+                Some(format!("{ns}-nowhere")),
+                "TargetUnavailable",
+                "does not exist",
+            ),
+            (
+                "same-node",
+                "server",
+                Some(s.node(1)),
+                "TargetUnavailable",
+                "is the pod's current node",
+            ),
+            (
+                "cordoned",
+                "server",
+                Some(s.node(3)),
+                "TargetUnavailable",
+                "is cordoned",
+            ),
+            (
+                "not-ready",
+                "server",
+                Some(not_ready.name.clone()),
+                "TargetUnavailable",
+                "is not Ready",
+            ),
+            (
+                "no-agent",
+                "server",
+                Some(no_agent.name.clone()),
+                "TargetUnavailable",
+                "has no running kube-migros agent",
+            ),
         ];
         // One at a time: a second active migration of the same pod would be refused as PodBusy.
         for (name, pod, target, reason, message) in cases {
-            s.migrate_with(name, pod, None, serde_json::json!({"targetNode": target})).await;
+            s.migrate_with(name, pod, None, serde_json::json!({"targetNode": target}))
+                .await;
             let pm = s.wait_phase(name, Phase::Failed, PHASE_TIMEOUT).await;
             let (got_reason, got_message) = Scenario::reason(&pm);
             assert_eq!(got_reason, reason, "{name}: {got_message}");
-            assert!(got_message.contains(message), "{name}: {got_message:?} lacks {message:?}");
-            assert_eq!(pm.status.unwrap().phase_transitions.len(), 1, "{name} went through other phases");
+            assert!(
+                got_message.contains(message),
+                "{name}: {got_message:?} lacks {message:?}"
+            );
+            assert_eq!(
+                pm.status.unwrap().phase_transitions.len(),
+                1,
+                "{name} went through other phases"
+            );
         }
         let server_after = s.pods().get("server").await.unwrap();
-        assert_eq!(server_after.resource_version(), server_before.resource_version(), "the pod was touched");
+        assert_eq!(
+            server_after.resource_version(),
+            server_before.resource_version(),
+            "the pod was touched"
+        );
         for agent in &s.agents {
             assert_eq!(agent.count(Step::Checkpoint).calls, 0);
             assert_eq!(agent.count(Step::PrepareTarget).calls, 0);
@@ -147,20 +259,41 @@ async fn a_failure_at_each_step_before_the_commit_point_rolls_back_and_leaves_th
         {
             let pod = format!("server-{i}");
             let before = s.pod(&pod, 1, &format!("10.244.1.{}", 10 + i)).await;
-            s.agent(agent).script(step, Behaviour::Fail { message: "injected failure".into(), times: 1 });
+            s.agent(agent).script(
+                step,
+                Behaviour::Fail {
+                    message: "injected failure".into(),
+                    times: 1,
+                },
+            );
             let aborts_before = s.agent(1).count(Step::AbortSource).executions;
             let name = format!("fail-{i}");
             s.migrate(&name, &pod, Some(2)).await;
             let pm = s.wait_phase(&name, Phase::RolledBack, PHASE_TIMEOUT).await;
             let (got, message) = Scenario::reason(&pm);
             assert_eq!(got, reason, "{message}");
-            assert!(message.contains("injected failure") && message.contains("runs as before"), "{message}");
+            assert!(
+                message.contains("injected failure") && message.contains("runs as before"),
+                "{message}"
+            );
             let status = pm.status.unwrap();
             assert!(!status.committed);
-            assert_eq!(s.agent(1).count(Step::AbortSource).executions, aborts_before + 1, "{step:?}: source not resumed");
+            assert_eq!(
+                s.agent(1).count(Step::AbortSource).executions,
+                aborts_before + 1,
+                "{step:?}: source not resumed"
+            );
             let after = s.pods().get(&pod).await.unwrap();
-            assert_eq!(after.uid(), before.uid(), "{step:?}: the source pod was replaced");
-            assert_eq!(after.resource_version(), before.resource_version(), "{step:?}: the source pod was touched");
+            assert_eq!(
+                after.uid(),
+                before.uid(),
+                "{step:?}: the source pod was replaced"
+            );
+            assert_eq!(
+                after.resource_version(),
+                before.resource_version(),
+                "{step:?}: the source pod was touched"
+            );
             assert!(s.event_reasons(&name).await.iter().any(|r| r == reason));
         }
     })
@@ -172,13 +305,23 @@ async fn a_failure_after_the_commit_point_is_retried_until_the_restore_succeeds(
     with_namespace("op-retry", |client, ns| async move {
         let s = Scenario::new(client, &ns).await;
         s.pod("server", 1, "10.244.1.5").await;
-        s.agent(2).script(Step::StageRestore, Behaviour::Fail { message: "runtime busy".into(), times: 2 });
+        s.agent(2).script(
+            Step::StageRestore,
+            Behaviour::Fail {
+                message: "runtime busy".into(),
+                times: 2,
+            },
+        );
         let _operator = Operator::start(&ns, "op-a", &s.certs).await;
         s.migrate("move", "server", Some(2)).await;
         let pm = s.wait_phase("move", Phase::Succeeded, PHASE_TIMEOUT).await;
         assert!(pm.status.unwrap().committed);
         assert_eq!(s.agent(2).count(Step::StageRestore).executions, 3);
-        assert_eq!(s.agent(1).count(Step::AbortSource).calls, 0, "a committed migration must not roll back");
+        assert_eq!(
+            s.agent(1).count(Step::AbortSource).calls,
+            0,
+            "a committed migration must not roll back"
+        );
     })
     .await;
 }
@@ -190,11 +333,22 @@ async fn a_migration_that_times_out_before_the_commit_point_rolls_back() {
         s.pod("server", 1, "10.244.1.5").await;
         s.agent(1).script(Step::Checkpoint, Behaviour::Hold);
         let _operator = Operator::start(&ns, "op-a", &s.certs).await;
-        s.migrate_with("slow", "server", Some(2), serde_json::json!({"timeoutSeconds": 10})).await;
-        let pm = s.wait_phase("slow", Phase::RolledBack, Duration::from_secs(40)).await;
+        s.migrate_with(
+            "slow",
+            "server",
+            Some(2),
+            serde_json::json!({"timeoutSeconds": 10}),
+        )
+        .await;
+        let pm = s
+            .wait_phase("slow", Phase::RolledBack, Duration::from_secs(40))
+            .await;
         let (reason, message) = Scenario::reason(&pm);
         assert_eq!(reason, "TimedOut", "{message}");
-        assert!(message.contains("timed out after 10s in phase Checkpointing"), "{message}");
+        assert!(
+            message.contains("timed out after 10s in phase Checkpointing"),
+            "{message}"
+        );
         assert_eq!(s.agent(1).count(Step::AbortSource).executions, 1);
         assert_eq!(s.agent(2).count(Step::AbortTarget).executions, 1);
     })
@@ -223,7 +377,10 @@ async fn an_operator_killed_in_any_phase_resumes_without_repeating_a_step() {
                 (2, Step::StageRestore),
                 (2, Step::FinishRestore),
             ];
-            let before: Vec<u32> = steps.iter().map(|(a, st)| s.agent(*a).count(*st).executions).collect();
+            let before: Vec<u32> = steps
+                .iter()
+                .map(|(a, st)| s.agent(*a).count(*st).executions)
+                .collect();
             let pod = format!("server-{i}");
             s.pod(&pod, 1, &format!("10.244.1.{}", 20 + i)).await;
             s.agent(agent).script(held, Behaviour::Hold);
@@ -235,7 +392,11 @@ async fn an_operator_killed_in_any_phase_resumes_without_repeating_a_step() {
             operator = Operator::start(&ns, "op-a", &s.certs).await;
             s.wait_phase(&name, Phase::Succeeded, PHASE_TIMEOUT).await;
             for ((a, st), was) in steps.iter().zip(before) {
-                assert_eq!(s.agent(*a).count(*st).executions, was + 1, "{st:?} after a restart in {phase:?}");
+                assert_eq!(
+                    s.agent(*a).count(*st).executions,
+                    was + 1,
+                    "{st:?} after a restart in {phase:?}"
+                );
             }
             s.agent(agent).script(held, Behaviour::Succeed);
         }
@@ -250,13 +411,22 @@ async fn of_two_replicas_only_the_leader_acts_and_the_other_takes_over() {
         s.pod("server", 1, "10.244.1.5").await;
         let mut first = Operator::start(&ns, "op-first", &s.certs).await;
         first.wait_ready().await;
-        let leases: Api<k8s_openapi::api::coordination::v1::Lease> = Api::namespaced(client.clone(), &ns);
-        let holder = |l: k8s_openapi::api::coordination::v1::Lease| l.spec.and_then(|s| s.holder_identity);
-        let lease = tokio::time::timeout(PHASE_TIMEOUT, kube::runtime::wait::await_condition(
-            leases.clone(),
-            "kube-migros-operator",
-            |l: Option<&k8s_openapi::api::coordination::v1::Lease>| l.and_then(|l| l.spec.as_ref()).and_then(|s| s.holder_identity.as_deref()) == Some("op-first"),
-        ))
+        let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+            Api::namespaced(client.clone(), &ns);
+        let holder =
+            |l: k8s_openapi::api::coordination::v1::Lease| l.spec.and_then(|s| s.holder_identity);
+        let lease = tokio::time::timeout(
+            PHASE_TIMEOUT,
+            kube::runtime::wait::await_condition(
+                leases.clone(),
+                "kube-migros-operator",
+                |l: Option<&k8s_openapi::api::coordination::v1::Lease>| {
+                    l.and_then(|l| l.spec.as_ref())
+                        .and_then(|s| s.holder_identity.as_deref())
+                        == Some("op-first")
+                },
+            ),
+        )
         .await
         .expect("op-first leads")
         .unwrap()
@@ -268,16 +438,30 @@ async fn of_two_replicas_only_the_leader_acts_and_the_other_takes_over() {
 
         s.agent(1).script(Step::Checkpoint, Behaviour::Hold);
         s.migrate("move", "server", Some(2)).await;
-        s.wait_phase("move", Phase::Checkpointing, PHASE_TIMEOUT).await;
+        s.wait_phase("move", Phase::Checkpointing, PHASE_TIMEOUT)
+            .await;
         // Only the leader wrote: every Event so far comes from op-first.
         let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), &ns);
-        let instances: Vec<Option<String>> = events.list(&ListParams::default()).await.unwrap().items.into_iter().map(|e| e.reporting_instance).collect();
-        assert!(!instances.is_empty() && instances.iter().all(|i| i.as_deref() == Some("op-first")), "{instances:?}");
+        let instances: Vec<Option<String>> = events
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .map(|e| e.reporting_instance)
+            .collect();
+        assert!(
+            !instances.is_empty() && instances.iter().all(|i| i.as_deref() == Some("op-first")),
+            "{instances:?}"
+        );
 
         first.kill();
         s.agent(1).release(Step::Checkpoint);
         s.wait_phase("move", Phase::Succeeded, PHASE_TIMEOUT).await;
-        assert_eq!(holder(leases.get("kube-migros-operator").await.unwrap()), Some("op-second".into()));
+        assert_eq!(
+            holder(leases.get("kube-migros-operator").await.unwrap()),
+            Some("op-second".into())
+        );
         assert_eq!(s.agent(1).count(Step::Checkpoint).executions, 1);
         assert_eq!(second.get("/ready").await, (200, "ok: leading".into()));
     })
@@ -289,14 +473,17 @@ async fn concurrent_migrations_of_different_pods_all_succeed_and_a_busy_pod_is_r
     with_namespace("op-concurrent", |client, ns| async move {
         let s = Scenario::new(client, &ns).await;
         for i in 0..5 {
-            s.pod(&format!("worker-{i}"), 1, &format!("10.244.1.{}", 30 + i)).await;
+            s.pod(&format!("worker-{i}"), 1, &format!("10.244.1.{}", 30 + i))
+                .await;
         }
         s.agent(1).script(Step::Checkpoint, Behaviour::Hold);
         let _operator = Operator::start(&ns, "op-a", &s.certs).await;
         for i in 0..5 {
-            s.migrate(&format!("move-{i}"), &format!("worker-{i}"), None).await;
+            s.migrate(&format!("move-{i}"), &format!("worker-{i}"), None)
+                .await;
         }
-        s.wait_phase("move-0", Phase::Checkpointing, PHASE_TIMEOUT).await;
+        s.wait_phase("move-0", Phase::Checkpointing, PHASE_TIMEOUT)
+            .await;
         // A second migration of a pod that is being moved fails and changes nothing.
         s.migrate("again", "worker-0", Some(3)).await;
         let again = s.wait_phase("again", Phase::Failed, PHASE_TIMEOUT).await;
@@ -305,13 +492,16 @@ async fn concurrent_migrations_of_different_pods_all_succeed_and_a_busy_pod_is_r
         assert!(message.contains("move-0"), "{message}");
         s.agent(1).release(Step::Checkpoint);
         for i in 0..5 {
-            let pm = s.wait_phase(&format!("move-{i}"), Phase::Succeeded, PHASE_TIMEOUT).await;
+            let pm = s
+                .wait_phase(&format!("move-{i}"), Phase::Succeeded, PHASE_TIMEOUT)
+                .await;
             let target = pm.status.unwrap().target_node.unwrap();
             assert_ne!(target, s.node(1), "move-{i} picked the source node");
             assert_ne!(target, "", "move-{i} picked no node");
         }
         assert_eq!(s.agent(1).count(Step::Checkpoint).executions, 5);
-        let prepared = s.agent(2).count(Step::PrepareTarget).executions + s.agent(3).count(Step::PrepareTarget).executions;
+        let prepared = s.agent(2).count(Step::PrepareTarget).executions
+            + s.agent(3).count(Step::PrepareTarget).executions;
         assert_eq!(prepared, 5, "each migration prepared its target once");
     })
     .await;
@@ -325,15 +515,29 @@ async fn deleting_a_migration_mid_flight_rolls_it_back_before_it_goes() {
         s.agent(1).script(Step::Transfer, Behaviour::Hold);
         let _operator = Operator::start(&ns, "op-a", &s.certs).await;
         s.migrate("move", "server", Some(2)).await;
-        s.wait_phase("move", Phase::Transferring, PHASE_TIMEOUT).await;
+        s.wait_phase("move", Phase::Transferring, PHASE_TIMEOUT)
+            .await;
         let uid = s.migrations().get("move").await.unwrap().uid().unwrap();
-        s.migrations().delete("move", &DeleteParams::default()).await.unwrap();
-        let gone = kube::runtime::wait::await_condition(s.migrations(), "move", kube::runtime::wait::conditions::is_deleted(&uid));
-        tokio::time::timeout(PHASE_TIMEOUT, gone).await.expect("the PodMigration goes").unwrap();
+        s.migrations()
+            .delete("move", &DeleteParams::default())
+            .await
+            .unwrap();
+        let gone = kube::runtime::wait::await_condition(
+            s.migrations(),
+            "move",
+            kube::runtime::wait::conditions::is_deleted(&uid),
+        );
+        tokio::time::timeout(PHASE_TIMEOUT, gone)
+            .await
+            .expect("the PodMigration goes")
+            .unwrap();
         assert_eq!(s.agent(1).count(Step::AbortSource).executions, 1);
         assert_eq!(s.agent(2).count(Step::AbortTarget).executions, 1);
         let after = s.pods().get("server").await.unwrap();
-        assert_eq!((after.uid(), after.resource_version()), (before.uid(), before.resource_version()));
+        assert_eq!(
+            (after.uid(), after.resource_version()),
+            (before.uid(), before.resource_version())
+        );
     })
     .await;
 }
@@ -346,11 +550,24 @@ async fn a_target_agent_killed_during_the_transfer_ends_rolled_back() {
         let _operator = Operator::start(&ns, "op-a", &s.certs).await;
         s.migrate("move", "server", Some(2)).await;
         // The source agent streams to the target agent over mutual TLS; kill the target mid-stream.
-        let streaming = kube::runtime::wait::await_condition(s.migrations(), "move", |pm: Option<&PodMigration>| {
-            pm.and_then(|p| p.status.as_ref()).and_then(|st| st.progress).is_some_and(|p| p.bytes_transferred > 0 && p.bytes_transferred < p.bytes_total)
-        });
-        tokio::time::timeout(PHASE_TIMEOUT, streaming).await.expect("the transfer shows progress").unwrap();
-        assert_eq!(s.agent(2).count(Step::Receive).executions, 1, "the target agent accepted the source agent");
+        let streaming = kube::runtime::wait::await_condition(
+            s.migrations(),
+            "move",
+            |pm: Option<&PodMigration>| {
+                pm.and_then(|p| p.status.as_ref())
+                    .and_then(|st| st.progress)
+                    .is_some_and(|p| p.bytes_transferred > 0 && p.bytes_transferred < p.bytes_total)
+            },
+        );
+        tokio::time::timeout(PHASE_TIMEOUT, streaming)
+            .await
+            .expect("the transfer shows progress")
+            .unwrap();
+        assert_eq!(
+            s.agent(2).count(Step::Receive).executions,
+            1,
+            "the target agent accepted the source agent"
+        );
         s.agent(2).crash();
         let pm = s.wait_phase("move", Phase::RolledBack, PHASE_TIMEOUT).await;
         let (reason, message) = Scenario::reason(&pm);
@@ -358,8 +575,15 @@ async fn a_target_agent_killed_during_the_transfer_ends_rolled_back() {
         assert!(message.contains("target agent"), "{message}");
         assert!(!pm.status.unwrap().committed);
         let after = s.pods().get("server").await.unwrap();
-        assert_eq!((after.uid(), after.resource_version()), (before.uid(), before.resource_version()));
-        assert_eq!(s.agent(1).count(Step::AbortSource).executions, 1, "the source was resumed");
+        assert_eq!(
+            (after.uid(), after.resource_version()),
+            (before.uid(), before.resource_version())
+        );
+        assert_eq!(
+            s.agent(1).count(Step::AbortSource).executions,
+            1,
+            "the source was resumed"
+        );
     })
     .await;
 }
@@ -368,23 +592,61 @@ async fn a_target_agent_killed_during_the_transfer_ends_rolled_back() {
 async fn an_rdma_pod_keeps_its_rxe_block_across_a_migration_and_frees_it_when_gone() {
     with_namespace("op-rxe", |client, ns| async move {
         let s = Scenario::new(client.clone(), &ns).await;
-        let labels = [(crds::MIGRATABLE_LABEL, "true"), (crds::RDMA_LABEL, "true"), ("app", "rdma")];
+        let labels = [
+            (crds::MIGRATABLE_LABEL, "true"),
+            (crds::RDMA_LABEL, "true"),
+            ("app", "rdma"),
+        ];
         s.pod_with("rdma", 1, "10.244.1.5", &labels).await;
         let _operator = Operator::start(&ns, "op-a", &s.certs).await;
         let blocks: Api<crds::RxeBlock> = Api::all(client.clone());
-        let selector = format!("{}={ns},{}=rdma", crds::RXE_POD_NAMESPACE_LABEL, crds::RXE_POD_NAME_LABEL);
-        let owned = || async { blocks.list(&ListParams::default().labels(&selector)).await.unwrap().items };
+        let selector = format!(
+            "{}={ns},{}=rdma",
+            crds::RXE_POD_NAMESPACE_LABEL,
+            crds::RXE_POD_NAME_LABEL
+        );
+        let owned = || async {
+            blocks
+                .list(&ListParams::default().labels(&selector))
+                .await
+                .unwrap()
+                .items
+        };
         // The sweep gives the pod its block before any migration.
-        let block = support::eventually(PHASE_TIMEOUT, || async { owned().await.into_iter().next() }).await;
+        let block =
+            support::eventually(PHASE_TIMEOUT, || async { owned().await.into_iter().next() }).await;
         s.migrate("move", "rdma", Some(2)).await;
         let pm = s.wait_phase("move", Phase::Succeeded, PHASE_TIMEOUT).await;
         assert_eq!(pm.status.unwrap().rxe, Some(block.spec.ranges()));
-        assert_eq!(owned().await.iter().map(|b| b.name_any()).collect::<Vec<_>>(), vec![block.name_any()]);
+        assert_eq!(
+            owned()
+                .await
+                .iter()
+                .map(|b| b.name_any())
+                .collect::<Vec<_>>(),
+            vec![block.name_any()]
+        );
         // Gone with the pod.
-        s.pods().delete("rdma", &DeleteParams { grace_period_seconds: Some(0), ..Default::default() }).await.unwrap();
+        s.pods()
+            .delete(
+                "rdma",
+                &DeleteParams {
+                    grace_period_seconds: Some(0),
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
         let (name, uid) = (block.name_any(), block.uid().unwrap());
-        let deleted = kube::runtime::wait::await_condition(blocks.clone(), &name, kube::runtime::wait::conditions::is_deleted(&uid));
-        tokio::time::timeout(PHASE_TIMEOUT, deleted).await.expect("the block is released").unwrap();
+        let deleted = kube::runtime::wait::await_condition(
+            blocks.clone(),
+            &name,
+            kube::runtime::wait::conditions::is_deleted(&uid),
+        );
+        tokio::time::timeout(PHASE_TIMEOUT, deleted)
+            .await
+            .expect("the block is released")
+            .unwrap();
     })
     .await;
 }

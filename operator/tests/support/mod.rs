@@ -39,12 +39,29 @@ impl Operator {
     pub async fn start(ns: &str, identity: &str, certs: &Certificates) -> Self {
         let env = harness::env().await;
         let http = free_port();
-        let log = std::fs::File::create(std::env::temp_dir().join(format!("operator-{ns}-{identity}.log"))).expect("log file");
+        let log = std::fs::File::create(
+            std::env::temp_dir().join(format!("operator-{ns}-{identity}.log")),
+        )
+        .expect("log file");
         let child = Command::new(OPERATOR)
             .env("KUBECONFIG", &env.kubeconfig)
             .env("RUST_LOG", "info,operator=debug,kube=warn")
-            .args(["--namespace", ns, "--watch-namespace", ns, "--identity", identity])
-            .args(["--lease-duration-seconds", "4", "--lease-retry-seconds", "1", "--rxe-sweep-seconds", "1"])
+            .args([
+                "--namespace",
+                ns,
+                "--watch-namespace",
+                ns,
+                "--identity",
+                identity,
+            ])
+            .args([
+                "--lease-duration-seconds",
+                "4",
+                "--lease-retry-seconds",
+                "1",
+                "--rxe-sweep-seconds",
+                "1",
+            ])
             .arg("--http-addr")
             .arg(http.to_string())
             .arg("--tls-dir")
@@ -54,7 +71,11 @@ impl Operator {
             .stderr(log)
             .spawn()
             .expect("start the operator");
-        Self { child, identity: identity.into(), http }
+        Self {
+            child,
+            identity: identity.into(),
+            http,
+        }
     }
 
     /// SIGKILL, as a crash or an evicted pod.
@@ -65,27 +86,41 @@ impl Operator {
 
     /// SIGTERM and wait for a clean exit.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
-        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
         self.child.wait().expect("wait for the operator")
     }
 
     /// GET `path` on the operator's HTTP endpoint: (status code, body).
     pub async fn get(&self, path: &str) -> (u16, String) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut stream = tokio::net::TcpStream::connect(self.http).await.expect("connect to the operator");
+        let mut stream = tokio::net::TcpStream::connect(self.http)
+            .await
+            .expect("connect to the operator");
         let request = format!("GET {path} HTTP/1.1\r\nHost: operator\r\nConnection: close\r\n\r\n");
         stream.write_all(request.as_bytes()).await.expect("send");
         let mut response = String::new();
         stream.read_to_string(&mut response).await.expect("read");
-        let code = response.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-        let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+        let code = response
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = response
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
         (code, body)
     }
 
     /// Waits until the HTTP endpoint answers /ready with 200.
     pub async fn wait_ready(&self) {
         for _ in 0..200 {
-            if tokio::net::TcpStream::connect(self.http).await.is_ok() && self.get("/ready").await.0 == 200 {
+            if tokio::net::TcpStream::connect(self.http).await.is_ok()
+                && self.get("/ready").await.0 == 200
+            {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -101,7 +136,9 @@ impl Drop for Operator {
 }
 
 fn free_port() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port")
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
 }
 
 /// Polls `probe` until it yields a value, failing after `timeout`; for state that no watch shows.
@@ -115,7 +152,10 @@ where
         if let Some(value) = probe().await {
             return value;
         }
-        assert!(tokio::time::Instant::now() < deadline, "condition not met within {timeout:?}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "condition not met within {timeout:?}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -143,8 +183,18 @@ impl Scenario {
             nodes.push(ApiNode::create(&client, &name).await);
             agents.push(TestAgent::start(client.clone(), ns, &name, &certs.agent()).await);
         }
-        let kubelet = tokio::spawn(fixtures::report_replacements_running(client.clone(), ns.to_string()));
-        Self { client, ns: ns.into(), certs, nodes, agents, kubelet }
+        let kubelet = tokio::spawn(fixtures::report_replacements_running(
+            client.clone(),
+            ns.to_string(),
+        ));
+        Self {
+            client,
+            ns: ns.into(),
+            certs,
+            nodes,
+            agents,
+            kubelet,
+        }
     }
 
     pub fn node(&self, i: usize) -> String {
@@ -157,11 +207,29 @@ impl Scenario {
 
     /// A migratable pod Running on node `i`.
     pub async fn pod(&self, name: &str, node: usize, ip: &str) -> Pod {
-        self.pod_with(name, node, ip, &[(crds::MIGRATABLE_LABEL, "true"), ("app", name)]).await
+        self.pod_with(
+            name,
+            node,
+            ip,
+            &[(crds::MIGRATABLE_LABEL, "true"), ("app", name)],
+        )
+        .await
     }
 
-    pub async fn pod_with(&self, name: &str, node: usize, ip: &str, labels: &[(&str, &str)]) -> Pod {
-        fixtures::run_pod(&self.client, &self.ns, &fixtures::pod(name, &self.node(node), labels), ip).await
+    pub async fn pod_with(
+        &self,
+        name: &str,
+        node: usize,
+        ip: &str,
+        labels: &[(&str, &str)],
+    ) -> Pod {
+        fixtures::run_pod(
+            &self.client,
+            &self.ns,
+            &fixtures::pod(name, &self.node(node), labels),
+            ip,
+        )
+        .await
     }
 
     /// Creates a PodMigration of `pod` (to node `target`, or any when `None`).
@@ -169,7 +237,13 @@ impl Scenario {
         self.migrate_with(name, pod, target, json!({})).await
     }
 
-    pub async fn migrate_with(&self, name: &str, pod: &str, target: Option<usize>, extra: serde_json::Value) -> PodMigration {
+    pub async fn migrate_with(
+        &self,
+        name: &str,
+        pod: &str,
+        target: Option<usize>,
+        extra: serde_json::Value,
+    ) -> PodMigration {
         let mut spec = json!({"podName": pod});
         if let Some(t) = target {
             spec["targetNode"] = json!(self.node(t));
@@ -182,7 +256,10 @@ impl Scenario {
             "metadata": {"name": name}, "spec": spec,
         }))
         .unwrap();
-        self.migrations().create(&PostParams::default(), &pm).await.expect("create PodMigration")
+        self.migrations()
+            .create(&PostParams::default(), &pm)
+            .await
+            .expect("create PodMigration")
     }
 
     pub fn migrations(&self) -> Api<PodMigration> {
@@ -202,7 +279,10 @@ impl Scenario {
             Ok(Ok(Some(pm))) => pm,
             _ => {
                 let now = self.migrations().get_opt(name).await.ok().flatten();
-                panic!("{name} not {phase:?} within {timeout:?}; now: {:#?}", now.map(|p| p.status));
+                panic!(
+                    "{name} not {phase:?} within {timeout:?}; now: {:#?}",
+                    now.map(|p| p.status)
+                );
             }
         }
     }
@@ -210,14 +290,23 @@ impl Scenario {
     /// The Ready condition's reason and the message of a migration.
     pub fn reason(pm: &PodMigration) -> (String, String) {
         let status = pm.status.clone().unwrap_or_default();
-        let ready = status.conditions.iter().find(|c| c.type_ == "Ready").map(|c| c.reason.clone()).unwrap_or_default();
+        let ready = status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Ready")
+            .map(|c| c.reason.clone())
+            .unwrap_or_default();
         (ready, status.message.unwrap_or_default())
     }
 
     /// Names of the Events about `object`.
     pub async fn event_reasons(&self, object: &str) -> Vec<String> {
-        let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(self.client.clone(), &self.ns);
-        let list = events.list(&ListParams::default()).await.expect("list events");
+        let events: Api<k8s_openapi::api::events::v1::Event> =
+            Api::namespaced(self.client.clone(), &self.ns);
+        let list = events
+            .list(&ListParams::default())
+            .await
+            .expect("list events");
         list.items
             .into_iter()
             .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(object))
@@ -226,7 +315,12 @@ impl Scenario {
     }
 
     pub async fn pod_uid(&self, name: &str) -> Option<String> {
-        self.pods().get_opt(name).await.ok().flatten().and_then(|p| p.uid())
+        self.pods()
+            .get_opt(name)
+            .await
+            .ok()
+            .flatten()
+            .and_then(|p| p.uid())
     }
 }
 
