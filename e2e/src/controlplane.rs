@@ -11,9 +11,10 @@ use std::{
 use k8s_openapi::api::{coordination::v1::Lease, core::v1::ServiceAccount};
 use kube::{Api, Client, config::KubeConfigOptions};
 
+use agent_api::pki::{Ca, Leaf, Usage};
+
 use crate::{
-    Dirs, k8s,
-    pki::{self, Ca, Leaf, Usage},
+    Dirs, k8s, pki,
     process::{self, Daemon},
 };
 
@@ -376,70 +377,85 @@ impl ControlPlane {
     fn write_pki(&self) -> Result<()> {
         let dir = self.pki();
         std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
-        let ca = Ca::create(&dir, "ca")?;
-        let etcd_ca = Ca::create(&dir, "etcd-ca")?;
-        let front_proxy_ca = Ca::create(&dir, "front-proxy-ca")?;
+        let ca = Ca::new("kube-migros-sandbox-ca").map_err(pki::Error::from)?;
+        let etcd_ca = Ca::new("kube-migros-sandbox-etcd-ca").map_err(pki::Error::from)?;
+        let front_proxy_ca =
+            Ca::new("kube-migros-sandbox-front-proxy-ca").map_err(pki::Error::from)?;
+        let masters: &[&str] = &["system:masters"];
         let loopback = [LOOPBACK];
-        let client = |stem, common_name, organisations| Leaf {
-            stem,
+        let client = |common_name, organisations| Leaf {
             common_name,
             organisations,
-            dns_names: &[],
-            ips: &[],
-            usage: Usage::Client,
+            usage: Some(Usage::Client),
+            ..Default::default()
         };
-        etcd_ca.issue(
-            &dir,
-            &Leaf {
-                stem: "etcd-server",
-                common_name: "etcd-sandbox",
-                organisations: &[],
-                dns_names: &["localhost"],
-                ips: &loopback,
-                usage: Usage::Both,
-            },
-        )?;
-        etcd_ca.issue(
-            &dir,
-            &client("apiserver-etcd-client", "kube-apiserver-etcd-client", &[]),
-        )?;
-        ca.issue(
-            &dir,
-            &Leaf {
-                stem: "apiserver",
-                common_name: "kube-apiserver",
-                organisations: &[],
-                dns_names: &[
-                    "localhost",
-                    "kubernetes",
-                    "kubernetes.default",
-                    "kubernetes.default.svc",
-                    "kubernetes.default.svc.cluster.local",
-                ],
-                ips: &[LOOPBACK, KUBERNETES_SERVICE_IP],
-                usage: Usage::Server,
-            },
-        )?;
-        let masters: &[&str] = &["system:masters"];
-        ca.issue(
-            &dir,
-            &client(
-                "apiserver-kubelet-client",
-                "kube-apiserver-kubelet-client",
-                masters,
+        let apiserver_names = [
+            "localhost",
+            "kubernetes",
+            "kubernetes.default",
+            "kubernetes.default.svc",
+            "kubernetes.default.svc.cluster.local",
+        ];
+        let issued: Vec<(&str, &Ca, Leaf<'_>)> = vec![
+            (
+                "etcd-server",
+                &etcd_ca,
+                Leaf {
+                    common_name: "etcd-sandbox",
+                    dns_names: &["localhost"],
+                    ips: &loopback,
+                    usage: Some(Usage::Both),
+                    ..Default::default()
+                },
             ),
-        )?;
-        ca.issue(&dir, &client("admin", "kube-migros-admin", masters))?;
-        ca.issue(
-            &dir,
-            &client("controller-manager", "system:kube-controller-manager", &[]),
-        )?;
-        ca.issue(&dir, &client("scheduler", "system:kube-scheduler", &[]))?;
-        front_proxy_ca.issue(
-            &dir,
-            &client("front-proxy-client", "front-proxy-client", &[]),
-        )?;
-        pki::create_service_account_key(&dir)?;
+            (
+                "apiserver-etcd-client",
+                &etcd_ca,
+                client("kube-apiserver-etcd-client", &[]),
+            ),
+            (
+                "apiserver",
+                &ca,
+                Leaf {
+                    common_name: "kube-apiserver",
+                    dns_names: &apiserver_names,
+                    ips: &[LOOPBACK, KUBERNETES_SERVICE_IP],
+                    usage: Some(Usage::Server),
+                    ..Default::default()
+                },
+            ),
+            (
+                "apiserver-kubelet-client",
+                &ca,
+                client("kube-apiserver-kubelet-client", masters),
+            ),
+            ("admin", &ca, client("kube-migros-admin", masters)),
+            (
+                "controller-manager",
+                &ca,
+                client("system:kube-controller-manager", &[]),
+            ),
+            ("scheduler", &ca, client("system:kube-scheduler", &[])),
+            (
+                "front-proxy-client",
+                &front_proxy_ca,
+                client("front-proxy-client", &[]),
+            ),
+        ];
+        for (stem, issuer, leaf) in issued {
+            let pem = issuer.issue(&leaf).map_err(pki::Error::from)?;
+            pki::write_pem(&dir, stem, &pem)?;
+        }
+        for (stem, authority) in [
+            ("ca", &ca),
+            ("etcd-ca", &etcd_ca),
+            ("front-proxy-ca", &front_proxy_ca),
+        ] {
+            pki::write_pem(&dir, stem, authority.pem())?;
+        }
+        let (private, public) = agent_api::pki::signing_key().map_err(pki::Error::from)?;
+        pki::write(&dir.join("sa.key"), &private, 0o600)?;
+        pki::write(&dir.join("sa.pub"), &public, 0o644)?;
         Ok(())
     }
 
@@ -454,8 +470,7 @@ impl ControlPlane {
             let cert = pki::read(&self.pki().join(format!("{name}.crt")))?;
             let key = pki::read(&self.pki().join(format!("{name}.key")))?;
             let yaml = kubeconfig_yaml(&server, &ca, user, &cert, &key)?;
-            let path = self.dir.join(format!("{name}.kubeconfig"));
-            write_private(&path, &yaml)?;
+            pki::write(&self.dir.join(format!("{name}.kubeconfig")), &yaml, 0o600)?;
         }
         Ok(())
     }
@@ -586,18 +601,6 @@ fn kubeconfig_yaml(server: &str, ca: &str, user: &str, cert: &str, key: &str) ->
         "current-context": "kube-migros-sandbox",
     });
     Ok(serde_yaml_ng::to_string(&doc)?)
-}
-
-fn write_private(path: &Path, contents: &str) -> Result<()> {
-    use std::{io::Write, os::unix::fs::OpenOptionsExt};
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .and_then(|mut f| f.write_all(contents.as_bytes()))
-        .map_err(io_err(path))
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@ use std::{path::PathBuf, time::Duration};
 
 use agent_api::{
     identity::{AGENT_COMMON_NAME, OPERATOR_COMMON_NAME},
+    pki::{Ca, Leaf, Pem, Usage},
     tls::{AGENT_SERVER_NAME, TlsFiles, TlsMaterial},
 };
 use k8s_openapi::{
@@ -29,68 +30,58 @@ use kube::{
 use serde_json::json;
 use tokio::task::JoinHandle;
 
-use crate::pki::{Ca, Leaf, Usage};
+use crate::pki;
 
-/// Certificates of one test: a CA, the operator's client certificate and the agents' certificate.
+/// Certificates of one test: a CA, the operator's client certificate, the agents' certificate and
+/// one of the same CA for a name that is neither.
 #[derive(Debug)]
 pub struct Certificates {
     dir: tempfile::TempDir,
+    ca: String,
+    agent: Pem,
+    stranger: Pem,
 }
 
 impl Certificates {
     pub fn generate() -> Self {
-        let dir = tempfile::tempdir().expect("temporary directory");
-        let ca = Ca::create(dir.path(), "ca").expect("CA");
-        let issue = |stem, common_name, dns: &'static [&'static str], usage| {
-            let leaf = Leaf {
-                stem,
+        let ca = Ca::new("kube-migros-test-ca").expect("CA");
+        let issue = |common_name, dns_names, usage| {
+            ca.issue(&Leaf {
                 common_name,
-                organisations: &[],
-                dns_names: dns,
-                ips: &[],
-                usage,
-            };
-            ca.issue(dir.path(), &leaf).expect("certificate");
+                dns_names,
+                usage: Some(usage),
+                ..Default::default()
+            })
+            .expect("certificate")
         };
-        issue("operator", OPERATOR_COMMON_NAME, &[], Usage::Client);
-        issue(
-            "agent",
-            AGENT_COMMON_NAME,
-            &[AGENT_SERVER_NAME],
-            Usage::Both,
-        );
-        issue(
-            "stranger",
-            "somebody-else",
-            &[AGENT_SERVER_NAME],
-            Usage::Both,
-        );
+        let operator = issue(OPERATOR_COMMON_NAME, &[], Usage::Client);
+        let agent = issue(AGENT_COMMON_NAME, &[AGENT_SERVER_NAME], Usage::Both);
+        let stranger = issue("somebody-else", &[AGENT_SERVER_NAME], Usage::Both);
         // The operator reads ca.crt, tls.crt and tls.key from one directory, as mounted from a Secret.
-        let operator_dir = dir.path().join("operator-tls");
-        std::fs::create_dir_all(&operator_dir).expect("operator TLS directory");
-        for (from, to) in [
-            ("ca.crt", "ca.crt"),
-            ("operator.crt", "tls.crt"),
-            ("operator.key", "tls.key"),
-        ] {
-            std::fs::copy(dir.path().join(from), operator_dir.join(to)).expect("copy certificate");
+        let dir = tempfile::tempdir().expect("temporary directory");
+        pki::write(&dir.path().join("ca.crt"), &ca.pem().cert, 0o644).expect("write ca.crt");
+        pki::write_pem(dir.path(), "tls", &operator).expect("write the operator's certificate");
+        Self {
+            dir,
+            ca: ca.pem().cert.clone(),
+            agent,
+            stranger,
         }
-        Self { dir }
     }
 
     /// Directory for the operator's `--tls-dir`.
     pub fn operator_dir(&self) -> PathBuf {
-        self.dir.path().join("operator-tls")
+        self.dir.path().to_path_buf()
     }
 
     /// The material an agent serves and dials peers with.
     pub fn agent(&self) -> TlsMaterial {
-        self.material("agent")
+        self.material(&self.agent)
     }
 
     /// A certificate from the same CA for a name that is neither the operator nor an agent.
     pub fn stranger(&self) -> TlsMaterial {
-        self.material("stranger")
+        self.material(&self.stranger)
     }
 
     /// The operator's material, loaded as the operator loads it.
@@ -100,12 +91,11 @@ impl Certificates {
             .expect("operator TLS material")
     }
 
-    fn material(&self, stem: &str) -> TlsMaterial {
-        let read = |name: String| std::fs::read(self.dir.path().join(name)).expect("read PEM");
+    fn material(&self, pem: &Pem) -> TlsMaterial {
         TlsMaterial::from_pem(
-            read("ca.crt".into()),
-            read(format!("{stem}.crt")),
-            read(format!("{stem}.key")),
+            self.ca.clone().into(),
+            pem.cert.clone().into(),
+            pem.key.clone().into(),
         )
     }
 }

@@ -79,6 +79,8 @@ pub struct Count {
 struct State {
     /// Set by a crash: every request fails from then on, streams in flight included.
     crashed: bool,
+    /// Reported in the capabilities: whether the node has rxe.
+    no_rxe: bool,
     /// Migrations whose checkpoint was streamed (or is being streamed) to the target.
     sent: std::collections::HashSet<String>,
     script: HashMap<Step, Behaviour>,
@@ -168,6 +170,11 @@ impl TestAgent {
         self.with(|s| {
             s.released.insert(step, true);
         });
+    }
+
+    /// Makes the agent report a node without an rxe device.
+    pub fn without_rxe(&self) {
+        self.with(|s| s.no_rxe = true);
     }
 
     pub fn count(&self, step: Step) -> Count {
@@ -396,12 +403,13 @@ impl Agent for Service {
         request: Request<v1::CapabilitiesRequest>,
     ) -> Result<Response<v1::NodeCapabilities>, Status> {
         identity::require(&request, &[Caller::Operator])?;
+        let rxe_present = !self.lock()?.no_rxe;
         Ok(Response::new(v1::NodeCapabilities {
             node_name: self.node.clone(),
             runtime_name: "test".into(),
             runtime_version: "0".into(),
             criu_version: "0".into(),
-            rxe_present: true,
+            rxe_present,
             free_bytes: 1 << 40,
             restore_backends: vec!["cri-checkpoint-image".into()],
         }))

@@ -253,7 +253,8 @@ fn pod_facts(pod: &Pod) -> PodFacts {
     }
 }
 
-/// Another active PodMigration of the same pod that came first (by creation, then name).
+/// Another active PodMigration of the same pod that goes first: one that already started, or a
+/// pending one created earlier (creation times have one-second resolution; the name breaks ties).
 async fn busy_with(pm: &PodMigration, ctx: &Context) -> Result<Option<String>> {
     let api: Api<PodMigration> =
         Api::namespaced(ctx.client.clone(), &pm.namespace().unwrap_or_default());
@@ -265,18 +266,14 @@ async fn busy_with(pm: &PodMigration, ctx: &Context) -> Result<Option<String>> {
             p.name_any(),
         )
     };
+    let phase = |p: &PodMigration| p.status.as_ref().and_then(|s| s.phase).unwrap_or_default();
     let mine = key(pm);
     Ok(others
         .items
         .iter()
-        .filter(|o| o.uid() != pm.uid())
-        .filter(|o| {
-            !o.status
-                .as_ref()
-                .and_then(|s| s.phase)
-                .is_some_and(Phase::is_final)
-        })
-        .filter(|o| o.metadata.deletion_timestamp.is_none() && key(o) < mine)
+        .filter(|o| o.uid() != pm.uid() && o.metadata.deletion_timestamp.is_none())
+        .filter(|o| !phase(o).is_final())
+        .filter(|o| phase(o) != Phase::Pending || key(o) < mine)
         .map(ResourceExt::name_any)
         .next())
 }

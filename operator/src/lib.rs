@@ -2,6 +2,7 @@
 //! agents over mutual TLS, allocates rxe ID blocks, and elects one leader among its replicas.
 
 pub mod agents;
+pub mod certificates;
 pub mod controller;
 pub mod leader;
 pub mod metrics;

@@ -20,6 +20,7 @@ use kube::{
 };
 use operator::{
     agents::Agents,
+    certificates,
     controller::{self, Context},
     leader::{Elector, Timing},
     metrics::Metrics,
@@ -56,9 +57,10 @@ struct Args {
     /// Address of /live, /ready and /metrics.
     #[arg(long, default_value = "0.0.0.0:8080")]
     http_addr: SocketAddr,
-    /// Directory with ca.crt, tls.crt and tls.key for mutual TLS with the agents.
-    #[arg(long, default_value = "/etc/kube-migros/tls")]
-    tls_dir: PathBuf,
+    /// Directory with ca.crt, tls.crt and tls.key for mutual TLS with the agents. Without it the
+    /// operator keeps a CA and the certificates in Secrets of its namespace, making them if missing.
+    #[arg(long)]
+    tls_dir: Option<PathBuf>,
     /// First QPN of the rxe blocks.
     #[arg(long, default_value_t = rxe::Ranges::default().qpn_base)]
     rxe_qpn_base: u32,
@@ -96,9 +98,6 @@ async fn main() -> anyhow::Result<()> {
         blocks: args.rxe_blocks,
     };
     ranges.validate()?;
-    let tls = TlsFiles::in_dir(&args.tls_dir)
-        .load()
-        .context("loading the agent TLS material")?;
     let client = Client::try_default()
         .await
         .context("connecting to the API server")?;
@@ -145,6 +144,14 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     health.leader.store(true, Ordering::Relaxed);
+    let tls = match &args.tls_dir {
+        Some(dir) => TlsFiles::in_dir(dir)
+            .load()
+            .context("loading the agent TLS material")?,
+        None => certificates::ensure(&client, &args.namespace)
+            .await
+            .context("the agent TLS Secrets")?,
+    };
 
     let lost = CancellationToken::new();
     let holder = {

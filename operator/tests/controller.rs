@@ -152,6 +152,9 @@ async fn unmet_preconditions_fail_with_a_reason_and_touch_nothing() {
         let not_ready = e2e::fixtures::ApiNode::create(&s.client, &format!("{ns}-node-4")).await;
         not_ready.set_ready(false).await;
         let no_agent = e2e::fixtures::ApiNode::create(&s.client, &format!("{ns}-node-5")).await;
+        let rdma = [(crds::MIGRATABLE_LABEL, "true"), (crds::RDMA_LABEL, "true")];
+        s.pod_with("rdma", 1, "10.244.1.8", &rdma).await;
+        s.agent(2).without_rxe();
         let server_before = s.pods().get("server").await.unwrap();
         let _operator = Operator::start(&ns, "op-a", &s.certs).await;
 
@@ -647,6 +650,49 @@ async fn an_rdma_pod_keeps_its_rxe_block_across_a_migration_and_frees_it_when_go
             .await
             .expect("the block is released")
             .unwrap();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn without_a_tls_dir_the_operator_makes_the_ca_and_certificates_in_secrets() {
+    with_namespace("op-secrets", |client, ns| async move {
+        e2e::harness::install_crds(&client).await;
+        e2e::harness::wait_for_default_service_account(&client, &ns).await;
+        let _operator = Operator::start_with(&ns, "op-a", None).await;
+        let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client.clone(), &ns);
+        let made = kube::runtime::wait::await_condition(secrets.clone(), operator::certificates::OPERATOR_SECRET, |s: Option<&k8s_openapi::api::core::v1::Secret>| s.is_some());
+        tokio::time::timeout(PHASE_TIMEOUT, made).await.expect("the operator makes its Secret").unwrap();
+        let agent_secret = secrets.get(operator::certificates::AGENT_SECRET).await.expect("the agents' Secret");
+        let agent_tls = operator::certificates::material(&ns, &agent_secret).unwrap();
+        let operator_secret = secrets.get(operator::certificates::OPERATOR_SECRET).await.unwrap();
+        assert_ne!(agent_secret.data.as_ref().unwrap()["tls.key"], operator_secret.data.as_ref().unwrap()["tls.key"]);
+        assert!(!agent_secret.data.as_ref().unwrap().contains_key("ca.key"), "the CA key must not be kept");
+
+        // Agents using the agents' Secret serve the operator, which uses its own.
+        let mut nodes = Vec::new();
+        let mut agents = Vec::new();
+        for i in 1..=2 {
+            let name = format!("{ns}-node-{i}");
+            nodes.push(e2e::fixtures::ApiNode::create(&client, &name).await);
+            agents.push(e2e::testagent::TestAgent::start(client.clone(), &ns, &name, &agent_tls).await);
+        }
+        let _kubelet = tokio::spawn(e2e::fixtures::report_replacements_running(client.clone(), ns.clone()));
+        let labels = [(crds::MIGRATABLE_LABEL, "true")];
+        e2e::fixtures::run_pod(&client, &ns, &e2e::fixtures::pod("server", &nodes[0].name, &labels), "10.244.1.5").await;
+        let pm: PodMigration = serde_json::from_value(serde_json::json!({
+            "apiVersion": "migros.io/v1alpha1", "kind": "PodMigration",
+            "metadata": {"name": "move"}, "spec": {"podName": "server", "targetNode": nodes[1].name},
+        }))
+        .unwrap();
+        let migrations: Api<PodMigration> = Api::namespaced(client.clone(), &ns);
+        migrations.create(&Default::default(), &pm).await.unwrap();
+        let done = kube::runtime::wait::await_condition(migrations, "move", |pm: Option<&PodMigration>| {
+            pm.and_then(|p| p.status.as_ref()).and_then(|s| s.phase) == Some(Phase::Succeeded)
+        });
+        tokio::time::timeout(PHASE_TIMEOUT, done).await.expect("the migration succeeds over the made certificates").unwrap();
+        assert_eq!(agents[0].count(Step::Checkpoint).executions, 1);
+        assert_eq!(agents[1].count(Step::Receive).executions, 1, "the agents authenticated each other");
     })
     .await;
 }

@@ -1,8 +1,10 @@
 //! The node-agent gRPC API shared by the operator and the agents: the generated protobuf types,
-//! client and server (`v1`), mutual-TLS configuration (`tls`) and who may call what (`identity`).
+//! client and server (`v1`), mutual-TLS configuration (`tls`), certificates for it (`pki`), who may
+//! call what (`identity`) and how the operator finds the agents (`discovery`).
 
 pub mod discovery;
 pub mod identity;
+pub mod pki;
 pub mod tls;
 
 /// Generated from `proto/agent.proto`.

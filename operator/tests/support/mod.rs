@@ -37,6 +37,11 @@ pub struct Operator {
 impl Operator {
     /// Starts an operator that watches only `ns` and keeps its Leases there.
     pub async fn start(ns: &str, identity: &str, certs: &Certificates) -> Self {
+        Self::start_with(ns, identity, Some(certs)).await
+    }
+
+    /// As [`Operator::start`]; without certificates the operator makes its own in Secrets.
+    pub async fn start_with(ns: &str, identity: &str, certs: Option<&Certificates>) -> Self {
         let env = harness::env().await;
         let http = free_port();
         let log = std::fs::File::create(
@@ -64,8 +69,7 @@ impl Operator {
             ])
             .arg("--http-addr")
             .arg(http.to_string())
-            .arg("--tls-dir")
-            .arg(certs.operator_dir())
+            .args(certs.map(|c| format!("--tls-dir={}", c.operator_dir().display())))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)

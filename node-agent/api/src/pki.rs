@@ -1,0 +1,175 @@
+//! Certificates for mutual TLS, made with rcgen: a CA, and leaf certificates it signs for servers,
+//! clients or both. Everything stays PEM text in memory; callers decide where it goes (files of the
+//! sandbox, or Secrets the operator creates).
+
+use std::net::IpAddr;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
+};
+
+/// A certificate could not be made.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot create certificate {name}: {source}")]
+pub struct Error {
+    name: String,
+    source: rcgen::Error,
+}
+
+fn err(name: &str) -> impl FnOnce(rcgen::Error) -> Error + '_ {
+    move |source| Error {
+        name: name.to_string(),
+        source,
+    }
+}
+
+/// A certificate and its private key, PEM-encoded.
+#[derive(Clone)]
+pub struct Pem {
+    pub cert: String,
+    pub key: String,
+}
+
+impl std::fmt::Debug for Pem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pem").finish_non_exhaustive()
+    }
+}
+
+/// What a leaf certificate is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Usage {
+    Server,
+    Client,
+    /// Both serving and client authentication (etcd peers, node agents).
+    Both,
+}
+
+/// One leaf certificate to issue.
+#[derive(Debug, Clone, Default)]
+pub struct Leaf<'a> {
+    /// Subject common name (the user name of a client certificate).
+    pub common_name: &'a str,
+    /// Subject organisations (the groups of a client certificate).
+    pub organisations: &'a [&'a str],
+    /// DNS names and IP addresses of a serving certificate.
+    pub dns_names: &'a [&'a str],
+    pub ips: &'a [IpAddr],
+    pub usage: Option<Usage>,
+}
+
+/// A certificate authority.
+pub struct Ca {
+    issuer: Issuer<'static, KeyPair>,
+    pem: Pem,
+}
+
+impl std::fmt::Debug for Ca {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ca").finish_non_exhaustive()
+    }
+}
+
+impl Ca {
+    /// A new self-signed CA named `common_name`.
+    pub fn new(common_name: &str) -> Result<Self, Error> {
+        let key = KeyPair::generate().map_err(err(common_name))?;
+        let mut params = CertificateParams::default();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, common_name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let cert = params.self_signed(&key).map_err(err(common_name))?;
+        let pem = Pem {
+            cert: cert.pem(),
+            key: key.serialize_pem(),
+        };
+        Ok(Self {
+            issuer: Issuer::new(params, key),
+            pem,
+        })
+    }
+
+    /// A CA made earlier, from its PEM certificate and key.
+    pub fn from_pem(pem: Pem) -> Result<Self, Error> {
+        let key = KeyPair::from_pem(&pem.key).map_err(err("CA key"))?;
+        let issuer = Issuer::from_ca_cert_pem(&pem.cert, key).map_err(err("CA certificate"))?;
+        Ok(Self { issuer, pem })
+    }
+
+    /// The CA's certificate and key.
+    pub fn pem(&self) -> &Pem {
+        &self.pem
+    }
+
+    /// Issues a leaf certificate with a new key.
+    pub fn issue(&self, leaf: &Leaf<'_>) -> Result<Pem, Error> {
+        let name = leaf.common_name;
+        let key = KeyPair::generate().map_err(err(name))?;
+        let mut params = CertificateParams::default();
+        params.distinguished_name.push(DnType::CommonName, name);
+        for org in leaf.organisations {
+            params
+                .distinguished_name
+                .push(DnType::OrganizationName, *org);
+        }
+        for dns in leaf.dns_names {
+            params
+                .subject_alt_names
+                .push(SanType::DnsName((*dns).try_into().map_err(err(name))?));
+        }
+        params
+            .subject_alt_names
+            .extend(leaf.ips.iter().map(|ip| SanType::IpAddress(*ip)));
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = match leaf.usage.unwrap_or(Usage::Client) {
+            Usage::Server => vec![ExtendedKeyUsagePurpose::ServerAuth],
+            Usage::Client => vec![ExtendedKeyUsagePurpose::ClientAuth],
+            Usage::Both => vec![
+                ExtendedKeyUsagePurpose::ServerAuth,
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ],
+        };
+        let cert = params.signed_by(&key, &self.issuer).map_err(err(name))?;
+        Ok(Pem {
+            cert: cert.pem(),
+            key: key.serialize_pem(),
+        })
+    }
+}
+
+/// A new key pair for signing (service-account tokens): (private key PEM, public key PEM).
+pub fn signing_key() -> Result<(String, String), Error> {
+    let key = KeyPair::generate().map_err(err("signing key"))?;
+    Ok((key.serialize_pem(), key.public_key_pem()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reloaded_ca_issues_certificates() {
+        let ca = Ca::new("test-ca").unwrap();
+        let again = Ca::from_pem(ca.pem().clone()).unwrap();
+        let leaf = again
+            .issue(&Leaf {
+                common_name: "server",
+                dns_names: &["localhost"],
+                usage: Some(Usage::Server),
+                ..Default::default()
+            })
+            .unwrap();
+        assert!(leaf.cert.starts_with("-----BEGIN CERTIFICATE-----"));
+        assert!(leaf.key.contains("PRIVATE KEY"));
+    }
+}
