@@ -157,6 +157,11 @@ impl Allocator {
 
     /// The pod's block, if it has one.
     pub async fn find(&self, namespace: &str, name: &str) -> Result<Option<RxeBlock>, Error> {
+        Ok(self.owned(namespace, name).await?.into_iter().next())
+    }
+
+    /// The blocks of a pod, lowest index first (more than one only after a race).
+    async fn owned(&self, namespace: &str, name: &str) -> Result<Vec<RxeBlock>, Error> {
         let selector = format!("{RXE_POD_NAMESPACE_LABEL}={namespace},{RXE_POD_NAME_LABEL}={name}");
         let mut owned = self
             .api
@@ -164,20 +169,13 @@ impl Allocator {
             .await?
             .items;
         owned.sort_by_key(|b| b.spec.index);
-        Ok(owned.into_iter().next())
+        Ok(owned)
     }
 
     /// Two allocations for the same pod that raced both succeed; keep the lowest index, free the
     /// others.
     async fn settle(&self, namespace: &str, name: &str) -> Result<RxeRanges, Error> {
-        let selector = format!("{RXE_POD_NAMESPACE_LABEL}={namespace},{RXE_POD_NAME_LABEL}={name}");
-        let mut owned = self
-            .api
-            .list(&ListParams::default().labels(&selector))
-            .await?
-            .items;
-        owned.sort_by_key(|b| b.spec.index);
-        let mut owned = owned.into_iter();
+        let mut owned = self.owned(namespace, name).await?.into_iter();
         let keep = owned.next().ok_or(Error::Contended)?;
         for extra in owned {
             self.delete(&extra).await?;

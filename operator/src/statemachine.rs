@@ -67,26 +67,6 @@ impl Reason {
             Reason::Deleted => "Deleted",
         }
     }
-
-    fn from_str(s: &str) -> Option<Self> {
-        use Reason::*;
-        [
-            PodNotFound,
-            PodNotMigratable,
-            PodNotRunning,
-            PodBusy,
-            TargetUnavailable,
-            RxeUnavailable,
-            PrepareFailed,
-            CheckpointFailed,
-            TransferFailed,
-            RestoreFailed,
-            TimedOut,
-            Deleted,
-        ]
-        .into_iter()
-        .find(|r| r.as_str() == s)
-    }
 }
 
 /// The pod named by `spec.podName`, as observed.
@@ -600,7 +580,7 @@ fn rolled_back(f: &Facts, s: PodMigrationStatus, note: Option<&str>) -> PodMigra
         .conditions
         .iter()
         .find(|c| c.type_ == condition::ABORTING);
-    let reason = aborting.and_then(|c| Reason::from_str(&c.reason));
+    let reason = aborting.map(|c| c.reason.as_str());
     let why = aborting.map_or("", |c| c.message.as_str());
     let msg = match note {
         Some(note) => format!("{why}; the source pod runs as before; {note}"),
@@ -636,14 +616,20 @@ fn retry_message(f: &Facts, message: &str) -> PodMigrationStatus {
 }
 
 fn finish(f: &Facts, phase: Phase, reason: Option<Reason>, message: &str) -> PodMigrationStatus {
-    finish_with(f, f.status.clone(), phase, reason, message)
+    finish_with(
+        f,
+        f.status.clone(),
+        phase,
+        reason.map(Reason::as_str),
+        message,
+    )
 }
 
 fn finish_with(
     f: &Facts,
     mut s: PodMigrationStatus,
     phase: Phase,
-    reason: Option<Reason>,
+    reason: Option<&str>,
     message: &str,
 ) -> PodMigrationStatus {
     timings(&mut s).total_ms = Some(millis(f.now, f.created));
@@ -656,14 +642,7 @@ fn finish_with(
     }
     let mut s = enter(f, s, phase, message);
     if let Some(reason) = reason {
-        set_condition(
-            &mut s,
-            f.now,
-            condition::READY,
-            false,
-            reason.as_str(),
-            message,
-        );
+        set_condition(&mut s, f.now, condition::READY, false, reason, message);
     }
     s
 }
