@@ -188,6 +188,10 @@ pub fn next(f: &Facts) -> Action {
     if f.deleting && phase == Phase::Pending {
         return Action::Done;
     }
+    if f.status.phase.is_none() {
+        let msg = "checking the pod and choosing the target node";
+        return Action::Write(Box::new(enter(f, f.status.clone(), Phase::Pending, msg)));
+    }
     if has(f, condition::ABORTING) {
         return abort_step(f);
     }
@@ -783,11 +787,11 @@ mod tests {
         }
     }
 
-    fn pending() -> Facts {
+    fn new_migration() -> Facts {
         let created: Timestamp = "2026-11-26T10:00:00Z".parse().unwrap();
         Facts {
             uid: UID.into(),
-            now: created + SignedDuration::from_secs(1),
+            now: created,
             created,
             deleting: false,
             spec: spec(),
@@ -797,6 +801,13 @@ mod tests {
             target: Some(Ok("node-2".into())),
             rxe: None,
         }
+    }
+
+    /// A migration the operator has seen and marked Pending.
+    fn pending() -> Facts {
+        let f = new_migration();
+        let a = next(&f);
+        apply(f, &a)
     }
 
     /// Applies `action` the way the controller would, returning the facts after it.
@@ -887,6 +898,23 @@ mod tests {
     }
 
     #[test]
+    fn a_new_migration_is_marked_pending_first() {
+        let f = new_migration();
+        let Action::Write(s) = next(&f) else {
+            panic!("expected a status write")
+        };
+        assert_eq!(s.phase, Some(Phase::Pending));
+        assert_eq!(
+            s.phase_transitions
+                .iter()
+                .map(|t| t.phase)
+                .collect::<Vec<_>>(),
+            [Phase::Pending]
+        );
+        assert!(s.message.is_some());
+    }
+
+    #[test]
     fn a_valid_migration_starts_by_recording_source_target_and_ip() {
         let f = pending();
         let Action::Start(s) = next(&f) else {
@@ -898,7 +926,7 @@ mod tests {
         assert_eq!(s.pod_ip.as_deref(), Some("10.1.0.5"));
         assert_eq!(s.source_pod_uid.as_deref(), Some("pod-1"));
         assert_eq!(s.rxe, None);
-        assert_eq!(s.phase_transitions.len(), 1);
+        assert_eq!(s.phase_transitions.len(), 2);
     }
 
     #[test]
@@ -1009,6 +1037,7 @@ mod tests {
         assert_eq!(
             phases(&f),
             [
+                Phase::Pending,
                 Phase::Preparing,
                 Phase::Checkpointing,
                 Phase::Transferring,
