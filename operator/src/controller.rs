@@ -158,17 +158,21 @@ enum Next {
 
 /// Performs steps until the state machine has to wait, or the migration is over.
 async fn drive(pm: Arc<PodMigration>, ctx: &Context, cleanup: bool) -> Result<Requeue> {
-    let mut pm = (*pm).clone();
+    // The watch cache may not have our own last status write yet; decide on the stored object so
+    // that no step is taken twice.
+    let api: Api<PodMigration> =
+        Api::namespaced(ctx.client.clone(), &pm.namespace().unwrap_or_default());
+    let Some(mut pm) = api.get_opt(&pm.name_any()).await? else {
+        return Ok(Requeue::await_change());
+    };
     for _ in 0..STEPS_PER_RECONCILE {
         let facts = observe(&pm, ctx).await?;
         let action = statemachine::next(&facts);
         track_active(ctx, &facts);
         match execute(&pm, &facts, action, ctx).await? {
             Next::Continue(updated) => pm = updated,
-            Next::Requeue(after) if cleanup => {
-                let _ = after;
-                return Err(Error::CleanupPending(pm.name_any()));
-            }
+            // The finalizer stays until the cleanup is done; the error policy looks again soon.
+            Next::Requeue(_) if cleanup => return Err(Error::CleanupPending(pm.name_any())),
             Next::Requeue(after) => return Ok(Requeue::requeue(after)),
             Next::Done => return Ok(Requeue::await_change()),
         }
