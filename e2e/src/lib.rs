@@ -1,13 +1,15 @@
-//! The kube-migros sandbox: a real Kubernetes control plane (later also real nodes) on one Linux
-//! machine, built from source and cached, plus the helpers the end-to-end tests share.
+//! The kube-migros sandbox: a real Kubernetes control plane and node runtimes (containerd, runc,
+//! CRIU in namespaces) on one Linux machine, built and cached, plus what the tests share.
 
 pub mod controlplane;
 pub mod fixtures;
 pub mod harness;
 pub mod install;
 pub mod k8s;
+pub mod nodes;
 pub mod pki;
 pub mod process;
+pub mod rootfs;
 pub mod testagent;
 
 use std::path::PathBuf;

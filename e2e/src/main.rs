@@ -44,6 +44,22 @@ enum Command {
         #[command(subcommand)]
         action: ControlPlaneAction,
     },
+    /// Node runtimes: network namespaces on a bridge, each running containerd, runc and CRIU.
+    Node {
+        #[command(subcommand)]
+        action: NodeAction,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum NodeAction {
+    /// Start these nodes (making the rootfs when needed); running ones are left alone.
+    Up {
+        #[arg(default_values = ["node-1", "node-2", "node-3"])]
+        names: Vec<String>,
+    },
+    /// Stop every node, delete their namespaces, the bridge and their state.
+    Down,
 }
 
 #[derive(Subcommand, Debug)]
@@ -78,6 +94,7 @@ async fn main() -> anyhow::Result<()> {
             control_plane(&ControlPlane::new(&dirs), action).await?
         }
         Command::Demo => demo(&ControlPlane::new(&dirs)).await?,
+        Command::Node { action } => node(&dirs, action)?,
     }
     Ok(())
 }
@@ -116,6 +133,27 @@ async fn control_plane(cp: &ControlPlane, action: ControlPlaneAction) -> anyhow:
             if !ready {
                 std::process::exit(1);
             }
+        }
+    }
+    Ok(())
+}
+
+fn node(dirs: &Dirs, action: NodeAction) -> anyhow::Result<()> {
+    let nodes = e2e::nodes::Nodes::new(dirs);
+    match action {
+        NodeAction::Up { names } => {
+            let names: Vec<&str> = names.iter().map(String::as_str).collect();
+            let wanted = e2e::nodes::Nodes::named(&names)?;
+            let started = std::time::Instant::now();
+            nodes.up(&wanted).context("starting the nodes")?;
+            for node in &wanted {
+                eprintln!("node {} ready at {}", node.name, node.ip());
+            }
+            eprintln!("({:.1}s)", started.elapsed().as_secs_f64());
+        }
+        NodeAction::Down => {
+            nodes.down().context("stopping the nodes")?;
+            eprintln!("nodes stopped and their state removed");
         }
     }
     Ok(())
