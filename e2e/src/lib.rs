@@ -3,6 +3,7 @@
 
 pub mod controlplane;
 pub mod fixtures;
+pub mod gobuild;
 pub mod harness;
 pub mod install;
 pub mod k8s;

@@ -1,0 +1,207 @@
+// Command demo is the stateful workload of the kube-migros tests: it keeps state only in memory and
+// reports it, so that a test can tell whether a migration kept it.
+//
+//	demo serve  --status :8080 [--listen :9000] [--touch 256Mi]
+//	demo stream --to host:port [--status :8080]
+//
+// serve counts ticks (every 10 ms) and keeps a SHA-256 over every tick and every byte it receives on
+// --listen; GET-like connections to --status get one line:
+//
+//	counter=<ticks> hash=<hex> received=<bytes> gaps=<count> maxgap_ms=<ms> conns=<n>
+//
+// stream connects to --to and sends a numbered 64-byte record every 10 ms; serve checks the
+// numbering (a skipped or repeated number counts as a gap in the data) and the longest pause
+// between records (maxgap_ms), which is what a peer of a migrated pod observes. --touch keeps that
+// much memory written, so that checkpoints have a known size.
+package main
+
+import (
+	"crypto/sha256"
+	"encoding/binary"
+	"encoding/hex"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+)
+
+const tick = 10 * time.Millisecond
+
+type state struct {
+	mu       sync.Mutex
+	counter  uint64
+	hash     [32]byte
+	received uint64
+	gaps     uint64
+	maxGap   time.Duration
+	conns    uint64
+}
+
+func (s *state) mix(data []byte) {
+	h := sha256.New()
+	h.Write(s.hash[:])
+	h.Write(data)
+	copy(s.hash[:], h.Sum(nil))
+}
+
+func (s *state) line() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return fmt.Sprintf("counter=%d hash=%s received=%d gaps=%d maxgap_ms=%d conns=%d\n",
+		s.counter, hex.EncodeToString(s.hash[:]), s.received, s.gaps, s.maxGap.Milliseconds(), s.conns)
+}
+
+func parseSize(v string) (int, error) {
+	units := map[string]int{"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30}
+	for suffix, mult := range units {
+		if strings.HasSuffix(v, suffix) {
+			n, err := strconv.Atoi(strings.TrimSuffix(v, suffix))
+			return n * mult, err
+		}
+	}
+	return strconv.Atoi(v)
+}
+
+func main() {
+	if len(os.Args) < 2 {
+		fmt.Fprintln(os.Stderr, "usage: demo serve|stream [flags]")
+		os.Exit(2)
+	}
+	switch os.Args[1] {
+	case "serve":
+		serve(os.Args[2:])
+	case "stream":
+		stream(os.Args[2:])
+	default:
+		fmt.Fprintf(os.Stderr, "demo: unknown command %q\n", os.Args[1])
+		os.Exit(2)
+	}
+}
+
+func serve(args []string) {
+	flags := flag.NewFlagSet("serve", flag.ExitOnError)
+	status := flags.String("status", ":8080", "address of the status endpoint")
+	listen := flags.String("listen", "", "address that accepts streams")
+	touch := flags.String("touch", "0", "memory to keep written (e.g. 256Mi)")
+	flags.Parse(args)
+	size, err := parseSize(*touch)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "demo: --touch %q: %v\n", *touch, err)
+		os.Exit(2)
+	}
+	s := &state{}
+	memory := make([]byte, size)
+	for i := 0; i < len(memory); i += 4096 {
+		memory[i] = byte(i)
+	}
+	go statusLoop(*status, s)
+	if *listen != "" {
+		go acceptStreams(*listen, s)
+	}
+	var buf [8]byte
+	for range time.Tick(tick) {
+		s.mu.Lock()
+		s.counter++
+		binary.BigEndian.PutUint64(buf[:], s.counter)
+		s.mix(buf[:])
+		if len(memory) > 0 {
+			memory[(s.counter*4096)%uint64(len(memory))]++
+		}
+		s.mu.Unlock()
+	}
+}
+
+func statusLoop(addr string, s *state) {
+	l, err := net.Listen("tcp", addr)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "demo: status %s: %v\n", addr, err)
+		os.Exit(1)
+	}
+	for {
+		c, err := l.Accept()
+		if err != nil {
+			continue
+		}
+		io.WriteString(c, s.line())
+		c.Close()
+	}
+}
+
+func acceptStreams(addr string, s *state) {
+	l, err := net.Listen("tcp", addr)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "demo: listen %s: %v\n", addr, err)
+		os.Exit(1)
+	}
+	for {
+		c, err := l.Accept()
+		if err != nil {
+			continue
+		}
+		s.mu.Lock()
+		s.conns++
+		s.mu.Unlock()
+		go receive(c, s)
+	}
+}
+
+func receive(c net.Conn, s *state) {
+	defer c.Close()
+	record := make([]byte, 64)
+	var expected uint64
+	last := time.Now()
+	for {
+		if _, err := io.ReadFull(c, record); err != nil {
+			return
+		}
+		now := time.Now()
+		seq := binary.BigEndian.Uint64(record[:8])
+		s.mu.Lock()
+		if expected != 0 && seq != expected {
+			s.gaps++
+		}
+		expected = seq + 1
+		if pause := now.Sub(last); pause > s.maxGap {
+			s.maxGap = pause
+		}
+		last = now
+		s.received += uint64(len(record))
+		s.mix(record)
+		s.mu.Unlock()
+	}
+}
+
+func stream(args []string) {
+	flags := flag.NewFlagSet("stream", flag.ExitOnError)
+	to := flags.String("to", "", "host:port of a demo serve --listen")
+	status := flags.String("status", ":8080", "address of the status endpoint")
+	flags.Parse(args)
+	s := &state{}
+	go statusLoop(*status, s)
+	var c net.Conn
+	var err error
+	for c == nil {
+		if c, err = net.Dial("tcp", *to); err != nil {
+			c = nil
+			time.Sleep(100 * time.Millisecond)
+		}
+	}
+	record := make([]byte, 64)
+	for seq := uint64(1); ; seq++ {
+		binary.BigEndian.PutUint64(record[:8], seq)
+		if _, err := c.Write(record); err != nil {
+			fmt.Fprintf(os.Stderr, "demo: stream to %s broke after %d records: %v\n", *to, seq-1, err)
+			os.Exit(1)
+		}
+		s.mu.Lock()
+		s.counter = seq
+		s.mix(record)
+		s.mu.Unlock()
+		time.Sleep(tick)
+	}
+}

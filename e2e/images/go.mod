@@ -1,0 +1,3 @@
+module kube-migros.local/images
+
+go 1.24
