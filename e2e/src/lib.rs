@@ -5,13 +5,16 @@ pub mod controlplane;
 pub mod fixtures;
 pub mod gobuild;
 pub mod harness;
+pub mod images;
 pub mod install;
 pub mod k8s;
 pub mod nodes;
 pub mod pki;
 pub mod process;
+pub mod registry;
 pub mod rootfs;
 pub mod testagent;
+pub mod tools;
 
 use std::path::PathBuf;
 

@@ -60,6 +60,8 @@ enum NodeAction {
     },
     /// Stop every node, delete their namespaces, the bridge and their state.
     Down,
+    /// Start the image registry and push the test images built from this repository.
+    Images,
 }
 
 #[derive(Subcommand, Debug)]
@@ -152,8 +154,20 @@ fn node(dirs: &Dirs, action: NodeAction) -> anyhow::Result<()> {
             eprintln!("({:.1}s)", started.elapsed().as_secs_f64());
         }
         NodeAction::Down => {
+            e2e::registry::Registry::new(dirs)
+                .down()
+                .context("stopping the registry")?;
             nodes.down().context("stopping the nodes")?;
-            eprintln!("nodes stopped and their state removed");
+            eprintln!("nodes and registry stopped, their state removed");
+        }
+        NodeAction::Images => {
+            let registry = e2e::registry::Registry::new(dirs);
+            registry.up().context("starting the registry")?;
+            for (name, reference) in
+                e2e::images::ensure(dirs, &registry).context("building the images")?
+            {
+                println!("{name}\t{reference}");
+            }
         }
     }
     Ok(())

@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{Dirs, process, rootfs};
+use crate::{Dirs, process, registry, rootfs, tools};
 
 /// The host bridge that joins the nodes.
 pub const BRIDGE: &str = "migros0";
@@ -33,6 +33,8 @@ state = "/run/containerd"
   [plugins."io.containerd.grpc.v1.cri"]
     # CAP_SYS_RESOURCE is withheld on these machines: a negative oom_score_adj cannot be written.
     restrict_oom_score_adj = true
+    # Built from e2e/images/pause and pushed by `e2e node images`.
+    sandbox_image = "10.88.0.1:5000/kube-migros/pause:current"
     [plugins."io.containerd.grpc.v1.cri".cni]
       bin_dir = "/usr/lib/cni"
       conf_dir = "/etc/cni/net.d"
@@ -42,11 +44,17 @@ state = "/run/containerd"
       config_path = "/etc/containerd/certs.d"
 "#;
 
+const CRIU_CONFIG: &str = "tcp-established\nskip-in-flight\nnetwork-lock nftables\n";
+
 /// Errors of node handling.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error(transparent)]
     Rootfs(#[from] rootfs::Error),
+    #[error(transparent)]
+    Tools(#[from] crate::gobuild::Error),
+    #[error(transparent)]
+    Registry(#[from] Box<registry::Error>),
     #[error(transparent)]
     Process(#[from] process::Error),
     #[error("`{command}` failed: {stderr}")]
@@ -126,14 +134,14 @@ impl Node {
 #[derive(Debug, Clone)]
 pub struct Nodes {
     dir: PathBuf,
-    cache: PathBuf,
+    dirs: Dirs,
 }
 
 impl Nodes {
     pub fn new(dirs: &Dirs) -> Self {
         Self {
             dir: dirs.state.join("nodes"),
-            cache: dirs.cache.clone(),
+            dirs: dirs.clone(),
         }
     }
 
@@ -163,7 +171,12 @@ impl Nodes {
     /// Starts the nodes that do not run yet (making the rootfs first when needed) and waits until
     /// each one's containerd answers.
     pub fn up(&self, nodes: &[Node]) -> Result<()> {
-        let rootfs = rootfs::ensure(&self.cache)?;
+        let rootfs = rootfs::ensure(&self.dirs.cache)?;
+        let tools = tools::ensure(&self.dirs.cache)?;
+        let registry_ca = registry::Registry::new(&self.dirs)
+            .ca()
+            .map_err(Box::new)?
+            .cert;
         ensure_bridge()?;
         for node in nodes {
             if node
@@ -173,7 +186,7 @@ impl Nodes {
                 continue;
             }
             self.stop(node)?;
-            self.start(node, &rootfs)?;
+            self.start(node, &rootfs, &tools, &registry_ca)?;
         }
         for node in nodes {
             self.wait_ready(node, Duration::from_secs(60))?;
@@ -192,6 +205,7 @@ impl Nodes {
                 })?;
             }
         }
+        sweep_runtime_cgroups();
         if link_exists(BRIDGE) {
             ip(&["link", "delete", BRIDGE])?;
         }
@@ -207,13 +221,20 @@ impl Nodes {
 
     fn stop(&self, node: &Node) -> Result<()> {
         let netns = node.netns();
-        for pid in netns_pids(&netns) {
+        let pids = netns_pids(&netns);
+        let cgroups: Vec<PathBuf> = pids.iter().flat_map(|pid| runtime_cgroups(*pid)).collect();
+        // A process in a frozen cgroup (a paused container) ignores even SIGKILL until thawed.
+        for pid in &pids {
+            thaw(*pid);
+        }
+        for pid in pids {
             process::stop(
                 pid,
                 &format!("{} process", node.name),
                 Duration::from_secs(5),
             )?;
         }
+        remove_cgroups(cgroups);
         if list_netns().contains(&netns) {
             ip(&["netns", "delete", &netns])?;
         }
@@ -224,12 +245,43 @@ impl Nodes {
         }
     }
 
-    fn start(&self, node: &Node, rootfs: &Path) -> Result<()> {
+    fn start(&self, node: &Node, rootfs: &Path, tools: &Path, registry_ca: &str) -> Result<()> {
         let dir = self.node_dir(node);
-        let etc = dir.join("upper/etc/containerd");
-        std::fs::create_dir_all(&etc).map_err(io_err(&etc))?;
-        write(&etc.join("config.toml"), CONTAINERD_CONFIG)?;
-        write(&dir.join("upper/etc/hostname"), &format!("{}\n", node.name))?;
+        let upper = dir.join("upper");
+        write(&upper.join("etc/containerd/config.toml"), CONTAINERD_CONFIG)?;
+        write(&upper.join("etc/hostname"), &format!("{}\n", node.name))?;
+        // The node trusts the sandbox registry: containerd through hosts.toml, everything else
+        // through the system bundle.
+        let hosts = format!(
+            "server = \"https://{0}\"\n\n[host.\"https://{0}\"]\n  capabilities = [\"pull\", \"resolve\"]\n  ca = \"/etc/kube-migros/registry-ca.crt\"\n",
+            registry::ADDRESS
+        );
+        write(
+            &upper.join(format!(
+                "etc/containerd/certs.d/{}/hosts.toml",
+                registry::ADDRESS
+            )),
+            &hosts,
+        )?;
+        write(&upper.join("etc/kube-migros/registry-ca.crt"), registry_ca)?;
+        let bundle = std::fs::read_to_string(rootfs.join("etc/ssl/certs/ca-certificates.crt"))
+            .unwrap_or_default();
+        write(
+            &upper.join("etc/ssl/certs/ca-certificates.crt"),
+            &format!("{bundle}\n{registry_ca}"),
+        )?;
+        // CRIU as runc calls it: keep established TCP connections (the pod IP moves with the pod),
+        // let connections still in a listen backlog go, and lock the network with nftables, which
+        // cleans up after itself (see shared/notes/runtime-env.md).
+        write(&upper.join("etc/criu/runc.conf"), CRIU_CONFIG)?;
+        // crictl, for driving the CRI by hand and for the raw baseline.
+        let crictl = upper.join("usr/local/bin/crictl");
+        write(&crictl, "")?;
+        std::fs::copy(tools.join("crictl"), &crictl).map_err(io_err(&crictl))?;
+        write(
+            &upper.join("etc/crictl.yaml"),
+            "runtime-endpoint: unix:///run/containerd/containerd.sock\nimage-endpoint: unix:///run/containerd/containerd.sock\ntimeout: 30\n",
+        )?;
         let init = dir.join("init.sh");
         write(&init, INIT_SCRIPT)?;
 
@@ -314,7 +366,8 @@ impl Nodes {
     }
 }
 
-fn ensure_bridge() -> Result<()> {
+/// Creates the node bridge with its host address, if missing.
+pub fn ensure_bridge() -> Result<()> {
     if !link_exists(BRIDGE) {
         ip(&["link", "add", BRIDGE, "type", "bridge"])?;
         ip(&[
@@ -340,6 +393,72 @@ fn list_netns() -> Vec<String> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// The cgroup namespace (path prefix) containerd gives the CRI's containers.
+const RUNTIME_CGROUP_PREFIX: &str = "/k8s.io/";
+
+/// The cgroup v1 directories of `pid` that the node's runtime made (under `/k8s.io/`); the host's
+/// own cgroups are never written or removed.
+fn runtime_cgroups(pid: i32) -> Vec<PathBuf> {
+    let Ok(cgroups) = std::fs::read_to_string(format!("/proc/{pid}/cgroup")) else {
+        return Vec::new();
+    };
+    cgroups
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.splitn(3, ':');
+            let (_, controllers, path) = (fields.next()?, fields.next()?, fields.next()?);
+            let controller = controllers.split(',').next().filter(|c| !c.is_empty())?;
+            let controller = controller.trim_start_matches("name=");
+            path.starts_with(RUNTIME_CGROUP_PREFIX).then(|| {
+                Path::new("/sys/fs/cgroup")
+                    .join(controller)
+                    .join(path.trim_start_matches('/'))
+            })
+        })
+        .collect()
+}
+
+/// Thaws the runtime's freezer cgroup of `pid` if it is frozen.
+fn thaw(pid: i32) {
+    for dir in runtime_cgroups(pid) {
+        let state = dir.join("freezer.state");
+        if std::fs::read_to_string(&state).is_ok_and(|s| s.trim() != "THAWED") {
+            let _ = std::fs::write(&state, "THAWED");
+        }
+    }
+}
+
+/// Removes every empty runtime cgroup (`/k8s.io/*` in each v1 hierarchy), such as those a crashed
+/// earlier run left; rmdir fails on a cgroup that still has processes, which then stays.
+fn sweep_runtime_cgroups() {
+    let Ok(controllers) = std::fs::read_dir("/sys/fs/cgroup") else {
+        return;
+    };
+    for controller in controllers.filter_map(|e| e.ok()) {
+        let root = controller
+            .path()
+            .join(RUNTIME_CGROUP_PREFIX.trim_matches('/'));
+        if let Ok(children) = std::fs::read_dir(&root) {
+            for child in children
+                .filter_map(|e| e.ok())
+                .filter(|e| e.path().is_dir())
+            {
+                let _ = std::fs::remove_dir(child.path());
+            }
+        }
+        let _ = std::fs::remove_dir(&root);
+    }
+}
+
+/// Removes the runtime's cgroups of processes that are gone (a cgroup with processes stays).
+fn remove_cgroups(mut dirs: Vec<PathBuf>) {
+    dirs.sort();
+    dirs.dedup();
+    for dir in dirs.iter().rev() {
+        let _ = std::fs::remove_dir(dir);
+    }
 }
 
 /// Processes in network namespace `netns` (by comparing namespace inodes).
@@ -379,7 +498,11 @@ fn ip(args: &[&str]) -> Result<()> {
     }
 }
 
+/// Writes a file, creating its directory.
 fn write(path: &Path, contents: &str) -> Result<()> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(io_err(parent))?;
+    }
     std::fs::write(path, contents).map_err(io_err(path))
 }
 

@@ -1,6 +1,7 @@
 //! The node runtime: nodes come up as namespaces on the bridge with the cached rootfs, run
-//! containerd 2.1 with CRIU 4 that passes `criu check`, reach each other over the bridge, and `down`
-//! leaves no namespace, process, link or state behind. One test, as it owns the nodes.
+//! containerd 2.1 with CRIU 4 that passes `criu check`, reach each other over the bridge, pull the
+//! images built from this repository from the sandbox registry over TLS, and `down` leaves no
+//! namespace, process, link, cgroup or state behind. One test, as it owns the nodes.
 
 #![allow(clippy::expect_used, clippy::unwrap_used)] // a test fails by panicking
 
@@ -55,11 +56,28 @@ fn nodes_come_up_with_a_working_runtime_and_go_down_cleanly() {
         .contains("1 packets received")
     );
 
+    // Both nodes pull the images built from this repository from the sandbox registry over TLS.
+    let registry = e2e::registry::Registry::new(&Dirs::from_env());
+    registry.up().expect("registry up");
+    let images =
+        e2e::images::ensure(&Dirs::from_env(), &registry).expect("images built and pushed");
+    for node in &wanted {
+        for reference in images.values() {
+            let pulled = run(node, &["crictl", "pull", reference]);
+            assert!(
+                pulled.contains("Image is up to date for sha256:"),
+                "{reference} on {}: {pulled}",
+                node.name
+            );
+        }
+    }
+
     // `up` again leaves running nodes alone.
     let before = wanted[0].containerd_pid().expect("containerd runs");
     nodes.up(&wanted).expect("nodes up again");
     assert_eq!(wanted[0].containerd_pid(), Some(before));
 
+    registry.down().expect("registry down");
     nodes.down().expect("nodes down");
     for node in &wanted {
         assert_eq!(

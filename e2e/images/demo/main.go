@@ -7,15 +7,21 @@
 // serve counts ticks (every 10 ms) and keeps a SHA-256 over every tick and every byte it receives on
 // --listen; GET-like connections to --status get one line:
 //
-//	counter=<ticks> hash=<hex> received=<bytes> gaps=<count> maxgap_ms=<ms> conns=<n>
+//	id=<hex> counter=<ticks> hash=<hex> received=<bytes> gaps=<count> maxgap_ms=<ms> conns=<n>
 //
+// id is random per process start: a restored process keeps it, a restarted one does not.
 // stream connects to --to and sends a numbered 64-byte record every 10 ms; serve checks the
 // numbering (a skipped or repeated number counts as a gap in the data) and the longest pause
 // between records (maxgap_ms), which is what a peer of a migrated pod observes. --touch keeps that
 // much memory written, so that checkpoints have a known size.
+//
+// Sockets are plain TCP: Go uses multipath TCP for listeners by default, which CRIU cannot dump
+// ("inet: Unsupported proto 262").
 package main
 
 import (
+	"context"
+	"crypto/rand"
 	"crypto/sha256"
 	"encoding/binary"
 	"encoding/hex"
@@ -33,6 +39,7 @@ import (
 const tick = 10 * time.Millisecond
 
 type state struct {
+	id       string
 	mu       sync.Mutex
 	counter  uint64
 	hash     [32]byte
@@ -52,8 +59,8 @@ func (s *state) mix(data []byte) {
 func (s *state) line() string {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return fmt.Sprintf("counter=%d hash=%s received=%d gaps=%d maxgap_ms=%d conns=%d\n",
-		s.counter, hex.EncodeToString(s.hash[:]), s.received, s.gaps, s.maxGap.Milliseconds(), s.conns)
+	return fmt.Sprintf("id=%s counter=%d hash=%s received=%d gaps=%d maxgap_ms=%d conns=%d\n",
+		s.id, s.counter, hex.EncodeToString(s.hash[:]), s.received, s.gaps, s.maxGap.Milliseconds(), s.conns)
 }
 
 func parseSize(v string) (int, error) {
@@ -65,6 +72,12 @@ func parseSize(v string) (int, error) {
 		}
 	}
 	return strconv.Atoi(v)
+}
+
+func newState() *state {
+	var id [8]byte
+	rand.Read(id[:])
+	return &state{id: hex.EncodeToString(id[:])}
 }
 
 func main() {
@@ -94,7 +107,7 @@ func serve(args []string) {
 		fmt.Fprintf(os.Stderr, "demo: --touch %q: %v\n", *touch, err)
 		os.Exit(2)
 	}
-	s := &state{}
+	s := newState()
 	memory := make([]byte, size)
 	for i := 0; i < len(memory); i += 4096 {
 		memory[i] = byte(i)
@@ -116,8 +129,15 @@ func serve(args []string) {
 	}
 }
 
+// listen opens a plain (not multipath) TCP listener.
+func listen(addr string) (net.Listener, error) {
+	var lc net.ListenConfig
+	lc.SetMultipathTCP(false)
+	return lc.Listen(context.Background(), "tcp", addr)
+}
+
 func statusLoop(addr string, s *state) {
-	l, err := net.Listen("tcp", addr)
+	l, err := listen(addr)
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "demo: status %s: %v\n", addr, err)
 		os.Exit(1)
@@ -133,7 +153,7 @@ func statusLoop(addr string, s *state) {
 }
 
 func acceptStreams(addr string, s *state) {
-	l, err := net.Listen("tcp", addr)
+	l, err := listen(addr)
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "demo: listen %s: %v\n", addr, err)
 		os.Exit(1)
@@ -181,12 +201,14 @@ func stream(args []string) {
 	to := flags.String("to", "", "host:port of a demo serve --listen")
 	status := flags.String("status", ":8080", "address of the status endpoint")
 	flags.Parse(args)
-	s := &state{}
+	s := newState()
 	go statusLoop(*status, s)
 	var c net.Conn
 	var err error
+	var dialer net.Dialer
+	dialer.SetMultipathTCP(false)
 	for c == nil {
-		if c, err = net.Dial("tcp", *to); err != nil {
+		if c, err = dialer.Dial("tcp", *to); err != nil {
 			c = nil
 			time.Sleep(100 * time.Millisecond)
 		}

@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# The seed's manual recipe on the sandbox nodes, without kube-migros: run the demo workload in a pod
+# on SOURCE, pause it, checkpoint it through the CRI, copy the archive to TARGET, restore it there
+# through the CRI (the archive as the container image), and kill the source. It is the baseline the
+# benchmarks compare kube-migros against, and a test that the node runtime can do a migration at all.
+#
+#   e2e/raw-recipe.sh SOURCE TARGET IMAGE
+#
+# Needs the nodes up and the demo image pushed (`cargo run -p e2e -- node up`, `... node images`).
+# Prints key=value lines: source_id, source_counter, archive_bytes, checkpoint_ms, copy_ms,
+# restore_ms, target_id, target_counter (the demo's id is random per process start, so equal ids
+# mean the target runs the restored process). The source runs MIN_COUNTER ticks (10 ms each,
+# default 200) before it is checkpointed. Pods use the node's network (the pod IP across nodes is
+# the operator's business).
+set -euo pipefail
+source_node=$1 target_node=$2 image=$3
+state=${KUBE_MIGROS_STATE:-/var/lib/kube-migros-sandbox}/nodes
+name="raw-$$"
+
+node_pid() { # the containerd of node $1, as the host sees it
+    local pid
+    for pid in $(ls /proc | grep -E '^[0-9]+$'); do
+        if [ "$(cat /proc/$pid/comm 2>/dev/null)" = containerd ] \
+            && [ "$(nsenter -t "$pid" -u hostname 2>/dev/null)" = "$1" ]; then
+            echo "$pid"; return
+        fi
+    done
+    echo "node $1 is not running" >&2; exit 1
+}
+on() { # run a command in node $1
+    local node=$1; shift
+    timeout 60 nsenter -t "$(node_pid "$node")" -m -p -n -u -i -- "$@"
+}
+now_ms() { echo $(( $(date +%s%N) / 1000000 )); }
+status() { on "$1" busybox nc -w 2 127.0.0.1 8080; }
+field() { sed -n "s/.*\b$1=\([0-9a-f]*\).*/\1/p"; }
+
+trap 'echo "raw-recipe: failed at line $LINENO: $BASH_COMMAND" >&2' ERR
+cleanup() { # remove this run's pods from both nodes, whatever happened
+    for node in "$source_node" "$target_node"; do
+        for p in $(on "$node" crictl pods -q --name "$name" 2>/dev/null); do
+            on "$node" crictl stopp "$p" >/dev/null 2>&1 || true
+            on "$node" crictl rmp -f "$p" >/dev/null 2>&1 || true
+        done
+        rm -rf "${state:?}/$node/containerd/$name"
+    done
+}
+trap cleanup EXIT
+
+for node in "$source_node" "$target_node"; do
+    mkdir -p "$state/$node/containerd/$name"
+    cat > "$state/$node/containerd/$name/pod.json" <<JSON
+{"metadata": {"name": "$name", "namespace": "default", "uid": "$name", "attempt": 0},
+ "log_directory": "/var/log/pods/$name",
+ "linux": {"security_context": {"namespace_options": {"network": 2}}}}
+JSON
+done
+cat > "$state/$source_node/containerd/$name/app.json" <<JSON
+{"metadata": {"name": "app"}, "image": {"image": "$image"},
+ "args": ["serve", "--status", "127.0.0.1:8080"], "log_path": "app.log", "linux": {}}
+JSON
+cat > "$state/$target_node/containerd/$name/app.json" <<JSON
+{"metadata": {"name": "app"}, "image": {"image": "/var/lib/containerd/$name/checkpoint.tar"},
+ "log_path": "app.log", "linux": {}}
+JSON
+dir=/var/lib/containerd/$name
+
+pod=$(on "$source_node" crictl runp "$dir/pod.json" 2>/dev/null)
+ctr=$(on "$source_node" crictl create --with-pull "$pod" "$dir/app.json" "$dir/pod.json" 2>/dev/null)
+on "$source_node" crictl start "$ctr" >/dev/null 2>&1
+min_counter=${MIN_COUNTER:-200}
+until line=$(status "$source_node" 2>/dev/null) && [ "$(echo "$line" | field counter)" -ge "$min_counter" ] 2>/dev/null; do
+    sleep 0.1
+done
+
+# Pause through containerd first (writing the freezer directly breaks the CRI checkpoint), then
+# checkpoint: CRIU finds the cgroup frozen and leaves it so.
+started=$(now_ms)
+on "$source_node" ctr -n k8s.io tasks pause "$ctr"
+on "$source_node" crictl checkpoint --export="$dir/checkpoint.tar" "$ctr" >/dev/null 2>&1
+checkpointed=$(now_ms)
+cp "$state/$source_node/containerd/$name/checkpoint.tar" "$state/$target_node/containerd/$name/checkpoint.tar"
+copied=$(now_ms)
+pod2=$(on "$target_node" crictl runp "$dir/pod.json" 2>/dev/null)
+ctr2=$(on "$target_node" crictl create "$pod2" "$dir/app.json" "$dir/pod.json" 2>/dev/null)
+on "$target_node" crictl start "$ctr2" >/dev/null 2>&1
+restored=$(now_ms)
+
+# The source stays frozen until it is killed: a frozen task acts on SIGKILL once thawed, before
+# running any code of its own.
+on "$source_node" ctr -n k8s.io tasks kill -s SIGKILL "$ctr"
+on "$source_node" ctr -n k8s.io tasks resume "$ctr"
+on "$source_node" crictl rm -f "$ctr" >/dev/null 2>&1 || true
+
+echo "source_id=$(echo "$line" | field id)"
+echo "source_counter=$(echo "$line" | field counter)"
+echo "archive_bytes=$(stat -c %s "$state/$target_node/containerd/$name/checkpoint.tar")"
+echo "checkpoint_ms=$(( checkpointed - started ))"
+echo "copy_ms=$(( copied - checkpointed ))"
+echo "restore_ms=$(( restored - copied ))"
+until after=$(status "$target_node" 2>/dev/null) && [ -n "$after" ]; do sleep 0.1; done
+echo "target_id=$(echo "$after" | field id)"
+echo "target_counter=$(echo "$after" | field counter)"
