@@ -11,6 +11,8 @@ use std::{
 /// Errors of a build.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    #[error(transparent)]
+    Run(#[from] crate::process::Error),
     #[error("`{command}` failed ({status}); see the output above")]
     Command { command: String, status: String },
     #[error("cannot run `{command}`: {source} (is Go installed and on PATH?)")]
@@ -164,17 +166,5 @@ pub fn go_command(dir: &Path) -> Command {
 
 /// Runs a command, failing with its exit status.
 pub fn run(cmd: &mut Command) -> Result<()> {
-    let command = format!("{cmd:?}");
-    let status = cmd.status().map_err(|source| Error::Spawn {
-        command: command.clone(),
-        source,
-    })?;
-    if status.success() {
-        Ok(())
-    } else {
-        Err(Error::Command {
-            command,
-            status: status.to_string(),
-        })
-    }
+    Ok(crate::process::run(cmd)?)
 }

@@ -27,6 +27,30 @@ pub enum Error {
     },
     #[error("process {pid} ({name}) did not exit after SIGKILL")]
     Unkillable { pid: i32, name: String },
+    #[error("`{command}` failed ({status}); its output is above")]
+    Failed { command: String, status: String },
+    #[error("cannot run `{command}`: {source}")]
+    CannotRun {
+        command: String,
+        source: std::io::Error,
+    },
+}
+
+/// Runs a command to its end (output goes where the command says), failing on a non-zero exit.
+pub fn run(cmd: &mut Command) -> Result<()> {
+    let command = format!("{cmd:?}");
+    let status = cmd.status().map_err(|source| Error::CannotRun {
+        command: command.clone(),
+        source,
+    })?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(Error::Failed {
+            command,
+            status: status.to_string(),
+        })
+    }
 }
 
 type Result<T, E = Error> = std::result::Result<T, E>;

@@ -29,13 +29,8 @@ const RECIPE_VERSION: u32 = 1;
 /// Errors while making the rootfs.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("`{command}` failed ({status}); its output is above")]
-    Command { command: String, status: String },
-    #[error("cannot run `{command}`: {source}")]
-    Spawn {
-        command: String,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Run(#[from] crate::process::Error),
     #[error("cannot read or write {path}: {source}")]
     Io {
         path: PathBuf,
@@ -150,19 +145,7 @@ fn remove_dir(path: &Path) -> Result<(), Error> {
 }
 
 fn run(command: &mut Command) -> Result<(), Error> {
-    let text = format!("{command:?}");
-    let status = command.status().map_err(|source| Error::Spawn {
-        command: text.clone(),
-        source,
-    })?;
-    if status.success() {
-        Ok(())
-    } else {
-        Err(Error::Command {
-            command: text,
-            status: status.to_string(),
-        })
-    }
+    Ok(crate::process::run(command)?)
 }
 
 #[cfg(test)]
