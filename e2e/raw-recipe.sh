@@ -12,7 +12,7 @@
 # mean the target runs the restored process). The source runs MIN_COUNTER ticks (10 ms each,
 # default 200) before it is checkpointed. Pods use the node's network (the pod IP across nodes is
 # the operator's business).
-set -euo pipefail
+set -Eeuo pipefail
 source_node=$1 target_node=$2 image=$3
 state=${KUBE_MIGROS_STATE:-/var/lib/kube-migros-sandbox}/nodes
 name="raw-$$"
