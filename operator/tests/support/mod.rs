@@ -303,6 +303,19 @@ impl Scenario {
         (ready, status.message.unwrap_or_default())
     }
 
+    /// Waits until an Event with `reason` about `object` exists (the operator publishes it right
+    /// after the status write that a test may see first).
+    pub async fn wait_event(&self, object: &str, reason: &str) {
+        eventually(Duration::from_secs(30), || async {
+            self.event_reasons(object)
+                .await
+                .iter()
+                .any(|r| r == reason)
+                .then_some(())
+        })
+        .await;
+    }
+
     /// Names of the Events about `object`.
     pub async fn event_reasons(&self, object: &str) -> Vec<String> {
         let events: Api<k8s_openapi::api::events::v1::Event> =
