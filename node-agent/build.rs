@@ -1,0 +1,17 @@
+//! Compiles the runtime APIs the agent is a client of: the CRI (`proto/cri/api.proto`) and the
+//! part of containerd's Tasks API it needs (`proto/containerd/tasks.proto`). Clients only; protoc
+//! comes from the protoc-bin-vendored crate, so no system package is needed.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    println!("cargo:rerun-if-changed=proto");
+    let mut config = tonic_prost_build::Config::new();
+    config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
+    tonic_prost_build::configure()
+        .build_server(false)
+        .compile_with_config(
+            config,
+            &["proto/cri/api.proto", "proto/containerd/tasks.proto"],
+            &["proto"],
+        )?;
+    Ok(())
+}

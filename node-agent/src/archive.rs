@@ -1,0 +1,401 @@
+//! Checkpoint archives on the target: unpacked with checks before anything of them is used, and
+//! packed again, from the vetted files only, into the image the runtime restores from.
+//!
+//! An archive comes from a peer over the network; a bad or hostile one must not write outside its
+//! directory or fill the disk. Every entry is checked before it is written: relative paths without
+//! `..`, only regular files, directories and links, links that resolve inside the directory, no
+//! entry written through a link, and limits on the total size and the number of entries.
+
+use std::{
+    collections::HashSet,
+    fs,
+    io::{self, Read},
+    path::{Component, Path, PathBuf},
+};
+
+use sha2::{Digest, Sha256};
+
+/// Limits of one archive.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Sum of the sizes of its files.
+    pub max_bytes: u64,
+    pub max_entries: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_bytes: 16 << 30,
+            max_entries: 100_000,
+        }
+    }
+}
+
+/// Why an archive was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("entry {0:?} has an absolute path")]
+    Absolute(PathBuf),
+    #[error("entry {0:?} leaves the archive's directory (`..`)")]
+    Escapes(PathBuf),
+    #[error("link {path:?} points to {target:?}, outside the archive's directory")]
+    LinkEscapes { path: PathBuf, target: PathBuf },
+    #[error("entry {path:?} would be written through the link {link:?}")]
+    ThroughLink { path: PathBuf, link: PathBuf },
+    #[error("entry {path:?} is a {kind}, which a checkpoint archive does not contain")]
+    Kind { path: PathBuf, kind: String },
+    #[error("the archive's files add up to more than the limit of {limit} bytes")]
+    TooLarge { limit: u64 },
+    #[error("the archive has more than {limit} entries")]
+    TooManyEntries { limit: usize },
+    #[error("the archive is not a valid tar file: {0}")]
+    Format(io::Error),
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+}
+
+fn io(path: &Path) -> impl FnOnce(io::Error) -> Error + '_ {
+    move |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// What an unpacked archive holds.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Unpacked {
+    pub entries: usize,
+    pub bytes: u64,
+}
+
+/// A path inside the archive, normalised: relative, without `.` and `..` components.
+fn inside(path: &Path) -> Result<PathBuf, Error> {
+    let mut clean = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::Normal(part) => clean.push(part),
+            Component::CurDir => {}
+            Component::ParentDir => return Err(Error::Escapes(path.to_path_buf())),
+            Component::RootDir | Component::Prefix(_) => {
+                return Err(Error::Absolute(path.to_path_buf()));
+            }
+        }
+    }
+    Ok(clean)
+}
+
+/// Where a link at `path` pointing to `target` ends up, if inside the directory.
+fn link_target(path: &Path, target: &Path, hard: bool) -> Option<PathBuf> {
+    if target.is_absolute() {
+        return None;
+    }
+    // Hard link targets are archive paths; symbolic ones are relative to the link's directory.
+    let mut resolved: Vec<_> = if hard {
+        Vec::new()
+    } else {
+        path.parent()
+            .map(|p| p.components().collect())
+            .unwrap_or_default()
+    };
+    for c in target.components() {
+        match c {
+            Component::Normal(_) => resolved.push(c),
+            Component::CurDir => {}
+            Component::ParentDir => {
+                resolved.pop()?;
+            }
+            Component::RootDir | Component::Prefix(_) => return None,
+        }
+    }
+    Some(resolved.iter().collect())
+}
+
+/// Unpacks the tar archive `reader` into `dest` (created; must not exist), checking every entry
+/// before it is written. On error, what was written is left for the caller to remove with `dest`.
+pub fn unpack(reader: impl Read, dest: &Path, limits: Limits) -> Result<Unpacked, Error> {
+    fs::create_dir(dest).map_err(io(dest))?;
+    let mut archive = tar::Archive::new(reader);
+    archive.set_preserve_permissions(true);
+    archive.set_overwrite(false);
+    let mut links: HashSet<PathBuf> = HashSet::new();
+    let mut done = Unpacked::default();
+    for entry in archive.entries().map_err(Error::Format)? {
+        let mut entry = entry.map_err(Error::Format)?;
+        done.entries += 1;
+        if done.entries > limits.max_entries {
+            return Err(Error::TooManyEntries {
+                limit: limits.max_entries,
+            });
+        }
+        let raw = entry.path().map_err(Error::Format)?.into_owned();
+        let path = inside(&raw)?;
+        if path.as_os_str().is_empty() {
+            continue; // the archive's root directory itself
+        }
+        if let Some(link) = path
+            .ancestors()
+            .skip(1)
+            .find(|a| links.contains(*a))
+            .map(Path::to_path_buf)
+        {
+            return Err(Error::ThroughLink { path, link });
+        }
+        let kind = entry.header().entry_type();
+        match kind {
+            tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::Directory => {}
+            tar::EntryType::Symlink | tar::EntryType::Link => {
+                let target = entry
+                    .link_name()
+                    .map_err(Error::Format)?
+                    .map(|t| t.into_owned())
+                    .unwrap_or_default();
+                let hard = kind == tar::EntryType::Link;
+                if link_target(&path, &target, hard)
+                    .is_none_or(|t| t.as_os_str().is_empty() && hard)
+                {
+                    return Err(Error::LinkEscapes { path, target });
+                }
+                links.insert(path.clone());
+            }
+            other => {
+                return Err(Error::Kind {
+                    path,
+                    kind: format!("{other:?}").to_lowercase(),
+                });
+            }
+        }
+        done.bytes += entry.header().size().map_err(Error::Format)?;
+        if done.bytes > limits.max_bytes {
+            return Err(Error::TooLarge {
+                limit: limits.max_bytes,
+            });
+        }
+        let target = dest.join(&path);
+        if let Some(parent) = target.parent() {
+            fs::create_dir_all(parent).map_err(io(parent))?;
+        }
+        if kind == tar::EntryType::Link {
+            // tar resolves hard links against the current directory; do it against `dest`.
+            let source = entry
+                .link_name()
+                .map_err(Error::Format)?
+                .map(|t| dest.join(inside(&t).unwrap_or_default()))
+                .unwrap_or_default();
+            fs::hard_link(&source, &target).map_err(io(&target))?;
+            continue;
+        }
+        entry.unpack(&target).map_err(io(&target))?;
+    }
+    Ok(done)
+}
+
+/// Packs the directory `dir` (as unpacked by [`unpack`]) into the tar file `out`, entries relative
+/// to `dir` in a stable order, links kept as links.
+pub fn pack(dir: &Path, out: &Path) -> Result<u64, Error> {
+    let file = fs::File::create(out).map_err(io(out))?;
+    let mut builder = tar::Builder::new(io::BufWriter::new(file));
+    builder.follow_symlinks(false);
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        let full = dir.join(&rel);
+        let mut children: Vec<_> = fs::read_dir(&full)
+            .map_err(io(&full))?
+            .map(|e| e.map(|e| e.file_name()))
+            .collect::<Result<_, _>>()
+            .map_err(io(&full))?;
+        children.sort();
+        // Reversed onto the stack so that directories are walked in name order.
+        for name in children.into_iter().rev() {
+            let child = rel.join(name);
+            let path = dir.join(&child);
+            let meta = fs::symlink_metadata(&path).map_err(io(&path))?;
+            if meta.is_dir() {
+                builder.append_dir(&child, &path).map_err(io(&path))?;
+                stack.push(child);
+            } else {
+                builder
+                    .append_path_with_name(&path, &child)
+                    .map_err(io(&path))?;
+            }
+        }
+    }
+    let writer = builder.into_inner().map_err(io(out))?;
+    let file = writer.into_inner().map_err(|e| Error::Io {
+        path: out.to_path_buf(),
+        source: e.into_error(),
+    })?;
+    file.sync_all().map_err(io(out))?;
+    Ok(file.metadata().map_err(io(out))?.len())
+}
+
+/// `sha256:<hex>` of a file, and its size.
+pub fn digest_file(path: &Path) -> Result<(String, u64), Error> {
+    let mut file = fs::File::open(path).map_err(io(path))?;
+    let mut hasher = Sha256::new();
+    let bytes = io::copy(&mut file, &mut hasher).map_err(io(path))?;
+    Ok((format_digest(hasher), bytes))
+}
+
+/// `sha256:<hex>` of what `hasher` saw.
+pub fn format_digest(hasher: Sha256) -> String {
+    let hex: String = hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("sha256:{hex}")
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// A tar whose entries are written raw, so that hostile names can be made.
+    fn tar_with(entries: &[(&str, tar::EntryType, &[u8], Option<&str>)]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for (name, kind, data, link) in entries {
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(*kind);
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            // set_path refuses `..`; write the name bytes directly like a hostile tool would.
+            let bytes = name.as_bytes();
+            h.as_old_mut().name[..bytes.len()].copy_from_slice(bytes);
+            if let Some(l) = link {
+                h.as_old_mut().linkname[..l.len()].copy_from_slice(l.as_bytes());
+            }
+            h.set_cksum();
+            b.append(&h, *data).unwrap();
+        }
+        b.into_inner().unwrap()
+    }
+
+    const FILE: tar::EntryType = tar::EntryType::Regular;
+
+    fn unpack_bytes(tar: &[u8]) -> (tempfile::TempDir, Result<Unpacked, Error>) {
+        let dir = tempfile::tempdir().unwrap();
+        let r = unpack(tar, &dir.path().join("out"), Limits::default());
+        (dir, r)
+    }
+
+    #[test]
+    fn a_checkpoint_shaped_archive_unpacks_and_packs_back_to_the_same_files() {
+        let tar = tar_with(&[
+            ("config.dump", FILE, b"{}", None),
+            ("checkpoint/", tar::EntryType::Directory, b"", None),
+            ("checkpoint/pages-1.img", FILE, &[7u8; 3000], None),
+            (
+                "checkpoint/link",
+                tar::EntryType::Symlink,
+                b"",
+                Some("pages-1.img"),
+            ),
+        ]);
+        let (dir, r) = unpack_bytes(&tar);
+        assert_eq!(
+            r.unwrap(),
+            Unpacked {
+                entries: 4,
+                bytes: 3002
+            }
+        );
+        let out = dir.path().join("image.tar");
+        pack(&dir.path().join("out"), &out).unwrap();
+        let (dir2, r2) = unpack_bytes(&fs::read(&out).unwrap());
+        assert_eq!(r2.unwrap().bytes, 3002);
+        let pages = fs::read(dir2.path().join("out/checkpoint/pages-1.img")).unwrap();
+        assert_eq!(pages, vec![7u8; 3000]);
+        let link = fs::read_link(dir2.path().join("out/checkpoint/link")).unwrap();
+        assert_eq!(link, PathBuf::from("pages-1.img"));
+    }
+
+    #[test]
+    fn hostile_entries_are_refused_before_anything_is_written_outside() {
+        let cases: Vec<(Vec<u8>, &str)> = vec![
+            (tar_with(&[("../evil", FILE, b"x", None)]), "leaves"),
+            (tar_with(&[("a/../../evil", FILE, b"x", None)]), "leaves"),
+            (tar_with(&[("/etc/evil", FILE, b"x", None)]), "absolute"),
+            (
+                tar_with(&[("l", tar::EntryType::Symlink, b"", Some("/etc"))]),
+                "outside",
+            ),
+            (
+                tar_with(&[("a/l", tar::EntryType::Symlink, b"", Some("../../etc"))]),
+                "outside",
+            ),
+            (
+                tar_with(&[
+                    ("l", tar::EntryType::Symlink, b"", Some("sub")),
+                    ("l/evil", FILE, b"x", None),
+                ]),
+                "through the link",
+            ),
+            (
+                tar_with(&[("h", tar::EntryType::Link, b"", Some("../x"))]),
+                "outside",
+            ),
+            (
+                tar_with(&[("dev", tar::EntryType::Char, b"", None)]),
+                "char",
+            ),
+            (
+                tar_with(&[("fifo", tar::EntryType::Fifo, b"", None)]),
+                "fifo",
+            ),
+        ];
+        for (tar, why) in cases {
+            let (dir, r) = unpack_bytes(&tar);
+            let message = r.unwrap_err().to_string();
+            assert!(message.contains(why), "{message:?} should say {why:?}");
+            assert!(!dir.path().join("evil").exists());
+        }
+    }
+
+    #[test]
+    fn limits_on_size_and_entries_hold() {
+        let tar = tar_with(&[
+            ("a", FILE, &[1u8; 600], None),
+            ("b", FILE, &[1u8; 600], None),
+        ]);
+        let dir = tempfile::tempdir().unwrap();
+        let small = Limits {
+            max_bytes: 1000,
+            max_entries: 10,
+        };
+        let r = unpack(&tar[..], &dir.path().join("o1"), small);
+        assert!(matches!(r, Err(Error::TooLarge { limit: 1000 })), "{r:?}");
+        let few = Limits {
+            max_bytes: 1 << 20,
+            max_entries: 1,
+        };
+        let r = unpack(&tar[..], &dir.path().join("o2"), few);
+        assert!(
+            matches!(r, Err(Error::TooManyEntries { limit: 1 })),
+            "{r:?}"
+        );
+    }
+
+    #[test]
+    fn garbage_and_truncated_archives_are_format_errors() {
+        let (_d, r) = unpack_bytes(&[0x42u8; 1024]);
+        assert!(r.is_err());
+        let tar = tar_with(&[("a", FILE, &[1u8; 5000], None)]);
+        let (_d, r) = unpack_bytes(&tar[..2048]);
+        assert!(r.is_err(), "{r:?}");
+    }
+
+    #[test]
+    fn digests_name_the_algorithm() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("f");
+        fs::write(&f, b"abc").unwrap();
+        let (digest, bytes) = digest_file(&f).unwrap();
+        assert_eq!(bytes, 3);
+        assert_eq!(
+            digest,
+            "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+}

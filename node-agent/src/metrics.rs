@@ -1,0 +1,96 @@
+//! The agent's Prometheus metrics (served on `/metrics`): steps by result and duration, bytes
+//! checkpointed and transferred, and staged migrations on the node.
+
+use std::time::Duration;
+
+use prometheus_client::{
+    encoding::{EncodeLabelSet, text::encode},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StepLabels {
+    step: String,
+    result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DirectionLabels {
+    direction: String,
+}
+
+/// All metrics of the agent, registered in one registry.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    steps: Family<StepLabels, Histogram>,
+    bytes: Family<DirectionLabels, Counter>,
+    migrations: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("migros_agent");
+        let steps = Family::<StepLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(
+                [0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0].into_iter(),
+            )
+        });
+        registry.register(
+            "step_duration_seconds",
+            "Migration steps run by this agent, by step and result",
+            steps.clone(),
+        );
+        let bytes = Family::<DirectionLabels, Counter>::default();
+        registry.register(
+            "bytes",
+            "Checkpoint bytes written by the runtime, sent to and received from peers",
+            bytes.clone(),
+        );
+        let migrations = Gauge::default();
+        registry.register(
+            "stored_migrations",
+            "Migrations with data in this node's checkpoint store",
+            migrations.clone(),
+        );
+        Self {
+            registry,
+            steps,
+            bytes,
+            migrations,
+        }
+    }
+}
+
+impl Metrics {
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+
+    pub fn step(&self, step: &str, ok: bool, took: Duration) {
+        let labels = StepLabels {
+            step: step.into(),
+            result: if ok { "succeeded" } else { "failed" }.into(),
+        };
+        self.steps
+            .get_or_create(&labels)
+            .observe(took.as_secs_f64());
+    }
+
+    /// `direction`: `checkpointed`, `sent` or `received`.
+    pub fn bytes(&self, direction: &str, n: u64) {
+        self.bytes
+            .get_or_create(&DirectionLabels {
+                direction: direction.into(),
+            })
+            .inc_by(n);
+    }
+
+    pub fn stored(&self, n: usize) {
+        self.migrations.set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+}

@@ -1,0 +1,217 @@
+//! The container runtime of the node, as the agent uses it: the CRI (version, container and sandbox
+//! status, image pull, `CheckpointContainer`) and containerd's Tasks API for what the CRI lacks
+//! (pause, resume, kill, task state). Both are served on the same unix socket by containerd.
+
+use std::{path::Path, time::Duration};
+
+use hyper_util::rt::TokioIo;
+use tokio::net::UnixStream;
+use tonic::{
+    Request,
+    transport::{Channel, Endpoint, Uri},
+};
+
+/// The CRI v1 API (`proto/cri/api.proto`).
+#[allow(missing_debug_implementations, clippy::all)]
+pub mod cri {
+    tonic::include_proto!("runtime.v1");
+}
+
+/// The part of containerd's Tasks API the agent uses (`proto/containerd/tasks.proto`).
+#[allow(missing_debug_implementations, clippy::all)]
+pub mod tasks {
+    tonic::include_proto!("containerd.services.tasks.v1");
+}
+
+use cri::{image_service_client::ImageServiceClient, runtime_service_client::RuntimeServiceClient};
+pub use tasks::Status as TaskStatus;
+use tasks::tasks_client::TasksClient;
+
+/// Errors of runtime calls, with what was being done.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("runtime endpoint {0}: {1}")]
+    Endpoint(String, String),
+    #[error("{what}: {status}", status = .source.message())]
+    Call {
+        what: String,
+        #[source]
+        source: tonic::Status,
+    },
+    #[error("{0}")]
+    Unexpected(String),
+}
+
+type Result<T, E = Error> = std::result::Result<T, E>;
+
+fn call(what: impl Into<String>) -> impl FnOnce(tonic::Status) -> Error {
+    let what = what.into();
+    move |source| Error::Call { what, source }
+}
+
+/// A client of the node's containerd (CRI and Tasks on one socket).
+#[derive(Debug, Clone)]
+pub struct Runtime {
+    channel: Channel,
+    /// containerd namespace of the CRI's containers (`k8s.io`).
+    namespace: String,
+}
+
+/// The runtime's container ID from a pod status's `containerID` (`containerd://<id>`), or the ID
+/// itself.
+pub fn container_id(reference: &str) -> &str {
+    reference.split_once("://").map_or(reference, |(_, id)| id)
+}
+
+impl Runtime {
+    /// A client of the runtime on `socket`; connects lazily, so a runtime that starts later is
+    /// found once it is up.
+    pub fn new(socket: &Path, namespace: &str) -> Result<Self> {
+        let path = socket.to_path_buf();
+        // The URI is required by the API and ignored by the connector.
+        let channel =
+            Endpoint::try_from("http://runtime.invalid")
+                .map_err(|e| Error::Endpoint(socket.display().to_string(), e.to_string()))?
+                .connect_timeout(Duration::from_secs(5))
+                .connect_with_connector_lazy(tower::service_fn(move |_: Uri| {
+                    let path = path.clone();
+                    async move {
+                        Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?))
+                    }
+                }));
+        Ok(Self {
+            channel,
+            namespace: namespace.into(),
+        })
+    }
+
+    fn cri(&self) -> RuntimeServiceClient<Channel> {
+        RuntimeServiceClient::new(self.channel.clone()).max_decoding_message_size(64 << 20)
+    }
+
+    fn tasks(&self) -> TasksClient<Channel> {
+        TasksClient::new(self.channel.clone())
+    }
+
+    /// A Tasks request in the CRI's containerd namespace.
+    fn namespaced<T>(&self, message: T) -> Result<Request<T>> {
+        let mut request = Request::new(message);
+        let value = self
+            .namespace
+            .parse()
+            .map_err(|_| Error::Unexpected(format!("bad namespace {:?}", self.namespace)))?;
+        request.metadata_mut().insert("containerd-namespace", value);
+        Ok(request)
+    }
+
+    /// Runtime name and version, as the CRI reports them.
+    pub async fn version(&self) -> Result<(String, String)> {
+        let v = self
+            .cri()
+            .version(cri::VersionRequest::default())
+            .await
+            .map_err(call("asking the runtime for its version"))?
+            .into_inner();
+        Ok((v.runtime_name, v.runtime_version))
+    }
+
+    /// The state of a container's task (paused, running, stopped, ...).
+    pub async fn task_status(&self, id: &str) -> Result<TaskStatus> {
+        let request = self.namespaced(tasks::GetRequest {
+            container_id: id.into(),
+            exec_id: String::new(),
+        })?;
+        let process = self
+            .tasks()
+            .get(request)
+            .await
+            .map_err(call(format!("reading the task of container {id}")))?
+            .into_inner()
+            .process
+            .ok_or_else(|| Error::Unexpected(format!("container {id} has no task")))?;
+        Ok(process.status())
+    }
+
+    /// Pauses the container's task (cgroup freezer, through the runtime).
+    pub async fn pause(&self, id: &str) -> Result<()> {
+        let request = self.namespaced(tasks::PauseTaskRequest {
+            container_id: id.into(),
+        })?;
+        self.tasks()
+            .pause(request)
+            .await
+            .map_err(call(format!("pausing container {id}")))?;
+        Ok(())
+    }
+
+    /// Resumes a paused task.
+    pub async fn resume(&self, id: &str) -> Result<()> {
+        let request = self.namespaced(tasks::ResumeTaskRequest {
+            container_id: id.into(),
+        })?;
+        self.tasks()
+            .resume(request)
+            .await
+            .map_err(call(format!("resuming container {id}")))?;
+        Ok(())
+    }
+
+    /// Sends SIGKILL to every process of the container.
+    pub async fn kill(&self, id: &str) -> Result<()> {
+        let request = self.namespaced(tasks::KillRequest {
+            container_id: id.into(),
+            exec_id: String::new(),
+            signal: 9,
+            all: true,
+        })?;
+        self.tasks()
+            .kill(request)
+            .await
+            .map_err(call(format!("killing container {id}")))?;
+        Ok(())
+    }
+
+    /// Checkpoints a container through the CRI into the archive `location` (a tar file).
+    pub async fn checkpoint(&self, id: &str, location: &Path, timeout: Duration) -> Result<()> {
+        self.cri()
+            .checkpoint_container(cri::CheckpointContainerRequest {
+                container_id: id.into(),
+                location: location.display().to_string(),
+                timeout: i64::try_from(timeout.as_secs()).unwrap_or(i64::MAX),
+            })
+            .await
+            .map_err(call(format!("checkpointing container {id}")))?;
+        Ok(())
+    }
+
+    /// The CRI state of a container.
+    pub async fn container_state(&self, id: &str) -> Result<cri::ContainerState> {
+        let status = self
+            .cri()
+            .container_status(cri::ContainerStatusRequest {
+                container_id: id.into(),
+                verbose: false,
+            })
+            .await
+            .map_err(call(format!("reading the status of container {id}")))?
+            .into_inner()
+            .status
+            .ok_or_else(|| Error::Unexpected(format!("container {id} has no status")))?;
+        Ok(status.state())
+    }
+
+    /// Pulls an image (the base image a checkpoint is restored onto).
+    pub async fn pull(&self, image: &str) -> Result<String> {
+        let reply = ImageServiceClient::new(self.channel.clone())
+            .pull_image(cri::PullImageRequest {
+                image: Some(cri::ImageSpec {
+                    image: image.into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .await
+            .map_err(call(format!("pulling image {image}")))?;
+        Ok(reply.into_inner().image_ref)
+    }
+}

@@ -1,0 +1,347 @@
+//! The checkpoint store of a node: one directory per migration, holding what the agent needs to
+//! finish or undo its part of it (a JSON record) and the data:
+//!
+//! ```text
+//! <store>/migrations/<uid>/record.json
+//! <store>/migrations/<uid>/checkpoint/<container>.tar   source: the runtime's checkpoint archives
+//! <store>/migrations/<uid>/incoming/<container>.part    target: an archive while it is received
+//! <store>/migrations/<uid>/unpacked/<container>/        target: a received archive, vetted
+//! <store>/migrations/<uid>/staged/<container>.tar       target: the image the runtime restores
+//! ```
+//!
+//! The record is on disk, so an agent restarted in the middle of a migration can still resume or
+//! undo it (resume the paused source, lift the network block) when the operator asks again.
+
+use std::{
+    fs, io,
+    path::{Path, PathBuf},
+    time::{Duration, SystemTime},
+};
+
+use serde::{Deserialize, Serialize};
+
+/// The role of this node in a migration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Source,
+    Target,
+}
+
+/// A container of the migrated pod, as this node knows it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Container {
+    pub name: String,
+    /// Runtime container ID (source).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub id: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub image: String,
+    /// The archive: bytes and `sha256:` digest (source: checkpointed; target: received).
+    #[serde(default)]
+    pub bytes: u64,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub digest: String,
+    /// Target: the image the runtime restores this container from, once staged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub staged: Option<PathBuf>,
+}
+
+/// What this node did for one migration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Record {
+    pub uid: String,
+    pub role: Role,
+    pub namespace: String,
+    pub pod: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub pod_uid: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub pod_ip: String,
+    pub containers: Vec<Container>,
+    /// Source: the containers are paused by the agent.
+    #[serde(default)]
+    pub paused: bool,
+    /// The pod IP is blocked on this node by the agent.
+    #[serde(default)]
+    pub blocked: bool,
+    /// Target: an IP reservation was written for the replacement pod.
+    #[serde(default)]
+    pub reserved: bool,
+    /// Past the commit point: the data is kept until Cleanup, whatever the age.
+    #[serde(default)]
+    pub committed: bool,
+    /// Source: the paused containers were killed for good.
+    #[serde(default)]
+    pub stopped: bool,
+}
+
+impl Record {
+    pub fn new(uid: &str, role: Role, namespace: &str, pod: &str) -> Self {
+        Self {
+            uid: uid.into(),
+            role,
+            namespace: namespace.into(),
+            pod: pod.into(),
+            pod_uid: String::new(),
+            pod_ip: String::new(),
+            containers: Vec::new(),
+            paused: false,
+            blocked: false,
+            reserved: false,
+            committed: false,
+            stopped: false,
+        }
+    }
+
+    pub fn container_mut(&mut self, name: &str) -> Option<&mut Container> {
+        self.containers.iter_mut().find(|c| c.name == name)
+    }
+}
+
+/// Errors of the store.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("{path} is not a valid record: {source}")]
+    Record {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error("{0:?} is not a valid migration UID")]
+    BadUid(String),
+}
+
+fn io_at(path: &Path) -> impl FnOnce(io::Error) -> Error + '_ {
+    move |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// The store at a directory.
+#[derive(Debug, Clone)]
+pub struct Store {
+    root: PathBuf,
+}
+
+/// A migration UID is used as a directory name: it must be a plain name.
+pub fn valid_uid(uid: &str) -> bool {
+    !uid.is_empty()
+        && uid.len() <= 64
+        && uid
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// A container name is used as a file name: DNS label characters only.
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+impl Store {
+    pub fn new(root: &Path) -> Self {
+        Self {
+            root: root.to_path_buf(),
+        }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn migrations(&self) -> PathBuf {
+        self.root.join("migrations")
+    }
+
+    /// The directory of migration `uid`.
+    pub fn dir(&self, uid: &str) -> Result<PathBuf, Error> {
+        if !valid_uid(uid) {
+            return Err(Error::BadUid(uid.into()));
+        }
+        Ok(self.migrations().join(uid))
+    }
+
+    /// A subdirectory of the migration's directory, created.
+    pub fn subdir(&self, uid: &str, name: &str) -> Result<PathBuf, Error> {
+        let dir = self.dir(uid)?.join(name);
+        fs::create_dir_all(&dir).map_err(io_at(&dir))?;
+        Ok(dir)
+    }
+
+    /// The record of `uid`, if the node has one.
+    pub fn load(&self, uid: &str) -> Result<Option<Record>, Error> {
+        let path = self.dir(uid)?.join("record.json");
+        match fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|source| Error::Record { path, source }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(Error::Io { path, source }),
+        }
+    }
+
+    /// Writes the record atomically (write to a temporary file, then rename).
+    pub fn save(&self, record: &Record) -> Result<(), Error> {
+        let dir = self.dir(&record.uid)?;
+        fs::create_dir_all(&dir).map_err(io_at(&dir))?;
+        let path = dir.join("record.json");
+        let tmp = dir.join(".record.json.tmp");
+        let bytes = serde_json::to_vec_pretty(record).map_err(|source| Error::Record {
+            path: path.clone(),
+            source,
+        })?;
+        fs::write(&tmp, bytes).map_err(io_at(&tmp))?;
+        fs::rename(&tmp, &path).map_err(io_at(&path))
+    }
+
+    /// Deletes everything of migration `uid`.
+    pub fn remove(&self, uid: &str) -> Result<(), Error> {
+        let dir = self.dir(uid)?;
+        match fs::remove_dir_all(&dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(Error::Io { path: dir, source }),
+        }
+    }
+
+    /// Removes a subdirectory of a migration (e.g. what a failed receive left).
+    pub fn remove_subdir(&self, uid: &str, name: &str) -> Result<(), Error> {
+        let dir = self.dir(uid)?.join(name);
+        match fs::remove_dir_all(&dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(Error::Io { path: dir, source }),
+        }
+    }
+
+    /// UIDs of the migrations with data on this node.
+    pub fn list(&self) -> Result<Vec<String>, Error> {
+        let dir = self.migrations();
+        let entries = match fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(source) => return Err(Error::Io { path: dir, source }),
+        };
+        let mut uids: Vec<String> = entries
+            .filter_map(|e| e.ok())
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|n| valid_uid(n))
+            .collect();
+        uids.sort();
+        Ok(uids)
+    }
+
+    /// Free bytes on the store's file system.
+    pub fn free_bytes(&self) -> Result<u64, Error> {
+        fs::create_dir_all(&self.root).map_err(io_at(&self.root))?;
+        let stat = nix::sys::statvfs::statvfs(&self.root).map_err(|e| Error::Io {
+            path: self.root.clone(),
+            source: e.into(),
+        })?;
+        Ok(stat.blocks_available() * stat.fragment_size())
+    }
+
+    /// Garbage collection: removes the data of migrations that were not touched for `age` and
+    /// are not past their commit point (whose data is kept for a manual restore until Cleanup),
+    /// unless `active` says a step of theirs runs. Returns the UIDs removed.
+    pub fn collect(
+        &self,
+        age: Duration,
+        active: impl Fn(&str) -> bool,
+    ) -> Result<Vec<String>, Error> {
+        let now = SystemTime::now();
+        let mut removed = Vec::new();
+        for uid in self.list()? {
+            if active(&uid) {
+                continue;
+            }
+            let dir = self.dir(&uid)?;
+            let modified = fs::metadata(dir.join("record.json"))
+                .or_else(|_| fs::metadata(&dir))
+                .and_then(|m| m.modified())
+                .map_err(io_at(&dir))?;
+            if now.duration_since(modified).unwrap_or_default() < age {
+                continue;
+            }
+            if self.load(&uid).ok().flatten().is_some_and(|r| r.committed) {
+                continue;
+            }
+            self.remove(&uid)?;
+            removed.push(uid);
+        }
+        Ok(removed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn records_round_trip_and_are_removed_with_their_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path());
+        assert_eq!(store.load("m1").unwrap(), None);
+        let mut r = Record::new("m1", Role::Source, "ns", "pod");
+        r.containers.push(Container {
+            name: "app".into(),
+            id: "abc".into(),
+            ..Default::default()
+        });
+        store.save(&r).unwrap();
+        fs::write(
+            store.subdir("m1", "checkpoint").unwrap().join("app.tar"),
+            b"x",
+        )
+        .unwrap();
+        assert_eq!(store.load("m1").unwrap(), Some(r));
+        assert_eq!(store.list().unwrap(), vec!["m1".to_string()]);
+        store.remove("m1").unwrap();
+        assert!(!dir.path().join("migrations/m1").exists());
+        store.remove("m1").unwrap();
+    }
+
+    #[test]
+    fn uids_and_names_cannot_walk_out_of_the_store() {
+        let store = Store::new(Path::new("/store"));
+        for bad in ["", "..", "a/b", "../x", "a b"] {
+            assert!(store.dir(bad).is_err(), "{bad:?}");
+        }
+        assert!(valid_name("app-1"));
+        for bad in ["", "App", "a/b", "..", "a.b"] {
+            assert!(!valid_name(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn collection_spares_recent_active_and_committed_migrations() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path());
+        for uid in ["old", "active", "kept"] {
+            let mut r = Record::new(uid, Role::Target, "ns", "pod");
+            r.committed = uid == "kept";
+            store.save(&r).unwrap();
+        }
+        assert!(
+            store
+                .collect(Duration::from_secs(3600), |_| false)
+                .unwrap()
+                .is_empty()
+        );
+        let removed = store
+            .collect(Duration::ZERO, |uid| uid == "active")
+            .unwrap();
+        assert_eq!(removed, vec!["old".to_string()]);
+        assert_eq!(
+            store.list().unwrap(),
+            vec!["active".to_string(), "kept".to_string()]
+        );
+    }
+}
