@@ -8,7 +8,7 @@ set -eu
 lower=$1
 state=$2
 mount --make-rprivate /
-mkdir -p "$state/upper" "$state/work" "$state/root" "$state/containerd"
+mkdir -p "$state/upper" "$state/work" "$state/root" "$state/containerd" "$state/host"
 mount -t overlay overlay -o "lowerdir=$lower,upperdir=$state/upper,workdir=$state/work" "$state/root"
 cd "$state/root"
 mount -t proc proc proc
@@ -19,10 +19,15 @@ mount -t tmpfs tmpfs tmp
 # containerd's overlayfs snapshotter cannot work on an overlay: its data goes to a plain directory.
 mkdir -p var/lib/containerd
 mount --bind "$state/containerd" var/lib/containerd
+# What the host hands the node: binaries (the agent, the migros-ipam CNI plugin), certificates.
+mkdir -p opt/kube-migros
+mount --bind "$state/host" opt/kube-migros
 mkdir -p .old-root
 pivot_root . .old-root
 umount -l /.old-root
 rmdir /.old-root
 ip link set lo up
+# The CNI plugin the node's network configuration names, once the host installs it.
+ln -sf /opt/kube-migros/bin/migros-ipam /usr/lib/cni/migros-ipam
 busybox hostname -F /etc/hostname
 exec containerd --config /etc/containerd/config.toml

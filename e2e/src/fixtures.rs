@@ -79,6 +79,12 @@ impl Certificates {
         self.material(&self.agent)
     }
 
+    /// Writes the agent's `ca.crt`, `tls.crt` and `tls.key` into `dir`, as a Secret mounts them.
+    pub fn write_agent(&self, dir: &std::path::Path) {
+        pki::write(&dir.join("ca.crt"), &self.ca, 0o644).expect("write ca.crt");
+        pki::write_pem(dir, "tls", &self.agent).expect("write the agent's certificate");
+    }
+
     /// A certificate from the same CA for a name that is neither the operator nor an agent.
     pub fn stranger(&self) -> TlsMaterial {
         self.material(&self.stranger)

@@ -44,6 +44,46 @@ state = "/run/containerd"
       config_path = "/etc/containerd/certs.d"
 "#;
 
+/// The pod network of every node: the `bridge` plugin on the node's bridge `cni0` (which also holds
+/// the node's uplink to the host bridge, so all pods of all nodes share one L2 segment), with
+/// kube-migros' `migros-ipam` in front of `host-local`: a pod reserved an address by a migration
+/// gets it, every other pod an address of its node's range `10.88.<index>.0/24`.
+fn cni_config(node: &Node) -> String {
+    format!(
+        r#"{{
+  "cniVersion": "1.0.0",
+  "name": "migros",
+  "plugins": [
+    {{
+      "type": "bridge",
+      "bridge": "{POD_BRIDGE}",
+      "isGateway": false,
+      "ipMasq": false,
+      "ipam": {{
+        "type": "migros-ipam",
+        "reservations": "/var/lib/kube-migros/ipam",
+        "delegate": {{
+          "type": "host-local",
+          "ranges": [[{{
+            "subnet": "10.88.0.0/{PREFIX}",
+            "rangeStart": "10.88.{index}.2",
+            "rangeEnd": "10.88.{index}.254",
+            "gateway": "{BRIDGE_IP}"
+          }}]],
+          "routes": [{{ "dst": "0.0.0.0/0" }}]
+        }}
+      }}
+    }}
+  ]
+}}
+"#,
+        index = node.index
+    )
+}
+
+/// The bridge inside each node that its pods and its uplink are ports of.
+pub const POD_BRIDGE: &str = "cni0";
+
 const CRIU_CONFIG: &str = "tcp-established\nskip-in-flight\nnetwork-lock nftables\n";
 
 /// Errors of node handling.
@@ -179,9 +219,13 @@ impl Nodes {
             .cert;
         ensure_bridge()?;
         for node in nodes {
-            if node
-                .exec(&["ctr", "version"])
-                .is_ok_and(|o| o.status.success())
+            // A node that runs with the current recipe is kept; one made by another version of
+            // this code (or half dead) is made anew.
+            let recipe = std::fs::read_to_string(self.node_dir(node).join("recipe")).ok();
+            if recipe.as_deref() == Some(&self.recipe(node, &rootfs))
+                && node
+                    .exec(&["ctr", "version"])
+                    .is_ok_and(|o| o.status.success())
             {
                 continue;
             }
@@ -215,8 +259,47 @@ impl Nodes {
         }
     }
 
+    /// A fingerprint of everything a node is made from.
+    fn recipe(&self, node: &Node, rootfs: &Path) -> String {
+        let all = [
+            INIT_SCRIPT,
+            CONTAINERD_CONFIG,
+            CRIU_CONFIG,
+            &cni_config(node),
+            &rootfs.display().to_string(),
+        ]
+        .join("\0");
+        format!("{:08x}", rootfs::fnv1a(&all))
+    }
+
     fn node_dir(&self, node: &Node) -> PathBuf {
         self.dir.join(&node.name)
+    }
+
+    /// The host side of the node's `/opt/kube-migros`: what is written here the node sees.
+    pub fn host_dir(&self, node: &Node) -> PathBuf {
+        self.node_dir(node).join("host")
+    }
+
+    /// The host side of a path inside the node's root file system (its overlay's upper layer
+    /// holds everything the node wrote; read-only use).
+    pub fn written(&self, node: &Node, path: &str) -> PathBuf {
+        self.node_dir(node)
+            .join("upper")
+            .join(path.trim_start_matches('/'))
+    }
+
+    /// Copies `binary` into the node's `/opt/kube-migros/bin` (atomically: a running node may be
+    /// executing the previous copy).
+    pub fn install(&self, node: &Node, binary: &Path) -> Result<PathBuf> {
+        let name = binary.file_name().unwrap_or_default();
+        let bin = self.host_dir(node).join("bin");
+        std::fs::create_dir_all(&bin).map_err(io_err(&bin))?;
+        let tmp = bin.join(format!(".{}.tmp", name.to_string_lossy()));
+        std::fs::copy(binary, &tmp).map_err(io_err(binary))?;
+        let dest = bin.join(name);
+        std::fs::rename(&tmp, &dest).map_err(io_err(&dest))?;
+        Ok(Path::new("/opt/kube-migros/bin").join(name))
     }
 
     fn stop(&self, node: &Node) -> Result<()> {
@@ -282,8 +365,13 @@ impl Nodes {
             &upper.join("etc/crictl.yaml"),
             "runtime-endpoint: unix:///run/containerd/containerd.sock\nimage-endpoint: unix:///run/containerd/containerd.sock\ntimeout: 30\n",
         )?;
+        write(&upper.join("etc/cni/net.d/10-migros.conflist"), &cni_config(node))?;
+        // Files the host hands the node (binaries, certificates, the rxe counter files of tests)
+        // go to <node dir>/host, which the node sees at /opt/kube-migros.
+        std::fs::create_dir_all(dir.join("host/bin")).map_err(io_err(&dir))?;
         let init = dir.join("init.sh");
         write(&init, INIT_SCRIPT)?;
+        write(&dir.join("recipe"), &self.recipe(node, rootfs))?;
 
         let netns = node.netns();
         let (host_if, node_if) = (format!("mgh{}", node.index), format!("mgn{}", node.index));
@@ -302,14 +390,17 @@ impl Nodes {
             ip(&all)
         };
         in_ns(&["link", "set", &node_if, "name", "eth0"])?;
+        // The node's address sits on its pod bridge, whose uplink port is eth0.
+        in_ns(&["link", "add", POD_BRIDGE, "type", "bridge"])?;
+        in_ns(&["link", "set", "eth0", "master", POD_BRIDGE, "up"])?;
         in_ns(&[
             "addr",
             "add",
             &format!("{}/{PREFIX}", node.ip()),
             "dev",
-            "eth0",
+            POD_BRIDGE,
         ])?;
-        in_ns(&["link", "set", "eth0", "up"])?;
+        in_ns(&["link", "set", POD_BRIDGE, "up"])?;
         in_ns(&["route", "add", "default", "via", &BRIDGE_IP.to_string()])?;
 
         let log_path = dir.join("node.log");

@@ -53,7 +53,8 @@ fn recipe_name() -> String {
     )
 }
 
-fn fnv1a(s: &str) -> u32 {
+/// FNV-1a: a short stable fingerprint of a recipe.
+pub fn fnv1a(s: &str) -> u32 {
     s.bytes().fold(0x811c_9dc5, |h, b| {
         (h ^ u32::from(b)).wrapping_mul(0x0100_0193)
     })

@@ -1,0 +1,466 @@
+//! The world of the runtime tests: three sandbox nodes (real containerd, runc, CRIU, CNI) with the
+//! real node agent running in each, pods driven through the CRI with crictl (as a kubelet would),
+//! and gRPC clients with the operator's and a peer agent's certificates.
+
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use agent_api::{
+    tls::TlsMaterial,
+    v1::{self, agent_client::AgentClient},
+};
+use e2e::{
+    Dirs,
+    fixtures::Certificates,
+    nodes::{Node, Nodes},
+    registry::Registry,
+};
+use tokio::io::AsyncReadExt;
+use tonic::transport::Channel;
+
+/// Port of the agent API on each node's address.
+pub const AGENT_PORT: u16 = 7443;
+/// The largest archive the test agents accept (small, so that "oversized" is cheap to send).
+pub const MAX_ARCHIVE_BYTES: u64 = 64 << 20;
+/// The rxe ranges the test agents accept.
+pub const RXE_RANGE: (u32, u32) = (1024, 1024 + 256 * 16);
+/// Namespace of the test pods.
+pub const NAMESPACE: &str = "agent-test";
+
+pub type Result<T, E = String> = std::result::Result<T, E>;
+
+/// Fails with a message unless `cond`.
+#[macro_export]
+macro_rules! ensure {
+    ($cond:expr, $($msg:tt)+) => {
+        if !$cond {
+            return Err(format!($($msg)+));
+        }
+    };
+}
+
+pub struct World {
+    pub nodes: Vec<Node>,
+    handle: Nodes,
+    pub certs: Certificates,
+    agents: Vec<Child>,
+    pub demo_image: String,
+    pub rt: tokio::runtime::Runtime,
+}
+
+impl World {
+    /// Brings up the nodes, the registry with the test images, and an agent on each node.
+    pub fn up() -> Result<Self> {
+        let dirs = Dirs::from_env();
+        let handle = Nodes::new(&dirs);
+        let nodes = Nodes::named(&["node-1", "node-2", "node-3"]).map_err(|e| e.to_string())?;
+        handle.up(&nodes).map_err(|e| e.to_string())?;
+        let registry = Registry::new(&dirs);
+        registry.up().map_err(|e| e.to_string())?;
+        let images = e2e::images::ensure(&dirs, &registry).map_err(|e| e.to_string())?;
+        let demo_image = images
+            .get("demo")
+            .cloned()
+            .ok_or("no demo image was built")?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
+        let mut world = Self {
+            nodes,
+            handle,
+            certs: Certificates::generate(),
+            agents: Vec::new(),
+            demo_image,
+            rt,
+        };
+        for i in 0..world.nodes.len() {
+            world.clear_node(i)?;
+            let agent = world.start_agent(i)?;
+            world.agents.push(agent);
+        }
+        for i in 0..world.nodes.len() {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let caps = world
+                    .rt
+                    .block_on(async { world.operator(i).await?.capabilities(v1::CapabilitiesRequest {}).await.map_err(|s| s.to_string()) });
+                match caps {
+                    Ok(_) => break,
+                    Err(e) if Instant::now() > deadline => {
+                        return Err(format!(
+                            "the agent of {} did not answer: {e}\n{}",
+                            world.nodes[i].name,
+                            world.agent_log(i)
+                        ));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(200)),
+                }
+            }
+        }
+        Ok(world)
+    }
+
+    /// Stops the agents; with `KUBE_MIGROS_KEEP_NODES` unset, also the nodes and the registry.
+    pub fn down(mut self) -> Result<()> {
+        for agent in &mut self.agents {
+            let _ = agent.kill();
+            let _ = agent.wait();
+        }
+        if std::env::var_os("KUBE_MIGROS_KEEP_NODES").is_none() {
+            self.handle.down().map_err(|e| e.to_string())?;
+            Registry::new(&Dirs::from_env())
+                .down()
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// Removes pods, agent data and rxe files left by an earlier run on node `i`.
+    fn clear_node(&self, i: usize) -> Result<()> {
+        let node = &self.nodes[i];
+        let pods = self.exec(i, &["crictl", "pods", "-q"])?;
+        for pod in pods.split_whitespace() {
+            let _ = self.exec(i, &["crictl", "stopp", pod]);
+            let _ = self.exec(i, &["crictl", "rmp", "-f", pod]);
+        }
+        self.exec(i, &["rm", "-rf", "/var/lib/kube-migros"])?;
+        let host = self.handle.host_dir(node);
+        let rxe = host.join("rxe");
+        std::fs::create_dir_all(&rxe).map_err(|e| e.to_string())?;
+        for f in ["last_qpn", "last_mrn"] {
+            std::fs::write(rxe.join(f), "0\n").map_err(|e| e.to_string())?;
+        }
+        let tls = host.join("tls");
+        std::fs::create_dir_all(&tls).map_err(|e| e.to_string())?;
+        self.certs.write_agent(&tls);
+        Ok(())
+    }
+
+    fn start_agent(&self, i: usize) -> Result<Child> {
+        let node = &self.nodes[i];
+        let agent = self
+            .handle
+            .install(node, Path::new(env!("CARGO_BIN_EXE_node-agent")))
+            .map_err(|e| e.to_string())?;
+        self.handle
+            .install(node, Path::new(env!("CARGO_BIN_EXE_migros-ipam")))
+            .map_err(|e| e.to_string())?;
+        let pid = node.containerd_pid().ok_or("the node does not run")?;
+        let log_path = self.handle.host_dir(node).join("agent.log");
+        let log = std::fs::File::create(&log_path).map_err(|e| e.to_string())?;
+        let err = log.try_clone().map_err(|e| e.to_string())?;
+        let ip = node.ip();
+        // In the node's mount, network, UTS and IPC namespaces (as a DaemonSet pod with host
+        // mounts and host network), so it sees the node's containerd socket and bridge.
+        Command::new("nsenter")
+            .args(["-t", &pid.to_string(), "-m", "-n", "-u", "-i", "--"])
+            .arg(agent)
+            .args(["--node-name", &node.name])
+            .args(["--listen", &format!("{ip}:{AGENT_PORT}")])
+            .args(["--http-addr", &format!("{ip}:9465")])
+            .args(["--tls-dir", "/opt/kube-migros/tls"])
+            .args(["--rxe-dir", "/opt/kube-migros/rxe"])
+            .args([
+                "--rxe-qpn-range",
+                &format!("{}-{}", RXE_RANGE.0, RXE_RANGE.1),
+                "--rxe-mrn-range",
+                &format!("{}-{}", RXE_RANGE.0, RXE_RANGE.1),
+            ])
+            .args(["--rxe-wait-seconds", "2"])
+            .args(["--max-archive-bytes", &MAX_ARCHIVE_BYTES.to_string()])
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(err)
+            .spawn()
+            .map_err(|e| format!("starting the agent on {}: {e}", node.name))
+    }
+
+    pub fn agent_log(&self, i: usize) -> String {
+        let text =
+            std::fs::read_to_string(self.handle.host_dir(&self.nodes[i]).join("agent.log"))
+                .unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+
+    pub fn endpoint(&self, i: usize) -> SocketAddr {
+        SocketAddr::from((self.nodes[i].ip(), AGENT_PORT))
+    }
+
+    /// A client of node `i`'s agent with `tls` (None: no client certificate).
+    pub async fn client(&self, i: usize, tls: Option<TlsMaterial>, ca: Option<&str>) -> Result<AgentClient<Channel>> {
+        let mut config = match tls {
+            Some(t) => t.client(),
+            None => tonic::transport::ClientTlsConfig::new()
+                .domain_name(agent_api::tls::AGENT_SERVER_NAME),
+        };
+        if let Some(ca) = ca {
+            config = config.ca_certificate(tonic::transport::Certificate::from_pem(ca));
+        }
+        let channel = tonic::transport::Endpoint::from_shared(format!("https://{}", self.endpoint(i)))
+            .map_err(|e| e.to_string())?
+            .tls_config(config)
+            .map_err(|e| e.to_string())?
+            .connect_timeout(Duration::from_secs(3))
+            .connect()
+            .await
+            .map_err(|e| format!("connecting to the agent of {}: {e}", self.nodes[i].name))?;
+        Ok(AgentClient::new(channel).max_decoding_message_size(16 << 20))
+    }
+
+    /// A client of node `i`'s agent as the operator.
+    pub async fn operator(&self, i: usize) -> Result<AgentClient<Channel>> {
+        self.client(i, Some(self.certs.operator()), None).await
+    }
+
+    /// Runs `command` in node `i`; its stdout, or why it failed.
+    pub fn exec(&self, i: usize, command: &[&str]) -> Result<String> {
+        let out = self.nodes[i].exec(command).map_err(|e| e.to_string())?;
+        if !out.status.success() {
+            return Err(format!(
+                "{command:?} on {}: {}",
+                self.nodes[i].name,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// The host path of `path` in node `i` (for files the node wrote).
+    pub fn written(&self, i: usize, path: &str) -> PathBuf {
+        self.handle.written(&self.nodes[i], path)
+    }
+
+    pub fn rxe_file(&self, i: usize, file: &str) -> String {
+        std::fs::read_to_string(self.handle.host_dir(&self.nodes[i]).join("rxe").join(file))
+            .unwrap_or_default()
+            .trim()
+            .to_string()
+    }
+
+    /// The addresses node `i` blocks now.
+    pub fn blocked(&self, i: usize) -> Vec<Ipv4Addr> {
+        let out = self
+            .exec(i, &["nft", "-j", "list", "set", "bridge", "kube_migros", "blocked"])
+            .unwrap_or_default();
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+        v["nftables"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|i| i["set"]["elem"].as_array().cloned().unwrap_or_default())
+            .filter_map(|e| e.as_str().and_then(|s| s.parse().ok()))
+            .collect()
+    }
+
+    /// The migrations with data in node `i`'s store.
+    pub fn stored(&self, i: usize) -> Vec<String> {
+        let dir = self.written(i, "/var/lib/kube-migros/migrations");
+        let mut names: Vec<String> = std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// Starts a pod on node `i` through the CRI: a sandbox on the pod network and one container
+    /// `app` of `image` (with `args`; none for a checkpoint image).
+    pub fn run_pod(&self, i: usize, name: &str, image: &str, args: &[&str]) -> Result<Pod> {
+        let dir = format!("/var/lib/containerd/test-{name}");
+        let host_dir = self.handle.host_dir(&self.nodes[i]).join("..").join("containerd").join(format!("test-{name}"));
+        std::fs::create_dir_all(&host_dir).map_err(|e| e.to_string())?;
+        let sandbox = serde_json::json!({
+            "metadata": {"name": name, "namespace": NAMESPACE, "uid": format!("uid-{name}"), "attempt": 0},
+            "log_directory": format!("/var/log/pods/{name}"),
+            "linux": {}
+        });
+        let container = serde_json::json!({
+            "metadata": {"name": "app"},
+            "image": {"image": image},
+            "args": args,
+            "log_path": "app.log",
+            "linux": {}
+        });
+        std::fs::write(host_dir.join("pod.json"), sandbox.to_string()).map_err(|e| e.to_string())?;
+        std::fs::write(host_dir.join("app.json"), container.to_string()).map_err(|e| e.to_string())?;
+        let pod_json = format!("{dir}/pod.json");
+        let app_json = format!("{dir}/app.json");
+        let sandbox_id = self.exec(i, &["crictl", "runp", &pod_json])?.trim().to_string();
+        let mut create = vec!["crictl", "create"];
+        if !image.starts_with('/') {
+            create.push("--with-pull");
+        }
+        create.extend([sandbox_id.as_str(), app_json.as_str(), pod_json.as_str()]);
+        let container_id = self.exec(i, &create)?.trim().to_string();
+        self.exec(i, &["crictl", "start", &container_id])?;
+        let inspect = self.exec(i, &["crictl", "inspectp", &sandbox_id])?;
+        let v: serde_json::Value = serde_json::from_str(&inspect).map_err(|e| e.to_string())?;
+        let ip = v["status"]["network"]["ip"]
+            .as_str()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| format!("pod {name} has no IPv4 address: {inspect}"))?;
+        Ok(Pod {
+            node: i,
+            name: name.into(),
+            sandbox_id,
+            container_id,
+            ip,
+        })
+    }
+
+    /// Stops and removes a pod's sandbox (what a kubelet does when the pod object goes).
+    pub fn remove_pod(&self, pod: &Pod) -> Result<()> {
+        self.exec(pod.node, &["crictl", "stopp", &pod.sandbox_id])?;
+        self.exec(pod.node, &["crictl", "rmp", "-f", &pod.sandbox_id])?;
+        Ok(())
+    }
+
+    /// containerd's state of a container's task on node `i` (`RUNNING`, `PAUSED`, ...).
+    pub fn task_state(&self, i: usize, container_id: &str) -> String {
+        let out = self.exec(i, &["ctr", "-n", "k8s.io", "tasks", "ls"]).unwrap_or_default();
+        out.lines()
+            .find(|l| l.starts_with(container_id))
+            .and_then(|l| l.split_whitespace().nth(2))
+            .unwrap_or("GONE")
+            .to_string()
+    }
+
+    /// CPU time the container's processes used so far (cgroup v1 cpuacct), in nanoseconds.
+    pub fn cpu_ns(&self, i: usize, container_id: &str) -> Result<u64> {
+        let inspect = self.exec(i, &["crictl", "inspect", container_id])?;
+        let v: serde_json::Value = serde_json::from_str(&inspect).map_err(|e| e.to_string())?;
+        let pid = v["info"]["pid"].as_u64().ok_or("the container has no pid")?;
+        // Paths in /proc/<pid>/cgroup are relative to the node's (= the host's) hierarchy.
+        let cgroups = self.exec(i, &["cat", &format!("/proc/{pid}/cgroup")])?;
+        let path = cgroups
+            .lines()
+            .find_map(|l| {
+                let mut parts = l.splitn(3, ':');
+                let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+                controllers.split(',').any(|c| c == "cpuacct").then(|| path.to_string())
+            })
+            .ok_or("no cpuacct cgroup")?;
+        let usage = self.exec(i, &["cat", &format!("/sys/fs/cgroup/cpuacct{path}/cpuacct.usage")])?;
+        usage.trim().parse().map_err(|e| format!("{usage:?}: {e}"))
+    }
+}
+
+/// A pod started by a test.
+#[derive(Debug, Clone)]
+pub struct Pod {
+    pub node: usize,
+    pub name: String,
+    pub sandbox_id: String,
+    pub container_id: String,
+    pub ip: Ipv4Addr,
+}
+
+impl Pod {
+    /// The agent API's view of the pod.
+    pub fn pod_ref(&self, image: &str) -> v1::PodRef {
+        v1::PodRef {
+            namespace: NAMESPACE.into(),
+            name: self.name.clone(),
+            uid: format!("uid-{}", self.name),
+            pod_ip: self.ip.to_string(),
+            containers: vec![v1::ContainerRef {
+                name: "app".into(),
+                container_id: format!("containerd://{}", self.container_id),
+                image: image.into(),
+            }],
+        }
+    }
+}
+
+/// The demo workload's status line, parsed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Status(pub BTreeMap<String, String>);
+
+impl Status {
+    pub fn get(&self, key: &str) -> &str {
+        self.0.get(key).map(String::as_str).unwrap_or_default()
+    }
+
+    pub fn num(&self, key: &str) -> u64 {
+        self.get(key).parse().unwrap_or(0)
+    }
+}
+
+/// Reads the demo's status from `ip:port` (from the host, over the bridge), within `timeout`.
+pub async fn status(ip: Ipv4Addr, port: u16, timeout: Duration) -> Result<Status> {
+    let attempt = async {
+        let mut s = tokio::net::TcpStream::connect((ip, port)).await.map_err(|e| e.to_string())?;
+        let mut line = String::new();
+        s.read_to_string(&mut line).await.map_err(|e| e.to_string())?;
+        let map = line
+            .split_whitespace()
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect::<BTreeMap<_, _>>();
+        if map.is_empty() {
+            return Err(format!("empty status from {ip}:{port}"));
+        }
+        Ok(Status(map))
+    };
+    tokio::time::timeout(timeout, attempt)
+        .await
+        .map_err(|_| format!("{ip}:{port} did not answer within {timeout:?}"))?
+}
+
+/// Polls `f` until it returns `Some` or `timeout` passes.
+pub async fn until<T, F: Future<Output = Option<T>>>(
+    what: &str,
+    timeout: Duration,
+    mut f: impl FnMut() -> F,
+) -> Result<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return Ok(v);
+        }
+        if Instant::now() > deadline {
+            return Err(format!("timed out after {timeout:?} waiting for {what}"));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Polls an agent step until it leaves RUNNING; fails unless it succeeded.
+pub async fn done(
+    what: &str,
+    mut ask: impl AsyncFnMut() -> Result<v1::Operation>,
+) -> Result<v1::Operation> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let op = ask().await?;
+        match op.state() {
+            v1::State::Succeeded => return Ok(op),
+            v1::State::Failed => return Err(format!("{what} failed: {}", op.message)),
+            _ if Instant::now() > deadline => return Err(format!("{what} still runs after 120 s")),
+            _ => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+/// Like [`done`], but expects the step to fail; returns its message.
+pub async fn fails(what: &str, mut ask: impl AsyncFnMut() -> Result<v1::Operation>) -> Result<String> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let op = ask().await?;
+        match op.state() {
+            v1::State::Failed => return Ok(op.message),
+            v1::State::Succeeded => return Err(format!("{what} succeeded, it should have failed")),
+            _ if Instant::now() > deadline => return Err(format!("{what} still runs after 60 s")),
+            _ => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
