@@ -81,6 +81,9 @@ fn cni_config(node: &Node) -> String {
     )
 }
 
+/// Bump when the way a node is set up (in `start`) changes: running nodes are then made anew.
+const NODE_RECIPE_VERSION: &str = "2";
+
 /// The bridge inside each node that its pods and its uplink are ports of.
 pub const POD_BRIDGE: &str = "cni0";
 
@@ -262,6 +265,7 @@ impl Nodes {
     /// A fingerprint of everything a node is made from.
     fn recipe(&self, node: &Node, rootfs: &Path) -> String {
         let all = [
+            NODE_RECIPE_VERSION,
             INIT_SCRIPT,
             CONTAINERD_CONFIG,
             CRIU_CONFIG,
@@ -365,7 +369,10 @@ impl Nodes {
             &upper.join("etc/crictl.yaml"),
             "runtime-endpoint: unix:///run/containerd/containerd.sock\nimage-endpoint: unix:///run/containerd/containerd.sock\ntimeout: 30\n",
         )?;
-        write(&upper.join("etc/cni/net.d/10-migros.conflist"), &cni_config(node))?;
+        write(
+            &upper.join("etc/cni/net.d/10-migros.conflist"),
+            &cni_config(node),
+        )?;
         // Files the host hands the node (binaries, certificates, the rxe counter files of tests)
         // go to <node dir>/host, which the node sees at /opt/kube-migros.
         std::fs::create_dir_all(dir.join("host/bin")).map_err(io_err(&dir))?;
@@ -391,7 +398,10 @@ impl Nodes {
         };
         in_ns(&["link", "set", &node_if, "name", "eth0"])?;
         // The node's address sits on its pod bridge, whose uplink port is eth0.
-        in_ns(&["link", "add", POD_BRIDGE, "type", "bridge"])?;
+        // A fixed MAC: a bridge without one takes its ports' lowest, which changes as pods come
+        // and go, and then the host's ARP entry for the node is stale for seconds.
+        let mac = format!("02:6d:67:00:00:{:02x}", node.index);
+        in_ns(&["link", "add", POD_BRIDGE, "address", &mac, "type", "bridge"])?;
         in_ns(&["link", "set", "eth0", "master", POD_BRIDGE, "up"])?;
         in_ns(&[
             "addr",

@@ -33,9 +33,7 @@ impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("migros_agent");
         let steps = Family::<StepLabels, Histogram>::new_with_constructor(|| {
-            Histogram::new(
-                [0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0].into_iter(),
-            )
+            Histogram::new([0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0])
         });
         registry.register(
             "step_duration_seconds",

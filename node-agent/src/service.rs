@@ -455,15 +455,16 @@ impl Agent {
     }
 
     async fn finish(self, uid: String) -> Result<v1::Operation, String> {
-        if let Some(record) = self.record(&uid)? {
-            if let Some(ip) = ipv4(&record.pod_ip)?.filter(|_| record.blocked) {
-                self.inner
-                    .net
-                    .unblock(ip)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                self.update(&uid, |r| r.blocked = false)?;
-            }
+        let record = self.record(&uid)?;
+        if let Some(record) = record.filter(|r| r.blocked)
+            && let Some(ip) = ipv4(&record.pod_ip)?
+        {
+            self.inner
+                .net
+                .unblock(ip)
+                .await
+                .map_err(|e| e.to_string())?;
+            self.update(&uid, |r| r.blocked = false)?;
         }
         if let Ok(mut holds) = self.inner.holds.lock() {
             holds.remove(&uid);

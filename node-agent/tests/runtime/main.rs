@@ -16,6 +16,9 @@ use libtest_mimic::{Arguments, Failed, Trial};
 use sha2::{Digest, Sha256};
 use world::{MAX_ARCHIVE_BYTES, Result, World, done, fails, status, until};
 
+/// One case of the suite.
+type Case = fn(&World) -> Result<()>;
+
 const STATUS_PORT: u16 = 8080;
 const STREAM_PORT: u16 = 9000;
 
@@ -23,7 +26,7 @@ fn main() {
     let mut args = Arguments::from_args();
     // The cases share three nodes; they run one at a time.
     args.test_threads = Some(1);
-    let cases: Vec<(&str, fn(&World) -> Result<()>)> = vec![
+    let cases: Vec<(&str, Case)> = vec![
         ("capabilities_report_the_real_runtime_and_rxe", capabilities),
         (
             "a_migration_through_the_agents_keeps_state_ip_and_the_peers_tcp_connection",
@@ -35,13 +38,22 @@ fn main() {
             bad_archives,
         ),
         ("callers_without_a_valid_certificate_are_refused", refusals),
-        ("invalid_requests_fail_with_a_reason_and_change_nothing", invalid_requests),
+        (
+            "invalid_requests_fail_with_a_reason_and_change_nothing",
+            invalid_requests,
+        ),
     ];
     let wanted = cases
         .iter()
         .any(|(name, _)| args.filter.as_deref().is_none_or(|f| name.contains(f)) && !args.list);
+    let started = std::time::Instant::now();
     let world = if wanted {
-        match World::up() {
+        match World::up().inspect(|_| {
+            eprintln!(
+                "nodes and agents up in {:.1} s",
+                started.elapsed().as_secs_f64()
+            )
+        }) {
             Ok(w) => Some(Arc::new(w)),
             Err(e) => {
                 eprintln!("setting up the nodes and agents failed: {e}");
@@ -57,7 +69,10 @@ fn main() {
             let world = world.clone();
             Trial::test(name, move || {
                 let world = world.ok_or_else(|| Failed::from("no world"))?;
-                case(&world).map_err(Failed::from)
+                let started = std::time::Instant::now();
+                let result = case(&world).map_err(Failed::from);
+                eprint!("({:.1} s) ", started.elapsed().as_secs_f64());
+                result
             })
         })
         .collect();
@@ -89,9 +104,23 @@ fn capabilities(w: &World) -> Result<()> {
             .map_err(|s| s.to_string())?
             .into_inner();
         ensure!(caps.node_name == "node-1", "node name {:?}", caps.node_name);
-        ensure!(caps.runtime_name == "containerd", "runtime {:?}", caps.runtime_name);
-        ensure!(caps.runtime_version.trim_start_matches('v').starts_with("2.1."), "runtime version {:?}", caps.runtime_version);
-        ensure!(caps.criu_version.starts_with('4'), "CRIU version {:?}", caps.criu_version);
+        ensure!(
+            caps.runtime_name == "containerd",
+            "runtime {:?}",
+            caps.runtime_name
+        );
+        ensure!(
+            caps.runtime_version
+                .trim_start_matches('v')
+                .starts_with("2.1."),
+            "runtime version {:?}",
+            caps.runtime_version
+        );
+        ensure!(
+            caps.criu_version.starts_with('4'),
+            "CRIU version {:?}",
+            caps.criu_version
+        );
         ensure!(caps.rxe_present, "the rxe counter files are not seen");
         ensure!(caps.free_bytes > 1 << 30, "free bytes {}", caps.free_bytes);
         ensure!(
@@ -137,16 +166,26 @@ fn migrate(w: &World) -> Result<()> {
         2,
         &peer_name,
         &image,
-        &["stream", "--to", &format!("{ip}:{STREAM_PORT}"), "--status", ":8080"],
+        &[
+            "stream",
+            "--to",
+            &format!("{ip}:{STREAM_PORT}"),
+            "--status",
+            ":8080",
+        ],
     )?;
     let result = w.rt.block_on(async {
         // The workload runs and receives the peer's stream.
-        let before = until("the workload to count and receive", Duration::from_secs(30), || async {
-            status(ip, STATUS_PORT, Duration::from_secs(1))
-                .await
-                .ok()
-                .filter(|s| s.num("counter") >= 50 && s.num("received") > 0)
-        })
+        let before = until(
+            "the workload to count and receive",
+            Duration::from_secs(30),
+            || async {
+                status(ip, STATUS_PORT, Duration::from_secs(1))
+                    .await
+                    .ok()
+                    .filter(|s| s.num("counter") >= 50 && s.num("received") > 0)
+            },
+        )
         .await?;
         ensure!(before.num("conns") == 1, "conns before: {before:?}");
 
@@ -177,9 +216,16 @@ fn migrate(w: &World) -> Result<()> {
             .map_err(|s| s.to_string())
         })
         .await?;
-        ensure!(checkpoint.archives.len() == 1, "archives {:?}", checkpoint.archives);
+        ensure!(
+            checkpoint.archives.len() == 1,
+            "archives {:?}",
+            checkpoint.archives
+        );
         let archive = &checkpoint.archives[0];
-        ensure!(archive.bytes > 100_000 && archive.digest.starts_with("sha256:"), "archive {archive:?}");
+        ensure!(
+            archive.bytes > 100_000 && archive.digest.starts_with("sha256:"),
+            "archive {archive:?}"
+        );
         eprintln!(
             "checkpoint: {} bytes in {} ms",
             archive.bytes, checkpoint.duration_ms
@@ -195,10 +241,19 @@ fn migrate(w: &World) -> Result<()> {
         let cpu = w.cpu_ns(0, &source.container_id)?;
         tokio::time::sleep(Duration::from_millis(500)).await;
         let cpu_later = w.cpu_ns(0, &source.container_id)?;
-        ensure!(cpu == cpu_later, "the paused source used CPU: {cpu} -> {cpu_later} ns");
-        ensure!(w.blocked(0).contains(&ip), "node-1 does not block {ip}: {:?}", w.blocked(0));
         ensure!(
-            status(ip, STATUS_PORT, Duration::from_millis(500)).await.is_err(),
+            cpu == cpu_later,
+            "the paused source used CPU: {cpu} -> {cpu_later} ns"
+        );
+        ensure!(
+            w.blocked(0).contains(&ip),
+            "node-1 does not block {ip}: {:?}",
+            w.blocked(0)
+        );
+        ensure!(
+            status(ip, STATUS_PORT, Duration::from_millis(500))
+                .await
+                .is_err(),
             "the paused source still answers"
         );
 
@@ -214,8 +269,14 @@ fn migrate(w: &World) -> Result<()> {
             .map_err(|s| s.to_string())
         })
         .await?;
-        ensure!(transfer.bytes_done == archive.bytes, "transfer {transfer:?}");
-        eprintln!("transfer: {} ({} ms)", transfer.message, transfer.duration_ms);
+        ensure!(
+            transfer.bytes_done == archive.bytes,
+            "transfer {transfer:?}"
+        );
+        eprintln!(
+            "transfer: {} ({} ms)",
+            transfer.message, transfer.duration_ms
+        );
 
         // The commit point: the source is killed for good, and its sandbox removed (the
         // kubelet's part when the pod object is deleted), which frees the IP on node-1.
@@ -227,7 +288,10 @@ fn migrate(w: &World) -> Result<()> {
         })
         .await?;
         let state = w.task_state(0, &source.container_id);
-        ensure!(state == "STOPPED" || state == "GONE", "source task after commit: {state}");
+        ensure!(
+            state == "STOPPED" || state == "GONE",
+            "source task after commit: {state}"
+        );
         w.remove_pod(&source)?;
 
         let staged = done("stage", async || {
@@ -246,14 +310,26 @@ fn migrate(w: &World) -> Result<()> {
         let staged_image = staged.staged[0].image.clone();
         // The counters hold the pod's block when the restore starts, and the IP is blocked on
         // the target until the restored sockets exist.
-        ensure!(w.rxe_file(1, "last_qpn") == "1280", "last_qpn {}", w.rxe_file(1, "last_qpn"));
-        ensure!(w.rxe_file(1, "last_mrn") == "1536", "last_mrn {}", w.rxe_file(1, "last_mrn"));
+        ensure!(
+            w.rxe_file(1, "last_qpn") == "1280",
+            "last_qpn {}",
+            w.rxe_file(1, "last_qpn")
+        );
+        ensure!(
+            w.rxe_file(1, "last_mrn") == "1536",
+            "last_mrn {}",
+            w.rxe_file(1, "last_mrn")
+        );
         ensure!(w.blocked(1).contains(&ip), "node-2 does not block {ip}");
 
         let restore_started = std::time::Instant::now();
         let restored = w.run_pod(1, &name, &staged_image, &[])?;
         let restore_ms = restore_started.elapsed().as_millis();
-        ensure!(restored.ip == ip, "restored with IP {}, not {ip}", restored.ip);
+        ensure!(
+            restored.ip == ip,
+            "restored with IP {}, not {ip}",
+            restored.ip
+        );
         done("finish", async || {
             target
                 .finish_restore(step(&uid, Role::Target))
@@ -267,22 +343,43 @@ fn migrate(w: &World) -> Result<()> {
 
         // The restored process continues: same id, counter and received bytes from the
         // checkpoint on, the peer's same connection, no skipped or repeated record.
-        let after = until("the restored workload to answer", Duration::from_secs(20), || async {
-            status(ip, STATUS_PORT, Duration::from_secs(1)).await.ok()
-        })
+        let after = until(
+            "the restored workload to answer",
+            Duration::from_secs(20),
+            || async { status(ip, STATUS_PORT, Duration::from_secs(1)).await.ok() },
+        )
         .await?;
-        ensure!(after.get("id") == before.get("id"), "a new process: {before:?} -> {after:?}");
-        ensure!(after.num("counter") >= before.num("counter"), "counter went back: {before:?} -> {after:?}");
-        ensure!(after.num("received") >= before.num("received"), "received went back: {after:?}");
-        let streaming = until("the peer's stream to continue", Duration::from_secs(30), || async {
-            status(ip, STATUS_PORT, Duration::from_secs(1))
-                .await
-                .ok()
-                .filter(|s| s.num("received") > after.num("received") + 64 * 50)
-        })
+        ensure!(
+            after.get("id") == before.get("id"),
+            "a new process: {before:?} -> {after:?}"
+        );
+        ensure!(
+            after.num("counter") >= before.num("counter"),
+            "counter went back: {before:?} -> {after:?}"
+        );
+        ensure!(
+            after.num("received") >= before.num("received"),
+            "received went back: {after:?}"
+        );
+        let streaming = until(
+            "the peer's stream to continue",
+            Duration::from_secs(30),
+            || async {
+                status(ip, STATUS_PORT, Duration::from_secs(1))
+                    .await
+                    .ok()
+                    .filter(|s| s.num("received") > after.num("received") + 64 * 50)
+            },
+        )
         .await?;
-        ensure!(streaming.num("conns") == 1, "the peer reconnected: {streaming:?}");
-        ensure!(streaming.num("gaps") == 0, "records lost or repeated: {streaming:?}");
+        ensure!(
+            streaming.num("conns") == 1,
+            "the peer reconnected: {streaming:?}"
+        );
+        ensure!(
+            streaming.num("gaps") == 0,
+            "records lost or repeated: {streaming:?}"
+        );
         let peer_status = status(peer.ip, STATUS_PORT, Duration::from_secs(2)).await?;
         ensure!(peer_status.num("counter") > 0, "peer {peer_status:?}");
         eprintln!(
@@ -302,14 +399,37 @@ fn migrate(w: &World) -> Result<()> {
             })
             .await?;
         }
-        ensure!(!w.stored(0).contains(&uid) && !w.stored(1).contains(&uid), "data left after cleanup");
-        ensure!(!w.blocked(0).contains(&ip), "node-1 still blocks {ip} after cleanup");
+        ensure!(
+            !w.stored(0).contains(&uid) && !w.stored(1).contains(&uid),
+            "data left after cleanup"
+        );
+        ensure!(
+            !w.blocked(0).contains(&ip),
+            "node-1 still blocks {ip} after cleanup"
+        );
         w.remove_pod(&restored)?;
         Ok(())
     });
+    if result.is_err() {
+        // Leave nothing paused or blocked behind a failed case.
+        w.rt.block_on(async {
+            for (i, role) in [(0, Role::Source), (1, Role::Target)] {
+                if let Ok(mut c) = w.operator(i).await {
+                    let _ = c.abort(step(&uid, role)).await;
+                    let _ = c.cleanup(step(&uid, role)).await;
+                }
+            }
+        });
+    }
     let _ = w.remove_pod(&peer);
     let _ = w.remove_pod(&source);
-    result.map_err(|e| format!("{e}\nsource agent:\n{}\ntarget agent:\n{}", w.agent_log(0), w.agent_log(1)))
+    result.map_err(|e| {
+        format!(
+            "{e}\nsource agent:\n{}\ntarget agent:\n{}",
+            w.agent_log(0),
+            w.agent_log(1)
+        )
+    })
 }
 
 fn abort(w: &World) -> Result<()> {
@@ -362,18 +482,31 @@ fn abort(w: &World) -> Result<()> {
             })
             .await?;
         }
-        ensure!(w.task_state(0, &pod.container_id) == "RUNNING", "not resumed");
+        ensure!(
+            w.task_state(0, &pod.container_id) == "RUNNING",
+            "not resumed"
+        );
         ensure!(!w.blocked(0).contains(&pod.ip), "still blocked after abort");
         // The same process goes on counting from where it was.
-        let after = until("the resumed workload to count on", Duration::from_secs(20), || async {
-            status(pod.ip, STATUS_PORT, Duration::from_secs(1))
-                .await
-                .ok()
-                .filter(|s| s.num("counter") > before.num("counter") + 20)
-        })
+        let after = until(
+            "the resumed workload to count on",
+            Duration::from_secs(20),
+            || async {
+                status(pod.ip, STATUS_PORT, Duration::from_secs(1))
+                    .await
+                    .ok()
+                    .filter(|s| s.num("counter") > before.num("counter") + 20)
+            },
+        )
         .await?;
-        ensure!(after.get("id") == before.get("id"), "a new process after abort");
-        ensure!(!w.stored(0).contains(&uid) && !w.stored(1).contains(&uid), "data left after abort");
+        ensure!(
+            after.get("id") == before.get("id"),
+            "a new process after abort"
+        );
+        ensure!(
+            !w.stored(0).contains(&uid) && !w.stored(1).contains(&uid),
+            "data left after abort"
+        );
         // Asking again is harmless.
         done("abort again", async || {
             src.abort(step(&uid, Role::Source))
@@ -382,9 +515,19 @@ fn abort(w: &World) -> Result<()> {
                 .map_err(|s| s.to_string())
         })
         .await?;
-        ensure!(w.task_state(0, &pod.container_id) == "RUNNING", "a second abort changed the source");
+        ensure!(
+            w.task_state(0, &pod.container_id) == "RUNNING",
+            "a second abort changed the source"
+        );
         Ok(())
     });
+    if result.is_err() {
+        w.rt.block_on(async {
+            if let Ok(mut c) = w.operator(0).await {
+                let _ = c.abort(step(&uid, Role::Source)).await;
+            }
+        });
+    }
     let _ = w.remove_pod(&pod);
     result.map_err(|e| format!("{e}\nagent:\n{}", w.agent_log(0)))
 }
@@ -411,7 +554,10 @@ fn tar_archive(hostile: bool) -> Vec<u8> {
 }
 
 fn digest(data: &[u8]) -> String {
-    let hex: String = Sha256::digest(data).iter().map(|b| format!("{b:02x}")).collect();
+    let hex: String = Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
     format!("sha256:{hex}")
 }
 
@@ -485,7 +631,13 @@ fn bad_archives(w: &World) -> Result<()> {
             ),
             (
                 "hostile",
-                vec![chunk(&uid, 0, &hostile, &digest(&hostile), hostile.len() as u64)],
+                vec![chunk(
+                    &uid,
+                    0,
+                    &hostile,
+                    &digest(&hostile),
+                    hostile.len() as u64,
+                )],
                 "leaves the archive's directory",
             ),
         ];
@@ -494,18 +646,31 @@ fn bad_archives(w: &World) -> Result<()> {
             let mut peer = w.client(1, Some(peer_tls.clone()), None).await?;
             let answer = peer.receive(tokio_stream::iter(chunks)).await;
             let message = match answer {
-                Ok(r) => return Err(format!("the {what} archive was accepted: {:?}", r.into_inner())),
+                Ok(r) => {
+                    return Err(format!(
+                        "the {what} archive was accepted: {:?}",
+                        r.into_inner()
+                    ));
+                }
                 Err(status) => status.message().to_string(),
             };
-            ensure!(message.contains(expect), "{what}: {message:?} does not say {expect:?}");
+            ensure!(
+                message.contains(expect),
+                "{what}: {message:?} does not say {expect:?}"
+            );
             for sub in ["incoming", "unpacked", "staged"] {
                 let dir = w.written(1, &format!("/var/lib/kube-migros/migrations/{uid}/{sub}"));
                 let left = std::fs::read_dir(&dir).map(|d| d.count()).unwrap_or(0);
-                ensure!(left == 0, "{what}: {left} entries left in {}", dir.display());
+                ensure!(
+                    left == 0,
+                    "{what}: {left} entries left in {}",
+                    dir.display()
+                );
             }
         }
         ensure!(
-            !w.written(1, "/etc/kube-migros-evil").exists() && !std::path::Path::new("/etc/kube-migros-evil").exists(),
+            !w.written(1, "/etc/kube-migros-evil").exists()
+                && !std::path::Path::new("/etc/kube-migros-evil").exists(),
             "the hostile entry was written"
         );
         // StageRestore refuses a migration without a received checkpoint.
@@ -526,7 +691,13 @@ fn bad_archives(w: &World) -> Result<()> {
         // The same agent takes a good archive (so the refusals above were about the data), in
         // zstd chunks, and stages it.
         let mut peer = w.client(1, Some(peer_tls), None).await?;
-        let mut z = chunk(&uid, 0, &zstd::bulk::compress(&good, 1).unwrap(), &digest(&good), n);
+        let mut z = chunk(
+            &uid,
+            0,
+            &zstd::bulk::compress(&good, 1).unwrap(),
+            &digest(&good),
+            n,
+        );
         z.compression = Compression::Zstd.into();
         let ok = peer
             .receive(tokio_stream::iter(vec![z]))
@@ -534,16 +705,27 @@ fn bad_archives(w: &World) -> Result<()> {
             .map_err(|s| format!("the good archive was refused: {}", s.message()))?
             .into_inner();
         ensure!(ok.bytes == n && ok.archives.len() == 1, "received {ok:?}");
-        let staged = w.written(1, &format!("/var/lib/kube-migros/migrations/{uid}/staged/app.tar"));
+        let staged = w.written(
+            1,
+            &format!("/var/lib/kube-migros/migrations/{uid}/staged/app.tar"),
+        );
         ensure!(staged.is_file(), "nothing staged at {}", staged.display());
 
         // A stream for a migration the node was never asked to prepare is refused.
         let mut peer = w.client(1, Some(w.certs.agent()), None).await?;
         let stray = peer
-            .receive(tokio_stream::iter(vec![chunk("never-prepared", 0, &good, &digest(&good), n)]))
+            .receive(tokio_stream::iter(vec![chunk(
+                "never-prepared",
+                0,
+                &good,
+                &digest(&good),
+                n,
+            )]))
             .await;
         ensure!(
-            stray.as_ref().is_err_and(|s| s.message().contains("was not prepared")),
+            stray
+                .as_ref()
+                .is_err_and(|s| s.message().contains("was not prepared")),
             "stray stream: {stray:?}"
         );
         done("cleanup", async || {
@@ -563,10 +745,17 @@ fn refusals(w: &World) -> Result<()> {
     w.rt.block_on(async {
         // No client certificate at all: the TLS handshake or the first call fails.
         let no_cert = match w.client(0, None, Some(&ca_pem(w))).await {
-            Ok(mut c) => c.capabilities(v1::CapabilitiesRequest {}).await.err().map(|s| s.to_string()),
+            Ok(mut c) => c
+                .capabilities(v1::CapabilitiesRequest {})
+                .await
+                .err()
+                .map(|s| s.to_string()),
             Err(e) => Some(e),
         };
-        ensure!(no_cert.is_some(), "a client without a certificate was served");
+        ensure!(
+            no_cert.is_some(),
+            "a client without a certificate was served"
+        );
         // A certificate of another CA.
         let other = agent_api::pki::Ca::new("another-ca").map_err(|e| e.to_string())?;
         let leaf = other
@@ -582,24 +771,33 @@ fn refusals(w: &World) -> Result<()> {
             leaf.key.into_bytes(),
         );
         let other_ca = match w.client(0, Some(foreign), None).await {
-            Ok(mut c) => c.capabilities(v1::CapabilitiesRequest {}).await.err().map(|s| s.to_string()),
+            Ok(mut c) => c
+                .capabilities(v1::CapabilitiesRequest {})
+                .await
+                .err()
+                .map(|s| s.to_string()),
             Err(e) => Some(e),
         };
-        ensure!(other_ca.is_some(), "a certificate of another CA was accepted");
+        ensure!(
+            other_ca.is_some(),
+            "a certificate of another CA was accepted"
+        );
         // The right CA but neither the operator nor an agent.
         let mut stranger = w.client(0, Some(w.certs.stranger()), None).await?;
         let denied = stranger.capabilities(v1::CapabilitiesRequest {}).await;
         ensure!(
-            denied.as_ref().is_err_and(|s| s.code() == tonic::Code::PermissionDenied),
+            denied
+                .as_ref()
+                .is_err_and(|s| s.code() == tonic::Code::PermissionDenied),
             "a stranger: {denied:?}"
         );
         // A peer agent may stream checkpoints but not drive steps.
         let mut peer = w.client(0, Some(w.certs.agent()), None).await?;
-        let denied = peer
-            .abort(step("some-migration", Role::Source))
-            .await;
+        let denied = peer.abort(step("some-migration", Role::Source)).await;
         ensure!(
-            denied.as_ref().is_err_and(|s| s.code() == tonic::Code::PermissionDenied),
+            denied
+                .as_ref()
+                .is_err_and(|s| s.code() == tonic::Code::PermissionDenied),
             "a peer driving a step: {denied:?}"
         );
         // The operator is served.
@@ -685,7 +883,8 @@ fn invalid_requests(w: &World) -> Result<()> {
             })
             .await;
         ensure!(
-            bad.as_ref().is_err_and(|s| s.code() == tonic::Code::InvalidArgument),
+            bad.as_ref()
+                .is_err_and(|s| s.code() == tonic::Code::InvalidArgument),
             "{bad:?}"
         );
         let role = src.abort(step(&uid, Role::Unspecified)).await;

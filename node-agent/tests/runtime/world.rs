@@ -87,9 +87,14 @@ impl World {
         for i in 0..world.nodes.len() {
             let deadline = Instant::now() + Duration::from_secs(30);
             loop {
-                let caps = world
-                    .rt
-                    .block_on(async { world.operator(i).await?.capabilities(v1::CapabilitiesRequest {}).await.map_err(|s| s.to_string()) });
+                let caps = world.rt.block_on(async {
+                    world
+                        .operator(i)
+                        .await?
+                        .capabilities(v1::CapabilitiesRequest {})
+                        .await
+                        .map_err(|s| s.to_string())
+                });
                 match caps {
                     Ok(_) => break,
                     Err(e) if Instant::now() > deadline => {
@@ -124,6 +129,13 @@ impl World {
     /// Removes pods, agent data and rxe files left by an earlier run on node `i`.
     fn clear_node(&self, i: usize) -> Result<()> {
         let node = &self.nodes[i];
+        // A container left paused by an interrupted run cannot be stopped until it is resumed.
+        let tasks = self.exec(i, &["ctr", "-n", "k8s.io", "tasks", "ls"])?;
+        for task in tasks.lines().filter(|l| l.ends_with("PAUSED")) {
+            if let Some(id) = task.split_whitespace().next() {
+                let _ = self.exec(i, &["ctr", "-n", "k8s.io", "tasks", "resume", id]);
+            }
+        }
         let pods = self.exec(i, &["crictl", "pods", "-q"])?;
         for pod in pods.split_whitespace() {
             let _ = self.exec(i, &["crictl", "stopp", pod]);
@@ -183,9 +195,8 @@ impl World {
     }
 
     pub fn agent_log(&self, i: usize) -> String {
-        let text =
-            std::fs::read_to_string(self.handle.host_dir(&self.nodes[i]).join("agent.log"))
-                .unwrap_or_default();
+        let text = std::fs::read_to_string(self.handle.host_dir(&self.nodes[i]).join("agent.log"))
+            .unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(30)..].join("\n")
     }
@@ -195,7 +206,12 @@ impl World {
     }
 
     /// A client of node `i`'s agent with `tls` (None: no client certificate).
-    pub async fn client(&self, i: usize, tls: Option<TlsMaterial>, ca: Option<&str>) -> Result<AgentClient<Channel>> {
+    pub async fn client(
+        &self,
+        i: usize,
+        tls: Option<TlsMaterial>,
+        ca: Option<&str>,
+    ) -> Result<AgentClient<Channel>> {
         let mut config = match tls {
             Some(t) => t.client(),
             None => tonic::transport::ClientTlsConfig::new()
@@ -204,14 +220,15 @@ impl World {
         if let Some(ca) = ca {
             config = config.ca_certificate(tonic::transport::Certificate::from_pem(ca));
         }
-        let channel = tonic::transport::Endpoint::from_shared(format!("https://{}", self.endpoint(i)))
-            .map_err(|e| e.to_string())?
-            .tls_config(config)
-            .map_err(|e| e.to_string())?
-            .connect_timeout(Duration::from_secs(3))
-            .connect()
-            .await
-            .map_err(|e| format!("connecting to the agent of {}: {e}", self.nodes[i].name))?;
+        let channel =
+            tonic::transport::Endpoint::from_shared(format!("https://{}", self.endpoint(i)))
+                .map_err(|e| e.to_string())?
+                .tls_config(config)
+                .map_err(|e| e.to_string())?
+                .connect_timeout(Duration::from_secs(3))
+                .connect()
+                .await
+                .map_err(|e| format!("connecting to the agent of {}: {e}", self.nodes[i].name))?;
         Ok(AgentClient::new(channel).max_decoding_message_size(16 << 20))
     }
 
@@ -248,7 +265,18 @@ impl World {
     /// The addresses node `i` blocks now.
     pub fn blocked(&self, i: usize) -> Vec<Ipv4Addr> {
         let out = self
-            .exec(i, &["nft", "-j", "list", "set", "bridge", "kube_migros", "blocked"])
+            .exec(
+                i,
+                &[
+                    "nft",
+                    "-j",
+                    "list",
+                    "set",
+                    "bridge",
+                    "kube_migros",
+                    "blocked",
+                ],
+            )
             .unwrap_or_default();
         let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
         v["nftables"]
@@ -276,25 +304,38 @@ impl World {
     /// `app` of `image` (with `args`; none for a checkpoint image).
     pub fn run_pod(&self, i: usize, name: &str, image: &str, args: &[&str]) -> Result<Pod> {
         let dir = format!("/var/lib/containerd/test-{name}");
-        let host_dir = self.handle.host_dir(&self.nodes[i]).join("..").join("containerd").join(format!("test-{name}"));
+        let host_dir = self
+            .handle
+            .host_dir(&self.nodes[i])
+            .join("..")
+            .join("containerd")
+            .join(format!("test-{name}"));
         std::fs::create_dir_all(&host_dir).map_err(|e| e.to_string())?;
         let sandbox = serde_json::json!({
             "metadata": {"name": name, "namespace": NAMESPACE, "uid": format!("uid-{name}"), "attempt": 0},
             "log_directory": format!("/var/log/pods/{name}"),
-            "linux": {}
+            // Each container in a PID namespace of its own, as the kubelet does by default: a
+            // restored process gets its PIDs back, which a namespace shared with the sandbox may
+            // already use (CRIU restore fails with EEXIST).
+            "linux": {"security_context": {"namespace_options": {"pid": 1}}}
         });
         let container = serde_json::json!({
             "metadata": {"name": "app"},
             "image": {"image": image},
             "args": args,
             "log_path": "app.log",
-            "linux": {}
+            "linux": {"security_context": {"namespace_options": {"pid": 1}}}
         });
-        std::fs::write(host_dir.join("pod.json"), sandbox.to_string()).map_err(|e| e.to_string())?;
-        std::fs::write(host_dir.join("app.json"), container.to_string()).map_err(|e| e.to_string())?;
+        std::fs::write(host_dir.join("pod.json"), sandbox.to_string())
+            .map_err(|e| e.to_string())?;
+        std::fs::write(host_dir.join("app.json"), container.to_string())
+            .map_err(|e| e.to_string())?;
         let pod_json = format!("{dir}/pod.json");
         let app_json = format!("{dir}/app.json");
-        let sandbox_id = self.exec(i, &["crictl", "runp", &pod_json])?.trim().to_string();
+        let sandbox_id = self
+            .exec(i, &["crictl", "runp", &pod_json])?
+            .trim()
+            .to_string();
         let mut create = vec!["crictl", "create"];
         if !image.starts_with('/') {
             create.push("--with-pull");
@@ -326,7 +367,9 @@ impl World {
 
     /// containerd's state of a container's task on node `i` (`RUNNING`, `PAUSED`, ...).
     pub fn task_state(&self, i: usize, container_id: &str) -> String {
-        let out = self.exec(i, &["ctr", "-n", "k8s.io", "tasks", "ls"]).unwrap_or_default();
+        let out = self
+            .exec(i, &["ctr", "-n", "k8s.io", "tasks", "ls"])
+            .unwrap_or_default();
         out.lines()
             .find(|l| l.starts_with(container_id))
             .and_then(|l| l.split_whitespace().nth(2))
@@ -338,7 +381,9 @@ impl World {
     pub fn cpu_ns(&self, i: usize, container_id: &str) -> Result<u64> {
         let inspect = self.exec(i, &["crictl", "inspect", container_id])?;
         let v: serde_json::Value = serde_json::from_str(&inspect).map_err(|e| e.to_string())?;
-        let pid = v["info"]["pid"].as_u64().ok_or("the container has no pid")?;
+        let pid = v["info"]["pid"]
+            .as_u64()
+            .ok_or("the container has no pid")?;
         // Paths in /proc/<pid>/cgroup are relative to the node's (= the host's) hierarchy.
         let cgroups = self.exec(i, &["cat", &format!("/proc/{pid}/cgroup")])?;
         let path = cgroups
@@ -346,10 +391,19 @@ impl World {
             .find_map(|l| {
                 let mut parts = l.splitn(3, ':');
                 let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
-                controllers.split(',').any(|c| c == "cpuacct").then(|| path.to_string())
+                controllers
+                    .split(',')
+                    .any(|c| c == "cpuacct")
+                    .then(|| path.to_string())
             })
             .ok_or("no cpuacct cgroup")?;
-        let usage = self.exec(i, &["cat", &format!("/sys/fs/cgroup/cpuacct{path}/cpuacct.usage")])?;
+        let usage = self.exec(
+            i,
+            &[
+                "cat",
+                &format!("/sys/fs/cgroup/cpuacct{path}/cpuacct.usage"),
+            ],
+        )?;
         usage.trim().parse().map_err(|e| format!("{usage:?}: {e}"))
     }
 }
@@ -398,9 +452,13 @@ impl Status {
 /// Reads the demo's status from `ip:port` (from the host, over the bridge), within `timeout`.
 pub async fn status(ip: Ipv4Addr, port: u16, timeout: Duration) -> Result<Status> {
     let attempt = async {
-        let mut s = tokio::net::TcpStream::connect((ip, port)).await.map_err(|e| e.to_string())?;
+        let mut s = tokio::net::TcpStream::connect((ip, port))
+            .await
+            .map_err(|e| e.to_string())?;
         let mut line = String::new();
-        s.read_to_string(&mut line).await.map_err(|e| e.to_string())?;
+        s.read_to_string(&mut line)
+            .await
+            .map_err(|e| e.to_string())?;
         let map = line
             .split_whitespace()
             .filter_map(|kv| kv.split_once('='))
@@ -452,7 +510,10 @@ pub async fn done(
 }
 
 /// Like [`done`], but expects the step to fail; returns its message.
-pub async fn fails(what: &str, mut ask: impl AsyncFnMut() -> Result<v1::Operation>) -> Result<String> {
+pub async fn fails(
+    what: &str,
+    mut ask: impl AsyncFnMut() -> Result<v1::Operation>,
+) -> Result<String> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let op = ask().await?;
