@@ -62,6 +62,9 @@ struct Args {
     /// Seconds a restore waits for the node's rxe counters while another restore holds them.
     #[arg(long, default_value_t = 60)]
     rxe_wait_seconds: u64,
+    /// Seconds after which a restore that never finished lets go of the rxe counters.
+    #[arg(long, default_value_t = 300)]
+    rxe_hold_seconds: u64,
     /// The nft binary (network blocks of pod IPs).
     #[arg(long, default_value = "nft")]
     nft: PathBuf,
@@ -124,6 +127,7 @@ async fn main() -> anyhow::Result<()> {
         },
         checkpoint_timeout: Duration::from_secs(args.checkpoint_timeout_seconds),
         rxe_wait: Duration::from_secs(args.rxe_wait_seconds),
+        rxe_hold_max: Duration::from_secs(args.rxe_hold_seconds),
         quick: Duration::from_secs(2),
         transfer_attempts: 3,
     };

@@ -72,6 +72,8 @@ pub struct Config {
     pub checkpoint_timeout: Duration,
     /// Waiting for the node's rxe counters (held by another restore) at most this long.
     pub rxe_wait: Duration,
+    /// The rxe counters are released at the latest this long after a restore took them.
+    pub rxe_hold_max: Duration,
     /// A step that ends within this answers its result at once instead of RUNNING.
     pub quick: Duration,
     /// Attempts of a transfer whose stream breaks.
@@ -128,7 +130,10 @@ struct Inner {
     tls: TlsMaterial,
     metrics: Arc<Metrics>,
     operations: Mutex<HashMap<(String, Step), v1::Operation>>,
-    holds: Mutex<HashMap<String, rxe::Hold>>,
+    /// rxe counter holds by migration, with a serial number so that an expiry only ends the
+    /// hold it was set for.
+    holds: Mutex<HashMap<String, (u64, rxe::Hold)>>,
+    serial: std::sync::atomic::AtomicU64,
     /// Serialises read-modify-write of records.
     records: Mutex<()>,
 }
@@ -205,6 +210,7 @@ impl Agent {
                 metrics,
                 operations: Mutex::default(),
                 holds: Mutex::default(),
+                serial: Default::default(),
                 records: Mutex::default(),
             }),
         }
@@ -419,8 +425,14 @@ impl Agent {
                 .lock()
                 .map_err(|_| "hold table poisoned")?
                 .get(&uid)
-                .map(|h| h.block);
+                .map(|(_, h)| h.block);
             if held != Some(block) {
+                // A different block asked for by a retry: let go of the old one first.
+                self.inner
+                    .holds
+                    .lock()
+                    .map_err(|_| "hold table poisoned")?
+                    .remove(&uid);
                 let hold = self
                     .inner
                     .rxe
@@ -428,11 +440,26 @@ impl Agent {
                     .await
                     .map_err(|e| e.to_string())?;
                 info!(%block, "rxe counters set and held until the pod runs");
+                let serial = self
+                    .inner
+                    .serial
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 self.inner
                     .holds
                     .lock()
                     .map_err(|_| "hold table poisoned")?
-                    .insert(uid.clone(), hold);
+                    .insert(uid.clone(), (serial, hold));
+                // An operator that never says the pod runs must not block the node for good.
+                let (agent, uid, max) = (self.clone(), uid.clone(), self.inner.config.rxe_hold_max);
+                tokio::spawn(async move {
+                    tokio::time::sleep(max).await;
+                    if let Ok(mut holds) = agent.inner.holds.lock()
+                        && holds.get(&uid).is_some_and(|(s, _)| *s == serial)
+                    {
+                        warn!(migration = %uid, "rxe counters held too long; released");
+                        holds.remove(&uid);
+                    }
+                });
             }
         }
         if let Some(ip) = ipv4(&record.pod_ip)? {

@@ -38,6 +38,7 @@ fn main() {
             bad_archives,
         ),
         ("callers_without_a_valid_certificate_are_refused", refusals),
+        ("one_restore_at_a_time_holds_the_rxe_counters", rxe_lock),
         (
             "invalid_requests_fail_with_a_reason_and_change_nothing",
             invalid_requests,
@@ -472,6 +473,28 @@ fn abort(w: &World) -> Result<()> {
         })
         .await?;
         ensure!(w.task_state(0, &pod.container_id) == "PAUSED", "not paused");
+        // A target that cannot be reached: the transfer is retried, then fails with the reason,
+        // and the source stays paused, ready for the abort.
+        let why = fails("a transfer to a dead endpoint", async || {
+            src.transfer(v1::TransferRequest {
+                migration_uid: uid.clone(),
+                target_endpoint: format!("{}:1", w.nodes[2].ip()),
+                compression: Compression::None.into(),
+                bandwidth_limit: 0,
+            })
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|s| s.to_string())
+        })
+        .await?;
+        ensure!(
+            why.contains("failed 3 times") && why.contains("connecting to the target agent"),
+            "{why}"
+        );
+        ensure!(
+            w.task_state(0, &pod.container_id) == "PAUSED",
+            "not paused after the failed transfer"
+        );
         for (client, role) in [(&mut src, Role::Source), (&mut target, Role::Target)] {
             done("abort", async || {
                 client
@@ -889,6 +912,135 @@ fn invalid_requests(w: &World) -> Result<()> {
         );
         let role = src.abort(step(&uid, Role::Unspecified)).await;
         ensure!(role.is_err(), "a step without a role was taken");
+        Ok(())
+    })
+}
+
+/// Prepares migration `uid` on node-2 for a pod with one container and streams a good archive
+/// to it as a peer agent would.
+async fn prepared_with_archive(w: &World, uid: &str, name: &str) -> Result<v1::PodRef> {
+    let pod = v1::PodRef {
+        namespace: world::NAMESPACE.into(),
+        name: name.into(),
+        uid: format!("uid-{name}"),
+        pod_ip: String::new(),
+        containers: vec![v1::ContainerRef {
+            name: "app".into(),
+            container_id: String::new(),
+            image: String::new(),
+        }],
+    };
+    let mut target = w.operator(1).await?;
+    done("prepare", async || {
+        target
+            .prepare_target(v1::PrepareTargetRequest {
+                migration_uid: uid.into(),
+                pod: Some(pod.clone()),
+                expected_bytes: 1 << 20,
+                rxe: Some(rxe_block()),
+            })
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|s| s.to_string())
+    })
+    .await?;
+    let good = tar_archive(false);
+    let mut peer = w.client(1, Some(w.certs.agent()), None).await?;
+    peer.receive(tokio_stream::iter(vec![chunk(
+        uid,
+        0,
+        &good,
+        &digest(&good),
+        good.len() as u64,
+    )]))
+    .await
+    .map_err(|s| format!("receiving: {}", s.message()))?;
+    Ok(pod)
+}
+
+fn rxe_lock(w: &World) -> Result<()> {
+    w.rt.block_on(async {
+        let (first, second) = (unique("rxe-a"), unique("rxe-b"));
+        let pod_a = prepared_with_archive(w, &first, "rxe-a").await?;
+        let pod_b = prepared_with_archive(w, &second, "rxe-b").await?;
+        let mut target = w.operator(1).await?;
+        let block_b = v1::RxeBlock {
+            qpn_start: 2048,
+            qpn_count: 256,
+            mrn_start: 2304,
+            mrn_count: 256,
+        };
+        let stage = |uid: String, pod: v1::PodRef, block: v1::RxeBlock| v1::StageRestoreRequest {
+            migration_uid: uid,
+            pod: Some(pod),
+            rxe: Some(block),
+        };
+        done("stage the first", async || {
+            target
+                .stage_restore(stage(first.clone(), pod_a.clone(), rxe_block()))
+                .await
+                .map(|r| r.into_inner())
+                .map_err(|s| s.to_string())
+        })
+        .await?;
+        ensure!(
+            w.rxe_file(1, "last_qpn") == "1280",
+            "last_qpn {}",
+            w.rxe_file(1, "last_qpn")
+        );
+        // While the first pod has not started, the second restore cannot take the counters.
+        let why = fails(
+            "stage the second while the first holds the counters",
+            async || {
+                target
+                    .stage_restore(stage(second.clone(), pod_b.clone(), block_b))
+                    .await
+                    .map(|r| r.into_inner())
+                    .map_err(|s| s.to_string())
+            },
+        )
+        .await?;
+        ensure!(why.contains(&format!("held by migration {first}")), "{why}");
+        ensure!(
+            w.rxe_file(1, "last_qpn") == "1280",
+            "the refused restore wrote the counters"
+        );
+        done("finish the first", async || {
+            target
+                .finish_restore(step(&first, Role::Target))
+                .await
+                .map(|r| r.into_inner())
+                .map_err(|s| s.to_string())
+        })
+        .await?;
+        done("stage the second", async || {
+            target
+                .stage_restore(stage(second.clone(), pod_b.clone(), block_b))
+                .await
+                .map(|r| r.into_inner())
+                .map_err(|s| s.to_string())
+        })
+        .await?;
+        ensure!(
+            w.rxe_file(1, "last_qpn") == "2048",
+            "last_qpn {}",
+            w.rxe_file(1, "last_qpn")
+        );
+        ensure!(
+            w.rxe_file(1, "last_mrn") == "2304",
+            "last_mrn {}",
+            w.rxe_file(1, "last_mrn")
+        );
+        for uid in [&first, &second] {
+            done("cleanup", async || {
+                target
+                    .cleanup(step(uid, Role::Target))
+                    .await
+                    .map(|r| r.into_inner())
+                    .map_err(|s| s.to_string())
+            })
+            .await?;
+        }
         Ok(())
     })
 }
