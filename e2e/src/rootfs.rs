@@ -21,6 +21,9 @@ pub const PACKAGES: &[&str] = &[
     "iptables",
     "nftables",
     "busybox-static",
+    // scp, for the raw baseline's copy over the bridge.
+    "openssh-server",
+    "openssh-client",
     "ca-certificates",
 ];
 /// Bump when the way the rootfs is made changes.

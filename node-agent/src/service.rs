@@ -764,8 +764,16 @@ impl Agent {
             for c in &record.containers {
                 // A frozen task acts on SIGKILL once thawed, before running any code of its own.
                 rt.kill(&c.id).await.map_err(|e| e.to_string())?;
-                if matches!(rt.task_status(&c.id).await, Ok(TaskStatus::Paused)) {
-                    rt.resume(&c.id).await.map_err(|e| e.to_string())?;
+                // A task in a PID namespace of its own may end right away (the kernel ends the
+                // namespace); a failed resume only matters if the task still lives.
+                if matches!(rt.task_status(&c.id).await, Ok(TaskStatus::Paused))
+                    && let Err(e) = rt.resume(&c.id).await
+                    && matches!(
+                        rt.task_status(&c.id).await,
+                        Ok(TaskStatus::Paused | TaskStatus::Running)
+                    )
+                {
+                    return Err(e.to_string());
                 }
             }
             let deadline = Instant::now() + Duration::from_secs(30);

@@ -43,6 +43,10 @@ fn main() {
             "invalid_requests_fail_with_a_reason_and_change_nothing",
             invalid_requests,
         ),
+        (
+            "the_raw_baseline_recipe_migrates_the_demo_without_the_agents",
+            raw_recipe,
+        ),
     ];
     let wanted = cases
         .iter()
@@ -1043,4 +1047,40 @@ fn rxe_lock(w: &World) -> Result<()> {
         }
         Ok(())
     })
+}
+
+/// `e2e/raw-recipe.sh`, the baseline of the benchmarks, still works on these nodes.
+fn raw_recipe(w: &World) -> Result<()> {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../e2e/raw-recipe.sh");
+    let out = std::process::Command::new("bash")
+        .arg(&script)
+        .args(["node-1", "node-2", &w.demo_image])
+        .output()
+        .map_err(|e| format!("running {}: {e}", script.display()))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success(),
+        "the raw recipe failed: {}\n{text}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let value = |key: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{key}=")))
+            .unwrap_or_default()
+            .to_string()
+    };
+    let number = |key: &str| value(key).parse::<u64>().unwrap_or(0);
+    ensure!(
+        !value("source_id").is_empty() && value("source_id") == value("target_id"),
+        "the target does not run the restored process:\n{text}"
+    );
+    ensure!(
+        number("target_counter") >= number("source_counter") && number("archive_bytes") > 0,
+        "{text}"
+    );
+    for key in ["checkpoint_ms", "copy_ms", "scp_ms", "restore_ms"] {
+        ensure!(!value(key).is_empty(), "no {key}:\n{text}");
+    }
+    eprint!("{} ", text.split_whitespace().collect::<Vec<_>>().join(" "));
+    Ok(())
 }
