@@ -200,6 +200,61 @@ impl Runtime {
         Ok(status.state())
     }
 
+    /// The running container `container` of the pod with this namespace, name and UID (the
+    /// sandbox metadata the kubelet, or any CRI client, created it with); `None` if there is none.
+    pub async fn find_container(
+        &self,
+        namespace: &str,
+        pod: &str,
+        pod_uid: &str,
+        container: &str,
+    ) -> Result<Option<String>> {
+        let ready = cri::PodSandboxStateValue {
+            state: cri::PodSandboxState::SandboxReady.into(),
+        };
+        let sandboxes = self
+            .cri()
+            .list_pod_sandbox(cri::ListPodSandboxRequest {
+                filter: Some(cri::PodSandboxFilter {
+                    state: Some(ready),
+                    ..Default::default()
+                }),
+            })
+            .await
+            .map_err(call("listing pod sandboxes"))?
+            .into_inner()
+            .items;
+        let Some(sandbox) = sandboxes.into_iter().find(|s| {
+            s.metadata.as_ref().is_some_and(|m| {
+                m.namespace == namespace
+                    && m.name == pod
+                    && (pod_uid.is_empty() || m.uid == pod_uid)
+            })
+        }) else {
+            return Ok(None);
+        };
+        let running = cri::ContainerStateValue {
+            state: cri::ContainerState::ContainerRunning.into(),
+        };
+        let containers = self
+            .cri()
+            .list_containers(cri::ListContainersRequest {
+                filter: Some(cri::ContainerFilter {
+                    pod_sandbox_id: sandbox.id,
+                    state: Some(running),
+                    ..Default::default()
+                }),
+            })
+            .await
+            .map_err(call("listing containers"))?
+            .into_inner()
+            .containers;
+        Ok(containers
+            .into_iter()
+            .find(|c| c.metadata.as_ref().is_some_and(|m| m.name == container))
+            .map(|c| c.id))
+    }
+
     /// Pulls an image (the base image a checkpoint is restored onto).
     pub async fn pull(&self, image: &str) -> Result<String> {
         let reply = ImageServiceClient::new(self.channel.clone())

@@ -517,8 +517,20 @@ impl Agent {
                 ..Default::default()
             })
             .collect();
-        if let Some(c) = record.containers.iter().find(|c| c.id.is_empty()) {
-            return Err(format!("container {} has no runtime ID", c.name));
+        // The operator may not know the runtime's IDs: find them by the pod's sandbox.
+        for c in record.containers.iter_mut().filter(|c| c.id.is_empty()) {
+            c.id = self
+                .inner
+                .runtime
+                .find_container(&pod.namespace, &pod.name, &pod.uid, &c.name)
+                .await
+                .map_err(|e| e.to_string())?
+                .ok_or_else(|| {
+                    format!(
+                        "no running container {} of pod {}/{} on this node",
+                        c.name, pod.namespace, pod.name
+                    )
+                })?;
         }
         self.save(&record)?;
         match self.freeze_and_dump(&mut record).await {
@@ -527,6 +539,10 @@ impl Agent {
                 // Leave the source as it was: running and reachable.
                 if let Err(undo) = self.thaw(&uid).await {
                     return Err(format!("{why}; undoing it failed too: {undo}"));
+                }
+                // Undone: nothing of this attempt is kept.
+                if let Err(e) = self.inner.store.remove(&uid) {
+                    warn!(error = %e, "cannot remove the failed checkpoint's data");
                 }
                 Err(why)
             }

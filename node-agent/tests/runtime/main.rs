@@ -196,7 +196,9 @@ fn migrate(w: &World) -> Result<()> {
 
         let mut target = w.operator(1).await?;
         let mut src = w.operator(0).await?;
-        let pod = source.pod_ref(&image);
+        // As the operator sends it: no runtime IDs; the agent finds the container by the pod.
+        let mut pod = source.pod_ref(&image);
+        pod.containers[0].container_id.clear();
         done("prepare", async || {
             target
                 .prepare_target(v1::PrepareTargetRequest {
@@ -902,6 +904,27 @@ fn invalid_requests(w: &World) -> Result<()> {
         })
         .await?;
         ensure!(why.contains("0123"), "{why}");
+        // Without runtime IDs the agent looks for the pod's containers, and says so when none run.
+        let mut unknown = pod.clone();
+        unknown.containers[0].container_id.clear();
+        let why = fails("checkpoint of a pod not on the node", async || {
+            src.checkpoint(v1::CheckpointRequest {
+                migration_uid: uid.clone(),
+                pod: Some(unknown.clone()),
+            })
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|s| s.to_string())
+        })
+        .await?;
+        ensure!(
+            why.contains("no running container app of pod agent-test/p"),
+            "{why}"
+        );
+        ensure!(
+            !w.stored(0).contains(&uid),
+            "a refused checkpoint left data"
+        );
         // Malformed requests are refused before anything runs.
         let bad = src
             .checkpoint(v1::CheckpointRequest {
