@@ -150,6 +150,33 @@ impl ControlPlane {
         }
     }
 
+    /// A kubeconfig for the kubelet of node `name` (user `system:node:<name>`, group
+    /// `system:nodes`, as the Node authorizer and NodeRestriction expect), pointing at the API
+    /// server's bridge address, which the nodes reach. The control plane must be up.
+    pub fn kubelet_kubeconfig(&self, name: &str) -> Result<String> {
+        let ca_pem = agent_api::pki::Pem {
+            cert: pki::read(&self.pki().join("ca.crt"))?,
+            key: pki::read(&self.pki().join("ca.key"))?,
+        };
+        let ca = Ca::from_pem(ca_pem).map_err(pki::Error::from)?;
+        let user = format!("system:node:{name}");
+        let leaf = ca
+            .issue(&Leaf {
+                common_name: &user,
+                organisations: &["system:nodes"],
+                usage: Some(Usage::Client),
+                ..Default::default()
+            })
+            .map_err(pki::Error::from)?;
+        let server = format!("https://{}:{APISERVER_PORT}", crate::nodes::BRIDGE_IP);
+        kubeconfig_yaml(&server, &ca.pem().cert, &user, &leaf.cert, &leaf.key)
+    }
+
+    /// The cluster CA certificate (PEM).
+    pub fn ca_cert(&self) -> Result<String> {
+        Ok(pki::read(&self.pki().join("ca.crt"))?)
+    }
+
     /// Builds what is missing, then starts the control plane unless it already runs and is ready.
     /// Anything left over from an earlier run that is not healthy is torn down first. Several
     /// processes may call this at once; a file lock makes one of them do the work.
@@ -185,6 +212,7 @@ impl ControlPlane {
         }
         self.write_pki()?;
         self.write_kubeconfigs()?;
+        pki::write(&self.dir.join("recipe"), &self.recipe(), 0o644)?;
         let [etcd, apiserver, controller_manager, scheduler] = self.daemons();
         etcd.spawn()?;
         apiserver.spawn()?;
@@ -203,6 +231,11 @@ impl ControlPlane {
     /// True when every component runs from our binaries and the API server reports ready.
     pub async fn is_ready(&self) -> bool {
         if self.daemons().iter().any(|d| d.running_pid().is_none()) {
+            return false;
+        }
+        // Started with other arguments (an older version of this code): not ours to keep.
+        let recipe = std::fs::read_to_string(self.dir.join("recipe")).unwrap_or_default();
+        if recipe != self.recipe() {
             return false;
         }
         match client_from(&self.env().kubeconfig).await {
@@ -238,6 +271,12 @@ impl ControlPlane {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io_err(&self.dir)(e)),
             _ => Ok(()),
         }
+    }
+
+    /// A fingerprint of how the components are started.
+    fn recipe(&self) -> String {
+        let all: Vec<String> = self.daemons().iter().flat_map(|d| d.args.clone()).collect();
+        format!("{:08x}", crate::rootfs::fnv1a(&all.join("\0")))
     }
 
     fn daemons(&self) -> [Daemon; 4] {
@@ -291,7 +330,9 @@ impl ControlPlane {
                 ("etcd-cafile", p("etcd-ca.crt")),
                 ("etcd-certfile", p("apiserver-etcd-client.crt")),
                 ("etcd-keyfile", p("apiserver-etcd-client.key")),
-                ("bind-address", LOOPBACK.to_string()),
+                // All addresses: the host's clients use 127.0.0.1, the kubelets in the sandbox
+                // nodes the bridge address (TLS and client certificates as everywhere).
+                ("bind-address", "0.0.0.0".into()),
                 ("advertise-address", LOOPBACK.to_string()),
                 ("secure-port", APISERVER_PORT.to_string()),
                 ("cert-dir", self.pki().display().to_string()),
@@ -419,7 +460,11 @@ impl ControlPlane {
                 Leaf {
                     common_name: "kube-apiserver",
                     dns_names: &apiserver_names,
-                    ips: &[LOOPBACK, KUBERNETES_SERVICE_IP],
+                    ips: &[
+                        LOOPBACK,
+                        KUBERNETES_SERVICE_IP,
+                        IpAddr::V4(crate::nodes::BRIDGE_IP),
+                    ],
                     usage: Some(Usage::Server),
                     ..Default::default()
                 },

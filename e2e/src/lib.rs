@@ -8,6 +8,7 @@ pub mod harness;
 pub mod images;
 pub mod install;
 pub mod k8s;
+pub mod kubelets;
 pub mod nodes;
 pub mod pki;
 pub mod process;

@@ -44,6 +44,11 @@ enum Command {
         #[command(subcommand)]
         action: ControlPlaneAction,
     },
+    /// The sandbox cluster: the control plane, three nodes with kubelets, the registry.
+    Cluster {
+        #[command(subcommand)]
+        action: ClusterAction,
+    },
     /// Node runtimes: network namespaces on a bridge, each running containerd, runc and CRIU.
     Node {
         #[command(subcommand)]
@@ -62,6 +67,14 @@ enum NodeAction {
     Down,
     /// Start the image registry and push the test images built from this repository.
     Images,
+}
+
+#[derive(Subcommand, Debug)]
+enum ClusterAction {
+    /// Start what does not run (building what is missing) and wait until every node is Ready.
+    Up,
+    /// Stop the nodes, the registry and the control plane; delete their state.
+    Down,
 }
 
 #[derive(Subcommand, Debug)]
@@ -97,6 +110,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Demo => demo(&ControlPlane::new(&dirs)).await?,
         Command::Node { action } => node(&dirs, action)?,
+        Command::Cluster { action } => cluster(&dirs, action).await?,
     }
     Ok(())
 }
@@ -135,6 +149,55 @@ async fn control_plane(cp: &ControlPlane, action: ControlPlaneAction) -> anyhow:
             if !ready {
                 std::process::exit(1);
             }
+        }
+    }
+    Ok(())
+}
+
+async fn cluster(dirs: &Dirs, action: ClusterAction) -> anyhow::Result<()> {
+    let cp = ControlPlane::new(dirs);
+    let nodes = e2e::nodes::Nodes::new(dirs);
+    match action {
+        ClusterAction::Up => {
+            let started = std::time::Instant::now();
+            let env = cp.up().await.context("starting the control plane")?;
+            let wanted = e2e::nodes::Nodes::named(&["node-1", "node-2", "node-3"])?;
+            nodes.up(&wanted).context("starting the nodes")?;
+            let registry = e2e::registry::Registry::new(dirs);
+            registry.up().context("starting the registry")?;
+            e2e::images::ensure(dirs, &registry).context("building the images")?;
+            let kubelets = e2e::kubelets::Kubelets::new(dirs);
+            for node in &wanted {
+                kubelets.start(node).context("starting a kubelet")?;
+            }
+            let client = env.client().await?;
+            if let Err(why) =
+                e2e::kubelets::wait_ready(&client, &wanted, std::time::Duration::from_secs(120))
+                    .await
+            {
+                for node in &wanted {
+                    eprintln!(
+                        "--- kubelet of {}:\n{}",
+                        node.name,
+                        kubelets.log_tail(node, 15)
+                    );
+                }
+                anyhow::bail!(why);
+            }
+            eprintln!(
+                "cluster ready: {} nodes ({:.1}s)",
+                wanted.len(),
+                started.elapsed().as_secs_f64()
+            );
+            print!("{}", env.shell_exports());
+        }
+        ClusterAction::Down => {
+            e2e::registry::Registry::new(dirs)
+                .down()
+                .context("stopping the registry")?;
+            nodes.down().context("stopping the nodes")?;
+            cp.down().context("stopping the control plane")?;
+            eprintln!("cluster stopped, its state removed");
         }
     }
     Ok(())

@@ -280,6 +280,13 @@ impl Nodes {
         self.dir.join(&node.name)
     }
 
+    /// Whether a process named `comm` runs in the node.
+    pub fn running(&self, node: &Node, comm: &str) -> bool {
+        netns_pids(&node.netns()).into_iter().any(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == comm)
+        })
+    }
+
     /// The host side of the node's `/opt/kube-migros`: what is written here the node sees.
     pub fn host_dir(&self, node: &Node) -> PathBuf {
         self.node_dir(node).join("host")
@@ -322,6 +329,9 @@ impl Nodes {
             )?;
         }
         remove_cgroups(cgroups);
+        for hierarchy in cgroup_hierarchies() {
+            rmdir_tree(&hierarchy.join(NODE_CGROUP_PARENT).join(&node.name));
+        }
         if list_netns().contains(&netns) {
             ip(&["netns", "delete", &netns])?;
         }
@@ -498,6 +508,57 @@ fn list_netns() -> Vec<String> {
 
 /// The cgroup namespace (path prefix) containerd gives the CRI's containers.
 const RUNTIME_CGROUP_PREFIX: &str = "/k8s.io/";
+/// Parent of the nodes' kubelet cgroup roots (`/kube-migros-nodes/<node>` in each v1 hierarchy).
+pub const NODE_CGROUP_PARENT: &str = "kube-migros-nodes";
+
+/// The v1 hierarchies of the host (not the empty cgroup2 mount `unified`).
+fn cgroup_hierarchies() -> Vec<PathBuf> {
+    std::fs::read_dir("/sys/fs/cgroup")
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok())
+                .map(|e| e.path())
+                .filter(|p| p.is_dir() && !p.ends_with("unified"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The kubelet cgroup root of `node`: `/kube-migros-nodes/<node>`, made in every v1 hierarchy
+/// (cpuset ones get their parent's CPUs and memory nodes, which v1 does not inherit).
+pub fn prepare_cgroup_root(node: &Node) -> Result<String> {
+    for hierarchy in cgroup_hierarchies() {
+        let mut dir = hierarchy.clone();
+        for part in [NODE_CGROUP_PARENT, node.name.as_str()] {
+            let parent = dir.clone();
+            dir = dir.join(part);
+            if !dir.exists() {
+                std::fs::create_dir(&dir).map_err(io_err(&dir))?;
+            }
+            for file in ["cpuset.cpus", "cpuset.mems"] {
+                if let Ok(value) = std::fs::read_to_string(parent.join(file))
+                    && std::fs::read_to_string(dir.join(file)).is_ok_and(|v| v.trim().is_empty())
+                {
+                    std::fs::write(dir.join(file), value.trim()).map_err(io_err(&dir))?;
+                }
+            }
+        }
+    }
+    Ok(format!("/{NODE_CGROUP_PARENT}/{}", node.name))
+}
+
+/// Removes a cgroup directory tree, deepest first (a cgroup with processes stays).
+fn rmdir_tree(dir: &Path) {
+    if let Ok(children) = std::fs::read_dir(dir) {
+        for child in children
+            .filter_map(|e| e.ok())
+            .filter(|e| e.path().is_dir())
+        {
+            rmdir_tree(&child.path());
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
+}
 
 /// The cgroup v1 directories of `pid` that the node's runtime made (under `/k8s.io/`); the host's
 /// own cgroups are never written or removed.
@@ -512,7 +573,9 @@ fn runtime_cgroups(pid: i32) -> Vec<PathBuf> {
             let (_, controllers, path) = (fields.next()?, fields.next()?, fields.next()?);
             let controller = controllers.split(',').next().filter(|c| !c.is_empty())?;
             let controller = controller.trim_start_matches("name=");
-            path.starts_with(RUNTIME_CGROUP_PREFIX).then(|| {
+            let ours = path.starts_with(RUNTIME_CGROUP_PREFIX)
+                || path.starts_with(&format!("/{NODE_CGROUP_PARENT}/"));
+            ours.then(|| {
                 Path::new("/sys/fs/cgroup")
                     .join(controller)
                     .join(path.trim_start_matches('/'))
@@ -550,6 +613,7 @@ fn sweep_runtime_cgroups() {
             }
         }
         let _ = std::fs::remove_dir(&root);
+        rmdir_tree(&controller.path().join(NODE_CGROUP_PARENT));
     }
 }
 
