@@ -133,3 +133,22 @@ pub async fn wait_for_default_service_account(client: &Client, ns: &str) {
         .unwrap_or_else(|_| panic!("ServiceAccount {ns}/default not created within 60s"))
         .unwrap_or_else(|e| panic!("watching ServiceAccounts: {e}"));
 }
+
+/// Polls `probe` until it yields a value, failing after `timeout`; for state that no watch shows.
+pub async fn eventually<T, F, Fut>(timeout: std::time::Duration, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(value) = probe().await {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "condition not met within {timeout:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}

@@ -188,3 +188,17 @@ pub async fn wait_ready(
         tokio::time::sleep(std::time::Duration::from_millis(250)).await;
     }
 }
+
+/// Deletes the Node objects of `nodes` (after their kubelets are gone).
+pub async fn forget(client: &kube::Client, nodes: &[Node]) -> Result<(), kube::Error> {
+    use k8s_openapi::api::core::v1::Node as NodeObject;
+    let api: kube::Api<NodeObject> = kube::Api::all(client.clone());
+    for node in nodes {
+        match api.delete(&node.name, &Default::default()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}

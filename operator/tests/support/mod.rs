@@ -145,24 +145,7 @@ fn free_port() -> SocketAddr {
         .expect("a free port")
 }
 
-/// Polls `probe` until it yields a value, failing after `timeout`; for state that no watch shows.
-pub async fn eventually<T, F, Fut>(timeout: Duration, mut probe: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        if let Some(value) = probe().await {
-            return value;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "condition not met within {timeout:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
+pub use e2e::harness::eventually;
 
 /// Three API nodes with a test agent each, certificates, and the kubelet stand-in for
 /// replacement pods.
