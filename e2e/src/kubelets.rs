@@ -25,6 +25,8 @@ pub enum Error {
     ControlPlane(#[from] controlplane::Error),
     #[error(transparent)]
     Pki(#[from] pki::Error),
+    #[error(transparent)]
+    Binaries(#[from] crate::binaries::Error),
     #[error("starting the kubelet of {node}: {source}")]
     Start {
         node: String,
@@ -92,6 +94,9 @@ impl Kubelets {
 
     /// Starts the kubelet of `node` unless one runs there.
     pub fn start(&self, node: &Node) -> Result<(), Error> {
+        // The pod network's IPAM plugin (see nodes.rs: the node's CNI configuration).
+        let ipam = crate::binaries::ensure("node-agent", "migros-ipam")?;
+        self.nodes.install(node, &ipam)?;
         if self.nodes.running(node, "kubelet") {
             return Ok(());
         }
@@ -200,5 +205,28 @@ pub async fn forget(client: &kube::Client, nodes: &[Node]) -> Result<(), kube::E
             Err(e) => return Err(e),
         }
     }
+    Ok(())
+}
+
+/// The extended resource by which RDMA pods ask for a node with SoftRoCE.
+pub const RXE_RESOURCE: &str = "rdma/rxe";
+
+/// Advertises `count` `rdma/rxe` devices in the node's status, as a device plugin would (the
+/// kubelet then reports them allocatable too). The sandbox nodes have no RDMA device: this is
+/// the simulated part, like the agents' rxe counter files.
+pub async fn advertise_rxe(
+    client: &kube::Client,
+    node: &Node,
+    count: u32,
+) -> Result<(), kube::Error> {
+    use k8s_openapi::api::core::v1::Node as NodeObject;
+    let api: kube::Api<NodeObject> = kube::Api::all(client.clone());
+    let patch = serde_json::json!({"status": {"capacity": {RXE_RESOURCE: count.to_string()}}});
+    api.patch_status(
+        &node.name,
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(&patch),
+    )
+    .await?;
     Ok(())
 }

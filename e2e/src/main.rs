@@ -184,6 +184,9 @@ async fn cluster(dirs: &Dirs, action: ClusterAction) -> anyhow::Result<()> {
                 }
                 anyhow::bail!(why);
             }
+            for node in &wanted {
+                e2e::kubelets::advertise_rxe(&client, node, 16).await?;
+            }
             eprintln!(
                 "cluster ready: {} nodes ({:.1}s)",
                 wanted.len(),

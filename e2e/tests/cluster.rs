@@ -64,16 +64,33 @@ async fn kubelets_register_ready_nodes_that_run_pods_on_the_pod_network() {
         );
     }
 
+    // RDMA devices advertised as a device plugin would (simulated: no RDMA here) become
+    // allocatable, and only the nodes that have them take a pod asking for one.
+    kubelets::advertise_rxe(&client, &wanted[1], 4)
+        .await
+        .unwrap();
+    eventually(Duration::from_secs(30), || {
+        let api = api.clone();
+        async move {
+            let n = api.get("node-2").await.ok()?;
+            let allocatable = n.status?.allocatable?;
+            (allocatable.get(kubelets::RXE_RESOURCE)?.0 == "4").then_some(())
+        }
+    })
+    .await;
+
     // The scheduler places a pod; its kubelet runs it on the pod network.
     harness::with_namespace("cluster", |client, ns| {
         let demo = images["demo"].clone();
         let wanted = wanted.clone();
         async move {
             let pods: Api<Pod> = Api::namespaced(client, &ns);
+            // It asks for an rxe device: only node-2 has one.
             let pod: Pod = serde_json::from_value(serde_json::json!({
                 "metadata": {"name": "demo"},
                 "spec": {"containers": [{"name": "app", "image": demo,
-                                         "args": ["serve", "--status", ":8080"]}]}
+                                         "args": ["serve", "--status", ":8080"],
+                                         "resources": {"limits": {"rdma/rxe": "1"}}}]}
             }))
             .unwrap();
             pods.create(&PostParams::default(), &pod).await.unwrap();
@@ -87,6 +104,10 @@ async fn kubelets_register_ready_nodes_that_run_pods_on_the_pod_network() {
             })
             .await;
             let node_name = running.spec.as_ref().unwrap().node_name.clone().unwrap();
+            assert_eq!(
+                node_name, "node-2",
+                "the pod asking for rdma/rxe went elsewhere"
+            );
             let node = wanted.iter().find(|n| n.name == node_name).unwrap();
             let ip: std::net::Ipv4Addr = running.status.unwrap().pod_ip.unwrap().parse().unwrap();
             assert_eq!(
