@@ -33,7 +33,7 @@ use crate::{
     Error, Result,
     agents::{Agents, CallContext},
     metrics::Metrics,
-    replacement, rxe,
+    network, replacement, rxe,
     statemachine::{self, Action, Answer, Call, Facts, PodFacts},
     targets::{self, Candidate},
 };
@@ -389,13 +389,21 @@ async fn execute(pm: &PodMigration, f: &Facts, action: Action, ctx: &Context) ->
                 .filter_map(|c| Some((c.name.clone(), c.image.clone()?)))
                 .collect();
             let target = f.status.target_node.clone().unwrap_or_default();
-            let pod = replacement::build(
+            let mut pod = replacement::build(
                 &template,
                 &target,
                 (&pm.name_any(), &f.uid),
                 f.status.pod_ip.as_deref(),
                 &images,
             );
+            // The IP reservation, in the form the pod network's IPAM reads.
+            if pm.spec.network.keep_ip
+                && let Some(ip) = f.status.pod_ip.as_deref()
+            {
+                network::keeper(pm.spec.network.mechanism, &template)
+                    .reserve(&mut pod, ip)
+                    .map_err(|why| Error::Invalid(format!("{}: {why}", pm.name_any())))?;
+            }
             match pods.create(&PostParams::default(), &pod).await {
                 Ok(created) => {
                     info!(node = %target, uid = ?created.uid(), "created the replacement pod")
