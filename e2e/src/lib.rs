@@ -1,6 +1,7 @@
 //! The kube-migros sandbox: a real Kubernetes control plane and node runtimes (containerd, runc,
 //! CRIU in namespaces) on one Linux machine, built and cached, plus what the tests share.
 
+pub mod agents;
 pub mod binaries;
 pub mod controlplane;
 pub mod fixtures;

@@ -15,6 +15,7 @@ pub mod archive;
 pub mod ipam;
 pub mod metrics;
 pub mod netblock;
+pub mod oci;
 pub mod runtime;
 pub mod rxe;
 pub mod service;

@@ -13,9 +13,10 @@ use node_agent::{
     archive::Limits,
     metrics::Metrics,
     netblock::NetBlock,
+    oci,
     runtime::Runtime,
     rxe,
-    service::{Agent, Config},
+    service::{Agent, Config, CriCheckpointArchive, CriCheckpointImage, RestoreBackend},
 };
 use tracing::{info, warn};
 
@@ -77,6 +78,14 @@ struct Args {
     /// Data of migrations untouched for this many seconds is removed (kept after a commit).
     #[arg(long, default_value_t = 86_400)]
     gc_after_seconds: u64,
+    /// Stage checkpoints as checkpoint OCI images pushed to this repository (`host[:port]/path`),
+    /// which the kubelet can start; without it the runtime gets the archive's path (CRI clients
+    /// that create containers themselves).
+    #[arg(long, env = "CHECKPOINT_REGISTRY")]
+    checkpoint_registry: Option<String>,
+    /// PEM bundle to trust for the checkpoint registry (else no TLS roots are trusted).
+    #[arg(long)]
+    registry_ca: Option<PathBuf>,
     /// Address of /live, /ready and /metrics.
     #[arg(long, default_value = "0.0.0.0:9465")]
     http_addr: SocketAddr,
@@ -131,7 +140,32 @@ async fn main() -> anyhow::Result<()> {
         quick: Duration::from_secs(2),
         transfer_attempts: 3,
     };
-    let agent = Agent::new(config, runtime, counters, net, tls.clone(), metrics.clone());
+    let backend: Box<dyn RestoreBackend> = match &args.checkpoint_registry {
+        Some(repository) => {
+            let ca = match &args.registry_ca {
+                Some(path) => Some(
+                    std::fs::read(path).with_context(|| format!("reading {}", path.display()))?,
+                ),
+                None => None,
+            };
+            let registry = oci::Registry::new(repository, ca.as_deref())
+                .map_err(|e| anyhow::anyhow!("--checkpoint-registry: {e}"))?;
+            Box::new(CriCheckpointImage {
+                registry,
+                runtime: runtime.clone(),
+            })
+        }
+        None => Box::new(CriCheckpointArchive),
+    };
+    let agent = Agent::new(
+        config,
+        runtime,
+        counters,
+        net,
+        backend,
+        tls.clone(),
+        metrics.clone(),
+    );
     info!(
         node = %args.node_name,
         listen = %args.listen,

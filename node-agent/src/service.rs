@@ -26,38 +26,115 @@ use crate::{
     ipam::{Reservation, Reservations},
     metrics::Metrics,
     netblock::NetBlock,
+    oci,
     runtime::{self, Runtime, TaskStatus},
     rxe,
     store::{self, Container, Record, Role, Store},
     transfer::{self, Incoming, Outgoing, RejectReason},
 };
 
-/// The name of the restore backend this agent implements (see [`RestoreBackend`]).
+/// The restore backend that hands the runtime the archive's path.
+pub const CRI_CHECKPOINT_ARCHIVE: &str = "cri-checkpoint-archive";
+/// The restore backend that hands the runtime a checkpoint OCI image.
 pub const CRI_CHECKPOINT_IMAGE: &str = "cri-checkpoint-image";
 
-/// How a node turns a received checkpoint into something its runtime restores from. The CRI
-/// checkpoint-image backend (containerd 2.1-2.3, CRI-O) is built; an OCI runtime wrapper selected
-/// by a RuntimeClass, or KEP-5823 `RestorePod`, slot in here.
+type BoxFuture<'a, T> = std::pin::Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// How a node turns a received, vetted checkpoint into something its runtime restores from. Built:
+/// the CRI backends (containerd 2.1-2.3, CRI-O) with the archive's path (for CRI clients that create
+/// the container themselves) or a checkpoint OCI image (what the kubelet can start); an OCI runtime
+/// wrapper selected by a RuntimeClass, or KEP-5823 `RestorePod`, slot in here.
 pub trait RestoreBackend: Send + Sync + std::fmt::Debug {
     /// The backend's name as capabilities report it.
     fn name(&self) -> &'static str;
-    /// Makes the vetted checkpoint in `unpacked` restorable and answers the image reference the
-    /// replacement pod's container names.
-    fn stage(&self, unpacked: &std::path::Path, out: &std::path::Path) -> Result<String, String>;
+    /// Makes the vetted checkpoint of `container` in `unpacked` restorable (files may go to
+    /// `work`) and answers the image reference the replacement pod's container names.
+    fn stage<'a>(
+        &'a self,
+        uid: &'a str,
+        container: &'a str,
+        unpacked: &'a std::path::Path,
+        work: &'a std::path::Path,
+    ) -> BoxFuture<'a, Result<String, String>>;
 }
 
-/// Restore through the CRI: `CreateContainer` whose image is a checkpoint archive on the node.
+/// Packs the vetted files into `<work>/<container>.tar`.
+async fn pack(
+    container: &str,
+    unpacked: &std::path::Path,
+    work: &std::path::Path,
+) -> Result<PathBuf, String> {
+    let out = work.join(format!("{container}.tar"));
+    let (dir, tar) = (unpacked.to_path_buf(), out.clone());
+    tokio::task::spawn_blocking(move || archive::pack(&dir, &tar))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    Ok(out)
+}
+
+/// Restore through the CRI from an archive path: `CreateContainer` whose image is the archive.
 #[derive(Debug, Clone, Copy)]
-pub struct CriCheckpointImage;
+pub struct CriCheckpointArchive;
+
+impl RestoreBackend for CriCheckpointArchive {
+    fn name(&self) -> &'static str {
+        CRI_CHECKPOINT_ARCHIVE
+    }
+
+    fn stage<'a>(
+        &'a self,
+        _uid: &'a str,
+        container: &'a str,
+        unpacked: &'a std::path::Path,
+        work: &'a std::path::Path,
+    ) -> BoxFuture<'a, Result<String, String>> {
+        Box::pin(async move { Ok(pack(container, unpacked, work).await?.display().to_string()) })
+    }
+}
+
+/// Restore through the CRI from a checkpoint OCI image: packed, pushed to a registry the node
+/// pulls from, and pulled into the node's runtime at once (so the kubelet finds it present).
+#[derive(Debug, Clone)]
+pub struct CriCheckpointImage {
+    pub registry: oci::Registry,
+    pub runtime: Runtime,
+}
 
 impl RestoreBackend for CriCheckpointImage {
     fn name(&self) -> &'static str {
         CRI_CHECKPOINT_IMAGE
     }
 
-    fn stage(&self, unpacked: &std::path::Path, out: &std::path::Path) -> Result<String, String> {
-        archive::pack(unpacked, out).map_err(|e| e.to_string())?;
-        Ok(out.display().to_string())
+    fn stage<'a>(
+        &'a self,
+        uid: &'a str,
+        container: &'a str,
+        unpacked: &'a std::path::Path,
+        work: &'a std::path::Path,
+    ) -> BoxFuture<'a, Result<String, String>> {
+        Box::pin(async move {
+            let layer = pack(container, unpacked, work).await?;
+            let image = {
+                let (name, layer) = (container.to_string(), layer.clone());
+                tokio::task::spawn_blocking(move || oci::Image::new(&name, &layer))
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| e.to_string())?
+            };
+            let reference = self
+                .registry
+                .push(&image, &format!("{uid}-{container}"))
+                .await
+                .map_err(|e| format!("pushing the checkpoint image: {e}"))?;
+            self.runtime
+                .pull(&reference)
+                .await
+                .map_err(|e| format!("pulling the checkpoint image: {e}"))?;
+            // The runtime has its own copy now.
+            let _ = tokio::fs::remove_file(&layer).await;
+            Ok(reference)
+        })
     }
 }
 
@@ -192,6 +269,7 @@ impl Agent {
         runtime: Runtime,
         rxe: rxe::Counters,
         net: NetBlock,
+        backend: Box<dyn RestoreBackend>,
         tls: TlsMaterial,
         metrics: Arc<Metrics>,
     ) -> Self {
@@ -205,7 +283,7 @@ impl Agent {
                 net,
                 store,
                 reservations,
-                backend: Box::new(CriCheckpointImage),
+                backend,
                 tls,
                 metrics,
                 operations: Mutex::default(),
@@ -328,13 +406,22 @@ impl Agent {
                 }
                 op
             }
-            _ => self
-                .inner
-                .operations
-                .lock()
-                .ok()
-                .and_then(|ops| ops.get(&(uid.to_string(), step)).cloned())
-                .unwrap_or_else(|| v1::Operation::running(uid)),
+            // Still running, or it ended just as the wait did: a failure read here is reported
+            // now, so it is forgotten now.
+            _ => {
+                let Ok(mut ops) = self.inner.operations.lock() else {
+                    return v1::Operation::failed(uid, "operation table poisoned");
+                };
+                let key = (uid.to_string(), step);
+                match ops.get(&key).cloned() {
+                    Some(op) if op.state() == v1::State::Failed => {
+                        ops.remove(&key);
+                        op
+                    }
+                    Some(op) => op,
+                    None => v1::Operation::running(uid),
+                }
+            }
         }
     }
 
@@ -410,12 +497,15 @@ impl Agent {
             .ok_or_else(|| format!("migration {uid} was not prepared on this node"))?;
         let mut staged = Vec::new();
         for c in &record.containers {
-            let image = c.staged.as_ref().filter(|p| p.is_file()).ok_or_else(|| {
+            // A path must still be there; an image reference is the runtime's.
+            let present =
+                |image: &&String| !image.starts_with('/') || std::path::Path::new(image).is_file();
+            let image = c.staged.as_ref().filter(present).ok_or_else(|| {
                 format!("the checkpoint of container {} was not received", c.name)
             })?;
             staged.push(v1::StagedContainer {
                 name: c.name.clone(),
-                image: image.display().to_string(),
+                image: image.clone(),
             });
         }
         if let Some(block) = req.rxe.as_ref().map(rxe::Block::from) {
@@ -1017,7 +1107,7 @@ impl Agent {
         uid: &str,
         container: &str,
         part: &std::path::Path,
-    ) -> Result<PathBuf, RejectReason> {
+    ) -> Result<String, RejectReason> {
         let io = |e: String| RejectReason::Io(e);
         let unpacked = self
             .inner
@@ -1025,34 +1115,36 @@ impl Agent {
             .subdir(uid, "unpacked")
             .map_err(|e| io(e.to_string()))?
             .join(container);
-        let staged = self
+        let work = self
             .inner
             .store
             .subdir(uid, "staged")
-            .map_err(|e| io(e.to_string()))?
-            .join(format!("{container}.tar"));
+            .map_err(|e| io(e.to_string()))?;
         let limits = self.inner.config.limits;
-        let agent = self.clone();
-        let part = part.to_path_buf();
-        let name = container.to_string();
+        let (part_path, dir, name) = (part.to_path_buf(), unpacked.clone(), container.to_string());
         tokio::task::spawn_blocking(move || {
-            let file =
-                std::fs::File::open(&part).map_err(|e| io(format!("{}: {e}", part.display())))?;
-            let _ = std::fs::remove_dir_all(&unpacked);
-            archive::unpack(std::io::BufReader::new(file), &unpacked, limits).map_err(
-                |source| RejectReason::Unsafe {
-                    container: name.clone(),
+            let file = std::fs::File::open(&part_path)
+                .map_err(|e| io(format!("{}: {e}", part_path.display())))?;
+            let _ = std::fs::remove_dir_all(&dir);
+            archive::unpack(std::io::BufReader::new(file), &dir, limits)
+                .map(drop)
+                .map_err(|source| RejectReason::Unsafe {
+                    container: name,
                     source,
-                },
-            )?;
-            agent.inner.backend.stage(&unpacked, &staged).map_err(io)?;
-            // Only the staged image is kept.
-            let _ = std::fs::remove_dir_all(&unpacked);
-            let _ = std::fs::remove_file(&part);
-            Ok(staged)
+                })
         })
         .await
-        .map_err(|e| io(e.to_string()))?
+        .map_err(|e| io(e.to_string()))??;
+        let staged = self
+            .inner
+            .backend
+            .stage(uid, container, &unpacked, &work)
+            .await
+            .map_err(io);
+        // Only what the backend staged is kept.
+        let _ = tokio::fs::remove_dir_all(&unpacked).await;
+        let _ = tokio::fs::remove_file(part).await;
+        staged
     }
 
     /// Removes everything a refused stream left, so that nothing half-staged remains.

@@ -44,7 +44,7 @@ pub struct Container {
     pub digest: String,
     /// Target: the image the runtime restores this container from, once staged.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub staged: Option<PathBuf>,
+    pub staged: Option<String>,
 }
 
 /// What this node did for one migration.

@@ -315,6 +315,16 @@ fn migrate(w: &World) -> Result<()> {
         .await?;
         ensure!(staged.staged.len() == 1, "staged {:?}", staged.staged);
         let staged_image = staged.staged[0].image.clone();
+        // A checkpoint image in the registry, already pulled into node-2's runtime.
+        ensure!(
+            staged_image.starts_with(&format!("{}:{uid}-app", world::CHECKPOINT_REPOSITORY)),
+            "staged image {staged_image}"
+        );
+        let present = w.exec(1, &["crictl", "inspecti", &staged_image]);
+        ensure!(
+            present.is_ok(),
+            "the checkpoint image is not in node-2's runtime: {present:?}"
+        );
         // The counters hold the pod's block when the restore starts, and the IP is blocked on
         // the target until the restored sockets exist.
         ensure!(
@@ -734,11 +744,12 @@ fn bad_archives(w: &World) -> Result<()> {
             .map_err(|s| format!("the good archive was refused: {}", s.message()))?
             .into_inner();
         ensure!(ok.bytes == n && ok.archives.len() == 1, "received {ok:?}");
-        let staged = w.written(
-            1,
-            &format!("/var/lib/kube-migros/migrations/{uid}/staged/app.tar"),
+        let image = format!("{}:{uid}-app", world::CHECKPOINT_REPOSITORY);
+        let present = w.exec(1, &["crictl", "inspecti", &image]);
+        ensure!(
+            present.is_ok(),
+            "the staged image {image} is not in the runtime: {present:?}"
         );
-        ensure!(staged.is_file(), "nothing staged at {}", staged.display());
 
         // A stream for a migration the node was never asked to prepare is refused.
         let mut peer = w.client(1, Some(w.certs.agent()), None).await?;

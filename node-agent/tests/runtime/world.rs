@@ -6,7 +6,7 @@ use std::{
     collections::BTreeMap,
     net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::Child,
     time::{Duration, Instant},
 };
 
@@ -23,8 +23,7 @@ use e2e::{
 use tokio::io::AsyncReadExt;
 use tonic::transport::Channel;
 
-/// Port of the agent API on each node's address.
-pub const AGENT_PORT: u16 = 7443;
+pub use e2e::agents::{AGENT_PORT, CHECKPOINT_REPOSITORY};
 /// The largest archive the test agents accept (small, so that "oversized" is cheap to send).
 pub const MAX_ARCHIVE_BYTES: u64 = 64 << 20;
 /// The rxe ranges the test agents accept.
@@ -156,42 +155,31 @@ impl World {
 
     fn start_agent(&self, i: usize) -> Result<Child> {
         let node = &self.nodes[i];
-        let agent = self
-            .handle
-            .install(node, Path::new(env!("CARGO_BIN_EXE_node-agent")))
-            .map_err(|e| e.to_string())?;
         self.handle
             .install(node, Path::new(env!("CARGO_BIN_EXE_migros-ipam")))
             .map_err(|e| e.to_string())?;
-        let pid = node.containerd_pid().ok_or("the node does not run")?;
-        let log_path = self.handle.host_dir(node).join("agent.log");
-        let log = std::fs::File::create(&log_path).map_err(|e| e.to_string())?;
-        let err = log.try_clone().map_err(|e| e.to_string())?;
-        let ip = node.ip();
-        // In the node's mount, network, UTS and IPC namespaces (as a DaemonSet pod with host
-        // mounts and host network), so it sees the node's containerd socket and bridge.
-        Command::new("nsenter")
-            .args(["-t", &pid.to_string(), "-m", "-n", "-u", "-i", "--"])
-            .arg(agent)
-            .args(["--node-name", &node.name])
-            .args(["--listen", &format!("{ip}:{AGENT_PORT}")])
-            .args(["--http-addr", &format!("{ip}:9465")])
-            .args(["--tls-dir", "/opt/kube-migros/tls"])
-            .args(["--rxe-dir", "/opt/kube-migros/rxe"])
-            .args([
+        let options = e2e::agents::AgentOptions {
+            args: [
                 "--rxe-qpn-range",
                 &format!("{}-{}", RXE_RANGE.0, RXE_RANGE.1),
                 "--rxe-mrn-range",
                 &format!("{}-{}", RXE_RANGE.0, RXE_RANGE.1),
-            ])
-            .args(["--rxe-wait-seconds", "2"])
-            .args(["--max-archive-bytes", &MAX_ARCHIVE_BYTES.to_string()])
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(err)
-            .spawn()
-            .map_err(|e| format!("starting the agent on {}: {e}", node.name))
+                "--rxe-wait-seconds",
+                "2",
+                "--max-archive-bytes",
+                &MAX_ARCHIVE_BYTES.to_string(),
+            ]
+            .map(String::from)
+            .to_vec(),
+            announce: None,
+        };
+        e2e::agents::start(
+            &self.handle,
+            node,
+            Path::new(env!("CARGO_BIN_EXE_node-agent")),
+            &options,
+        )
+        .map_err(|e| format!("starting the agent on {}: {e}", node.name))
     }
 
     pub fn agent_log(&self, i: usize) -> String {

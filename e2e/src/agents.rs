@@ -1,0 +1,80 @@
+//! The real node agent on the sandbox nodes: installed into a node and run inside it (the node's
+//! mount, network, UTS and IPC namespaces, as a DaemonSet pod with host mounts and host network
+//! would), with the test's certificates, a per-node rxe counter directory of plain files (no RDMA
+//! device exists here), and checkpoint images pushed to the sandbox registry.
+
+use std::{
+    path::Path,
+    process::{Child, Command, Stdio},
+};
+
+use crate::nodes::{Node, Nodes};
+
+/// Port of the agent API on each node's address.
+pub const AGENT_PORT: u16 = 7443;
+/// Where agents push checkpoint images (the sandbox registry, which every node trusts).
+pub const CHECKPOINT_REPOSITORY: &str = "10.88.0.1:5000/kube-migros/checkpoints";
+
+/// How to run an agent.
+#[derive(Debug, Clone, Default)]
+pub struct AgentOptions {
+    /// Extra arguments (e.g. limits of a test).
+    pub args: Vec<String>,
+    /// Announce with a Lease in this namespace, with this kubeconfig (its text).
+    pub announce: Option<(String, String)>,
+}
+
+/// Installs the agent binary `binary` into `node`, writes the TLS files (`ca.crt`, `tls.crt`,
+/// `tls.key` already in `<host dir>/tls`), resets the rxe counter files, and starts the agent.
+pub fn start(
+    nodes: &Nodes,
+    node: &Node,
+    binary: &Path,
+    options: &AgentOptions,
+) -> std::io::Result<Child> {
+    let err = |e: crate::nodes::Error| std::io::Error::other(e.to_string());
+    let agent = nodes.install(node, binary).map_err(err)?;
+    let host = nodes.host_dir(node);
+    let rxe = host.join("rxe");
+    std::fs::create_dir_all(&rxe)?;
+    for f in ["last_qpn", "last_mrn"] {
+        std::fs::write(rxe.join(f), "0\n")?;
+    }
+    let pid = node
+        .containerd_pid()
+        .ok_or_else(|| std::io::Error::other(format!("node {} is not running", node.name)))?;
+    let log = std::fs::File::create(host.join("agent.log"))?;
+    let log_err = log.try_clone()?;
+    let ip = node.ip();
+    let mut command = Command::new("nsenter");
+    command
+        .args(["-t", &pid.to_string(), "-m", "-n", "-u", "-i", "--"])
+        .arg(agent)
+        .args(["--node-name", &node.name])
+        .args(["--listen", &format!("{ip}:{AGENT_PORT}")])
+        .args(["--http-addr", &format!("{ip}:9465")])
+        .args(["--tls-dir", "/opt/kube-migros/tls"])
+        .args(["--rxe-dir", "/opt/kube-migros/rxe"])
+        .args(["--checkpoint-registry", CHECKPOINT_REPOSITORY])
+        .args(["--registry-ca", "/etc/kube-migros/registry-ca.crt"])
+        .args(&options.args)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log_err);
+    if let Some((namespace, kubeconfig)) = &options.announce {
+        std::fs::write(host.join("agent.kubeconfig"), kubeconfig)?;
+        command
+            .args(["--lease-namespace", namespace])
+            .args(["--advertise", &format!("{ip}:{AGENT_PORT}")])
+            .env("KUBECONFIG", "/opt/kube-migros/agent.kubeconfig");
+    }
+    command.spawn()
+}
+
+/// The last lines of the agent's log on `node`.
+pub fn log_tail(nodes: &Nodes, node: &Node, lines: usize) -> String {
+    let text = std::fs::read_to_string(nodes.host_dir(node).join("agent.log")).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}

@@ -1,0 +1,337 @@
+//! Checkpoint OCI images, and pushing them to a registry.
+//!
+//! Through the kubelet, containerd restores a container from a *checkpoint image*: an OCI image
+//! whose one layer holds the files of a checkpoint archive and whose manifest is annotated with the
+//! checkpointed container's name. The kubelet pulls it like any image (so it is in the CRI image
+//! store and unpacked), and `CreateContainer` with it restores instead of starting fresh.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    sync::Arc,
+};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
+use hyper::{Method, Request, StatusCode, body::Frame};
+use hyper_util::{client::legacy::Client, rt::TokioExecutor};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+
+use crate::archive;
+
+/// The manifest annotations that mark a checkpoint image (containerd and CRI-O read the first;
+/// checkpointctl writes both).
+pub const CHECKPOINT_NAME_ANNOTATIONS: [&str; 2] = [
+    "io.kubernetes.cri-o.annotations.checkpoint.name",
+    "org.criu.checkpoint.container.name",
+];
+
+pub const MANIFEST_TYPE: &str = "application/vnd.oci.image.manifest.v1+json";
+pub const CONFIG_TYPE: &str = "application/vnd.oci.image.config.v1+json";
+pub const LAYER_TYPE: &str = "application/vnd.oci.image.layer.v1.tar";
+
+/// A content-addressed blob.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Descriptor {
+    pub media_type: String,
+    pub digest: String,
+    pub size: u64,
+}
+
+impl Descriptor {
+    fn json(&self) -> serde_json::Value {
+        json!({"mediaType": self.media_type, "digest": self.digest, "size": self.size})
+    }
+}
+
+fn digest_of(bytes: &[u8]) -> String {
+    let mut h = Sha256::new();
+    h.update(bytes);
+    archive::format_digest(h)
+}
+
+/// A checkpoint image: the layer (a tar file on disk), its config and manifest.
+#[derive(Debug, Clone)]
+pub struct Image {
+    pub layer_path: PathBuf,
+    pub layer: Descriptor,
+    pub config: Bytes,
+    pub manifest: Bytes,
+}
+
+impl Image {
+    /// The image of container `name` whose layer is the tar file `layer_path`.
+    pub fn new(name: &str, layer_path: &Path) -> Result<Self, archive::Error> {
+        let (digest, size) = archive::digest_file(layer_path)?;
+        let layer = Descriptor {
+            media_type: LAYER_TYPE.into(),
+            digest: digest.clone(),
+            size,
+        };
+        let config = serde_json::to_vec(&json!({
+            "architecture": "amd64",
+            "os": "linux",
+            "config": {},
+            "rootfs": {"type": "layers", "diff_ids": [digest]},
+        }))
+        .unwrap_or_default();
+        let config_desc = Descriptor {
+            media_type: CONFIG_TYPE.into(),
+            digest: digest_of(&config),
+            size: config.len() as u64,
+        };
+        let annotations: BTreeMap<&str, &str> = CHECKPOINT_NAME_ANNOTATIONS
+            .iter()
+            .map(|a| (*a, name))
+            .collect();
+        let manifest = serde_json::to_vec(&json!({
+            "schemaVersion": 2,
+            "mediaType": MANIFEST_TYPE,
+            "config": config_desc.json(),
+            "layers": [layer.json()],
+            "annotations": annotations,
+        }))
+        .unwrap_or_default();
+        Ok(Self {
+            layer_path: layer_path.to_path_buf(),
+            layer,
+            config: config.into(),
+            manifest: manifest.into(),
+        })
+    }
+
+    pub fn config_descriptor(&self) -> Descriptor {
+        Descriptor {
+            media_type: CONFIG_TYPE.into(),
+            digest: digest_of(&self.config),
+            size: self.config.len() as u64,
+        }
+    }
+}
+
+/// A repository in a registry (`host[:port]/path`), reached over HTTPS.
+#[derive(Clone)]
+pub struct Registry {
+    host: String,
+    path: String,
+    client: Client<
+        hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+        BoxBody<Bytes, std::io::Error>,
+    >,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Registry({}/{})", self.host, self.path)
+    }
+}
+
+fn full(bytes: Bytes) -> BoxBody<Bytes, std::io::Error> {
+    Full::new(bytes).map_err(|never| match never {}).boxed()
+}
+
+impl Registry {
+    /// `repository` is `host[:port]/path`; `ca` a PEM bundle to trust (else the system roots).
+    pub fn new(repository: &str, ca: Option<&[u8]>) -> Result<Self, String> {
+        let (host, path) = repository
+            .split_once('/')
+            .filter(|(h, p)| !h.is_empty() && !p.is_empty())
+            .ok_or_else(|| format!("{repository:?} is not host/path"))?;
+        let mut roots = rustls::RootCertStore::empty();
+        if let Some(pem) = ca {
+            let mut reader = std::io::BufReader::new(pem);
+            for cert in rustls_pemfile_certs(&mut reader)? {
+                roots.add(cert).map_err(|e| e.to_string())?;
+            }
+        }
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(config)
+            .https_only()
+            .enable_http1()
+            .build();
+        Ok(Self {
+            host: host.into(),
+            path: path.into(),
+            client: Client::builder(TokioExecutor::new()).build(https),
+        })
+    }
+
+    fn url(&self, rest: &str) -> String {
+        format!("https://{}/v2/{}/{rest}", self.host, self.path)
+    }
+
+    async fn send(
+        &self,
+        method: Method,
+        url: &str,
+        content_type: Option<&str>,
+        length: Option<u64>,
+        body: BoxBody<Bytes, std::io::Error>,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, String> {
+        let mut req = Request::builder().method(method.clone()).uri(url);
+        if let Some(t) = content_type {
+            req = req.header("content-type", t);
+        }
+        if let Some(n) = length {
+            req = req.header("content-length", n);
+        }
+        let req = req.body(body).map_err(|e| e.to_string())?;
+        self.client
+            .request(req)
+            .await
+            .map_err(|e| format!("{method} {url}: {e}"))
+    }
+
+    /// Uploads a blob unless the registry has it.
+    async fn blob(
+        &self,
+        digest: &str,
+        size: u64,
+        body: impl FnOnce() -> BoxBody<Bytes, std::io::Error>,
+    ) -> Result<(), String> {
+        let head = self
+            .send(
+                Method::HEAD,
+                &self.url(&format!("blobs/{digest}")),
+                None,
+                None,
+                full(Bytes::new()),
+            )
+            .await?;
+        if head.status() == StatusCode::OK {
+            return Ok(());
+        }
+        let start = self
+            .send(
+                Method::POST,
+                &self.url("blobs/uploads/"),
+                None,
+                Some(0),
+                full(Bytes::new()),
+            )
+            .await?;
+        if start.status() != StatusCode::ACCEPTED {
+            return Err(format!("starting an upload: {}", start.status()));
+        }
+        let location = start
+            .headers()
+            .get("location")
+            .and_then(|l| l.to_str().ok())
+            .ok_or("the registry gave no upload location")?;
+        let location = if location.starts_with('/') {
+            format!("https://{}{location}", self.host)
+        } else {
+            location.to_string()
+        };
+        let sep = if location.contains('?') { '&' } else { '?' };
+        let put = self
+            .send(
+                Method::PUT,
+                &format!("{location}{sep}digest={digest}"),
+                Some("application/octet-stream"),
+                Some(size),
+                body(),
+            )
+            .await?;
+        if put.status() != StatusCode::CREATED {
+            let status = put.status();
+            let text = put
+                .into_body()
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            return Err(format!(
+                "uploading {digest}: {status} {}",
+                String::from_utf8_lossy(&text)
+            ));
+        }
+        Ok(())
+    }
+
+    /// Pushes `image` as `tag`; returns the reference `host/path:tag`.
+    pub async fn push(&self, image: &Image, tag: &str) -> Result<String, String> {
+        let path = image.layer_path.clone();
+        let file = tokio::fs::File::open(&path)
+            .await
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        let stream = futures::StreamExt::map(tokio_util::io::ReaderStream::new(file), |r| {
+            r.map(Frame::data)
+        });
+        let mut layer_body = Some(BodyExt::boxed(StreamBody::new(stream)));
+        self.blob(&image.layer.digest, image.layer.size, || {
+            layer_body.take().unwrap_or_else(|| full(Bytes::new()))
+        })
+        .await?;
+        let config = image.config_descriptor();
+        self.blob(&config.digest, config.size, || full(image.config.clone()))
+            .await?;
+        let put = self
+            .send(
+                Method::PUT,
+                &self.url(&format!("manifests/{tag}")),
+                Some(MANIFEST_TYPE),
+                Some(image.manifest.len() as u64),
+                full(image.manifest.clone()),
+            )
+            .await?;
+        if put.status() != StatusCode::CREATED {
+            return Err(format!("pushing the manifest: {}", put.status()));
+        }
+        Ok(format!("{}/{}:{tag}", self.host, self.path))
+    }
+}
+
+/// The certificates of a PEM bundle.
+fn rustls_pemfile_certs(
+    reader: &mut dyn std::io::BufRead,
+) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, String> {
+    use rustls::pki_types::{CertificateDer, pem::PemObject};
+    let mut text = Vec::new();
+    reader.read_to_end(&mut text).map_err(|e| e.to_string())?;
+    CertificateDer::pem_slice_iter(&text)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("reading the registry CA: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn a_checkpoint_image_names_its_container_and_addresses_its_parts() {
+        let dir = tempfile::tempdir().unwrap();
+        let layer = dir.path().join("layer.tar");
+        std::fs::write(&layer, b"tar bytes").unwrap();
+        let image = Image::new("app", &layer).unwrap();
+        let manifest: serde_json::Value = serde_json::from_slice(&image.manifest).unwrap();
+        assert_eq!(manifest["mediaType"], MANIFEST_TYPE);
+        for a in CHECKPOINT_NAME_ANNOTATIONS {
+            assert_eq!(manifest["annotations"][a], "app");
+        }
+        assert_eq!(manifest["layers"][0]["digest"], image.layer.digest);
+        assert_eq!(manifest["layers"][0]["size"], 9);
+        assert_eq!(
+            manifest["config"]["digest"],
+            image.config_descriptor().digest
+        );
+        let config: serde_json::Value = serde_json::from_slice(&image.config).unwrap();
+        assert_eq!(config["rootfs"]["diff_ids"][0], image.layer.digest);
+    }
+
+    #[test]
+    fn repositories_need_a_host_and_a_path() {
+        assert!(Registry::new("10.88.0.1:5000/kube-migros/checkpoints", None).is_ok());
+        assert!(Registry::new("no-path", None).is_err());
+        assert!(Registry::new("/path", None).is_err());
+    }
+}
