@@ -81,6 +81,7 @@ impl Certificates {
 
     /// Writes the agent's `ca.crt`, `tls.crt` and `tls.key` into `dir`, as a Secret mounts them.
     pub fn write_agent(&self, dir: &std::path::Path) {
+        std::fs::create_dir_all(dir).expect("the agent's TLS directory");
         pki::write(&dir.join("ca.crt"), &self.ca, 0o644).expect("write ca.crt");
         pki::write_pem(dir, "tls", &self.agent).expect("write the agent's certificate");
     }

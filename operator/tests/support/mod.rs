@@ -259,13 +259,29 @@ impl Scenario {
 
     /// Waits until migration `name` is in `phase` (panics with its status after `timeout`).
     pub async fn wait_phase(&self, name: &str, phase: Phase, timeout: Duration) -> PodMigration {
-        let reached = await_condition(self.migrations(), name, move |pm: Option<&PodMigration>| {
-            pm.and_then(|p| p.status.as_ref()).and_then(|s| s.phase) == Some(phase)
-        });
+        Self::wait_phase_in(&self.client, &self.ns, name, phase, timeout).await
+    }
+
+    /// [`Scenario::wait_phase`] for migration `name` in namespace `ns`.
+    pub async fn wait_phase_in(
+        client: &Client,
+        ns: &str,
+        name: &str,
+        phase: Phase,
+        timeout: Duration,
+    ) -> PodMigration {
+        let migrations: Api<PodMigration> = Api::namespaced(client.clone(), ns);
+        let reached = await_condition(
+            migrations.clone(),
+            name,
+            move |pm: Option<&PodMigration>| {
+                pm.and_then(|p| p.status.as_ref()).and_then(|s| s.phase) == Some(phase)
+            },
+        );
         match tokio::time::timeout(timeout, reached).await {
             Ok(Ok(Some(pm))) => pm,
             _ => {
-                let now = self.migrations().get_opt(name).await.ok().flatten();
+                let now = migrations.get_opt(name).await.ok().flatten();
                 panic!(
                     "{name} not {phase:?} within {timeout:?}; now: {:#?}",
                     now.map(|p| p.status)
