@@ -33,6 +33,8 @@ pub fn start(
     options: &AgentOptions,
 ) -> std::io::Result<Child> {
     let err = |e: crate::nodes::Error| std::io::Error::other(e.to_string());
+    // One agent per node: an earlier one (of an interrupted run) would hold the port.
+    nodes.stop_all(node, "node-agent").map_err(err)?;
     let agent = nodes.install(node, binary).map_err(err)?;
     let host = nodes.host_dir(node);
     let rxe = host.join("rxe");

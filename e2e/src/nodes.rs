@@ -287,6 +287,17 @@ impl Nodes {
         })
     }
 
+    /// Stops every process named `comm` in the node (ours: only the sandbox runs there).
+    pub fn stop_all(&self, node: &Node, comm: &str) -> Result<()> {
+        for pid in netns_pids(&node.netns()) {
+            if std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == comm)
+            {
+                process::stop(pid, comm, Duration::from_secs(5))?;
+            }
+        }
+        Ok(())
+    }
+
     /// The host side of the node's `/opt/kube-migros`: what is written here the node sees.
     pub fn host_dir(&self, node: &Node) -> PathBuf {
         self.node_dir(node).join("host")

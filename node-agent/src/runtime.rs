@@ -200,14 +200,12 @@ impl Runtime {
         Ok(status.state())
     }
 
-    /// The running container `container` of the pod with this namespace, name and UID (the
-    /// sandbox metadata the kubelet, or any CRI client, created it with); `None` if there is none.
-    pub async fn find_container(
+    /// The ID of the ready sandbox of the pod with this namespace, name and UID, if any.
+    pub async fn find_sandbox(
         &self,
         namespace: &str,
         pod: &str,
         pod_uid: &str,
-        container: &str,
     ) -> Result<Option<String>> {
         let ready = cri::PodSandboxStateValue {
             state: cri::PodSandboxState::SandboxReady.into(),
@@ -224,13 +222,50 @@ impl Runtime {
             .map_err(call("listing pod sandboxes"))?
             .into_inner()
             .items;
-        let Some(sandbox) = sandboxes.into_iter().find(|s| {
-            s.metadata.as_ref().is_some_and(|m| {
-                m.namespace == namespace
-                    && m.name == pod
-                    && (pod_uid.is_empty() || m.uid == pod_uid)
+        Ok(sandboxes
+            .into_iter()
+            .find(|s| {
+                s.metadata.as_ref().is_some_and(|m| {
+                    m.namespace == namespace
+                        && m.name == pod
+                        && (pod_uid.is_empty() || m.uid == pod_uid)
+                })
             })
-        }) else {
+            .map(|s| s.id))
+    }
+
+    /// The network namespace path of a sandbox (containerd's verbose status, `NetNSPath`).
+    pub async fn sandbox_netns(&self, sandbox_id: &str) -> Result<Option<String>> {
+        let status = self
+            .cri()
+            .pod_sandbox_status(cri::PodSandboxStatusRequest {
+                pod_sandbox_id: sandbox_id.into(),
+                verbose: true,
+            })
+            .await
+            .map_err(call(format!("reading sandbox {sandbox_id}")))?
+            .into_inner();
+        let info: serde_json::Value = status
+            .info
+            .get("info")
+            .and_then(|i| serde_json::from_str(i).ok())
+            .unwrap_or_default();
+        Ok(info["NetNSPath"]
+            .as_str()
+            .filter(|p| !p.is_empty())
+            .map(String::from))
+    }
+
+    /// The running container `container` of the pod with this namespace, name and UID (the
+    /// sandbox metadata the kubelet, or any CRI client, created it with); `None` if there is none.
+    pub async fn find_container(
+        &self,
+        namespace: &str,
+        pod: &str,
+        pod_uid: &str,
+        container: &str,
+    ) -> Result<Option<String>> {
+        let Some(sandbox_id) = self.find_sandbox(namespace, pod, pod_uid).await? else {
             return Ok(None);
         };
         let running = cri::ContainerStateValue {
@@ -240,7 +275,7 @@ impl Runtime {
             .cri()
             .list_containers(cri::ListContainersRequest {
                 filter: Some(cri::ContainerFilter {
-                    pod_sandbox_id: sandbox.id,
+                    pod_sandbox_id: sandbox_id,
                     state: Some(running),
                     ..Default::default()
                 }),

@@ -586,7 +586,35 @@ impl Agent {
         if let Ok(mut holds) = self.inner.holds.lock() {
             holds.remove(&uid);
         }
+        // The restored pod has a new MAC address on a new port: tell the network.
+        if let Some(record) = self.record(&uid)? {
+            self.announce(&record).await;
+        }
         Ok(v1::Operation::succeeded(&uid))
+    }
+
+    /// Announces the replacement pod's address from its network namespace (best effort: a peer
+    /// that misses it finds the pod when its ARP entry expires).
+    async fn announce(&self, record: &Record) {
+        let rt = &self.inner.runtime;
+        let netns = match rt.find_sandbox(&record.namespace, &record.pod, "").await {
+            Ok(Some(sandbox)) => rt.sandbox_netns(&sandbox).await.ok().flatten(),
+            _ => None,
+        };
+        let Some(netns) = netns else {
+            warn!(migration = %record.uid, "no sandbox of the restored pod to announce its address from");
+            return;
+        };
+        let path = std::path::PathBuf::from(&netns);
+        match tokio::task::spawn_blocking(move || crate::netblock::announce(&path)).await {
+            Ok(Ok(())) => info!(migration = %record.uid, %netns, "announced the pod's address"),
+            Ok(Err(e)) => {
+                warn!(migration = %record.uid, error = %e, "cannot announce the pod's address")
+            }
+            Err(e) => {
+                warn!(migration = %record.uid, error = %e, "cannot announce the pod's address")
+            }
+        }
     }
 
     // ---- source steps ----
@@ -899,17 +927,50 @@ impl Agent {
                 }
             }
         }
-        // The source's network block stays until Cleanup: the old sandbox must never answer
-        // for the IP again, not even ARP, while it is torn down.
         self.update(&uid, |r| {
             r.committed = true;
             if role == Role::Source {
                 r.stopped = true;
             }
         })?;
+        // The source's network block stays while the old sandbox exists: it must never answer
+        // for the IP again, not even ARP. Once it is gone, other pods of this node must reach the
+        // address where it lives now, so the block goes too.
+        if role == Role::Source && record.blocked {
+            tokio::spawn(self.clone().unblock_when_sandbox_gone(record));
+        }
         let mut op = v1::Operation::succeeded(&uid);
         op.location = self.location(&uid);
         Ok(op)
+    }
+
+    async fn unblock_when_sandbox_gone(self, record: Record) {
+        let Ok(Some(ip)) = ipv4(&record.pod_ip) else {
+            return;
+        };
+        let deadline = Instant::now() + Duration::from_secs(600);
+        loop {
+            let ready = self
+                .inner
+                .runtime
+                .find_sandbox(&record.namespace, &record.pod, &record.pod_uid)
+                .await;
+            match ready {
+                Ok(None) => break,
+                Ok(Some(_)) | Err(_) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                // Given up: Cleanup lifts it.
+                _ => return,
+            }
+        }
+        match self.inner.net.unblock(ip).await {
+            Ok(()) => {
+                info!(migration = %record.uid, %ip, "the old sandbox is gone; the pod IP is unblocked here");
+                let _ = self.update(&record.uid, |r| r.blocked = false);
+            }
+            Err(e) => warn!(migration = %record.uid, error = %e, "cannot unblock the pod IP"),
+        }
     }
 
     async fn abort(self, uid: String, role: Role) -> Result<v1::Operation, String> {

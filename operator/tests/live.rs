@@ -62,6 +62,122 @@ async fn running_pod(pods: &Api<Pod>, name: &str, not_uid: Option<String>) -> Po
     .await
 }
 
+fn node_of(pod: &Pod) -> String {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.node_name.clone())
+        .unwrap_or_default()
+}
+
+fn pod_manifest(
+    image: &str,
+    name: &str,
+    node: &str,
+    args: serde_json::Value,
+    labels: serde_json::Value,
+    resources: serde_json::Value,
+) -> Pod {
+    serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name, "labels": labels},
+        "spec": {"nodeName": node, "containers": [{
+            "name": "app", "image": image, "args": args, "resources": resources}]}
+    }))
+    .unwrap()
+}
+
+/// The test's view of the cluster.
+struct Live {
+    client: kube::Client,
+    ns: String,
+    pods: Api<Pod>,
+    nodes: Nodes,
+    wanted: Vec<e2e::nodes::Node>,
+}
+
+impl Live {
+    /// `kubectl apply` of PodMigration `name` of pod `app` (to `target`, or anywhere).
+    async fn apply(&self, name: &str, target: Option<&str>, extra: &str) {
+        let target = target
+            .map(|t| format!("  targetNode: {t}\n"))
+            .unwrap_or_default();
+        let manifest = format!(
+            "apiVersion: migros.io/v1alpha1\nkind: PodMigration\nmetadata:\n  name: {name}\n  namespace: {}\nspec:\n  podName: app\n{target}{extra}",
+            self.ns
+        );
+        let path = std::env::temp_dir().join(format!("{}-{name}.yaml", self.ns));
+        std::fs::write(&path, manifest).unwrap();
+        let env = harness::env().await;
+        let out = harness::kubectl(&env, &["apply", "-f", &path.display().to_string()]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Waits for `phase`; on failure prints the agents' logs.
+    async fn wait(&self, name: &str, phase: Phase) -> crds::PodMigration {
+        let wait = Scenario::wait_phase_in(
+            &self.client,
+            &self.ns,
+            name,
+            phase,
+            Duration::from_secs(180),
+        );
+        match std::panic::AssertUnwindSafe(wait).catch_unwind().await {
+            Ok(pm) => pm,
+            Err(panic) => {
+                for node in &self.wanted {
+                    eprintln!(
+                        "--- agent {}:\n{}",
+                        node.name,
+                        agents::log_tail(&self.nodes, node, 30)
+                    );
+                }
+                std::panic::resume_unwind(panic);
+            }
+        }
+    }
+
+    /// Waits until the workload at `ip` received more of the peer's stream than `before` and
+    /// checks that it is the same process, counting on, on the peer's one connection, with no
+    /// record lost or repeated.
+    async fn continued(
+        &self,
+        ip: Ipv4Addr,
+        before: &std::collections::BTreeMap<String, String>,
+        step: &str,
+    ) -> std::collections::BTreeMap<String, String> {
+        let received = num(before, "received");
+        let after = eventually(Duration::from_secs(30), || async move {
+            status(ip)
+                .await
+                .filter(|s| num(s, "received") > received + 64 * 50)
+        })
+        .await;
+        assert_eq!(
+            after.get("id"),
+            before.get("id"),
+            "{step}: not the same process"
+        );
+        assert!(
+            num(&after, "counter") > num(before, "counter"),
+            "{step}: {after:?}"
+        );
+        assert_eq!(
+            num(&after, "conns"),
+            1,
+            "{step}: the peer reconnected: {after:?}"
+        );
+        assert_eq!(
+            num(&after, "gaps"),
+            0,
+            "{step}: records lost or repeated: {after:?}"
+        );
+        after
+    }
+}
+
 fn ip_of(pod: &Pod) -> Ipv4Addr {
     pod.status
         .as_ref()
@@ -108,89 +224,169 @@ async fn a_pod_moves_between_real_nodes_keeping_its_state_ip_and_tcp_peer() {
         let (agent_binary, demo) = (agent_binary.clone(), images["demo"].clone());
         async move {
             let certs = Certificates::generate();
-            let mut children = Vec::new();
-            for node in &wanted {
+            let start_agent = |i: usize| {
+                let node = &wanted[i];
                 certs.write_agent(&nodes.host_dir(node).join("tls"));
                 let options = agents::AgentOptions {
                     args: Vec::new(),
                     announce: Some((ns.clone(), kubeconfig.clone())),
                 };
-                children.push(agents::start(&nodes, node, &agent_binary, &options).unwrap());
-            }
+                agents::start(&nodes, node, &agent_binary, &options).unwrap()
+            };
+            let mut children: Vec<_> = (0..wanted.len()).map(start_agent).collect();
             let mut operator = Operator::start(&ns, "live-1", &certs).await;
             operator.wait_ready().await;
-            let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
-            let pod = |name: &str, node: &str, args: serde_json::Value, labels: serde_json::Value| {
-                serde_json::from_value::<Pod>(serde_json::json!({
-                    "metadata": {"name": name, "labels": labels},
-                    "spec": {"nodeName": node, "containers": [{
-                        "name": "app", "image": demo, "args": args}]}
-                }))
-                .unwrap()
+            // Every agent announced itself before anything is asked of them.
+            let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+                Api::namespaced(client.clone(), &ns);
+            eventually(Duration::from_secs(30), || {
+                let leases = leases.clone();
+                async move {
+                    let list = leases.list(&Default::default()).await.ok()?;
+                    let agents = list
+                        .items
+                        .iter()
+                        .filter(|l| {
+                            l.metadata
+                                .name
+                                .as_deref()
+                                .is_some_and(|n| n.starts_with("kube-migros-agent-"))
+                        })
+                        .count();
+                    (agents == 3).then_some(())
+                }
+            })
+            .await;
+            let live = Live {
+                client: client.clone(),
+                ns: ns.clone(),
+                pods: Api::namespaced(client.clone(), &ns),
+                nodes: nodes.clone(),
+                wanted: wanted.clone(),
             };
-            let app = pod(
+            // The workload is an RDMA pod: it asks for an rxe device and owns an rxe block.
+            let app = pod_manifest(
+                &demo,
                 "app",
                 "node-1",
                 serde_json::json!(["serve", "--status", ":8080", "--listen", ":9000"]),
-                serde_json::json!({"migros.io/migratable": "true", "app": "demo"}),
+                serde_json::json!({"migros.io/migratable": "true", "migros.io/rdma": "true"}),
+                serde_json::json!({"limits": {"rdma/rxe": "1"}}),
             );
-            pods.create(&PostParams::default(), &app).await.unwrap();
-            let app = running_pod(&pods, "app", None).await;
-            let ip = ip_of(&app);
-            let peer = pod(
+            live.pods
+                .create(&PostParams::default(), &app)
+                .await
+                .unwrap();
+            let mut current = running_pod(&live.pods, "app", None).await;
+            let ip = ip_of(&current);
+            let peer = pod_manifest(
+                &demo,
                 "peer",
                 "node-3",
                 serde_json::json!(["stream", "--to", format!("{ip}:9000"), "--status", ":8080"]),
                 serde_json::json!({}),
+                serde_json::json!({}),
             );
-            pods.create(&PostParams::default(), &peer).await.unwrap();
-            let before = eventually(Duration::from_secs(30), || async move {
-                status(ip).await.filter(|s| num(s, "received") > 0 && num(s, "counter") > 50)
+            live.pods
+                .create(&PostParams::default(), &peer)
+                .await
+                .unwrap();
+            let mut before = eventually(Duration::from_secs(30), || async move {
+                status(ip)
+                    .await
+                    .filter(|s| num(s, "received") > 0 && num(s, "counter") > 50)
             })
             .await;
 
-            let manifest = format!(
-                "apiVersion: migros.io/v1alpha1\nkind: PodMigration\nmetadata:\n  name: hop-1\n  namespace: {ns}\nspec:\n  podName: app\n  targetNode: node-2\n"
-            );
-            let path = std::env::temp_dir().join(format!("{ns}-hop-1.yaml"));
-            std::fs::write(&path, manifest).unwrap();
-            let env = harness::env().await;
-            let out = harness::kubectl(&env, &["apply", "-f", &path.display().to_string()]);
-            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-
-            let done = Scenario::wait_phase_in(
-                &client,
-                &ns,
-                "hop-1",
-                Phase::Succeeded,
-                Duration::from_secs(180),
-            );
-            let done = match std::panic::AssertUnwindSafe(done).catch_unwind().await {
-                Ok(pm) => pm,
-                Err(panic) => {
-                    for node in &wanted {
-                        eprintln!("--- agent {}:\n{}", node.name, agents::log_tail(&nodes, node, 30));
-                    }
-                    std::panic::resume_unwind(panic);
+            // node-1 -> node-2 -> node-3, then with no target node.
+            for (hop, target) in [
+                ("hop-1", Some("node-2")),
+                ("hop-2", Some("node-3")),
+                ("hop-3", None),
+            ] {
+                let from = node_of(&current);
+                live.apply(hop, target, "").await;
+                let done = live.wait(hop, Phase::Succeeded).await;
+                eprintln!("{hop}: succeeded; waiting for the replacement pod to run");
+                let moved = running_pod(&live.pods, "app", current.metadata.uid.clone()).await;
+                let to = node_of(&moved);
+                match target {
+                    Some(t) => assert_eq!(to, t),
+                    None => assert!(
+                        to != from && wanted.iter().any(|n| n.name == to),
+                        "{from} -> {to}"
+                    ),
                 }
-            };
-            let moved = running_pod(&pods, "app", app.metadata.uid.clone()).await;
-            assert_eq!(moved.spec.as_ref().unwrap().node_name.as_deref(), Some("node-2"));
-            assert_eq!(ip_of(&moved), ip, "the pod IP changed");
-            let received_before = num(&before, "received");
-            let after = eventually(Duration::from_secs(30), || async move {
-                status(ip).await.filter(|s| num(s, "received") > received_before + 64 * 50)
-            })
+                assert_eq!(ip_of(&moved), ip, "the pod IP changed on {hop}");
+                eprintln!("{hop}: the replacement runs on {to}; checking the workload");
+                let after = live.continued(ip, &before, hop).await;
+                let status = done.status.clone().unwrap_or_default();
+                // The target's rxe counters hold the pod's block (its restore set them).
+                let block = status.rxe.expect("the RDMA pod's block");
+                let node = wanted.iter().find(|n| n.name == to).unwrap();
+                let qpn =
+                    std::fs::read_to_string(nodes.host_dir(node).join("rxe/last_qpn")).unwrap();
+                assert_eq!(
+                    qpn.trim(),
+                    block.qpn_start.to_string(),
+                    "{hop}: last_qpn on {to}"
+                );
+                eprintln!(
+                    "{hop}: {from} -> {to}, timings {:?}, peer's longest pause so far {} ms",
+                    status.timings,
+                    after.get("maxgap_ms").cloned().unwrap_or_default()
+                );
+                current = moved;
+                before = after;
+            }
+
+            // The target agent dies during a (slowed) transfer: rolled back, the source pod is the
+            // same pod, running, its state and its peer's connection intact.
+            let from = node_of(&current);
+            let target_index = (0..wanted.len()).find(|i| wanted[*i].name != from).unwrap();
+            let target = wanted[target_index].name.clone();
+            live.apply(
+                "crash-1",
+                Some(&target),
+                "  compression: None\n  bandwidthLimit: 100Ki\n",
+            )
             .await;
-            assert_eq!(after.get("id"), before.get("id"), "not the same process");
-            assert!(num(&after, "counter") >= num(&before, "counter"));
-            assert_eq!(num(&after, "conns"), 1, "the peer reconnected: {after:?}");
-            assert_eq!(num(&after, "gaps"), 0, "records lost or repeated: {after:?}");
-            eprintln!(
-                "hop-1: {:?}; peer's longest pause {} ms",
-                done.status.as_ref().map(|s| &s.timings),
-                after.get("maxgap_ms").cloned().unwrap_or_default()
+            live.wait("crash-1", Phase::Transferring).await;
+            let _ = children[target_index].kill();
+            let _ = children[target_index].wait();
+            let rolled = live.wait("crash-1", Phase::RolledBack).await;
+            let (_, message) = Scenario::reason(&rolled);
+            eprintln!("crash-1 rolled back: {message}");
+            let same = running_pod(&live.pods, "app", None).await;
+            assert_eq!(
+                same.metadata.uid, current.metadata.uid,
+                "the source pod was replaced"
             );
+            assert_eq!(node_of(&same), from);
+            before = live.continued(ip, &before, "crash-1").await;
+            children[target_index] = start_agent(target_index);
+
+            // A PodMigration deleted in the middle of its transfer: aborted, nothing changes.
+            live.apply(
+                "gone-1",
+                Some(&target),
+                "  compression: None\n  bandwidthLimit: 100Ki\n",
+            )
+            .await;
+            live.wait("gone-1", Phase::Transferring).await;
+            let env = harness::env().await;
+            let out = harness::kubectl(&env, &["delete", "pm", "gone-1", "-n", &ns, "--wait=true"]);
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let same = running_pod(&live.pods, "app", None).await;
+            assert_eq!(
+                same.metadata.uid, current.metadata.uid,
+                "the source pod was replaced"
+            );
+            live.continued(ip, &before, "gone-1").await;
 
             operator.kill();
             for mut child in children {
