@@ -3,7 +3,9 @@
 
 pub mod agents;
 pub mod binaries;
+pub mod cluster;
 pub mod controlplane;
+pub mod demo;
 pub mod fixtures;
 pub mod gobuild;
 pub mod harness;

@@ -2,19 +2,7 @@
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use e2e::{
-    Dirs,
-    controlplane::{ControlPlane, Env},
-    install, k8s,
-};
-use k8s_openapi::api::core::v1::Namespace;
-use kube::{
-    Api,
-    api::{ObjectMeta, Patch, PatchParams},
-};
-
-/// Namespace the demo works in.
-const DEMO_NAMESPACE: &str = "kube-migros-demo";
+use e2e::{Dirs, controlplane::ControlPlane, k8s};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -34,8 +22,8 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Bring up the sandbox, install kube-migros and show a PodMigration being accepted and
-    /// validated by the real API server.
+    /// Bring up the sandbox cluster, run kube-migros and live-migrate the demo workload twice,
+    /// printing a timeline of each move.
     Demo,
     /// Build the Kubernetes binaries of the sandbox into the cache (done by `up` when needed).
     Build,
@@ -108,7 +96,7 @@ async fn main() -> anyhow::Result<()> {
         Command::ControlPlane { action } => {
             control_plane(&ControlPlane::new(&dirs), action).await?
         }
-        Command::Demo => demo(&ControlPlane::new(&dirs)).await?,
+        Command::Demo => e2e::demo::run(&dirs).await?,
         Command::Node { action } => node(&dirs, action)?,
         Command::Cluster { action } => cluster(&dirs, action).await?,
     }
@@ -155,51 +143,19 @@ async fn control_plane(cp: &ControlPlane, action: ControlPlaneAction) -> anyhow:
 }
 
 async fn cluster(dirs: &Dirs, action: ClusterAction) -> anyhow::Result<()> {
-    let cp = ControlPlane::new(dirs);
-    let nodes = e2e::nodes::Nodes::new(dirs);
     match action {
         ClusterAction::Up => {
             let started = std::time::Instant::now();
-            let env = cp.up().await.context("starting the control plane")?;
-            let wanted = e2e::nodes::Nodes::named(&["node-1", "node-2", "node-3"])?;
-            nodes.up(&wanted).context("starting the nodes")?;
-            let registry = e2e::registry::Registry::new(dirs);
-            registry.up().context("starting the registry")?;
-            e2e::images::ensure(dirs, &registry).context("building the images")?;
-            let kubelets = e2e::kubelets::Kubelets::new(dirs);
-            for node in &wanted {
-                kubelets.start(node).context("starting a kubelet")?;
-            }
-            let client = env.client().await?;
-            if let Err(why) =
-                e2e::kubelets::wait_ready(&client, &wanted, std::time::Duration::from_secs(120))
-                    .await
-            {
-                for node in &wanted {
-                    eprintln!(
-                        "--- kubelet of {}:\n{}",
-                        node.name,
-                        kubelets.log_tail(node, 15)
-                    );
-                }
-                anyhow::bail!(why);
-            }
-            for node in &wanted {
-                e2e::kubelets::advertise_rxe(&client, node, 16).await?;
-            }
+            let cluster = e2e::cluster::up(dirs).await?;
             eprintln!(
                 "cluster ready: {} nodes ({:.1}s)",
-                wanted.len(),
+                cluster.nodes.len(),
                 started.elapsed().as_secs_f64()
             );
-            print!("{}", env.shell_exports());
+            print!("{}", cluster.env.shell_exports());
         }
         ClusterAction::Down => {
-            e2e::registry::Registry::new(dirs)
-                .down()
-                .context("stopping the registry")?;
-            nodes.down().context("stopping the nodes")?;
-            cp.down().context("stopping the control plane")?;
+            e2e::cluster::down(dirs).await?;
             eprintln!("cluster stopped, its state removed");
         }
     }
@@ -235,81 +191,6 @@ fn node(dirs: &Dirs, action: NodeAction) -> anyhow::Result<()> {
                 println!("{name}\t{reference}");
             }
         }
-    }
-    Ok(())
-}
-
-async fn demo(cp: &ControlPlane) -> anyhow::Result<()> {
-    let started = std::time::Instant::now();
-    eprintln!(
-        "==> starting the sandbox control plane (Kubernetes {})",
-        k8s::K8S_VERSION
-    );
-    let env = cp.up().await.context("starting the control plane")?;
-    eprintln!("    ready after {:.1}s", started.elapsed().as_secs_f64());
-    let client = env.client().await?;
-
-    eprintln!("==> installing the PodMigration CRD from charts/kube-migros/crds");
-    install::apply_chart_crds(&client).await?;
-    let ns = Namespace {
-        metadata: ObjectMeta {
-            name: Some(DEMO_NAMESPACE.into()),
-            ..Default::default()
-        },
-        ..Default::default()
-    };
-    Api::<Namespace>::all(client)
-        .patch(
-            DEMO_NAMESPACE,
-            &PatchParams::apply(install::FIELD_MANAGER),
-            &Patch::Apply(&ns),
-        )
-        .await
-        .with_context(|| format!("creating namespace {DEMO_NAMESPACE}"))?;
-
-    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples/podmigration.yaml");
-    eprintln!("==> kubectl apply -f examples/podmigration.yaml");
-    kubectl(&env, &["apply", "-n", DEMO_NAMESPACE, "-f", example], true)?;
-    eprintln!("==> kubectl get pm");
-    kubectl(&env, &["get", "pm", "-n", DEMO_NAMESPACE], true)?;
-
-    eprintln!("==> a PodMigration with a bad spec is rejected by the API server itself:");
-    let bad = r#"{"apiVersion":"migros.io/v1alpha1","kind":"PodMigration","metadata":{"name":"bad"},"spec":{"podName":"My_Pod","timeoutSeconds":5}}"#;
-    let path = std::env::temp_dir().join("kube-migros-demo-bad.json");
-    std::fs::write(&path, bad)?;
-    let path = path.display().to_string();
-    kubectl(
-        &env,
-        &[
-            "create",
-            "--dry-run=server",
-            "-n",
-            DEMO_NAMESPACE,
-            "-f",
-            &path,
-        ],
-        false,
-    )?;
-
-    eprintln!(
-        "\nNo operator runs in the sandbox yet: it needs node agents and kubelets, which later\n\
-         milestones add (see the README's status), so the PodMigration stays as it is.\n\
-         Try kubectl yourself:\n\n{}",
-        env.shell_exports()
-    );
-    Ok(())
-}
-
-/// Runs the sandbox's kubectl, showing its output; fails when `must_succeed` and it fails.
-fn kubectl(env: &Env, args: &[&str], must_succeed: bool) -> anyhow::Result<()> {
-    let status = std::process::Command::new(env.kubectl())
-        .arg("--kubeconfig")
-        .arg(&env.kubeconfig)
-        .args(args)
-        .status()
-        .with_context(|| format!("running {}", env.kubectl().display()))?;
-    if must_succeed && !status.success() {
-        anyhow::bail!("kubectl {} failed ({status})", args.join(" "));
     }
     Ok(())
 }

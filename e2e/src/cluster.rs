@@ -1,0 +1,71 @@
+//! The whole sandbox cluster in one call: the control plane, three nodes with kubelets, the
+//! registry with the test images, every node Ready and advertising its (simulated) rxe devices.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use anyhow::Context;
+
+use crate::{
+    Dirs,
+    controlplane::{ControlPlane, Env},
+    images, kubelets,
+    kubelets::Kubelets,
+    nodes::{Node, Nodes},
+    registry::Registry,
+};
+
+/// The sandbox's node names.
+pub const NODE_NAMES: [&str; 3] = ["node-1", "node-2", "node-3"];
+/// `rdma/rxe` devices each node advertises.
+pub const RXE_DEVICES: u32 = 16;
+
+/// What `up` brought up.
+#[derive(Debug, Clone)]
+pub struct Cluster {
+    pub env: Env,
+    pub nodes: Vec<Node>,
+    /// Image references by name (`demo`, `pause`).
+    pub images: BTreeMap<String, String>,
+}
+
+/// Starts what does not run (building what is missing) and waits until every node is Ready.
+pub async fn up(dirs: &Dirs) -> anyhow::Result<Cluster> {
+    let env = ControlPlane::new(dirs)
+        .up()
+        .await
+        .context("starting the control plane")?;
+    let nodes = Nodes::named(&NODE_NAMES)?;
+    let handle = Nodes::new(dirs);
+    handle.up(&nodes).context("starting the nodes")?;
+    let registry = Registry::new(dirs);
+    registry.up().context("starting the registry")?;
+    let images = images::ensure(dirs, &registry).context("building the images")?;
+    let kubelets = Kubelets::new(dirs);
+    for node in &nodes {
+        kubelets.start(node).context("starting a kubelet")?;
+    }
+    let client = env.client().await?;
+    if let Err(why) = kubelets::wait_ready(&client, &nodes, Duration::from_secs(120)).await {
+        let tails: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("--- kubelet of {}:\n{}", n.name, kubelets.log_tail(n, 15)))
+            .collect();
+        anyhow::bail!("{why}\n{}", tails.join("\n"));
+    }
+    for node in &nodes {
+        kubelets::advertise_rxe(&client, node, RXE_DEVICES).await?;
+    }
+    Ok(Cluster { env, nodes, images })
+}
+
+/// Stops the nodes (kubelets and agents with them), the registry and the control plane.
+pub async fn down(dirs: &Dirs) -> anyhow::Result<()> {
+    Registry::new(dirs)
+        .down()
+        .context("stopping the registry")?;
+    Nodes::new(dirs).down().context("stopping the nodes")?;
+    ControlPlane::new(dirs)
+        .down()
+        .context("stopping the control plane")?;
+    Ok(())
+}
