@@ -66,15 +66,20 @@ async fn kubelets_register_ready_nodes_that_run_pods_on_the_pod_network() {
 
     // RDMA devices advertised as a device plugin would (simulated: no RDMA here) become
     // allocatable, and only the nodes that have them take a pod asking for one.
-    kubelets::advertise_rxe(&client, &wanted[1], 4)
-        .await
-        .unwrap();
+    // Only node-2 has devices (whatever an earlier run advertised).
+    for (i, node) in wanted.iter().enumerate() {
+        let count = if i == 1 { 4 } else { 0 };
+        kubelets::advertise_rxe(&client, node, count).await.unwrap();
+    }
     eventually(Duration::from_secs(30), || {
         let api = api.clone();
         async move {
-            let n = api.get("node-2").await.ok()?;
-            let allocatable = n.status?.allocatable?;
-            (allocatable.get(kubelets::RXE_RESOURCE)?.0 == "4").then_some(())
+            for (name, want) in [("node-1", "0"), ("node-2", "4"), ("node-3", "0")] {
+                let n = api.get(name).await.ok()?;
+                let allocatable = n.status?.allocatable?;
+                (allocatable.get(kubelets::RXE_RESOURCE)?.0 == want).then_some(())?;
+            }
+            Some(())
         }
     })
     .await;

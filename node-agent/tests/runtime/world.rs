@@ -128,6 +128,11 @@ impl World {
     /// Removes pods, agent data and rxe files left by an earlier run on node `i`.
     fn clear_node(&self, i: usize) -> Result<()> {
         let node = &self.nodes[i];
+        // These tests play the kubelet; a real one (left by the demo or the cluster tests) would
+        // remove the pods they make, which it does not know.
+        self.handle
+            .stop_all(node, "kubelet")
+            .map_err(|e| e.to_string())?;
         // A container left paused by an interrupted run cannot be stopped until it is resumed.
         let tasks = self.exec(i, &["ctr", "-n", "k8s.io", "tasks", "ls"])?;
         for task in tasks.lines().filter(|l| l.ends_with("PAUSED")) {
