@@ -69,3 +69,46 @@ pub async fn down(dirs: &Dirs) -> anyhow::Result<()> {
         .context("stopping the control plane")?;
     Ok(())
 }
+
+/// Prints what runs; true when the control plane is ready and every node is Ready.
+pub async fn status(dirs: &Dirs) -> anyhow::Result<bool> {
+    let cp = ControlPlane::new(dirs);
+    for (name, pid) in cp.status() {
+        match pid {
+            Some(pid) => println!("{name:<24} running (pid {pid})"),
+            None => println!("{name:<24} stopped"),
+        }
+    }
+    let api_ready = cp.is_ready().await;
+    println!(
+        "{:<24} {}",
+        "api server",
+        if api_ready { "ready" } else { "not ready" }
+    );
+    let handle = Nodes::new(dirs);
+    let client = if api_ready {
+        cp.env().client().await.ok()
+    } else {
+        None
+    };
+    let mut all = api_ready;
+    for node in Nodes::named(&NODE_NAMES)? {
+        let containerd = node.containerd_pid().is_some();
+        let kubelet = containerd && handle.running(&node, "kubelet");
+        let ready = match &client {
+            Some(c) => kubelets::wait_ready(c, std::slice::from_ref(&node), Duration::ZERO)
+                .await
+                .is_ok(),
+            None => false,
+        };
+        all &= ready;
+        println!(
+            "{:<24} containerd {}, kubelet {}, Node {}",
+            node.name,
+            if containerd { "running" } else { "stopped" },
+            if kubelet { "running" } else { "stopped" },
+            if ready { "Ready" } else { "not Ready" }
+        );
+    }
+    Ok(all)
+}

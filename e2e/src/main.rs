@@ -63,6 +63,8 @@ enum ClusterAction {
     Up,
     /// Stop the nodes, the registry and the control plane; delete their state.
     Down,
+    /// Show what runs: control plane components, each node's containerd and kubelet, Node Ready.
+    Status,
 }
 
 #[derive(Subcommand, Debug)]
@@ -157,6 +159,12 @@ async fn cluster(dirs: &Dirs, action: ClusterAction) -> anyhow::Result<()> {
         ClusterAction::Down => {
             e2e::cluster::down(dirs).await?;
             eprintln!("cluster stopped, its state removed");
+        }
+        ClusterAction::Status => {
+            let ready = e2e::cluster::status(dirs).await?;
+            if !ready {
+                std::process::exit(1);
+            }
         }
     }
     Ok(())
