@@ -149,7 +149,10 @@ impl Live {
         step: &str,
     ) -> std::collections::BTreeMap<String, String> {
         let received = num(before, "received");
-        let after = eventually(Duration::from_secs(30), || async move {
+        // A peer's TCP retransmissions back off while the pod is frozen (up to seconds apart), and
+        // a rollback keeps it frozen for the transfer's retries: give it time.
+        eprintln!("{step}: waiting for the peer's stream to go on");
+        let after = eventually(Duration::from_secs(90), || async move {
             status(ip)
                 .await
                 .filter(|s| num(s, "received") > received + 64 * 50)
@@ -239,7 +242,7 @@ async fn a_pod_moves_between_real_nodes_keeping_its_state_ip_and_tcp_peer() {
             // Every agent announced itself before anything is asked of them.
             let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
                 Api::namespaced(client.clone(), &ns);
-            eventually(Duration::from_secs(30), || {
+            eventually(Duration::from_secs(60), || {
                 let leases = leases.clone();
                 async move {
                     let list = leases.list(&Default::default()).await.ok()?;
@@ -291,7 +294,7 @@ async fn a_pod_moves_between_real_nodes_keeping_its_state_ip_and_tcp_peer() {
                 .create(&PostParams::default(), &peer)
                 .await
                 .unwrap();
-            let mut before = eventually(Duration::from_secs(30), || async move {
+            let mut before = eventually(Duration::from_secs(60), || async move {
                 status(ip)
                     .await
                     .filter(|s| num(s, "received") > 0 && num(s, "counter") > 50)
@@ -320,6 +323,17 @@ async fn a_pod_moves_between_real_nodes_keeping_its_state_ip_and_tcp_peer() {
                 assert_eq!(ip_of(&moved), ip, "the pod IP changed on {hop}");
                 eprintln!("{hop}: the replacement runs on {to}; checking the workload");
                 let after = live.continued(ip, &before, hop).await;
+                // `kubectl get pm` shows the outcome and the downtime.
+                let env = harness::env().await;
+                let out = harness::kubectl(&env, &["get", "pm", hop, "-n", &ns]);
+                let table = String::from_utf8_lossy(&out.stdout).to_string();
+                let row = table.lines().nth(1).unwrap_or_default().to_string();
+                let cells: Vec<&str> = row.split_whitespace().collect();
+                assert!(
+                    cells.get(4) == Some(&"Succeeded")
+                        && cells.get(5).is_some_and(|d| d.parse::<u64>().is_ok()),
+                    "kubectl get pm:\n{table}"
+                );
                 let status = done.status.clone().unwrap_or_default();
                 // The target's rxe counters hold the pod's block (its restore set them).
                 let block = status.rxe.expect("the RDMA pod's block");
