@@ -5,7 +5,6 @@
 //! workload's state, IP and peer connection before and after.
 
 use std::{
-    collections::BTreeMap,
     net::Ipv4Addr,
     path::PathBuf,
     process::{Child, Command, Stdio},
@@ -14,19 +13,19 @@ use std::{
 
 use anyhow::{Context, bail};
 use crds::{Phase, PodMigration};
-use k8s_openapi::api::{coordination::v1::Lease, core::v1::Namespace, core::v1::Pod};
+use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::{
     Api, Client,
     api::{DeleteParams, Patch, PatchParams, PostParams},
 };
-use tokio::io::AsyncReadExt;
 
 use crate::{
     Dirs, agents, binaries, cluster,
     controlplane::Env,
     fixtures::Certificates,
     install,
-    nodes::{BRIDGE_IP, Nodes},
+    nodes::Nodes,
+    workload::{self, State, node_of, num},
 };
 
 /// The demo's namespace (made anew by every run).
@@ -36,30 +35,7 @@ fn say(line: impl AsRef<str>) {
     eprintln!("{}", line.as_ref());
 }
 
-/// The demo workload's status line, as key=value pairs.
-async fn workload(ip: Ipv4Addr) -> Option<BTreeMap<String, String>> {
-    let read = async {
-        let mut s = tokio::net::TcpStream::connect((ip, 8080)).await.ok()?;
-        let mut line = String::new();
-        s.read_to_string(&mut line).await.ok()?;
-        let map: BTreeMap<String, String> = line
-            .split_whitespace()
-            .filter_map(|kv| kv.split_once('='))
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        (!map.is_empty()).then_some(map)
-    };
-    tokio::time::timeout(Duration::from_secs(1), read)
-        .await
-        .ok()
-        .flatten()
-}
-
-fn num(s: &BTreeMap<String, String>, key: &str) -> u64 {
-    s.get(key).and_then(|v| v.parse().ok()).unwrap_or(0)
-}
-
-fn show(s: &BTreeMap<String, String>) -> String {
+fn show(s: &State) -> String {
     let get = |k: &str| s.get(k).cloned().unwrap_or_default();
     format!(
         "process {} counter {} received {} B on {} connection(s), records lost or repeated: {}",
@@ -140,52 +116,17 @@ async fn fresh_namespace(client: &Client) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn pod(
-    image: &str,
-    name: &str,
-    node: &str,
-    args: serde_json::Value,
-    labels: serde_json::Value,
-    limits: serde_json::Value,
-) -> anyhow::Result<Pod> {
-    Ok(serde_json::from_value(serde_json::json!({
-        "metadata": {"name": name, "labels": labels},
-        "spec": {"nodeName": node, "containers": [{"name": "app", "image": image, "args": args,
-                                                   "resources": {"limits": limits}}]}
-    }))?)
-}
-
-async fn running(pods: &Api<Pod>, name: &str, not_uid: Option<String>) -> anyhow::Result<Pod> {
+async fn running_pod(pods: &Api<Pod>, name: &str, not_uid: Option<String>) -> anyhow::Result<Pod> {
     until(
         &format!("pod {name} to run"),
         Duration::from_secs(120),
-        || {
-            let (pods, not_uid) = (pods.clone(), not_uid.clone());
-            async move {
-                let p = pods.get(name).await.ok()?;
-                let s = p.status.clone()?;
-                let fresh = not_uid.is_none() || p.metadata.uid != not_uid;
-                (fresh && s.phase.as_deref() == Some("Running") && s.pod_ip.is_some()).then_some(p)
-            }
-        },
+        || workload::running(pods, name, not_uid.as_deref()),
     )
     .await
 }
 
-fn ip_of(pod: &Pod) -> anyhow::Result<Ipv4Addr> {
-    pod.status
-        .as_ref()
-        .and_then(|s| s.pod_ip.as_ref())
-        .context("the pod has no IP")?
-        .parse()
-        .context("the pod IP")
-}
-
-fn node_of(pod: &Pod) -> String {
-    pod.spec
-        .as_ref()
-        .and_then(|s| s.node_name.clone())
-        .unwrap_or_default()
+fn pod_ip(pod: &Pod) -> anyhow::Result<Ipv4Addr> {
+    workload::ip_of(pod).context("the pod has no IP")
 }
 
 fn kubectl(env: &Env, args: &[&str]) -> anyhow::Result<()> {
@@ -230,8 +171,7 @@ pub async fn run(dirs: &Dirs) -> anyhow::Result<()> {
         nodes: nodes.clone(),
         cluster_nodes: cluster.nodes.clone(),
     };
-    let kubeconfig = std::fs::read_to_string(&env.kubeconfig)?
-        .replace("https://127.0.0.1:", &format!("https://{BRIDGE_IP}:"));
+    let kubeconfig = workload::node_kubeconfig(&env)?;
     for node in &cluster.nodes {
         certs.write_agent(&nodes.host_dir(node).join("tls"));
         let options = agents::AgentOptions {
@@ -264,23 +204,13 @@ pub async fn run(dirs: &Dirs) -> anyhow::Result<()> {
             .spawn()
             .context("starting the operator")?,
     );
-    let leases: Api<Lease> = Api::namespaced(client.clone(), NAMESPACE);
     until(
         "the agents to announce themselves",
         Duration::from_secs(60),
         || async {
-            let list = leases.list(&Default::default()).await.ok()?;
-            let agents = list
-                .items
-                .iter()
-                .filter(|l| {
-                    l.metadata
-                        .name
-                        .as_deref()
-                        .is_some_and(|n| n.starts_with("kube-migros-agent-"))
-                })
-                .count();
-            (agents == cluster.nodes.len()).then_some(())
+            workload::agents_announced(&client, NAMESPACE, cluster.nodes.len())
+                .await
+                .then_some(())
         },
     )
     .await?;
@@ -295,7 +225,7 @@ pub async fn run(dirs: &Dirs) -> anyhow::Result<()> {
     say("    and a peer on node-3 streaming numbered records to it over one TCP connection");
     let pods: Api<Pod> = Api::namespaced(client.clone(), NAMESPACE);
     let demo = cluster.images.get("demo").context("no demo image")?;
-    let app = pod(
+    let app = workload::pod(
         demo,
         "app",
         "node-1",
@@ -304,23 +234,23 @@ pub async fn run(dirs: &Dirs) -> anyhow::Result<()> {
         ]),
         serde_json::json!({"migros.io/migratable": "true", "migros.io/rdma": "true"}),
         serde_json::json!({"rdma/rxe": "1"}),
-    )?;
+    );
     pods.create(&PostParams::default(), &app).await?;
-    let mut current = running(&pods, "app", None).await?;
-    let ip = ip_of(&current)?;
-    let peer = pod(
+    let mut current = running_pod(&pods, "app", None).await?;
+    let ip = pod_ip(&current)?;
+    let peer = workload::pod(
         demo,
         "peer",
         "node-3",
         serde_json::json!(["stream", "--to", format!("{ip}:9000"), "--status", ":8080"]),
         serde_json::json!({}),
         serde_json::json!({}),
-    )?;
+    );
     pods.create(&PostParams::default(), &peer).await?;
     let mut before = until(
         "the workload to receive the peer's stream",
         Duration::from_secs(60),
-        || async move { workload(ip).await.filter(|s| num(s, "received") > 0) },
+        || async move { workload::state(ip).await.filter(|s| num(s, "received") > 0) },
     )
     .await?;
     say(format!(
@@ -386,13 +316,13 @@ pub async fn run(dirs: &Dirs) -> anyhow::Result<()> {
             );
         }
         kubectl(&env, &["get", "pm", name, "-n", NAMESPACE])?;
-        let moved = running(&pods, "app", current.metadata.uid.clone()).await?;
+        let moved = running_pod(&pods, "app", current.metadata.uid.clone()).await?;
         let received = num(&before, "received");
         let after = until(
             "the peer's stream to go on",
             Duration::from_secs(60),
             || async move {
-                workload(ip)
+                workload::state(ip)
                     .await
                     .filter(|s| num(s, "received") > received + 64 * 20)
             },
@@ -412,7 +342,7 @@ pub async fn run(dirs: &Dirs) -> anyhow::Result<()> {
         say(format!(
             "    after:  on {}, IP {}, {}",
             node_of(&moved),
-            ip_of(&moved)?,
+            pod_ip(&moved)?,
             show(&after)
         ));
         say(format!(
@@ -422,7 +352,7 @@ pub async fn run(dirs: &Dirs) -> anyhow::Result<()> {
             } else {
                 "NO"
             },
-            if ip_of(&moved)? == ip { "yes" } else { "NO" },
+            if pod_ip(&moved)? == ip { "yes" } else { "NO" },
             after.get("maxgap_ms").cloned().unwrap_or_default()
         ));
         current = moved;

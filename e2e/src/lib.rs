@@ -20,6 +20,7 @@ pub mod registry;
 pub mod rootfs;
 pub mod testagent;
 pub mod tools;
+pub mod workload;
 
 use std::path::PathBuf;
 

@@ -11,9 +11,8 @@ use std::time::Duration;
 use e2e::{
     Dirs,
     harness::{self, eventually},
-    kubelets::{self, Kubelets},
+    kubelets,
     nodes::{NODE_CGROUP_PARENT, Nodes},
-    registry::Registry,
 };
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::{Api, api::PostParams};
@@ -22,26 +21,9 @@ use kube::{Api, api::PostParams};
 async fn kubelets_register_ready_nodes_that_run_pods_on_the_pod_network() {
     let client = harness::client().await;
     let dirs = Dirs::from_env();
-    let nodes = Nodes::new(&dirs);
-    let wanted = Nodes::named(&["node-1", "node-2", "node-3"]).unwrap();
-    nodes.up(&wanted).expect("nodes up");
-    let registry = Registry::new(&dirs);
-    registry.up().expect("registry up");
-    let images = e2e::images::ensure(&dirs, &registry).expect("images");
-    let kubelets = Kubelets::new(&dirs);
-    for node in &wanted {
-        kubelets.start(node).expect("kubelet started");
-    }
-    if let Err(why) = kubelets::wait_ready(&client, &wanted, Duration::from_secs(120)).await {
-        for node in &wanted {
-            eprintln!(
-                "--- kubelet of {}:\n{}",
-                node.name,
-                kubelets.log_tail(node, 20)
-            );
-        }
-        panic!("{why}");
-    }
+    // `cluster up` itself (its errors carry the kubelets' logs).
+    let cluster = e2e::cluster::up(&dirs).await.expect("the sandbox cluster");
+    let (nodes, wanted, images) = (Nodes::new(&dirs), cluster.nodes, cluster.images);
 
     let api: Api<Node> = Api::all(client.clone());
     for node in &wanted {

@@ -169,7 +169,7 @@ fn default_gateway(routes: &str) -> Option<Ipv4Addr> {
 }
 
 /// The addresses of `nft -j list set` output.
-fn parse_set(json: &str) -> Vec<Ipv4Addr> {
+pub fn parse_set(json: &str) -> Vec<Ipv4Addr> {
     let value: serde_json::Value = serde_json::from_str(json).unwrap_or_default();
     let mut ips = Vec::new();
     let items = value["nftables"].as_array().cloned().unwrap_or_default();

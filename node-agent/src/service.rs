@@ -353,7 +353,7 @@ impl Agent {
     }
 
     /// Runs `work` as step `step` of `uid` unless it runs or succeeded already (see the module).
-    async fn operate(&self, uid: &str, step: Step, work: impl FnOnce() -> Work) -> v1::Operation {
+    async fn operate(&self, uid: &str, step: Step, work: Work) -> v1::Operation {
         let key = (uid.to_string(), step);
         {
             let Ok(mut ops) = self.inner.operations.lock() else {
@@ -370,7 +370,7 @@ impl Agent {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let agent = self.clone();
         let span = info_span!("step", migration = %uid, step = step.name());
-        let future = work();
+        let future = work;
         tokio::spawn(
             async move {
                 let started = Instant::now();
@@ -423,6 +423,22 @@ impl Agent {
                 }
             }
         }
+    }
+
+    /// What every step RPC does: only the operator may ask, the UID must be a plain name, then
+    /// `plan` checks the request and names the step and its work, which [`Agent::operate`] runs.
+    async fn step_rpc<T>(
+        &self,
+        request: Request<T>,
+        uid_of: fn(&T) -> &String,
+        plan: impl FnOnce(Agent, T) -> Result<(Step, Work), Status>,
+    ) -> Result<Response<v1::Operation>, Status> {
+        identity::require(&request, &[Caller::Operator])?;
+        let req = request.into_inner();
+        let uid = uid_of(&req).clone();
+        check_uid(&uid)?;
+        let (step, work) = plan(self.clone(), req)?;
+        Ok(Response::new(self.operate(&uid, step, work).await))
     }
 
     fn forget(&self, uid: &str) {
@@ -1256,47 +1272,42 @@ impl AgentApi for Agent {
         &self,
         request: Request<v1::PrepareTargetRequest>,
     ) -> Result<Response<v1::Operation>, Status> {
-        identity::require(&request, &[Caller::Operator])?;
-        let req = request.into_inner();
-        check_uid(&req.migration_uid)?;
-        check_pod(req.pod.as_ref())?;
-        let uid = req.migration_uid.clone();
-        let agent = self.clone();
-        Ok(Response::new(
-            self.operate(&uid, Step::Prepare, || Box::pin(agent.prepare(req)))
-                .await,
-        ))
+        self.step_rpc(
+            request,
+            |r| &r.migration_uid,
+            |agent, r| {
+                check_pod(r.pod.as_ref())?;
+                Ok((Step::Prepare, Box::pin(agent.prepare(r))))
+            },
+        )
+        .await
     }
 
     async fn checkpoint(
         &self,
         request: Request<v1::CheckpointRequest>,
     ) -> Result<Response<v1::Operation>, Status> {
-        identity::require(&request, &[Caller::Operator])?;
-        let req = request.into_inner();
-        check_uid(&req.migration_uid)?;
-        check_pod(req.pod.as_ref())?;
-        let uid = req.migration_uid.clone();
-        let agent = self.clone();
-        Ok(Response::new(
-            self.operate(&uid, Step::Checkpoint, || Box::pin(agent.checkpoint(req)))
-                .await,
-        ))
+        self.step_rpc(
+            request,
+            |r| &r.migration_uid,
+            |agent, r| {
+                check_pod(r.pod.as_ref())?;
+                Ok((Step::Checkpoint, Box::pin(agent.checkpoint(r))))
+            },
+        )
+        .await
     }
 
     async fn transfer(
         &self,
         request: Request<v1::TransferRequest>,
     ) -> Result<Response<v1::Operation>, Status> {
-        identity::require(&request, &[Caller::Operator])?;
-        let req = request.into_inner();
-        check_uid(&req.migration_uid)?;
-        let uid = req.migration_uid.clone();
-        let agent = self.clone();
-        Ok(Response::new(
-            self.operate(&uid, Step::Transfer, || Box::pin(agent.transfer(req)))
-                .await,
-        ))
+        self.step_rpc(
+            request,
+            |r| &r.migration_uid,
+            |agent, r| Ok((Step::Transfer, Box::pin(agent.transfer(r)))),
+        )
+        .await
     }
 
     async fn receive(
@@ -1336,84 +1347,78 @@ impl AgentApi for Agent {
         &self,
         request: Request<v1::StageRestoreRequest>,
     ) -> Result<Response<v1::Operation>, Status> {
-        identity::require(&request, &[Caller::Operator])?;
-        let req = request.into_inner();
-        check_uid(&req.migration_uid)?;
-        let uid = req.migration_uid.clone();
-        let agent = self.clone();
-        Ok(Response::new(
-            self.operate(&uid, Step::Stage, || Box::pin(agent.stage(req)))
-                .await,
-        ))
+        self.step_rpc(
+            request,
+            |r| &r.migration_uid,
+            |agent, r| Ok((Step::Stage, Box::pin(agent.stage(r)))),
+        )
+        .await
     }
 
     async fn finish_restore(
         &self,
         request: Request<v1::StepRequest>,
     ) -> Result<Response<v1::Operation>, Status> {
-        identity::require(&request, &[Caller::Operator])?;
-        let uid = request.into_inner().migration_uid;
-        check_uid(&uid)?;
-        let agent = self.clone();
-        let id = uid.clone();
-        Ok(Response::new(
-            self.operate(&uid, Step::Finish, || Box::pin(agent.finish(id)))
-                .await,
-        ))
+        self.step_rpc(
+            request,
+            |r| &r.migration_uid,
+            |agent, r| Ok((Step::Finish, Box::pin(agent.finish(r.migration_uid)))),
+        )
+        .await
     }
 
     async fn commit(
         &self,
         request: Request<v1::StepRequest>,
     ) -> Result<Response<v1::Operation>, Status> {
-        identity::require(&request, &[Caller::Operator])?;
-        let req = request.into_inner();
-        check_uid(&req.migration_uid)?;
-        let role = role(req.role())?;
-        let agent = self.clone();
-        let id = req.migration_uid.clone();
-        Ok(Response::new(
-            self.operate(&req.migration_uid, Step::Commit(role), || {
-                Box::pin(agent.commit(id, role))
-            })
-            .await,
-        ))
+        self.step_rpc(
+            request,
+            |r| &r.migration_uid,
+            |agent, r| {
+                let role = role(r.role())?;
+                Ok((
+                    Step::Commit(role),
+                    Box::pin(agent.commit(r.migration_uid, role)),
+                ))
+            },
+        )
+        .await
     }
 
     async fn abort(
         &self,
         request: Request<v1::StepRequest>,
     ) -> Result<Response<v1::Operation>, Status> {
-        identity::require(&request, &[Caller::Operator])?;
-        let req = request.into_inner();
-        check_uid(&req.migration_uid)?;
-        let role = role(req.role())?;
-        let agent = self.clone();
-        let id = req.migration_uid.clone();
-        Ok(Response::new(
-            self.operate(&req.migration_uid, Step::Abort(role), || {
-                Box::pin(agent.abort(id, role))
-            })
-            .await,
-        ))
+        self.step_rpc(
+            request,
+            |r| &r.migration_uid,
+            |agent, r| {
+                let role = role(r.role())?;
+                Ok((
+                    Step::Abort(role),
+                    Box::pin(agent.abort(r.migration_uid, role)),
+                ))
+            },
+        )
+        .await
     }
 
     async fn cleanup(
         &self,
         request: Request<v1::StepRequest>,
     ) -> Result<Response<v1::Operation>, Status> {
-        identity::require(&request, &[Caller::Operator])?;
-        let req = request.into_inner();
-        check_uid(&req.migration_uid)?;
-        let role = role(req.role())?;
-        let agent = self.clone();
-        let id = req.migration_uid.clone();
-        Ok(Response::new(
-            self.operate(&req.migration_uid, Step::Cleanup(role), || {
-                Box::pin(agent.cleanup(id))
-            })
-            .await,
-        ))
+        self.step_rpc(
+            request,
+            |r| &r.migration_uid,
+            |agent, r| {
+                let role = role(r.role())?;
+                Ok((
+                    Step::Cleanup(role),
+                    Box::pin(agent.cleanup(r.migration_uid)),
+                ))
+            },
+        )
+        .await
     }
 }
 

@@ -16,73 +16,23 @@ use e2e::{
     Dirs, agents, binaries,
     fixtures::Certificates,
     harness::{self, eventually},
-    kubelets::{self, Kubelets},
     nodes::Nodes,
-    registry::Registry,
+    workload::{self, State, node_of, num},
 };
 use futures::FutureExt;
 use k8s_openapi::api::core::v1::Pod;
 use kube::{Api, api::PostParams};
 use support::{Operator, Scenario};
-use tokio::io::AsyncReadExt;
-
-/// The demo's status line as key=value pairs.
-async fn status(ip: Ipv4Addr) -> Option<std::collections::BTreeMap<String, String>> {
-    let attempt = async {
-        let mut s = tokio::net::TcpStream::connect((ip, 8080)).await.ok()?;
-        let mut line = String::new();
-        s.read_to_string(&mut line).await.ok()?;
-        let map: std::collections::BTreeMap<String, String> = line
-            .split_whitespace()
-            .filter_map(|kv| kv.split_once('='))
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        (!map.is_empty()).then_some(map)
-    };
-    tokio::time::timeout(Duration::from_secs(1), attempt)
-        .await
-        .ok()
-        .flatten()
-}
-
-fn num(s: &std::collections::BTreeMap<String, String>, key: &str) -> u64 {
-    s.get(key).and_then(|v| v.parse().ok()).unwrap_or(0)
-}
 
 async fn running_pod(pods: &Api<Pod>, name: &str, not_uid: Option<String>) -> Pod {
     eventually(Duration::from_secs(90), || {
-        let (pods, not_uid) = (pods.clone(), not_uid.clone());
-        async move {
-            let p = pods.get(name).await.ok()?;
-            let s = p.status.clone()?;
-            let fresh = not_uid.is_none() || p.metadata.uid != not_uid;
-            (fresh && s.phase.as_deref() == Some("Running") && s.pod_ip.is_some()).then_some(p)
-        }
+        workload::running(pods, name, not_uid.as_deref())
     })
     .await
 }
 
-fn node_of(pod: &Pod) -> String {
-    pod.spec
-        .as_ref()
-        .and_then(|s| s.node_name.clone())
-        .unwrap_or_default()
-}
-
-fn pod_manifest(
-    image: &str,
-    name: &str,
-    node: &str,
-    args: serde_json::Value,
-    labels: serde_json::Value,
-    resources: serde_json::Value,
-) -> Pod {
-    serde_json::from_value(serde_json::json!({
-        "metadata": {"name": name, "labels": labels},
-        "spec": {"nodeName": node, "containers": [{
-            "name": "app", "image": image, "args": args, "resources": resources}]}
-    }))
-    .unwrap()
+fn ip_of(pod: &Pod) -> Ipv4Addr {
+    workload::ip_of(pod).expect("a running pod has an IPv4 address")
 }
 
 /// The test's view of the cluster.
@@ -142,18 +92,13 @@ impl Live {
     /// Waits until the workload at `ip` received more of the peer's stream than `before` and
     /// checks that it is the same process, counting on, on the peer's one connection, with no
     /// record lost or repeated.
-    async fn continued(
-        &self,
-        ip: Ipv4Addr,
-        before: &std::collections::BTreeMap<String, String>,
-        step: &str,
-    ) -> std::collections::BTreeMap<String, String> {
+    async fn continued(&self, ip: Ipv4Addr, before: &State, step: &str) -> State {
         let received = num(before, "received");
         // A peer's TCP retransmissions back off while the pod is frozen (up to seconds apart), and
         // a rollback keeps it frozen for the transfer's retries: give it time.
         eprintln!("{step}: waiting for the peer's stream to go on");
         let after = eventually(Duration::from_secs(90), || async move {
-            status(ip)
+            workload::state(ip)
                 .await
                 .filter(|s| num(s, "received") > received + 64 * 50)
         })
@@ -181,46 +126,17 @@ impl Live {
     }
 }
 
-fn ip_of(pod: &Pod) -> Ipv4Addr {
-    pod.status
-        .as_ref()
-        .unwrap()
-        .pod_ip
-        .as_ref()
-        .unwrap()
-        .parse()
-        .unwrap()
-}
-
 #[tokio::test]
 async fn a_pod_moves_between_real_nodes_keeping_its_state_ip_and_tcp_peer() {
     let env = harness::env().await;
     let client = harness::client().await;
     harness::install_crds(&client).await;
     let dirs = Dirs::from_env();
-    let nodes = Nodes::new(&dirs);
-    let wanted = Nodes::named(&["node-1", "node-2", "node-3"]).unwrap();
-    nodes.up(&wanted).expect("nodes up");
-    let registry = Registry::new(&dirs);
-    registry.up().expect("registry up");
-    let images = e2e::images::ensure(&dirs, &registry).expect("images");
-    let kubelets = Kubelets::new(&dirs);
-    for node in &wanted {
-        kubelets.start(node).expect("kubelet");
-    }
-    kubelets::wait_ready(&client, &wanted, Duration::from_secs(120))
-        .await
-        .expect("nodes Ready");
-    for node in &wanted {
-        kubelets::advertise_rxe(&client, node, 16).await.unwrap();
-    }
+    let cluster = e2e::cluster::up(&dirs).await.expect("the sandbox cluster");
+    let (nodes, wanted, images) = (Nodes::new(&dirs), cluster.nodes, cluster.images);
     let agent_binary = binaries::ensure("node-agent", "node-agent").expect("agent built");
-    // The agents announce themselves with the admin's credentials, at the API server's bridge
-    // address (the nodes cannot reach the host's loopback).
-    let kubeconfig = std::fs::read_to_string(&env.kubeconfig).unwrap().replace(
-        "https://127.0.0.1:",
-        &format!("https://{}:", e2e::nodes::BRIDGE_IP),
-    );
+    // The agents announce themselves with the admin's credentials.
+    let kubeconfig = workload::node_kubeconfig(&env).unwrap();
 
     harness::with_namespace("live", |client, ns| {
         let (nodes, wanted, kubeconfig) = (nodes.clone(), wanted.clone(), kubeconfig.clone());
@@ -240,24 +156,10 @@ async fn a_pod_moves_between_real_nodes_keeping_its_state_ip_and_tcp_peer() {
             let mut operator = Operator::start(&ns, "live-1", &certs).await;
             operator.wait_ready().await;
             // Every agent announced itself before anything is asked of them.
-            let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
-                Api::namespaced(client.clone(), &ns);
-            eventually(Duration::from_secs(60), || {
-                let leases = leases.clone();
-                async move {
-                    let list = leases.list(&Default::default()).await.ok()?;
-                    let agents = list
-                        .items
-                        .iter()
-                        .filter(|l| {
-                            l.metadata
-                                .name
-                                .as_deref()
-                                .is_some_and(|n| n.starts_with("kube-migros-agent-"))
-                        })
-                        .count();
-                    (agents == 3).then_some(())
-                }
+            eventually(Duration::from_secs(60), || async {
+                workload::agents_announced(&client, &ns, wanted.len())
+                    .await
+                    .then_some(())
             })
             .await;
             let live = Live {
@@ -268,13 +170,13 @@ async fn a_pod_moves_between_real_nodes_keeping_its_state_ip_and_tcp_peer() {
                 wanted: wanted.clone(),
             };
             // The workload is an RDMA pod: it asks for an rxe device and owns an rxe block.
-            let app = pod_manifest(
+            let app = workload::pod(
                 &demo,
                 "app",
                 "node-1",
                 serde_json::json!(["serve", "--status", ":8080", "--listen", ":9000"]),
                 serde_json::json!({"migros.io/migratable": "true", "migros.io/rdma": "true"}),
-                serde_json::json!({"limits": {"rdma/rxe": "1"}}),
+                serde_json::json!({"rdma/rxe": "1"}),
             );
             live.pods
                 .create(&PostParams::default(), &app)
@@ -282,7 +184,7 @@ async fn a_pod_moves_between_real_nodes_keeping_its_state_ip_and_tcp_peer() {
                 .unwrap();
             let mut current = running_pod(&live.pods, "app", None).await;
             let ip = ip_of(&current);
-            let peer = pod_manifest(
+            let peer = workload::pod(
                 &demo,
                 "peer",
                 "node-3",
@@ -295,7 +197,7 @@ async fn a_pod_moves_between_real_nodes_keeping_its_state_ip_and_tcp_peer() {
                 .await
                 .unwrap();
             let mut before = eventually(Duration::from_secs(60), || async move {
-                status(ip)
+                workload::state(ip)
                     .await
                     .filter(|s| num(s, "received") > 0 && num(s, "counter") > 50)
             })
@@ -412,7 +314,7 @@ async fn a_pod_moves_between_real_nodes_keeping_its_state_ip_and_tcp_peer() {
     .await;
 
     nodes.down().expect("nodes down");
-    kubelets::forget(&client, &wanted)
+    e2e::kubelets::forget(&client, &wanted)
         .await
         .expect("nodes forgotten");
 }

@@ -19,7 +19,6 @@ use world::{MAX_ARCHIVE_BYTES, Result, World, done, fails, status, until};
 /// One case of the suite.
 type Case = fn(&World) -> Result<()>;
 
-const STATUS_PORT: u16 = 8080;
 const STREAM_PORT: u16 = 9000;
 
 fn main() {
@@ -185,7 +184,7 @@ fn migrate(w: &World) -> Result<()> {
             "the workload to count and receive",
             Duration::from_secs(30),
             || async {
-                status(ip, STATUS_PORT, Duration::from_secs(1))
+                status(ip)
                     .await
                     .ok()
                     .filter(|s| s.num("counter") >= 50 && s.num("received") > 0)
@@ -257,12 +256,7 @@ fn migrate(w: &World) -> Result<()> {
             "node-1 does not block {ip}: {:?}",
             w.blocked(0)
         );
-        ensure!(
-            status(ip, STATUS_PORT, Duration::from_millis(500))
-                .await
-                .is_err(),
-            "the paused source still answers"
-        );
+        ensure!(status(ip).await.is_err(), "the paused source still answers");
 
         let transfer = done("transfer", async || {
             src.transfer(v1::TransferRequest {
@@ -363,7 +357,7 @@ fn migrate(w: &World) -> Result<()> {
         let after = until(
             "the restored workload to answer",
             Duration::from_secs(20),
-            || async { status(ip, STATUS_PORT, Duration::from_secs(1)).await.ok() },
+            || async { status(ip).await.ok() },
         )
         .await?;
         ensure!(
@@ -382,7 +376,7 @@ fn migrate(w: &World) -> Result<()> {
             "the peer's stream to continue",
             Duration::from_secs(30),
             || async {
-                status(ip, STATUS_PORT, Duration::from_secs(1))
+                status(ip)
                     .await
                     .ok()
                     .filter(|s| s.num("received") > after.num("received") + 64 * 50)
@@ -397,7 +391,7 @@ fn migrate(w: &World) -> Result<()> {
             streaming.num("gaps") == 0,
             "records lost or repeated: {streaming:?}"
         );
-        let peer_status = status(peer.ip, STATUS_PORT, Duration::from_secs(2)).await?;
+        let peer_status = status(peer.ip).await?;
         ensure!(peer_status.num("counter") > 0, "peer {peer_status:?}");
         eprintln!(
             "peer's stream: same connection, longest pause {} ms, counter {} -> {}",
@@ -456,10 +450,7 @@ fn abort(w: &World) -> Result<()> {
     let pod = w.run_pod(0, &name, &image, &["serve", "--status", ":8080"])?;
     let result = w.rt.block_on(async {
         let before = until("the workload to count", Duration::from_secs(30), || async {
-            status(pod.ip, STATUS_PORT, Duration::from_secs(1))
-                .await
-                .ok()
-                .filter(|s| s.num("counter") >= 20)
+            status(pod.ip).await.ok().filter(|s| s.num("counter") >= 20)
         })
         .await?;
         let mut src = w.operator(0).await?;
@@ -531,7 +522,7 @@ fn abort(w: &World) -> Result<()> {
             "the resumed workload to count on",
             Duration::from_secs(20),
             || async {
-                status(pod.ip, STATUS_PORT, Duration::from_secs(1))
+                status(pod.ip)
                     .await
                     .ok()
                     .filter(|s| s.num("counter") > before.num("counter") + 20)

@@ -20,7 +20,6 @@ use e2e::{
     nodes::{Node, Nodes},
     registry::Registry,
 };
-use tokio::io::AsyncReadExt;
 use tonic::transport::Channel;
 
 pub use e2e::agents::{AGENT_PORT, CHECKPOINT_REPOSITORY};
@@ -147,11 +146,7 @@ impl World {
         }
         self.exec(i, &["rm", "-rf", "/var/lib/kube-migros"])?;
         let host = self.handle.host_dir(node);
-        let rxe = host.join("rxe");
-        std::fs::create_dir_all(&rxe).map_err(|e| e.to_string())?;
-        for f in ["last_qpn", "last_mrn"] {
-            std::fs::write(rxe.join(f), "0\n").map_err(|e| e.to_string())?;
-        }
+        // (The rxe counter files are reset by the agent's start.)
         let tls = host.join("tls");
         std::fs::create_dir_all(&tls).map_err(|e| e.to_string())?;
         self.certs.write_agent(&tls);
@@ -271,14 +266,7 @@ impl World {
                 ],
             )
             .unwrap_or_default();
-        let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
-        v["nftables"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .flat_map(|i| i["set"]["elem"].as_array().cloned().unwrap_or_default())
-            .filter_map(|e| e.as_str().and_then(|s| s.parse().ok()))
-            .collect()
+        node_agent::netblock::parse_set(&out)
     }
 
     /// The migrations with data in node `i`'s store.
@@ -442,29 +430,12 @@ impl Status {
     }
 }
 
-/// Reads the demo's status from `ip:port` (from the host, over the bridge), within `timeout`.
-pub async fn status(ip: Ipv4Addr, port: u16, timeout: Duration) -> Result<Status> {
-    let attempt = async {
-        let mut s = tokio::net::TcpStream::connect((ip, port))
-            .await
-            .map_err(|e| e.to_string())?;
-        let mut line = String::new();
-        s.read_to_string(&mut line)
-            .await
-            .map_err(|e| e.to_string())?;
-        let map = line
-            .split_whitespace()
-            .filter_map(|kv| kv.split_once('='))
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect::<BTreeMap<_, _>>();
-        if map.is_empty() {
-            return Err(format!("empty status from {ip}:{port}"));
-        }
-        Ok(Status(map))
-    };
-    tokio::time::timeout(timeout, attempt)
+/// Reads the demo's status at `ip:8080` (from the host, over the bridge), within a second.
+pub async fn status(ip: Ipv4Addr) -> Result<Status> {
+    e2e::workload::state(ip)
         .await
-        .map_err(|_| format!("{ip}:{port} did not answer within {timeout:?}"))?
+        .map(Status)
+        .ok_or_else(|| format!("{ip}:8080 did not answer within a second"))
 }
 
 /// Polls `f` until it returns `Some` or `timeout` passes.
