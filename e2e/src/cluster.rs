@@ -53,6 +53,7 @@ pub async fn up(dirs: &Dirs) -> anyhow::Result<Cluster> {
         anyhow::bail!("{why}\n{}", tails.join("\n"));
     }
     for node in &nodes {
+        handle.ensure_rxe_counters(node)?;
         kubelets::advertise_rxe(&client, node, RXE_DEVICES).await?;
     }
     Ok(Cluster { env, nodes, images })

@@ -1,13 +1,13 @@
-//! The live demo (`cargo run -p e2e -- demo`): brings up the sandbox cluster, runs kube-migros
-//! (the operator as a process on this machine, the node agent inside each node), starts the demo
-//! workload with a peer streaming to it over TCP from another node, and moves it node-1 -> node-2
+//! The live demo (`cargo run -p e2e -- demo`): brings up the sandbox cluster, installs kube-migros
+//! with its Helm chart (images built from this workspace: the operator Deployment and the node-agent
+//! DaemonSet), starts the demo workload with a peer streaming to it over TCP from another node, and moves it node-1 -> node-2
 //! -> node-3 by `kubectl apply` of PodMigrations, printing a timeline of each move and the
 //! workload's state, IP and peer connection before and after.
 
 use std::{
     net::Ipv4Addr,
     path::PathBuf,
-    process::{Child, Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
@@ -20,11 +20,11 @@ use kube::{
 };
 
 use crate::{
-    Dirs, agents, binaries, cluster,
+    Dirs, cluster,
     controlplane::Env,
-    fixtures::Certificates,
     install,
-    nodes::Nodes,
+    registry::Registry,
+    release,
     workload::{self, State, node_of, num},
 };
 
@@ -61,25 +61,6 @@ async fn until<T, F: Future<Output = Option<T>>>(
             bail!("timed out after {timeout:?} waiting for {what}");
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// Processes the demo started; stopped when dropped.
-struct Running {
-    operator: Option<Child>,
-    nodes: Nodes,
-    cluster_nodes: Vec<crate::nodes::Node>,
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if let Some(mut op) = self.operator.take() {
-            let _ = op.kill();
-            let _ = op.wait();
-        }
-        for node in &self.cluster_nodes {
-            let _ = self.nodes.stop_all(node, "node-agent");
-        }
     }
 }
 
@@ -161,62 +142,31 @@ pub async fn run(dirs: &Dirs) -> anyhow::Result<()> {
     install::apply_chart_crds(&client).await?;
     fresh_namespace(&client).await?;
 
-    say("==> kube-migros: the operator on this machine, the node agent in each node (mutual TLS)");
-    let agent_binary = binaries::ensure("node-agent", "node-agent")?;
-    let operator_binary = binaries::ensure("operator", "operator")?;
-    let certs = Certificates::generate();
-    let nodes = Nodes::new(dirs);
-    let mut running_procs = Running {
-        operator: None,
-        nodes: nodes.clone(),
-        cluster_nodes: cluster.nodes.clone(),
-    };
-    let kubeconfig = workload::node_kubeconfig(&env)?;
-    for node in &cluster.nodes {
-        certs.write_agent(&nodes.host_dir(node).join("tls"));
-        let options = agents::AgentOptions {
-            args: Vec::new(),
-            announce: Some((NAMESPACE.into(), kubeconfig.clone())),
-        };
-        agents::start(&nodes, node, &agent_binary, &options)?;
-    }
+    say("==> kube-migros: images of the operator and the node agent built from this checkout,");
+    say("    pushed to the sandbox registry, installed with Helm (charts/kube-migros)");
     let log_dir = dirs.state.join("demo");
     std::fs::create_dir_all(&log_dir)?;
-    let log = std::fs::File::create(log_dir.join("operator.log"))?;
-    let http = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
-    running_procs.operator = Some(
-        Command::new(&operator_binary)
-            .env("KUBECONFIG", &env.kubeconfig)
-            .env("RUST_LOG", "info")
-            .args([
-                "--namespace",
-                NAMESPACE,
-                "--watch-namespace",
-                NAMESPACE,
-                "--identity",
-                "demo",
-            ])
-            .arg(format!("--tls-dir={}", certs.operator_dir().display()))
-            .arg(format!("--http-addr={http}"))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("starting the operator")?,
-    );
+    let registry = Registry::new(dirs);
+    let images = release::ensure_images(dirs, &registry)?;
+    let installing = Instant::now();
+    release::install(dirs, &env, &images, &registry, &[])?;
+    release::wait_rolled_out(&client, Duration::from_secs(300)).await?;
     until(
         "the agents to announce themselves",
         Duration::from_secs(60),
         || async {
-            workload::agents_announced(&client, NAMESPACE, cluster.nodes.len())
+            workload::agents_announced(&client, release::NAMESPACE, cluster.nodes.len())
                 .await
                 .then_some(())
         },
     )
     .await?;
     say(format!(
-        "    operator log: {}",
-        log_dir.join("operator.log").display()
+        "    helm upgrade --install {} charts/kube-migros -n {}: 2 operator replicas, {} agents ready ({:.1} s)",
+        release::RELEASE,
+        release::NAMESPACE,
+        cluster.nodes.len(),
+        installing.elapsed().as_secs_f64()
     ));
 
     say(
@@ -302,12 +252,22 @@ pub async fn run(dirs: &Dirs) -> anyhow::Result<()> {
         };
         let status = done.status.clone().unwrap_or_default();
         if status.phase != Some(Phase::Succeeded) {
-            for node in &cluster.nodes {
-                say(format!(
-                    "--- agent of {}:\n{}",
-                    node.name,
-                    agents::log_tail(&nodes, node, 20)
-                ));
+            for component in ["operator", "agent"] {
+                say(format!("--- logs of the {component} pods:"));
+                let selector = format!("app.kubernetes.io/component={component}");
+                let _ = kubectl(
+                    &env,
+                    &[
+                        "logs",
+                        "-n",
+                        release::NAMESPACE,
+                        "-l",
+                        &selector,
+                        "--prefix",
+                        "--tail",
+                        "20",
+                    ],
+                );
             }
             bail!(
                 "{name} ended {:?}: {}",
@@ -359,12 +319,13 @@ pub async fn run(dirs: &Dirs) -> anyhow::Result<()> {
         before = after;
     }
 
-    drop(running_procs);
     say(format!(
-        "\nDone in {:.0} s. The operator and the agents are stopped; the cluster stays up:\n\
+        "\nDone in {:.0} s. The cluster and kube-migros stay up:\n\
          eval \"$(cargo run -q -p e2e -- control-plane env)\"; kubectl get pm,pods -n {NAMESPACE} -o wide\n\
+         kubectl get pods -n {} -o wide          # the operator replicas and the agents\n\
          cargo run -p e2e -- cluster down     # stops everything and removes its state",
-        started.elapsed().as_secs_f64()
+        started.elapsed().as_secs_f64(),
+        release::NAMESPACE
     ));
     Ok(())
 }

@@ -63,7 +63,8 @@ impl Recipe<'_> {
         format!("{} {} {}", self.fingerprint, names.join(","), self.ldflags)
     }
 
-    fn is_complete(&self) -> bool {
+    /// Whether every binary is built for this recipe.
+    pub fn is_complete(&self) -> bool {
         let bin = self.bin_dir();
         std::fs::read_to_string(bin.join(".recipe")).is_ok_and(|r| r == self.stamp())
             && self

@@ -45,13 +45,11 @@ pub fn ensure(
     dirs: &Dirs,
     registry: &registry::Registry,
 ) -> Result<BTreeMap<String, String>, Error> {
-    let bin = tools::ensure(&dirs.cache)?;
-    let work = dirs.state.join("images");
-    let trust = trust_bundle(&work, &registry.ca()?.cert)?;
+    let publisher = Publisher::new(dirs, registry)?;
     let sources = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("images");
     let mut references = BTreeMap::new();
     for (name, package) in IMAGES {
-        let root = work.join(name).join("rootfs");
+        let root = publisher.work.join(name).join("rootfs");
         std::fs::create_dir_all(&root).map_err(io_err(&root))?;
         let binary = root.join(name);
         gobuild::run(
@@ -62,49 +60,82 @@ pub fn ensure(
         )?;
         let bytes = std::fs::read(&binary).map_err(io_err(&binary))?;
         let tag = hex(&Sha256::digest(&bytes))[..16].to_string();
-        let reference = format!("{}/kube-migros/{name}:{tag}", registry::ADDRESS);
-        let crane = |args: &[&str]| {
-            let mut cmd = Command::new(bin.join("crane"));
-            cmd.args(args).env("SSL_CERT_FILE", &trust);
-            cmd
-        };
-        if !crane(&["digest", &reference])
-            .output()
-            .is_ok_and(|o| o.status.success())
-        {
-            let layer = work.join(name).join("layer.tar");
-            gobuild::run(
-                Command::new("tar")
-                    .arg("-C")
-                    .arg(&root)
-                    .arg("-cf")
-                    .arg(&layer)
-                    .arg(name),
-            )?;
-            let layer_arg = layer.display().to_string();
-            gobuild::run(&mut crane(&[
-                "append",
-                "--platform",
-                "linux/amd64",
-                "-f",
-                &layer_arg,
-                "-t",
-                &reference,
-            ]))?;
-            let entrypoint = format!("--entrypoint=/{name}");
-            gobuild::run(&mut crane(&[
-                "mutate",
-                &entrypoint,
-                "-t",
-                &reference,
-                &reference,
-            ]))?;
-        }
+        let reference = publisher.publish(name, &root, &tag)?;
         // A stable name too, for configuration that cannot follow the content tag (the sandbox image).
-        gobuild::run(&mut crane(&["tag", &reference, CURRENT]))?;
+        publisher.tag(&reference, CURRENT)?;
         references.insert((*name).to_string(), reference);
     }
     Ok(references)
+}
+
+/// Puts a directory tree into a one-layer image and pushes it to the sandbox registry with crane.
+#[derive(Debug, Clone)]
+pub struct Publisher {
+    crane: PathBuf,
+    trust: PathBuf,
+    /// Scratch space of the image builds.
+    pub work: PathBuf,
+}
+
+impl Publisher {
+    pub fn new(dirs: &Dirs, registry: &registry::Registry) -> Result<Self, Error> {
+        let bin = tools::ensure(&dirs.cache)?;
+        let work = dirs.state.join("images");
+        let trust = trust_bundle(&work, &registry.ca()?.cert)?;
+        Ok(Self {
+            crane: bin.join("crane"),
+            trust,
+            work,
+        })
+    }
+
+    fn crane(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(&self.crane);
+        cmd.args(args).env("SSL_CERT_FILE", &self.trust);
+        cmd
+    }
+
+    /// Pushes `<registry>/kube-migros/<name>:<tag>` holding the files of `root` (entrypoint
+    /// `/<name>`), unless the registry has it; returns the reference.
+    pub fn publish(&self, name: &str, root: &Path, tag: &str) -> Result<String, Error> {
+        let reference = format!("{}/kube-migros/{name}:{tag}", registry::ADDRESS);
+        if self
+            .crane(&["digest", &reference])
+            .output()
+            .is_ok_and(|o| o.status.success())
+        {
+            return Ok(reference);
+        }
+        let layer = self.work.join(name).join("layer.tar");
+        std::fs::create_dir_all(self.work.join(name)).map_err(io_err(&self.work))?;
+        gobuild::run(
+            Command::new("tar")
+                .arg("-C")
+                .arg(root)
+                .args(["--owner=0", "--group=0", "--numeric-owner", "-cf"])
+                .arg(&layer)
+                .arg("."),
+        )?;
+        let layer_arg = layer.display().to_string();
+        gobuild::run(&mut self.crane(&[
+            "append",
+            "--platform",
+            "linux/amd64",
+            "-f",
+            &layer_arg,
+            "-t",
+            &reference,
+        ]))?;
+        let entrypoint = format!("--entrypoint=/{name}");
+        gobuild::run(&mut self.crane(&["mutate", &entrypoint, "-t", &reference, &reference]))?;
+        Ok(reference)
+    }
+
+    /// Tags `reference` with `tag` too.
+    pub fn tag(&self, reference: &str, tag: &str) -> Result<(), Error> {
+        gobuild::run(&mut self.crane(&["tag", reference, tag]))?;
+        Ok(())
+    }
 }
 
 /// The host's CA bundle plus the registry CA, for crane.
@@ -116,6 +147,6 @@ fn trust_bundle(work: &Path, registry_ca: &str) -> Result<PathBuf, Error> {
     Ok(path)
 }
 
-fn hex(bytes: &[u8]) -> String {
+pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

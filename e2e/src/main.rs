@@ -2,7 +2,7 @@
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use e2e::{Dirs, controlplane::ControlPlane, k8s};
+use e2e::{Dirs, controlplane::ControlPlane, k8s, release};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -25,8 +25,13 @@ enum Command {
     /// Bring up the sandbox cluster, run kube-migros and live-migrate the demo workload twice,
     /// printing a timeline of each move.
     Demo,
-    /// Build the Kubernetes binaries of the sandbox into the cache (done by `up` when needed).
+    /// Build the Kubernetes binaries and Helm into the cache (done by `up` when needed).
     Build,
+    /// Build the operator and node-agent images, push them to the sandbox registry and install
+    /// (or upgrade) the Helm chart into the running sandbox cluster.
+    Install,
+    /// `helm uninstall` kube-migros from the sandbox cluster.
+    Uninstall,
     /// The Kubernetes control plane: etcd, kube-apiserver, kube-controller-manager, kube-scheduler.
     ControlPlane {
         #[command(subcommand)]
@@ -94,6 +99,25 @@ async fn main() -> anyhow::Result<()> {
                 k8s::K8S_VERSION,
                 bin.display()
             );
+            let helm = e2e::helm::ensure(&dirs.cache).context("building Helm")?;
+            println!("Helm {} in {}", e2e::helm::HELM.1, helm.display());
+        }
+        Command::Install => {
+            let env = ControlPlane::new(&dirs).env();
+            let registry = e2e::registry::Registry::new(&dirs);
+            let images = release::ensure_images(&dirs, &registry)?;
+            let client = env.client().await?;
+            e2e::install::apply_chart_crds(&client).await?;
+            print!(
+                "{}",
+                release::install(&dirs, &env, &images, &registry, &[])?
+            );
+            release::wait_rolled_out(&client, std::time::Duration::from_secs(300)).await?;
+            eprintln!("kube-migros {} is rolled out", images.tag);
+        }
+        Command::Uninstall => {
+            release::uninstall(&dirs, &ControlPlane::new(&dirs).env())?;
+            eprintln!("kube-migros uninstalled");
         }
         Command::ControlPlane { action } => {
             control_plane(&ControlPlane::new(&dirs), action).await?

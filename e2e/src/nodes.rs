@@ -303,6 +303,20 @@ impl Nodes {
         self.node_dir(node).join("host")
     }
 
+    /// The node's simulated rxe device: its counters `last_qpn` and `last_mrn` as plain files in
+    /// `/opt/kube-migros/rxe` (no RDMA subsystem exists on these machines); made when missing.
+    pub fn ensure_rxe_counters(&self, node: &Node) -> Result<PathBuf> {
+        let dir = self.host_dir(node).join("rxe");
+        std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        for name in ["last_qpn", "last_mrn"] {
+            let file = dir.join(name);
+            if !file.exists() {
+                std::fs::write(&file, "0\n").map_err(io_err(&file))?;
+            }
+        }
+        Ok(dir)
+    }
+
     /// The host side of a path inside the node's root file system (its overlay's upper layer
     /// holds everything the node wrote; read-only use).
     pub fn written(&self, node: &Node, path: &str) -> PathBuf {

@@ -141,12 +141,13 @@ impl TestAgent {
             node: node.into(),
             endpoint: endpoint.to_string(),
             lease: Duration::from_secs(6),
+            pod: None,
         };
         announcement
             .renew(&client)
             .await
             .expect("announce the test agent");
-        let announcer = tokio::spawn(announcement.keep(client));
+        let announcer = tokio::spawn(async move { announcement.keep(client).await });
         Self {
             node: node.into(),
             endpoint,

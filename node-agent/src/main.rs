@@ -89,6 +89,12 @@ struct Args {
     /// Address of /live, /ready and /metrics.
     #[arg(long, default_value = "0.0.0.0:9465")]
     http_addr: SocketAddr,
+    /// The agent's pod, when it runs as one: owner of its Lease (with --pod-uid).
+    #[arg(long, env = "POD_NAME", requires = "pod_uid")]
+    pod_name: Option<String>,
+    /// UID of the agent's pod (the downward API's metadata.uid).
+    #[arg(long, env = "POD_UID", requires = "pod_name")]
+    pod_uid: Option<String>,
     /// Announce the agent with a Lease in this namespace (the operator's); off when unset.
     #[arg(long, env = "LEASE_NAMESPACE")]
     lease_namespace: Option<String>,
@@ -114,6 +120,9 @@ async fn main() -> anyhow::Result<()> {
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
+        // Colours only on a terminal: container logs are files.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
     let tls = TlsFiles::in_dir(&args.tls_dir)
@@ -193,26 +202,34 @@ async fn main() -> anyhow::Result<()> {
         }
     });
 
-    if let Some(namespace) = args.lease_namespace.clone() {
-        let endpoint = args
-            .advertise
-            .clone()
-            .unwrap_or_else(|| args.listen.to_string());
-        let client = kube::Client::try_default()
-            .await
-            .context("connecting to the API server to announce the agent")?;
-        let announcement = Announcement {
-            namespace,
-            node: args.node_name.clone(),
-            endpoint,
-            lease: Duration::from_secs(15),
-        };
-        announcement
-            .renew(&client)
-            .await
-            .context("announcing the agent")?;
-        tokio::spawn(announcement.keep(client));
-    }
+    let announced = match args.lease_namespace.clone() {
+        Some(namespace) => {
+            let endpoint = args
+                .advertise
+                .clone()
+                .unwrap_or_else(|| args.listen.to_string());
+            let client = kube::Client::try_default()
+                .await
+                .context("connecting to the API server to announce the agent")?;
+            let announcement = Arc::new(Announcement {
+                namespace,
+                node: args.node_name.clone(),
+                endpoint,
+                lease: Duration::from_secs(15),
+                pod: args.pod_name.clone().zip(args.pod_uid.clone()),
+            });
+            announcement
+                .renew(&client)
+                .await
+                .context("announcing the agent")?;
+            let keeper = {
+                let (announcement, client) = (announcement.clone(), client.clone());
+                tokio::spawn(async move { announcement.keep(client).await })
+            };
+            Some((announcement, client, keeper))
+        }
+        None => None,
+    };
 
     let http = Router::new()
         .route("/live", get(|| async { "ok" }))
@@ -248,6 +265,13 @@ async fn main() -> anyhow::Result<()> {
         .serve_with_shutdown(args.listen, shutdown)
         .await
         .context("serving the agent API")?;
+    if let Some((announcement, client, keeper)) = announced {
+        keeper.abort();
+        if let Err(e) = announcement.withdraw(&client).await {
+            warn!(error = %e, "could not delete the agent Lease");
+        }
+    }
+    info!("stopped");
     Ok(())
 }
 

@@ -234,7 +234,8 @@ impl Runtime {
             .map(|s| s.id))
     }
 
-    /// The network namespace path of a sandbox (containerd's verbose status, `NetNSPath`).
+    /// The network namespace of a sandbox: containerd's `NetNSPath` where the agent sees it, else
+    /// `/proc/<sandbox pid>/ns/net` (both from the verbose status).
     pub async fn sandbox_netns(&self, sandbox_id: &str) -> Result<Option<String>> {
         let status = self
             .cri()
@@ -250,10 +251,16 @@ impl Runtime {
             .get("info")
             .and_then(|i| serde_json::from_str(i).ok())
             .unwrap_or_default();
-        Ok(info["NetNSPath"]
+        // The path is in the runtime's mount namespace; an agent in a pod of its own (host PID
+        // namespace) reaches the same namespace through the sandbox process.
+        let path = info["NetNSPath"]
             .as_str()
-            .filter(|p| !p.is_empty())
-            .map(String::from))
+            .filter(|p| !p.is_empty() && std::path::Path::new(p).exists());
+        let through_pid = info["pid"]
+            .as_u64()
+            .filter(|pid| *pid > 0)
+            .map(|pid| format!("/proc/{pid}/ns/net"));
+        Ok(path.map(String::from).or(through_pid))
     }
 
     /// The running container `container` of the pod with this namespace, name and UID (the

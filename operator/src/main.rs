@@ -88,6 +88,9 @@ async fn main() -> anyhow::Result<()> {
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| "info,kube=warn,tower=warn,hyper=warn".into()),
         )
+        // Colours only on a terminal: container logs are files.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
     let ranges = rxe::Ranges {

@@ -55,6 +55,8 @@ impl World {
     /// Brings up the nodes, the registry with the test images, and an agent on each node.
     pub fn up() -> Result<Self> {
         let dirs = Dirs::from_env();
+        // The chart's agents (left by the demo) would hold the agent's ports on the nodes.
+        e2e::release::retire(&dirs).map_err(|e| e.to_string())?;
         let handle = Nodes::new(&dirs);
         let nodes = Nodes::named(&["node-1", "node-2", "node-3"]).map_err(|e| e.to_string())?;
         handle.up(&nodes).map_err(|e| e.to_string())?;

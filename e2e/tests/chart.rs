@@ -1,0 +1,288 @@
+//! The Helm chart on the sandbox cluster, as users install it: images of the operator and the node
+//! agent built from this workspace and pushed to the sandbox registry, `helm upgrade --install`, two
+//! operator replicas of which one leads, an agent pod per node announcing itself; a pod migrated by
+//! the installed kube-migros (and again after the leader pod was deleted and the standby took over);
+//! `helm uninstall` leaves none of the chart's objects behind and the workload running. One test: it
+//! owns the nodes' agents.
+
+#![allow(clippy::expect_used, clippy::unwrap_used)] // a test fails by panicking
+
+use std::{collections::BTreeSet, time::Duration};
+
+use crds::{Phase, PodMigration};
+use e2e::{
+    Dirs,
+    harness::{self, eventually},
+    install,
+    nodes::Nodes,
+    registry::Registry,
+    release::{self, NAMESPACE},
+    workload::{self, node_of, num},
+};
+use k8s_openapi::api::{
+    apps::v1::{DaemonSet, Deployment},
+    coordination::v1::Lease,
+    core::v1::{ConfigMap, Pod, Secret, ServiceAccount},
+    rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding},
+};
+use kube::{
+    Api, Client, Resource, ResourceExt,
+    api::{DeleteParams, ListParams, PostParams},
+};
+use serde::de::DeserializeOwned;
+
+const INSTANCE: &str = "app.kubernetes.io/instance=kube-migros";
+
+async fn names<K>(api: &Api<K>, selector: &str) -> Vec<String>
+where
+    K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
+{
+    api.list(&ListParams::default().labels(selector))
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .map(|o| o.name_any())
+        .collect()
+}
+
+async fn operator_pods(client: &Client) -> Vec<Pod> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NAMESPACE);
+    pods.list(&ListParams::default().labels("app.kubernetes.io/component=operator"))
+        .await
+        .unwrap()
+        .items
+}
+
+/// The holder of the operator's leader Lease, when it is one of the running operator pods.
+async fn leader(client: &Client) -> Option<String> {
+    let leases: Api<Lease> = Api::namespaced(client.clone(), NAMESPACE);
+    let holder = leases
+        .get("kube-migros-operator")
+        .await
+        .ok()?
+        .spec?
+        .holder_identity?;
+    let running = operator_pods(client).await.into_iter().any(|p| {
+        p.name_any() == holder
+            && p.metadata.deletion_timestamp.is_none()
+            && p.status.and_then(|s| s.phase).as_deref() == Some("Running")
+    });
+    running.then_some(holder)
+}
+
+/// `kubectl apply` of a PodMigration of pod `app` to `target`; waits until it is final.
+async fn migrate(client: &Client, ns: &str, name: &str, target: &str) -> PodMigration {
+    let manifest = format!(
+        "apiVersion: migros.io/v1alpha1\nkind: PodMigration\nmetadata:\n  name: {name}\n  namespace: {ns}\nspec:\n  podName: app\n  targetNode: {target}\n"
+    );
+    let path = std::env::temp_dir().join(format!("{ns}-{name}.yaml"));
+    std::fs::write(&path, manifest).unwrap();
+    let env = harness::env().await;
+    let out = harness::kubectl(&env, &["apply", "-f", &path.display().to_string()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pms: Api<PodMigration> = Api::namespaced(client.clone(), ns);
+    eventually(Duration::from_secs(180), || async {
+        let pm = pms.get(name).await.ok()?;
+        let phase = pm.status.as_ref()?.phase?;
+        phase.is_final().then_some(pm)
+    })
+    .await
+}
+
+#[tokio::test]
+async fn the_chart_installs_kube_migros_that_migrates_pods_and_uninstalls_cleanly() {
+    let dirs = Dirs::from_env();
+    let cluster = e2e::cluster::up(&dirs).await.expect("the sandbox cluster");
+    let env = cluster.env.clone();
+    let client = env.client().await.unwrap();
+    let nodes = Nodes::new(&dirs);
+    // Agents that other tests run as processes in the nodes would hold the agent's ports.
+    for node in &cluster.nodes {
+        nodes.stop_all(node, "node-agent").unwrap();
+    }
+    install::apply_chart_crds(&client).await.unwrap();
+    let registry = Registry::new(&dirs);
+    let images = release::ensure_images(&dirs, &registry).expect("the kube-migros images");
+    eprintln!("images {}:{}", images.repository, images.tag);
+    release::install(&dirs, &env, &images, &registry, &[]).expect("helm install");
+    release::wait_rolled_out(&client, Duration::from_secs(300))
+        .await
+        .expect("kube-migros rolled out");
+
+    // Two operator replicas and an agent on every node, ready.
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), NAMESPACE);
+    let operator = deployments.get("kube-migros-operator").await.unwrap();
+    assert_eq!(operator.status.unwrap().ready_replicas, Some(2));
+    let daemonsets: Api<DaemonSet> = Api::namespaced(client.clone(), NAMESPACE);
+    let agents = daemonsets.get("kube-migros-agent").await.unwrap();
+    assert_eq!(agents.status.unwrap().number_ready, 3);
+    // One replica leads, and every agent announced itself with a Lease owned by its pod.
+    let first_leader = eventually(Duration::from_secs(60), || leader(&client)).await;
+    eprintln!("leader: {first_leader}");
+    eventually(Duration::from_secs(60), || async {
+        workload::agents_announced(&client, NAMESPACE, 3)
+            .await
+            .then_some(())
+    })
+    .await;
+    let leases: Api<Lease> = Api::namespaced(client.clone(), NAMESPACE);
+    for lease in leases
+        .list(&ListParams::default().labels(agent_api::discovery::LEASE_LABEL))
+        .await
+        .unwrap()
+        .items
+    {
+        let owners = lease.owner_references();
+        assert!(
+            owners.len() == 1 && owners[0].kind == "Pod",
+            "{}: {owners:?}",
+            lease.name_any()
+        );
+    }
+
+    let (first_leader_ref, cluster_ref) = (&first_leader, &cluster);
+    harness::with_namespace("chart", |client, ns| async move {
+        let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+        let app = workload::pod(
+            &cluster_ref.images["demo"],
+            "app",
+            "node-1",
+            serde_json::json!(["serve", "--status", ":8080", "--listen", ":9000"]),
+            serde_json::json!({"migros.io/migratable": "true", "migros.io/rdma": "true"}),
+            serde_json::json!({"rdma/rxe": "1"}),
+        );
+        pods.create(&PostParams::default(), &app).await.unwrap();
+        let mut current = eventually(Duration::from_secs(90), || {
+            workload::running(&pods, "app", None)
+        })
+        .await;
+        let ip = workload::ip_of(&current).unwrap();
+        let mut before = eventually(Duration::from_secs(60), || async move {
+            workload::state(ip).await.filter(|s| num(s, "counter") > 20)
+        })
+        .await;
+
+        for (hop, target) in [("chart-1", "node-2"), ("chart-2", "node-3")] {
+            let done = migrate(&client, &ns, hop, target).await;
+            let status = done.status.clone().unwrap_or_default();
+            assert_eq!(
+                status.phase,
+                Some(Phase::Succeeded),
+                "{hop}: {:?}",
+                status.message
+            );
+            let moved = eventually(Duration::from_secs(90), || {
+                workload::running(&pods, "app", current.metadata.uid.as_deref())
+            })
+            .await;
+            assert_eq!(node_of(&moved), target);
+            assert_eq!(workload::ip_of(&moved), Some(ip), "{hop}: the IP changed");
+            let counter = num(&before, "counter");
+            let after = eventually(Duration::from_secs(60), || async move {
+                workload::state(ip)
+                    .await
+                    .filter(|s| num(s, "counter") > counter)
+            })
+            .await;
+            assert_eq!(
+                after.get("id"),
+                before.get("id"),
+                "{hop}: not the same process"
+            );
+            eprintln!("{hop}: on {target}, timings {:?}", status.timings);
+            (current, before) = (moved, after);
+
+            if hop == "chart-1" {
+                // The leader goes; the standby takes the Lease and runs the next migration.
+                let operators: Api<Pod> = Api::namespaced(client.clone(), NAMESPACE);
+                operators
+                    .delete(first_leader_ref, &DeleteParams::default())
+                    .await
+                    .unwrap();
+                let next = eventually(Duration::from_secs(90), || async {
+                    leader(&client).await.filter(|l| l != first_leader_ref)
+                })
+                .await;
+                eprintln!("the leader pod was deleted; {next} leads now");
+            }
+        }
+        // Deleting the finished PodMigrations (the operator lifts its finalizer).
+        let pms: Api<PodMigration> = Api::namespaced(client.clone(), &ns);
+        for hop in ["chart-1", "chart-2"] {
+            pms.delete(hop, &DeleteParams::default()).await.unwrap();
+        }
+        eventually(Duration::from_secs(60), || async {
+            pms.list(&ListParams::default())
+                .await
+                .ok()?
+                .items
+                .is_empty()
+                .then_some(())
+        })
+        .await;
+
+        // Uninstalling removes every object of the chart and the agents' Leases, and leaves the
+        // workload alone.
+        release::uninstall(&dirs, &env).expect("helm uninstall");
+        let gone = || async {
+            let ns_pods: Api<Pod> = Api::namespaced(client.clone(), NAMESPACE);
+            let ns_leases: Api<Lease> = Api::namespaced(client.clone(), NAMESPACE);
+            let left: BTreeSet<String> = [
+                names(&ns_pods, "").await,
+                names(&ns_leases, "").await,
+                names(
+                    &Api::<Secret>::namespaced(client.clone(), NAMESPACE),
+                    INSTANCE,
+                )
+                .await,
+                names(
+                    &Api::<ConfigMap>::namespaced(client.clone(), NAMESPACE),
+                    INSTANCE,
+                )
+                .await,
+                names(
+                    &Api::<ServiceAccount>::namespaced(client.clone(), NAMESPACE),
+                    INSTANCE,
+                )
+                .await,
+                names(
+                    &Api::<Role>::namespaced(client.clone(), NAMESPACE),
+                    INSTANCE,
+                )
+                .await,
+                names(
+                    &Api::<RoleBinding>::namespaced(client.clone(), NAMESPACE),
+                    INSTANCE,
+                )
+                .await,
+                names(&Api::<ClusterRole>::all(client.clone()), INSTANCE).await,
+                names(&Api::<ClusterRoleBinding>::all(client.clone()), INSTANCE).await,
+            ]
+            .into_iter()
+            .flatten()
+            .collect();
+            left.is_empty().then_some(()).ok_or(left)
+        };
+        let mut last = BTreeSet::new();
+        let clean = tokio::time::timeout(Duration::from_secs(60), async {
+            loop {
+                match gone().await {
+                    Ok(()) => return,
+                    Err(left) => last = left,
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        })
+        .await;
+        assert!(clean.is_ok(), "left after helm uninstall: {last:?}");
+        assert!(!release::installed(&dirs, &env));
+        let still = workload::running(&pods, "app", None).await.unwrap();
+        assert_eq!(still.metadata.uid, current.metadata.uid);
+    })
+    .await;
+}
