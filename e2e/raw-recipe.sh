@@ -11,8 +11,9 @@
 # the host's disk), scp_ms (scp from the source node to the target node over the bridge),
 # restore_ms, target_id, target_counter (the demo's id is random per process start, so equal ids
 # mean the target runs the restored process). The source runs MIN_COUNTER ticks (10 ms each,
-# default 200) before it is checkpointed. Pods use the node's network (the pod IP across nodes is
-# the operator's business).
+# default 200) before it is checkpointed; with TOUCH (e.g. 256Mi) it keeps that much memory written.
+# KEEP_ARCHIVE=PATH keeps a copy of the checkpoint archive there. Pods use the node's network (the
+# pod IP across nodes is the operator's business).
 set -Eeuo pipefail
 source_node=$1 target_node=$2 image=$3
 state=${KUBE_MIGROS_STATE:-/var/lib/kube-migros-sandbox}/nodes
@@ -59,7 +60,7 @@ JSON
 done
 cat > "$state/$source_node/containerd/$name/app.json" <<JSON
 {"metadata": {"name": "app"}, "image": {"image": "$image"},
- "args": ["serve", "--status", "127.0.0.1:8080"], "log_path": "app.log",
+ "args": ["serve", "--status", "127.0.0.1:8080", "--touch", "${TOUCH:-0}"], "log_path": "app.log",
  "linux": {"security_context": {"namespace_options": {"network": 2, "pid": 1}}}}
 JSON
 cat > "$state/$target_node/containerd/$name/app.json" <<JSON
@@ -112,6 +113,9 @@ on "$source_node" ctr -n k8s.io tasks kill -s SIGKILL "$ctr"
 on "$source_node" ctr -n k8s.io tasks resume "$ctr" 2>/dev/null || true
 on "$source_node" crictl rm -f "$ctr" >/dev/null 2>&1 || true
 
+if [ -n "${KEEP_ARCHIVE:-}" ]; then
+    cp "$state/$target_node/containerd/$name/checkpoint.tar" "$KEEP_ARCHIVE"
+fi
 echo "source_id=$(echo "$line" | field id)"
 echo "source_counter=$(echo "$line" | field counter)"
 echo "archive_bytes=$(stat -c %s "$state/$target_node/containerd/$name/checkpoint.tar")"

@@ -154,22 +154,27 @@ impl ControlPlane {
     /// `system:nodes`, as the Node authorizer and NodeRestriction expect), pointing at the API
     /// server's bridge address, which the nodes reach. The control plane must be up.
     pub fn kubelet_kubeconfig(&self, name: &str) -> Result<String> {
+        let server = format!("https://{}:{APISERVER_PORT}", crate::nodes::BRIDGE_IP);
+        self.user_kubeconfig(&format!("system:node:{name}"), &["system:nodes"], &server)
+    }
+
+    /// A kubeconfig for `user` in `groups` with a client certificate of the cluster CA, for the
+    /// API server at `server`.
+    pub fn user_kubeconfig(&self, user: &str, groups: &[&str], server: &str) -> Result<String> {
         let ca_pem = agent_api::pki::Pem {
             cert: pki::read(&self.pki().join("ca.crt"))?,
             key: pki::read(&self.pki().join("ca.key"))?,
         };
         let ca = Ca::from_pem(ca_pem).map_err(pki::Error::from)?;
-        let user = format!("system:node:{name}");
         let leaf = ca
             .issue(&Leaf {
-                common_name: &user,
-                organisations: &["system:nodes"],
+                common_name: user,
+                organisations: groups,
                 usage: Some(Usage::Client),
                 ..Default::default()
             })
             .map_err(pki::Error::from)?;
-        let server = format!("https://{}:{APISERVER_PORT}", crate::nodes::BRIDGE_IP);
-        kubeconfig_yaml(&server, &ca.pem().cert, &user, &leaf.cert, &leaf.key)
+        kubeconfig_yaml(server, &ca.pem().cert, user, &leaf.cert, &leaf.key)
     }
 
     /// The cluster CA certificate (PEM).

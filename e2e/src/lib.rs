@@ -2,6 +2,7 @@
 //! CRIU in namespaces) on one Linux machine, built and cached, plus what the tests share.
 
 pub mod agents;
+pub mod bench;
 pub mod binaries;
 pub mod cluster;
 pub mod controlplane;

@@ -32,6 +32,28 @@ enum Command {
     Install,
     /// `helm uninstall` kube-migros from the sandbox cluster.
     Uninstall,
+    /// Measure migrations, the raw recipe, transfer limits and the control plane at scale on the
+    /// sandbox cluster; write docs/benchmarks.{md,json,svg}. Run with --release.
+    Bench {
+        /// Touched memory of the demo workload, one figure per size.
+        #[arg(long, value_delimiter = ',', default_value = "16Mi,256Mi,1Gi")]
+        sizes: Vec<String>,
+        /// Runs per figure (the median and the spread are reported).
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Numbers of PodMigrations for the control-plane benchmark.
+        #[arg(long, value_delimiter = ',', default_value = "100,1000")]
+        scale: Vec<usize>,
+        /// Parts to skip: raw, migration, scale.
+        #[arg(long, value_delimiter = ',')]
+        skip: Vec<String>,
+        /// Name of this run in docs/benchmarks.json (runs of other names stay, for before/after).
+        #[arg(long, default_value = "current")]
+        label: String,
+        /// Where the documents go.
+        #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs"))]
+        out_dir: std::path::PathBuf,
+    },
     /// The Kubernetes control plane: etcd, kube-apiserver, kube-controller-manager, kube-scheduler.
     ControlPlane {
         #[command(subcommand)]
@@ -114,6 +136,24 @@ async fn main() -> anyhow::Result<()> {
             );
             release::wait_rolled_out(&client, std::time::Duration::from_secs(300)).await?;
             eprintln!("kube-migros {} is rolled out", images.tag);
+        }
+        Command::Bench {
+            sizes,
+            runs,
+            scale,
+            skip,
+            label,
+            out_dir,
+        } => {
+            let options = e2e::bench::Options {
+                sizes,
+                runs,
+                scale,
+                skip,
+                out_dir,
+                label,
+            };
+            e2e::bench::run(&dirs, &options).await?;
         }
         Command::Uninstall => {
             release::uninstall(&dirs, &ControlPlane::new(&dirs).env())?;
