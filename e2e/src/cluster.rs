@@ -55,6 +55,7 @@ pub async fn up(dirs: &Dirs) -> anyhow::Result<Cluster> {
     for node in &nodes {
         handle.ensure_rxe_counters(node)?;
         kubelets::advertise_rxe(&client, node, RXE_DEVICES).await?;
+        kubelets::label_sandbox_node(&client, node).await?;
     }
     Ok(Cluster { env, nodes, images })
 }

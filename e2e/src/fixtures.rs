@@ -124,9 +124,11 @@ impl std::fmt::Debug for ApiNode {
 }
 
 impl ApiNode {
-    /// Creates the node with 4 CPUs, 8 GiB of memory and `rdma/rxe` devices, Ready.
+    /// Creates the node with 4 CPUs, 8 GiB of memory and `rdma/rxe` devices, Ready. Test nodes
+    /// that runs ended without deleting (older than half an hour) are deleted first.
     pub async fn create(client: &Client, name: &str) -> Self {
         let nodes: Api<Node> = Api::all(client.clone());
+        forget_stale(&nodes).await;
         let capacity: std::collections::BTreeMap<String, Quantity> = [
             ("cpu", "4"),
             ("memory", "8Gi"),
@@ -139,7 +141,13 @@ impl ApiNode {
         let node = Node {
             metadata: ObjectMeta {
                 name: Some(name.into()),
-                labels: Some([("kubernetes.io/hostname".to_string(), name.to_string())].into()),
+                labels: Some(
+                    [
+                        ("kubernetes.io/hostname".to_string(), name.to_string()),
+                        (TEST_NODE_LABEL.to_string(), "true".to_string()),
+                    ]
+                    .into(),
+                ),
                 ..Default::default()
             },
             spec: Some(NodeSpec::default()),
@@ -204,6 +212,30 @@ impl ApiNode {
             )
             .await
             .expect("cordon node");
+    }
+}
+
+/// The label of [`ApiNode`]s.
+pub const TEST_NODE_LABEL: &str = "migros.io/test-node";
+
+async fn forget_stale(nodes: &Api<Node>) {
+    let Ok(list) = nodes
+        .list(&kube::api::ListParams::default().labels(TEST_NODE_LABEL))
+        .await
+    else {
+        return;
+    };
+    let cutoff = Timestamp::now() - k8s_openapi::jiff::SignedDuration::from_secs(1800);
+    for node in list.items {
+        let old = node
+            .metadata
+            .creation_timestamp
+            .as_ref()
+            .is_some_and(|t| t.0 < cutoff);
+        if old {
+            let name = node.metadata.name.unwrap_or_default();
+            let _ = nodes.delete(&name, &DeleteParams::default()).await;
+        }
     }
 }
 

@@ -214,6 +214,24 @@ pub const RXE_RESOURCE: &str = "rdma/rxe";
 /// Advertises `count` `rdma/rxe` devices in the node's status, as a device plugin would (the
 /// kubelet then reports them allocatable too). The sandbox nodes have no RDMA device: this is
 /// the simulated part, like the agents' rxe counter files.
+/// The label of the sandbox's real nodes (what DaemonSets of the sandbox select): test suites add
+/// Node objects without kubelets, which a DaemonSet would wait for forever.
+pub const SANDBOX_NODE_LABEL: &str = "migros.io/sandbox-node";
+
+/// Labels the Node object of `node` with [`SANDBOX_NODE_LABEL`].
+pub async fn label_sandbox_node(client: &kube::Client, node: &Node) -> Result<(), kube::Error> {
+    use k8s_openapi::api::core::v1::Node as NodeObject;
+    let api: kube::Api<NodeObject> = kube::Api::all(client.clone());
+    let patch = serde_json::json!({"metadata": {"labels": {SANDBOX_NODE_LABEL: "true"}}});
+    api.patch(
+        &node.name,
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(&patch),
+    )
+    .await?;
+    Ok(())
+}
+
 pub async fn advertise_rxe(
     client: &kube::Client,
     node: &Node,

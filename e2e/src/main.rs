@@ -33,7 +33,7 @@ enum Command {
     /// `helm uninstall` kube-migros from the sandbox cluster.
     Uninstall,
     /// Measure migrations, the raw recipe, transfer limits and the control plane at scale on the
-    /// sandbox cluster; write docs/benchmarks.{md,json,svg}. Run with --release.
+    /// sandbox cluster; write docs/benchmarks.{md,json,svg} (the images are release builds).
     Bench {
         /// Touched memory of the demo workload, one figure per size.
         #[arg(long, value_delimiter = ',', default_value = "16Mi,256Mi,1Gi")]

@@ -267,6 +267,10 @@ pub fn install(
         host.to_string()
     };
     let chart = chart_dir().display().to_string();
+    let selector = format!(
+        "agent.nodeSelector.{}",
+        crate::kubelets::SANDBOX_NODE_LABEL.replace('.', "\\.")
+    );
     let mut sets = vec![
         ("image.repository", images.repository.clone()),
         ("image.tag", images.tag.clone()),
@@ -278,6 +282,8 @@ pub fn install(
             agents::CHECKPOINT_REPOSITORY.to_string(),
         ),
         ("agent.port", agents::AGENT_PORT.to_string()),
+        // Only the nodes with kubelets (test suites add Node objects without any).
+        (selector.as_str(), "true".to_string()),
     ];
     sets.extend(extra.iter().map(|(k, v)| (*k, (*v).to_string())));
     let mut args: Vec<String> = [
@@ -302,7 +308,16 @@ pub fn install(
     args.push("--set-file".into());
     args.push(format!("agent.registryCA={}", ca.display()));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    helm(dirs, env, &args)
+    match helm(dirs, env, &args) {
+        // An interrupted install or upgrade (a killed run) leaves the release pending, which
+        // blocks every later one: start it over.
+        Err(Error::Helm { output, .. }) if output.contains("another operation") => {
+            eprintln!("e2e: the release was left pending by an interrupted run; reinstalling");
+            uninstall(dirs, env)?;
+            helm(dirs, env, &args)
+        }
+        other => other,
+    }
 }
 
 /// Waits until the operator Deployment and the agent DaemonSet run their current template on every
@@ -399,7 +414,9 @@ pub fn retire(dirs: &Dirs) -> Result<(), Error> {
     }
     let env = crate::controlplane::ControlPlane::new(dirs).env();
     if installed(dirs, &env) {
-        eprintln!("e2e: uninstalling the kube-migros release: agents run as processes here");
+        eprintln!(
+            "e2e: uninstalling the kube-migros Helm release, which would take the place of what runs next"
+        );
         uninstall(dirs, &env)?;
     }
     Ok(())

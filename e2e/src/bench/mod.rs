@@ -1,4 +1,4 @@
-//! The benchmarks (`cargo run -p e2e --release -- bench`): where migration time goes, against the
+//! The benchmarks (`cargo run -p e2e -- bench`; the measured operator and agent are release builds): where migration time goes, against the
 //! raw recipe and the physical limits, measured on the sandbox cluster in one run, and written to
 //! `docs/benchmarks.md`, `docs/benchmarks.json` and `docs/benchmarks.svg`.
 //!

@@ -84,7 +84,7 @@ pub fn markdown(doc: &Document, label: &str) -> String {
     let _ = writeln!(md, "# Benchmarks\n");
     let _ = writeln!(
         md,
-        "Written by `cargo run -p e2e --release -- bench` (run `{label}`, {}, commit `{}`, {}). \
+        "Written by `cargo run -p e2e -- bench` (run `{label}`, {}, commit `{}`, {}). \
          Every figure is the median of its runs with (min-max); every ratio compares medians \
          measured in the same run on the same sandbox nodes. The sandbox runs everything on this \
          one VM: three nodes, the control plane, the registry and the benchmark share its cores, \
