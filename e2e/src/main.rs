@@ -53,6 +53,9 @@ enum Command {
         /// Where the documents go.
         #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs"))]
         out_dir: std::path::PathBuf,
+        /// Measure nothing: write the documents again from the JSON.
+        #[arg(long)]
+        report_only: bool,
     },
     /// The Kubernetes control plane: etcd, kube-apiserver, kube-controller-manager, kube-scheduler.
     ControlPlane {
@@ -144,6 +147,7 @@ async fn main() -> anyhow::Result<()> {
             skip,
             label,
             out_dir,
+            report_only,
         } => {
             let options = e2e::bench::Options {
                 sizes,
@@ -152,6 +156,7 @@ async fn main() -> anyhow::Result<()> {
                 skip,
                 out_dir,
                 label,
+                report_only,
             };
             e2e::bench::run(&dirs, &options).await?;
         }

@@ -39,6 +39,8 @@ pub struct Options {
     /// A label for this run (e.g. "before"/"after" a change); results of other labels already in
     /// the JSON are kept, so that a document can compare them.
     pub label: String,
+    /// Only write the documents again from the JSON (after a change of the report).
+    pub report_only: bool,
 }
 
 /// One migration of the demo workload by kube-migros.
@@ -140,6 +142,14 @@ pub async fn run(dirs: &Dirs, options: &Options) -> anyhow::Result<()> {
         Ok(())
     };
 
+    if options.report_only {
+        save(&document)?;
+        eprintln!(
+            "bench: wrote {} from the JSON",
+            options.out_dir.join("benchmarks.md").display()
+        );
+        return Ok(());
+    }
     if wanted("raw") {
         let (raw, transfer) = baseline::run(dirs, options)
             .await
