@@ -1,7 +1,7 @@
 //! `PodMigration` (`migros.io/v1alpha1`): one request to move a running pod to another node, and the
 //! record of how that move went. The schema and its CEL rules make the API server reject bad input.
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, MicroTime, Time};
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -269,8 +269,8 @@ pub struct PodMigrationStatus {
 pub struct PhaseTransition {
     /// The phase entered.
     pub phase: Phase,
-    /// When it was entered.
-    pub time: Time,
+    /// When it was entered (microseconds: the timings are computed from these).
+    pub time: MicroTime,
 }
 
 /// A block of rxe queue-pair and memory-region numbers owned by one RDMA pod, cluster-wide.

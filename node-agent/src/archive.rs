@@ -49,6 +49,8 @@ pub enum Error {
     TooLarge { limit: u64 },
     #[error("the archive has more than {limit} entries")]
     TooManyEntries { limit: usize },
+    #[error("entry {0:?} comes twice")]
+    Duplicate(PathBuf),
     #[error("the archive is not a valid tar file: {0}")]
     Format(io::Error),
     #[error("{path}: {source}")]
@@ -115,10 +117,45 @@ fn link_target(path: &Path, target: &Path, hard: bool) -> Option<PathBuf> {
 /// before it is written. On error, what was written is left for the caller to remove with `dest`.
 pub fn unpack(reader: impl Read, dest: &Path, limits: Limits) -> Result<Unpacked, Error> {
     fs::create_dir(dest).map_err(io(dest))?;
+    walk(reader, limits, |entry, path, kind| {
+        let target = dest.join(path);
+        if let Some(parent) = target.parent() {
+            fs::create_dir_all(parent).map_err(io(parent))?;
+        }
+        if kind == tar::EntryType::Link {
+            // tar resolves hard links against the current directory; do it against `dest`.
+            let source = entry
+                .link_name()
+                .map_err(Error::Format)?
+                .map(|t| dest.join(inside(&t).unwrap_or_default()))
+                .unwrap_or_default();
+            fs::hard_link(&source, &target).map_err(io(&target))?;
+            return Ok(());
+        }
+        entry.unpack(&target).map_err(io(&target))?;
+        Ok(())
+    })
+}
+
+/// Checks the tar archive `reader` entry by entry as [`unpack`] does (kinds, paths, links, size
+/// and entry limits, no path twice) without writing anything: an archive that passes is one that
+/// unpacks into its directory and nowhere else.
+pub fn check(reader: impl Read, limits: Limits) -> Result<Unpacked, Error> {
+    walk(reader, limits, |_, _, _| Ok(()))
+}
+
+/// Walks the entries of `reader`, checking each before `write` gets it (with its clean path).
+fn walk<R: Read>(
+    reader: R,
+    limits: Limits,
+    mut write: impl FnMut(&mut tar::Entry<'_, R>, &Path, tar::EntryType) -> Result<(), Error>,
+) -> Result<Unpacked, Error> {
     let mut archive = tar::Archive::new(reader);
     archive.set_preserve_permissions(true);
     archive.set_overwrite(false);
     let mut links: HashSet<PathBuf> = HashSet::new();
+    // Paths seen, and whether as a directory (only a directory may come twice).
+    let mut seen: std::collections::HashMap<PathBuf, bool> = std::collections::HashMap::new();
     let mut done = Unpacked::default();
     for entry in archive.entries().map_err(Error::Format)? {
         let mut entry = entry.map_err(Error::Format)?;
@@ -171,21 +208,15 @@ pub fn unpack(reader: impl Read, dest: &Path, limits: Limits) -> Result<Unpacked
                 limit: limits.max_bytes,
             });
         }
-        let target = dest.join(&path);
-        if let Some(parent) = target.parent() {
-            fs::create_dir_all(parent).map_err(io(parent))?;
+        // Unpacking never overwrites: a second entry for a path is refused.
+        let dir = kind == tar::EntryType::Directory;
+        if seen
+            .insert(path.clone(), dir)
+            .is_some_and(|was_dir| !(was_dir && dir))
+        {
+            return Err(Error::Duplicate(path));
         }
-        if kind == tar::EntryType::Link {
-            // tar resolves hard links against the current directory; do it against `dest`.
-            let source = entry
-                .link_name()
-                .map_err(Error::Format)?
-                .map(|t| dest.join(inside(&t).unwrap_or_default()))
-                .unwrap_or_default();
-            fs::hard_link(&source, &target).map_err(io(&target))?;
-            continue;
-        }
-        entry.unpack(&target).map_err(io(&target))?;
+        write(&mut entry, &path, kind)?;
     }
     Ok(done)
 }
@@ -350,6 +381,39 @@ mod tests {
             let message = r.unwrap_err().to_string();
             assert!(message.contains(why), "{message:?} should say {why:?}");
             assert!(!dir.path().join("evil").exists());
+            // Checking without unpacking refuses the same archives for the same reason.
+            let message = check(&tar[..], Limits::default()).unwrap_err().to_string();
+            assert!(
+                message.contains(why),
+                "check: {message:?} should say {why:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn check_passes_what_unpacks_and_refuses_a_path_twice() {
+        let good = tar_with(&[
+            ("checkpoint/", tar::EntryType::Directory, b"", None),
+            ("checkpoint/", tar::EntryType::Directory, b"", None),
+            ("checkpoint/pages-1.img", FILE, &[7u8; 3000], None),
+            ("config.dump", FILE, b"{}", None),
+        ]);
+        let (_d, unpacked) = unpack_bytes(&good);
+        assert_eq!(
+            check(&good[..], Limits::default()).unwrap(),
+            unpacked.unwrap()
+        );
+        for twice in [
+            tar_with(&[("a", FILE, b"1", None), ("a", FILE, b"2", None)]),
+            tar_with(&[
+                ("a", FILE, b"1", None),
+                ("a/", tar::EntryType::Directory, b"", None),
+            ]),
+        ] {
+            let r = check(&twice[..], Limits::default());
+            assert!(matches!(r, Err(Error::Duplicate(_))), "{r:?}");
+            let (_d, r) = unpack_bytes(&twice);
+            assert!(r.is_err(), "{r:?}");
         }
     }
 

@@ -47,29 +47,27 @@ type BoxFuture<'a, T> = std::pin::Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 pub trait RestoreBackend: Send + Sync + std::fmt::Debug {
     /// The backend's name as capabilities report it.
     fn name(&self) -> &'static str;
-    /// Makes the vetted checkpoint of `container` in `unpacked` restorable (files may go to
+    /// Makes the vetted checkpoint archive of `container` restorable (it may be moved into
     /// `work`) and answers the image reference the replacement pod's container names.
     fn stage<'a>(
         &'a self,
         uid: &'a str,
         container: &'a str,
-        unpacked: &'a std::path::Path,
+        archive: &'a std::path::Path,
         work: &'a std::path::Path,
     ) -> BoxFuture<'a, Result<String, String>>;
 }
 
-/// Packs the vetted files into `<work>/<container>.tar`.
-async fn pack(
+/// Moves the vetted archive to `<work>/<container>.tar`.
+async fn keep(
     container: &str,
-    unpacked: &std::path::Path,
+    archive: &std::path::Path,
     work: &std::path::Path,
 ) -> Result<PathBuf, String> {
     let out = work.join(format!("{container}.tar"));
-    let (dir, tar) = (unpacked.to_path_buf(), out.clone());
-    tokio::task::spawn_blocking(move || archive::pack(&dir, &tar))
+    tokio::fs::rename(archive, &out)
         .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| format!("{}: {e}", out.display()))?;
     Ok(out)
 }
 
@@ -86,10 +84,10 @@ impl RestoreBackend for CriCheckpointArchive {
         &'a self,
         _uid: &'a str,
         container: &'a str,
-        unpacked: &'a std::path::Path,
+        archive: &'a std::path::Path,
         work: &'a std::path::Path,
     ) -> BoxFuture<'a, Result<String, String>> {
-        Box::pin(async move { Ok(pack(container, unpacked, work).await?.display().to_string()) })
+        Box::pin(async move { Ok(keep(container, archive, work).await?.display().to_string()) })
     }
 }
 
@@ -110,11 +108,12 @@ impl RestoreBackend for CriCheckpointImage {
         &'a self,
         uid: &'a str,
         container: &'a str,
-        unpacked: &'a std::path::Path,
+        archive: &'a std::path::Path,
         work: &'a std::path::Path,
     ) -> BoxFuture<'a, Result<String, String>> {
         Box::pin(async move {
-            let layer = pack(container, unpacked, work).await?;
+            // The checkpoint archive is the image's one layer as it is.
+            let layer = keep(container, archive, work).await?;
             let image = {
                 let (name, layer) = (container.to_string(), layer.clone());
                 tokio::task::spawn_blocking(move || oci::Image::new(&name, &layer))
@@ -207,6 +206,8 @@ struct Inner {
     tls: TlsMaterial,
     metrics: Arc<Metrics>,
     operations: Mutex<HashMap<(String, Step), v1::Operation>>,
+    /// Woken whenever an operation ends: callers asking about a running one wait for it a while.
+    finished: tokio::sync::Notify,
     /// rxe counter holds by migration, with a serial number so that an expiry only ends the
     /// hold it was set for.
     holds: Mutex<HashMap<String, (u64, rxe::Hold)>>,
@@ -287,6 +288,7 @@ impl Agent {
                 tls,
                 metrics,
                 operations: Mutex::default(),
+                finished: tokio::sync::Notify::new(),
                 holds: Mutex::default(),
                 serial: Default::default(),
                 records: Mutex::default(),
@@ -353,19 +355,58 @@ impl Agent {
     }
 
     /// Runs `work` as step `step` of `uid` unless it runs or succeeded already (see the module).
+    /// The operation `(uid, step)`, waiting up to the quick answer time for a running one to end
+    /// (so that a caller polling it learns of the end at once rather than at its next poll). A
+    /// failure read here is reported now, so it is forgotten now.
+    async fn await_running(&self, uid: &str, step: Step) -> v1::Operation {
+        let key = (uid.to_string(), step);
+        let deadline = tokio::time::Instant::now() + self.inner.config.quick;
+        loop {
+            // Registered before the table is read, so that an end in between is not missed.
+            let notified = self.inner.finished.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let running = {
+                let Ok(mut ops) = self.inner.operations.lock() else {
+                    return v1::Operation::failed(uid, "operation table poisoned");
+                };
+                match ops.get(&key).cloned() {
+                    Some(op) if op.state() == v1::State::Running => op,
+                    Some(op) if op.state() == v1::State::Failed => {
+                        ops.remove(&key);
+                        return op;
+                    }
+                    Some(op) => return op,
+                    None => return v1::Operation::running(uid),
+                }
+            };
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return running;
+            }
+        }
+    }
+
     async fn operate(&self, uid: &str, step: Step, work: Work) -> v1::Operation {
         let key = (uid.to_string(), step);
-        {
+        let running = {
             let Ok(mut ops) = self.inner.operations.lock() else {
                 return v1::Operation::failed(uid, "operation table poisoned");
             };
-            if let Some(op) = ops.get(&key).cloned() {
-                if op.state() == v1::State::Failed {
+            match ops.get(&key).cloned() {
+                Some(op) if op.state() == v1::State::Failed => {
                     ops.remove(&key);
+                    return op;
                 }
-                return op;
+                Some(op) if op.state() == v1::State::Running => true,
+                Some(op) => return op,
+                None => {
+                    ops.insert(key.clone(), v1::Operation::running(uid));
+                    false
+                }
             }
-            ops.insert(key.clone(), v1::Operation::running(uid));
+        };
+        if running {
+            return self.await_running(uid, step).await;
         }
         let (tx, rx) = tokio::sync::oneshot::channel();
         let agent = self.clone();
@@ -393,6 +434,7 @@ impl Agent {
                 if let Ok(mut ops) = agent.inner.operations.lock() {
                     ops.insert(key, op.clone());
                 }
+                agent.inner.finished.notify_waiters();
                 let _ = tx.send(op);
             }
             .instrument(span),
@@ -1118,7 +1160,8 @@ impl Agent {
                     .store
                     .free_bytes()
                     .map_err(|e| io(e.to_string()))?;
-                // Received, then unpacked, then packed: about three copies at the peak.
+                // Received, then pulled into the runtime (the image backend): two copies at the
+                // peak, and a margin.
                 if chunk.total_bytes.saturating_mul(3) > free {
                     return Err(RejectReason::NoSpace {
                         container: chunk.container,
@@ -1178,7 +1221,8 @@ impl Agent {
         Ok(bytes)
     }
 
-    /// Unpacks a received archive with checks and stages it for the runtime; returns the image.
+    /// Checks a received archive entry by entry (as unpacking would, writing nothing) and stages
+    /// it for the runtime; returns the image.
     async fn stage_archive(
         &self,
         uid: &str,
@@ -1186,24 +1230,17 @@ impl Agent {
         part: &std::path::Path,
     ) -> Result<String, RejectReason> {
         let io = |e: String| RejectReason::Io(e);
-        let unpacked = self
-            .inner
-            .store
-            .subdir(uid, "unpacked")
-            .map_err(|e| io(e.to_string()))?
-            .join(container);
         let work = self
             .inner
             .store
             .subdir(uid, "staged")
             .map_err(|e| io(e.to_string()))?;
         let limits = self.inner.config.limits;
-        let (part_path, dir, name) = (part.to_path_buf(), unpacked.clone(), container.to_string());
+        let (part_path, name) = (part.to_path_buf(), container.to_string());
         tokio::task::spawn_blocking(move || {
             let file = std::fs::File::open(&part_path)
                 .map_err(|e| io(format!("{}: {e}", part_path.display())))?;
-            let _ = std::fs::remove_dir_all(&dir);
-            archive::unpack(std::io::BufReader::new(file), &dir, limits)
+            archive::check(std::io::BufReader::with_capacity(1 << 20, file), limits)
                 .map(drop)
                 .map_err(|source| RejectReason::Unsafe {
                     container: name,
@@ -1215,11 +1252,10 @@ impl Agent {
         let staged = self
             .inner
             .backend
-            .stage(uid, container, &unpacked, &work)
+            .stage(uid, container, part, &work)
             .await
             .map_err(io);
         // Only what the backend staged is kept.
-        let _ = tokio::fs::remove_dir_all(&unpacked).await;
         let _ = tokio::fs::remove_file(part).await;
         staged
     }

@@ -1,6 +1,7 @@
 //! Finding and calling the node agents. Each agent announces itself with a Lease named
 //! `kube-migros-agent-<node>` in the operator's namespace (renewed while it lives, annotated with its
-//! gRPC endpoint); the operator dials it over mutual TLS and keeps one channel per endpoint.
+//! gRPC endpoint); the operator watches those Leases into a cache, dials an agent over mutual TLS
+//! and keeps one channel per endpoint.
 
 use std::{collections::BTreeMap, sync::Mutex, time::Duration};
 
@@ -9,8 +10,17 @@ use agent_api::{
     tls::TlsMaterial,
     v1::{self, agent_client::AgentClient},
 };
+use futures::StreamExt;
 use k8s_openapi::{api::coordination::v1::Lease, jiff::Timestamp};
-use kube::{Api, Client, api::ListParams};
+use kube::{
+    Api, Client,
+    api::ListParams,
+    runtime::{
+        WatchStreamExt,
+        reflector::{self, ObjectRef, Store},
+        watcher,
+    },
+};
 use tonic::transport::{Channel, Endpoint};
 
 use crate::statemachine::{Answer, Call};
@@ -21,8 +31,17 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(20);
 /// The agents of the cluster, as the operator reaches them.
 pub struct Agents {
     leases: Api<Lease>,
+    /// The agents' Leases as watched (asked directly only until the first listing is in).
+    cache: Store<Lease>,
+    watch: tokio::task::JoinHandle<()>,
     tls: TlsMaterial,
     channels: Mutex<BTreeMap<String, Channel>>,
+}
+
+impl Drop for Agents {
+    fn drop(&mut self) {
+        self.watch.abort();
+    }
 }
 
 impl std::fmt::Debug for Agents {
@@ -46,20 +65,48 @@ pub struct CallContext {
 impl Agents {
     /// Agents announce themselves in `namespace` (the operator's own).
     pub fn new(client: Client, namespace: &str, tls: TlsMaterial) -> Self {
+        let leases: Api<Lease> = Api::namespaced(client, namespace);
+        let (cache, writer) = reflector::store();
+        let events = reflector::reflector(
+            writer,
+            watcher(
+                leases.clone(),
+                watcher::Config::default().labels(LEASE_LABEL),
+            ),
+        )
+        .default_backoff();
+        let watch = tokio::spawn(events.for_each(|_| futures::future::ready(())));
         Self {
-            leases: Api::namespaced(client, namespace),
+            leases,
+            cache,
+            watch,
             tls,
             channels: Mutex::default(),
         }
     }
 
+    /// The cache, once its first listing is in (a moment after the start).
+    async fn cached(&self) -> Option<&Store<Lease>> {
+        tokio::time::timeout(Duration::from_secs(2), self.cache.wait_until_ready())
+            .await
+            .is_ok_and(|ready| ready.is_ok())
+            .then_some(&self.cache)
+    }
+
     /// Nodes with a live agent, and the agent's endpoint.
     pub async fn live(&self) -> Result<BTreeMap<String, String>, kube::Error> {
+        let now = Timestamp::now();
+        if let Some(cache) = self.cached().await {
+            return Ok(cache
+                .state()
+                .iter()
+                .filter_map(|lease| live_endpoint(lease, now))
+                .collect());
+        }
         let leases = self
             .leases
             .list(&ListParams::default().labels(LEASE_LABEL))
             .await?;
-        let now = Timestamp::now();
         Ok(leases
             .items
             .iter()
@@ -70,11 +117,17 @@ impl Agents {
     /// The endpoint of the agent on `node`, or why there is none.
     pub async fn endpoint(&self, node: &str) -> Result<String, String> {
         let name = format!("{LEASE_PREFIX}{node}");
-        let lease = self
-            .leases
-            .get_opt(&name)
-            .await
-            .map_err(|e| format!("reading Lease {name}: {e}"))?;
+        let lease = match self.cached().await {
+            Some(cache) => {
+                let key = ObjectRef::new(&name).within(self.leases.namespace().unwrap_or_default());
+                cache.get(&key).map(|l| (*l).clone())
+            }
+            None => self
+                .leases
+                .get_opt(&name)
+                .await
+                .map_err(|e| format!("reading Lease {name}: {e}"))?,
+        };
         let lease = lease.ok_or_else(|| format!("no kube-migros agent runs on node {node}"))?;
         live_endpoint(&lease, Timestamp::now())
             .map(|(_, endpoint)| endpoint)

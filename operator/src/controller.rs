@@ -23,6 +23,7 @@ use kube::{
         controller::Action as Requeue,
         events::{Event, EventType, Recorder},
         finalizer::{Event as FinalizerEvent, finalizer},
+        reflector::ObjectRef,
         watcher,
     },
 };
@@ -84,17 +85,38 @@ impl Context {
     }
 }
 
+/// PodMigrations reconciled at the same time, at most.
+pub const RECONCILE_CONCURRENCY: u16 = 16;
+
 /// Runs the controller until `shutdown` resolves. `namespace` limits it to one namespace.
 pub async fn run(
     ctx: Arc<Context>,
     namespace: Option<String>,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) {
-    let api: Api<PodMigration> = match &namespace {
-        Some(ns) => Api::namespaced(ctx.client.clone(), ns),
-        None => Api::all(ctx.client.clone()),
+    let (api, pods): (Api<PodMigration>, Api<Pod>) = match &namespace {
+        Some(ns) => (
+            Api::namespaced(ctx.client.clone(), ns),
+            Api::namespaced(ctx.client.clone(), ns),
+        ),
+        None => (Api::all(ctx.client.clone()), Api::all(ctx.client.clone())),
     };
     Controller::new(api, watcher::Config::default())
+        // Reconciles at once are bounded: each may list nodes and their pods (target choice), and
+        // a thousand at once held a thousand such lists in memory.
+        .with_config(
+            kube::runtime::controller::Config::default().concurrency(RECONCILE_CONCURRENCY),
+        )
+        // A replacement pod names its migration: a change to it (scheduled, running, failed)
+        // wakes the migration at once instead of at its next poll.
+        .watches(pods, watcher::Config::default(), |pod: Pod| {
+            let name = pod
+                .annotations()
+                .get(replacement::MIGRATION_ANNOTATION)
+                .cloned();
+            name.zip(pod.namespace())
+                .map(|(name, ns)| ObjectRef::<PodMigration>::new(&name).within(&ns))
+        })
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|_| futures::future::ready(()))
@@ -305,11 +327,25 @@ async fn choose_target(
     .await;
     let all_pods: Api<Pod> = Api::all(ctx.client.clone());
     let mut used = Vec::with_capacity(nodes.len());
-    for node in &nodes {
+    if let [node] = nodes.as_slice() {
         let on_node = all_pods
             .list(&ListParams::default().fields(&format!("spec.nodeName={}", node.name_any())))
             .await?;
         used.push(targets::used_by(&on_node.items));
+    } else {
+        // One listing of the bound, unfinished pods rather than one per node.
+        let bound = all_pods
+            .list(
+                &ListParams::default()
+                    .fields("spec.nodeName!=,status.phase!=Succeeded,status.phase!=Failed"),
+            )
+            .await?;
+        for node in &nodes {
+            let name = node.name_any();
+            used.push(targets::used_by(bound.items.iter().filter(|p| {
+                p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(name.as_str())
+            })));
+        }
     }
     let candidates: Vec<Candidate<'_>> = nodes
         .iter()

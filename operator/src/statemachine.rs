@@ -9,7 +9,7 @@ use crds::{
     PodMigrationStatus, Progress, RxeRanges,
 };
 use k8s_openapi::{
-    apimachinery::pkg::apis::meta::v1::{Condition, Time},
+    apimachinery::pkg::apis::meta::v1::{Condition, MicroTime, Time},
     jiff::{SignedDuration, Timestamp},
 };
 
@@ -657,7 +657,7 @@ fn enter(f: &Facts, mut s: PodMigrationStatus, phase: Phase, message: &str) -> P
         s.phase = Some(phase);
         s.phase_transitions.push(PhaseTransition {
             phase,
-            time: Time(f.now),
+            time: MicroTime(f.now),
         });
     }
     s.message = Some(message.to_string());
