@@ -56,6 +56,9 @@ enum Command {
         /// Measure nothing: write the documents again from the JSON.
         #[arg(long)]
         report_only: bool,
+        /// What this run measures that others do not (e.g. the change it follows).
+        #[arg(long, default_value = "")]
+        note: String,
     },
     /// The Kubernetes control plane: etcd, kube-apiserver, kube-controller-manager, kube-scheduler.
     ControlPlane {
@@ -148,6 +151,7 @@ async fn main() -> anyhow::Result<()> {
             label,
             out_dir,
             report_only,
+            note,
         } => {
             let options = e2e::bench::Options {
                 sizes,
@@ -157,6 +161,7 @@ async fn main() -> anyhow::Result<()> {
                 out_dir,
                 label,
                 report_only,
+                note,
             };
             e2e::bench::run(&dirs, &options).await?;
         }

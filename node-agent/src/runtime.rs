@@ -42,6 +42,13 @@ pub enum Error {
     Unexpected(String),
 }
 
+impl Error {
+    /// The runtime does not know the object (e.g. a task that already ended).
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, Error::Call { source, .. } if source.code() == tonic::Code::NotFound)
+    }
+}
+
 type Result<T, E = Error> = std::result::Result<T, E>;
 
 fn call(what: impl Into<String>) -> impl FnOnce(tonic::Status) -> Error {

@@ -955,17 +955,19 @@ impl Agent {
             let rt = &self.inner.runtime;
             for c in &record.containers {
                 // A frozen task acts on SIGKILL once thawed, before running any code of its own.
-                rt.kill(&c.id).await.map_err(|e| e.to_string())?;
+                match rt.kill(&c.id).await {
+                    Ok(()) => {}
+                    // Gone already (an earlier attempt killed it): stopped for good.
+                    Err(e) if e.is_not_found() => continue,
+                    Err(e) => return Err(e.to_string()),
+                }
                 // A task in a PID namespace of its own may end right away (the kernel ends the
-                // namespace); a failed resume only matters if the task still lives.
+                // namespace), and one being killed may stop being "paused" under our resume: a
+                // failed resume is judged by the wait for the task's end below.
                 if matches!(rt.task_status(&c.id).await, Ok(TaskStatus::Paused))
                     && let Err(e) = rt.resume(&c.id).await
-                    && matches!(
-                        rt.task_status(&c.id).await,
-                        Ok(TaskStatus::Paused | TaskStatus::Running)
-                    )
                 {
-                    return Err(e.to_string());
+                    warn!(migration = %uid, container = %c.name, error = %e, "resume after SIGKILL failed; waiting for the task to end");
                 }
             }
             let deadline = Instant::now() + Duration::from_secs(30);
@@ -980,7 +982,13 @@ impl Agent {
                                 status.as_str_name().to_lowercase()
                             ));
                         }
-                        Ok(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                        Ok(status) => {
+                            // Still frozen with the SIGKILL pending: thaw it again.
+                            if status == TaskStatus::Paused {
+                                let _ = rt.resume(&c.id).await;
+                            }
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
                     }
                 }
             }

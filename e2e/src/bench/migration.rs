@@ -135,6 +135,18 @@ pub fn add_agent_throughput(
 async fn fresh_namespace(client: &Client) -> anyhow::Result<()> {
     let namespaces: Api<Namespace> = Api::all(client.clone());
     if namespaces.get_opt(NAMESPACE).await?.is_some() {
+        // PodMigrations of an interrupted run keep a finalizer that nothing may lift now.
+        let pms: Api<PodMigration> = Api::namespaced(client.clone(), NAMESPACE);
+        for pm in pms.list(&Default::default()).await?.items {
+            let patch = serde_json::json!({"metadata": {"finalizers": null}});
+            let _ = pms
+                .patch(
+                    &pm.name_any(),
+                    &kube::api::PatchParams::default(),
+                    &kube::api::Patch::Merge(&patch),
+                )
+                .await;
+        }
         let _ = namespaces.delete(NAMESPACE, &DeleteParams::default()).await;
         let deadline = Instant::now() + Duration::from_secs(180);
         while namespaces.get_opt(NAMESPACE).await?.is_some() {

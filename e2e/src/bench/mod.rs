@@ -41,6 +41,8 @@ pub struct Options {
     pub label: String,
     /// Only write the documents again from the JSON (after a change of the report).
     pub report_only: bool,
+    /// What this run measures that others do not (a change), shown in the before/after section.
+    pub note: String,
 }
 
 /// One migration of the demo workload by kube-migros.
@@ -102,6 +104,8 @@ pub struct ScaleRun {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Results {
     pub label: String,
+    #[serde(default)]
+    pub note: String,
     pub started: String,
     pub commit: String,
     pub machine: String,
@@ -117,19 +121,33 @@ pub type Document = BTreeMap<String, Results>;
 
 /// Runs the benchmarks and writes the documents.
 pub async fn run(dirs: &Dirs, options: &Options) -> anyhow::Result<()> {
-    let mut results = Results {
-        label: options.label.clone(),
-        started: k8s_openapi::jiff::Timestamp::now().to_string(),
-        commit: git_commit(),
-        machine: machine(),
-        ..Default::default()
-    };
     let wanted = |part: &str| !options.skip.iter().any(|s| s == part);
     let json_path = options.out_dir.join("benchmarks.json");
     let mut document: Document = std::fs::read(&json_path)
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok())
         .unwrap_or_default();
+    let mut results = Results {
+        label: options.label.clone(),
+        note: options.note.clone(),
+        started: k8s_openapi::jiff::Timestamp::now().to_string(),
+        commit: git_commit(),
+        machine: machine(),
+        ..Default::default()
+    };
+    // Skipped parts keep what an earlier run of this label measured.
+    if let Some(earlier) = document.get(&options.label) {
+        if !wanted("raw") {
+            results.raw = earlier.raw.clone();
+            results.transfer = earlier.transfer.clone();
+        }
+        if !wanted("migration") {
+            results.migrations = earlier.migrations.clone();
+        }
+        if !wanted("scale") {
+            results.scale = earlier.scale.clone();
+        }
+    }
     let save = |document: &Document| -> anyhow::Result<()> {
         std::fs::create_dir_all(&options.out_dir)?;
         std::fs::write(&json_path, serde_json::to_vec_pretty(document)?)?;

@@ -362,6 +362,31 @@ pub fn markdown(doc: &Document, label: &str) -> String {
     let others: Vec<&Results> = doc.values().filter(|o| o.label != label).collect();
     if !others.is_empty() {
         let _ = writeln!(md, "## Before and after\n");
+        for o in others.iter().copied().chain(std::iter::once(r)) {
+            if !o.note.is_empty() {
+                let _ = writeln!(md, "- `{}` (`{}`): {}", o.label, o.commit, o.note);
+            }
+        }
+        let _ = writeln!(md);
+        let _ = writeln!(
+            md,
+            "| run | N | all final s | API requests per migration | operator peak RSS MiB | operator CPU s |\n|---|---|---|---|---|---|"
+        );
+        for o in others.iter().copied().chain(std::iter::once(r)) {
+            for sc in &o.scale {
+                let _ = writeln!(
+                    md,
+                    "| {} | {} | {:.1} | {:.1} | {:.1} | {:.1} |",
+                    o.label,
+                    sc.migrations,
+                    sc.all_final_ms / 1000.0,
+                    sc.requests_per_migration,
+                    sc.operator_peak_rss_mib,
+                    sc.operator_cpu_s
+                );
+            }
+        }
+        let _ = writeln!(md);
         let _ = writeln!(
             md,
             "| run | commit | memory | total s | downtime s | transfer s | raw downtime s |\n|---|---|---|---|---|---|---|"
