@@ -19,11 +19,11 @@ use kube::{
     Api, Client, Resource, ResourceExt,
     api::{DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions},
     runtime::{
-        Controller,
+        Controller, WatchStreamExt,
         controller::Action as Requeue,
         events::{Event, EventType, Recorder},
         finalizer::{Event as FinalizerEvent, finalizer},
-        reflector::ObjectRef,
+        reflector::{self, ObjectRef},
         watcher,
     },
 };
@@ -53,6 +53,9 @@ pub struct Context {
     pub rxe: rxe::Allocator,
     pub metrics: Arc<Metrics>,
     pub recorder: Recorder,
+    /// Every pod of the cluster as watched: what target choice counts as used on each node.
+    pods: reflector::Store<Pod>,
+    pods_watch: tokio::task::JoinHandle<()>,
     /// Consecutive transient failures per migration UID, for per-object back-off.
     failures: Mutex<HashMap<String, u32>>,
     /// UIDs of migrations not yet in a final phase (the `active` gauge).
@@ -73,20 +76,35 @@ impl Context {
         metrics: Arc<Metrics>,
         recorder: Recorder,
     ) -> Self {
+        let (pods, writer) = reflector::store();
+        let events = reflector::reflector(
+            writer,
+            watcher(Api::<Pod>::all(client.clone()), watcher::Config::default()),
+        )
+        .default_backoff();
+        let pods_watch = tokio::spawn(events.for_each(|_| futures::future::ready(())));
         Self {
             client,
             agents,
             rxe,
             metrics,
             recorder,
+            pods,
+            pods_watch,
             failures: Mutex::default(),
             active: Mutex::default(),
         }
     }
 }
 
+impl Drop for Context {
+    fn drop(&mut self) {
+        self.pods_watch.abort();
+    }
+}
+
 /// PodMigrations reconciled at the same time, at most.
-pub const RECONCILE_CONCURRENCY: u16 = 16;
+pub const RECONCILE_CONCURRENCY: u16 = 32;
 
 /// Runs the controller until `shutdown` resolves. `namespace` limits it to one namespace.
 pub async fn run(
@@ -102,8 +120,7 @@ pub async fn run(
         None => (Api::all(ctx.client.clone()), Api::all(ctx.client.clone())),
     };
     Controller::new(api, watcher::Config::default())
-        // Reconciles at once are bounded: each may list nodes and their pods (target choice), and
-        // a thousand at once held a thousand such lists in memory.
+        // Reconciles at once are bounded: a thousand at once held a thousand listings in memory.
         .with_config(
             kube::runtime::controller::Config::default().concurrency(RECONCILE_CONCURRENCY),
         )
@@ -327,7 +344,20 @@ async fn choose_target(
     .await;
     let all_pods: Api<Pod> = Api::all(ctx.client.clone());
     let mut used = Vec::with_capacity(nodes.len());
-    if let [node] = nodes.as_slice() {
+    let cached = tokio::time::timeout(Duration::from_secs(2), ctx.pods.wait_until_ready())
+        .await
+        .is_ok_and(|ready| ready.is_ok());
+    if cached {
+        let pods = ctx.pods.state();
+        for node in &nodes {
+            let name = node.name_any();
+            used.push(targets::used_by(pods.iter().map(AsRef::as_ref).filter(
+                |p: &&Pod| {
+                    p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(name.as_str())
+                },
+            )));
+        }
+    } else if let [node] = nodes.as_slice() {
         let on_node = all_pods
             .list(&ListParams::default().fields(&format!("spec.nodeName={}", node.name_any())))
             .await?;
