@@ -144,9 +144,13 @@ pub async fn run(dirs: &Dirs, options: &Options) -> anyhow::Result<()> {
         if !wanted("migration") {
             results.migrations = earlier.migrations.clone();
         }
-        if !wanted("scale") {
-            results.scale = earlier.scale.clone();
-        }
+        // Sizes of the control-plane benchmark not measured now are kept too.
+        results.scale = earlier
+            .scale
+            .iter()
+            .filter(|s| !wanted("scale") || !options.scale.contains(&s.migrations))
+            .cloned()
+            .collect();
     }
     let save = |document: &Document| -> anyhow::Result<()> {
         std::fs::create_dir_all(&options.out_dir)?;
@@ -199,6 +203,7 @@ pub async fn run(dirs: &Dirs, options: &Options) -> anyhow::Result<()> {
                 run.operator_peak_rss_mib
             );
             results.scale.push(run);
+            results.scale.sort_by_key(|s| s.migrations);
             document.insert(options.label.clone(), results.clone());
             save(&document)?;
         }

@@ -229,8 +229,8 @@ pub fn markdown(doc: &Document, label: &str) -> String {
             md,
             "\n![phases](benchmarks.svg)\n\nPhases: prepare (checks, target, rxe block, target agent \
              prepared), checkpoint (IP blocked, paused, CRI checkpoint), transfer (stream, the \
-             target's checks and unpack, staging the checkpoint image: pack, push to the registry, \
-             pull into the node's runtime), commit (until the source pod is being deleted), source \
+             target's checks of the archive, staging it as the checkpoint image: push to the \
+             registry, pull into the node's runtime), commit (until the source pod is being deleted), source \
              teardown (until it is gone), pod creation (the replacement exists), restore (the \
              kubelet restores it from the checkpoint image until it runs), running (until the \
              operator records Succeeded).\n"
@@ -275,11 +275,11 @@ pub fn markdown(doc: &Document, label: &str) -> String {
     if !transfer.mb_per_s.is_empty() {
         let _ = writeln!(
             md,
-            "## Moving the bytes\n\nThe raw recipe's {middle} archive ({:.1} MB) from node-1 to node-2: a copy in memory (the limit), a plain TCP \
+            "## Moving the bytes\n\nThe raw recipe's {middle} archive ({:.1} MB) from node-1 to node-2: a copy in memory into an already touched buffer (the limit), a plain TCP \
              pipe between the two nodes' network namespaces (1 MiB writes from memory, read and \
              dropped), scp (the raw recipe's, to disk), and the agents (checkpoint bytes of the \
-             {middle} migrations over their transfer phase, which also unpacks, checks and stages \
-             the checkpoint image).\n",
+             {middle} migrations over their transfer phase, which also checks the archive and \
+             stages it as the checkpoint image: push to the registry, pull into the runtime).\n",
             transfer.bytes as f64 / 1e6
         );
         let _ = writeln!(md, "| method | MB/s | vs the TCP pipe |\n|---|---|---|");

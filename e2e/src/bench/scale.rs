@@ -49,6 +49,17 @@ pub async fn run(dirs: &Dirs, n: usize) -> anyhow::Result<ScaleRun> {
         .await?;
     ensure_identity(&client).await?;
 
+    // Node objects of an interrupted run of the same size.
+    let node_api: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
+    for i in 1..=3 {
+        let name = format!("{ns}-node-{i}");
+        if node_api.get_opt(&name).await?.is_some() {
+            node_api.delete(&name, &DeleteParams::default()).await?;
+            while node_api.get_opt(&name).await?.is_some() {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
     let certs = Certificates::generate();
     let mut nodes = Vec::new();
     let mut agents = Vec::new();
