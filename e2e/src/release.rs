@@ -386,6 +386,33 @@ fn daemonset_done(d: &DaemonSet) -> Option<String> {
     })
 }
 
+/// Force-deletes pods of the release namespace that are stuck terminating (bound to Node objects
+/// without a kubelet, as an interrupted run can leave them) and waits until they are gone.
+pub async fn clear_stuck_pods(client: &kube::Client) -> Result<(), kube::Error> {
+    use k8s_openapi::api::core::v1::Pod;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NAMESPACE);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let stuck: Vec<String> = pods
+            .list(&Default::default())
+            .await?
+            .items
+            .into_iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_some())
+            .filter_map(|p| p.metadata.name)
+            .collect();
+        if stuck.is_empty() || tokio::time::Instant::now() > deadline {
+            return Ok(());
+        }
+        for name in stuck {
+            let _ = pods
+                .delete(&name, &kube::api::DeleteParams::default().grace_period(0))
+                .await;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 /// `helm uninstall --wait` of the sandbox's release; nothing to do when it is not installed.
 pub fn uninstall(dirs: &Dirs, env: &Env) -> Result<(), Error> {
     helm(
