@@ -13,11 +13,8 @@ use std::{
 
 use anyhow::{Context, bail};
 use crds::{Phase, PodMigration};
-use k8s_openapi::api::core::v1::{Namespace, Pod};
-use kube::{
-    Api, Client,
-    api::{DeleteParams, Patch, PatchParams, PostParams},
-};
+use k8s_openapi::api::core::v1::Pod;
+use kube::{Api, api::PostParams};
 
 use crate::{
     Dirs, cluster,
@@ -47,58 +44,8 @@ fn show(s: &State) -> String {
     )
 }
 
-async fn until<T, F: Future<Output = Option<T>>>(
-    what: &str,
-    timeout: Duration,
-    mut probe: impl FnMut() -> F,
-) -> anyhow::Result<T> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = probe().await {
-            return Ok(v);
-        }
-        if Instant::now() > deadline {
-            bail!("timed out after {timeout:?} waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-async fn fresh_namespace(client: &Client) -> anyhow::Result<()> {
-    let namespaces: Api<Namespace> = Api::all(client.clone());
-    if namespaces.get_opt(NAMESPACE).await?.is_some() {
-        // PodMigrations of an earlier run keep a finalizer that no operator will lift now.
-        let pms: Api<PodMigration> = Api::namespaced(client.clone(), NAMESPACE);
-        for pm in pms.list(&Default::default()).await?.items {
-            let name = pm.metadata.name.unwrap_or_default();
-            let patch = serde_json::json!({"metadata": {"finalizers": null}});
-            let _ = pms
-                .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
-                .await;
-        }
-        let _ = namespaces.delete(NAMESPACE, &DeleteParams::default()).await;
-        until(
-            "the previous demo namespace to go",
-            Duration::from_secs(120),
-            || async {
-                namespaces
-                    .get_opt(NAMESPACE)
-                    .await
-                    .ok()?
-                    .is_none()
-                    .then_some(())
-            },
-        )
-        .await?;
-    }
-    let ns: Namespace =
-        serde_json::from_value(serde_json::json!({"metadata": {"name": NAMESPACE}}))?;
-    namespaces.create(&PostParams::default(), &ns).await?;
-    Ok(())
-}
-
 async fn running_pod(pods: &Api<Pod>, name: &str, not_uid: Option<String>) -> anyhow::Result<Pod> {
-    until(
+    workload::until(
         &format!("pod {name} to run"),
         Duration::from_secs(120),
         || workload::running(pods, name, not_uid.as_deref()),
@@ -140,7 +87,7 @@ pub async fn run(dirs: &Dirs) -> anyhow::Result<()> {
         started.elapsed().as_secs_f64()
     ));
     install::apply_chart_crds(&client).await?;
-    fresh_namespace(&client).await?;
+    workload::fresh_namespace(&client, NAMESPACE).await?;
 
     say("==> kube-migros: images of the operator and the node agent built from this checkout,");
     say("    pushed to the sandbox registry, installed with Helm (charts/kube-migros)");
@@ -151,7 +98,7 @@ pub async fn run(dirs: &Dirs) -> anyhow::Result<()> {
     let installing = Instant::now();
     release::install(dirs, &env, &images, &registry, &[])?;
     release::wait_rolled_out(&client, Duration::from_secs(300)).await?;
-    until(
+    workload::until(
         "the agents to announce themselves",
         Duration::from_secs(60),
         || async {
@@ -197,7 +144,7 @@ pub async fn run(dirs: &Dirs) -> anyhow::Result<()> {
         serde_json::json!({}),
     );
     pods.create(&PostParams::default(), &peer).await?;
-    let mut before = until(
+    let mut before = workload::until(
         "the workload to receive the peer's stream",
         Duration::from_secs(60),
         || async move { workload::state(ip).await.filter(|s| num(s, "received") > 0) },
@@ -211,19 +158,19 @@ pub async fn run(dirs: &Dirs) -> anyhow::Result<()> {
     let pms: Api<PodMigration> = Api::namespaced(client.clone(), NAMESPACE);
     for (name, target) in [("move-1", "node-2"), ("move-2", "node-3")] {
         let from = node_of(&current);
-        let manifest = format!(
-            "apiVersion: migros.io/v1alpha1\nkind: PodMigration\nmetadata:\n  name: {name}\nspec:\n  podName: app\n  targetNode: {target}\n  compression: Zstd\n"
+        let manifest = workload::migration_manifest(
+            NAMESPACE,
+            name,
+            "app",
+            Some(target),
+            "  compression: Zstd\n",
         );
         let path: PathBuf = log_dir.join(format!("{name}.yaml"));
-        std::fs::write(&path, &manifest)?;
         say(format!(
             "\n==> kubectl apply -f {}   (app: {from} -> {target})",
             path.display()
         ));
-        kubectl(
-            &env,
-            &["apply", "-n", NAMESPACE, "-f", &path.display().to_string()],
-        )?;
+        eprint!("{}", workload::kubectl_apply(&env, &path, &manifest)?);
         let applied = Instant::now();
         let mut seen: Option<Phase> = None;
         let done = loop {
@@ -278,7 +225,7 @@ pub async fn run(dirs: &Dirs) -> anyhow::Result<()> {
         kubectl(&env, &["get", "pm", name, "-n", NAMESPACE])?;
         let moved = running_pod(&pods, "app", current.metadata.uid.clone()).await?;
         let received = num(&before, "received");
-        let after = until(
+        let after = workload::until(
             "the peer's stream to go on",
             Duration::from_secs(60),
             || async move {

@@ -97,3 +97,107 @@ pub fn node_kubeconfig(env: &Env) -> std::io::Result<String> {
     Ok(std::fs::read_to_string(&env.kubeconfig)?
         .replace("https://127.0.0.1:", &format!("https://{BRIDGE_IP}:")))
 }
+
+/// Polls `probe` every 100 ms until it gives a value; fails naming `what` after `timeout`.
+pub async fn until<T, F: Future<Output = Option<T>>>(
+    what: &str,
+    timeout: Duration,
+    mut probe: impl FnMut() -> F,
+) -> anyhow::Result<T> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = probe().await {
+            return Ok(v);
+        }
+        if std::time::Instant::now() > deadline {
+            anyhow::bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The manifest of PodMigration `name` of pod `pod` in `ns`, to `target` (anywhere when `None`),
+/// with `extra` spec lines (each `  key: value\n`).
+pub fn migration_manifest(
+    ns: &str,
+    name: &str,
+    pod: &str,
+    target: Option<&str>,
+    extra: &str,
+) -> String {
+    let target = target
+        .map(|t| format!("  targetNode: {t}\n"))
+        .unwrap_or_default();
+    format!(
+        "apiVersion: migros.io/v1alpha1\nkind: PodMigration\nmetadata:\n  name: {name}\n  namespace: {ns}\nspec:\n  podName: {pod}\n{target}{extra}"
+    )
+}
+
+/// Writes `manifest` to `path` and runs `kubectl apply -f` on it, as a user would; returns
+/// kubectl's output.
+pub fn kubectl_apply(env: &Env, path: &std::path::Path, manifest: &str) -> anyhow::Result<String> {
+    std::fs::write(path, manifest)?;
+    let out = std::process::Command::new(env.kubectl())
+        .arg("--kubeconfig")
+        .arg(&env.kubeconfig)
+        .arg("apply")
+        .arg("-f")
+        .arg(path)
+        .output()?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "kubectl apply -f {}: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Deletes namespace `ns` of an earlier run, if there is one, and waits until it is gone: its
+/// PodMigrations' finalizers are lifted (no operator may run to lift them) and pods stuck
+/// terminating on Node objects without a kubelet are force-deleted.
+pub async fn delete_namespace(client: &Client, ns: &str) -> anyhow::Result<()> {
+    use k8s_openapi::api::core::v1::Namespace;
+    use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    if namespaces.get_opt(ns).await?.is_none() {
+        return Ok(());
+    }
+    let pms: Api<crds::PodMigration> = Api::namespaced(client.clone(), ns);
+    let patch = serde_json::json!({"metadata": {"finalizers": null}});
+    for pm in pms.list(&ListParams::default()).await?.items {
+        let name = pm.metadata.name.unwrap_or_default();
+        let _ = pms
+            .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await;
+    }
+    let _ = namespaces.delete(ns, &DeleteParams::default()).await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    until(
+        &format!("namespace {ns} to go"),
+        Duration::from_secs(300),
+        || async {
+            let _ = pods
+                .delete_collection(
+                    &DeleteParams::default().grace_period(0),
+                    &ListParams::default(),
+                )
+                .await;
+            namespaces.get_opt(ns).await.ok()?.is_none().then_some(())
+        },
+    )
+    .await
+}
+
+/// Namespace `ns`, made anew (see [`delete_namespace`]).
+pub async fn fresh_namespace(client: &Client, ns: &str) -> anyhow::Result<()> {
+    use k8s_openapi::api::core::v1::Namespace;
+    delete_namespace(client, ns).await?;
+    let namespace: Namespace =
+        serde_json::from_value(serde_json::json!({"metadata": {"name": ns}}))?;
+    Api::<Namespace>::all(client.clone())
+        .create(&kube::api::PostParams::default(), &namespace)
+        .await?;
+    Ok(())
+}

@@ -73,18 +73,10 @@ async fn leader(client: &Client) -> Option<String> {
 
 /// `kubectl apply` of a PodMigration of pod `app` to `target`; waits until it is final.
 async fn migrate(client: &Client, ns: &str, name: &str, target: &str) -> PodMigration {
-    let manifest = format!(
-        "apiVersion: migros.io/v1alpha1\nkind: PodMigration\nmetadata:\n  name: {name}\n  namespace: {ns}\nspec:\n  podName: app\n  targetNode: {target}\n"
-    );
+    let manifest = workload::migration_manifest(ns, name, "app", Some(target), "");
     let path = std::env::temp_dir().join(format!("{ns}-{name}.yaml"));
-    std::fs::write(&path, manifest).unwrap();
     let env = harness::env().await;
-    let out = harness::kubectl(&env, &["apply", "-f", &path.display().to_string()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    workload::kubectl_apply(&env, &path, &manifest).unwrap();
     let pms: Api<PodMigration> = Api::namespaced(client.clone(), ns);
     eventually(Duration::from_secs(180), || async {
         let pm = pms.get(name).await.ok()?;

@@ -47,22 +47,10 @@ struct Live {
 impl Live {
     /// `kubectl apply` of PodMigration `name` of pod `app` (to `target`, or anywhere).
     async fn apply(&self, name: &str, target: Option<&str>, extra: &str) {
-        let target = target
-            .map(|t| format!("  targetNode: {t}\n"))
-            .unwrap_or_default();
-        let manifest = format!(
-            "apiVersion: migros.io/v1alpha1\nkind: PodMigration\nmetadata:\n  name: {name}\n  namespace: {}\nspec:\n  podName: app\n{target}{extra}",
-            self.ns
-        );
+        let manifest = workload::migration_manifest(&self.ns, name, "app", target, extra);
         let path = std::env::temp_dir().join(format!("{}-{name}.yaml", self.ns));
-        std::fs::write(&path, manifest).unwrap();
         let env = harness::env().await;
-        let out = harness::kubectl(&env, &["apply", "-f", &path.display().to_string()]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        workload::kubectl_apply(&env, &path, &manifest).unwrap();
     }
 
     /// Waits for `phase`; on failure prints the agents' logs.

@@ -16,7 +16,7 @@ use std::{
 use anyhow::{Context, bail};
 use crds::{Phase, PodMigration};
 use futures::{StreamExt, TryStreamExt};
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::core::v1::Pod;
 use kube::{
     Api, Client, ResourceExt,
     api::{DeleteParams, PostParams},
@@ -86,7 +86,7 @@ pub async fn run(
     let images = release::ensure_images(dirs, &registry)?;
     release::install(dirs, &env, &images, &registry, &[])?;
     release::wait_rolled_out(&client, Duration::from_secs(300)).await?;
-    fresh_namespace(&client).await?;
+    workload::fresh_namespace(&client, NAMESPACE).await?;
     let demo = cluster.images.get("demo").context("no demo image")?.clone();
     let mut all = BTreeMap::new();
     for size in &options.sizes {
@@ -129,53 +129,6 @@ pub fn add_agent_throughput(
             })
             .collect();
         transfer.mb_per_s.insert("agent".into(), values);
-    }
-}
-
-async fn fresh_namespace(client: &Client) -> anyhow::Result<()> {
-    let namespaces: Api<Namespace> = Api::all(client.clone());
-    if namespaces.get_opt(NAMESPACE).await?.is_some() {
-        // PodMigrations of an interrupted run keep a finalizer that nothing may lift now.
-        let pms: Api<PodMigration> = Api::namespaced(client.clone(), NAMESPACE);
-        for pm in pms.list(&Default::default()).await?.items {
-            let patch = serde_json::json!({"metadata": {"finalizers": null}});
-            let _ = pms
-                .patch(
-                    &pm.name_any(),
-                    &kube::api::PatchParams::default(),
-                    &kube::api::Patch::Merge(&patch),
-                )
-                .await;
-        }
-        let _ = namespaces.delete(NAMESPACE, &DeleteParams::default()).await;
-        let deadline = Instant::now() + Duration::from_secs(180);
-        while namespaces.get_opt(NAMESPACE).await?.is_some() {
-            if Instant::now() > deadline {
-                bail!("namespace {NAMESPACE} of an earlier run does not go away");
-            }
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
-    }
-    let ns: Namespace =
-        serde_json::from_value(serde_json::json!({"metadata": {"name": NAMESPACE}}))?;
-    namespaces.create(&PostParams::default(), &ns).await?;
-    Ok(())
-}
-
-async fn wait_for<T, F: Future<Output = Option<T>>>(
-    what: &str,
-    timeout: Duration,
-    mut probe: impl FnMut() -> F,
-) -> anyhow::Result<T> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = probe().await {
-            return Ok(v);
-        }
-        if Instant::now() > deadline {
-            bail!("timed out after {timeout:?} waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -232,7 +185,7 @@ async fn one(
         serde_json::json!({"rdma/rxe": "1"}),
     );
     pods.create(&PostParams::default(), &app).await?;
-    let source = wait_for("the workload to run", Duration::from_secs(180), || {
+    let source = workload::until("the workload to run", Duration::from_secs(180), || {
         workload::running(&pods, &app_name, None)
     })
     .await?;
@@ -247,7 +200,7 @@ async fn one(
         serde_json::json!({}),
     );
     pods.create(&PostParams::default(), &peer).await?;
-    let before = wait_for(
+    let before = workload::until(
         "the peer's stream",
         Duration::from_secs(120),
         || async move {
@@ -304,20 +257,15 @@ async fn one(
             }
         })
     };
-    let manifest = format!(
-        "apiVersion: migros.io/v1alpha1\nkind: PodMigration\nmetadata:\n  name: {pm_name}\n  namespace: {NAMESPACE}\nspec:\n  podName: {app_name}\n  targetNode: node-2\n  compression: Zstd\n"
+    let manifest = workload::migration_manifest(
+        NAMESPACE,
+        &pm_name,
+        &app_name,
+        Some("node-2"),
+        "  compression: Zstd\n",
     );
     let path = std::env::temp_dir().join(format!("kube-migros-bench-{pm_name}.yaml"));
-    std::fs::write(&path, manifest)?;
-    let out = std::process::Command::new(env.kubectl())
-        .arg("--kubeconfig")
-        .arg(&env.kubeconfig)
-        .args(["apply", "-f"])
-        .arg(&path)
-        .output()?;
-    if !out.status.success() {
-        bail!("kubectl apply: {}", String::from_utf8_lossy(&out.stderr));
-    }
+    workload::kubectl_apply(env, &path, &manifest)?;
     let config = watcher::Config::default().fields(&format!("metadata.name={pm_name}"));
     let mut events = watcher(pms.clone(), config).boxed();
     let deadline = Duration::from_secs(600);
@@ -357,7 +305,7 @@ async fn one(
     }
     // The workload answers again and the stream went on.
     let (counter, received) = (num(&before, "counter"), num(&before, "received"));
-    let after = wait_for(
+    let after = workload::until(
         "the workload after the move",
         Duration::from_secs(120),
         || async move {
@@ -407,7 +355,7 @@ async fn one(
         pods.delete(name, &DeleteParams::default().grace_period(0))
             .await?;
     }
-    wait_for(
+    workload::until(
         "the run's objects to go",
         Duration::from_secs(120),
         || async {

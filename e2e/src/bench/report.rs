@@ -52,20 +52,19 @@ pub fn bytes_of(size: &str) -> u64 {
     }
 }
 
-/// The phases from the freeze (checkpoint) until the replacement runs.
-const FROZEN: [&str; 6] = [
-    "checkpoint",
-    "transfer",
-    "commit",
-    "source teardown",
-    "pod creation",
-    "restore",
-];
+/// The phases from the freeze (checkpoint) until the replacement runs: all but the first
+/// (prepare) and the last (the operator seeing it run).
+fn frozen() -> &'static [&'static str] {
+    &PHASES[1..PHASES.len() - 1]
+}
 
 /// Downtime as the watches saw it: the sum of the frozen phases (the operator's own figure in the
 /// status takes the container's start time, which has second resolution).
 pub fn downtime(run: &MigrationRun) -> f64 {
-    let phases: Option<Vec<f64>> = FROZEN.iter().map(|p| run.phases.get(*p).copied()).collect();
+    let phases: Option<Vec<f64>> = frozen()
+        .iter()
+        .map(|p| run.phases.get(*p).copied())
+        .collect();
     phases.map_or(run.downtime_ms, |v| v.iter().sum())
 }
 

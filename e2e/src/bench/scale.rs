@@ -12,10 +12,9 @@ use std::{
 use anyhow::{Context, bail};
 use crds::PodMigration;
 use futures::{StreamExt, TryStreamExt, stream};
-use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::{
     Api, Client,
-    api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},
+    api::{DeleteParams, ListParams, PostParams},
 };
 
 use super::ScaleRun;
@@ -25,6 +24,7 @@ use crate::{
     fixtures::{self, ApiNode, Certificates},
     install, release,
     testagent::TestAgent,
+    workload,
 };
 
 /// The operator's user, its FlowSchema and binding.
@@ -40,13 +40,7 @@ pub async fn run(dirs: &Dirs, n: usize) -> anyhow::Result<ScaleRun> {
     install::apply_chart_crds(&client).await?;
     let built = release::build_static(dirs)?;
     let ns = format!("kube-migros-scale-{n}");
-    let namespaces: Api<Namespace> = Api::all(client.clone());
-    delete_namespace(&client, &ns).await?;
-    let namespace: Namespace =
-        serde_json::from_value(serde_json::json!({"metadata": {"name": ns}}))?;
-    namespaces
-        .create(&PostParams::default(), &namespace)
-        .await?;
+    workload::fresh_namespace(&client, &ns).await?;
     ensure_identity(&client).await?;
 
     // Node objects of an interrupted run of the same size.
@@ -191,7 +185,7 @@ pub async fn run(dirs: &Dirs, n: usize) -> anyhow::Result<ScaleRun> {
     kubelet.abort();
     drop(agents);
     drop(nodes);
-    delete_namespace(&client, &ns).await?;
+    workload::delete_namespace(&client, &ns).await?;
     Ok(ScaleRun {
         migrations: n,
         all_final_ms,
@@ -304,37 +298,4 @@ async fn operator_requests(client: &Client) -> anyhow::Result<f64> {
         })
         .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
         .sum())
-}
-
-async fn delete_namespace(client: &Client, ns: &str) -> anyhow::Result<()> {
-    let namespaces: Api<Namespace> = Api::all(client.clone());
-    if namespaces.get_opt(ns).await?.is_none() {
-        return Ok(());
-    }
-    // PodMigrations keep a finalizer that no operator lifts now.
-    let pms: Api<PodMigration> = Api::namespaced(client.clone(), ns);
-    for pm in pms.list(&ListParams::default()).await?.items {
-        let name = pm.metadata.name.unwrap_or_default();
-        let patch = serde_json::json!({"metadata": {"finalizers": null}});
-        let _ = pms
-            .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
-            .await;
-    }
-    let _ = namespaces.delete(ns, &DeleteParams::default()).await;
-    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
-    let deadline = Instant::now() + Duration::from_secs(300);
-    while namespaces.get_opt(ns).await?.is_some() {
-        if Instant::now() > deadline {
-            bail!("namespace {ns} does not go away");
-        }
-        // Pods of API nodes without a kubelet wait for one to confirm: force them.
-        let _ = pods
-            .delete_collection(
-                &DeleteParams::default().grace_period(0),
-                &ListParams::default(),
-            )
-            .await;
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    Ok(())
 }
