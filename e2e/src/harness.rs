@@ -44,8 +44,19 @@ pub async fn client() -> Client {
     env().await.client().await.unwrap_or_else(|e| panic!("{e}"))
 }
 
-/// Applies the chart's CRDs and waits until the API server serves them.
+/// Applies the chart's CRDs and waits until the API server serves them. The tests that use them
+/// play the operator or run their own, so a kube-migros release left by the demo (whose operator
+/// would reconcile their PodMigrations too) is uninstalled first, once per test process.
 pub async fn install_crds(client: &Client) -> Vec<CustomResourceDefinition> {
+    static RETIRED: OnceCell<()> = OnceCell::const_new();
+    RETIRED
+        .get_or_init(|| async {
+            tokio::task::spawn_blocking(|| crate::release::retire(&Dirs::from_env()))
+                .await
+                .unwrap_or_else(|e| panic!("{e}"))
+                .unwrap_or_else(|e| panic!("uninstalling the demo's kube-migros: {e}"));
+        })
+        .await;
     install::apply_chart_crds(client)
         .await
         .unwrap_or_else(|e| panic!("{e}"))

@@ -121,8 +121,6 @@ async fn a_pod_moves_between_real_nodes_keeping_its_state_ip_and_tcp_peer() {
     harness::install_crds(&client).await;
     let dirs = Dirs::from_env();
     let cluster = e2e::cluster::up(&dirs).await.expect("the sandbox cluster");
-    // The chart's agents (left by the demo) would hold the agent's ports on the nodes.
-    e2e::release::retire(&dirs).expect("the kube-migros release uninstalled");
     let (nodes, wanted, images) = (Nodes::new(&dirs), cluster.nodes, cluster.images);
     let agent_binary = binaries::ensure("node-agent", "node-agent").expect("agent built");
     // The agents announce themselves with the admin's credentials.
