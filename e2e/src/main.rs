@@ -2,7 +2,7 @@
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use e2e::{Dirs, controlplane::ControlPlane, k8s, release};
+use sandbox::{Dirs, controlplane::ControlPlane, k8s, release};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -11,10 +11,10 @@ use e2e::{Dirs, controlplane::ControlPlane, k8s, release};
 )]
 struct Cli {
     /// Cache of built binaries, kept across runs.
-    #[arg(long, global = true, env = "KUBE_MIGROS_CACHE", default_value = e2e::DEFAULT_CACHE_DIR)]
+    #[arg(long, global = true, env = "KUBE_MIGROS_CACHE", default_value = sandbox::DEFAULT_CACHE_DIR)]
     cache_dir: std::path::PathBuf,
     /// Home of the running sandbox (certificates, etcd data, logs, pid files).
-    #[arg(long, global = true, env = "KUBE_MIGROS_STATE", default_value = e2e::DEFAULT_STATE_DIR)]
+    #[arg(long, global = true, env = "KUBE_MIGROS_STATE", default_value = sandbox::DEFAULT_STATE_DIR)]
     state_dir: std::path::PathBuf,
     #[command(subcommand)]
     command: Command,
@@ -127,15 +127,15 @@ async fn main() -> anyhow::Result<()> {
                 k8s::K8S_VERSION,
                 bin.display()
             );
-            let helm = e2e::helm::ensure(&dirs.cache).context("building Helm")?;
-            println!("Helm {} in {}", e2e::helm::HELM.1, helm.display());
+            let helm = sandbox::helm::ensure(&dirs.cache).context("building Helm")?;
+            println!("Helm {} in {}", sandbox::helm::HELM.1, helm.display());
         }
         Command::Install => {
             let env = ControlPlane::new(&dirs).env();
-            let registry = e2e::registry::Registry::new(&dirs);
+            let registry = sandbox::registry::Registry::new(&dirs);
             let images = release::ensure_images(&dirs, &registry)?;
             let client = env.client().await?;
-            e2e::install::apply_chart_crds(&client).await?;
+            sandbox::install::apply_chart_crds(&client).await?;
             print!(
                 "{}",
                 release::install(&dirs, &env, &images, &registry, &[])?
@@ -153,7 +153,7 @@ async fn main() -> anyhow::Result<()> {
             report_only,
             note,
         } => {
-            let options = e2e::bench::Options {
+            let options = bench::Options {
                 sizes,
                 runs,
                 scale,
@@ -163,7 +163,7 @@ async fn main() -> anyhow::Result<()> {
                 report_only,
                 note,
             };
-            e2e::bench::run(&dirs, &options).await?;
+            bench::run(&dirs, &options).await?;
         }
         Command::Uninstall => {
             release::uninstall(&dirs, &ControlPlane::new(&dirs).env())?;
@@ -172,7 +172,7 @@ async fn main() -> anyhow::Result<()> {
         Command::ControlPlane { action } => {
             control_plane(&ControlPlane::new(&dirs), action).await?
         }
-        Command::Demo => e2e::demo::run(&dirs).await?,
+        Command::Demo => bench::demo::run(&dirs).await?,
         Command::Node { action } => node(&dirs, action)?,
         Command::Cluster { action } => cluster(&dirs, action).await?,
     }
@@ -222,7 +222,7 @@ async fn cluster(dirs: &Dirs, action: ClusterAction) -> anyhow::Result<()> {
     match action {
         ClusterAction::Up => {
             let started = std::time::Instant::now();
-            let cluster = e2e::cluster::up(dirs).await?;
+            let cluster = sandbox::cluster::up(dirs).await?;
             eprintln!(
                 "cluster ready: {} nodes ({:.1}s)",
                 cluster.nodes.len(),
@@ -231,11 +231,11 @@ async fn cluster(dirs: &Dirs, action: ClusterAction) -> anyhow::Result<()> {
             print!("{}", cluster.env.shell_exports());
         }
         ClusterAction::Down => {
-            e2e::cluster::down(dirs).await?;
+            sandbox::cluster::down(dirs).await?;
             eprintln!("cluster stopped, its state removed");
         }
         ClusterAction::Status => {
-            let ready = e2e::cluster::status(dirs).await?;
+            let ready = sandbox::cluster::status(dirs).await?;
             if !ready {
                 std::process::exit(1);
             }
@@ -245,11 +245,11 @@ async fn cluster(dirs: &Dirs, action: ClusterAction) -> anyhow::Result<()> {
 }
 
 fn node(dirs: &Dirs, action: NodeAction) -> anyhow::Result<()> {
-    let nodes = e2e::nodes::Nodes::new(dirs);
+    let nodes = sandbox::nodes::Nodes::new(dirs);
     match action {
         NodeAction::Up { names } => {
             let names: Vec<&str> = names.iter().map(String::as_str).collect();
-            let wanted = e2e::nodes::Nodes::named(&names)?;
+            let wanted = sandbox::nodes::Nodes::named(&names)?;
             let started = std::time::Instant::now();
             nodes.up(&wanted).context("starting the nodes")?;
             for node in &wanted {
@@ -258,17 +258,17 @@ fn node(dirs: &Dirs, action: NodeAction) -> anyhow::Result<()> {
             eprintln!("({:.1}s)", started.elapsed().as_secs_f64());
         }
         NodeAction::Down => {
-            e2e::registry::Registry::new(dirs)
+            sandbox::registry::Registry::new(dirs)
                 .down()
                 .context("stopping the registry")?;
             nodes.down().context("stopping the nodes")?;
             eprintln!("nodes and registry stopped, their state removed");
         }
         NodeAction::Images => {
-            let registry = e2e::registry::Registry::new(dirs);
+            let registry = sandbox::registry::Registry::new(dirs);
             registry.up().context("starting the registry")?;
             for (name, reference) in
-                e2e::images::ensure(dirs, &registry).context("building the images")?
+                sandbox::images::ensure(dirs, &registry).context("building the images")?
             {
                 println!("{name}\t{reference}");
             }

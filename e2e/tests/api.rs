@@ -5,13 +5,13 @@
 #![allow(clippy::expect_used, clippy::unwrap_used)] // a test fails by panicking
 
 use crds::PodMigration;
-use e2e::harness::{self, with_namespace};
 use kube::{
     Api, Client,
     api::{ApiResource, DynamicObject, ListParams, Patch, PatchParams, PostParams},
     core::Status,
 };
 use serde_json::{Value, json};
+use testkit::harness::{self, with_namespace};
 
 fn dynamic_api(client: Client, ns: &str) -> Api<DynamicObject> {
     Api::namespaced_with(client, ns, &ApiResource::erase::<PodMigration>(&()))

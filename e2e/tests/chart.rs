@@ -10,15 +10,6 @@
 use std::{collections::BTreeSet, time::Duration};
 
 use crds::{Phase, PodMigration};
-use e2e::{
-    Dirs,
-    harness::{self, eventually},
-    install,
-    nodes::Nodes,
-    registry::Registry,
-    release::{self, NAMESPACE},
-    workload::{self, node_of, num},
-};
 use k8s_openapi::api::{
     apps::v1::{DaemonSet, Deployment},
     coordination::v1::Lease,
@@ -29,7 +20,17 @@ use kube::{
     Api, Client, Resource, ResourceExt,
     api::{DeleteParams, ListParams, PostParams},
 };
+use sandbox::{
+    Dirs, install,
+    nodes::Nodes,
+    registry::Registry,
+    release::{self, NAMESPACE},
+};
 use serde::de::DeserializeOwned;
+use testkit::{
+    harness::{self, eventually},
+    workload::{self, node_of, num},
+};
 
 const INSTANCE: &str = "app.kubernetes.io/instance=kube-migros";
 
@@ -89,7 +90,9 @@ async fn migrate(client: &Client, ns: &str, name: &str, target: &str) -> PodMigr
 #[tokio::test]
 async fn the_chart_installs_kube_migros_that_migrates_pods_and_uninstalls_cleanly() {
     let dirs = Dirs::from_env();
-    let cluster = e2e::cluster::up(&dirs).await.expect("the sandbox cluster");
+    let cluster = sandbox::cluster::up(&dirs)
+        .await
+        .expect("the sandbox cluster");
     let env = cluster.env.clone();
     let client = env.client().await.unwrap();
     let nodes = Nodes::new(&dirs);

@@ -8,21 +8,22 @@
 
 use std::time::Duration;
 
-use e2e::{
-    Dirs,
-    harness::{self, eventually},
-    kubelets,
-    nodes::{NODE_CGROUP_PARENT, Nodes},
-};
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::{Api, api::PostParams};
+use sandbox::{
+    Dirs, kubelets,
+    nodes::{NODE_CGROUP_PARENT, Nodes},
+};
+use testkit::harness::{self, eventually};
 
 #[tokio::test]
 async fn kubelets_register_ready_nodes_that_run_pods_on_the_pod_network() {
     let client = harness::client().await;
     let dirs = Dirs::from_env();
     // `cluster up` itself (its errors carry the kubelets' logs).
-    let cluster = e2e::cluster::up(&dirs).await.expect("the sandbox cluster");
+    let cluster = sandbox::cluster::up(&dirs)
+        .await
+        .expect("the sandbox cluster");
     let (nodes, wanted, images) = (Nodes::new(&dirs), cluster.nodes, cluster.images);
 
     let api: Api<Node> = Api::all(client.clone());
@@ -30,7 +31,7 @@ async fn kubelets_register_ready_nodes_that_run_pods_on_the_pod_network() {
         let n = api.get(&node.name).await.unwrap();
         let status = n.status.unwrap();
         let info = status.node_info.unwrap();
-        assert_eq!(info.kubelet_version, e2e::k8s::K8S_VERSION);
+        assert_eq!(info.kubelet_version, sandbox::k8s::K8S_VERSION);
         assert!(
             info.container_runtime_version
                 .starts_with("containerd://2.1."),

@@ -6,7 +6,6 @@
 
 use std::time::Duration;
 
-use e2e::{Dirs, controlplane::ControlPlane, harness, k8s, process};
 use k8s_openapi::api::{
     authorization::v1::{ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec},
     core::v1::ConfigMap,
@@ -16,6 +15,8 @@ use kube::{
     api::PostParams,
     runtime::wait::{await_condition, conditions},
 };
+use sandbox::{Dirs, controlplane::ControlPlane, k8s, process};
+use testkit::harness;
 
 #[tokio::test]
 async fn control_plane_comes_up_goes_down_cleanly_and_comes_up_again() {

@@ -5,12 +5,9 @@
 
 #![allow(clippy::expect_used, clippy::unwrap_used)] // a test fails by panicking
 
-use e2e::{
-    Dirs,
-    nodes::{BRIDGE, Nodes},
-};
+use sandbox::{Dirs, bridge::BRIDGE, nodes::Nodes};
 
-fn run(node: &e2e::nodes::Node, command: &[&str]) -> String {
+fn run(node: &sandbox::nodes::Node, command: &[&str]) -> String {
     let out = node.exec(command).expect("exec in the node");
     assert!(
         out.status.success(),
@@ -57,10 +54,10 @@ fn nodes_come_up_with_a_working_runtime_and_go_down_cleanly() {
     );
 
     // Both nodes pull the images built from this repository from the sandbox registry over TLS.
-    let registry = e2e::registry::Registry::new(&Dirs::from_env());
+    let registry = sandbox::registry::Registry::new(&Dirs::from_env());
     registry.up().expect("registry up");
     let images =
-        e2e::images::ensure(&Dirs::from_env(), &registry).expect("images built and pushed");
+        sandbox::images::ensure(&Dirs::from_env(), &registry).expect("images built and pushed");
     for node in &wanted {
         for reference in images.values() {
             let pulled = run(node, &["crictl", "pull", reference]);
@@ -103,7 +100,7 @@ fn nodes_come_up_with_a_working_runtime_and_go_down_cleanly() {
         "node state left"
     );
     assert!(
-        !e2e::process::is_alive(before),
+        !sandbox::process::is_alive(before),
         "containerd {before} survived down"
     );
 }

@@ -1,10 +1,10 @@
-//! Checkpoint archives on the target: unpacked with checks before anything of them is used, and
-//! packed again, from the vetted files only, into the image the runtime restores from.
+//! Checkpoint archives on the target, vetted before anything of them is used, and their digests.
 //!
-//! An archive comes from a peer over the network; a bad or hostile one must not write outside its
-//! directory or fill the disk. Every entry is checked before it is written: relative paths without
-//! `..`, only regular files, directories and links, links that resolve inside the directory, no
-//! entry written through a link, and limits on the total size and the number of entries.
+//! An archive comes from a peer over the network; a bad or hostile one must not make the runtime
+//! write outside its directory or fill the disk when it unpacks it. [`check`] reads every entry as
+//! an unpacker would, writing nothing: relative paths without `..`, only regular files,
+//! directories and links, links that resolve inside the directory, no entry written through a
+//! link, no path twice, and limits on the total size and the number of entries.
 
 use std::{
     collections::HashSet,
@@ -64,9 +64,9 @@ fn io(path: &Path) -> impl FnOnce(io::Error) -> Error + '_ {
     }
 }
 
-/// What an unpacked archive holds.
+/// What a checked archive holds.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct Unpacked {
+pub struct Contents {
     pub entries: usize,
     pub bytes: u64,
 }
@@ -113,52 +113,19 @@ fn link_target(path: &Path, target: &Path, hard: bool) -> Option<PathBuf> {
     Some(resolved.iter().collect())
 }
 
-/// Unpacks the tar archive `reader` into `dest` (created; must not exist), checking every entry
-/// before it is written. On error, what was written is left for the caller to remove with `dest`.
-pub fn unpack(reader: impl Read, dest: &Path, limits: Limits) -> Result<Unpacked, Error> {
-    fs::create_dir(dest).map_err(io(dest))?;
-    walk(reader, limits, |entry, path, kind| {
-        let target = dest.join(path);
-        if let Some(parent) = target.parent() {
-            fs::create_dir_all(parent).map_err(io(parent))?;
-        }
-        if kind == tar::EntryType::Link {
-            // tar resolves hard links against the current directory; do it against `dest`.
-            let source = entry
-                .link_name()
-                .map_err(Error::Format)?
-                .map(|t| dest.join(inside(&t).unwrap_or_default()))
-                .unwrap_or_default();
-            fs::hard_link(&source, &target).map_err(io(&target))?;
-            return Ok(());
-        }
-        entry.unpack(&target).map_err(io(&target))?;
-        Ok(())
-    })
-}
-
-/// Checks the tar archive `reader` entry by entry as [`unpack`] does (kinds, paths, links, size
-/// and entry limits, no path twice) without writing anything: an archive that passes is one that
-/// unpacks into its directory and nowhere else.
-pub fn check(reader: impl Read, limits: Limits) -> Result<Unpacked, Error> {
-    walk(reader, limits, |_, _, _| Ok(()))
-}
-
-/// Walks the entries of `reader`, checking each before `write` gets it (with its clean path).
-fn walk<R: Read>(
-    reader: R,
-    limits: Limits,
-    mut write: impl FnMut(&mut tar::Entry<'_, R>, &Path, tar::EntryType) -> Result<(), Error>,
-) -> Result<Unpacked, Error> {
+/// Checks the tar archive `reader` entry by entry (kinds, paths, links, size and entry limits, no
+/// path twice) without writing anything: an archive that passes is one that unpacks into its
+/// directory and nowhere else.
+pub fn check(reader: impl Read, limits: Limits) -> Result<Contents, Error> {
     let mut archive = tar::Archive::new(reader);
     archive.set_preserve_permissions(true);
     archive.set_overwrite(false);
     let mut links: HashSet<PathBuf> = HashSet::new();
     // Paths seen, and whether as a directory (only a directory may come twice).
     let mut seen: std::collections::HashMap<PathBuf, bool> = std::collections::HashMap::new();
-    let mut done = Unpacked::default();
+    let mut done = Contents::default();
     for entry in archive.entries().map_err(Error::Format)? {
-        let mut entry = entry.map_err(Error::Format)?;
+        let entry = entry.map_err(Error::Format)?;
         done.entries += 1;
         if done.entries > limits.max_entries {
             return Err(Error::TooManyEntries {
@@ -216,48 +183,8 @@ fn walk<R: Read>(
         {
             return Err(Error::Duplicate(path));
         }
-        write(&mut entry, &path, kind)?;
     }
     Ok(done)
-}
-
-/// Packs the directory `dir` (as unpacked by [`unpack`]) into the tar file `out`, entries relative
-/// to `dir` in a stable order, links kept as links.
-pub fn pack(dir: &Path, out: &Path) -> Result<u64, Error> {
-    let file = fs::File::create(out).map_err(io(out))?;
-    let mut builder = tar::Builder::new(io::BufWriter::new(file));
-    builder.follow_symlinks(false);
-    let mut stack = vec![PathBuf::new()];
-    while let Some(rel) = stack.pop() {
-        let full = dir.join(&rel);
-        let mut children: Vec<_> = fs::read_dir(&full)
-            .map_err(io(&full))?
-            .map(|e| e.map(|e| e.file_name()))
-            .collect::<Result<_, _>>()
-            .map_err(io(&full))?;
-        children.sort();
-        // Reversed onto the stack so that directories are walked in name order.
-        for name in children.into_iter().rev() {
-            let child = rel.join(name);
-            let path = dir.join(&child);
-            let meta = fs::symlink_metadata(&path).map_err(io(&path))?;
-            if meta.is_dir() {
-                builder.append_dir(&child, &path).map_err(io(&path))?;
-                stack.push(child);
-            } else {
-                builder
-                    .append_path_with_name(&path, &child)
-                    .map_err(io(&path))?;
-            }
-        }
-    }
-    let writer = builder.into_inner().map_err(io(out))?;
-    let file = writer.into_inner().map_err(|e| Error::Io {
-        path: out.to_path_buf(),
-        source: e.into_error(),
-    })?;
-    file.sync_all().map_err(io(out))?;
-    Ok(file.metadata().map_err(io(out))?.len())
 }
 
 /// `sha256:<hex>` of a file, and its size.
@@ -305,14 +232,12 @@ mod tests {
 
     const FILE: tar::EntryType = tar::EntryType::Regular;
 
-    fn unpack_bytes(tar: &[u8]) -> (tempfile::TempDir, Result<Unpacked, Error>) {
-        let dir = tempfile::tempdir().unwrap();
-        let r = unpack(tar, &dir.path().join("out"), Limits::default());
-        (dir, r)
+    fn check_bytes(tar: &[u8]) -> Result<Contents, Error> {
+        check(tar, Limits::default())
     }
 
     #[test]
-    fn a_checkpoint_shaped_archive_unpacks_and_packs_back_to_the_same_files() {
+    fn a_checkpoint_shaped_archive_passes_with_its_size_and_entries() {
         let tar = tar_with(&[
             ("config.dump", FILE, b"{}", None),
             ("checkpoint/", tar::EntryType::Directory, b"", None),
@@ -323,27 +248,24 @@ mod tests {
                 b"",
                 Some("pages-1.img"),
             ),
+            (
+                "checkpoint/hard",
+                tar::EntryType::Link,
+                b"",
+                Some("config.dump"),
+            ),
         ]);
-        let (dir, r) = unpack_bytes(&tar);
         assert_eq!(
-            r.unwrap(),
-            Unpacked {
-                entries: 4,
+            check_bytes(&tar).unwrap(),
+            Contents {
+                entries: 5,
                 bytes: 3002
             }
         );
-        let out = dir.path().join("image.tar");
-        pack(&dir.path().join("out"), &out).unwrap();
-        let (dir2, r2) = unpack_bytes(&fs::read(&out).unwrap());
-        assert_eq!(r2.unwrap().bytes, 3002);
-        let pages = fs::read(dir2.path().join("out/checkpoint/pages-1.img")).unwrap();
-        assert_eq!(pages, vec![7u8; 3000]);
-        let link = fs::read_link(dir2.path().join("out/checkpoint/link")).unwrap();
-        assert_eq!(link, PathBuf::from("pages-1.img"));
     }
 
     #[test]
-    fn hostile_entries_are_refused_before_anything_is_written_outside() {
+    fn hostile_entries_are_refused_with_the_reason() {
         let cases: Vec<(Vec<u8>, &str)> = vec![
             (tar_with(&[("../evil", FILE, b"x", None)]), "leaves"),
             (tar_with(&[("a/../../evil", FILE, b"x", None)]), "leaves"),
@@ -377,32 +299,20 @@ mod tests {
             ),
         ];
         for (tar, why) in cases {
-            let (dir, r) = unpack_bytes(&tar);
-            let message = r.unwrap_err().to_string();
+            let message = check_bytes(&tar).unwrap_err().to_string();
             assert!(message.contains(why), "{message:?} should say {why:?}");
-            assert!(!dir.path().join("evil").exists());
-            // Checking without unpacking refuses the same archives for the same reason.
-            let message = check(&tar[..], Limits::default()).unwrap_err().to_string();
-            assert!(
-                message.contains(why),
-                "check: {message:?} should say {why:?}"
-            );
         }
     }
 
     #[test]
-    fn check_passes_what_unpacks_and_refuses_a_path_twice() {
+    fn a_directory_may_come_twice_but_no_other_path() {
         let good = tar_with(&[
             ("checkpoint/", tar::EntryType::Directory, b"", None),
             ("checkpoint/", tar::EntryType::Directory, b"", None),
             ("checkpoint/pages-1.img", FILE, &[7u8; 3000], None),
             ("config.dump", FILE, b"{}", None),
         ]);
-        let (_d, unpacked) = unpack_bytes(&good);
-        assert_eq!(
-            check(&good[..], Limits::default()).unwrap(),
-            unpacked.unwrap()
-        );
+        assert_eq!(check_bytes(&good).unwrap().bytes, 3002);
         for twice in [
             tar_with(&[("a", FILE, b"1", None), ("a", FILE, b"2", None)]),
             tar_with(&[
@@ -410,10 +320,8 @@ mod tests {
                 ("a/", tar::EntryType::Directory, b"", None),
             ]),
         ] {
-            let r = check(&twice[..], Limits::default());
+            let r = check_bytes(&twice);
             assert!(matches!(r, Err(Error::Duplicate(_))), "{r:?}");
-            let (_d, r) = unpack_bytes(&twice);
-            assert!(r.is_err(), "{r:?}");
         }
     }
 
@@ -423,18 +331,17 @@ mod tests {
             ("a", FILE, &[1u8; 600], None),
             ("b", FILE, &[1u8; 600], None),
         ]);
-        let dir = tempfile::tempdir().unwrap();
         let small = Limits {
             max_bytes: 1000,
             max_entries: 10,
         };
-        let r = unpack(&tar[..], &dir.path().join("o1"), small);
+        let r = check(&tar[..], small);
         assert!(matches!(r, Err(Error::TooLarge { limit: 1000 })), "{r:?}");
         let few = Limits {
             max_bytes: 1 << 20,
             max_entries: 1,
         };
-        let r = unpack(&tar[..], &dir.path().join("o2"), few);
+        let r = check(&tar[..], few);
         assert!(
             matches!(r, Err(Error::TooManyEntries { limit: 1 })),
             "{r:?}"
@@ -443,11 +350,10 @@ mod tests {
 
     #[test]
     fn garbage_and_truncated_archives_are_format_errors() {
-        let (_d, r) = unpack_bytes(&[0x42u8; 1024]);
-        assert!(r.is_err());
+        assert!(check_bytes(&[0x42u8; 1024]).is_err());
         let tar = tar_with(&[("a", FILE, &[1u8; 5000], None)]);
-        let (_d, r) = unpack_bytes(&tar[..2048]);
-        assert!(r.is_err(), "{r:?}");
+        let r = check_bytes(&tar[..2048]);
+        assert!(matches!(r, Err(Error::Format(_))), "{r:?}");
     }
 
     #[test]

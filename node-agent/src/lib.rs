@@ -1,23 +1,35 @@
-//! The kube-migros node agent: the node's side of a migration (DESIGN.md sections 4 and 5).
+//! The kube-migros node agent: the node's side of a migration (docs/architecture.md).
 //!
-//! - `service`: the gRPC service the operator (and, for `Receive`, a peer agent) calls, with the
-//!   restore backend trait;
+//! - `api`: the gRPC facade (who may call what, request checks, dispatch into the operations
+//!   table of `agent_api::operations`);
+//! - `agent`: what every step shares, and the steps of either end (abort, cleanup);
+//! - `source` and `target`: the steps of each end of a migration;
+//! - `wire`: both halves of the agent-to-agent checkpoint stream;
+//! - `restore`: the restore backends; `oci`: checkpoint images and the registry;
+//! - `archive`: vetting received archives; `store`: per-migration records and data on disk;
 //! - `runtime`: the CRI and containerd's Tasks API (pause, checkpoint, kill);
-//! - `netblock`: silencing a pod IP on the node's bridge (nftables);
-//! - `transfer` and `archive`: the agent-to-agent stream, and vetting and staging what arrives;
-//! - `store`: the per-migration records and data on disk, and their garbage collection;
-//! - `rxe`: the node's rxe ID counters and their lock;
-//! - `ipam`: IP reservations and the `migros-ipam` CNI plugin that honours them;
-//! - `announce`: the Lease by which the operator finds the agent; `metrics`.
+//! - `netblock`: silencing a pod IP on the node's bridge; `address`: announcing where a pod's
+//!   address lives after a move; `ipam`: IP reservations and the `migros-ipam` CNI plugin;
+//! - `rxe_counters`: the node's rxe ID counters, their lock and holds;
+//! - process parts: `lease` (how the operator finds the agent), `admin` (`/live`, `/ready`,
+//!   `/metrics`), `gc`, `metrics`; `error`: the one error of the steps.
 
-pub mod announce;
+pub mod address;
+pub mod admin;
+pub mod agent;
+pub mod api;
 pub mod archive;
+pub mod error;
+pub mod gc;
 pub mod ipam;
+pub mod lease;
 pub mod metrics;
 pub mod netblock;
 pub mod oci;
+pub mod restore;
 pub mod runtime;
-pub mod rxe;
-pub mod service;
+pub mod rxe_counters;
+pub mod source;
 pub mod store;
-pub mod transfer;
+pub mod target;
+pub mod wire;

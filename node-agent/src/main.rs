@@ -1,23 +1,27 @@
-//! The kube-migros node agent: serves the agent API over mutual TLS, exposes `/live`, `/ready` and
-//! `/metrics`, collects old checkpoint data, and (when given a namespace) announces itself to the
-//! operator with a Lease.
+//! The kube-migros node agent process: flags, then the agent API over mutual TLS, the HTTP
+//! endpoints, garbage collection and (when given a namespace) the agent's Lease, all stopped in
+//! order on SIGTERM or SIGINT.
 
 use std::{net::SocketAddr, ops::Range, path::PathBuf, sync::Arc, time::Duration};
 
-use agent_api::{tls::TlsFiles, v1::agent_server::AgentServer};
+use agent_api::{client::MAX_MESSAGE_BYTES, tls::TlsFiles, v1::agent_server::AgentServer};
 use anyhow::Context;
-use axum::{Router, extract::State, routing::get};
 use clap::Parser;
 use node_agent::{
-    announce::Announcement,
+    admin,
+    agent::{Agent, Parts, Settings},
+    api::Service,
     archive::Limits,
+    gc,
+    lease::AgentLease,
     metrics::Metrics,
     netblock::NetBlock,
     oci,
+    restore::{CriCheckpointArchive, CriCheckpointImage, RestoreBackend},
     runtime::Runtime,
-    rxe,
-    service::{Agent, Config, CriCheckpointArchive, CriCheckpointImage, RestoreBackend},
+    rxe_counters::{Counters, Holds},
 };
+use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 /// Command-line arguments of the node agent.
@@ -75,9 +79,22 @@ struct Args {
     /// Seconds one container's checkpoint may take.
     #[arg(long, default_value_t = 300)]
     checkpoint_timeout_seconds: u64,
+    /// Seconds a killed source container may take to end before its commit fails (and is retried).
+    #[arg(long, default_value_t = 30)]
+    stop_timeout_seconds: u64,
+    /// Attempts of a transfer whose stream breaks (a refusal by the target is not retried).
+    #[arg(long, default_value_t = 3)]
+    transfer_attempts: u32,
+    /// Milliseconds a step may take and still answer its result; longer steps answer RUNNING and
+    /// are polled.
+    #[arg(long, default_value_t = 2000)]
+    quick_answer_ms: u64,
     /// Data of migrations untouched for this many seconds is removed (kept after a commit).
     #[arg(long, default_value_t = 86_400)]
     gc_after_seconds: u64,
+    /// Seconds between garbage collections of the checkpoint store.
+    #[arg(long, default_value_t = 60)]
+    gc_interval_seconds: u64,
     /// Stage checkpoints as checkpoint OCI images pushed to this repository (`host[:port]/path`),
     /// which the kubelet can start; without it the runtime gets the archive's path (CRI clients
     /// that create containers themselves).
@@ -98,6 +115,9 @@ struct Args {
     /// Announce the agent with a Lease in this namespace (the operator's); off when unset.
     #[arg(long, env = "LEASE_NAMESPACE")]
     lease_namespace: Option<String>,
+    /// Seconds the agent's Lease stays valid without renewal (renewed at a third of it).
+    #[arg(long, default_value_t = 15)]
+    lease_seconds: u64,
 }
 
 fn parse_range(s: &str) -> Result<Range<u32>, String> {
@@ -112,6 +132,54 @@ fn parse_range(s: &str) -> Result<Range<u32>, String> {
         return Err(format!("{s:?} is empty"));
     }
     Ok(a..b)
+}
+
+impl Args {
+    fn settings(&self) -> Settings {
+        Settings {
+            node_name: self.node_name.clone(),
+            store: self.store_dir.clone(),
+            reservations: self.ipam_reservations.clone(),
+            limits: Limits {
+                max_bytes: self.max_archive_bytes,
+                ..Limits::default()
+            },
+            checkpoint_timeout: Duration::from_secs(self.checkpoint_timeout_seconds),
+            quick_answer: Duration::from_millis(self.quick_answer_ms),
+            transfer_attempts: self.transfer_attempts,
+            stop_timeout: Duration::from_secs(self.stop_timeout_seconds),
+        }
+    }
+
+    fn backend(&self, runtime: &Runtime) -> anyhow::Result<Box<dyn RestoreBackend>> {
+        let Some(repository) = &self.checkpoint_registry else {
+            return Ok(Box::new(CriCheckpointArchive));
+        };
+        let ca = match &self.registry_ca {
+            Some(path) => {
+                Some(std::fs::read(path).with_context(|| format!("reading {}", path.display()))?)
+            }
+            None => None,
+        };
+        let registry = oci::Registry::new(repository, ca.as_deref())?;
+        Ok(Box::new(CriCheckpointImage {
+            registry,
+            runtime: runtime.clone(),
+        }))
+    }
+
+    fn lease(&self) -> Option<AgentLease> {
+        Some(AgentLease {
+            namespace: self.lease_namespace.clone()?,
+            node: self.node_name.clone(),
+            endpoint: self
+                .advertise
+                .clone()
+                .unwrap_or_else(|| self.listen.to_string()),
+            lease: Duration::from_secs(self.lease_seconds),
+            pod: self.pod_name.clone().zip(self.pod_uid.clone()),
+        })
+    }
 }
 
 #[tokio::main]
@@ -133,48 +201,24 @@ async fn main() -> anyhow::Result<()> {
     if let Err(e) = net.ensure().await {
         warn!(error = %e, "cannot set up the network block table; pod IPs cannot be silenced");
     }
-    let counters = rxe::Counters::new(&args.rxe_dir, args.rxe_qpn_range, args.rxe_mrn_range);
-    let metrics = Arc::new(Metrics::default());
-    let config = Config {
-        node_name: args.node_name.clone(),
-        store: args.store_dir.clone(),
-        reservations: args.ipam_reservations.clone(),
-        limits: Limits {
-            max_bytes: args.max_archive_bytes,
-            ..Limits::default()
-        },
-        checkpoint_timeout: Duration::from_secs(args.checkpoint_timeout_seconds),
-        rxe_wait: Duration::from_secs(args.rxe_wait_seconds),
-        rxe_hold_max: Duration::from_secs(args.rxe_hold_seconds),
-        quick: Duration::from_secs(2),
-        transfer_attempts: 3,
-    };
-    let backend: Box<dyn RestoreBackend> = match &args.checkpoint_registry {
-        Some(repository) => {
-            let ca = match &args.registry_ca {
-                Some(path) => Some(
-                    std::fs::read(path).with_context(|| format!("reading {}", path.display()))?,
-                ),
-                None => None,
-            };
-            let registry = oci::Registry::new(repository, ca.as_deref())
-                .map_err(|e| anyhow::anyhow!("--checkpoint-registry: {e}"))?;
-            Box::new(CriCheckpointImage {
-                registry,
-                runtime: runtime.clone(),
-            })
-        }
-        None => Box::new(CriCheckpointArchive),
-    };
-    let agent = Agent::new(
-        config,
-        runtime,
-        counters,
-        net,
-        backend,
-        tls.clone(),
-        metrics.clone(),
+    let counters = Counters::new(
+        &args.rxe_dir,
+        args.rxe_qpn_range.clone(),
+        args.rxe_mrn_range.clone(),
     );
+    let parts = Parts {
+        backend: args.backend(&runtime)?,
+        runtime,
+        rxe: Holds::new(
+            counters,
+            Duration::from_secs(args.rxe_wait_seconds),
+            Duration::from_secs(args.rxe_hold_seconds),
+        ),
+        net,
+        tls: tls.clone(),
+        metrics: Arc::new(Metrics::default()),
+    };
+    let agent = Agent::new(args.settings(), parts);
     info!(
         node = %args.node_name,
         listen = %args.listen,
@@ -183,96 +227,75 @@ async fn main() -> anyhow::Result<()> {
         "node agent starting"
     );
 
-    let gc_agent = agent.clone();
-    let gc_metrics = metrics.clone();
-    let gc_after = Duration::from_secs(args.gc_after_seconds);
-    tokio::spawn(async move {
-        let mut every = tokio::time::interval(Duration::from_secs(60));
-        loop {
-            every.tick().await;
-            let a = gc_agent.clone();
-            match a.store().collect(gc_after, |uid| gc_agent.active(uid)) {
-                Ok(removed) if !removed.is_empty() => {
-                    info!(?removed, "removed old checkpoint data")
-                }
-                Ok(_) => {}
-                Err(e) => warn!(error = %e, "garbage collection failed"),
-            }
-            gc_metrics.stored(gc_agent.store().list().map(|l| l.len()).unwrap_or(0));
-        }
-    });
-
-    let announced = match args.lease_namespace.clone() {
-        Some(namespace) => {
-            let endpoint = args
-                .advertise
-                .clone()
-                .unwrap_or_else(|| args.listen.to_string());
+    let shutdown = CancellationToken::new();
+    tokio::spawn(on_signal(shutdown.clone()));
+    let http = admin::serve(args.http_addr, agent.clone(), shutdown.clone())
+        .await
+        .with_context(|| format!("binding {}", args.http_addr))?;
+    let http = tokio::spawn(http);
+    let gc = tokio::spawn(gc::run(
+        agent.clone(),
+        Duration::from_secs(args.gc_interval_seconds),
+        Duration::from_secs(args.gc_after_seconds),
+        shutdown.clone(),
+    ));
+    let lease = match args.lease() {
+        Some(lease) => {
             let client = kube::Client::try_default()
                 .await
                 .context("connecting to the API server to announce the agent")?;
-            let announcement = Arc::new(Announcement {
-                namespace,
-                node: args.node_name.clone(),
-                endpoint,
-                lease: Duration::from_secs(15),
-                pod: args.pod_name.clone().zip(args.pod_uid.clone()),
+            lease.renew(&client).await.context("announcing the agent")?;
+            let keeper = tokio::spawn({
+                let (lease, client) = (lease.clone(), client.clone());
+                async move { lease.keep(client).await }
             });
-            announcement
-                .renew(&client)
-                .await
-                .context("announcing the agent")?;
-            let keeper = {
-                let (announcement, client) = (announcement.clone(), client.clone());
-                tokio::spawn(async move { announcement.keep(client).await })
-            };
-            Some((announcement, client, keeper))
+            Some((lease, client, keeper))
         }
         None => None,
     };
 
-    let http = Router::new()
-        .route("/live", get(|| async { "ok" }))
-        .route("/ready", get(|| async { "ok" }))
-        .route(
-            "/metrics",
-            get(|State(m): State<Arc<Metrics>>| async move { m.encode() }),
-        )
-        .with_state(metrics);
-    let http_listener = tokio::net::TcpListener::bind(args.http_addr)
-        .await
-        .with_context(|| format!("binding {}", args.http_addr))?;
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(http_listener, http).await {
-            warn!(error = %e, "HTTP endpoints stopped");
-        }
-    });
-
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("listening for SIGTERM")?;
-    let mut int = signal(SignalKind::interrupt()).context("listening for SIGINT")?;
-    let shutdown = async move {
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
-        }
-        info!("stopping");
-    };
     tonic::transport::Server::builder()
         .tls_config(tls.server())
         .context("server TLS configuration")?
-        .add_service(AgentServer::new(agent).max_decoding_message_size(16 << 20))
-        .serve_with_shutdown(args.listen, shutdown)
+        .add_service(
+            AgentServer::new(Service::new(agent)).max_decoding_message_size(MAX_MESSAGE_BYTES),
+        )
+        .serve_with_shutdown(args.listen, shutdown.clone().cancelled_owned())
         .await
         .context("serving the agent API")?;
-    if let Some((announcement, client, keeper)) = announced {
+    // The API stopped (on a signal, or with an error that ends the process): stop the rest.
+    shutdown.cancel();
+    if let Some((lease, client, keeper)) = lease {
         keeper.abort();
-        if let Err(e) = announcement.withdraw(&client).await {
+        if let Err(e) = lease.withdraw(&client).await {
             warn!(error = %e, "could not delete the agent Lease");
         }
     }
+    let (http, _) = tokio::join!(http, gc);
+    if let Ok(Err(e)) = http {
+        warn!(error = %e, "the HTTP endpoints failed");
+    }
     info!("stopped");
     Ok(())
+}
+
+/// Cancels `shutdown` on SIGTERM or SIGINT.
+async fn on_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut term), Ok(mut int)) => tokio::select! {
+            _ = term.recv() => info!("SIGTERM: stopping"),
+            _ = int.recv() => info!("SIGINT: stopping"),
+        },
+        _ => {
+            warn!("cannot listen for SIGTERM/SIGINT; the agent stops only when killed");
+            return;
+        }
+    }
+    shutdown.cancel();
 }
 
 #[cfg(test)]

@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use agent_api::Step;
+
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
@@ -69,9 +71,10 @@ impl Metrics {
         out
     }
 
-    pub fn step(&self, step: &str, ok: bool, took: Duration) {
+    /// A step ended; the `step` label is the step's name, as the operator's metrics name it.
+    pub fn step(&self, step: Step, ok: bool, took: Duration) {
         let labels = StepLabels {
-            step: step.into(),
+            step: step.name().into(),
             result: if ok { "succeeded" } else { "failed" }.into(),
         };
         self.steps

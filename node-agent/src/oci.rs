@@ -20,6 +20,30 @@ use sha2::{Digest, Sha256};
 
 use crate::archive;
 
+/// Why a checkpoint image could not be made or pushed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("checkpoint registry {repository:?}: {why}")]
+    Config { repository: String, why: String },
+    #[error("{method} {url}: {source}")]
+    Request {
+        method: Method,
+        url: String,
+        #[source]
+        source: hyper_util::client::legacy::Error,
+    },
+    #[error("the registry answered {status} to {what}: {body}")]
+    Refused {
+        what: String,
+        status: StatusCode,
+        body: String,
+    },
+    #[error(transparent)]
+    Layer(#[from] archive::Error),
+}
+
+type Result<T, E = Error> = std::result::Result<T, E>;
+
 /// The manifest annotations that mark a checkpoint image (containerd and CRI-O read the first;
 /// checkpointctl writes both).
 pub const CHECKPOINT_NAME_ANNOTATIONS: [&str; 2] = [
@@ -133,23 +157,26 @@ fn full(bytes: Bytes) -> BoxBody<Bytes, std::io::Error> {
 
 impl Registry {
     /// `repository` is `host[:port]/path`; `ca` a PEM bundle to trust (else the system roots).
-    pub fn new(repository: &str, ca: Option<&[u8]>) -> Result<Self, String> {
+    pub fn new(repository: &str, ca: Option<&[u8]>) -> Result<Self> {
+        let config_error = |why: String| Error::Config {
+            repository: repository.into(),
+            why,
+        };
         let (host, path) = repository
             .split_once('/')
             .filter(|(h, p)| !h.is_empty() && !p.is_empty())
-            .ok_or_else(|| format!("{repository:?} is not host/path"))?;
+            .ok_or_else(|| config_error("not host/path".into()))?;
         let mut roots = rustls::RootCertStore::empty();
         if let Some(pem) = ca {
-            let mut reader = std::io::BufReader::new(pem);
-            for cert in rustls_pemfile_certs(&mut reader)? {
-                roots.add(cert).map_err(|e| e.to_string())?;
+            for cert in pem_certificates(pem).map_err(config_error)? {
+                roots.add(cert).map_err(|e| config_error(e.to_string()))?;
             }
         }
         let config = rustls::ClientConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
         ))
         .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
+        .map_err(|e| config_error(e.to_string()))?
         .with_root_certificates(roots)
         .with_no_client_auth();
         let https = hyper_rustls::HttpsConnectorBuilder::new()
@@ -175,7 +202,7 @@ impl Registry {
         content_type: Option<&str>,
         length: Option<u64>,
         body: BoxBody<Bytes, std::io::Error>,
-    ) -> Result<hyper::Response<hyper::body::Incoming>, String> {
+    ) -> Result<hyper::Response<hyper::body::Incoming>> {
         let mut req = Request::builder().method(method.clone()).uri(url);
         if let Some(t) = content_type {
             req = req.header("content-type", t);
@@ -183,11 +210,18 @@ impl Registry {
         if let Some(n) = length {
             req = req.header("content-length", n);
         }
-        let req = req.body(body).map_err(|e| e.to_string())?;
+        let req = req.body(body).map_err(|e| Error::Config {
+            repository: url.into(),
+            why: e.to_string(),
+        })?;
         self.client
             .request(req)
             .await
-            .map_err(|e| format!("{method} {url}: {e}"))
+            .map_err(|source| Error::Request {
+                method,
+                url: url.into(),
+                source,
+            })
     }
 
     /// Uploads a blob unless the registry has it.
@@ -196,7 +230,7 @@ impl Registry {
         digest: &str,
         size: u64,
         body: impl FnOnce() -> BoxBody<Bytes, std::io::Error>,
-    ) -> Result<(), String> {
+    ) -> Result<()> {
         let head = self
             .send(
                 Method::HEAD,
@@ -219,13 +253,19 @@ impl Registry {
             )
             .await?;
         if start.status() != StatusCode::ACCEPTED {
-            return Err(format!("starting an upload: {}", start.status()));
+            return Err(refused("starting an upload", start).await);
         }
-        let location = start
+        let Some(location) = start
             .headers()
             .get("location")
             .and_then(|l| l.to_str().ok())
-            .ok_or("the registry gave no upload location")?;
+        else {
+            return Err(Error::Refused {
+                what: "starting an upload".into(),
+                status: start.status(),
+                body: "no upload location".into(),
+            });
+        };
         let location = if location.starts_with('/') {
             format!("https://{}{location}", self.host)
         } else {
@@ -242,27 +282,17 @@ impl Registry {
             )
             .await?;
         if put.status() != StatusCode::CREATED {
-            let status = put.status();
-            let text = put
-                .into_body()
-                .collect()
-                .await
-                .map(|b| b.to_bytes())
-                .unwrap_or_default();
-            return Err(format!(
-                "uploading {digest}: {status} {}",
-                String::from_utf8_lossy(&text)
-            ));
+            return Err(refused(&format!("uploading {digest}"), put).await);
         }
         Ok(())
     }
 
     /// Pushes `image` as `tag`; returns the reference `host/path:tag`.
-    pub async fn push(&self, image: &Image, tag: &str) -> Result<String, String> {
+    pub async fn push(&self, image: &Image, tag: &str) -> Result<String> {
         let path = image.layer_path.clone();
         let file = tokio::fs::File::open(&path)
             .await
-            .map_err(|e| format!("{}: {e}", path.display()))?;
+            .map_err(|source| archive::Error::Io { path, source })?;
         let stream = futures::StreamExt::map(tokio_util::io::ReaderStream::new(file), |r| {
             r.map(Frame::data)
         });
@@ -284,20 +314,32 @@ impl Registry {
             )
             .await?;
         if put.status() != StatusCode::CREATED {
-            return Err(format!("pushing the manifest: {}", put.status()));
+            return Err(refused("pushing the manifest", put).await);
         }
         Ok(format!("{}/{}:{tag}", self.host, self.path))
     }
 }
 
 /// The certificates of a PEM bundle.
-fn rustls_pemfile_certs(
-    reader: &mut dyn std::io::BufRead,
-) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, String> {
+/// An error for a registry answer that is not the one wanted, with what it said.
+async fn refused(what: &str, response: hyper::Response<hyper::body::Incoming>) -> Error {
+    let status = response.status();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned())
+        .unwrap_or_default();
+    Error::Refused {
+        what: what.into(),
+        status,
+        body,
+    }
+}
+
+fn pem_certificates(pem: &[u8]) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, String> {
     use rustls::pki_types::{CertificateDer, pem::PemObject};
-    let mut text = Vec::new();
-    reader.read_to_end(&mut text).map_err(|e| e.to_string())?;
-    CertificateDer::pem_slice_iter(&text)
+    CertificateDer::pem_slice_iter(pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| format!("reading the registry CA: {e}"))
 }

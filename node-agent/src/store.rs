@@ -5,8 +5,8 @@
 //! <store>/migrations/<uid>/record.json
 //! <store>/migrations/<uid>/checkpoint/<container>.tar   source: the runtime's checkpoint archives
 //! <store>/migrations/<uid>/incoming/<container>.part    target: an archive while it is received
-//! <store>/migrations/<uid>/unpacked/<container>/        target: a received archive, vetted
-//! <store>/migrations/<uid>/staged/<container>.tar       target: the image the runtime restores
+//! <store>/migrations/<uid>/staged/<container>.tar       target: a vetted archive, as the restore
+//!                                                       backend keeps it
 //! ```
 //!
 //! The record is on disk, so an agent restarted in the middle of a migration can still resume or
@@ -15,6 +15,7 @@
 use std::{
     fs, io,
     path::{Path, PathBuf},
+    sync::{Arc, Mutex, PoisonError},
     time::{Duration, SystemTime},
 };
 
@@ -111,6 +112,8 @@ pub enum Error {
     },
     #[error("{0:?} is not a valid migration UID")]
     BadUid(String),
+    #[error("this node has no record of migration {0}")]
+    NoRecord(String),
 }
 
 fn io_at(path: &Path) -> impl FnOnce(io::Error) -> Error + '_ {
@@ -124,6 +127,8 @@ fn io_at(path: &Path) -> impl FnOnce(io::Error) -> Error + '_ {
 #[derive(Debug, Clone)]
 pub struct Store {
     root: PathBuf,
+    /// Serialises read-modify-write of records.
+    records: Arc<Mutex<()>>,
 }
 
 /// A migration UID is used as a directory name: it must be a plain name.
@@ -148,6 +153,7 @@ impl Store {
     pub fn new(root: &Path) -> Self {
         Self {
             root: root.to_path_buf(),
+            records: Arc::default(),
         }
     }
 
@@ -186,8 +192,27 @@ impl Store {
         }
     }
 
+    /// The record of `uid`, which must exist.
+    pub fn record(&self, uid: &str) -> Result<Record, Error> {
+        self.load(uid)?.ok_or_else(|| Error::NoRecord(uid.into()))
+    }
+
+    /// Loads, changes and saves the record of `uid`, which must exist, as one step.
+    pub fn update(&self, uid: &str, change: impl FnOnce(&mut Record)) -> Result<Record, Error> {
+        let _guard = self.records.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut record = self.record(uid)?;
+        change(&mut record);
+        self.write(&record)?;
+        Ok(record)
+    }
+
     /// Writes the record atomically (write to a temporary file, then rename).
     pub fn save(&self, record: &Record) -> Result<(), Error> {
+        let _guard = self.records.lock().unwrap_or_else(PoisonError::into_inner);
+        self.write(record)
+    }
+
+    fn write(&self, record: &Record) -> Result<(), Error> {
         let dir = self.dir(&record.uid)?;
         fs::create_dir_all(&dir).map_err(io_at(&dir))?;
         let path = dir.join("record.json");
@@ -198,6 +223,13 @@ impl Store {
         })?;
         fs::write(&tmp, bytes).map_err(io_at(&tmp))?;
         fs::rename(&tmp, &path).map_err(io_at(&path))
+    }
+
+    /// Where the data of migration `uid` is kept (for a manual restore); empty for a bad UID.
+    pub fn location(&self, uid: &str) -> String {
+        self.dir(uid)
+            .map(|d| d.display().to_string())
+            .unwrap_or_default()
     }
 
     /// Deletes everything of migration `uid`.

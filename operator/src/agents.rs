@@ -1,14 +1,16 @@
 //! Finding and calling the node agents. Each agent announces itself with a Lease named
 //! `kube-migros-agent-<node>` in the operator's namespace (renewed while it lives, annotated with its
-//! gRPC endpoint); the operator watches those Leases into a cache, dials an agent over mutual TLS
-//! and keeps one channel per endpoint.
+//! gRPC endpoint); the operator watches those Leases into a cache, dials an agent over mutual TLS,
+//! keeps one channel per endpoint and asks for steps with the typed client of `agent_api`.
 
 use std::{collections::BTreeMap, sync::Mutex, time::Duration};
 
 use agent_api::{
+    Step, StepArgs,
+    client::Client as AgentClient,
     discovery::{ENDPOINT_ANNOTATION, LEASE_LABEL, LEASE_PREFIX},
     tls::TlsMaterial,
-    v1::{self, agent_client::AgentClient},
+    v1,
 };
 use futures::StreamExt;
 use k8s_openapi::{api::coordination::v1::Lease, jiff::Timestamp};
@@ -21,9 +23,9 @@ use kube::{
         watcher,
     },
 };
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
-use crate::statemachine::{Answer, Call};
+use crate::statemachine::Answer;
 
 /// How long one agent call may take; steps that take longer answer RUNNING and are polled.
 const CALL_TIMEOUT: Duration = Duration::from_secs(20);
@@ -48,18 +50,6 @@ impl std::fmt::Debug for Agents {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Agents").finish_non_exhaustive()
     }
-}
-
-/// What the operator sends with a call: the migration and the pod it moves.
-#[derive(Debug, Clone, Default)]
-pub struct CallContext {
-    pub migration_uid: String,
-    pub pod: v1::PodRef,
-    pub rxe: Option<v1::RxeBlock>,
-    pub expected_bytes: u64,
-    pub target_endpoint: String,
-    pub compression: v1::Compression,
-    pub bandwidth_limit: u64,
 }
 
 impl Agents {
@@ -139,78 +129,21 @@ impl Agents {
     /// What the agent at `endpoint` reports about its node.
     pub async fn capabilities(&self, endpoint: &str) -> Result<v1::NodeCapabilities, String> {
         let mut client = self.client(endpoint)?;
-        let answer = tokio::time::timeout(
-            CALL_TIMEOUT,
-            client.capabilities(v1::CapabilitiesRequest {}),
-        )
-        .await;
-        match answer {
-            Ok(Ok(response)) => Ok(response.into_inner()),
+        match tokio::time::timeout(CALL_TIMEOUT, client.capabilities()).await {
+            Ok(Ok(capabilities)) => Ok(capabilities),
             Ok(Err(status)) => Err(format!("{}: {}", status.code(), status.message())),
             Err(_) => Err(format!("no answer within {}s", CALL_TIMEOUT.as_secs())),
         }
     }
 
-    /// Performs `call` on the agent at `endpoint`.
-    pub async fn call(&self, endpoint: &str, call: Call, ctx: &CallContext) -> Answer {
+    /// Asks the agent at `endpoint` for `step` of the migration in `args`.
+    pub async fn call(&self, endpoint: &str, step: Step, args: &StepArgs) -> Answer {
         let mut client = match self.client(endpoint) {
             Ok(client) => client,
             Err(e) => return Answer::Unreachable(e),
         };
-        let uid = ctx.migration_uid.clone();
-        let step = |role: v1::Role| v1::StepRequest {
-            migration_uid: uid.clone(),
-            role: role.into(),
-        };
-        let request = async {
-            match call {
-                Call::PrepareTarget => {
-                    client
-                        .prepare_target(v1::PrepareTargetRequest {
-                            migration_uid: uid.clone(),
-                            pod: Some(ctx.pod.clone()),
-                            expected_bytes: ctx.expected_bytes,
-                            rxe: ctx.rxe,
-                        })
-                        .await
-                }
-                Call::Checkpoint => {
-                    client
-                        .checkpoint(v1::CheckpointRequest {
-                            migration_uid: uid.clone(),
-                            pod: Some(ctx.pod.clone()),
-                        })
-                        .await
-                }
-                Call::Transfer => {
-                    client
-                        .transfer(v1::TransferRequest {
-                            migration_uid: uid.clone(),
-                            target_endpoint: ctx.target_endpoint.clone(),
-                            compression: ctx.compression.into(),
-                            bandwidth_limit: ctx.bandwidth_limit,
-                        })
-                        .await
-                }
-                Call::StageRestore => {
-                    client
-                        .stage_restore(v1::StageRestoreRequest {
-                            migration_uid: uid.clone(),
-                            pod: Some(ctx.pod.clone()),
-                            rxe: ctx.rxe,
-                        })
-                        .await
-                }
-                Call::FinishRestore => client.finish_restore(step(v1::Role::Target)).await,
-                Call::CommitSource => client.commit(step(v1::Role::Source)).await,
-                Call::AbortSource => client.abort(step(v1::Role::Source)).await,
-                Call::AbortTarget => client.abort(step(v1::Role::Target)).await,
-                Call::CleanupSource => client.cleanup(step(v1::Role::Source)).await,
-                Call::CleanupTarget => client.cleanup(step(v1::Role::Target)).await,
-            }
-        };
-        match tokio::time::timeout(CALL_TIMEOUT, request).await {
-            Ok(Ok(response)) => answer(response.into_inner()),
+        match tokio::time::timeout(CALL_TIMEOUT, client.step(step, args)).await {
+            Ok(Ok(op)) => answer(op),
             Ok(Err(status)) if status.code() == tonic::Code::Unavailable => {
                 Answer::Unreachable(status.message().to_string())
             }
@@ -219,7 +152,7 @@ impl Agents {
         }
     }
 
-    fn client(&self, endpoint: &str) -> Result<AgentClient<Channel>, String> {
+    fn client(&self, endpoint: &str) -> Result<AgentClient, String> {
         let mut channels = self
             .channels
             .lock()
@@ -227,8 +160,9 @@ impl Agents {
         if let Some(channel) = channels.get(endpoint) {
             return Ok(AgentClient::new(channel.clone()));
         }
-        let channel = Endpoint::from_shared(format!("https://{endpoint}"))
-            .and_then(|e| e.tls_config(self.tls.client()))
+        let channel = self
+            .tls
+            .endpoint(endpoint)
             .map_err(|e| format!("agent endpoint {endpoint}: {e}"))?
             .connect_timeout(Duration::from_secs(3))
             .connect_lazy();

@@ -8,7 +8,7 @@ use std::{
     time::Duration,
 };
 
-use agent_api::v1;
+use agent_api::{Role, Step, StepArgs, v1};
 use crds::{Compression, Phase, PodMigration, PodMigrationStatus};
 use futures::{StreamExt, future::join_all};
 use k8s_openapi::{
@@ -32,10 +32,10 @@ use tracing::{Instrument, info, info_span, warn};
 
 use crate::{
     Error, Result,
-    agents::{Agents, CallContext},
+    agents::Agents,
     metrics::Metrics,
-    network, replacement, rxe,
-    statemachine::{self, Action, Answer, Call, Facts, PodFacts},
+    network, replacement, rxe_blocks,
+    statemachine::{self, Action, Answer, Facts, PodFacts},
     targets::{self, Candidate},
 };
 
@@ -50,7 +50,7 @@ const STEPS_PER_RECONCILE: usize = 16;
 pub struct Context {
     pub client: Client,
     pub agents: Agents,
-    pub rxe: rxe::Allocator,
+    pub rxe: rxe_blocks::Allocator,
     pub metrics: Arc<Metrics>,
     pub recorder: Recorder,
     /// Every pod of the cluster as watched: what target choice counts as used on each node.
@@ -72,7 +72,7 @@ impl Context {
     pub fn new(
         client: Client,
         agents: Agents,
-        rxe: rxe::Allocator,
+        rxe: rxe_blocks::Allocator,
         metrics: Arc<Metrics>,
         recorder: Recorder,
     ) -> Self {
@@ -265,13 +265,11 @@ async fn observe(pm: &PodMigration, ctx: &Context) -> Result<Facts> {
         {
             facts.target = Some(choose_target(pm, pod, pf, ctx).await?);
             if pf.rdma {
-                facts.rxe = Some(match ctx.rxe.ensure(&ns, &pm.spec.pod_name).await {
-                    Ok(block) => Ok(block),
-                    Err(e @ (rxe::Error::Exhausted(_) | rxe::Error::InvalidRanges(_))) => {
-                        Err(e.to_string())
-                    }
-                    Err(e) => return Err(e.into()),
-                });
+                facts.rxe = ctx
+                    .rxe
+                    .find(&ns, &pm.spec.pod_name)
+                    .await?
+                    .map(|block| block.spec.ranges());
             }
         }
     }
@@ -418,9 +416,21 @@ async fn execute(pm: &PodMigration, f: &Facts, action: Action, ctx: &Context) ->
                 Err(e) => Err(e),
             }
         }
-        Action::Call(call) => {
-            let answer = call_agent(pm, f, call, ctx).await;
-            let (status, after) = statemachine::after(f, call, answer);
+        Action::AllocateRxe => {
+            let status = match ctx.rxe.ensure(&ns, &pm.spec.pod_name).await {
+                Ok(_) => return Ok(Next::Continue(pm.clone())),
+                Err(
+                    e @ (rxe_blocks::Error::Exhausted(_) | rxe_blocks::Error::InvalidRanges(_)),
+                ) => statemachine::allocation_failed(f, &e.to_string()),
+                Err(e) => return Err(e.into()),
+            };
+            Ok(Next::Continue(
+                write_status(pm, f, status, None, ctx).await?,
+            ))
+        }
+        Action::Call(step) => {
+            let answer = call_agent(pm, f, step, ctx).await;
+            let (status, after) = statemachine::after(f, step, answer);
             let updated = write_status(pm, f, status, None, ctx).await?;
             Ok(if after.is_zero() {
                 Next::Continue(updated)
@@ -516,37 +526,37 @@ fn template_of(pm: &PodMigration) -> Result<Pod> {
     Ok(serde_json::from_str(raw)?)
 }
 
-async fn call_agent(pm: &PodMigration, f: &Facts, call: Call, ctx: &Context) -> Answer {
-    let node = if call.on_source() {
-        &f.status.source_node
-    } else {
-        &f.status.target_node
+async fn call_agent(pm: &PodMigration, f: &Facts, step: Step, ctx: &Context) -> Answer {
+    let node = match step.role() {
+        Role::Source => &f.status.source_node,
+        Role::Target => &f.status.target_node,
     };
     let Some(node) = node else {
-        return Answer::Failed(format!("{call:?}: no node recorded"));
+        return Answer::Failed(format!("{step}: no node recorded"));
     };
     let endpoint = match ctx.agents.endpoint(node).await {
         Ok(endpoint) => endpoint,
         Err(e) => return Answer::Unreachable(e),
     };
-    let mut context = call_context(pm, f);
-    if call == Call::Transfer {
+    let mut args = step_args(pm, f);
+    if step == Step::Transfer {
         match ctx
             .agents
             .endpoint(f.status.target_node.as_deref().unwrap_or_default())
             .await
         {
-            Ok(target) => context.target_endpoint = target,
+            Ok(target) => args.target_endpoint = target,
             Err(e) => return Answer::Failed(e),
         }
     }
     let started = std::time::Instant::now();
-    let answer = ctx.agents.call(&endpoint, call, &context).await;
-    ctx.metrics.agent_call(call, &answer, started.elapsed());
+    let answer = ctx.agents.call(&endpoint, step, &args).await;
+    ctx.metrics.agent_call(step, &answer, started.elapsed());
     answer
 }
 
-fn call_context(pm: &PodMigration, f: &Facts) -> CallContext {
+/// What the agents are told of the migration: the pod, its block, and how to move it.
+fn step_args(pm: &PodMigration, f: &Facts) -> StepArgs {
     let containers = template_of(pm)
         .ok()
         .and_then(|t| t.spec)
@@ -560,7 +570,7 @@ fn call_context(pm: &PodMigration, f: &Facts) -> CallContext {
         })
         .collect();
     let s = &f.status;
-    CallContext {
+    StepArgs {
         migration_uid: f.uid.clone(),
         pod: v1::PodRef {
             namespace: pm.namespace().unwrap_or_default(),

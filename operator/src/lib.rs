@@ -8,7 +8,7 @@ pub mod leader;
 pub mod metrics;
 pub mod network;
 pub mod replacement;
-pub mod rxe;
+pub mod rxe_blocks;
 pub mod server;
 pub mod statemachine;
 pub mod targets;
@@ -21,7 +21,7 @@ pub enum Error {
     #[error("finalizer: {0}")]
     Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
     #[error("rxe block: {0}")]
-    Rxe(#[from] rxe::Error),
+    Rxe(#[from] rxe_blocks::Error),
     #[error("invalid PodMigration {0}")]
     Invalid(String),
     #[error("PodMigration {0} is being rolled back or cleaned up before it can go")]

@@ -24,7 +24,7 @@ use operator::{
     controller::{self, Context},
     leader::{Elector, Timing},
     metrics::Metrics,
-    rxe, server,
+    rxe_blocks, server,
 };
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
@@ -62,19 +62,19 @@ struct Args {
     #[arg(long)]
     tls_dir: Option<PathBuf>,
     /// First QPN of the rxe blocks.
-    #[arg(long, default_value_t = rxe::Ranges::default().qpn_base)]
+    #[arg(long, default_value_t = rxe_blocks::Ranges::default().qpn_base)]
     rxe_qpn_base: u32,
     /// QPNs per block.
-    #[arg(long, default_value_t = rxe::Ranges::default().qpn_per_block)]
+    #[arg(long, default_value_t = rxe_blocks::Ranges::default().qpn_per_block)]
     rxe_qpns_per_block: u32,
     /// First MRN of the rxe blocks.
-    #[arg(long, default_value_t = rxe::Ranges::default().mrn_base)]
+    #[arg(long, default_value_t = rxe_blocks::Ranges::default().mrn_base)]
     rxe_mrn_base: u32,
     /// MRNs per block.
-    #[arg(long, default_value_t = rxe::Ranges::default().mrn_per_block)]
+    #[arg(long, default_value_t = rxe_blocks::Ranges::default().mrn_per_block)]
     rxe_mrns_per_block: u32,
     /// Number of blocks.
-    #[arg(long, default_value_t = rxe::Ranges::default().blocks)]
+    #[arg(long, default_value_t = rxe_blocks::Ranges::default().blocks)]
     rxe_blocks: u32,
     /// Seconds between rxe block allocation/release sweeps.
     #[arg(long, default_value_t = 10)]
@@ -93,7 +93,7 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
-    let ranges = rxe::Ranges {
+    let ranges = rxe_blocks::Ranges {
         qpn_base: args.rxe_qpn_base,
         qpn_per_block: args.rxe_qpns_per_block,
         mrn_base: args.rxe_mrn_base,
@@ -172,7 +172,7 @@ async fn main() -> anyhow::Result<()> {
             instance: Some(identity.clone()),
         },
     );
-    let allocator = rxe::Allocator::new(client.clone(), ranges);
+    let allocator = rxe_blocks::Allocator::new(client.clone(), ranges);
     let agents = Agents::new(client.clone(), &args.namespace, tls);
     let ctx = Arc::new(Context::new(
         client.clone(),
@@ -181,7 +181,7 @@ async fn main() -> anyhow::Result<()> {
         metrics,
         recorder,
     ));
-    let sweeper = tokio::spawn(rxe::maintain(
+    let sweeper = tokio::spawn(rxe_blocks::maintain(
         allocator,
         client,
         args.watch_namespace.clone(),

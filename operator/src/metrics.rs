@@ -10,7 +10,9 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::statemachine::{Answer, Call};
+use agent_api::Step;
+
+use crate::statemachine::Answer;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabels {
@@ -123,7 +125,8 @@ impl Metrics {
         self.active.set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
-    pub fn agent_call(&self, call: Call, answer: &Answer, took: Duration) {
+    /// An agent call answered; the `call` label is the step's name, as the agents' metrics name it.
+    pub fn agent_call(&self, step: Step, answer: &Answer, took: Duration) {
         let answer = match answer {
             Answer::Running { .. } => "running",
             Answer::Succeeded(_) => "succeeded",
@@ -131,7 +134,7 @@ impl Metrics {
             Answer::Unreachable(_) => "unreachable",
         };
         let labels = CallLabels {
-            call: format!("{call:?}"),
+            call: step.name().into(),
             answer: answer.into(),
         };
         self.agent_calls

@@ -4,6 +4,8 @@
 
 use std::time::Duration;
 
+use agent_api::{Role, Step};
+
 use crds::{
     CheckpointStatus, ContainerCheckpoint, Phase, PhaseTransition, PodMigrationSpec,
     PodMigrationStatus, Progress, RxeRanges,
@@ -103,37 +105,8 @@ pub struct Facts {
     pub busy_with: Option<String>,
     /// Pending only: the chosen target node, or why there is none.
     pub target: Option<Result<String, String>>,
-    /// Pending only, RDMA pods: the pod's rxe block, or why it has none.
-    pub rxe: Option<Result<RxeRanges, String>>,
-}
-
-/// A step an agent performs for the migration.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Call {
-    PrepareTarget,
-    Checkpoint,
-    Transfer,
-    CommitSource,
-    StageRestore,
-    FinishRestore,
-    AbortSource,
-    AbortTarget,
-    CleanupSource,
-    CleanupTarget,
-}
-
-impl Call {
-    /// True for the calls made to the source node's agent.
-    pub fn on_source(self) -> bool {
-        matches!(
-            self,
-            Call::Checkpoint
-                | Call::Transfer
-                | Call::CommitSource
-                | Call::AbortSource
-                | Call::CleanupSource
-        )
-    }
+    /// Pending only, RDMA pods: the pod's rxe block, if it has one.
+    pub rxe: Option<RxeRanges>,
 }
 
 /// What the controller does next.
@@ -143,8 +116,11 @@ pub enum Action {
     Start(Box<PodMigrationStatus>),
     /// Write this status and look again.
     Write(Box<PodMigrationStatus>),
-    /// Ask an agent; feed the answer to [`after`].
-    Call(Call),
+    /// Ask the agent of the step's node for it; feed the answer to [`after`].
+    Call(Step),
+    /// Give the RDMA pod an rxe block, then look again; [`allocation_failed`] says what a
+    /// failure means.
+    AllocateRxe,
     /// Pass the commit point: write this status only if the object did not change since observed.
     Commit(Box<PodMigrationStatus>),
     /// Delete the source pod object (precondition: its UID).
@@ -229,26 +205,26 @@ pub fn next(f: &Facts) -> Action {
     }
     match phase {
         Phase::Pending => start(f),
-        Phase::Preparing => Action::Call(Call::PrepareTarget),
-        Phase::Checkpointing => Action::Call(Call::Checkpoint),
+        Phase::Preparing => Action::Call(Step::PrepareTarget),
+        Phase::Checkpointing => Action::Call(Step::Checkpoint),
         Phase::Transferring if has(f, condition::TRANSFERRED) => {
             Action::Commit(Box::new(commit(f)))
         }
-        Phase::Transferring => Action::Call(Call::Transfer),
+        Phase::Transferring => Action::Call(Step::Transfer),
         Phase::Restoring => restore_step(f),
         Phase::Succeeded | Phase::Failed | Phase::RolledBack => Action::Done,
     }
 }
 
-/// The status after `call` answered `answer`.
-pub fn after(f: &Facts, call: Call, answer: Answer) -> (PodMigrationStatus, Duration) {
+/// The status after step `call` answered `answer`.
+pub fn after(f: &Facts, call: Step, answer: Answer) -> (PodMigrationStatus, Duration) {
     match answer {
         Answer::Running {
             bytes_done,
             bytes_total,
         } => {
             let mut s = f.status.clone();
-            if call == Call::Transfer || bytes_total > 0 {
+            if call == Step::Transfer || bytes_total > 0 {
                 s.progress = Some(Progress {
                     bytes_transferred: to_i64(bytes_done),
                     bytes_total: to_i64(bytes_total),
@@ -300,10 +276,9 @@ fn start(f: &Facts) -> Action {
         Some(Err(why)) => return fail(Reason::TargetUnavailable, why.clone()),
         None => return Action::Wait(POLL),
     };
-    let rxe = match (&f.rxe, pod.rdma) {
-        (Some(Ok(block)), true) => Some(*block),
-        (Some(Err(why)), true) => return fail(Reason::RxeUnavailable, why.clone()),
-        (None, true) => return Action::Wait(POLL),
+    let rxe = match (f.rxe, pod.rdma) {
+        (Some(block), true) => Some(block),
+        (None, true) => return Action::AllocateRxe,
         (_, false) => None,
     };
     let mut s = f.status.clone();
@@ -316,9 +291,15 @@ fn start(f: &Facts) -> Action {
     Action::Start(Box::new(enter(f, s, Phase::Preparing, &msg)))
 }
 
+/// The status when the pod cannot get an rxe block (`why`): the migration fails before anything
+/// started.
+pub fn allocation_failed(f: &Facts, why: &str) -> PodMigrationStatus {
+    finish(f, Phase::Failed, Some(Reason::RxeUnavailable), why)
+}
+
 fn restore_step(f: &Facts) -> Action {
     if !has(f, condition::SOURCE_STOPPED) {
-        return Action::Call(Call::CommitSource);
+        return Action::Call(Step::Commit(Role::Source));
     }
     let source_uid = f.status.source_pod_uid.as_deref();
     let pod = f.pod.as_ref();
@@ -333,7 +314,7 @@ fn restore_step(f: &Facts) -> Action {
         !c.containers.is_empty() && c.containers.iter().all(|c| c.image.is_some())
     });
     if !staged {
-        return Action::Call(Call::StageRestore);
+        return Action::Call(Step::StageRestore);
     }
     match pod {
         None => Action::CreateReplacement,
@@ -352,16 +333,16 @@ fn restore_step(f: &Facts) -> Action {
             s.target_pod_uid = Some(p.uid.clone());
             Action::Write(Box::new(s))
         }
-        Some(p) if p.running() => Action::Call(Call::FinishRestore),
+        Some(p) if p.running() => Action::Call(Step::FinishRestore),
         Some(_) => Action::Wait(POLL),
     }
 }
 
 fn abort_step(f: &Facts) -> Action {
     if !has(f, condition::SOURCE_RESUMED) {
-        return Action::Call(Call::AbortSource);
+        return Action::Call(Step::Abort(Role::Source));
     }
-    Action::Call(Call::AbortTarget)
+    Action::Call(Step::Abort(Role::Target))
 }
 
 fn cleanup_or_done(f: &Facts) -> Action {
@@ -374,21 +355,21 @@ fn cleanup_or_done(f: &Facts) -> Action {
     }
     // One attempt each: a failed cleanup is recorded and left to the agents' garbage collection.
     if !recorded(f, condition::CLEANED_SOURCE) {
-        return Action::Call(Call::CleanupSource);
+        return Action::Call(Step::Cleanup(Role::Source));
     }
     if !recorded(f, condition::CLEANED_TARGET) {
-        return Action::Call(Call::CleanupTarget);
+        return Action::Call(Step::Cleanup(Role::Target));
     }
     Action::Done
 }
 
-fn succeeded(f: &Facts, call: Call, op: &agent_api::Operation) -> PodMigrationStatus {
+fn succeeded(f: &Facts, call: Step, op: &agent_api::Operation) -> PodMigrationStatus {
     let mut s = f.status.clone();
     match call {
-        Call::PrepareTarget => {
+        Step::PrepareTarget => {
             return enter(f, s, Phase::Checkpointing, "checkpointing the source pod");
         }
-        Call::Checkpoint => {
+        Step::Checkpoint => {
             let containers: Vec<ContainerCheckpoint> = op
                 .archives
                 .iter()
@@ -417,7 +398,7 @@ fn succeeded(f: &Facts, call: Call, op: &agent_api::Operation) -> PodMigrationSt
                 "sending the checkpoint to the target node",
             );
         }
-        Call::Transfer => {
+        Step::Transfer => {
             let total = s.checkpoint.as_ref().map_or(0, |c| c.bytes);
             s.progress = Some(Progress {
                 bytes_transferred: total,
@@ -438,7 +419,9 @@ fn succeeded(f: &Facts, call: Call, op: &agent_api::Operation) -> PodMigrationSt
                 "digest verified on the target",
             );
         }
-        Call::CommitSource => {
+        // The operator never asks the target to commit; it keeps its data until the cleanup.
+        Step::Commit(Role::Target) => {}
+        Step::Commit(Role::Source) => {
             set_condition(
                 &mut s,
                 f.now,
@@ -448,7 +431,7 @@ fn succeeded(f: &Facts, call: Call, op: &agent_api::Operation) -> PodMigrationSt
                 "source containers stopped for good",
             );
         }
-        Call::StageRestore => {
+        Step::StageRestore => {
             if let Some(c) = s.checkpoint.as_mut() {
                 for container in &mut c.containers {
                     container.image = op
@@ -460,7 +443,7 @@ fn succeeded(f: &Facts, call: Call, op: &agent_api::Operation) -> PodMigrationSt
             }
             s.message = Some("creating the replacement pod on the target node".into());
         }
-        Call::FinishRestore => {
+        Step::FinishRestore => {
             let restore_started = entered(f, Phase::Restoring);
             let frozen = entered(f, Phase::Checkpointing);
             let t = timings(&mut s);
@@ -469,7 +452,7 @@ fn succeeded(f: &Facts, call: Call, op: &agent_api::Operation) -> PodMigrationSt
             let msg = format!("pod {} runs on {}", f.spec.pod_name, target(f));
             return finish_with(f, s, Phase::Succeeded, None, &msg);
         }
-        Call::AbortSource => {
+        Step::Abort(Role::Source) => {
             set_condition(
                 &mut s,
                 f.now,
@@ -479,8 +462,8 @@ fn succeeded(f: &Facts, call: Call, op: &agent_api::Operation) -> PodMigrationSt
                 "the source pod runs as before",
             );
         }
-        Call::AbortTarget => return rolled_back(f, s, None),
-        Call::CleanupSource => set_condition(
+        Step::Abort(Role::Target) => return rolled_back(f, s, None),
+        Step::Cleanup(Role::Source) => set_condition(
             &mut s,
             f.now,
             condition::CLEANED_SOURCE,
@@ -488,7 +471,7 @@ fn succeeded(f: &Facts, call: Call, op: &agent_api::Operation) -> PodMigrationSt
             "Cleaned",
             "source agent data removed",
         ),
-        Call::CleanupTarget => set_condition(
+        Step::Cleanup(Role::Target) => set_condition(
             &mut s,
             f.now,
             condition::CLEANED_TARGET,
@@ -500,25 +483,25 @@ fn succeeded(f: &Facts, call: Call, op: &agent_api::Operation) -> PodMigrationSt
     s
 }
 
-fn failed(f: &Facts, call: Call, message: &str) -> (PodMigrationStatus, Duration) {
+fn failed(f: &Facts, call: Step, message: &str) -> (PodMigrationStatus, Duration) {
     let reason = match call {
-        Call::PrepareTarget => Reason::PrepareFailed,
-        Call::Checkpoint => Reason::CheckpointFailed,
-        Call::Transfer => Reason::TransferFailed,
+        Step::PrepareTarget => Reason::PrepareFailed,
+        Step::Checkpoint => Reason::CheckpointFailed,
+        Step::Transfer => Reason::TransferFailed,
         _ => Reason::RestoreFailed,
     };
     match call {
-        Call::PrepareTarget | Call::Checkpoint | Call::Transfer => (
-            begin_abort(f, reason, &format!("{call:?} failed: {message}")),
+        Step::PrepareTarget | Step::Checkpoint | Step::Transfer => (
+            begin_abort(f, reason, &format!("{call} failed: {message}")),
             Duration::ZERO,
         ),
         // After the commit point only the restore can go on: retry until the timeout.
-        Call::CommitSource | Call::StageRestore | Call::FinishRestore => (
-            retry_message(f, &format!("{call:?} failed, retrying: {message}")),
+        Step::Commit(_) | Step::StageRestore | Step::FinishRestore => (
+            retry_message(f, &format!("{call} failed, retrying: {message}")),
             RETRY,
         ),
         // The source pod must run again: keep asking.
-        Call::AbortSource => (
+        Step::Abort(Role::Source) => (
             retry_message(
                 f,
                 &format!("resuming the source failed, retrying: {message}"),
@@ -526,14 +509,14 @@ fn failed(f: &Facts, call: Call, message: &str) -> (PodMigrationStatus, Duration
             RETRY,
         ),
         // Best effort: the target's data is garbage-collected by its agent anyway.
-        Call::AbortTarget => {
+        Step::Abort(Role::Target) => {
             let note = format!("the target agent could not discard its data ({message})");
             (
                 rolled_back(f, f.status.clone(), Some(&note)),
                 Duration::ZERO,
             )
         }
-        Call::CleanupSource => {
+        Step::Cleanup(Role::Source) => {
             let mut s = f.status.clone();
             set_condition(
                 &mut s,
@@ -545,7 +528,7 @@ fn failed(f: &Facts, call: Call, message: &str) -> (PodMigrationStatus, Duration
             );
             (s, Duration::ZERO)
         }
-        Call::CleanupTarget => {
+        Step::Cleanup(Role::Target) => {
             let mut s = f.status.clone();
             set_condition(
                 &mut s,
@@ -820,7 +803,7 @@ mod tests {
         f
     }
 
-    fn answer(f: Facts, call: Call, a: Answer) -> Facts {
+    fn answer(f: Facts, call: Step, a: Answer) -> Facts {
         let (status, _) = after(&f, call, a);
         let mut f = Facts { status, ..f };
         f.now += SignedDuration::from_secs(1);
@@ -868,8 +851,8 @@ mod tests {
             }
             f = match next(&f) {
                 a @ (Action::Start(_) | Action::Write(_) | Action::Commit(_)) => apply(f, &a),
-                Action::Call(Call::Checkpoint) => answer(f, Call::Checkpoint, checkpointed()),
-                Action::Call(Call::StageRestore) => answer(f, Call::StageRestore, staged()),
+                Action::Call(Step::Checkpoint) => answer(f, Step::Checkpoint, checkpointed()),
+                Action::Call(Step::StageRestore) => answer(f, Step::StageRestore, staged()),
                 Action::Call(call) => answer(f, call, ok()),
                 other => panic!("unexpected {other:?} before {stop:?}"),
             };
@@ -957,13 +940,6 @@ mod tests {
                 Box::new(|f| f.target = Some(Err("target node x is cordoned".into()))),
                 Reason::TargetUnavailable,
             ),
-            (
-                Box::new(|f| {
-                    f.pod.as_mut().unwrap().rdma = true;
-                    f.rxe = Some(Err("all blocks taken".into()));
-                }),
-                Reason::RxeUnavailable,
-            ),
         ];
         for (mutate, reason) in cases {
             let mut f = pending();
@@ -973,17 +949,20 @@ mod tests {
     }
 
     #[test]
-    fn an_rdma_pod_carries_its_block_and_waits_for_one() {
+    fn an_rdma_pod_gets_a_block_first_and_carries_it() {
         let mut f = pending();
         f.pod.as_mut().unwrap().rdma = true;
-        assert_eq!(next(&f), Action::Wait(POLL));
+        assert_eq!(next(&f), Action::AllocateRxe);
+        let failed = allocation_failed(&f, "all 500 rxe blocks are taken");
+        assert_eq!(failed.source_node, None, "nothing was started");
+        failed_with(&f, &Action::Write(Box::new(failed)), Reason::RxeUnavailable);
         let block = RxeRanges {
             qpn_start: 1024,
             qpn_count: 256,
             mrn_start: 1024,
             mrn_count: 256,
         };
-        f.rxe = Some(Ok(block));
+        f.rxe = Some(block);
         let Action::Start(s) = next(&f) else {
             panic!("expected Start")
         };
@@ -999,15 +978,15 @@ mod tests {
             condition(&f, condition::COMMITTED).map(|c| c.status.as_str()),
             Some("True")
         );
-        assert_eq!(next(&f), Action::Call(Call::CommitSource));
-        f = answer(f, Call::CommitSource, ok());
+        assert_eq!(next(&f), Action::Call(Step::Commit(Role::Source)));
+        f = answer(f, Step::Commit(Role::Source), ok());
         // The source pod object still exists: delete it, then wait while it goes.
         assert_eq!(next(&f), Action::DeleteSourcePod);
         f.pod.as_mut().unwrap().deleting = true;
         assert_eq!(next(&f), Action::Wait(POLL));
         f.pod = None;
-        assert_eq!(next(&f), Action::Call(Call::StageRestore));
-        f = answer(f, Call::StageRestore, staged());
+        assert_eq!(next(&f), Action::Call(Step::StageRestore));
+        f = answer(f, Step::StageRestore, staged());
         let images: Vec<_> = f
             .status
             .checkpoint
@@ -1031,8 +1010,8 @@ mod tests {
         assert_eq!(f.status.target_pod_uid.as_deref(), Some("pod-2"));
         assert_eq!(next(&f), Action::Wait(POLL));
         f.pod.as_mut().unwrap().phase = Some("Running".into());
-        assert_eq!(next(&f), Action::Call(Call::FinishRestore));
-        f = answer(f, Call::FinishRestore, ok());
+        assert_eq!(next(&f), Action::Call(Step::FinishRestore));
+        f = answer(f, Step::FinishRestore, ok());
         assert_eq!(f.status.phase, Some(Phase::Succeeded));
         assert_eq!(
             phases(&f),
@@ -1061,7 +1040,7 @@ mod tests {
         let f = advance_to(Phase::Transferring);
         let (s, again) = after(
             &f,
-            Call::Transfer,
+            Step::Transfer,
             Answer::Running {
                 bytes_done: 1000,
                 bytes_total: 4096,
@@ -1081,13 +1060,13 @@ mod tests {
     #[test]
     fn a_failure_at_each_step_before_the_commit_point_rolls_back() {
         for (phase, call, reason) in [
-            (Phase::Preparing, Call::PrepareTarget, Reason::PrepareFailed),
+            (Phase::Preparing, Step::PrepareTarget, Reason::PrepareFailed),
             (
                 Phase::Checkpointing,
-                Call::Checkpoint,
+                Step::Checkpoint,
                 Reason::CheckpointFailed,
             ),
-            (Phase::Transferring, Call::Transfer, Reason::TransferFailed),
+            (Phase::Transferring, Step::Transfer, Reason::TransferFailed),
         ] {
             for failure in [
                 Answer::Failed("disk full".into()),
@@ -1101,14 +1080,22 @@ mod tests {
                     condition(&f, condition::ABORTING).map(|c| c.reason.as_str()),
                     Some(reason.as_str())
                 );
-                assert_eq!(next(&f), Action::Call(Call::AbortSource));
+                assert_eq!(next(&f), Action::Call(Step::Abort(Role::Source)));
                 // Resuming the source is retried until it works.
-                let (s, again) = after(&f, Call::AbortSource, Answer::Unreachable("down".into()));
+                let (s, again) = after(
+                    &f,
+                    Step::Abort(Role::Source),
+                    Answer::Unreachable("down".into()),
+                );
                 assert_eq!(again, RETRY);
                 assert_eq!(s.phase, Some(phase));
-                f = answer(f, Call::AbortSource, ok());
-                assert_eq!(next(&f), Action::Call(Call::AbortTarget));
-                f = answer(f, Call::AbortTarget, Answer::Unreachable("gone".into()));
+                f = answer(f, Step::Abort(Role::Source), ok());
+                assert_eq!(next(&f), Action::Call(Step::Abort(Role::Target)));
+                f = answer(
+                    f,
+                    Step::Abort(Role::Target),
+                    Answer::Unreachable("gone".into()),
+                );
                 assert_eq!(f.status.phase, Some(Phase::RolledBack));
                 let ready = condition(&f, condition::READY).unwrap();
                 assert_eq!(ready.reason, reason.as_str());
@@ -1126,7 +1113,11 @@ mod tests {
 
     #[test]
     fn a_failure_after_the_commit_point_is_retried_not_rolled_back() {
-        for call in [Call::CommitSource, Call::StageRestore, Call::FinishRestore] {
+        for call in [
+            Step::Commit(Role::Source),
+            Step::StageRestore,
+            Step::FinishRestore,
+        ] {
             let f = advance_to(Phase::Restoring);
             let (s, again) = after(&f, call, Answer::Failed("runtime busy".into()));
             assert_eq!(again, RETRY);
@@ -1186,24 +1177,28 @@ mod tests {
     #[test]
     fn a_deleted_final_migration_cleans_both_agents_once() {
         let mut f = advance_to(Phase::Checkpointing);
-        f = answer(f, Call::Checkpoint, Answer::Failed("criu".into()));
-        f = answer(f, Call::AbortSource, ok());
-        f = answer(f, Call::AbortTarget, ok());
+        f = answer(f, Step::Checkpoint, Answer::Failed("criu".into()));
+        f = answer(f, Step::Abort(Role::Source), ok());
+        f = answer(f, Step::Abort(Role::Target), ok());
         assert_eq!(f.status.phase, Some(Phase::RolledBack));
         f.deleting = true;
-        assert_eq!(next(&f), Action::Call(Call::CleanupSource));
-        f = answer(f, Call::CleanupSource, Answer::Unreachable("down".into()));
-        assert_eq!(next(&f), Action::Call(Call::CleanupTarget));
-        f = answer(f, Call::CleanupTarget, ok());
+        assert_eq!(next(&f), Action::Call(Step::Cleanup(Role::Source)));
+        f = answer(
+            f,
+            Step::Cleanup(Role::Source),
+            Answer::Unreachable("down".into()),
+        );
+        assert_eq!(next(&f), Action::Call(Step::Cleanup(Role::Target)));
+        f = answer(f, Step::Cleanup(Role::Target), ok());
         assert_eq!(next(&f), Action::Done);
     }
 
     #[test]
     fn a_foreign_pod_with_the_same_name_is_never_touched() {
         let mut f = advance_to(Phase::Restoring);
-        f = answer(f, Call::CommitSource, ok());
+        f = answer(f, Step::Commit(Role::Source), ok());
         f.pod = None;
-        f = answer(f, Call::StageRestore, staged());
+        f = answer(f, Step::StageRestore, staged());
         f.pod = Some(PodFacts {
             uid: "someone-else".into(),
             created_by_migration: None,

@@ -8,7 +8,7 @@ use agent_api::{
     tls::AGENT_SERVER_NAME,
     v1::{CapabilitiesRequest, StepRequest, agent_client::AgentClient},
 };
-use e2e::{
+use testkit::{
     fixtures::Certificates,
     harness::{self, with_namespace},
     testagent::TestAgent,

@@ -8,16 +8,17 @@ mod support;
 
 use std::time::Duration;
 
+use agent_api::{Role, Step};
 use crds::{Phase, PodMigration};
-use e2e::{
-    harness::with_namespace,
-    testagent::{Behaviour, Step},
-};
 use kube::{
     Api, ResourceExt,
     api::{DeleteParams, ListParams},
 };
 use support::{Operator, Scenario};
+use testkit::{
+    harness::with_namespace,
+    testagent::{Behaviour, Scripted},
+};
 
 const PHASE_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -81,7 +82,7 @@ async fn a_migration_goes_through_every_phase_to_succeeded() {
             (2, Step::PrepareTarget),
             (1, Step::Checkpoint),
             (1, Step::Transfer),
-            (1, Step::CommitSource),
+            (1, Step::Commit(Role::Source)),
             (2, Step::StageRestore),
             (2, Step::FinishRestore),
         ] {
@@ -130,10 +131,10 @@ async fn unmet_preconditions_fail_with_a_reason_and_touch_nothing() {
         s.pod("server", 1, "10.244.1.5").await;
         s.pod_with("optout", 1, "10.244.1.6", &[("app", "optout")])
             .await;
-        e2e::fixtures::run_pod(
+        testkit::fixtures::run_pod(
             &s.client,
             &ns,
-            &e2e::fixtures::pod("pending", &s.node(1), &[(crds::MIGRATABLE_LABEL, "true")]),
+            &testkit::fixtures::pod("pending", &s.node(1), &[(crds::MIGRATABLE_LABEL, "true")]),
             "10.244.1.7",
         )
         .await;
@@ -147,9 +148,10 @@ async fn unmet_preconditions_fail_with_a_reason_and_touch_nothing() {
             .await
             .unwrap();
         s.nodes[2].set_unschedulable(true).await;
-        let not_ready = e2e::fixtures::ApiNode::create(&s.client, &format!("{ns}-node-4")).await;
+        let not_ready =
+            testkit::fixtures::ApiNode::create(&s.client, &format!("{ns}-node-4")).await;
         not_ready.set_ready(false).await;
-        let no_agent = e2e::fixtures::ApiNode::create(&s.client, &format!("{ns}-node-5")).await;
+        let no_agent = testkit::fixtures::ApiNode::create(&s.client, &format!("{ns}-node-5")).await;
         let rdma = [(crds::MIGRATABLE_LABEL, "true"), (crds::RDMA_LABEL, "true")];
         s.pod_with("rdma", 1, "10.244.1.8", &rdma).await;
         s.agent(2).without_rxe();
@@ -274,7 +276,7 @@ async fn a_failure_at_each_step_before_the_commit_point_rolls_back_and_leaves_th
                     times: 1,
                 },
             );
-            let aborts_before = s.agent(1).count(Step::AbortSource).executions;
+            let aborts_before = s.agent(1).count(Step::Abort(Role::Source)).executions;
             let name = format!("fail-{i}");
             s.migrate(&name, &pod, Some(2)).await;
             let pm = s.wait_phase(&name, Phase::RolledBack, PHASE_TIMEOUT).await;
@@ -287,7 +289,7 @@ async fn a_failure_at_each_step_before_the_commit_point_rolls_back_and_leaves_th
             let status = pm.status.unwrap();
             assert!(!status.committed);
             assert_eq!(
-                s.agent(1).count(Step::AbortSource).executions,
+                s.agent(1).count(Step::Abort(Role::Source)).executions,
                 aborts_before + 1,
                 "{step:?}: source not resumed"
             );
@@ -326,7 +328,7 @@ async fn a_failure_after_the_commit_point_is_retried_until_the_restore_succeeds(
         assert!(pm.status.unwrap().committed);
         assert_eq!(s.agent(2).count(Step::StageRestore).executions, 3);
         assert_eq!(
-            s.agent(1).count(Step::AbortSource).calls,
+            s.agent(1).count(Step::Abort(Role::Source)).calls,
             0,
             "a committed migration must not roll back"
         );
@@ -357,8 +359,8 @@ async fn a_migration_that_times_out_before_the_commit_point_rolls_back() {
             message.contains("timed out after 10s in phase Checkpointing"),
             "{message}"
         );
-        assert_eq!(s.agent(1).count(Step::AbortSource).executions, 1);
-        assert_eq!(s.agent(2).count(Step::AbortTarget).executions, 1);
+        assert_eq!(s.agent(1).count(Step::Abort(Role::Source)).executions, 1);
+        assert_eq!(s.agent(2).count(Step::Abort(Role::Target)).executions, 1);
     })
     .await;
 }
@@ -381,7 +383,7 @@ async fn an_operator_killed_in_any_phase_resumes_without_repeating_a_step() {
                 (2, Step::PrepareTarget),
                 (1, Step::Checkpoint),
                 (1, Step::Transfer),
-                (1, Step::CommitSource),
+                (1, Step::Commit(Role::Source)),
                 (2, Step::StageRestore),
                 (2, Step::FinishRestore),
             ];
@@ -539,8 +541,8 @@ async fn deleting_a_migration_mid_flight_rolls_it_back_before_it_goes() {
             .await
             .expect("the PodMigration goes")
             .unwrap();
-        assert_eq!(s.agent(1).count(Step::AbortSource).executions, 1);
-        assert_eq!(s.agent(2).count(Step::AbortTarget).executions, 1);
+        assert_eq!(s.agent(1).count(Step::Abort(Role::Source)).executions, 1);
+        assert_eq!(s.agent(2).count(Step::Abort(Role::Target)).executions, 1);
         let after = s.pods().get("server").await.unwrap();
         assert_eq!(
             (after.uid(), after.resource_version()),
@@ -572,7 +574,7 @@ async fn a_target_agent_killed_during_the_transfer_ends_rolled_back() {
             .expect("the transfer shows progress")
             .unwrap();
         assert_eq!(
-            s.agent(2).count(Step::Receive).executions,
+            s.agent(2).count(Scripted::Receive).executions,
             1,
             "the target agent accepted the source agent"
         );
@@ -588,7 +590,7 @@ async fn a_target_agent_killed_during_the_transfer_ends_rolled_back() {
             (before.uid(), before.resource_version())
         );
         assert_eq!(
-            s.agent(1).count(Step::AbortSource).executions,
+            s.agent(1).count(Step::Abort(Role::Source)).executions,
             1,
             "the source was resumed"
         );
@@ -662,8 +664,8 @@ async fn an_rdma_pod_keeps_its_rxe_block_across_a_migration_and_frees_it_when_go
 #[tokio::test]
 async fn without_a_tls_dir_the_operator_makes_the_ca_and_certificates_in_secrets() {
     with_namespace("op-secrets", |client, ns| async move {
-        e2e::harness::install_crds(&client).await;
-        e2e::harness::wait_for_default_service_account(&client, &ns).await;
+        testkit::harness::install_crds(&client).await;
+        testkit::harness::wait_for_default_service_account(&client, &ns).await;
         let _operator = Operator::start_with(&ns, "op-a", None).await;
         let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client.clone(), &ns);
         let made = kube::runtime::wait::await_condition(secrets.clone(), operator::certificates::OPERATOR_SECRET, |s: Option<&k8s_openapi::api::core::v1::Secret>| s.is_some());
@@ -679,12 +681,12 @@ async fn without_a_tls_dir_the_operator_makes_the_ca_and_certificates_in_secrets
         let mut agents = Vec::new();
         for i in 1..=2 {
             let name = format!("{ns}-node-{i}");
-            nodes.push(e2e::fixtures::ApiNode::create(&client, &name).await);
-            agents.push(e2e::testagent::TestAgent::start(client.clone(), &ns, &name, &agent_tls).await);
+            nodes.push(testkit::fixtures::ApiNode::create(&client, &name).await);
+            agents.push(testkit::testagent::TestAgent::start(client.clone(), &ns, &name, &agent_tls).await);
         }
-        let _kubelet = tokio::spawn(e2e::fixtures::report_replacements_running(client.clone(), ns.clone()));
+        let _kubelet = tokio::spawn(testkit::fixtures::report_replacements_running(client.clone(), ns.clone()));
         let labels = [(crds::MIGRATABLE_LABEL, "true")];
-        e2e::fixtures::run_pod(&client, &ns, &e2e::fixtures::pod("server", &nodes[0].name, &labels), "10.244.1.5").await;
+        testkit::fixtures::run_pod(&client, &ns, &testkit::fixtures::pod("server", &nodes[0].name, &labels), "10.244.1.5").await;
         let pm: PodMigration = serde_json::from_value(serde_json::json!({
             "apiVersion": "migros.io/v1alpha1", "kind": "PodMigration",
             "metadata": {"name": "move"}, "spec": {"podName": "server", "targetNode": nodes[1].name},
@@ -697,7 +699,7 @@ async fn without_a_tls_dir_the_operator_makes_the_ca_and_certificates_in_secrets
         });
         tokio::time::timeout(PHASE_TIMEOUT, done).await.expect("the migration succeeds over the made certificates").unwrap();
         assert_eq!(agents[0].count(Step::Checkpoint).executions, 1);
-        assert_eq!(agents[1].count(Step::Receive).executions, 1, "the agents authenticated each other");
+        assert_eq!(agents[1].count(Scripted::Receive).executions, 1, "the agents authenticated each other");
     })
     .await;
 }

@@ -12,17 +12,16 @@ mod support;
 use std::{net::Ipv4Addr, time::Duration};
 
 use crds::Phase;
-use e2e::{
-    Dirs, agents, binaries,
-    fixtures::Certificates,
-    harness::{self, eventually},
-    nodes::Nodes,
-    workload::{self, State, node_of, num},
-};
 use futures::FutureExt;
 use k8s_openapi::api::core::v1::Pod;
 use kube::{Api, api::PostParams};
+use sandbox::{Dirs, agents, binaries, nodes::Nodes};
 use support::{Operator, Scenario};
+use testkit::{
+    fixtures::Certificates,
+    harness::{self, eventually},
+    workload::{self, State, node_of, num},
+};
 
 async fn running_pod(pods: &Api<Pod>, name: &str, not_uid: Option<String>) -> Pod {
     eventually(Duration::from_secs(90), || {
@@ -41,7 +40,7 @@ struct Live {
     ns: String,
     pods: Api<Pod>,
     nodes: Nodes,
-    wanted: Vec<e2e::nodes::Node>,
+    wanted: Vec<sandbox::nodes::Node>,
 }
 
 impl Live {
@@ -120,7 +119,9 @@ async fn a_pod_moves_between_real_nodes_keeping_its_state_ip_and_tcp_peer() {
     let client = harness::client().await;
     harness::install_crds(&client).await;
     let dirs = Dirs::from_env();
-    let cluster = e2e::cluster::up(&dirs).await.expect("the sandbox cluster");
+    let cluster = sandbox::cluster::up(&dirs)
+        .await
+        .expect("the sandbox cluster");
     let (nodes, wanted, images) = (Nodes::new(&dirs), cluster.nodes, cluster.images);
     let agent_binary = binaries::ensure("node-agent", "node-agent").expect("agent built");
     // The agents announce themselves with the admin's credentials.
@@ -302,7 +303,7 @@ async fn a_pod_moves_between_real_nodes_keeping_its_state_ip_and_tcp_peer() {
     .await;
 
     nodes.down().expect("nodes down");
-    e2e::kubelets::forget(&client, &wanted)
+    sandbox::kubelets::forget(&client, &wanted)
         .await
         .expect("nodes forgotten");
 }

@@ -7,10 +7,10 @@
 use std::collections::BTreeSet;
 
 use crds::RxeBlock;
-use e2e::harness::{self, with_namespace};
 use futures::future::join_all;
 use kube::{Api, api::ListParams};
-use operator::rxe::{Allocator, Ranges};
+use operator::rxe_blocks::{Allocator, Ranges};
+use testkit::harness::{self, with_namespace};
 
 #[tokio::test]
 async fn fifty_racing_allocations_get_fifty_disjoint_blocks() {

@@ -1,10 +1,15 @@
 //! The node-agent gRPC API shared by the operator and the agents: the generated protobuf types,
-//! client and server (`v1`), mutual-TLS configuration (`tls`), certificates for it (`pki`), who may
-//! call what (`identity`) and how the operator finds the agents (`discovery`).
+//! client and server (`v1`); the step protocol (`steps`), its typed client (`client`) and the
+//! operations table that makes every step idempotent (`operations`); mutual-TLS configuration
+//! (`tls`), certificates for it (`pki`), who may call what (`identity`) and how the operator finds
+//! the agents (`discovery`).
 
+pub mod client;
 pub mod discovery;
 pub mod identity;
+pub mod operations;
 pub mod pki;
+pub mod steps;
 pub mod tls;
 
 /// Generated from `proto/agent.proto`.
@@ -13,6 +18,7 @@ pub mod v1 {
     tonic::include_proto!("migros.agent.v1");
 }
 
+pub use steps::{Role, Step, StepArgs};
 pub use v1::{Operation, State};
 
 impl v1::Operation {

@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig};
 
 /// The DNS name in every agent's serving certificate, and the name clients verify.
 pub const AGENT_SERVER_NAME: &str = "kube-migros-agent";
@@ -86,5 +86,10 @@ impl TlsMaterial {
             .ca_certificate(Certificate::from_pem(&self.ca))
             .identity(Identity::from_pem(&self.cert, &self.key))
             .domain_name(AGENT_SERVER_NAME)
+    }
+
+    /// The agent at `host:port`, dialled with [`TlsMaterial::client`]; connect it lazily or at once.
+    pub fn endpoint(&self, host_port: &str) -> Result<Endpoint, tonic::transport::Error> {
+        Endpoint::from_shared(format!("https://{host_port}"))?.tls_config(self.client())
     }
 }

@@ -11,7 +11,11 @@ mod world;
 
 use std::{sync::Arc, time::Duration};
 
-use agent_api::v1::{self, Compression, Role};
+use agent_api::{
+    Role, Step, StepArgs,
+    steps::StepRequest,
+    v1::{self, Compression},
+};
 use libtest_mimic::{Arguments, Failed, Trial};
 use sha2::{Digest, Sha256};
 use world::{MAX_ARCHIVE_BYTES, Result, World, done, fails, status, until};
@@ -103,10 +107,9 @@ fn capabilities(w: &World) -> Result<()> {
         let caps = w
             .operator(0)
             .await?
-            .capabilities(v1::CapabilitiesRequest {})
+            .capabilities()
             .await
-            .map_err(|s| s.to_string())?
-            .into_inner();
+            .map_err(|s| s.to_string())?;
         ensure!(caps.node_name == "node-1", "node name {:?}", caps.node_name);
         ensure!(
             caps.runtime_name == "containerd",
@@ -142,13 +145,6 @@ fn rxe_block() -> v1::RxeBlock {
         qpn_count: 256,
         mrn_start: 1536,
         mrn_count: 256,
-    }
-}
-
-fn step(uid: &str, role: Role) -> v1::StepRequest {
-    v1::StepRequest {
-        migration_uid: uid.into(),
-        role: role.into(),
     }
 }
 
@@ -198,29 +194,28 @@ fn migrate(w: &World) -> Result<()> {
         // As the operator sends it: no runtime IDs; the agent finds the container by the pod.
         let mut pod = source.pod_ref(&image);
         pod.containers[0].container_id.clear();
-        done("prepare", async || {
-            target
-                .prepare_target(v1::PrepareTargetRequest {
-                    migration_uid: uid.clone(),
-                    pod: Some(pod.clone()),
-                    expected_bytes: 64 << 20,
-                    rxe: Some(rxe_block()),
-                })
-                .await
-                .map(|r| r.into_inner())
-                .map_err(|s| s.to_string())
-        })
+        done(
+            &mut target,
+            Step::PrepareTarget,
+            &StepArgs {
+                migration_uid: uid.clone(),
+                pod: pod.clone(),
+                expected_bytes: 64 << 20,
+                rxe: Some(rxe_block()),
+                ..Default::default()
+            },
+        )
         .await?;
 
-        let checkpoint = done("checkpoint", async || {
-            src.checkpoint(v1::CheckpointRequest {
+        let checkpoint = done(
+            &mut src,
+            Step::Checkpoint,
+            &StepArgs {
                 migration_uid: uid.clone(),
-                pod: Some(pod.clone()),
-            })
-            .await
-            .map(|r| r.into_inner())
-            .map_err(|s| s.to_string())
-        })
+                pod: pod.clone(),
+                ..Default::default()
+            },
+        )
         .await?;
         ensure!(
             checkpoint.archives.len() == 1,
@@ -258,17 +253,17 @@ fn migrate(w: &World) -> Result<()> {
         );
         ensure!(status(ip).await.is_err(), "the paused source still answers");
 
-        let transfer = done("transfer", async || {
-            src.transfer(v1::TransferRequest {
+        let transfer = done(
+            &mut src,
+            Step::Transfer,
+            &StepArgs {
                 migration_uid: uid.clone(),
                 target_endpoint: w.endpoint(1).to_string(),
-                compression: Compression::Zstd.into(),
+                compression: Compression::Zstd,
                 bandwidth_limit: 0,
-            })
-            .await
-            .map(|r| r.into_inner())
-            .map_err(|s| s.to_string())
-        })
+                ..Default::default()
+            },
+        )
         .await?;
         ensure!(
             transfer.bytes_done == archive.bytes,
@@ -281,13 +276,7 @@ fn migrate(w: &World) -> Result<()> {
 
         // The commit point: the source is killed for good, and its sandbox removed (the
         // kubelet's part when the pod object is deleted), which frees the IP on node-1.
-        done("commit source", async || {
-            src.commit(step(&uid, Role::Source))
-                .await
-                .map(|r| r.into_inner())
-                .map_err(|s| s.to_string())
-        })
-        .await?;
+        done(&mut src, Step::Commit(Role::Source), &StepArgs::of(&uid)).await?;
         let state = w.task_state(0, &source.container_id);
         ensure!(
             state == "STOPPED" || state == "GONE",
@@ -295,17 +284,16 @@ fn migrate(w: &World) -> Result<()> {
         );
         w.remove_pod(&source)?;
 
-        let staged = done("stage", async || {
-            target
-                .stage_restore(v1::StageRestoreRequest {
-                    migration_uid: uid.clone(),
-                    pod: Some(pod.clone()),
-                    rxe: Some(rxe_block()),
-                })
-                .await
-                .map(|r| r.into_inner())
-                .map_err(|s| s.to_string())
-        })
+        let staged = done(
+            &mut target,
+            Step::StageRestore,
+            &StepArgs {
+                migration_uid: uid.clone(),
+                pod: pod.clone(),
+                rxe: Some(rxe_block()),
+                ..Default::default()
+            },
+        )
         .await?;
         ensure!(staged.staged.len() == 1, "staged {:?}", staged.staged);
         let staged_image = staged.staged[0].image.clone();
@@ -341,14 +329,7 @@ fn migrate(w: &World) -> Result<()> {
             "restored with IP {}, not {ip}",
             restored.ip
         );
-        done("finish", async || {
-            target
-                .finish_restore(step(&uid, Role::Target))
-                .await
-                .map(|r| r.into_inner())
-                .map_err(|s| s.to_string())
-        })
-        .await?;
+        done(&mut target, Step::FinishRestore, &StepArgs::of(&uid)).await?;
         ensure!(!w.blocked(1).contains(&ip), "node-2 still blocks {ip}");
         eprintln!("restore (sandbox + create + start): {restore_ms} ms");
 
@@ -401,14 +382,7 @@ fn migrate(w: &World) -> Result<()> {
         );
 
         for (client, role) in [(&mut src, Role::Source), (&mut target, Role::Target)] {
-            done("cleanup", async || {
-                client
-                    .cleanup(step(&uid, role))
-                    .await
-                    .map(|r| r.into_inner())
-                    .map_err(|s| s.to_string())
-            })
-            .await?;
+            done(client, Step::Cleanup(role), &StepArgs::of(&uid)).await?;
         }
         ensure!(
             !w.stored(0).contains(&uid) && !w.stored(1).contains(&uid),
@@ -426,8 +400,8 @@ fn migrate(w: &World) -> Result<()> {
         w.rt.block_on(async {
             for (i, role) in [(0, Role::Source), (1, Role::Target)] {
                 if let Ok(mut c) = w.operator(i).await {
-                    let _ = c.abort(step(&uid, role)).await;
-                    let _ = c.cleanup(step(&uid, role)).await;
+                    let _ = c.step(Step::Abort(role), &StepArgs::of(&uid)).await;
+                    let _ = c.step(Step::Cleanup(role), &StepArgs::of(&uid)).await;
                 }
             }
         });
@@ -456,43 +430,42 @@ fn abort(w: &World) -> Result<()> {
         let mut src = w.operator(0).await?;
         let mut target = w.operator(1).await?;
         let pod_ref = pod.pod_ref(&image);
-        done("prepare", async || {
-            target
-                .prepare_target(v1::PrepareTargetRequest {
-                    migration_uid: uid.clone(),
-                    pod: Some(pod_ref.clone()),
-                    expected_bytes: 1 << 20,
-                    rxe: None,
-                })
-                .await
-                .map(|r| r.into_inner())
-                .map_err(|s| s.to_string())
-        })
-        .await?;
-        done("checkpoint", async || {
-            src.checkpoint(v1::CheckpointRequest {
+        done(
+            &mut target,
+            Step::PrepareTarget,
+            &StepArgs {
                 migration_uid: uid.clone(),
-                pod: Some(pod_ref.clone()),
-            })
-            .await
-            .map(|r| r.into_inner())
-            .map_err(|s| s.to_string())
-        })
+                pod: pod_ref.clone(),
+                expected_bytes: 1 << 20,
+                rxe: None,
+                ..Default::default()
+            },
+        )
+        .await?;
+        done(
+            &mut src,
+            Step::Checkpoint,
+            &StepArgs {
+                migration_uid: uid.clone(),
+                pod: pod_ref.clone(),
+                ..Default::default()
+            },
+        )
         .await?;
         ensure!(w.task_state(0, &pod.container_id) == "PAUSED", "not paused");
         // A target that cannot be reached: the transfer is retried, then fails with the reason,
         // and the source stays paused, ready for the abort.
-        let why = fails("a transfer to a dead endpoint", async || {
-            src.transfer(v1::TransferRequest {
+        let why = fails(
+            &mut src,
+            Step::Transfer,
+            &StepArgs {
                 migration_uid: uid.clone(),
                 target_endpoint: format!("{}:1", w.nodes[2].ip()),
-                compression: Compression::None.into(),
+                compression: Compression::None,
                 bandwidth_limit: 0,
-            })
-            .await
-            .map(|r| r.into_inner())
-            .map_err(|s| s.to_string())
-        })
+                ..Default::default()
+            },
+        )
         .await?;
         ensure!(
             why.contains("failed 3 times") && why.contains("connecting to the target agent"),
@@ -503,14 +476,7 @@ fn abort(w: &World) -> Result<()> {
             "not paused after the failed transfer"
         );
         for (client, role) in [(&mut src, Role::Source), (&mut target, Role::Target)] {
-            done("abort", async || {
-                client
-                    .abort(step(&uid, role))
-                    .await
-                    .map(|r| r.into_inner())
-                    .map_err(|s| s.to_string())
-            })
-            .await?;
+            done(client, Step::Abort(role), &StepArgs::of(&uid)).await?;
         }
         ensure!(
             w.task_state(0, &pod.container_id) == "RUNNING",
@@ -538,13 +504,7 @@ fn abort(w: &World) -> Result<()> {
             "data left after abort"
         );
         // Asking again is harmless.
-        done("abort again", async || {
-            src.abort(step(&uid, Role::Source))
-                .await
-                .map(|r| r.into_inner())
-                .map_err(|s| s.to_string())
-        })
-        .await?;
+        done(&mut src, Step::Abort(Role::Source), &StepArgs::of(&uid)).await?;
         ensure!(
             w.task_state(0, &pod.container_id) == "RUNNING",
             "a second abort changed the source"
@@ -554,7 +514,7 @@ fn abort(w: &World) -> Result<()> {
     if result.is_err() {
         w.rt.block_on(async {
             if let Ok(mut c) = w.operator(0).await {
-                let _ = c.abort(step(&uid, Role::Source)).await;
+                let _ = c.step(Step::Abort(Role::Source), &StepArgs::of(&uid)).await;
             }
         });
     }
@@ -618,18 +578,17 @@ fn bad_archives(w: &World) -> Result<()> {
                 image: String::new(),
             }],
         };
-        done("prepare", async || {
-            target
-                .prepare_target(v1::PrepareTargetRequest {
-                    migration_uid: uid.clone(),
-                    pod: Some(pod.clone()),
-                    expected_bytes: 1 << 20,
-                    rxe: None,
-                })
-                .await
-                .map(|r| r.into_inner())
-                .map_err(|s| s.to_string())
-        })
+        done(
+            &mut target,
+            Step::PrepareTarget,
+            &StepArgs {
+                migration_uid: uid.clone(),
+                pod: pod.clone(),
+                expected_bytes: 1 << 20,
+                rxe: None,
+                ..Default::default()
+            },
+        )
         .await?;
         let good = tar_archive(false);
         let hostile = tar_archive(true);
@@ -674,7 +633,7 @@ fn bad_archives(w: &World) -> Result<()> {
         let peer_tls = w.certs.agent();
         for (what, chunks, expect) in cases {
             let mut peer = w.client(1, Some(peer_tls.clone()), None).await?;
-            let answer = peer.receive(tokio_stream::iter(chunks)).await;
+            let answer = peer.raw().receive(tokio_stream::iter(chunks)).await;
             let message = match answer {
                 Ok(r) => {
                     return Err(format!(
@@ -688,7 +647,7 @@ fn bad_archives(w: &World) -> Result<()> {
                 message.contains(expect),
                 "{what}: {message:?} does not say {expect:?}"
             );
-            for sub in ["incoming", "unpacked", "staged"] {
+            for sub in ["incoming", "staged"] {
                 let dir = w.written(1, &format!("/var/lib/kube-migros/migrations/{uid}/{sub}"));
                 let left = std::fs::read_dir(&dir).map(|d| d.count()).unwrap_or(0);
                 ensure!(
@@ -704,17 +663,16 @@ fn bad_archives(w: &World) -> Result<()> {
             "the hostile entry was written"
         );
         // StageRestore refuses a migration without a received checkpoint.
-        let why = fails("stage without a checkpoint", async || {
-            target
-                .stage_restore(v1::StageRestoreRequest {
-                    migration_uid: uid.clone(),
-                    pod: Some(pod.clone()),
-                    rxe: None,
-                })
-                .await
-                .map(|r| r.into_inner())
-                .map_err(|s| s.to_string())
-        })
+        let why = fails(
+            &mut target,
+            Step::StageRestore,
+            &StepArgs {
+                migration_uid: uid.clone(),
+                pod: pod.clone(),
+                rxe: None,
+                ..Default::default()
+            },
+        )
         .await?;
         ensure!(why.contains("was not received"), "{why}");
 
@@ -730,6 +688,7 @@ fn bad_archives(w: &World) -> Result<()> {
         );
         z.compression = Compression::Zstd.into();
         let ok = peer
+            .raw()
             .receive(tokio_stream::iter(vec![z]))
             .await
             .map_err(|s| format!("the good archive was refused: {}", s.message()))?
@@ -745,6 +704,7 @@ fn bad_archives(w: &World) -> Result<()> {
         // A stream for a migration the node was never asked to prepare is refused.
         let mut peer = w.client(1, Some(w.certs.agent()), None).await?;
         let stray = peer
+            .raw()
             .receive(tokio_stream::iter(vec![chunk(
                 "never-prepared",
                 0,
@@ -759,13 +719,11 @@ fn bad_archives(w: &World) -> Result<()> {
                 .is_err_and(|s| s.message().contains("was not prepared")),
             "stray stream: {stray:?}"
         );
-        done("cleanup", async || {
-            target
-                .cleanup(step(&uid, Role::Target))
-                .await
-                .map(|r| r.into_inner())
-                .map_err(|s| s.to_string())
-        })
+        done(
+            &mut target,
+            Step::Cleanup(Role::Target),
+            &StepArgs::of(&uid),
+        )
         .await?;
         ensure!(!w.stored(1).contains(&uid), "data left after cleanup");
         Ok(())
@@ -776,11 +734,7 @@ fn refusals(w: &World) -> Result<()> {
     w.rt.block_on(async {
         // No client certificate at all: the TLS handshake or the first call fails.
         let no_cert = match w.client(0, None, Some(&ca_pem(w))).await {
-            Ok(mut c) => c
-                .capabilities(v1::CapabilitiesRequest {})
-                .await
-                .err()
-                .map(|s| s.to_string()),
+            Ok(mut c) => c.capabilities().await.err().map(|s| s.to_string()),
             Err(e) => Some(e),
         };
         ensure!(
@@ -802,11 +756,7 @@ fn refusals(w: &World) -> Result<()> {
             leaf.key.into_bytes(),
         );
         let other_ca = match w.client(0, Some(foreign), None).await {
-            Ok(mut c) => c
-                .capabilities(v1::CapabilitiesRequest {})
-                .await
-                .err()
-                .map(|s| s.to_string()),
+            Ok(mut c) => c.capabilities().await.err().map(|s| s.to_string()),
             Err(e) => Some(e),
         };
         ensure!(
@@ -815,7 +765,7 @@ fn refusals(w: &World) -> Result<()> {
         );
         // The right CA but neither the operator nor an agent.
         let mut stranger = w.client(0, Some(w.certs.stranger()), None).await?;
-        let denied = stranger.capabilities(v1::CapabilitiesRequest {}).await;
+        let denied = stranger.capabilities().await;
         ensure!(
             denied
                 .as_ref()
@@ -824,7 +774,9 @@ fn refusals(w: &World) -> Result<()> {
         );
         // A peer agent may stream checkpoints but not drive steps.
         let mut peer = w.client(0, Some(w.certs.agent()), None).await?;
-        let denied = peer.abort(step("some-migration", Role::Source)).await;
+        let denied = peer
+            .step(Step::Abort(Role::Source), &StepArgs::of("some-migration"))
+            .await;
         ensure!(
             denied
                 .as_ref()
@@ -834,7 +786,7 @@ fn refusals(w: &World) -> Result<()> {
         // The operator is served.
         w.operator(0)
             .await?
-            .capabilities(v1::CapabilitiesRequest {})
+            .capabilities()
             .await
             .map_err(|s| format!("the operator was refused: {s}"))?;
         Ok(())
@@ -863,61 +815,59 @@ fn invalid_requests(w: &World) -> Result<()> {
         // An rxe block outside the node's ranges.
         let mut block = rxe_block();
         block.qpn_start = 16;
-        let why = fails("prepare with a foreign rxe block", async || {
-            target
-                .prepare_target(v1::PrepareTargetRequest {
-                    migration_uid: uid.clone(),
-                    pod: Some(pod.clone()),
-                    expected_bytes: 1,
-                    rxe: Some(block),
-                })
-                .await
-                .map(|r| r.into_inner())
-                .map_err(|s| s.to_string())
-        })
+        let why = fails(
+            &mut target,
+            Step::PrepareTarget,
+            &StepArgs {
+                migration_uid: uid.clone(),
+                pod: pod.clone(),
+                expected_bytes: 1,
+                rxe: Some(block),
+                ..Default::default()
+            },
+        )
         .await?;
         ensure!(why.contains("outside this node's ranges"), "{why}");
         // A checkpoint larger than the node takes.
-        let why = fails("prepare for a huge checkpoint", async || {
-            target
-                .prepare_target(v1::PrepareTargetRequest {
-                    migration_uid: uid.clone(),
-                    pod: Some(pod.clone()),
-                    expected_bytes: MAX_ARCHIVE_BYTES * 2,
-                    rxe: None,
-                })
-                .await
-                .map(|r| r.into_inner())
-                .map_err(|s| s.to_string())
-        })
+        let why = fails(
+            &mut target,
+            Step::PrepareTarget,
+            &StepArgs {
+                migration_uid: uid.clone(),
+                pod: pod.clone(),
+                expected_bytes: MAX_ARCHIVE_BYTES * 2,
+                rxe: None,
+                ..Default::default()
+            },
+        )
         .await?;
         ensure!(why.contains("limit"), "{why}");
         ensure!(!w.stored(1).contains(&uid), "a refused prepare left data");
         // Checkpointing a container that does not exist fails and leaves nothing behind.
         let mut src = w.operator(0).await?;
-        let why = fails("checkpoint of a missing container", async || {
-            src.checkpoint(v1::CheckpointRequest {
+        let why = fails(
+            &mut src,
+            Step::Checkpoint,
+            &StepArgs {
                 migration_uid: uid.clone(),
-                pod: Some(pod.clone()),
-            })
-            .await
-            .map(|r| r.into_inner())
-            .map_err(|s| s.to_string())
-        })
+                pod: pod.clone(),
+                ..Default::default()
+            },
+        )
         .await?;
         ensure!(why.contains("0123"), "{why}");
         // Without runtime IDs the agent looks for the pod's containers, and says so when none run.
         let mut unknown = pod.clone();
         unknown.containers[0].container_id.clear();
-        let why = fails("checkpoint of a pod not on the node", async || {
-            src.checkpoint(v1::CheckpointRequest {
+        let why = fails(
+            &mut src,
+            Step::Checkpoint,
+            &StepArgs {
                 migration_uid: uid.clone(),
-                pod: Some(unknown.clone()),
-            })
-            .await
-            .map(|r| r.into_inner())
-            .map_err(|s| s.to_string())
-        })
+                pod: unknown.clone(),
+                ..Default::default()
+            },
+        )
         .await?;
         ensure!(
             why.contains("no running container app of pod agent-test/p"),
@@ -929,17 +879,26 @@ fn invalid_requests(w: &World) -> Result<()> {
         );
         // Malformed requests are refused before anything runs.
         let bad = src
-            .checkpoint(v1::CheckpointRequest {
-                migration_uid: "../etc".into(),
-                pod: Some(pod.clone()),
-            })
+            .step(
+                Step::Checkpoint,
+                &StepArgs {
+                    migration_uid: "../etc".into(),
+                    pod: pod.clone(),
+                    ..Default::default()
+                },
+            )
             .await;
         ensure!(
             bad.as_ref()
                 .is_err_and(|s| s.code() == tonic::Code::InvalidArgument),
             "{bad:?}"
         );
-        let role = src.abort(step(&uid, Role::Unspecified)).await;
+        let role = src
+            .send(StepRequest::Abort(v1::StepRequest {
+                migration_uid: uid.clone(),
+                role: v1::Role::Unspecified.into(),
+            }))
+            .await;
         ensure!(role.is_err(), "a step without a role was taken");
         Ok(())
     })
@@ -960,30 +919,30 @@ async fn prepared_with_archive(w: &World, uid: &str, name: &str) -> Result<v1::P
         }],
     };
     let mut target = w.operator(1).await?;
-    done("prepare", async || {
-        target
-            .prepare_target(v1::PrepareTargetRequest {
-                migration_uid: uid.into(),
-                pod: Some(pod.clone()),
-                expected_bytes: 1 << 20,
-                rxe: Some(rxe_block()),
-            })
-            .await
-            .map(|r| r.into_inner())
-            .map_err(|s| s.to_string())
-    })
+    done(
+        &mut target,
+        Step::PrepareTarget,
+        &StepArgs {
+            migration_uid: uid.to_string(),
+            pod: pod.clone(),
+            expected_bytes: 1 << 20,
+            rxe: Some(rxe_block()),
+            ..Default::default()
+        },
+    )
     .await?;
     let good = tar_archive(false);
     let mut peer = w.client(1, Some(w.certs.agent()), None).await?;
-    peer.receive(tokio_stream::iter(vec![chunk(
-        uid,
-        0,
-        &good,
-        &digest(&good),
-        good.len() as u64,
-    )]))
-    .await
-    .map_err(|s| format!("receiving: {}", s.message()))?;
+    peer.raw()
+        .receive(tokio_stream::iter(vec![chunk(
+            uid,
+            0,
+            &good,
+            &digest(&good),
+            good.len() as u64,
+        )]))
+        .await
+        .map_err(|s| format!("receiving: {}", s.message()))?;
     Ok(pod)
 }
 
@@ -999,18 +958,17 @@ fn rxe_lock(w: &World) -> Result<()> {
             mrn_start: 2304,
             mrn_count: 256,
         };
-        let stage = |uid: String, pod: v1::PodRef, block: v1::RxeBlock| v1::StageRestoreRequest {
-            migration_uid: uid,
-            pod: Some(pod),
+        let stage = |uid: &str, pod: &v1::PodRef, block: v1::RxeBlock| StepArgs {
+            migration_uid: uid.into(),
+            pod: pod.clone(),
             rxe: Some(block),
+            ..Default::default()
         };
-        done("stage the first", async || {
-            target
-                .stage_restore(stage(first.clone(), pod_a.clone(), rxe_block()))
-                .await
-                .map(|r| r.into_inner())
-                .map_err(|s| s.to_string())
-        })
+        done(
+            &mut target,
+            Step::StageRestore,
+            &stage(&first, &pod_a, rxe_block()),
+        )
         .await?;
         ensure!(
             w.rxe_file(1, "last_qpn") == "1280",
@@ -1019,14 +977,9 @@ fn rxe_lock(w: &World) -> Result<()> {
         );
         // While the first pod has not started, the second restore cannot take the counters.
         let why = fails(
-            "stage the second while the first holds the counters",
-            async || {
-                target
-                    .stage_restore(stage(second.clone(), pod_b.clone(), block_b))
-                    .await
-                    .map(|r| r.into_inner())
-                    .map_err(|s| s.to_string())
-            },
+            &mut target,
+            Step::StageRestore,
+            &stage(&second, &pod_b, block_b),
         )
         .await?;
         ensure!(why.contains(&format!("held by migration {first}")), "{why}");
@@ -1034,21 +987,12 @@ fn rxe_lock(w: &World) -> Result<()> {
             w.rxe_file(1, "last_qpn") == "1280",
             "the refused restore wrote the counters"
         );
-        done("finish the first", async || {
-            target
-                .finish_restore(step(&first, Role::Target))
-                .await
-                .map(|r| r.into_inner())
-                .map_err(|s| s.to_string())
-        })
-        .await?;
-        done("stage the second", async || {
-            target
-                .stage_restore(stage(second.clone(), pod_b.clone(), block_b))
-                .await
-                .map(|r| r.into_inner())
-                .map_err(|s| s.to_string())
-        })
+        done(&mut target, Step::FinishRestore, &StepArgs::of(&first)).await?;
+        done(
+            &mut target,
+            Step::StageRestore,
+            &stage(&second, &pod_b, block_b),
+        )
         .await?;
         ensure!(
             w.rxe_file(1, "last_qpn") == "2048",
@@ -1061,22 +1005,16 @@ fn rxe_lock(w: &World) -> Result<()> {
             w.rxe_file(1, "last_mrn")
         );
         for uid in [&first, &second] {
-            done("cleanup", async || {
-                target
-                    .cleanup(step(uid, Role::Target))
-                    .await
-                    .map(|r| r.into_inner())
-                    .map_err(|s| s.to_string())
-            })
-            .await?;
+            done(&mut target, Step::Cleanup(Role::Target), &StepArgs::of(uid)).await?;
         }
         Ok(())
     })
 }
 
-/// `e2e/raw-recipe.sh`, the baseline of the benchmarks, still works on these nodes.
+/// `e2e/bench/raw-recipe.sh`, the baseline of the benchmarks, still works on these nodes.
 fn raw_recipe(w: &World) -> Result<()> {
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../e2e/raw-recipe.sh");
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../e2e/bench/raw-recipe.sh");
     let out = std::process::Command::new("bash")
         .arg(&script)
         .args(["node-1", "node-2", &w.demo_image])

@@ -10,19 +10,15 @@ use std::{
     time::{Duration, Instant},
 };
 
-use agent_api::{
-    tls::TlsMaterial,
-    v1::{self, agent_client::AgentClient},
-};
-use e2e::{
+use agent_api::{Step, StepArgs, client::Client, tls::TlsMaterial, v1};
+use sandbox::{
     Dirs,
-    fixtures::Certificates,
     nodes::{Node, Nodes},
     registry::Registry,
 };
-use tonic::transport::Channel;
+use testkit::fixtures::Certificates;
 
-pub use e2e::agents::{AGENT_PORT, CHECKPOINT_REPOSITORY};
+pub use sandbox::agents::{AGENT_PORT, CHECKPOINT_REPOSITORY};
 /// The largest archive the test agents accept (small, so that "oversized" is cheap to send).
 pub const MAX_ARCHIVE_BYTES: u64 = 64 << 20;
 /// The rxe ranges the test agents accept.
@@ -56,13 +52,13 @@ impl World {
     pub fn up() -> Result<Self> {
         let dirs = Dirs::from_env();
         // The chart's agents (left by the demo) would hold the agent's ports on the nodes.
-        e2e::release::retire(&dirs).map_err(|e| e.to_string())?;
+        sandbox::release::retire(&dirs).map_err(|e| e.to_string())?;
         let handle = Nodes::new(&dirs);
         let nodes = Nodes::named(&["node-1", "node-2", "node-3"]).map_err(|e| e.to_string())?;
         handle.up(&nodes).map_err(|e| e.to_string())?;
         let registry = Registry::new(&dirs);
         registry.up().map_err(|e| e.to_string())?;
-        let images = e2e::images::ensure(&dirs, &registry).map_err(|e| e.to_string())?;
+        let images = sandbox::images::ensure(&dirs, &registry).map_err(|e| e.to_string())?;
         let demo_image = images
             .get("demo")
             .cloned()
@@ -91,7 +87,7 @@ impl World {
                     world
                         .operator(i)
                         .await?
-                        .capabilities(v1::CapabilitiesRequest {})
+                        .capabilities()
                         .await
                         .map_err(|s| s.to_string())
                 });
@@ -160,7 +156,7 @@ impl World {
         self.handle
             .install(node, Path::new(env!("CARGO_BIN_EXE_migros-ipam")))
             .map_err(|e| e.to_string())?;
-        let options = e2e::agents::AgentOptions {
+        let options = sandbox::agents::AgentOptions {
             args: [
                 "--rxe-qpn-range",
                 &format!("{}-{}", RXE_RANGE.0, RXE_RANGE.1),
@@ -175,7 +171,7 @@ impl World {
             .to_vec(),
             announce: None,
         };
-        e2e::agents::start(
+        sandbox::agents::start(
             &self.handle,
             node,
             Path::new(env!("CARGO_BIN_EXE_node-agent")),
@@ -201,7 +197,7 @@ impl World {
         i: usize,
         tls: Option<TlsMaterial>,
         ca: Option<&str>,
-    ) -> Result<AgentClient<Channel>> {
+    ) -> Result<Client> {
         let mut config = match tls {
             Some(t) => t.client(),
             None => tonic::transport::ClientTlsConfig::new()
@@ -219,11 +215,11 @@ impl World {
                 .connect()
                 .await
                 .map_err(|e| format!("connecting to the agent of {}: {e}", self.nodes[i].name))?;
-        Ok(AgentClient::new(channel).max_decoding_message_size(16 << 20))
+        Ok(Client::new(channel))
     }
 
     /// A client of node `i`'s agent as the operator.
-    pub async fn operator(&self, i: usize) -> Result<AgentClient<Channel>> {
+    pub async fn operator(&self, i: usize) -> Result<Client> {
         self.client(i, Some(self.certs.operator()), None).await
     }
 
@@ -434,7 +430,7 @@ impl Status {
 
 /// Reads the demo's status at `ip:8080` (from the host, over the bridge), within a second.
 pub async fn status(ip: Ipv4Addr) -> Result<Status> {
-    e2e::workload::state(ip)
+    testkit::workload::state(ip)
         .await
         .map(Status)
         .ok_or_else(|| format!("{ip}:8080 did not answer within a second"))
@@ -458,35 +454,43 @@ pub async fn until<T, F: Future<Output = Option<T>>>(
     }
 }
 
-/// Polls an agent step until it leaves RUNNING; fails unless it succeeded.
-pub async fn done(
-    what: &str,
-    mut ask: impl AsyncFnMut() -> Result<v1::Operation>,
-) -> Result<v1::Operation> {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let op = ask().await?;
-        match op.state() {
-            v1::State::Succeeded => return Ok(op),
-            v1::State::Failed => return Err(format!("{what} failed: {}", op.message)),
-            _ if Instant::now() > deadline => return Err(format!("{what} still runs after 120 s")),
-            _ => tokio::time::sleep(Duration::from_millis(50)).await,
-        }
+/// Asks `agent` for `step` of the migration in `args` until it leaves RUNNING; fails unless it
+/// succeeded.
+pub async fn done(agent: &mut Client, step: Step, args: &StepArgs) -> Result<v1::Operation> {
+    let op = settled(agent, step, args, Duration::from_secs(120)).await?;
+    match op.state() {
+        v1::State::Succeeded => Ok(op),
+        _ => Err(format!("{step} failed: {}", op.message)),
     }
 }
 
 /// Like [`done`], but expects the step to fail; returns its message.
-pub async fn fails(
-    what: &str,
-    mut ask: impl AsyncFnMut() -> Result<v1::Operation>,
-) -> Result<String> {
-    let deadline = Instant::now() + Duration::from_secs(60);
+pub async fn fails(agent: &mut Client, step: Step, args: &StepArgs) -> Result<String> {
+    let op = settled(agent, step, args, Duration::from_secs(60)).await?;
+    match op.state() {
+        v1::State::Failed => Ok(op.message),
+        _ => Err(format!("{step} succeeded, it should have failed")),
+    }
+}
+
+/// Asks for the step until it succeeded or failed.
+async fn settled(
+    agent: &mut Client,
+    step: Step,
+    args: &StepArgs,
+    timeout: Duration,
+) -> Result<v1::Operation> {
+    let deadline = Instant::now() + timeout;
     loop {
-        let op = ask().await?;
+        let op = agent
+            .step(step, args)
+            .await
+            .map_err(|s| format!("{step}: {}", s.message()))?;
         match op.state() {
-            v1::State::Failed => return Ok(op.message),
-            v1::State::Succeeded => return Err(format!("{what} succeeded, it should have failed")),
-            _ if Instant::now() > deadline => return Err(format!("{what} still runs after 60 s")),
+            v1::State::Succeeded | v1::State::Failed => return Ok(op),
+            _ if Instant::now() > deadline => {
+                return Err(format!("{step} still runs after {timeout:?}"));
+            }
             _ => tokio::time::sleep(Duration::from_millis(50)).await,
         }
     }

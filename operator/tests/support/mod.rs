@@ -10,11 +10,6 @@ use std::{
 };
 
 use crds::{Phase, PodMigration};
-use e2e::{
-    fixtures::{self, ApiNode, Certificates},
-    harness,
-    testagent::TestAgent,
-};
 use k8s_openapi::api::core::v1::Pod;
 use kube::{
     Api, Client, ResourceExt,
@@ -22,6 +17,11 @@ use kube::{
     runtime::wait::await_condition,
 };
 use serde_json::json;
+use testkit::{
+    fixtures::{self, ApiNode, Certificates},
+    harness,
+    testagent::TestAgent,
+};
 
 /// The operator binary of this workspace.
 pub const OPERATOR: &str = env!("CARGO_BIN_EXE_operator");
@@ -145,7 +145,7 @@ fn free_port() -> SocketAddr {
         .expect("a free port")
 }
 
-pub use e2e::harness::eventually;
+pub use testkit::harness::eventually;
 
 /// Three API nodes with a test agent each, certificates, and the kubelet stand-in for
 /// replacement pods.

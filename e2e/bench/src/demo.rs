@@ -1,0 +1,272 @@
+//! The live demo (`cargo run -p e2e -- demo`): brings up the sandbox cluster, installs kube-migros
+//! with its Helm chart (images built from this workspace: the operator Deployment and the node-agent
+//! DaemonSet), starts the demo workload with a peer streaming to it over TCP from another node, and moves it node-1 -> node-2
+//! -> node-3 by `kubectl apply` of PodMigrations, printing a timeline of each move and the
+//! workload's state, IP and peer connection before and after.
+
+use std::{
+    net::Ipv4Addr,
+    path::PathBuf,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use crds::{Phase, PodMigration};
+use k8s_openapi::api::core::v1::Pod;
+use kube::{Api, api::PostParams};
+
+use sandbox::{Dirs, cluster, controlplane::Env, install, registry::Registry, release};
+use testkit::workload::{self, State, node_of, num};
+
+/// The demo's namespace (made anew by every run).
+pub const NAMESPACE: &str = "kube-migros-demo";
+
+fn say(line: impl AsRef<str>) {
+    eprintln!("{}", line.as_ref());
+}
+
+fn show(s: &State) -> String {
+    let get = |k: &str| s.get(k).cloned().unwrap_or_default();
+    format!(
+        "process {} counter {} received {} B on {} connection(s), records lost or repeated: {}",
+        get("id"),
+        get("counter"),
+        get("received"),
+        get("conns"),
+        get("gaps")
+    )
+}
+
+async fn running_pod(pods: &Api<Pod>, name: &str, not_uid: Option<String>) -> anyhow::Result<Pod> {
+    workload::until(
+        &format!("pod {name} to run"),
+        Duration::from_secs(120),
+        || workload::running(pods, name, not_uid.as_deref()),
+    )
+    .await
+}
+
+fn pod_ip(pod: &Pod) -> anyhow::Result<Ipv4Addr> {
+    workload::ip_of(pod).context("the pod has no IP")
+}
+
+fn kubectl(env: &Env, args: &[&str]) -> anyhow::Result<()> {
+    let status = Command::new(env.kubectl())
+        .arg("--kubeconfig")
+        .arg(&env.kubeconfig)
+        .args(args)
+        .status()
+        .with_context(|| format!("running {}", env.kubectl().display()))?;
+    if !status.success() {
+        bail!("kubectl {} failed ({status})", args.join(" "));
+    }
+    Ok(())
+}
+
+/// Runs the demo.
+pub async fn run(dirs: &Dirs) -> anyhow::Result<()> {
+    let started = Instant::now();
+    say(
+        "==> the sandbox cluster: Kubernetes control plane, three nodes (kubelet, containerd, runc, CRIU), registry",
+    );
+    say(
+        "    (the first run builds Kubernetes and the node image: several minutes; later runs take seconds)",
+    );
+    let cluster = cluster::up(dirs).await?;
+    let env = cluster.env.clone();
+    let client = env.client().await?;
+    say(format!(
+        "    ready after {:.1} s",
+        started.elapsed().as_secs_f64()
+    ));
+    install::apply_chart_crds(&client).await?;
+    workload::fresh_namespace(&client, NAMESPACE).await?;
+
+    say("==> kube-migros: images of the operator and the node agent built from this checkout,");
+    say("    pushed to the sandbox registry, installed with Helm (charts/kube-migros)");
+    let log_dir = dirs.state.join("demo");
+    std::fs::create_dir_all(&log_dir)?;
+    let registry = Registry::new(dirs);
+    let images = release::ensure_images(dirs, &registry)?;
+    let installing = Instant::now();
+    release::install(dirs, &env, &images, &registry, &[])?;
+    release::wait_rolled_out(&client, Duration::from_secs(300)).await?;
+    workload::until(
+        "the agents to announce themselves",
+        Duration::from_secs(60),
+        || async {
+            workload::agents_announced(&client, release::NAMESPACE, cluster.nodes.len())
+                .await
+                .then_some(())
+        },
+    )
+    .await?;
+    say(format!(
+        "    helm upgrade --install {} charts/kube-migros -n {}: 2 operator replicas, {} agents ready ({:.1} s)",
+        release::RELEASE,
+        release::NAMESPACE,
+        cluster.nodes.len(),
+        installing.elapsed().as_secs_f64()
+    ));
+
+    say(
+        "==> the workload: the demo program on node-1 (an RDMA pod: it asks for an rdma/rxe device),",
+    );
+    say("    and a peer on node-3 streaming numbered records to it over one TCP connection");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NAMESPACE);
+    let demo = cluster.images.get("demo").context("no demo image")?;
+    let app = workload::pod(
+        demo,
+        "app",
+        "node-1",
+        serde_json::json!([
+            "serve", "--status", ":8080", "--listen", ":9000", "--touch", "16Mi"
+        ]),
+        serde_json::json!({"migros.io/migratable": "true", "migros.io/rdma": "true"}),
+        serde_json::json!({"rdma/rxe": "1"}),
+    );
+    pods.create(&PostParams::default(), &app).await?;
+    let mut current = running_pod(&pods, "app", None).await?;
+    let ip = pod_ip(&current)?;
+    let peer = workload::pod(
+        demo,
+        "peer",
+        "node-3",
+        serde_json::json!(["stream", "--to", format!("{ip}:9000"), "--status", ":8080"]),
+        serde_json::json!({}),
+        serde_json::json!({}),
+    );
+    pods.create(&PostParams::default(), &peer).await?;
+    let mut before = workload::until(
+        "the workload to receive the peer's stream",
+        Duration::from_secs(60),
+        || async move { workload::state(ip).await.filter(|s| num(s, "received") > 0) },
+    )
+    .await?;
+    say(format!(
+        "    app runs on node-1 with IP {ip}: {}",
+        show(&before)
+    ));
+
+    let pms: Api<PodMigration> = Api::namespaced(client.clone(), NAMESPACE);
+    for (name, target) in [("move-1", "node-2"), ("move-2", "node-3")] {
+        let from = node_of(&current);
+        let manifest = workload::migration_manifest(
+            NAMESPACE,
+            name,
+            "app",
+            Some(target),
+            "  compression: Zstd\n",
+        );
+        let path: PathBuf = log_dir.join(format!("{name}.yaml"));
+        say(format!(
+            "\n==> kubectl apply -f {}   (app: {from} -> {target})",
+            path.display()
+        ));
+        eprint!("{}", workload::kubectl_apply(&env, &path, &manifest)?);
+        let applied = Instant::now();
+        let mut seen: Option<Phase> = None;
+        let done = loop {
+            let pm = pms.get(name).await?;
+            let status = pm.status.clone().unwrap_or_default();
+            if status.phase != seen {
+                seen = status.phase;
+                let progress = status
+                    .progress
+                    .map(|p| format!(" ({} of {} bytes)", p.bytes_transferred, p.bytes_total))
+                    .unwrap_or_default();
+                say(format!(
+                    "    +{:>6.2} s  {:<13} {}{progress}",
+                    applied.elapsed().as_secs_f64(),
+                    seen.map(|p| format!("{p:?}")).unwrap_or_default(),
+                    status.message.clone().unwrap_or_default()
+                ));
+            }
+            if seen.is_some_and(|p| p.is_final()) {
+                break pm;
+            }
+            if applied.elapsed() > Duration::from_secs(300) {
+                bail!("{name} did not end within 5 minutes");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let status = done.status.clone().unwrap_or_default();
+        if status.phase != Some(Phase::Succeeded) {
+            for component in ["operator", "agent"] {
+                say(format!("--- logs of the {component} pods:"));
+                let selector = format!("app.kubernetes.io/component={component}");
+                let _ = kubectl(
+                    &env,
+                    &[
+                        "logs",
+                        "-n",
+                        release::NAMESPACE,
+                        "-l",
+                        &selector,
+                        "--prefix",
+                        "--tail",
+                        "20",
+                    ],
+                );
+            }
+            bail!(
+                "{name} ended {:?}: {}",
+                status.phase,
+                status.message.unwrap_or_default()
+            );
+        }
+        kubectl(&env, &["get", "pm", name, "-n", NAMESPACE])?;
+        let moved = running_pod(&pods, "app", current.metadata.uid.clone()).await?;
+        let received = num(&before, "received");
+        let after = workload::until(
+            "the peer's stream to go on",
+            Duration::from_secs(60),
+            || async move {
+                workload::state(ip)
+                    .await
+                    .filter(|s| num(s, "received") > received + 64 * 20)
+            },
+        )
+        .await?;
+        let t = status.timings.unwrap_or_default();
+        let ms = |v: Option<i64>| v.map(|v| format!("{v} ms")).unwrap_or_else(|| "-".into());
+        say(format!(
+            "    timings: checkpoint {}, transfer {}, restore {}; downtime {}; checkpoint {} bytes",
+            ms(t.checkpoint_ms),
+            ms(t.transfer_ms),
+            ms(t.restore_ms),
+            ms(t.downtime_ms),
+            status.checkpoint.map(|c| c.bytes).unwrap_or_default()
+        ));
+        say(format!("    before: on {from}, IP {ip}, {}", show(&before)));
+        say(format!(
+            "    after:  on {}, IP {}, {}",
+            node_of(&moved),
+            pod_ip(&moved)?,
+            show(&after)
+        ));
+        say(format!(
+            "    same process: {}; IP kept: {}; the peer's longest pause so far: {} ms",
+            if after.get("id") == before.get("id") {
+                "yes"
+            } else {
+                "NO"
+            },
+            if pod_ip(&moved)? == ip { "yes" } else { "NO" },
+            after.get("maxgap_ms").cloned().unwrap_or_default()
+        ));
+        current = moved;
+        before = after;
+    }
+
+    say(format!(
+        "\nDone in {:.0} s. The cluster and kube-migros stay up:\n\
+         eval \"$(cargo run -q -p e2e -- control-plane env)\"; kubectl get pm,pods -n {NAMESPACE} -o wide\n\
+         kubectl get pods -n {} -o wide          # the operator replicas and the agents\n\
+         cargo run -p e2e -- cluster down     # stops everything and removes its state",
+        started.elapsed().as_secs_f64(),
+        release::NAMESPACE
+    ));
+    Ok(())
+}

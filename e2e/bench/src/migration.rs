@@ -1,0 +1,367 @@
+//! kube-migros moving the demo workload, as users run it: the chart installed from images built
+//! here, an RDMA pod touching a given amount of memory on node-1 with a peer on node-3 streaming to
+//! it, a PodMigration to node-2. Phases are taken from watch events of the PodMigration and the
+//! pods, timed on arrival; an outside client probes the workload's status port all along.
+
+use std::{
+    collections::BTreeMap,
+    net::Ipv4Addr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use crds::{Phase, PodMigration};
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::core::v1::Pod;
+use kube::{
+    Api, Client, ResourceExt,
+    api::{DeleteParams, PostParams},
+    runtime::watcher,
+};
+use tokio::io::AsyncReadExt;
+
+use sandbox::{Dirs, cluster, install, registry::Registry, release};
+use testkit::workload::{self, num};
+
+use crate::{MigrationRun, Options, TransferRuns};
+
+/// The phases of a migration, in order, as measured here:
+/// - `prepare`: apply until Checkpointing (checks, target choice, rxe block, target agent prepared);
+/// - `checkpoint`: Checkpointing until Transferring (IP blocked, paused, CRI checkpoint);
+/// - `transfer`: Transferring until Restoring (the stream, the target's checks, unpack, staging of
+///   the checkpoint image: pack, push to the registry, pull into the node's runtime);
+/// - `commit`: Restoring until the source pod is being deleted (target staged, rxe counters and IP
+///   reservation set: the commit point);
+/// - `source teardown`: until the source pod is gone;
+/// - `pod creation`: until the replacement pod exists;
+/// - `restore`: until the replacement runs (scheduling is skipped: it names its node; the kubelet
+///   restores it from the checkpoint image);
+/// - `running`: until the PodMigration is Succeeded (the operator sees it run, unblocks the IP).
+pub const PHASES: [&str; 8] = [
+    "prepare",
+    "checkpoint",
+    "transfer",
+    "commit",
+    "source teardown",
+    "pod creation",
+    "restore",
+    "running",
+];
+
+const NAMESPACE: &str = "kube-migros-bench";
+
+/// Times of what the watches saw, from the apply.
+#[derive(Debug, Default)]
+struct Seen {
+    phases: BTreeMap<String, f64>,
+    source_deleting: Option<f64>,
+    source_gone: Option<f64>,
+    replacement_created: Option<f64>,
+    replacement_running: Option<f64>,
+}
+
+/// Runs `options.runs` migrations per size; returns the runs per size.
+pub async fn run(
+    dirs: &Dirs,
+    options: &Options,
+) -> anyhow::Result<BTreeMap<String, Vec<MigrationRun>>> {
+    let cluster = cluster::up(dirs).await?;
+    let env = cluster.env.clone();
+    let client = env.client().await?;
+    // Agents that tests ran as processes in the nodes would hold the agent's ports.
+    if !release::installed(dirs, &env) {
+        for node in &cluster.nodes {
+            sandbox::nodes::Nodes::new(dirs).stop_all(node, "node-agent")?;
+        }
+    }
+    install::apply_chart_crds(&client).await?;
+    let registry = Registry::new(dirs);
+    let images = release::ensure_images(dirs, &registry)?;
+    release::install(dirs, &env, &images, &registry, &[])?;
+    release::wait_rolled_out(&client, Duration::from_secs(300)).await?;
+    workload::fresh_namespace(&client, NAMESPACE).await?;
+    let demo = cluster.images.get("demo").context("no demo image")?.clone();
+    let mut all = BTreeMap::new();
+    for size in &options.sizes {
+        let mut runs = Vec::new();
+        for i in 0..options.runs {
+            let run = one(&client, &env, &demo, size, i)
+                .await
+                .with_context(|| format!("migration {} of the {size} workload", i + 1))?;
+            eprintln!(
+                "bench: {size} #{}: total {:.0} ms, downtime {:.0} ms, client gap {:.0} ms, {} bytes",
+                i + 1,
+                run.total_ms,
+                run.downtime_ms,
+                run.client_gap_ms,
+                run.checkpoint_bytes
+            );
+            runs.push(run);
+        }
+        all.insert(size.clone(), runs);
+    }
+    Ok(all)
+}
+
+/// The agents' transfer throughput (checkpoint bytes over the transfer phase) of the size whose
+/// archive is closest to the one the other methods moved.
+pub fn add_agent_throughput(
+    transfer: &mut TransferRuns,
+    migrations: &BTreeMap<String, Vec<MigrationRun>>,
+) {
+    let closest = migrations
+        .values()
+        .filter(|runs| !runs.is_empty())
+        .min_by_key(|runs| runs[0].checkpoint_bytes.abs_diff(transfer.bytes));
+    if let Some(runs) = closest {
+        let values = runs
+            .iter()
+            .filter_map(|r| {
+                let ms = *r.phases.get("transfer")?;
+                (ms > 0.0).then(|| r.checkpoint_bytes as f64 / 1e6 / (ms / 1000.0))
+            })
+            .collect();
+        transfer.mb_per_s.insert("agent".into(), values);
+    }
+}
+
+/// One status line of the workload within `timeout`, or `None`.
+async fn probe(ip: Ipv4Addr, timeout: Duration) -> Option<String> {
+    tokio::time::timeout(timeout, async {
+        let mut s = tokio::net::TcpStream::connect((ip, 8080)).await.ok()?;
+        let mut line = String::new();
+        s.read_to_string(&mut line).await.ok()?;
+        (!line.is_empty()).then_some(line)
+    })
+    .await
+    .ok()
+    .flatten()
+}
+
+/// Probes the workload until `stop`; returns the longest stretch without an answer, in ms.
+async fn client_gap(ip: Ipv4Addr, stop: Arc<AtomicBool>) -> f64 {
+    let mut last_answer = Instant::now();
+    let mut longest = Duration::ZERO;
+    while !stop.load(Ordering::Relaxed) {
+        if probe(ip, Duration::from_millis(50)).await.is_some() {
+            let now = Instant::now();
+            longest = longest.max(now - last_answer);
+            last_answer = now;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    longest.as_secs_f64() * 1000.0
+}
+
+async fn one(
+    client: &Client,
+    env: &sandbox::controlplane::Env,
+    demo: &str,
+    size: &str,
+    index: usize,
+) -> anyhow::Result<MigrationRun> {
+    let suffix = format!("{}-{index}", size.to_lowercase());
+    let (app_name, peer_name, pm_name) = (
+        format!("app-{suffix}"),
+        format!("peer-{suffix}"),
+        format!("move-{suffix}"),
+    );
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NAMESPACE);
+    let app = workload::pod(
+        demo,
+        &app_name,
+        "node-1",
+        serde_json::json!([
+            "serve", "--status", ":8080", "--listen", ":9000", "--touch", size
+        ]),
+        serde_json::json!({"migros.io/migratable": "true", "migros.io/rdma": "true"}),
+        serde_json::json!({"rdma/rxe": "1"}),
+    );
+    pods.create(&PostParams::default(), &app).await?;
+    let source = workload::until("the workload to run", Duration::from_secs(180), || {
+        workload::running(&pods, &app_name, None)
+    })
+    .await?;
+    let source_uid = source.uid().unwrap_or_default();
+    let ip = workload::ip_of(&source).context("no pod IP")?;
+    let peer = workload::pod(
+        demo,
+        &peer_name,
+        "node-3",
+        serde_json::json!(["stream", "--to", format!("{ip}:9000"), "--status", ":8080"]),
+        serde_json::json!({}),
+        serde_json::json!({}),
+    );
+    pods.create(&PostParams::default(), &peer).await?;
+    let before = workload::until(
+        "the peer's stream",
+        Duration::from_secs(120),
+        || async move {
+            workload::state(ip)
+                .await
+                .filter(|s| num(s, "received") > 64 * 50)
+        },
+    )
+    .await?;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let prober = tokio::spawn(client_gap(ip, stop.clone()));
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let pms: Api<PodMigration> = Api::namespaced(client.clone(), NAMESPACE);
+    let started = Instant::now();
+    let pod_watch = {
+        let (seen, pods, app_name, source_uid) = (
+            seen.clone(),
+            pods.clone(),
+            app_name.clone(),
+            source_uid.clone(),
+        );
+        tokio::spawn(async move {
+            let config = watcher::Config::default().fields(&format!("metadata.name={app_name}"));
+            let mut events = watcher(pods, config).boxed();
+            while let Ok(Some(event)) = events.try_next().await {
+                let at = started.elapsed().as_secs_f64() * 1000.0;
+                let mut s = seen.lock().unwrap_or_else(|e| e.into_inner());
+                match event {
+                    watcher::Event::Apply(p) | watcher::Event::InitApply(p) => {
+                        let uid = p.uid().unwrap_or_default();
+                        if uid == source_uid {
+                            if p.metadata.deletion_timestamp.is_some() {
+                                s.source_deleting.get_or_insert(at);
+                            }
+                        } else {
+                            s.source_gone.get_or_insert(at);
+                            s.replacement_created.get_or_insert(at);
+                            let running = p.status.as_ref().and_then(|st| st.phase.as_deref())
+                                == Some("Running");
+                            if running {
+                                s.replacement_running.get_or_insert(at);
+                            }
+                        }
+                    }
+                    watcher::Event::Delete(p)
+                        if p.uid().as_deref() == Some(source_uid.as_str()) =>
+                    {
+                        s.source_deleting.get_or_insert(at);
+                        s.source_gone.get_or_insert(at);
+                    }
+                    _ => {}
+                }
+            }
+        })
+    };
+    let manifest = workload::migration_manifest(
+        NAMESPACE,
+        &pm_name,
+        &app_name,
+        Some("node-2"),
+        "  compression: Zstd\n",
+    );
+    let path = std::env::temp_dir().join(format!("kube-migros-bench-{pm_name}.yaml"));
+    workload::kubectl_apply(env, &path, &manifest)?;
+    let config = watcher::Config::default().fields(&format!("metadata.name={pm_name}"));
+    let mut events = watcher(pms.clone(), config).boxed();
+    let deadline = Duration::from_secs(600);
+    let done = loop {
+        let next = tokio::time::timeout(
+            deadline.saturating_sub(started.elapsed()),
+            events.try_next(),
+        )
+        .await
+        .context("the migration did not end in 10 minutes")??;
+        let Some(event) = next else {
+            bail!("the watch ended")
+        };
+        let at = started.elapsed().as_secs_f64() * 1000.0;
+        let (watcher::Event::Apply(pm) | watcher::Event::InitApply(pm)) = event else {
+            continue;
+        };
+        let Some(phase) = pm.status.as_ref().and_then(|s| s.phase) else {
+            continue;
+        };
+        seen.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .phases
+            .entry(format!("{phase:?}"))
+            .or_insert(at);
+        if phase.is_final() {
+            break pm;
+        }
+    };
+    let status = done.status.clone().unwrap_or_default();
+    if status.phase != Some(Phase::Succeeded) {
+        bail!(
+            "{pm_name} ended {:?}: {}",
+            status.phase,
+            status.message.unwrap_or_default()
+        );
+    }
+    // The workload answers again and the stream went on.
+    let (counter, received) = (num(&before, "counter"), num(&before, "received"));
+    let after = workload::until(
+        "the workload after the move",
+        Duration::from_secs(120),
+        || async move {
+            workload::state(ip)
+                .await
+                .filter(|s| num(s, "counter") > counter && num(s, "received") > received)
+        },
+    )
+    .await?;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop.store(true, Ordering::Relaxed);
+    let client_gap_ms = prober.await.unwrap_or(f64::NAN);
+    pod_watch.abort();
+    let s = std::mem::take(&mut *seen.lock().unwrap_or_else(|e| e.into_inner()));
+    let at = |phase: &str| s.phases.get(phase).copied();
+    let marks = [
+        Some(0.0),
+        at("Checkpointing"),
+        at("Transferring"),
+        at("Restoring"),
+        s.source_deleting,
+        s.source_gone,
+        s.replacement_created,
+        s.replacement_running,
+        at("Succeeded"),
+    ];
+    let mut phases = BTreeMap::new();
+    for (i, name) in PHASES.iter().enumerate() {
+        if let (Some(a), Some(b)) = (marks[i], marks[i + 1]) {
+            phases.insert((*name).to_string(), (b - a).max(0.0));
+        }
+    }
+    let run = MigrationRun {
+        checkpoint_bytes: status.checkpoint.map(|c| c.bytes).unwrap_or_default() as u64,
+        total_ms: at("Succeeded").unwrap_or(f64::NAN),
+        downtime_ms: status
+            .timings
+            .and_then(|t| t.downtime_ms)
+            .map_or(f64::NAN, |d| d as f64),
+        client_gap_ms,
+        stream_gap_ms: num(&after, "maxgap_ms") as f64,
+        phases,
+    };
+    // Clean up: the PodMigration (the operator lifts its finalizer), the pods.
+    pms.delete(&pm_name, &DeleteParams::default()).await?;
+    for name in [&app_name, &peer_name] {
+        pods.delete(name, &DeleteParams::default().grace_period(0))
+            .await?;
+    }
+    workload::until(
+        "the run's objects to go",
+        Duration::from_secs(120),
+        || async {
+            let pm_gone = pms.get_opt(&pm_name).await.ok()?.is_none();
+            let app_gone = pods.get_opt(&app_name).await.ok()?.is_none();
+            let peer_gone = pods.get_opt(&peer_name).await.ok()?.is_none();
+            (pm_gone && app_gone && peer_gone).then_some(())
+        },
+    )
+    .await?;
+    Ok(run)
+}

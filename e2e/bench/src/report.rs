@@ -1,0 +1,734 @@
+//! `docs/benchmarks.md` and `docs/benchmarks.svg` from the measured results (pure functions of the
+//! JSON document, so that a reader can regenerate or check them).
+
+use std::{collections::BTreeMap, fmt::Write as _};
+
+use crate::{
+    Document, MigrationRun, RawRun, Results, ScaleRun,
+    migration::PHASES,
+    stats::{Summary, ratio},
+};
+
+fn summary(values: impl IntoIterator<Item = f64>) -> Option<Summary> {
+    Summary::of(&values.into_iter().collect::<Vec<_>>())
+}
+
+fn show(s: Option<Summary>, scale: f64, decimals: usize) -> String {
+    s.map(|s| {
+        Summary {
+            median: s.median * scale,
+            min: s.min * scale,
+            max: s.max * scale,
+            n: s.n,
+        }
+        .show(decimals)
+    })
+    .unwrap_or_else(|| "-".into())
+}
+
+fn times(r: Option<f64>) -> String {
+    r.map(|r| format!("{r:.2}x")).unwrap_or_else(|| "-".into())
+}
+
+/// Sizes in the order of their bytes ("16Mi" < "256Mi" < "1Gi").
+fn ordered<T>(map: &std::collections::BTreeMap<String, T>) -> Vec<(&String, &T)> {
+    let mut v: Vec<_> = map.iter().collect();
+    v.sort_by_key(|(k, _)| bytes_of(k));
+    v
+}
+
+/// `16Mi` -> 16 MiB in bytes (0 when not a size).
+pub fn bytes_of(size: &str) -> u64 {
+    let (digits, unit) = size.split_at(
+        size.find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(size.len()),
+    );
+    let n: u64 = digits.parse().unwrap_or(0);
+    n * match unit {
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        _ => 1,
+    }
+}
+
+/// The phases from the freeze (checkpoint) until the replacement runs: all but the first
+/// (prepare) and the last (the operator seeing it run).
+fn frozen() -> &'static [&'static str] {
+    &PHASES[1..PHASES.len() - 1]
+}
+
+/// Downtime as the watches saw it: the sum of the frozen phases (the operator's own figure in the
+/// status takes the container's start time, which has second resolution).
+pub fn downtime(run: &MigrationRun) -> f64 {
+    let phases: Option<Vec<f64>> = frozen()
+        .iter()
+        .map(|p| run.phases.get(*p).copied())
+        .collect();
+    phases.map_or(run.downtime_ms, |v| v.iter().sum())
+}
+
+fn phase(runs: &[MigrationRun], name: &str) -> Option<Summary> {
+    summary(runs.iter().filter_map(|r| r.phases.get(name).copied()))
+}
+
+/// The headline numbers of one result set, for the summary table and the comparison.
+struct Headline {
+    size: String,
+    total: Option<Summary>,
+    downtime: Option<Summary>,
+    raw_downtime: Option<Summary>,
+}
+
+fn headline(r: &Results, size: &str) -> Headline {
+    let runs = r.migrations.get(size).map(Vec::as_slice).unwrap_or(&[]);
+    let raw = r.raw.get(size).map(Vec::as_slice).unwrap_or(&[]);
+    Headline {
+        size: size.into(),
+        total: summary(runs.iter().map(|m| m.total_ms)),
+        downtime: summary(runs.iter().map(downtime)),
+        raw_downtime: summary(raw.iter().map(|r| r.downtime_ms())),
+    }
+}
+
+/// The template of the document (`e2e/bench/report.md`): prose with `{{name}}` slots, in sections.
+const TEMPLATE: &str = include_str!("../report.md");
+
+/// A markdown table: a header row and rows of cells.
+#[derive(Debug, Default)]
+struct Table {
+    header: Vec<String>,
+    rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    fn new(header: &[&str]) -> Self {
+        Self {
+            header: header.iter().map(|h| h.to_string()).collect(),
+            rows: Vec::new(),
+        }
+    }
+
+    fn row(&mut self, cells: Vec<String>) {
+        self.rows.push(cells);
+    }
+}
+
+impl std::fmt::Display for Table {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "| {} |", self.header.join(" | "))?;
+        writeln!(f, "|{}", "---|".repeat(self.header.len()))?;
+        for row in &self.rows {
+            writeln!(f, "| {} |", row.join(" | "))?;
+        }
+        Ok(())
+    }
+}
+
+/// The values of a section's slots.
+type Slots = Vec<(&'static str, String)>;
+
+/// Section `name` of the template with its slots filled.
+fn section(name: &str, slots: &Slots) -> String {
+    let marker = format!("<!-- section {name} -->\n");
+    let text = TEMPLATE
+        .split_once(&marker)
+        .map(|(_, rest)| rest.split("<!-- section ").next().unwrap_or(rest))
+        .unwrap_or_default();
+    let mut out = text.to_string();
+    for (slot, value) in slots {
+        out = out.replace(&format!("{{{{{slot}}}}}"), value.trim_end());
+    }
+    out
+}
+
+/// What the sections need to know of one result set.
+struct Context<'a> {
+    r: &'a Results,
+    smallest: String,
+    middle: String,
+    rate: BTreeMap<&'static str, Option<Summary>>,
+    thousand: Option<&'a ScaleRun>,
+}
+
+impl<'a> Context<'a> {
+    fn new(r: &'a Results) -> Self {
+        let sizes: Vec<&String> = ordered(&r.migrations).into_iter().map(|(k, _)| k).collect();
+        let transfer = r.transfer.clone().unwrap_or_default();
+        let rate = ["agent", "tcp pipe", "scp", "memory copy"]
+            .into_iter()
+            .map(|m| {
+                let runs = transfer.mb_per_s.get(m).cloned().unwrap_or_default();
+                (m, summary(runs))
+            })
+            .collect();
+        Self {
+            r,
+            smallest: sizes.first().map_or("16Mi".into(), |s| s.to_string()),
+            middle: sizes
+                .get(sizes.len() / 2)
+                .map_or("256Mi".into(), |s| s.to_string()),
+            rate,
+            thousand: r.scale.iter().find(|s| s.migrations == 1000),
+        }
+    }
+
+    fn runs(&self, size: &str) -> &'a [MigrationRun] {
+        self.r
+            .migrations
+            .get(size)
+            .map(Vec::as_slice)
+            .unwrap_or(&[])
+    }
+
+    fn rate(&self, method: &str) -> Option<Summary> {
+        self.rate.get(method).copied().flatten()
+    }
+}
+
+/// The document for result set `label` (others in `doc` appear in the before/after section).
+pub fn markdown(doc: &Document, label: &str) -> String {
+    let Some(r) = doc.get(label) else {
+        return "# Benchmarks\n\nNo results.\n".into();
+    };
+    let c = Context::new(r);
+    let header = vec![
+        ("label", label.to_string()),
+        ("started", r.started.clone()),
+        ("commit", r.commit.clone()),
+        ("machine", r.machine.clone()),
+        ("targets", targets(&c).to_string()),
+    ];
+    let mut md = section("header", &header);
+    let others: Vec<&Results> = doc.values().filter(|o| o.label != label).collect();
+    let parts = [
+        ("migrations", !r.migrations.is_empty(), migrations(&c)),
+        ("raw", !r.raw.is_empty(), raw(&c)),
+        ("transfer", r.transfer.is_some(), transfer(&c)),
+        ("scale", !r.scale.is_empty(), scale(&c)),
+        ("time", !r.migrations.is_empty(), time(&c)),
+        ("missed", true, missed(&c)),
+        ("comparison", !others.is_empty(), comparison(&others, r)),
+    ];
+    for (name, measured, slots) in parts {
+        if measured {
+            md.push_str(&section(name, &slots));
+        }
+    }
+    md.trim_end().to_string() + "\n"
+}
+
+fn targets(c: &Context<'_>) -> Table {
+    let met = |ok: Option<bool>| match ok {
+        Some(true) => "yes",
+        Some(false) => "**no**",
+        None => "not measured",
+    };
+    let small = c.runs(&c.smallest);
+    let client_gap = summary(small.iter().map(|m| m.client_gap_ms));
+    let stream_gap = summary(small.iter().map(|m| m.stream_gap_ms));
+    let mid = headline(c.r, &c.middle);
+    let dt_ratio = ratio(mid.downtime, mid.raw_downtime);
+    let (agent, pipe, scp) = (c.rate("agent"), c.rate("tcp pipe"), c.rate("scp"));
+    let (vs_pipe, vs_scp) = (ratio(agent, pipe), ratio(agent, scp));
+    let mut t = Table::new(&["target", "measured", "met"]);
+    t.row(vec![
+        format!("gap a client of the workload sees per hop at {}: at most 0.3 s", c.smallest),
+        format!(
+            "{} s (client polling the pod's status port); the peer's stream as the workload's clock saw it: {} s",
+            show(client_gap, 0.001, 2),
+            show(stream_gap, 0.001, 2)
+        ),
+        met(client_gap.map(|g| g.median <= 300.0)).into(),
+    ]);
+    t.row(vec![
+        format!("downtime at {}: at most 1.5x the raw recipe's", c.middle),
+        format!(
+            "{} s vs {} s: {}",
+            show(mid.downtime, 0.001, 2),
+            show(mid.raw_downtime, 0.001, 2),
+            times(dt_ratio)
+        ),
+        met(dt_ratio.map(|x| x <= 1.5)).into(),
+    ]);
+    t.row(vec![
+        "agent transfer: at least 0.9x a plain TCP pipe and 3x scp".into(),
+        format!(
+            "{} MB/s: {} the pipe, {} scp",
+            show(agent, 1.0, 0),
+            times(vs_pipe),
+            times(vs_scp)
+        ),
+        met(vs_pipe.zip(vs_scp).map(|(p, s)| p >= 0.9 && s >= 3.0)).into(),
+    ]);
+    t.row(vec![
+        "1000 PodMigrations with instant agents: all final within 60 s, operator RSS at most 100 MiB"
+            .into(),
+        c.thousand.map_or_else(
+            || "-".into(),
+            |s| format!("{:.1} s, {:.0} MiB", s.all_final_ms / 1000.0, s.operator_peak_rss_mib),
+        ),
+        met(c.thousand.map(|s| s.all_final_ms <= 60_000.0 && s.operator_peak_rss_mib <= 100.0))
+            .into(),
+    ]);
+    t
+}
+
+fn migrations(c: &Context<'_>) -> Slots {
+    let seconds = |values: Vec<f64>| show(summary(values), 0.001, 2);
+    let mut runs_table = Table::new(&[
+        "memory",
+        "runs",
+        "checkpoint MB",
+        "total s",
+        "downtime s",
+        "client gap s",
+        "stream gap s",
+    ]);
+    let mut header = vec!["memory"];
+    header.extend(PHASES);
+    let mut phases = Table::new(&header);
+    for (size, runs) in ordered(&c.r.migrations) {
+        runs_table.row(vec![
+            size.clone(),
+            runs.len().to_string(),
+            show(
+                summary(runs.iter().map(|m| m.checkpoint_bytes as f64)),
+                1e-6,
+                1,
+            ),
+            seconds(runs.iter().map(|m| m.total_ms).collect()),
+            seconds(runs.iter().map(downtime).collect()),
+            seconds(runs.iter().map(|m| m.client_gap_ms).collect()),
+            seconds(runs.iter().map(|m| m.stream_gap_ms).collect()),
+        ]);
+        let mut row = vec![size.clone()];
+        row.extend(PHASES.iter().map(|p| show(phase(runs, p), 0.001, 2)));
+        phases.row(row);
+    }
+    vec![
+        ("migrations", runs_table.to_string()),
+        ("phases", phases.to_string()),
+    ]
+}
+
+fn raw(c: &Context<'_>) -> Slots {
+    let mut t = Table::new(&[
+        "memory",
+        "archive MB",
+        "checkpoint s",
+        "scp s",
+        "restore s",
+        "downtime s",
+        "kube-migros downtime / raw",
+        "kube-migros total / raw",
+    ]);
+    for (size, runs) in ordered(&c.r.raw) {
+        let h = headline(c.r, size);
+        let seconds = |f: fn(&RawRun) -> f64| show(summary(runs.iter().map(f)), 0.001, 2);
+        t.row(vec![
+            size.clone(),
+            show(
+                summary(runs.iter().map(|x| x.archive_bytes as f64)),
+                1e-6,
+                1,
+            ),
+            seconds(|x| x.checkpoint_ms),
+            seconds(|x| x.scp_ms),
+            seconds(|x| x.restore_ms),
+            show(h.raw_downtime, 0.001, 2),
+            times(ratio(h.downtime, h.raw_downtime)),
+            times(ratio(h.total, h.raw_downtime)),
+        ]);
+    }
+    vec![("raw", t.to_string())]
+}
+
+fn transfer(c: &Context<'_>) -> Slots {
+    let bytes = c.r.transfer.as_ref().map_or(0, |t| t.bytes);
+    let pipe = c.rate("tcp pipe");
+    let mut t = Table::new(&["method", "MB/s", "vs the TCP pipe"]);
+    for name in ["memory copy", "tcp pipe", "scp", "agent"] {
+        let s = c.rate(name);
+        t.row(vec![name.into(), show(s, 1.0, 0), times(ratio(s, pipe))]);
+    }
+    vec![
+        ("middle", c.middle.clone()),
+        ("archive_mb", format!("{:.1}", bytes as f64 / 1e6)),
+        ("transfer", t.to_string()),
+    ]
+}
+
+fn scale(c: &Context<'_>) -> Slots {
+    let mut t = Table::new(&[
+        "N",
+        "all final s",
+        "Succeeded",
+        "API requests per migration",
+        "operator peak RSS MiB",
+        "operator CPU s",
+    ]);
+    for s in &c.r.scale {
+        t.row(vec![
+            s.migrations.to_string(),
+            format!("{:.1}", s.all_final_ms / 1000.0),
+            s.succeeded.to_string(),
+            format!("{:.1}", s.requests_per_migration),
+            format!("{:.1}", s.operator_peak_rss_mib),
+            format!("{:.1}", s.operator_cpu_s),
+        ]);
+    }
+    vec![("scale", t.to_string())]
+}
+
+fn time(c: &Context<'_>) -> Slots {
+    let Some((size, runs)) = ordered(&c.r.migrations).last().copied() else {
+        return Vec::new();
+    };
+    let mut shares: Vec<(&str, f64)> = PHASES
+        .iter()
+        .filter_map(|p| Some((*p, phase(runs, p)?.median)))
+        .collect();
+    let sum: f64 = shares.iter().map(|(_, v)| v).sum();
+    shares.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let (largest, ms) = shares.first().copied().unwrap_or(("-", 0.0));
+    let remedies: Vec<String> = shares
+        .iter()
+        .take(3)
+        .map(|(p, _)| format!("- **{p}**: {}", remedy(p)))
+        .collect();
+    vec![
+        ("largest_size", size.clone()),
+        ("largest", largest.into()),
+        ("largest_s", format!("{:.2}", ms / 1000.0)),
+        ("sum_s", format!("{:.2}", sum / 1000.0)),
+        ("largest_share", format!("{:.0}", 100.0 * ms / sum.max(1.0))),
+        (
+            "shares",
+            shares
+                .iter()
+                .map(|(p, v)| format!("{p} {:.2} s", v / 1000.0))
+                .collect::<Vec<_>>()
+                .join(", "),
+        ),
+        ("remedies", remedies.join("\n")),
+    ]
+}
+
+fn missed(c: &Context<'_>) -> Slots {
+    let median_s = |s: Option<Summary>| format!("{:.2}", s.map_or(0.0, |s| s.median / 1000.0));
+    let small = c.runs(&c.smallest);
+    let mid_raw = c.r.raw.get(&c.middle).map(Vec::as_slice).unwrap_or(&[]);
+    vec![
+        ("smallest", c.smallest.clone()),
+        ("middle", c.middle.clone()),
+        ("small_checkpoint", median_s(phase(small, "checkpoint"))),
+        ("small_transfer", median_s(phase(small, "transfer"))),
+        ("small_restore", median_s(phase(small, "restore"))),
+        (
+            "mid_transfer",
+            median_s(phase(c.runs(&c.middle), "transfer")),
+        ),
+        (
+            "raw_scp",
+            median_s(summary(mid_raw.iter().map(|x| x.scp_ms))),
+        ),
+        (
+            "requests",
+            format!(
+                "{:.0}",
+                c.thousand.map_or(0.0, |s| s.requests_per_migration)
+            ),
+        ),
+    ]
+}
+
+fn comparison(others: &[&Results], r: &Results) -> Slots {
+    let all: Vec<&Results> = others.iter().copied().chain(std::iter::once(r)).collect();
+    let notes: Vec<String> = all
+        .iter()
+        .filter(|o| !o.note.is_empty())
+        .map(|o| format!("- `{}` (`{}`): {}", o.label, o.commit, o.note))
+        .collect();
+    let mut scale = Table::new(&[
+        "run",
+        "N",
+        "all final s",
+        "API requests per migration",
+        "operator peak RSS MiB",
+        "operator CPU s",
+    ]);
+    let mut migrations = Table::new(&[
+        "run",
+        "commit",
+        "memory",
+        "total s",
+        "downtime s",
+        "transfer s",
+        "raw downtime s",
+    ]);
+    for o in &all {
+        for sc in &o.scale {
+            scale.row(vec![
+                o.label.clone(),
+                sc.migrations.to_string(),
+                format!("{:.1}", sc.all_final_ms / 1000.0),
+                format!("{:.1}", sc.requests_per_migration),
+                format!("{:.1}", sc.operator_peak_rss_mib),
+                format!("{:.1}", sc.operator_cpu_s),
+            ]);
+        }
+        for (size, runs) in ordered(&o.migrations) {
+            let h = headline(o, size);
+            migrations.row(vec![
+                o.label.clone(),
+                format!("`{}`", o.commit),
+                h.size,
+                show(h.total, 0.001, 2),
+                show(h.downtime, 0.001, 2),
+                show(phase(runs, "transfer"), 0.001, 2),
+                show(h.raw_downtime, 0.001, 2),
+            ]);
+        }
+    }
+    vec![
+        ("notes", notes.join("\n")),
+        ("scale_runs", scale.to_string()),
+        ("migration_runs", migrations.to_string()),
+    ]
+}
+
+/// What would make a phase shorter (the analysis behind the numbers; see docs/node-agent.md).
+fn remedy(phase: &str) -> &'static str {
+    match phase {
+        "transfer" => {
+            "the checkpoint makes a round trip through the registry because the kubelet restores \
+             only from images: on the target the bytes are written to the incoming file, read for \
+             the digest, pushed to the registry (which writes them), pulled by containerd (which \
+             writes them again and unpacks them). Streaming straight into the node's content store, \
+             or a restore from a local archive once the kubelet has one (KEP-5823 `RestorePod`), \
+             would leave one write."
+        }
+        "checkpoint" => {
+            "CRIU dumps every page while the container is frozen. Pre-copy (iterative dumps while \
+             it runs, then a short final one) or post-copy (lazy pages) would take most of it out \
+             of the downtime; both need CRIU features the CRI does not expose yet."
+        }
+        "restore" => {
+            "the kubelet creates the sandbox (CNI) and containerd restores the process with CRIU, \
+             reading every page first; lazy restore (userfaultfd) would let the process run before \
+             its memory is in."
+        }
+        "prepare" => {
+            "target choice, the rxe block and the target agent's preparation are sequential API \
+             calls; they could run before the migration is asked for (a standby target)."
+        }
+        "running" | "pod creation" | "commit" | "source teardown" => {
+            "operator reaction time: it waits for what it watches or polls (see the before/after \
+             section)."
+        }
+        _ => "-",
+    }
+}
+
+/// A stacked bar per memory size: the median of each phase (seconds).
+pub fn svg(doc: &Document, label: &str) -> String {
+    const COLOURS: [&str; 8] = [
+        "#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#9c755f",
+    ];
+    let Some(r) = doc.get(label) else {
+        return String::from("<svg xmlns=\"http://www.w3.org/2000/svg\"/>");
+    };
+    let rows: Vec<(String, Vec<f64>)> = ordered(&r.migrations)
+        .into_iter()
+        .map(|(size, runs)| {
+            let v = PHASES
+                .iter()
+                .map(|p| phase(runs, p).map_or(0.0, |s| s.median / 1000.0))
+                .collect();
+            (size.clone(), v)
+        })
+        .collect();
+    let longest = rows
+        .iter()
+        .map(|(_, v)| v.iter().sum::<f64>())
+        .fold(0.0_f64, f64::max)
+        .max(0.001);
+    let (left, width, bar, gap, top) = (70.0, 620.0, 28.0, 14.0, 40.0);
+    let height = top + rows.len() as f64 * (bar + gap) + 60.0;
+    let mut s = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{:.0}\" height=\"{height:.0}\" font-family=\"sans-serif\" font-size=\"12\">\n\
+         <text x=\"{left}\" y=\"20\" font-size=\"14\">Migration phases, median seconds (node-1 -> node-2, run {label})</text>\n",
+        left + width + 30.0
+    );
+    for (i, (size, values)) in rows.iter().enumerate() {
+        let y = top + i as f64 * (bar + gap);
+        let _ = writeln!(
+            s,
+            "<text x=\"{:.0}\" y=\"{:.0}\" text-anchor=\"end\">{size}</text>",
+            left - 8.0,
+            y + bar * 0.65
+        );
+        let mut x = left;
+        for (j, v) in values.iter().enumerate() {
+            let w = v / longest * width;
+            let _ = writeln!(
+                s,
+                "<rect x=\"{x:.1}\" y=\"{y:.1}\" width=\"{w:.1}\" height=\"{bar}\" fill=\"{}\"><title>{} {v:.2} s</title></rect>",
+                COLOURS[j % COLOURS.len()],
+                PHASES[j]
+            );
+            x += w;
+        }
+        let _ = writeln!(
+            s,
+            "<text x=\"{:.1}\" y=\"{:.0}\">{:.2} s</text>",
+            x + 4.0,
+            y + bar * 0.65,
+            values.iter().sum::<f64>()
+        );
+    }
+    let legend_y = top + rows.len() as f64 * (bar + gap) + 16.0;
+    for (j, p) in PHASES.iter().enumerate() {
+        let x = left + (j % 4) as f64 * 150.0;
+        let y = legend_y + (j / 4) as f64 * 18.0;
+        let _ = writeln!(
+            s,
+            "<rect x=\"{x:.0}\" y=\"{:.0}\" width=\"12\" height=\"12\" fill=\"{}\"/><text x=\"{:.0}\" y=\"{:.0}\">{p}</text>",
+            y - 10.0,
+            COLOURS[j % COLOURS.len()],
+            x + 16.0,
+            y
+        );
+    }
+    s.push_str("</svg>\n");
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::TransferRuns;
+
+    fn run(total: f64, downtime: f64, transfer: f64) -> MigrationRun {
+        MigrationRun {
+            checkpoint_bytes: 20_000_000,
+            total_ms: total,
+            downtime_ms: downtime,
+            client_gap_ms: downtime + 100.0,
+            stream_gap_ms: 50.0,
+            phases: PHASES
+                .iter()
+                .map(|p| {
+                    let v = if *p == "transfer" { transfer } else { 100.0 };
+                    (p.to_string(), v)
+                })
+                .collect(),
+        }
+    }
+
+    fn results() -> Results {
+        let raw = RawRun {
+            archive_bytes: 20_000_000,
+            checkpoint_ms: 300.0,
+            copy_ms: 10.0,
+            scp_ms: 200.0,
+            restore_ms: 500.0,
+        };
+        Results {
+            label: "now".into(),
+            commit: "abc".into(),
+            migrations: [
+                ("256Mi".to_string(), vec![run(4000.0, 2000.0, 900.0)]),
+                (
+                    "16Mi".to_string(),
+                    vec![run(2000.0, 1000.0, 400.0), run(3000.0, 1500.0, 600.0)],
+                ),
+            ]
+            .into(),
+            raw: [("256Mi".to_string(), vec![raw])].into(),
+            transfer: Some(TransferRuns {
+                bytes: 20_000_000,
+                mb_per_s: [
+                    ("tcp pipe".to_string(), vec![1000.0]),
+                    ("agent".to_string(), vec![500.0]),
+                    ("scp".to_string(), vec![100.0]),
+                ]
+                .into(),
+            }),
+            scale: vec![ScaleRun {
+                migrations: 1000,
+                all_final_ms: 45_000.0,
+                succeeded: 1000,
+                requests_per_migration: 12.0,
+                operator_peak_rss_mib: 60.0,
+                operator_cpu_s: 20.0,
+            }],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn downtime_is_the_frozen_phases_else_the_operators_figure() {
+        assert_eq!(downtime(&run(2000.0, 1000.0, 400.0)), 900.0);
+        let mut partial = run(2000.0, 1234.0, 400.0);
+        partial.phases.remove("commit");
+        assert_eq!(downtime(&partial), 1234.0);
+    }
+
+    #[test]
+    fn sizes_order_by_bytes() {
+        assert_eq!(bytes_of("16Mi"), 16 << 20);
+        assert_eq!(bytes_of("1Gi"), 1 << 30);
+        let map: std::collections::BTreeMap<String, ()> = [
+            ("1Gi".into(), ()),
+            ("16Mi".into(), ()),
+            ("256Mi".into(), ()),
+        ]
+        .into();
+        let keys: Vec<&String> = ordered(&map).into_iter().map(|(k, _)| k).collect();
+        assert_eq!(keys, ["16Mi", "256Mi", "1Gi"]);
+    }
+
+    #[test]
+    fn the_document_shows_medians_ratios_and_targets() {
+        let doc: Document = [("now".to_string(), results())].into();
+        let md = markdown(&doc, "now");
+        // 16Mi: two runs, totals 2.0 and 3.0 s; downtime the frozen phases (transfer + five of
+        // 0.1 s): 0.9 and 1.1 s.
+        assert!(
+            md.contains("| 16Mi | 2 | 20.0 (20.0-20.0) | 2.50 (2.00-3.00) | 1.00 (0.90-1.10) |"),
+            "{md}"
+        );
+        // Downtime at 256Mi against the raw recipe's 0.3 + 0.2 + 0.5 s.
+        assert!(md.contains("1.40 s vs 1.00 s: 1.40x | yes |"), "{md}");
+        // Agent 500 MB/s: 0.5x the pipe, 5x scp: the pipe target is missed.
+        assert!(
+            md.contains("500 MB/s: 0.50x the pipe, 5.00x scp | **no** |"),
+            "{md}"
+        );
+        assert!(md.contains("45.0 s, 60 MiB | yes |"), "{md}");
+        assert!(md.contains("the largest phase is **transfer**"), "{md}");
+        assert!(!md.contains("Before and after"));
+        let mut before = results();
+        before.label = "before".into();
+        let doc: Document = [
+            ("now".to_string(), results()),
+            ("before".to_string(), before),
+        ]
+        .into();
+        assert!(markdown(&doc, "now").contains("## Before and after"));
+    }
+
+    #[test]
+    fn the_plot_has_a_bar_per_size_and_a_legend() {
+        let doc: Document = [("now".to_string(), results())].into();
+        let svg = svg(&doc, "now");
+        assert_eq!(
+            svg.matches("<rect").count(),
+            2 * PHASES.len() + PHASES.len()
+        );
+        assert!(svg.contains(">16Mi</text>") && svg.contains(">256Mi</text>"));
+        assert!(svg.ends_with("</svg>\n"));
+    }
+}

@@ -1,0 +1,304 @@
+//! The control plane alone: N PodMigrations processed by the operator (the release binary) against
+//! the sandbox's API server, with agents that answer at once (the scriptable test agents) on three
+//! Node objects, and a stand-in kubelet reporting replacement pods Running. The operator runs as a
+//! user of its own whose requests an API Priority and Fairness FlowSchema counts, so that "API
+//! requests per migration" are the operator's requests only.
+
+use std::{
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use crds::PodMigration;
+use futures::{StreamExt, TryStreamExt, stream};
+use kube::{
+    Api, Client,
+    api::{DeleteParams, ListParams, PostParams},
+};
+
+use sandbox::{
+    Dirs,
+    controlplane::{APISERVER_PORT, ControlPlane},
+    install, release,
+};
+use testkit::{
+    fixtures::{self, ApiNode, Certificates},
+    testagent::TestAgent,
+    workload,
+};
+
+use crate::ScaleRun;
+
+/// The operator's user, its FlowSchema and binding.
+const USER: &str = "kube-migros-bench-operator";
+
+/// Runs `n` migrations; returns what was measured.
+pub async fn run(dirs: &Dirs, n: usize) -> anyhow::Result<ScaleRun> {
+    let cp = ControlPlane::new(dirs);
+    let env = cp.up().await?;
+    let client = env.client().await?;
+    // An installed kube-migros would reconcile these PodMigrations too.
+    release::retire(dirs)?;
+    install::apply_chart_crds(&client).await?;
+    let built = release::build_static(dirs)?;
+    let ns = format!("kube-migros-scale-{n}");
+    workload::fresh_namespace(&client, &ns).await?;
+    ensure_identity(&client).await?;
+
+    // Node objects of an interrupted run of the same size.
+    let node_api: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
+    for i in 1..=3 {
+        let name = format!("{ns}-node-{i}");
+        if node_api.get_opt(&name).await?.is_some() {
+            node_api.delete(&name, &DeleteParams::default()).await?;
+            while node_api.get_opt(&name).await?.is_some() {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+    let certs = Certificates::generate();
+    let mut nodes = Vec::new();
+    let mut agents = Vec::new();
+    for i in 1..=3 {
+        let name = format!("{ns}-node-{i}");
+        nodes.push(ApiNode::create(&client, &name).await);
+        agents.push(TestAgent::start(client.clone(), &ns, &name, &certs.agent()).await);
+    }
+    let kubelet = tokio::spawn(fixtures::report_replacements_running(
+        client.clone(),
+        ns.clone(),
+    ));
+    // The pods, spread over the first two nodes.
+    let started = Instant::now();
+    stream::iter(0..n)
+        .map(|i| {
+            let (client, ns, node) = (client.clone(), ns.clone(), nodes[i % 2].name.clone());
+            async move {
+                let name = format!("app-{i}");
+                let pod = fixtures::pod(&name, &node, &[(crds::MIGRATABLE_LABEL, "true")]);
+                let ip = format!("10.244.{}.{}", i / 250, i % 250 + 2);
+                fixtures::run_pod(&client, &ns, &pod, &ip).await;
+            }
+        })
+        .buffer_unordered(16)
+        .collect::<Vec<()>>()
+        .await;
+    eprintln!(
+        "bench: {n} pods running in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+
+    let kubeconfig = dirs.state.join(format!("bench/{USER}.kubeconfig"));
+    std::fs::create_dir_all(dirs.state.join("bench"))?;
+    std::fs::write(
+        &kubeconfig,
+        cp.user_kubeconfig(USER, &[], &format!("https://127.0.0.1:{APISERVER_PORT}"))?,
+    )?;
+    let http = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let log = std::fs::File::create(dirs.state.join(format!("bench/operator-{n}.log")))?;
+    let mut operator = Operator(
+        Command::new(built.join("operator"))
+            .env("KUBECONFIG", &kubeconfig)
+            .env("RUST_LOG", "warn")
+            .args(["--namespace", &ns, "--watch-namespace", &ns])
+            .args(["--identity", "bench", "--lease-retry-seconds", "1"])
+            .arg(format!("--tls-dir={}", certs.operator_dir().display()))
+            .arg(format!("--http-addr={http}"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting the operator")?,
+    );
+    let pid = operator.0.id();
+    // Leading (it answers /ready either way; the Lease tells).
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(client.clone(), &ns);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let holder = leases
+            .get_opt("kube-migros-operator")
+            .await?
+            .and_then(|l| l.spec?.holder_identity);
+        if holder.as_deref() == Some("bench") {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("the operator did not take the leader Lease");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let requests_before = operator_requests(&client).await?;
+
+    let pms: Api<PodMigration> = Api::namespaced(client.clone(), &ns);
+    let started = Instant::now();
+    stream::iter(0..n)
+        .map(|i| {
+            let pms = pms.clone();
+            async move {
+                let pm: PodMigration = serde_json::from_value(serde_json::json!({
+                    "apiVersion": "migros.io/v1alpha1", "kind": "PodMigration",
+                    "metadata": {"name": format!("move-{i}")},
+                    "spec": {"podName": format!("app-{i}")},
+                }))?;
+                pms.create(&PostParams::default(), &pm).await?;
+                anyhow::Ok(())
+            }
+        })
+        .buffer_unordered(16)
+        .try_collect::<Vec<()>>()
+        .await?;
+    let (final_count, succeeded) = loop {
+        let list = pms.list(&ListParams::default()).await?;
+        let phases: Vec<_> = list
+            .items
+            .iter()
+            .filter_map(|pm| pm.status.as_ref()?.phase)
+            .filter(|p| p.is_final())
+            .collect();
+        let succeeded = phases
+            .iter()
+            .filter(|p| **p == crds::Phase::Succeeded)
+            .count();
+        if phases.len() == n {
+            break (phases.len(), succeeded);
+        }
+        if started.elapsed() > Duration::from_secs(600) {
+            bail!(
+                "{} of {n} PodMigrations final after 10 minutes",
+                phases.len()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let all_final_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let requests = operator_requests(&client).await? - requests_before;
+    let (rss, cpu) = usage(pid).context("the operator's resource usage")?;
+    debug_assert_eq!(final_count, n);
+
+    // Clean up while the operator still lifts its finalizers.
+    pms.delete_collection(&DeleteParams::default(), &ListParams::default())
+        .await?;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while !pms.list(&ListParams::default()).await?.items.is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    operator.stop();
+    kubelet.abort();
+    drop(agents);
+    drop(nodes);
+    workload::delete_namespace(&client, &ns).await?;
+    Ok(ScaleRun {
+        migrations: n,
+        all_final_ms,
+        succeeded,
+        requests_per_migration: requests / n as f64,
+        operator_peak_rss_mib: rss,
+        operator_cpu_s: cpu,
+    })
+}
+
+/// The operator process, killed when dropped.
+struct Operator(Child);
+
+impl Operator {
+    fn stop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Peak RSS (MiB) and CPU time (s) of process `pid`.
+fn usage(pid: u32) -> anyhow::Result<(f64, f64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let hwm_kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .context("no VmHWM")?;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may hold spaces): utime and stime are the 12th and
+    // 13th after it, in clock ticks (100 per second on Linux).
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields
+        .get(11..13)
+        .context("short /proc/pid/stat")?
+        .iter()
+        .filter_map(|f| f.parse::<f64>().ok())
+        .sum();
+    Ok((hwm_kib / 1024.0, ticks / 100.0))
+}
+
+/// The operator's user: a FlowSchema that counts its requests, and cluster-admin (the benchmark
+/// measures the reconciler, not RBAC).
+async fn ensure_identity(client: &Client) -> anyhow::Result<()> {
+    let apply = |kind: &str, api_version: &str, path: String, body: serde_json::Value| {
+        let client = client.clone();
+        let (kind, api_version) = (kind.to_string(), api_version.to_string());
+        async move {
+            let mut body = body;
+            body["kind"] = kind.into();
+            body["apiVersion"] = api_version.into();
+            let request =
+                http::Request::patch(format!("{path}?fieldManager=kube-migros-bench&force=true"))
+                    .header("Content-Type", "application/apply-patch+yaml")
+                    .body(serde_json::to_vec(&body)?)?;
+            client.request_text(request).await?;
+            anyhow::Ok(())
+        }
+    };
+    apply(
+        "FlowSchema",
+        "flowcontrol.apiserver.k8s.io/v1",
+        format!("/apis/flowcontrol.apiserver.k8s.io/v1/flowschemas/{USER}"),
+        serde_json::json!({
+            "metadata": {"name": USER},
+            "spec": {
+                "priorityLevelConfiguration": {"name": "workload-high"},
+                "matchingPrecedence": 100,
+                "distinguisherMethod": {"type": "ByUser"},
+                "rules": [{
+                    "subjects": [{"kind": "User", "user": {"name": USER}}],
+                    "resourceRules": [{"verbs": ["*"], "apiGroups": ["*"], "resources": ["*"],
+                                       "clusterScope": true, "namespaces": ["*"]}],
+                    "nonResourceRules": [{"verbs": ["*"], "nonResourceURLs": ["*"]}]
+                }]
+            }
+        }),
+    )
+    .await?;
+    apply(
+        "ClusterRoleBinding",
+        "rbac.authorization.k8s.io/v1",
+        format!("/apis/rbac.authorization.k8s.io/v1/clusterrolebindings/{USER}"),
+        serde_json::json!({
+            "metadata": {"name": USER},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "cluster-admin"},
+            "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": USER}]
+        }),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Requests dispatched for the operator's FlowSchema so far (the API server's metrics).
+async fn operator_requests(client: &Client) -> anyhow::Result<f64> {
+    let request = http::Request::get("/metrics").body(Vec::new())?;
+    let text = client.request_text(request).await?;
+    Ok(text
+        .lines()
+        .filter(|l| {
+            l.starts_with("apiserver_flowcontrol_dispatched_requests_total{")
+                && l.contains(&format!("flow_schema=\"{USER}\""))
+        })
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum())
+}

@@ -1,0 +1,252 @@
+//! Kubelets on the sandbox nodes: each node runs a real kubelet of the sandbox's Kubernetes version
+//! against its own containerd, registered as a Node of the sandbox control plane.
+//!
+//! A kubelet runs inside its node's mount, PID, network, UTS and IPC namespaces (it sees the node's
+//! root, containerd socket and bridge), with the cgroupfs driver under a cgroup root of its own
+//! (`/kube-migros-nodes/<node>` in each v1 hierarchy, so that nodes do not share pod cgroups), and
+//! reaches the API server at the bridge address with a `system:node:<name>` client certificate.
+
+use std::process::{Command, Stdio};
+
+use crate::{
+    Dirs,
+    controlplane::{self, ControlPlane},
+    k8s,
+    nodes::{self, Node, Nodes},
+    pki,
+};
+
+/// Errors of starting kubelets.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Nodes(#[from] nodes::Error),
+    #[error(transparent)]
+    ControlPlane(#[from] controlplane::Error),
+    #[error(transparent)]
+    Pki(#[from] pki::Error),
+    #[error(transparent)]
+    Binaries(#[from] crate::binaries::Error),
+    #[error("starting the kubelet of {node}: {source}")]
+    Start {
+        node: String,
+        source: std::io::Error,
+    },
+}
+
+/// The kubelets of the sandbox.
+#[derive(Debug, Clone)]
+pub struct Kubelets {
+    nodes: Nodes,
+    control_plane: ControlPlane,
+    bin_dir: std::path::PathBuf,
+}
+
+/// The kubelet configuration of a node (cgroup v1 host, no swap accounting, capability-poor VM).
+pub fn config(node: &Node, cgroup_root: &str) -> String {
+    format!(
+        r#"apiVersion: kubelet.config.k8s.io/v1beta1
+kind: KubeletConfiguration
+authentication:
+  anonymous:
+    enabled: false
+  webhook:
+    enabled: true
+  x509:
+    clientCAFile: /opt/kube-migros/kubelet/ca.crt
+authorization:
+  mode: Webhook
+address: {ip}
+port: 10250
+readOnlyPort: 0
+healthzBindAddress: 127.0.0.1
+healthzPort: 10248
+containerRuntimeEndpoint: unix:///run/containerd/containerd.sock
+cgroupDriver: cgroupfs
+cgroupRoot: {cgroup_root}
+cgroupsPerQOS: true
+enforceNodeAllocatable: []
+failCgroupV1: false
+failSwapOn: false
+resolvConf: ""
+makeIPTablesUtilChains: false
+serializeImagePulls: false
+imageGCHighThresholdPercent: 100
+evictionHard:
+  memory.available: 100Mi
+  nodefs.available: "1%"
+  imagefs.available: "1%"
+  nodefs.inodesFree: "1%"
+nodeStatusUpdateFrequency: 4s
+"#,
+        ip = node.ip()
+    )
+}
+
+impl Kubelets {
+    pub fn new(dirs: &Dirs) -> Self {
+        Self {
+            nodes: Nodes::new(dirs),
+            control_plane: ControlPlane::new(dirs),
+            bin_dir: k8s::bin_dir(&dirs.cache),
+        }
+    }
+
+    /// Starts the kubelet of `node` unless one runs there.
+    pub fn start(&self, node: &Node) -> Result<(), Error> {
+        // The pod network's IPAM plugin (see nodes.rs: the node's CNI configuration).
+        let ipam = crate::binaries::ensure("node-agent", "migros-ipam")?;
+        self.nodes.install(node, &ipam)?;
+        if self.nodes.running(node, "kubelet") {
+            return Ok(());
+        }
+        let kubelet = self.nodes.install(node, &self.bin_dir.join("kubelet"))?;
+        let dir = self.nodes.host_dir(node).join("kubelet");
+        let cgroup_root = nodes::prepare_cgroup_root(node)?;
+        std::fs::create_dir_all(&dir).map_err(|e| Error::Start {
+            node: node.name.clone(),
+            source: e,
+        })?;
+        pki::write(&dir.join("ca.crt"), &self.control_plane.ca_cert()?, 0o644)?;
+        pki::write(
+            &dir.join("kubeconfig"),
+            &self.control_plane.kubelet_kubeconfig(&node.name)?,
+            0o600,
+        )?;
+        pki::write(&dir.join("config.yaml"), &config(node, &cgroup_root), 0o644)?;
+        let pid = node.containerd_pid().ok_or_else(|| {
+            nodes::Error::Command(crate::error::CommandFailed {
+                command: "kubelet".into(),
+                stderr: format!("node {} is not running", node.name),
+            })
+        })?;
+        let log_path = self.nodes.host_dir(node).join("kubelet.log");
+        let start = |e| Error::Start {
+            node: node.name.clone(),
+            source: e,
+        };
+        let log = std::fs::File::create(&log_path).map_err(start)?;
+        let err = log.try_clone().map_err(start)?;
+        use std::os::unix::process::CommandExt;
+        Command::new("nsenter")
+            .args(["-t", &pid.to_string(), "-m", "-p", "-n", "-u", "-i", "--"])
+            .arg(&kubelet)
+            .args(["--config", "/opt/kube-migros/kubelet/config.yaml"])
+            .args(["--kubeconfig", "/opt/kube-migros/kubelet/kubeconfig"])
+            .args(["--hostname-override", &node.name])
+            .args(["--node-ip", &node.ip().to_string()])
+            .args(["--root-dir", "/var/lib/kubelet"])
+            .args(["--v", "1"])
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(err)
+            .process_group(0)
+            .spawn()
+            .map_err(start)?;
+        Ok(())
+    }
+
+    /// The last lines of the kubelet's log on `node`.
+    pub fn log_tail(&self, node: &Node, lines: usize) -> String {
+        let text = std::fs::read_to_string(self.nodes.host_dir(node).join("kubelet.log"))
+            .unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+}
+
+/// Waits until the Node objects of `nodes` report Ready; the reason of the last failed check.
+pub async fn wait_ready(
+    client: &kube::Client,
+    nodes: &[Node],
+    timeout: std::time::Duration,
+) -> Result<(), String> {
+    use k8s_openapi::api::core::v1::Node as NodeObject;
+    let api: kube::Api<NodeObject> = kube::Api::all(client.clone());
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let mut waiting = Vec::new();
+        for node in nodes {
+            let ready = api
+                .get_opt(&node.name)
+                .await
+                .ok()
+                .flatten()
+                .is_some_and(|n| {
+                    n.status
+                        .and_then(|s| s.conditions)
+                        .unwrap_or_default()
+                        .iter()
+                        .any(|c| c.type_ == "Ready" && c.status == "True")
+                });
+            if !ready {
+                waiting.push(node.name.clone());
+            }
+        }
+        if waiting.is_empty() {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(format!(
+                "nodes not Ready after {timeout:?}: {}",
+                waiting.join(", ")
+            ));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+}
+
+/// Deletes the Node objects of `nodes` (after their kubelets are gone).
+pub async fn forget(client: &kube::Client, nodes: &[Node]) -> Result<(), kube::Error> {
+    use k8s_openapi::api::core::v1::Node as NodeObject;
+    let api: kube::Api<NodeObject> = kube::Api::all(client.clone());
+    for node in nodes {
+        match api.delete(&node.name, &Default::default()).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// The extended resource by which RDMA pods ask for a node with SoftRoCE.
+pub const RXE_RESOURCE: &str = "rdma/rxe";
+
+/// Advertises `count` `rdma/rxe` devices in the node's status, as a device plugin would (the
+/// kubelet then reports them allocatable too). The sandbox nodes have no RDMA device: this is
+/// the simulated part, like the agents' rxe counter files.
+/// The label of the sandbox's real nodes (what DaemonSets of the sandbox select): test suites add
+/// Node objects without kubelets, which a DaemonSet would wait for forever.
+pub const SANDBOX_NODE_LABEL: &str = "migros.io/sandbox-node";
+
+/// Labels the Node object of `node` with [`SANDBOX_NODE_LABEL`].
+pub async fn label_sandbox_node(client: &kube::Client, node: &Node) -> Result<(), kube::Error> {
+    use k8s_openapi::api::core::v1::Node as NodeObject;
+    let api: kube::Api<NodeObject> = kube::Api::all(client.clone());
+    let patch = serde_json::json!({"metadata": {"labels": {SANDBOX_NODE_LABEL: "true"}}});
+    api.patch(
+        &node.name,
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(&patch),
+    )
+    .await?;
+    Ok(())
+}
+
+pub async fn advertise_rxe(
+    client: &kube::Client,
+    node: &Node,
+    count: u32,
+) -> Result<(), kube::Error> {
+    use k8s_openapi::api::core::v1::Node as NodeObject;
+    let api: kube::Api<NodeObject> = kube::Api::all(client.clone());
+    let patch = serde_json::json!({"status": {"capacity": {RXE_RESOURCE: count.to_string()}}});
+    api.patch_status(
+        &node.name,
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(&patch),
+    )
+    .await?;
+    Ok(())
+}

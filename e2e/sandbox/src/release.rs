@@ -1,0 +1,487 @@
+//! kube-migros as users install it: the operator and node-agent images built from this workspace
+//! (static binaries, the agent with `nft` beside it) and pushed to the sandbox registry, and the Helm
+//! chart `charts/kube-migros` installed into the sandbox cluster with them.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
+use kube::Api;
+
+use sha2::{Digest, Sha256};
+
+use crate::error::{IoError, io_at};
+use crate::{Dirs, agents, controlplane::Env, gobuild, helm, images, registry, rootfs};
+
+/// Release name and namespace of the sandbox's install.
+pub const RELEASE: &str = "kube-migros";
+pub const NAMESPACE: &str = "kube-migros";
+/// The rxe counter files of the sandbox nodes (no RDMA device: plain files, see docs/sandbox.md).
+pub const SANDBOX_RXE_DIR: &str = "/opt/kube-migros/rxe";
+
+/// Errors while building the images or running Helm.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Images(#[from] images::Error),
+    #[error(transparent)]
+    Build(#[from] gobuild::Error),
+    #[error(transparent)]
+    Registry(#[from] registry::Error),
+    #[error(transparent)]
+    Rootfs(#[from] rootfs::Error),
+    #[error("`cargo build` of the images failed:\n{0}")]
+    Cargo(String),
+    #[error("`ldd /usr/sbin/nft` in the node rootfs printed no libraries:\n{0}")]
+    Ldd(String),
+    #[error("`helm {args}` failed:\n{output}")]
+    Helm { args: String, output: String },
+    #[error("kube-migros did not roll out: {0}")]
+    RollOut(String),
+    #[error(transparent)]
+    Io(#[from] IoError),
+}
+
+/// The pushed images: `<registry>/kube-migros/{operator,node-agent}:<tag>`, one tag for both.
+#[derive(Debug, Clone)]
+pub struct Images {
+    pub repository: String,
+    pub tag: String,
+}
+
+/// The binaries in the images: (package, binary).
+const BINARIES: &[(&str, &str)] = &[("operator", "operator"), ("node-agent", "node-agent")];
+
+/// Builds the operator and the agent as static executables (glibc, `crt-static`, release profile)
+/// into a target directory in the cache, so that a fresh checkout reuses the compiled dependencies.
+pub fn build_static(dirs: &Dirs) -> Result<PathBuf, Error> {
+    let target_dir = dirs.cache.join("image-target");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(crate::repo_root())
+        .args(["build", "--release", "--locked", "--target", TARGET])
+        // With an explicit --target these flags reach only the target's crates, not build
+        // scripts or proc macros (which must stay dynamic).
+        .env("RUSTFLAGS", "-C target-feature=+crt-static")
+        .env("CARGO_TARGET_DIR", &target_dir);
+    for (package, bin) in BINARIES {
+        cmd.args(["-p", package, "--bin", bin]);
+    }
+    eprintln!("e2e: building the operator and node-agent images' static binaries (release)");
+    let out = cmd
+        .output()
+        .map_err(|e| Error::Cargo(format!("cannot run cargo: {e}")))?;
+    if !out.status.success() {
+        return Err(Error::Cargo(String::from_utf8_lossy(&out.stderr).into()));
+    }
+    Ok(target_dir.join(TARGET).join("release"))
+}
+
+const TARGET: &str = "x86_64-unknown-linux-gnu";
+
+/// Builds both images and pushes what the registry lacks.
+pub fn ensure_images(dirs: &Dirs, registry: &registry::Registry) -> Result<Images, Error> {
+    let built = build_static(dirs)?;
+    let publisher = images::Publisher::new(dirs, registry)?;
+    let mut roots = Vec::new();
+    let mut digest = Sha256::new();
+    for (_, bin) in BINARIES {
+        let root = publisher.work.join(bin).join("rootfs");
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).map_err(io_at(&root))?;
+        let target = root.join(bin);
+        std::fs::copy(built.join(bin), &target).map_err(io_at(&target))?;
+        gobuild::run(Command::new("strip").arg(&target))?;
+        if *bin == "node-agent" {
+            add_nft(dirs, &root)?;
+        }
+        digest_tree(&root, &root, &mut digest)?;
+        roots.push((*bin, root));
+    }
+    let tag = images::hex(&digest.finalize())[..16].to_string();
+    for (bin, root) in &roots {
+        publisher.publish(bin, root, &tag)?;
+    }
+    Ok(Images {
+        repository: format!("{}/kube-migros", registry::ADDRESS),
+        tag,
+    })
+}
+
+/// Copies `nft` and the shared libraries it loads (as `ldd` in the node rootfs lists them) from the
+/// node rootfs into `root`: the agent drives nftables through it.
+fn add_nft(dirs: &Dirs, root: &Path) -> Result<(), Error> {
+    let rootfs = rootfs::ensure(&dirs.cache)?;
+    let out = Command::new("chroot")
+        .arg(&rootfs)
+        .args(["ldd", "/usr/sbin/nft"])
+        .output()
+        .map_err(io_at(&rootfs))?;
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let libraries = ldd_paths(&text);
+    if !out.status.success() || libraries.is_empty() {
+        return Err(Error::Ldd(format!(
+            "{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        )));
+    }
+    for path in std::iter::once("/usr/sbin/nft").chain(libraries.iter().map(String::as_str)) {
+        let relative = path.trim_start_matches('/');
+        let source = rootfs.join(relative);
+        // Resolve links inside the rootfs (absolute targets would point at the host's files).
+        let source = resolve_in(&rootfs, &source);
+        let target = root.join(relative);
+        if let Some(parent) = target.parent() {
+            std::fs::create_dir_all(parent).map_err(io_at(parent))?;
+        }
+        std::fs::copy(&source, &target).map_err(io_at(&source))?;
+    }
+    Ok(())
+}
+
+/// Follows symbolic links of `path` with `root` as `/`.
+fn resolve_in(root: &Path, path: &Path) -> PathBuf {
+    let mut current = path.to_path_buf();
+    for _ in 0..16 {
+        // Directories on the way may be links too (`/lib` -> `usr/lib`).
+        let relative = current.strip_prefix(root).unwrap_or(&current).to_path_buf();
+        let mut resolved = root.to_path_buf();
+        for part in relative.components() {
+            resolved.push(part);
+            if let Ok(link) = std::fs::read_link(&resolved) {
+                resolved.pop();
+                resolved = if link.is_absolute() {
+                    root.join(link.strip_prefix("/").unwrap_or(&link))
+                } else {
+                    resolved.join(link)
+                };
+            }
+        }
+        if resolved == current {
+            return resolved;
+        }
+        current = resolved;
+    }
+    current
+}
+
+/// The absolute library paths in `ldd` output (`libx.so => /path (0x..)` and `/lib64/ld-... (0x..)`).
+fn ldd_paths(text: &str) -> Vec<String> {
+    text.lines()
+        .filter_map(|line| {
+            let path = match line.split_once("=>") {
+                Some((_, right)) => right.split_whitespace().next()?,
+                None => line.split_whitespace().next()?,
+            };
+            path.starts_with('/').then(|| path.to_string())
+        })
+        .collect()
+}
+
+/// Adds every file of `dir` (name and content, in order) to `digest`.
+fn digest_tree(base: &Path, dir: &Path, digest: &mut Sha256) -> Result<(), Error> {
+    let mut entries: Vec<_> = std::fs::read_dir(dir)
+        .map_err(io_at(dir))?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .collect();
+    entries.sort();
+    for path in entries {
+        if path.is_dir() {
+            digest_tree(base, &path, digest)?;
+        } else {
+            let name = path.strip_prefix(base).unwrap_or(&path);
+            digest.update(name.to_string_lossy().as_bytes());
+            digest.update(std::fs::read(&path).map_err(io_at(&path))?);
+        }
+    }
+    Ok(())
+}
+
+/// The chart in this checkout.
+pub fn chart_dir() -> PathBuf {
+    crate::repo_root().join("charts/kube-migros")
+}
+
+/// Runs Helm with the sandbox's kubeconfig.
+pub fn helm(dirs: &Dirs, env: &Env, args: &[&str]) -> Result<String, Error> {
+    let bin = helm::ensure(&dirs.cache)?;
+    let out = Command::new(bin)
+        .args(args)
+        .env("KUBECONFIG", &env.kubeconfig)
+        .env("HELM_CACHE_HOME", dirs.state.join("helm/cache"))
+        .env("HELM_CONFIG_HOME", dirs.state.join("helm/config"))
+        .env("HELM_DATA_HOME", dirs.state.join("helm/data"))
+        .output()
+        .map_err(|e| Error::Helm {
+            args: args.join(" "),
+            output: e.to_string(),
+        })?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if !out.status.success() {
+        return Err(Error::Helm {
+            args: args.join(" "),
+            output: text,
+        });
+    }
+    Ok(text)
+}
+
+/// `helm upgrade --install` of the chart into the sandbox with `images`, waiting until the operator
+/// Deployment and the agent DaemonSet are ready. Extra `--set` pairs come last.
+pub fn install(
+    dirs: &Dirs,
+    env: &Env,
+    images: &Images,
+    registry: &registry::Registry,
+    extra: &[(&str, &str)],
+) -> Result<String, Error> {
+    let ca = dirs.state.join("helm/registry-ca.crt");
+    std::fs::create_dir_all(dirs.state.join("helm")).map_err(io_at(&ca))?;
+    std::fs::write(&ca, registry.ca()?.cert).map_err(io_at(&ca))?;
+    let (host, port) = env
+        .server
+        .trim_start_matches("https://")
+        .rsplit_once(':')
+        .unwrap_or(("", ""));
+    // Pods reach the API server at the host bridge address (there is no kube-proxy).
+    let host = if host == "127.0.0.1" || host == "localhost" {
+        crate::bridge::BRIDGE_IP.to_string()
+    } else {
+        host.to_string()
+    };
+    let chart = chart_dir().display().to_string();
+    let selector = format!(
+        "agent.nodeSelector.{}",
+        crate::kubelets::SANDBOX_NODE_LABEL.replace('.', "\\.")
+    );
+    let mut sets = vec![
+        ("image.repository", images.repository.clone()),
+        ("image.tag", images.tag.clone()),
+        ("apiServer.host", host),
+        ("apiServer.port", port.to_string()),
+        ("agent.rxeDir", SANDBOX_RXE_DIR.to_string()),
+        (
+            "agent.checkpointRegistry",
+            agents::CHECKPOINT_REPOSITORY.to_string(),
+        ),
+        ("agent.port", agents::AGENT_PORT.to_string()),
+        // Only the nodes with kubelets (test suites add Node objects without any).
+        (selector.as_str(), "true".to_string()),
+    ];
+    sets.extend(extra.iter().map(|(k, v)| (*k, (*v).to_string())));
+    let mut args: Vec<String> = [
+        "upgrade",
+        "--install",
+        RELEASE,
+        &chart,
+        "--namespace",
+        NAMESPACE,
+        "--create-namespace",
+        "--wait",
+        "--timeout",
+        "5m",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    for (key, value) in sets {
+        args.push("--set-string".into());
+        args.push(format!("{key}={value}"));
+    }
+    args.push("--set-file".into());
+    args.push(format!("agent.registryCA={}", ca.display()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    match helm(dirs, env, &args) {
+        // An interrupted install or upgrade (a killed run) leaves the release pending, which
+        // blocks every later one: start it over.
+        Err(Error::Helm { output, .. }) if output.contains("another operation") => {
+            eprintln!("e2e: the release was left pending by an interrupted run; reinstalling");
+            uninstall(dirs, env)?;
+            helm(dirs, env, &args)
+        }
+        other => other,
+    }
+}
+
+/// Waits until the operator Deployment and the agent DaemonSet run their current template on every
+/// replica and node, all ready (Helm's `--wait` can return before a rollout has started).
+pub async fn wait_rolled_out(client: &kube::Client, timeout: Duration) -> Result<(), Error> {
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), NAMESPACE);
+    let daemonsets: Api<DaemonSet> = Api::namespaced(client.clone(), NAMESPACE);
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let operator = deployments.get(&format!("{RELEASE}-operator")).await;
+        let agent = daemonsets.get(&format!("{RELEASE}-agent")).await;
+        let last = match (operator, agent) {
+            (Ok(operator), Ok(agent)) => {
+                let (d, a) = (deployment_done(&operator), daemonset_done(&agent));
+                if d.is_none() && a.is_none() {
+                    return Ok(());
+                }
+                [d, a].into_iter().flatten().collect::<Vec<_>>().join("; ")
+            }
+            (Err(e), _) | (_, Err(e)) => e.to_string(),
+        };
+        if tokio::time::Instant::now() > deadline {
+            return Err(Error::RollOut(last));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// `None` when the Deployment's rollout is complete, else what it waits for.
+fn deployment_done(d: &Deployment) -> Option<String> {
+    let want = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+    let status = d.status.clone().unwrap_or_default();
+    let current = status.observed_generation >= d.metadata.generation;
+    let done = current
+        && status.updated_replicas.unwrap_or(0) == want
+        && status.ready_replicas.unwrap_or(0) == want
+        && status.replicas.unwrap_or(0) == want;
+    (!done).then(|| {
+        format!(
+            "operator: {} of {want} replicas updated and ready",
+            status
+                .ready_replicas
+                .unwrap_or(0)
+                .min(status.updated_replicas.unwrap_or(0))
+        )
+    })
+}
+
+/// `None` when the DaemonSet's rollout is complete, else what it waits for.
+fn daemonset_done(d: &DaemonSet) -> Option<String> {
+    let status = d.status.clone().unwrap_or_default();
+    let want = status.desired_number_scheduled;
+    let current = status.observed_generation >= d.metadata.generation;
+    let done = current
+        && want > 0
+        && status.updated_number_scheduled.unwrap_or(0) == want
+        && status.number_ready == want
+        && status.number_available.unwrap_or(0) == want;
+    (!done).then(|| {
+        format!(
+            "agents: {} of {want} nodes updated and ready",
+            status
+                .number_ready
+                .min(status.updated_number_scheduled.unwrap_or(0))
+        )
+    })
+}
+
+/// Force-deletes pods of the release namespace that are stuck terminating (bound to Node objects
+/// without a kubelet, as an interrupted run can leave them) and waits until they are gone.
+pub async fn clear_stuck_pods(client: &kube::Client) -> Result<(), kube::Error> {
+    use k8s_openapi::api::core::v1::Pod;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NAMESPACE);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let stuck: Vec<String> = pods
+            .list(&Default::default())
+            .await?
+            .items
+            .into_iter()
+            .filter(|p| p.metadata.deletion_timestamp.is_some())
+            .filter_map(|p| p.metadata.name)
+            .collect();
+        if stuck.is_empty() || tokio::time::Instant::now() > deadline {
+            return Ok(());
+        }
+        for name in stuck {
+            let _ = pods
+                .delete(&name, &kube::api::DeleteParams::default().grace_period(0))
+                .await;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// `helm uninstall --wait` of the sandbox's release; nothing to do when it is not installed.
+pub fn uninstall(dirs: &Dirs, env: &Env) -> Result<(), Error> {
+    helm(
+        dirs,
+        env,
+        &[
+            "uninstall",
+            RELEASE,
+            "--namespace",
+            NAMESPACE,
+            "--ignore-not-found",
+            "--wait",
+            "--timeout",
+            "3m",
+        ],
+    )?;
+    Ok(())
+}
+
+/// Uninstalls the sandbox's release when it is installed: tests that run the agent as a process
+/// in each node need the agent's ports and nftables table to themselves. Without a built Helm
+/// nothing was installed with it, and there is nothing to do.
+pub fn retire(dirs: &Dirs) -> Result<(), Error> {
+    if helm::cached(&dirs.cache).is_none() {
+        return Ok(());
+    }
+    let env = crate::controlplane::ControlPlane::new(dirs).env();
+    if installed(dirs, &env) {
+        eprintln!(
+            "e2e: uninstalling the kube-migros Helm release, which would take the place of what runs next"
+        );
+        uninstall(dirs, &env)?;
+    }
+    Ok(())
+}
+
+/// Whether the release is installed (agents of the chart run on the nodes).
+pub fn installed(dirs: &Dirs, env: &Env) -> bool {
+    helm(dirs, env, &["status", RELEASE, "--namespace", NAMESPACE]).is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ldd_output_gives_the_library_paths() {
+        let text = "\tlinux-vdso.so.1 (0x00007ffd)\n\
+                    \tlibnftables.so.1 => /lib/x86_64-linux-gnu/libnftables.so.1 (0x00007f)\n\
+                    \tlibc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x00007f)\n\
+                    \t/lib64/ld-linux-x86-64.so.2 (0x00007f)\n";
+        assert_eq!(
+            ldd_paths(text),
+            [
+                "/lib/x86_64-linux-gnu/libnftables.so.1",
+                "/lib/x86_64-linux-gnu/libc.so.6",
+                "/lib64/ld-linux-x86-64.so.2"
+            ]
+        );
+    }
+
+    #[test]
+    fn links_resolve_inside_the_root() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        std::fs::create_dir_all(root.join("usr/lib/x")).unwrap();
+        std::fs::write(root.join("usr/lib/x/libz.so.1.3"), "z").unwrap();
+        std::os::unix::fs::symlink("usr/lib", root.join("lib")).unwrap();
+        std::os::unix::fs::symlink("libz.so.1.3", root.join("usr/lib/x/libz.so.1")).unwrap();
+        std::fs::create_dir_all(root.join("lib64-real")).unwrap();
+        std::os::unix::fs::symlink("/usr/lib/x/libz.so.1", root.join("lib64-real/abs")).unwrap();
+        assert_eq!(
+            resolve_in(root, &root.join("lib/x/libz.so.1")),
+            root.join("usr/lib/x/libz.so.1.3")
+        );
+        assert_eq!(
+            resolve_in(root, &root.join("lib64-real/abs")),
+            root.join("usr/lib/x/libz.so.1.3")
+        );
+    }
+}

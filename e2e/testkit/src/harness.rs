@@ -1,0 +1,165 @@
+//! What the end-to-end tests share: the sandbox control plane (started on first use, once per
+//! machine), the project's CRDs installed from the chart, and throwaway namespaces whose state is
+//! dumped when a test fails.
+
+use std::{
+    process::Output,
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use futures::FutureExt;
+use k8s_openapi::{
+    api::core::v1::Namespace,
+    apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+};
+use kube::{
+    Api, Client,
+    api::{DeleteParams, ObjectMeta, PostParams},
+};
+use tokio::sync::OnceCell;
+
+use sandbox::{
+    Dirs,
+    controlplane::{ControlPlane, Env},
+    install,
+};
+
+static ENV: OnceCell<Env> = OnceCell::const_new();
+
+/// The running sandbox control plane, brought up if needed (the first call may build Kubernetes).
+pub async fn env() -> Env {
+    ENV.get_or_init(|| async {
+        match ControlPlane::new(&Dirs::from_env()).up().await {
+            Ok(env) => env,
+            Err(e) => panic!("the sandbox control plane could not be started: {e}"),
+        }
+    })
+    .await
+    .clone()
+}
+
+/// An admin client of the sandbox. Each test gets its own: a client belongs to the runtime of the
+/// test that made it.
+pub async fn client() -> Client {
+    env().await.client().await.unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Applies the chart's CRDs and waits until the API server serves them. The tests that use them
+/// play the operator or run their own, so a kube-migros release left by the demo (whose operator
+/// would reconcile their PodMigrations too) is uninstalled first, once per test process.
+pub async fn install_crds(client: &Client) -> Vec<CustomResourceDefinition> {
+    static RETIRED: OnceCell<()> = OnceCell::const_new();
+    RETIRED
+        .get_or_init(|| async {
+            tokio::task::spawn_blocking(|| sandbox::release::retire(&Dirs::from_env()))
+                .await
+                .unwrap_or_else(|e| panic!("{e}"))
+                .unwrap_or_else(|e| panic!("uninstalling the demo's kube-migros: {e}"));
+        })
+        .await;
+    install::apply_chart_crds(client)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Runs `test` in a new namespace named `<prefix>-<unique>`. When the test fails, the namespace's
+/// PodMigrations and Events are printed; the namespace is deleted either way.
+pub async fn with_namespace<F, Fut>(prefix: &str, test: F)
+where
+    F: FnOnce(Client, String) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let client = client().await;
+    let name = unique_name(prefix);
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let ns = Namespace {
+        metadata: ObjectMeta {
+            name: Some(name.clone()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    namespaces
+        .create(&PostParams::default(), &ns)
+        .await
+        .unwrap_or_else(|e| panic!("creating namespace {name}: {e}"));
+    let outcome = std::panic::AssertUnwindSafe(test(client.clone(), name.clone()))
+        .catch_unwind()
+        .await;
+    if outcome.is_err() {
+        dump_namespace(&name).await;
+    }
+    if let Err(e) = namespaces.delete(&name, &DeleteParams::default()).await {
+        eprintln!("warning: could not delete namespace {name}: {e}");
+    }
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+async fn dump_namespace(ns: &str) {
+    let env = env().await;
+    for what in ["podmigrations.migros.io", "events"] {
+        let out = kubectl(&env, &["get", what, "-n", ns, "-o", "yaml"]);
+        eprintln!(
+            "--- {what} in {ns} ---\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// Runs the sandbox's kubectl with its admin kubeconfig.
+pub fn kubectl(env: &Env, args: &[&str]) -> Output {
+    std::process::Command::new(env.kubectl())
+        .arg("--kubeconfig")
+        .arg(&env.kubeconfig)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", env.kubectl().display()))
+}
+
+/// A name unique across the tests of all processes on this machine.
+pub fn unique_name(prefix: &str) -> String {
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    format!("{prefix}-{:x}{:x}{n}", std::process::id(), nanos >> 12)
+}
+
+/// Waits until the controller-manager created the namespace's `default` ServiceAccount; pods cannot
+/// be created before.
+pub async fn wait_for_default_service_account(client: &Client, ns: &str) {
+    let accounts: Api<k8s_openapi::api::core::v1::ServiceAccount> =
+        Api::namespaced(client.clone(), ns);
+    let exists = kube::runtime::wait::await_condition(
+        accounts,
+        "default",
+        |sa: Option<&k8s_openapi::api::core::v1::ServiceAccount>| sa.is_some(),
+    );
+    tokio::time::timeout(std::time::Duration::from_secs(60), exists)
+        .await
+        .unwrap_or_else(|_| panic!("ServiceAccount {ns}/default not created within 60s"))
+        .unwrap_or_else(|e| panic!("watching ServiceAccounts: {e}"));
+}
+
+/// Polls `probe` until it yields a value, failing after `timeout`; for state that no watch shows.
+pub async fn eventually<T, F, Fut>(timeout: std::time::Duration, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(value) = probe().await {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "condition not met within {timeout:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}

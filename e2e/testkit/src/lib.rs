@@ -1,0 +1,13 @@
+//! What the kube-migros tests (and the benchmarks) share, on top of the sandbox:
+//!
+//! - `harness`: the sandbox control plane started once, the CRDs installed, throwaway namespaces
+//!   whose state is dumped when a test fails, waits on conditions (`eventually`);
+//! - `fixtures`: mutual-TLS certificates, Node objects without kubelets, pods marked Running;
+//! - `testagent`: a scriptable agent that speaks the real agent API and keeps the real
+//!   operations table;
+//! - `workload`: the demo workload's pods, their state and their peer.
+
+pub mod fixtures;
+pub mod harness;
+pub mod testagent;
+pub mod workload;

@@ -1,0 +1,477 @@
+//! A scriptable node agent for testing the operator: it serves the real agent API over real gRPC
+//! with mutual TLS, announces itself with the real agent Lease and keeps the real operations table
+//! (`agent_api::operations`, the same rule as the node agent: a step runs once, a failure is
+//! reported once), but each step does what the test scripted (succeed, fail, hold until released,
+//! or crash) and every call and every execution is counted, so tests can tell the work was done
+//! once. A transfer the script lets succeed really streams bytes to the target agent.
+
+// Test support: a failed set-up step fails the test that asked for it.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use agent_api::{
+    Step,
+    client::Client as AgentClient,
+    identity::{self, Caller},
+    operations::Operations,
+    steps::StepRequest,
+    tls::TlsMaterial,
+    v1::{self, agent_server::AgentServer},
+};
+use kube::Client;
+use node_agent::lease::AgentLease;
+use tokio::{net::TcpListener, sync::Notify, task::JoinHandle};
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::{Request, Response, Status, Streaming};
+
+/// What a test scripts: a step of the agent API, or a peer streaming a checkpoint here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Scripted {
+    Step(Step),
+    /// A peer agent streamed a checkpoint here.
+    Receive,
+}
+
+impl From<Step> for Scripted {
+    fn from(step: Step) -> Self {
+        Scripted::Step(step)
+    }
+}
+
+/// Bytes the test agent "checkpoints" and streams to the target agent.
+pub const ARCHIVE_BYTES: u64 = 4096;
+/// Chunks of a transfer; one is sent every [`CHUNK_INTERVAL`], so a transfer takes about a second.
+const CHUNKS: u64 = 16;
+const CHUNK_INTERVAL: Duration = Duration::from_millis(60);
+/// Steps that end within this answer their result; held ones answer RUNNING after it.
+const QUICK_ANSWER: Duration = Duration::from_millis(100);
+
+/// What a step does when first asked.
+#[derive(Debug, Clone)]
+pub enum Behaviour {
+    Succeed,
+    /// Fail the next `times` executions with this message, then succeed.
+    Fail {
+        message: String,
+        times: u32,
+    },
+    /// Run (answering RUNNING) until [`TestAgent::release`] is called for the step.
+    Hold,
+    /// Stop serving (connections are refused) when the step is asked.
+    Crash,
+}
+
+/// Calls and executions of one step.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Count {
+    /// Requests received.
+    pub calls: u32,
+    /// Times the work was started.
+    pub executions: u32,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// Set by a crash: every request fails from then on, streams in flight included.
+    crashed: bool,
+    /// Reported in the capabilities: whether the node has rxe.
+    no_rxe: bool,
+    script: HashMap<Scripted, Behaviour>,
+    counts: HashMap<Scripted, Count>,
+    released: HashMap<Step, bool>,
+}
+
+#[derive(Debug, Clone)]
+struct Service {
+    node: String,
+    state: Arc<Mutex<State>>,
+    operations: Arc<Operations>,
+    /// Wakes held steps when one is released, and stops the server on a crash.
+    released: Arc<Notify>,
+    crash: Arc<Notify>,
+    /// Used to dial the target agent, as a real agent does.
+    tls: TlsMaterial,
+}
+
+/// A running test agent for one node.
+#[derive(Debug)]
+pub struct TestAgent {
+    pub node: String,
+    pub endpoint: SocketAddr,
+    service: Service,
+    server: JoinHandle<()>,
+    lease: JoinHandle<()>,
+}
+
+impl TestAgent {
+    /// Serves on a free loopback port with `tls` and announces itself in `namespace`.
+    pub async fn start(client: Client, namespace: &str, node: &str, tls: &TlsMaterial) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind a loopback port");
+        let endpoint = listener.local_addr().expect("local address");
+        let service = Service {
+            node: node.into(),
+            state: Arc::default(),
+            operations: Operations::new(QUICK_ANSWER),
+            released: Arc::default(),
+            crash: Arc::default(),
+            tls: tls.clone(),
+        };
+        let server = tonic::transport::Server::builder()
+            .tls_config(tls.server())
+            .expect("server TLS configuration")
+            .add_service(AgentServer::new(service.clone()));
+        let stop = service.crash.clone();
+        let server = tokio::spawn(async move {
+            let incoming = TcpListenerStream::new(listener);
+            let _ = server
+                .serve_with_incoming_shutdown(incoming, stop.notified())
+                .await;
+        });
+        let lease = AgentLease {
+            namespace: namespace.into(),
+            node: node.into(),
+            endpoint: endpoint.to_string(),
+            lease: Duration::from_secs(6),
+            pod: None,
+        };
+        lease.renew(&client).await.expect("announce the test agent");
+        let lease = tokio::spawn(async move { lease.keep(client).await });
+        Self {
+            node: node.into(),
+            endpoint,
+            service,
+            server,
+            lease,
+        }
+    }
+
+    /// Scripts what `step` does from now on.
+    pub fn script(&self, step: impl Into<Scripted>, behaviour: Behaviour) {
+        let step = step.into();
+        self.service.with(|s| {
+            s.script.insert(step, behaviour);
+            if let Scripted::Step(step) = step {
+                s.released.remove(&step);
+            }
+        });
+    }
+
+    /// Lets a held step succeed.
+    pub fn release(&self, step: Step) {
+        self.service.with(|s| s.released.insert(step, true));
+        self.service.released.notify_waiters();
+    }
+
+    /// Makes the agent report a node without an rxe device.
+    pub fn without_rxe(&self) {
+        self.service.with(|s| s.no_rxe = true);
+    }
+
+    pub fn count(&self, step: impl Into<Scripted>) -> Count {
+        let step = step.into();
+        self.service
+            .with(|s| s.counts.get(&step).copied().unwrap_or_default())
+    }
+
+    /// Stops serving (requests in flight fail, new connections are refused) and stops renewing
+    /// the Lease, as a crashed agent would.
+    pub fn crash(&self) {
+        self.service.crash();
+        self.lease.abort();
+    }
+}
+
+impl Drop for TestAgent {
+    fn drop(&mut self) {
+        self.server.abort();
+        self.lease.abort();
+    }
+}
+
+impl Service {
+    fn with<T>(&self, f: impl FnOnce(&mut State) -> T) -> T {
+        let mut state = self.state.lock().expect("test agent state");
+        f(&mut state)
+    }
+
+    fn crash(&self) {
+        self.with(|s| s.crashed = true);
+        self.crash.notify_waiters();
+        self.crash.notify_one();
+    }
+
+    /// Fails like a crashed agent once the test crashed this one.
+    fn alive(&self) -> Result<(), Status> {
+        if self.with(|s| s.crashed) {
+            return Err(Status::unavailable(format!(
+                "agent on {} crashed",
+                self.node
+            )));
+        }
+        Ok(())
+    }
+
+    /// A step request: counted, then run through the operations table with the scripted work.
+    async fn step<T>(
+        &self,
+        request: Request<T>,
+        wrap: fn(T) -> StepRequest,
+    ) -> Result<Response<v1::Operation>, Status> {
+        identity::require(&request, &[Caller::Operator])?;
+        self.alive()?;
+        let request = wrap(request.into_inner());
+        let step = request
+            .step()
+            .ok_or_else(|| Status::invalid_argument("role must be source or target"))?;
+        let behaviour = self.with(|s| {
+            s.counts.entry(step.into()).or_default().calls += 1;
+            s.script.get(&step.into()).cloned()
+        });
+        if matches!(behaviour, Some(Behaviour::Crash)) {
+            self.crash();
+            return Err(Status::unavailable(format!(
+                "agent on {} crashed",
+                self.node
+            )));
+        }
+        let uid = request.migration_uid().to_string();
+        let this = self.clone();
+        let op = self
+            .operations
+            .run(&uid, step, || this.work(step, request))
+            .await;
+        Ok(Response::new(op))
+    }
+
+    /// The scripted work of `step`, counted as one execution.
+    fn work(
+        self,
+        step: Step,
+        request: StepRequest,
+    ) -> impl Future<Output = v1::Operation> + Send + 'static {
+        let behaviour = self.with(|s| {
+            s.counts.entry(step.into()).or_default().executions += 1;
+            let behaviour = s.script.get(&step.into()).cloned();
+            // A scripted failure is used up by the execution it fails.
+            if let Some(Behaviour::Fail { message, times }) = &behaviour {
+                let next = match times {
+                    0 | 1 => Behaviour::Succeed,
+                    n => Behaviour::Fail {
+                        message: message.clone(),
+                        times: n - 1,
+                    },
+                };
+                s.script.insert(step.into(), next);
+            }
+            behaviour.unwrap_or(Behaviour::Succeed)
+        });
+        let uid = request.migration_uid().to_string();
+        async move {
+            match behaviour {
+                Behaviour::Fail { message, .. } => v1::Operation::failed(&uid, message),
+                Behaviour::Hold => {
+                    self.operations.progress(&uid, step, 1, 4);
+                    self.held(step).await;
+                    succeeded(&uid, step)
+                }
+                Behaviour::Succeed | Behaviour::Crash => match request {
+                    StepRequest::Transfer(r) => self.send(r).await,
+                    _ => succeeded(&uid, step),
+                },
+            }
+        }
+    }
+
+    /// Returns once the test released `step`.
+    async fn held(&self, step: Step) {
+        loop {
+            let released = self.released.notified();
+            tokio::pin!(released);
+            released.as_mut().enable();
+            if self.with(|s| s.released.get(&step).copied().unwrap_or(false)) {
+                return;
+            }
+            released.await;
+        }
+    }
+
+    /// Streams [`ARCHIVE_BYTES`] in chunks to the target agent, recording progress.
+    async fn send(&self, request: v1::TransferRequest) -> v1::Operation {
+        let uid = request.migration_uid.clone();
+        let chunk = ARCHIVE_BYTES / CHUNKS;
+        let (operations, progress_uid) = (self.operations.clone(), uid.clone());
+        let chunks = tokio_stream::StreamExt::then(tokio_stream::iter(0..CHUNKS), move |i| {
+            let (operations, uid) = (operations.clone(), progress_uid.clone());
+            async move {
+                tokio::time::sleep(CHUNK_INTERVAL).await;
+                operations.progress(&uid, Step::Transfer, i * chunk, ARCHIVE_BYTES);
+                v1::ReceiveChunk {
+                    migration_uid: uid,
+                    container: "app".into(),
+                    offset: i * chunk,
+                    data: vec![0u8; usize::try_from(chunk).unwrap_or(0)],
+                    ..Default::default()
+                }
+            }
+        });
+        let endpoint = &request.target_endpoint;
+        let result = async {
+            let channel = self
+                .tls
+                .endpoint(endpoint)
+                .map_err(|e| e.to_string())?
+                .connect()
+                .await
+                .map_err(|e| format!("connecting to the target agent {endpoint}: {e}"))?;
+            AgentClient::new(channel)
+                .raw()
+                .receive(chunks)
+                .await
+                .map_err(|s| format!("streaming to the target agent: {}", s.message()))
+        }
+        .await;
+        match result {
+            Ok(received) if received.get_ref().bytes == ARCHIVE_BYTES => {
+                succeeded(&uid, Step::Transfer)
+            }
+            Ok(received) => v1::Operation::failed(
+                &uid,
+                format!(
+                    "the target received {} of {ARCHIVE_BYTES} bytes",
+                    received.get_ref().bytes
+                ),
+            ),
+            Err(message) => v1::Operation::failed(&uid, message),
+        }
+    }
+}
+
+fn succeeded(uid: &str, step: Step) -> v1::Operation {
+    let mut op = v1::Operation::succeeded(uid);
+    match step {
+        Step::Checkpoint => {
+            op.archives = vec![v1::ContainerArchive {
+                name: "app".into(),
+                bytes: ARCHIVE_BYTES,
+                digest: "sha256:test".into(),
+            }];
+            op.bytes_done = ARCHIVE_BYTES;
+            op.bytes_total = ARCHIVE_BYTES;
+        }
+        Step::Transfer => {
+            op.bytes_done = ARCHIVE_BYTES;
+            op.bytes_total = ARCHIVE_BYTES;
+            op.location = format!("/var/lib/kube-migros/checkpoints/{uid}");
+        }
+        Step::StageRestore => {
+            op.staged = vec![v1::StagedContainer {
+                name: "app".into(),
+                image: format!("localhost/checkpoint/{uid}/app"),
+            }];
+        }
+        _ => {}
+    }
+    op
+}
+
+#[tonic::async_trait]
+impl v1::agent_server::Agent for Service {
+    async fn capabilities(
+        &self,
+        request: Request<v1::CapabilitiesRequest>,
+    ) -> Result<Response<v1::NodeCapabilities>, Status> {
+        identity::require(&request, &[Caller::Operator])?;
+        self.alive()?;
+        Ok(Response::new(v1::NodeCapabilities {
+            node_name: self.node.clone(),
+            runtime_name: "test".into(),
+            runtime_version: "0".into(),
+            criu_version: "0".into(),
+            rxe_present: !self.with(|s| s.no_rxe),
+            free_bytes: 1 << 40,
+            restore_backends: vec!["cri-checkpoint-image".into()],
+        }))
+    }
+
+    async fn receive(
+        &self,
+        request: Request<Streaming<v1::ReceiveChunk>>,
+    ) -> Result<Response<v1::ReceiveResult>, Status> {
+        identity::require(&request, &[Caller::Agent])?;
+        self.alive()?;
+        self.with(|s| {
+            let count = s.counts.entry(Scripted::Receive).or_default();
+            count.calls += 1;
+            count.executions += 1;
+        });
+        let mut stream = request.into_inner();
+        let mut bytes = 0u64;
+        while let Some(chunk) = stream.message().await? {
+            // A crashed agent stops taking data in the middle of a stream.
+            self.alive()?;
+            bytes += chunk.data.len() as u64;
+        }
+        Ok(Response::new(v1::ReceiveResult {
+            bytes,
+            archives: Vec::new(),
+        }))
+    }
+
+    async fn prepare_target(
+        &self,
+        r: Request<v1::PrepareTargetRequest>,
+    ) -> Result<Response<v1::Operation>, Status> {
+        self.step(r, StepRequest::PrepareTarget).await
+    }
+
+    async fn checkpoint(
+        &self,
+        r: Request<v1::CheckpointRequest>,
+    ) -> Result<Response<v1::Operation>, Status> {
+        self.step(r, StepRequest::Checkpoint).await
+    }
+
+    async fn transfer(
+        &self,
+        r: Request<v1::TransferRequest>,
+    ) -> Result<Response<v1::Operation>, Status> {
+        self.step(r, StepRequest::Transfer).await
+    }
+
+    async fn stage_restore(
+        &self,
+        r: Request<v1::StageRestoreRequest>,
+    ) -> Result<Response<v1::Operation>, Status> {
+        self.step(r, StepRequest::StageRestore).await
+    }
+
+    async fn finish_restore(
+        &self,
+        r: Request<v1::StepRequest>,
+    ) -> Result<Response<v1::Operation>, Status> {
+        self.step(r, StepRequest::FinishRestore).await
+    }
+
+    async fn commit(&self, r: Request<v1::StepRequest>) -> Result<Response<v1::Operation>, Status> {
+        self.step(r, StepRequest::Commit).await
+    }
+
+    async fn abort(&self, r: Request<v1::StepRequest>) -> Result<Response<v1::Operation>, Status> {
+        self.step(r, StepRequest::Abort).await
+    }
+
+    async fn cleanup(
+        &self,
+        r: Request<v1::StepRequest>,
+    ) -> Result<Response<v1::Operation>, Status> {
+        self.step(r, StepRequest::Cleanup).await
+    }
+}

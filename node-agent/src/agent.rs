@@ -1,0 +1,180 @@
+//! The agent of one node: what every step shares (settings, the runtime, the checkpoint store, the
+//! rxe counters, the pod IP block list, the restore backend, the operations table) and the steps
+//! that either end of a migration takes (abort, cleanup). The steps of each end are in `source`
+//! and `target`; `api` is the gRPC facade in front of them.
+
+use std::{net::Ipv4Addr, path::PathBuf, sync::Arc, time::Duration};
+
+use agent_api::{Role, operations::Operations, tls::TlsMaterial, v1};
+
+use crate::{
+    archive::Limits,
+    error::{Error, Result},
+    ipam::Reservations,
+    metrics::Metrics,
+    netblock::NetBlock,
+    restore::RestoreBackend,
+    runtime::Runtime,
+    rxe_counters::Holds,
+    store::{self, Record, Store},
+};
+
+/// What the agent is configured with (the agent's flags).
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub node_name: String,
+    pub store: PathBuf,
+    pub reservations: PathBuf,
+    pub limits: Limits,
+    /// Waiting for the checkpoint of one container at most this long.
+    pub checkpoint_timeout: Duration,
+    /// A step that ends within this answers its result at once instead of RUNNING.
+    pub quick_answer: Duration,
+    /// Attempts of a transfer whose stream breaks.
+    pub transfer_attempts: u32,
+    /// Waiting for a killed source container to end at most this long.
+    pub stop_timeout: Duration,
+}
+
+/// The node's parts the agent works with.
+#[derive(Debug)]
+pub struct Parts {
+    pub runtime: Runtime,
+    pub rxe: Holds,
+    pub net: NetBlock,
+    pub backend: Box<dyn RestoreBackend>,
+    /// Dials peer agents with it.
+    pub tls: TlsMaterial,
+    pub metrics: Arc<Metrics>,
+}
+
+/// The agent of one node; cheap to clone (every step owns one).
+#[derive(Debug, Clone)]
+pub struct Agent {
+    pub(crate) settings: Arc<Settings>,
+    pub(crate) parts: Arc<Parts>,
+    pub(crate) store: Store,
+    pub(crate) reservations: Reservations,
+    pub(crate) operations: Arc<Operations>,
+}
+
+impl Agent {
+    pub fn new(settings: Settings, parts: Parts) -> Self {
+        Self {
+            store: Store::new(&settings.store),
+            reservations: Reservations::new(&settings.reservations),
+            operations: Operations::new(settings.quick_answer),
+            settings: Arc::new(settings),
+            parts: Arc::new(parts),
+        }
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn runtime(&self) -> &Runtime {
+        &self.parts.runtime
+    }
+
+    pub fn operations(&self) -> &Arc<Operations> {
+        &self.operations
+    }
+
+    /// Whether a step of migration `uid` runs now (its data must stay).
+    pub fn active(&self, uid: &str) -> bool {
+        self.operations.active(uid)
+    }
+
+    /// What this node can do.
+    pub async fn capabilities(&self) -> Result<v1::NodeCapabilities> {
+        let (runtime_name, runtime_version) = self.parts.runtime.version().await?;
+        Ok(v1::NodeCapabilities {
+            node_name: self.settings.node_name.clone(),
+            runtime_name,
+            runtime_version,
+            criu_version: criu_version().await.unwrap_or_default(),
+            rxe_present: self.parts.rxe.counters().present(),
+            free_bytes: self.store.free_bytes().unwrap_or(0),
+            restore_backends: vec![self.parts.backend.name().into()],
+        })
+    }
+
+    /// A succeeded operation of `uid` that says where the node keeps the migration's data.
+    pub(crate) fn done(&self, uid: &str) -> v1::Operation {
+        let mut op = v1::Operation::succeeded(uid);
+        op.location = self.store.location(uid);
+        op
+    }
+
+    /// Before the commit point. Source: lift the network block and resume the containers as
+    /// they were. Target: discard what was received or staged.
+    pub async fn abort(self, uid: String, role: Role) -> Result<v1::Operation> {
+        match self.store.load(&uid)? {
+            None => {}
+            Some(r) if r.committed => {
+                return Err(Error::NotReady(format!(
+                    "migration {uid} is past its commit point; it cannot be aborted"
+                )));
+            }
+            Some(r) => match role {
+                Role::Source => self.thaw(&r).await?,
+                Role::Target => self.release_target(&r).await?,
+            },
+        }
+        self.store.remove(&uid)?;
+        Ok(v1::Operation::succeeded(&uid))
+    }
+
+    /// Drops everything kept for the migration, after undoing what would otherwise stay: a
+    /// source that is not past the commit point is resumed (a pod is never left frozen).
+    pub async fn cleanup(self, uid: String) -> Result<v1::Operation> {
+        if let Some(r) = self.store.load(&uid)? {
+            match r.role {
+                store::Role::Source if !r.committed => self.thaw(&r).await?,
+                store::Role::Source => self.unblock(&r).await?,
+                store::Role::Target => self.release_target(&r).await?,
+            }
+        }
+        self.store.remove(&uid)?;
+        self.operations.forget(&uid);
+        self.parts.rxe.release(&uid);
+        Ok(v1::Operation::succeeded(&uid))
+    }
+
+    /// Lifts this node's block of the record's pod IP, if the agent set one.
+    pub(crate) async fn unblock(&self, r: &Record) -> Result<()> {
+        if let Some(ip) = pod_ip(&r.pod_ip)?.filter(|_| r.blocked) {
+            self.parts.net.unblock(ip).await?;
+            match self.store.update(&r.uid, |r| r.blocked = false) {
+                // Cleaned up meanwhile: nothing left to note it in.
+                Ok(_) | Err(store::Error::NoRecord(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A pod IP as the API carries it: empty for none.
+pub(crate) fn pod_ip(ip: &str) -> Result<Option<Ipv4Addr>> {
+    if ip.is_empty() {
+        return Ok(None);
+    }
+    ip.parse()
+        .map(Some)
+        .map_err(|_| Error::Invalid(format!("pod IP {ip:?} is not an IPv4 address")))
+}
+
+/// `criu --version`'s version, if CRIU is installed.
+pub async fn criu_version() -> Option<String> {
+    let out = tokio::process::Command::new("criu")
+        .arg("--version")
+        .output()
+        .await
+        .ok()?;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("Version: "))
+        .map(|v| v.trim().to_string())
+}

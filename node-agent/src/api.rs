@@ -1,0 +1,217 @@
+//! The agent's gRPC facade: who may call what (the operator asks for steps and capabilities, a peer
+//! agent may only stream a checkpoint), the checks every step request passes, and the dispatch of
+//! each step into the operations table, which runs it at most once (see `agent_api::operations`).
+
+use std::time::Instant;
+
+use agent_api::{
+    Step,
+    identity::{self, Caller},
+    steps::StepRequest,
+    v1::{self, agent_server::Agent as AgentApi},
+};
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{Instrument, info, info_span, warn};
+
+use crate::{
+    agent::{Agent, pod_ip},
+    error::{Error, Result},
+    store,
+};
+
+/// The agent API over an [`Agent`].
+#[derive(Debug, Clone)]
+pub struct Service {
+    agent: Agent,
+}
+
+impl Service {
+    pub fn new(agent: Agent) -> Self {
+        Self { agent }
+    }
+
+    /// What every step RPC does: only the operator may ask, the request must be well formed,
+    /// then the step runs (or reports its state) through the operations table.
+    async fn step<T>(
+        &self,
+        request: Request<T>,
+        wrap: fn(T) -> StepRequest,
+    ) -> Result<Response<v1::Operation>, Status> {
+        identity::require(&request, &[Caller::Operator])?;
+        let request = wrap(request.into_inner());
+        let step = check(&request)?;
+        let uid = request.migration_uid().to_string();
+        let agent = self.agent.clone();
+        let op = self
+            .agent
+            .operations()
+            .run(&uid, step, || perform(agent, step, request))
+            .await;
+        Ok(Response::new(op))
+    }
+}
+
+/// The step a request asks for, once it passed the checks that need no state.
+fn check(request: &StepRequest) -> Result<Step> {
+    let uid = request.migration_uid();
+    if !store::valid_uid(uid) {
+        return Err(Error::Invalid(format!("{uid:?} is not a migration UID")));
+    }
+    let step = request
+        .step()
+        .ok_or_else(|| Error::Invalid("role must be source or target".into()))?;
+    match request {
+        StepRequest::PrepareTarget(v1::PrepareTargetRequest { pod, .. })
+        | StepRequest::Checkpoint(v1::CheckpointRequest { pod, .. }) => check_pod(pod.as_ref())?,
+        _ => {}
+    }
+    Ok(step)
+}
+
+fn check_pod(pod: Option<&v1::PodRef>) -> Result<()> {
+    let invalid = |why: String| Err(Error::Invalid(why));
+    let Some(pod) = pod else {
+        return invalid("the request names no pod".into());
+    };
+    if pod.namespace.is_empty() || pod.name.is_empty() {
+        return invalid("the pod needs a namespace and a name".into());
+    }
+    if pod.containers.is_empty() {
+        return invalid("the pod has no containers".into());
+    }
+    if let Some(c) = pod.containers.iter().find(|c| !store::valid_name(&c.name)) {
+        return invalid(format!("container name {:?} is not a DNS label", c.name));
+    }
+    pod_ip(&pod.pod_ip).map(drop)
+}
+
+/// Runs one step: its span, its log line and its metric, and its result as an operation.
+async fn perform(agent: Agent, step: Step, request: StepRequest) -> v1::Operation {
+    let uid = request.migration_uid().to_string();
+    let span = info_span!("step", migration = %uid, step = step.name());
+    async move {
+        let started = Instant::now();
+        let result = dispatch(agent.clone(), request).await;
+        let took = started.elapsed();
+        agent.parts.metrics.step(step, result.is_ok(), took);
+        match result {
+            Ok(op) => {
+                info!(took_ms = took.as_millis() as u64, "step succeeded");
+                op
+            }
+            Err(e) => {
+                warn!(error = %e, "step failed");
+                v1::Operation::failed(&uid, e.to_string())
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+async fn dispatch(agent: Agent, request: StepRequest) -> Result<v1::Operation> {
+    let role = |r: &v1::StepRequest| agent_api::Role::from_api(r.role());
+    match request {
+        StepRequest::PrepareTarget(r) => agent.prepare(r).await,
+        StepRequest::Checkpoint(r) => agent.checkpoint(r).await,
+        StepRequest::Transfer(r) => agent.transfer(r).await,
+        StepRequest::StageRestore(r) => agent.stage_restore(r).await,
+        StepRequest::FinishRestore(r) => agent.finish_restore(r.migration_uid).await,
+        StepRequest::Commit(r) => match role(&r) {
+            Some(role) => agent.commit(r.migration_uid, role).await,
+            None => Err(Error::Invalid("role must be source or target".into())),
+        },
+        StepRequest::Abort(r) => match role(&r) {
+            Some(role) => agent.abort(r.migration_uid, role).await,
+            None => Err(Error::Invalid("role must be source or target".into())),
+        },
+        StepRequest::Cleanup(r) => agent.cleanup(r.migration_uid).await,
+    }
+}
+
+#[tonic::async_trait]
+impl AgentApi for Service {
+    async fn capabilities(
+        &self,
+        request: Request<v1::CapabilitiesRequest>,
+    ) -> Result<Response<v1::NodeCapabilities>, Status> {
+        identity::require(&request, &[Caller::Operator])?;
+        let capabilities = self
+            .agent
+            .capabilities()
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        Ok(Response::new(capabilities))
+    }
+
+    async fn receive(
+        &self,
+        request: Request<Streaming<v1::ReceiveChunk>>,
+    ) -> Result<Response<v1::ReceiveResult>, Status> {
+        identity::require(&request, &[Caller::Agent])?;
+        let started = Instant::now();
+        match self.agent.receive(request.into_inner()).await {
+            Ok(got) => {
+                info!(migration = %got.uid, bytes = got.bytes, took_ms = started.elapsed().as_millis() as u64, "checkpoint received and staged");
+                Ok(Response::new(v1::ReceiveResult {
+                    bytes: got.bytes,
+                    archives: got.archives,
+                }))
+            }
+            Err(e) => {
+                warn!(error = %e, "checkpoint refused");
+                Err(e.status())
+            }
+        }
+    }
+
+    async fn prepare_target(
+        &self,
+        r: Request<v1::PrepareTargetRequest>,
+    ) -> Result<Response<v1::Operation>, Status> {
+        self.step(r, StepRequest::PrepareTarget).await
+    }
+
+    async fn checkpoint(
+        &self,
+        r: Request<v1::CheckpointRequest>,
+    ) -> Result<Response<v1::Operation>, Status> {
+        self.step(r, StepRequest::Checkpoint).await
+    }
+
+    async fn transfer(
+        &self,
+        r: Request<v1::TransferRequest>,
+    ) -> Result<Response<v1::Operation>, Status> {
+        self.step(r, StepRequest::Transfer).await
+    }
+
+    async fn stage_restore(
+        &self,
+        r: Request<v1::StageRestoreRequest>,
+    ) -> Result<Response<v1::Operation>, Status> {
+        self.step(r, StepRequest::StageRestore).await
+    }
+
+    async fn finish_restore(
+        &self,
+        r: Request<v1::StepRequest>,
+    ) -> Result<Response<v1::Operation>, Status> {
+        self.step(r, StepRequest::FinishRestore).await
+    }
+
+    async fn commit(&self, r: Request<v1::StepRequest>) -> Result<Response<v1::Operation>, Status> {
+        self.step(r, StepRequest::Commit).await
+    }
+
+    async fn abort(&self, r: Request<v1::StepRequest>) -> Result<Response<v1::Operation>, Status> {
+        self.step(r, StepRequest::Abort).await
+    }
+
+    async fn cleanup(
+        &self,
+        r: Request<v1::StepRequest>,
+    ) -> Result<Response<v1::Operation>, Status> {
+        self.step(r, StepRequest::Cleanup).await
+    }
+}

@@ -1,0 +1,322 @@
+//! The source end of a migration: silence the pod's IP, pause its containers and checkpoint them
+//! through the CRI (they stay paused), stream the checkpoint to the target agent, and then either
+//! stop the paused containers for good (commit) or resume them as they were (rollback).
+//! What must be undone is written to the migration's record first, so that a restarted agent can
+//! still undo it.
+
+use std::time::{Duration, Instant};
+
+use agent_api::{Step, v1};
+use tracing::{info, warn};
+
+use crate::{
+    agent::{Agent, pod_ip},
+    archive,
+    error::{Error, Result},
+    runtime::{self, TaskStatus},
+    store::{Container, Record, Role},
+    wire::{self, Outgoing},
+};
+
+/// How often a stopping or waiting step looks at the runtime again.
+const RECHECK: Duration = Duration::from_millis(20);
+
+impl Agent {
+    /// Pauses and checkpoints the pod's containers; on any failure the pod runs again, reachable,
+    /// and nothing of the attempt is kept.
+    pub async fn checkpoint(self, req: v1::CheckpointRequest) -> Result<v1::Operation> {
+        let uid = req.migration_uid.clone();
+        let pod = req.pod.unwrap_or_default();
+        let mut record = Record::new(&uid, Role::Source, &pod.namespace, &pod.name);
+        record.pod_uid = pod.uid.clone();
+        record.pod_ip = pod.pod_ip.clone();
+        record.containers = pod
+            .containers
+            .iter()
+            .map(|c| Container {
+                name: c.name.clone(),
+                id: runtime::container_id(&c.container_id).to_string(),
+                image: c.image.clone(),
+                ..Default::default()
+            })
+            .collect();
+        // The operator may not know the runtime's IDs: find them by the pod's sandbox.
+        for c in record.containers.iter_mut().filter(|c| c.id.is_empty()) {
+            c.id = self
+                .runtime()
+                .find_container(&pod.namespace, &pod.name, &pod.uid, &c.name)
+                .await?
+                .ok_or_else(|| {
+                    Error::NotReady(format!(
+                        "no running container {} of pod {}/{} on this node",
+                        c.name, pod.namespace, pod.name
+                    ))
+                })?;
+        }
+        self.store.save(&record)?;
+        match self.freeze_and_dump(&mut record).await {
+            Ok(op) => Ok(op),
+            Err(cause) => {
+                // Leave the source as it was: running and reachable.
+                if let Err(undo) = self.thaw(&record).await {
+                    return Err(Error::Undo {
+                        cause: Box::new(cause),
+                        undo: Box::new(undo),
+                    });
+                }
+                // Undone: nothing of this attempt is kept.
+                if let Err(e) = self.store.remove(&uid) {
+                    warn!(error = %e, "cannot remove the failed checkpoint's data");
+                }
+                Err(cause)
+            }
+        }
+    }
+
+    async fn freeze_and_dump(&self, record: &mut Record) -> Result<v1::Operation> {
+        let uid = record.uid.clone();
+        // Silence first: from here on the node acknowledges nothing of the pod's connections.
+        if let Some(ip) = pod_ip(&record.pod_ip)? {
+            record.blocked = true;
+            self.store.save(record)?;
+            self.parts.net.block(ip).await?;
+        }
+        self.pause(record).await?;
+        let dir = self.store.subdir(&uid, "checkpoint")?;
+        let mut archives = Vec::new();
+        for c in &mut record.containers {
+            let path = dir.join(format!("{}.tar", c.name));
+            let _ = std::fs::remove_file(&path);
+            let started = Instant::now();
+            self.runtime()
+                .checkpoint(&c.id, &path, self.settings.checkpoint_timeout)
+                .await?;
+            let (digest, bytes) =
+                tokio::task::spawn_blocking(move || archive::digest_file(&path)).await??;
+            info!(container = %c.name, bytes, took_ms = started.elapsed().as_millis() as u64, "checkpointed");
+            self.parts.metrics.bytes("checkpointed", bytes);
+            c.bytes = bytes;
+            c.digest = digest.clone();
+            archives.push(v1::ContainerArchive {
+                name: c.name.clone(),
+                bytes,
+                digest,
+            });
+        }
+        // The snapshot is only good if nothing ran after it: every task must still be paused.
+        for c in &record.containers {
+            let status = self.runtime().task_status(&c.id).await?;
+            if status != TaskStatus::Paused {
+                return Err(Error::NotReady(format!(
+                    "container {} is {} after its checkpoint, not paused",
+                    c.name,
+                    task_state(status)
+                )));
+            }
+        }
+        self.store.save(record)?;
+        let total = archives.iter().map(|a| a.bytes).sum();
+        let mut op = self.done(&uid);
+        op.archives = archives;
+        op.bytes_done = total;
+        op.bytes_total = total;
+        Ok(op)
+    }
+
+    /// Pauses every container of the record through the runtime (the record says so first).
+    async fn pause(&self, record: &mut Record) -> Result<()> {
+        for c in &record.containers {
+            match self.runtime().task_status(&c.id).await? {
+                TaskStatus::Paused => {}
+                TaskStatus::Running => {
+                    record.paused = true;
+                    self.store.save(record)?;
+                    self.runtime().pause(&c.id).await?;
+                }
+                other => {
+                    return Err(Error::NotReady(format!(
+                        "container {} is not running (its task is {})",
+                        c.name,
+                        task_state(other)
+                    )));
+                }
+            }
+        }
+        record.paused = true;
+        self.store.save(record)?;
+        Ok(())
+    }
+
+    /// Resumes what the agent paused and lifts its network block (the source's rollback).
+    pub(crate) async fn thaw(&self, record: &Record) -> Result<()> {
+        // The record on disk is the truth: a step may have changed it since `record` was read.
+        let Some(record) = self.store.load(&record.uid)? else {
+            return Ok(());
+        };
+        if record.paused && !record.stopped {
+            for c in &record.containers {
+                match self.runtime().task_status(&c.id).await {
+                    Ok(TaskStatus::Paused | TaskStatus::Pausing) => {
+                        self.runtime().resume(&c.id).await?;
+                    }
+                    Ok(_) => {}
+                    // A container that is gone has nothing to resume.
+                    Err(e) => warn!(container = %c.name, error = %e, "not resumed"),
+                }
+            }
+            self.store.update(&record.uid, |r| r.paused = false)?;
+        }
+        self.unblock(&record).await
+    }
+
+    /// Streams the checkpoint to the target agent, trying again while the stream breaks.
+    pub async fn transfer(self, req: v1::TransferRequest) -> Result<v1::Operation> {
+        let uid = req.migration_uid.clone();
+        let record = self
+            .store
+            .load(&uid)?
+            .filter(|r| r.role == Role::Source && r.containers.iter().all(|c| !c.digest.is_empty()))
+            .ok_or_else(|| {
+                Error::NotReady(format!("migration {uid} has no checkpoint on this node"))
+            })?;
+        let dir = self.store.dir(&uid)?.join("checkpoint");
+        let archives: Vec<Outgoing> = record
+            .containers
+            .iter()
+            .map(|c| Outgoing {
+                container: c.name.clone(),
+                path: dir.join(format!("{}.tar", c.name)),
+                bytes: c.bytes,
+                digest: c.digest.clone(),
+            })
+            .collect();
+        let total: u64 = archives.iter().map(|a| a.bytes).sum();
+        let attempts = self.settings.transfer_attempts.max(1);
+        let mut attempt = 1;
+        loop {
+            let operations = self.operations.clone();
+            let progress_uid = uid.clone();
+            let progress = move |done| {
+                operations.progress(&progress_uid, Step::Transfer, done, total);
+            };
+            match wire::send(&self.parts.tls, &req, &archives, progress).await {
+                Ok(wire) => {
+                    self.parts.metrics.bytes("sent", wire);
+                    let mut op = self.done(&uid);
+                    op.bytes_done = total;
+                    op.bytes_total = total;
+                    op.message = format!("{wire} bytes on the wire");
+                    return Ok(op);
+                }
+                // The target refused the data: sending it again would not help.
+                Err(e) if !e.retryable() => return Err(e),
+                Err(e) if attempt >= attempts => {
+                    return Err(Error::NotReady(format!(
+                        "the transfer failed {attempts} times; last: {e}"
+                    )));
+                }
+                Err(e) => {
+                    warn!(attempt, error = %e, "transfer attempt failed");
+                    tokio::time::sleep(Duration::from_secs(u64::from(attempt))).await;
+                    attempt += 1;
+                }
+            }
+        }
+    }
+
+    /// Past the commit point: the paused containers are killed for good (they never run another
+    /// instruction). The pod IP stays blocked here until the old sandbox is gone.
+    pub async fn commit(self, uid: String, role: agent_api::Role) -> Result<v1::Operation> {
+        let record = self.store.record(&uid)?;
+        let source = role == agent_api::Role::Source;
+        if source && !record.stopped {
+            self.stop(&record).await?;
+        }
+        self.store.update(&uid, |r| {
+            r.committed = true;
+            r.stopped |= source;
+        })?;
+        // The source's network block stays while the old sandbox exists: it must never answer
+        // for the IP again, not even ARP. Once it is gone, other pods of this node must reach the
+        // address where it lives now, so the block goes too.
+        if source && record.blocked {
+            tokio::spawn(self.clone().unblock_when_sandbox_gone(record));
+        }
+        Ok(self.done(&uid))
+    }
+
+    /// Kills the record's paused containers and waits for their end.
+    async fn stop(&self, record: &Record) -> Result<()> {
+        let rt = self.runtime();
+        for c in &record.containers {
+            // A frozen task acts on SIGKILL once thawed, before running any code of its own.
+            match rt.kill(&c.id).await {
+                Ok(()) => {}
+                // Gone already (an earlier attempt killed it): stopped for good.
+                Err(e) if e.is_not_found() => continue,
+                Err(e) => return Err(e.into()),
+            }
+            // A task in a PID namespace of its own may end right away (the kernel ends the
+            // namespace), and one being killed may stop being "paused" under our resume: a
+            // failed resume is judged by the wait for the task's end below.
+            if matches!(rt.task_status(&c.id).await, Ok(TaskStatus::Paused))
+                && let Err(e) = rt.resume(&c.id).await
+            {
+                warn!(container = %c.name, error = %e, "resume after SIGKILL failed; waiting for the task to end");
+            }
+        }
+        let deadline = Instant::now() + self.settings.stop_timeout;
+        for c in &record.containers {
+            loop {
+                match rt.task_status(&c.id).await {
+                    Ok(TaskStatus::Stopped) | Err(_) => break,
+                    Ok(status) if Instant::now() > deadline => {
+                        return Err(Error::NotReady(format!(
+                            "container {} is still {} {}s after SIGKILL",
+                            c.name,
+                            task_state(status),
+                            self.settings.stop_timeout.as_secs()
+                        )));
+                    }
+                    Ok(status) => {
+                        // Still frozen with the SIGKILL pending: thaw it again.
+                        if status == TaskStatus::Paused {
+                            let _ = rt.resume(&c.id).await;
+                        }
+                        tokio::time::sleep(RECHECK).await;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn unblock_when_sandbox_gone(self, record: Record) {
+        let deadline = Instant::now() + Duration::from_secs(600);
+        loop {
+            let sandbox = self
+                .runtime()
+                .find_sandbox(&record.namespace, &record.pod, &record.pod_uid)
+                .await;
+            match sandbox {
+                Ok(None) => break,
+                Ok(Some(_)) | Err(_) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                // Given up: Cleanup lifts it.
+                _ => return,
+            }
+        }
+        match self.unblock(&record).await {
+            Ok(()) => {
+                info!(migration = %record.uid, ip = %record.pod_ip, "the old sandbox is gone; the pod IP is unblocked here")
+            }
+            Err(e) => warn!(migration = %record.uid, error = %e, "cannot unblock the pod IP"),
+        }
+    }
+}
+
+/// A task state in words (`paused`, `stopped`, ...).
+fn task_state(status: TaskStatus) -> String {
+    status.as_str_name().to_lowercase()
+}

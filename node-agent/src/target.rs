@@ -1,0 +1,317 @@
+//! The target end of a migration: prepare (room, rxe block, base images), receive the checkpoint
+//! stream and stage each vetted archive with the restore backend, then stage the restore itself
+//! (rxe counters held, IP reserved and blocked until the restored sockets exist), and finish once
+//! the replacement pod runs (lift the block, announce the address). Release undoes all of it.
+
+use std::path::{Path, PathBuf};
+
+use agent_api::v1;
+use futures::Stream;
+use tracing::{info, warn};
+
+use crate::{
+    address,
+    agent::{Agent, pod_ip},
+    archive,
+    error::{Error, Result},
+    ipam::Reservation,
+    rxe_counters::{self, Block},
+    store::{Container, Record, Role},
+    wire::{self, Received, Rejected},
+};
+
+/// What a stream leaves in a migration's directory, removed when it is refused or replaced.
+const RECEIVED_DIRS: [&str; 2] = ["incoming", "staged"];
+
+impl Agent {
+    /// Checks that the pod can be restored here and records the migration.
+    pub async fn prepare(self, req: v1::PrepareTargetRequest) -> Result<v1::Operation> {
+        let pod = req.pod.unwrap_or_default();
+        let free = self.store.free_bytes()?;
+        if req.expected_bytes > free {
+            return Err(Error::NotReady(format!(
+                "the checkpoint store has {free} bytes free, the checkpoint needs about {}",
+                req.expected_bytes
+            )));
+        }
+        let limit = self.settings.limits.max_bytes;
+        if req.expected_bytes > limit {
+            return Err(Error::Invalid(format!(
+                "the checkpoint (about {} bytes) is larger than this node's limit of {limit} bytes",
+                req.expected_bytes
+            )));
+        }
+        if let Some(block) = req.rxe.as_ref().map(Block::from) {
+            let counters = self.parts.rxe.counters();
+            if !counters.present() {
+                return Err(rxe_counters::Error::Absent(counters.dir().to_path_buf()).into());
+            }
+            counters.check(block)?;
+        }
+        // The restore pulls the base images; find out now whether it can.
+        for c in pod.containers.iter().filter(|c| !c.image.is_empty()) {
+            self.runtime()
+                .pull(&c.image)
+                .await
+                .map_err(|e| Error::from(e).during("the target cannot pull the base image"))?;
+        }
+        let mut record = match self.store.load(&req.migration_uid)? {
+            Some(r) if r.role == Role::Target => r,
+            _ => Record::new(&req.migration_uid, Role::Target, &pod.namespace, &pod.name),
+        };
+        record.pod_uid = pod.uid.clone();
+        record.pod_ip = pod.pod_ip.clone();
+        record.containers = pod
+            .containers
+            .iter()
+            .map(|c| Container {
+                name: c.name.clone(),
+                image: c.image.clone(),
+                ..Default::default()
+            })
+            .collect();
+        self.store.save(&record)?;
+        let mut op = self.done(&req.migration_uid);
+        op.message = format!("{free} bytes free");
+        Ok(op)
+    }
+
+    /// Receives a checkpoint stream from the source agent; anything refused leaves nothing.
+    pub async fn receive(
+        &self,
+        stream: impl Stream<Item = Result<v1::ReceiveChunk, tonic::Status>> + Unpin,
+    ) -> Result<Received> {
+        let mut sink = Staging {
+            agent: self,
+            uid: None,
+        };
+        let result = wire::receive(stream, &mut sink).await;
+        match &result {
+            Ok(got) => self.parts.metrics.bytes("received", got.bytes),
+            Err(_) => {
+                if let Some(uid) = &sink.uid {
+                    self.discard_received(uid);
+                }
+            }
+        }
+        result
+    }
+
+    /// Removes everything a refused stream left, so that nothing half-staged remains.
+    fn discard_received(&self, uid: &str) {
+        for sub in RECEIVED_DIRS {
+            if let Err(e) = self.store.remove_subdir(uid, sub) {
+                warn!(migration = %uid, error = %e, "cannot remove received data");
+            }
+        }
+        let _ = self.store.update(uid, |r| {
+            for c in &mut r.containers {
+                c.staged = None;
+                c.bytes = 0;
+                c.digest.clear();
+            }
+        });
+    }
+
+    /// Sets the rxe counters to the pod's block (held until the pod runs), reserves and blocks
+    /// the pod IP, and answers what each container is restored from.
+    pub async fn stage_restore(self, req: v1::StageRestoreRequest) -> Result<v1::Operation> {
+        let uid = req.migration_uid.clone();
+        let record = self
+            .store
+            .load(&uid)?
+            .filter(|r| r.role == Role::Target)
+            .ok_or_else(|| {
+                Error::NotReady(format!("migration {uid} was not prepared on this node"))
+            })?;
+        let mut staged = Vec::new();
+        for c in &record.containers {
+            // A path must still be there; an image reference is the runtime's.
+            let present = |image: &&String| !image.starts_with('/') || Path::new(image).is_file();
+            let image = c.staged.as_ref().filter(present).ok_or_else(|| {
+                Error::NotReady(format!(
+                    "the checkpoint of container {} was not received",
+                    c.name
+                ))
+            })?;
+            staged.push(v1::StagedContainer {
+                name: c.name.clone(),
+                image: image.clone(),
+            });
+        }
+        if let Some(block) = req.rxe.as_ref().map(Block::from)
+            && self.parts.rxe.take(&uid, block).await?
+        {
+            info!(%block, "rxe counters set and held until the pod runs");
+        }
+        if let Some(ip) = pod_ip(&record.pod_ip)? {
+            let reservation = Reservation {
+                ip,
+                migration: uid.clone(),
+            };
+            self.reservations
+                .reserve(&record.namespace, &record.pod, &reservation)
+                .map_err(|source| Error::Io {
+                    what: format!("reserving {ip} for the pod"),
+                    source,
+                })?;
+            self.store.update(&uid, |r| r.reserved = true)?;
+            self.parts.net.block(ip).await?;
+            self.store.update(&uid, |r| r.blocked = true)?;
+        }
+        let mut op = self.done(&uid);
+        op.staged = staged;
+        Ok(op)
+    }
+
+    /// The replacement runs: lift the IP block, let go of the rxe counters, announce the address.
+    pub async fn finish_restore(self, uid: String) -> Result<v1::Operation> {
+        if let Some(record) = self.store.load(&uid)? {
+            self.unblock(&record).await?;
+            // The restored pod has a new MAC address on a new port: tell the network.
+            self.announce(&record).await;
+        }
+        self.parts.rxe.release(&uid);
+        Ok(v1::Operation::succeeded(&uid))
+    }
+
+    /// Announces the replacement pod's address from its network namespace (best effort: a peer
+    /// that misses it finds the pod when its ARP entry expires).
+    async fn announce(&self, record: &Record) {
+        let rt = self.runtime();
+        let netns = match rt.find_sandbox(&record.namespace, &record.pod, "").await {
+            Ok(Some(sandbox)) => rt.sandbox_netns(&sandbox).await.ok().flatten(),
+            _ => None,
+        };
+        let Some(netns) = netns else {
+            warn!(migration = %record.uid, "no sandbox of the restored pod to announce its address from");
+            return;
+        };
+        let path = PathBuf::from(&netns);
+        match tokio::task::spawn_blocking(move || address::announce(&path)).await {
+            Ok(Ok(())) => info!(migration = %record.uid, %netns, "announced the pod's address"),
+            Ok(Err(e)) => {
+                warn!(migration = %record.uid, error = %e, "cannot announce the pod's address")
+            }
+            Err(e) => {
+                warn!(migration = %record.uid, error = %e, "cannot announce the pod's address")
+            }
+        }
+    }
+
+    /// Undoes the target's part: the IP block and reservation, the rxe hold.
+    pub(crate) async fn release_target(&self, r: &Record) -> Result<()> {
+        self.unblock(r).await?;
+        if r.reserved {
+            self.reservations
+                .release(&r.namespace, &r.pod, &r.uid)
+                .map_err(|source| Error::Io {
+                    what: "releasing the IP reservation".into(),
+                    source,
+                })?;
+        }
+        self.parts.rxe.release(&r.uid);
+        Ok(())
+    }
+}
+
+/// The target's side of a stream: only prepared migrations, archives that fit, each checked entry
+/// by entry and staged by the restore backend as it completes.
+struct Staging<'a> {
+    agent: &'a Agent,
+    /// The migration, once the first chunk named it.
+    uid: Option<String>,
+}
+
+impl Staging<'_> {
+    fn uid(&self) -> Result<&str> {
+        self.uid
+            .as_deref()
+            .ok_or_else(|| Error::Rejected(Rejected::Empty))
+    }
+}
+
+impl wire::Sink for Staging<'_> {
+    async fn open(&mut self, uid: &str) -> Result<Vec<String>> {
+        let store = &self.agent.store;
+        let record = store
+            .load(uid)?
+            .filter(|r| r.role == Role::Target)
+            .ok_or_else(|| {
+                Error::NotReady(format!("migration {uid} was not prepared on this node"))
+            })?;
+        self.uid = Some(uid.to_string());
+        // A new stream replaces whatever an earlier, broken one left.
+        for sub in RECEIVED_DIRS {
+            store.remove_subdir(uid, sub)?;
+        }
+        Ok(record.containers.into_iter().map(|c| c.name).collect())
+    }
+
+    async fn admit(&mut self, container: &str, bytes: u64) -> Result<PathBuf> {
+        let limit = self.agent.settings.limits.max_bytes;
+        if bytes > limit {
+            return Err(Rejected::TooLarge {
+                container: container.into(),
+                bytes,
+                limit,
+            }
+            .into());
+        }
+        let free = self.agent.store.free_bytes()?;
+        // Received, then pulled into the runtime (the image backend): two copies at the peak,
+        // and a margin.
+        if bytes.saturating_mul(3) > free {
+            return Err(Rejected::NoSpace {
+                container: container.into(),
+                bytes,
+                free,
+            }
+            .into());
+        }
+        Ok(self.agent.store.subdir(self.uid()?, "incoming")?)
+    }
+
+    async fn received(&mut self, got: &v1::ContainerArchive, part: &Path) -> Result<()> {
+        let uid = self.uid()?.to_string();
+        let staged = self.stage_archive(&uid, &got.name, part).await;
+        // Only what the backend staged is kept.
+        let _ = tokio::fs::remove_file(part).await;
+        let image = staged?;
+        self.agent.store.update(&uid, |r| {
+            if let Some(c) = r.container_mut(&got.name) {
+                c.bytes = got.bytes;
+                c.digest = got.digest.clone();
+                c.staged = Some(image);
+            }
+        })?;
+        Ok(())
+    }
+}
+
+impl Staging<'_> {
+    /// Checks a received archive entry by entry (as unpacking would, writing nothing) and stages
+    /// it for the runtime; answers what the container restores from.
+    async fn stage_archive(&self, uid: &str, container: &str, part: &Path) -> Result<String> {
+        let limits = self.agent.settings.limits;
+        let (path, name) = (part.to_path_buf(), container.to_string());
+        tokio::task::spawn_blocking(move || {
+            let file = std::fs::File::open(&path).map_err(Error::io(&path))?;
+            archive::check(std::io::BufReader::with_capacity(1 << 20, file), limits)
+                .map(drop)
+                .map_err(|source| {
+                    Error::from(Rejected::Unsafe {
+                        container: name,
+                        source,
+                    })
+                })
+        })
+        .await??;
+        let work = self.agent.store.subdir(uid, "staged")?;
+        self.agent
+            .parts
+            .backend
+            .stage(uid, container, part, &work)
+            .await
+    }
+}
