@@ -4,7 +4,7 @@
 # through the CRI (the archive as the container image), and kill the source. It is the baseline the
 # benchmarks compare kube-migros against, and a test that the node runtime can do a migration at all.
 #
-#   e2e/raw-recipe.sh SOURCE TARGET IMAGE
+#   e2e/bench/raw-recipe.sh SOURCE TARGET IMAGE
 #
 # Needs the nodes up and the demo image pushed (`cargo run -p e2e -- node up`, `... node images`).
 # Prints key=value lines: source_id, source_counter, archive_bytes, checkpoint_ms, copy_ms (cp on

@@ -1,4 +1,4 @@
-//! The kube-migros operator: reconciles PodMigrations (DESIGN.md section 5) by driving the node
+//! The kube-migros operator: reconciles PodMigrations (docs/operator.md) by driving the node
 //! agents over mutual TLS, allocates rxe ID blocks, and elects one leader among its replicas.
 
 pub mod agents;

@@ -81,6 +81,18 @@ struct Args {
     rxe_sweep_seconds: u64,
 }
 
+impl Args {
+    fn ranges(&self) -> rxe_blocks::Ranges {
+        rxe_blocks::Ranges {
+            qpn_base: self.rxe_qpn_base,
+            qpn_per_block: self.rxe_qpns_per_block,
+            mrn_base: self.rxe_mrn_base,
+            mrn_per_block: self.rxe_mrns_per_block,
+            blocks: self.rxe_blocks,
+        }
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
@@ -93,14 +105,7 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
-    let ranges = rxe_blocks::Ranges {
-        qpn_base: args.rxe_qpn_base,
-        qpn_per_block: args.rxe_qpns_per_block,
-        mrn_base: args.rxe_mrn_base,
-        mrn_per_block: args.rxe_mrns_per_block,
-        blocks: args.rxe_blocks,
-    };
-    ranges.validate()?;
+    args.ranges().validate()?;
     let client = Client::try_default()
         .await
         .context("connecting to the API server")?;
@@ -128,16 +133,15 @@ async fn main() -> anyhow::Result<()> {
         .await
         .context("the API server does not answer")?;
     health.ready.store(true, Ordering::Relaxed);
-    let timing = Timing {
-        lease: Duration::from_secs(args.lease_duration_seconds),
-        retry: Duration::from_secs(args.lease_retry_seconds),
-    };
     let elector = Elector::new(
         client.clone(),
         &args.namespace,
         &args.lease_name,
         &identity,
-        timing,
+        Timing {
+            lease: Duration::from_secs(args.lease_duration_seconds),
+            retry: Duration::from_secs(args.lease_retry_seconds),
+        },
     );
     tokio::select! {
         () = elector.acquire() => {}
@@ -147,6 +151,28 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     health.leader.store(true, Ordering::Relaxed);
+    let lost_leadership = lead(&args, client, &identity, &elector, metrics, &shutdown).await?;
+    if lost_leadership {
+        error!("lost the leader Lease; exiting so that a fresh process stands for election");
+        std::process::exit(1);
+    }
+    elector.release().await;
+    shutdown.cancel();
+    let _ = http.await;
+    info!("stopped");
+    Ok(())
+}
+
+/// Reconciles while this replica leads: the controller and the rxe block maintenance, until
+/// `shutdown` or until the Lease is lost (answers true then).
+async fn lead(
+    args: &Args,
+    client: Client,
+    identity: &str,
+    elector: &Elector,
+    metrics: Arc<Metrics>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<bool> {
     let tls = match &args.tls_dir {
         Some(dir) => TlsFiles::in_dir(dir)
             .load()
@@ -155,7 +181,6 @@ async fn main() -> anyhow::Result<()> {
             .await
             .context("the agent TLS Secrets")?,
     };
-
     let lost = CancellationToken::new();
     let holder = {
         let (elector, lost) = (elector.clone(), lost.clone());
@@ -169,10 +194,10 @@ async fn main() -> anyhow::Result<()> {
         client.clone(),
         Reporter {
             controller: controller::FIELD_MANAGER.into(),
-            instance: Some(identity.clone()),
+            instance: Some(identity.to_string()),
         },
     );
-    let allocator = rxe_blocks::Allocator::new(client.clone(), ranges);
+    let allocator = rxe_blocks::Allocator::new(client.clone(), args.ranges());
     let agents = Agents::new(client.clone(), &args.namespace, tls);
     let ctx = Arc::new(Context::new(
         client.clone(),
@@ -193,7 +218,6 @@ async fn main() -> anyhow::Result<()> {
         args.watch_namespace.clone(),
         stop.clone().cancelled_owned(),
     ));
-
     let lost_leadership = tokio::select! {
         () = shutdown.cancelled() => false,
         () = lost.cancelled() => true,
@@ -201,15 +225,7 @@ async fn main() -> anyhow::Result<()> {
     stop.cancel();
     let _ = tokio::join!(controller, sweeper);
     holder.abort();
-    if lost_leadership {
-        error!("lost the leader Lease; exiting so that a fresh process stands for election");
-        std::process::exit(1);
-    }
-    elector.release().await;
-    shutdown.cancel();
-    let _ = http.await;
-    info!("stopped");
-    Ok(())
+    Ok(lost_leadership)
 }
 
 async fn signals(shutdown: CancellationToken) {

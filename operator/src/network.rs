@@ -1,4 +1,4 @@
-//! Keeping the pod IP: one small adapter per IP reservation mechanism (DESIGN.md section 6), each
+//! Keeping the pod IP: one small adapter per IP reservation mechanism (docs/operator.md, "Keeping the pod IP"), each
 //! writing what its IPAM reads into the replacement pod, pure.
 //!
 //! | mechanism | how the address is reserved | detected by (source pod annotation) |

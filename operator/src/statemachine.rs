@@ -1,6 +1,6 @@
 //! The PodMigration state machine: pure functions of what was observed. [`next`] says what to do
 //! now; [`after`] turns the result of doing it into the next status. No I/O happens here, so every
-//! transition, failure and timeout is unit-tested without a cluster (see DESIGN.md section 5).
+//! transition, failure and timeout is unit-tested without a cluster (docs/operator.md).
 
 use std::time::Duration;
 

@@ -1,4 +1,4 @@
-//! The baselines, measured on the same nodes as kube-migros: the raw recipe (`e2e/raw-recipe.sh`:
+//! The baselines, measured on the same nodes as kube-migros: the raw recipe (`e2e/bench/raw-recipe.sh`:
 //! CRI checkpoint, copy, CRI restore, no Kubernetes) at each memory size, and the limits of moving
 //! its archive from node-1 to node-2: a plain TCP pipe between the two nodes' network namespaces
 //! (1 MiB writes from memory, read and dropped), scp (the raw recipe's), and a copy in memory.

@@ -82,73 +82,14 @@ pub async fn run(dirs: &Dirs) -> anyhow::Result<()> {
     ));
     install::apply_chart_crds(&client).await?;
     workload::fresh_namespace(&client, NAMESPACE).await?;
+    install_release(dirs, &cluster, &client).await?;
 
-    say("==> kube-migros: images of the operator and the node agent built from this checkout,");
-    say("    pushed to the sandbox registry, installed with Helm (charts/kube-migros)");
-    let log_dir = dirs.state.join("demo");
-    std::fs::create_dir_all(&log_dir)?;
-    let registry = Registry::new(dirs);
-    let images = release::ensure_images(dirs, &registry)?;
-    let installing = Instant::now();
-    release::install(dirs, &env, &images, &registry, &[])?;
-    release::wait_rolled_out(&client, Duration::from_secs(300)).await?;
-    workload::until(
-        "the agents to announce themselves",
-        Duration::from_secs(60),
-        || async {
-            workload::agents_announced(&client, release::NAMESPACE, cluster.nodes.len())
-                .await
-                .then_some(())
-        },
-    )
-    .await?;
-    say(format!(
-        "    helm upgrade --install {} charts/kube-migros -n {}: 2 operator replicas, {} agents ready ({:.1} s)",
-        release::RELEASE,
-        release::NAMESPACE,
-        cluster.nodes.len(),
-        installing.elapsed().as_secs_f64()
-    ));
-
-    say(
-        "==> the workload: the demo program on node-1 (an RDMA pod: it asks for an rdma/rxe device),",
-    );
-    say("    and a peer on node-3 streaming numbered records to it over one TCP connection");
     let pods: Api<Pod> = Api::namespaced(client.clone(), NAMESPACE);
     let demo = cluster.images.get("demo").context("no demo image")?;
-    let app = workload::pod(
-        demo,
-        "app",
-        "node-1",
-        serde_json::json!([
-            "serve", "--status", ":8080", "--listen", ":9000", "--touch", "16Mi"
-        ]),
-        serde_json::json!({"migros.io/migratable": "true", "migros.io/rdma": "true"}),
-        serde_json::json!({"rdma/rxe": "1"}),
-    );
-    pods.create(&PostParams::default(), &app).await?;
-    let mut current = running_pod(&pods, "app", None).await?;
+    let (mut current, mut before) = start_workload(&pods, demo).await?;
     let ip = pod_ip(&current)?;
-    let peer = workload::pod(
-        demo,
-        "peer",
-        "node-3",
-        serde_json::json!(["stream", "--to", format!("{ip}:9000"), "--status", ":8080"]),
-        serde_json::json!({}),
-        serde_json::json!({}),
-    );
-    pods.create(&PostParams::default(), &peer).await?;
-    let mut before = workload::until(
-        "the workload to receive the peer's stream",
-        Duration::from_secs(60),
-        || async move { workload::state(ip).await.filter(|s| num(s, "received") > 0) },
-    )
-    .await?;
-    say(format!(
-        "    app runs on node-1 with IP {ip}: {}",
-        show(&before)
-    ));
-
+    let log_dir = dirs.state.join("demo");
+    std::fs::create_dir_all(&log_dir)?;
     let pms: Api<PodMigration> = Api::namespaced(client.clone(), NAMESPACE);
     for (name, target) in [("move-1", "node-2"), ("move-2", "node-3")] {
         let from = node_of(&current);
@@ -165,51 +106,9 @@ pub async fn run(dirs: &Dirs) -> anyhow::Result<()> {
             path.display()
         ));
         eprint!("{}", workload::kubectl_apply(&env, &path, &manifest)?);
-        let applied = Instant::now();
-        let mut seen: Option<Phase> = None;
-        let done = loop {
-            let pm = pms.get(name).await?;
-            let status = pm.status.clone().unwrap_or_default();
-            if status.phase != seen {
-                seen = status.phase;
-                let progress = status
-                    .progress
-                    .map(|p| format!(" ({} of {} bytes)", p.bytes_transferred, p.bytes_total))
-                    .unwrap_or_default();
-                say(format!(
-                    "    +{:>6.2} s  {:<13} {}{progress}",
-                    applied.elapsed().as_secs_f64(),
-                    seen.map(|p| format!("{p:?}")).unwrap_or_default(),
-                    status.message.clone().unwrap_or_default()
-                ));
-            }
-            if seen.is_some_and(|p| p.is_final()) {
-                break pm;
-            }
-            if applied.elapsed() > Duration::from_secs(300) {
-                bail!("{name} did not end within 5 minutes");
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        };
-        let status = done.status.clone().unwrap_or_default();
+        let status = follow(&pms, name).await?.status.unwrap_or_default();
         if status.phase != Some(Phase::Succeeded) {
-            for component in ["operator", "agent"] {
-                say(format!("--- logs of the {component} pods:"));
-                let selector = format!("app.kubernetes.io/component={component}");
-                let _ = kubectl(
-                    &env,
-                    &[
-                        "logs",
-                        "-n",
-                        release::NAMESPACE,
-                        "-l",
-                        &selector,
-                        "--prefix",
-                        "--tail",
-                        "20",
-                    ],
-                );
-            }
+            show_logs(&env);
             bail!(
                 "{name} ended {:?}: {}",
                 status.phase,
@@ -229,33 +128,7 @@ pub async fn run(dirs: &Dirs) -> anyhow::Result<()> {
             },
         )
         .await?;
-        let t = status.timings.unwrap_or_default();
-        let ms = |v: Option<i64>| v.map(|v| format!("{v} ms")).unwrap_or_else(|| "-".into());
-        say(format!(
-            "    timings: checkpoint {}, transfer {}, restore {}; downtime {}; checkpoint {} bytes",
-            ms(t.checkpoint_ms),
-            ms(t.transfer_ms),
-            ms(t.restore_ms),
-            ms(t.downtime_ms),
-            status.checkpoint.map(|c| c.bytes).unwrap_or_default()
-        ));
-        say(format!("    before: on {from}, IP {ip}, {}", show(&before)));
-        say(format!(
-            "    after:  on {}, IP {}, {}",
-            node_of(&moved),
-            pod_ip(&moved)?,
-            show(&after)
-        ));
-        say(format!(
-            "    same process: {}; IP kept: {}; the peer's longest pause so far: {} ms",
-            if after.get("id") == before.get("id") {
-                "yes"
-            } else {
-                "NO"
-            },
-            if pod_ip(&moved)? == ip { "yes" } else { "NO" },
-            after.get("maxgap_ms").cloned().unwrap_or_default()
-        ));
+        report_move(&status, (&from, ip, &before), (&moved, &after))?;
         current = moved;
         before = after;
     }
@@ -267,6 +140,169 @@ pub async fn run(dirs: &Dirs) -> anyhow::Result<()> {
          cargo run -p e2e -- cluster down     # stops everything and removes its state",
         started.elapsed().as_secs_f64(),
         release::NAMESPACE
+    ));
+    Ok(())
+}
+
+/// Builds the images, installs the chart and waits until every agent announced itself.
+async fn install_release(
+    dirs: &Dirs,
+    cluster: &cluster::Cluster,
+    client: &kube::Client,
+) -> anyhow::Result<()> {
+    say("==> kube-migros: images of the operator and the node agent built from this checkout,");
+    say("    pushed to the sandbox registry, installed with Helm (charts/kube-migros)");
+    let registry = Registry::new(dirs);
+    let images = release::ensure_images(dirs, &registry)?;
+    let installing = Instant::now();
+    release::install(dirs, &cluster.env, &images, &registry, &[])?;
+    release::wait_rolled_out(client, Duration::from_secs(300)).await?;
+    workload::until(
+        "the agents to announce themselves",
+        Duration::from_secs(60),
+        || async {
+            workload::agents_announced(client, release::NAMESPACE, cluster.nodes.len())
+                .await
+                .then_some(())
+        },
+    )
+    .await?;
+    say(format!(
+        "    helm upgrade --install {} charts/kube-migros -n {}: 2 operator replicas, {} agents ready ({:.1} s)",
+        release::RELEASE,
+        release::NAMESPACE,
+        cluster.nodes.len(),
+        installing.elapsed().as_secs_f64()
+    ));
+    Ok(())
+}
+
+/// Starts the demo workload on node-1 and its peer on node-3; answers the workload's pod and its
+/// state once it receives the peer's stream.
+async fn start_workload(pods: &Api<Pod>, demo: &str) -> anyhow::Result<(Pod, State)> {
+    say(
+        "==> the workload: the demo program on node-1 (an RDMA pod: it asks for an rdma/rxe device),",
+    );
+    say("    and a peer on node-3 streaming numbered records to it over one TCP connection");
+    let app = workload::pod(
+        demo,
+        "app",
+        "node-1",
+        serde_json::json!([
+            "serve", "--status", ":8080", "--listen", ":9000", "--touch", "16Mi"
+        ]),
+        serde_json::json!({"migros.io/migratable": "true", "migros.io/rdma": "true"}),
+        serde_json::json!({"rdma/rxe": "1"}),
+    );
+    pods.create(&PostParams::default(), &app).await?;
+    let current = running_pod(pods, "app", None).await?;
+    let ip = pod_ip(&current)?;
+    let peer = workload::pod(
+        demo,
+        "peer",
+        "node-3",
+        serde_json::json!(["stream", "--to", format!("{ip}:9000"), "--status", ":8080"]),
+        serde_json::json!({}),
+        serde_json::json!({}),
+    );
+    pods.create(&PostParams::default(), &peer).await?;
+    let before = workload::until(
+        "the workload to receive the peer's stream",
+        Duration::from_secs(60),
+        || async move { workload::state(ip).await.filter(|s| num(s, "received") > 0) },
+    )
+    .await?;
+    say(format!(
+        "    app runs on node-1 with IP {ip}: {}",
+        show(&before)
+    ));
+    Ok((current, before))
+}
+
+/// Prints each phase of PodMigration `name` as it is entered; answers it once final.
+async fn follow(pms: &Api<PodMigration>, name: &str) -> anyhow::Result<PodMigration> {
+    let applied = Instant::now();
+    let mut seen: Option<Phase> = None;
+    loop {
+        let pm = pms.get(name).await?;
+        let status = pm.status.clone().unwrap_or_default();
+        if status.phase != seen {
+            seen = status.phase;
+            let progress = status
+                .progress
+                .map(|p| format!(" ({} of {} bytes)", p.bytes_transferred, p.bytes_total))
+                .unwrap_or_default();
+            say(format!(
+                "    +{:>6.2} s  {:<13} {}{progress}",
+                applied.elapsed().as_secs_f64(),
+                seen.map(|p| format!("{p:?}")).unwrap_or_default(),
+                status.message.clone().unwrap_or_default()
+            ));
+        }
+        if seen.is_some_and(|p| p.is_final()) {
+            return Ok(pm);
+        }
+        if applied.elapsed() > Duration::from_secs(300) {
+            bail!("{name} did not end within 5 minutes");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The last log lines of the operator and the agents, after a migration that did not succeed.
+fn show_logs(env: &Env) {
+    for component in ["operator", "agent"] {
+        say(format!("--- logs of the {component} pods:"));
+        let selector = format!("app.kubernetes.io/component={component}");
+        let _ = kubectl(
+            env,
+            &[
+                "logs",
+                "-n",
+                release::NAMESPACE,
+                "-l",
+                &selector,
+                "--prefix",
+                "--tail",
+                "20",
+            ],
+        );
+    }
+}
+
+/// What one move did: its timings, and the workload before and after.
+fn report_move(
+    status: &crds::PodMigrationStatus,
+    (from, ip, before): (&str, Ipv4Addr, &State),
+    (moved, after): (&Pod, &State),
+) -> anyhow::Result<()> {
+    let t = status.timings.unwrap_or_default();
+    let ms = |v: Option<i64>| v.map(|v| format!("{v} ms")).unwrap_or_else(|| "-".into());
+    say(format!(
+        "    timings: checkpoint {}, transfer {}, restore {}; downtime {}; checkpoint {} bytes",
+        ms(t.checkpoint_ms),
+        ms(t.transfer_ms),
+        ms(t.restore_ms),
+        ms(t.downtime_ms),
+        status
+            .checkpoint
+            .as_ref()
+            .map(|c| c.bytes)
+            .unwrap_or_default()
+    ));
+    say(format!("    before: on {from}, IP {ip}, {}", show(before)));
+    let moved_ip = pod_ip(moved)?;
+    say(format!(
+        "    after:  on {}, IP {moved_ip}, {}",
+        node_of(moved),
+        show(after)
+    ));
+    let yes = |same: bool| if same { "yes" } else { "NO" };
+    say(format!(
+        "    same process: {}; IP kept: {}; the peer's longest pause so far: {} ms",
+        yes(after.get("id") == before.get("id")),
+        yes(moved_ip == ip),
+        after.get("maxgap_ms").cloned().unwrap_or_default()
     ));
     Ok(())
 }

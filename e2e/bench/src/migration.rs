@@ -25,7 +25,7 @@ use kube::{
 use tokio::io::AsyncReadExt;
 
 use sandbox::{Dirs, cluster, install, registry::Registry, release};
-use testkit::workload::{self, num};
+use testkit::workload::{self, State, num};
 
 use crate::{MigrationRun, Options, TransferRuns};
 
@@ -62,6 +62,31 @@ struct Seen {
     source_gone: Option<f64>,
     replacement_created: Option<f64>,
     replacement_running: Option<f64>,
+}
+
+impl Seen {
+    /// The duration of each of [`PHASES`], from the marks that were seen.
+    fn durations(&self) -> BTreeMap<String, f64> {
+        let at = |phase: &str| self.phases.get(phase).copied();
+        let marks = [
+            Some(0.0),
+            at("Checkpointing"),
+            at("Transferring"),
+            at("Restoring"),
+            self.source_deleting,
+            self.source_gone,
+            self.replacement_created,
+            self.replacement_running,
+            at("Succeeded"),
+        ];
+        let mut phases = BTreeMap::new();
+        for (i, name) in PHASES.iter().enumerate() {
+            if let (Some(a), Some(b)) = (marks[i], marks[i + 1]) {
+                phases.insert((*name).to_string(), (b - a).max(0.0));
+            }
+        }
+        phases
+    }
 }
 
 /// Runs `options.runs` migrations per size; returns the runs per size.
@@ -171,9 +196,102 @@ async fn one(
         format!("move-{suffix}"),
     );
     let pods: Api<Pod> = Api::namespaced(client.clone(), NAMESPACE);
+    let (source, before) = start_pair(&pods, demo, size, &app_name, &peer_name).await?;
+    let ip = workload::ip_of(&source).context("no pod IP")?;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let prober = tokio::spawn(client_gap(ip, stop.clone()));
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let pms: Api<PodMigration> = Api::namespaced(client.clone(), NAMESPACE);
+    let started = Instant::now();
+    let pod_watch = tokio::spawn(watch_pod(
+        pods.clone(),
+        app_name.clone(),
+        source.uid().unwrap_or_default(),
+        seen.clone(),
+        started,
+    ));
+    let manifest = workload::migration_manifest(
+        NAMESPACE,
+        &pm_name,
+        &app_name,
+        Some("node-2"),
+        "  compression: Zstd\n",
+    );
+    let path = std::env::temp_dir().join(format!("kube-migros-bench-{pm_name}.yaml"));
+    workload::kubectl_apply(env, &path, &manifest)?;
+    let status = follow(&pms, &pm_name, &seen, started)
+        .await?
+        .status
+        .unwrap_or_default();
+    if status.phase != Some(Phase::Succeeded) {
+        bail!(
+            "{pm_name} ended {:?}: {}",
+            status.phase,
+            status.message.unwrap_or_default()
+        );
+    }
+    // The workload answers again and the stream went on.
+    let (counter, received) = (num(&before, "counter"), num(&before, "received"));
+    let after = workload::until(
+        "the workload after the move",
+        Duration::from_secs(120),
+        || async move {
+            workload::state(ip)
+                .await
+                .filter(|s| num(s, "counter") > counter && num(s, "received") > received)
+        },
+    )
+    .await?;
+    // The prober gets a few more answers after the move.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop.store(true, Ordering::Relaxed);
+    let client_gap_ms = prober.await.unwrap_or(f64::NAN);
+    pod_watch.abort();
+    let seen = std::mem::take(&mut *seen.lock().unwrap_or_else(|e| e.into_inner()));
+    let run = MigrationRun {
+        checkpoint_bytes: status.checkpoint.map(|c| c.bytes).unwrap_or_default() as u64,
+        total_ms: seen.phases.get("Succeeded").copied().unwrap_or(f64::NAN),
+        downtime_ms: status
+            .timings
+            .and_then(|t| t.downtime_ms)
+            .map_or(f64::NAN, |d| d as f64),
+        client_gap_ms,
+        stream_gap_ms: num(&after, "maxgap_ms") as f64,
+        phases: seen.durations(),
+    };
+    // Clean up: the PodMigration (the operator lifts its finalizer), the pods.
+    pms.delete(&pm_name, &DeleteParams::default()).await?;
+    for name in [&app_name, &peer_name] {
+        pods.delete(name, &DeleteParams::default().grace_period(0))
+            .await?;
+    }
+    workload::until(
+        "the run's objects to go",
+        Duration::from_secs(120),
+        || async {
+            let pm_gone = pms.get_opt(&pm_name).await.ok()?.is_none();
+            let app_gone = pods.get_opt(&app_name).await.ok()?.is_none();
+            let peer_gone = pods.get_opt(&peer_name).await.ok()?.is_none();
+            (pm_gone && app_gone && peer_gone).then_some(())
+        },
+    )
+    .await?;
+    Ok(run)
+}
+
+/// Starts the workload (`size` of touched memory) on node-1 and its peer on node-3; answers the
+/// workload's pod and its state once the peer's stream flows.
+async fn start_pair(
+    pods: &Api<Pod>,
+    demo: &str,
+    size: &str,
+    app_name: &str,
+    peer_name: &str,
+) -> anyhow::Result<(Pod, State)> {
     let app = workload::pod(
         demo,
-        &app_name,
+        app_name,
         "node-1",
         serde_json::json!([
             "serve", "--status", ":8080", "--listen", ":9000", "--touch", size
@@ -183,14 +301,13 @@ async fn one(
     );
     pods.create(&PostParams::default(), &app).await?;
     let source = workload::until("the workload to run", Duration::from_secs(180), || {
-        workload::running(&pods, &app_name, None)
+        workload::running(pods, app_name, None)
     })
     .await?;
-    let source_uid = source.uid().unwrap_or_default();
     let ip = workload::ip_of(&source).context("no pod IP")?;
     let peer = workload::pod(
         demo,
-        &peer_name,
+        peer_name,
         "node-3",
         serde_json::json!(["stream", "--to", format!("{ip}:9000"), "--status", ":8080"]),
         serde_json::json!({}),
@@ -207,66 +324,59 @@ async fn one(
         },
     )
     .await?;
+    Ok((source, before))
+}
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let prober = tokio::spawn(client_gap(ip, stop.clone()));
-    let seen = Arc::new(Mutex::new(Seen::default()));
-    let pms: Api<PodMigration> = Api::namespaced(client.clone(), NAMESPACE);
-    let started = Instant::now();
-    let pod_watch = {
-        let (seen, pods, app_name, source_uid) = (
-            seen.clone(),
-            pods.clone(),
-            app_name.clone(),
-            source_uid.clone(),
-        );
-        tokio::spawn(async move {
-            let config = watcher::Config::default().fields(&format!("metadata.name={app_name}"));
-            let mut events = watcher(pods, config).boxed();
-            while let Ok(Some(event)) = events.try_next().await {
-                let at = started.elapsed().as_secs_f64() * 1000.0;
-                let mut s = seen.lock().unwrap_or_else(|e| e.into_inner());
-                match event {
-                    watcher::Event::Apply(p) | watcher::Event::InitApply(p) => {
-                        let uid = p.uid().unwrap_or_default();
-                        if uid == source_uid {
-                            if p.metadata.deletion_timestamp.is_some() {
-                                s.source_deleting.get_or_insert(at);
-                            }
-                        } else {
-                            s.source_gone.get_or_insert(at);
-                            s.replacement_created.get_or_insert(at);
-                            let running = p.status.as_ref().and_then(|st| st.phase.as_deref())
-                                == Some("Running");
-                            if running {
-                                s.replacement_running.get_or_insert(at);
-                            }
-                        }
-                    }
-                    watcher::Event::Delete(p)
-                        if p.uid().as_deref() == Some(source_uid.as_str()) =>
-                    {
+/// Records when the source pod is deleted and gone and when its replacement appears and runs.
+async fn watch_pod(
+    pods: Api<Pod>,
+    name: String,
+    source_uid: String,
+    seen: Arc<Mutex<Seen>>,
+    started: Instant,
+) {
+    let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
+    let mut events = watcher(pods, config).boxed();
+    while let Ok(Some(event)) = events.try_next().await {
+        let at = started.elapsed().as_secs_f64() * 1000.0;
+        let mut s = seen.lock().unwrap_or_else(|e| e.into_inner());
+        match event {
+            watcher::Event::Apply(p) | watcher::Event::InitApply(p) => {
+                let uid = p.uid().unwrap_or_default();
+                if uid == source_uid {
+                    if p.metadata.deletion_timestamp.is_some() {
                         s.source_deleting.get_or_insert(at);
-                        s.source_gone.get_or_insert(at);
                     }
-                    _ => {}
+                } else {
+                    s.source_gone.get_or_insert(at);
+                    s.replacement_created.get_or_insert(at);
+                    let running =
+                        p.status.as_ref().and_then(|st| st.phase.as_deref()) == Some("Running");
+                    if running {
+                        s.replacement_running.get_or_insert(at);
+                    }
                 }
             }
-        })
-    };
-    let manifest = workload::migration_manifest(
-        NAMESPACE,
-        &pm_name,
-        &app_name,
-        Some("node-2"),
-        "  compression: Zstd\n",
-    );
-    let path = std::env::temp_dir().join(format!("kube-migros-bench-{pm_name}.yaml"));
-    workload::kubectl_apply(env, &path, &manifest)?;
-    let config = watcher::Config::default().fields(&format!("metadata.name={pm_name}"));
+            watcher::Event::Delete(p) if p.uid().as_deref() == Some(source_uid.as_str()) => {
+                s.source_deleting.get_or_insert(at);
+                s.source_gone.get_or_insert(at);
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Records when PodMigration `name` enters each phase; answers it once final.
+async fn follow(
+    pms: &Api<PodMigration>,
+    name: &str,
+    seen: &Mutex<Seen>,
+    started: Instant,
+) -> anyhow::Result<PodMigration> {
+    let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
     let mut events = watcher(pms.clone(), config).boxed();
     let deadline = Duration::from_secs(600);
-    let done = loop {
+    loop {
         let next = tokio::time::timeout(
             deadline.saturating_sub(started.elapsed()),
             events.try_next(),
@@ -289,79 +399,7 @@ async fn one(
             .entry(format!("{phase:?}"))
             .or_insert(at);
         if phase.is_final() {
-            break pm;
-        }
-    };
-    let status = done.status.clone().unwrap_or_default();
-    if status.phase != Some(Phase::Succeeded) {
-        bail!(
-            "{pm_name} ended {:?}: {}",
-            status.phase,
-            status.message.unwrap_or_default()
-        );
-    }
-    // The workload answers again and the stream went on.
-    let (counter, received) = (num(&before, "counter"), num(&before, "received"));
-    let after = workload::until(
-        "the workload after the move",
-        Duration::from_secs(120),
-        || async move {
-            workload::state(ip)
-                .await
-                .filter(|s| num(s, "counter") > counter && num(s, "received") > received)
-        },
-    )
-    .await?;
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    stop.store(true, Ordering::Relaxed);
-    let client_gap_ms = prober.await.unwrap_or(f64::NAN);
-    pod_watch.abort();
-    let s = std::mem::take(&mut *seen.lock().unwrap_or_else(|e| e.into_inner()));
-    let at = |phase: &str| s.phases.get(phase).copied();
-    let marks = [
-        Some(0.0),
-        at("Checkpointing"),
-        at("Transferring"),
-        at("Restoring"),
-        s.source_deleting,
-        s.source_gone,
-        s.replacement_created,
-        s.replacement_running,
-        at("Succeeded"),
-    ];
-    let mut phases = BTreeMap::new();
-    for (i, name) in PHASES.iter().enumerate() {
-        if let (Some(a), Some(b)) = (marks[i], marks[i + 1]) {
-            phases.insert((*name).to_string(), (b - a).max(0.0));
+            return Ok(pm);
         }
     }
-    let run = MigrationRun {
-        checkpoint_bytes: status.checkpoint.map(|c| c.bytes).unwrap_or_default() as u64,
-        total_ms: at("Succeeded").unwrap_or(f64::NAN),
-        downtime_ms: status
-            .timings
-            .and_then(|t| t.downtime_ms)
-            .map_or(f64::NAN, |d| d as f64),
-        client_gap_ms,
-        stream_gap_ms: num(&after, "maxgap_ms") as f64,
-        phases,
-    };
-    // Clean up: the PodMigration (the operator lifts its finalizer), the pods.
-    pms.delete(&pm_name, &DeleteParams::default()).await?;
-    for name in [&app_name, &peer_name] {
-        pods.delete(name, &DeleteParams::default().grace_period(0))
-            .await?;
-    }
-    workload::until(
-        "the run's objects to go",
-        Duration::from_secs(120),
-        || async {
-            let pm_gone = pms.get_opt(&pm_name).await.ok()?.is_none();
-            let app_gone = pods.get_opt(&app_name).await.ok()?.is_none();
-            let peer_gone = pods.get_opt(&peer_name).await.ok()?.is_none();
-            (pm_gone && app_gone && peer_gone).then_some(())
-        },
-    )
-    .await?;
-    Ok(run)
 }

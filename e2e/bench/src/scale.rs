@@ -45,49 +45,13 @@ pub async fn run(dirs: &Dirs, n: usize) -> anyhow::Result<ScaleRun> {
     let ns = format!("kube-migros-scale-{n}");
     workload::fresh_namespace(&client, &ns).await?;
     ensure_identity(&client).await?;
-
-    // Node objects of an interrupted run of the same size.
-    let node_api: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
-    for i in 1..=3 {
-        let name = format!("{ns}-node-{i}");
-        if node_api.get_opt(&name).await?.is_some() {
-            node_api.delete(&name, &DeleteParams::default()).await?;
-            while node_api.get_opt(&name).await?.is_some() {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        }
-    }
     let certs = Certificates::generate();
-    let mut nodes = Vec::new();
-    let mut agents = Vec::new();
-    for i in 1..=3 {
-        let name = format!("{ns}-node-{i}");
-        nodes.push(ApiNode::create(&client, &name).await);
-        agents.push(TestAgent::start(client.clone(), &ns, &name, &certs.agent()).await);
-    }
+    let (nodes, agents) = nodes_and_agents(&client, &ns, &certs).await?;
     let kubelet = tokio::spawn(fixtures::report_replacements_running(
         client.clone(),
         ns.clone(),
     ));
-    // The pods, spread over the first two nodes.
-    let started = Instant::now();
-    stream::iter(0..n)
-        .map(|i| {
-            let (client, ns, node) = (client.clone(), ns.clone(), nodes[i % 2].name.clone());
-            async move {
-                let name = format!("app-{i}");
-                let pod = fixtures::pod(&name, &node, &[(crds::MIGRATABLE_LABEL, "true")]);
-                let ip = format!("10.244.{}.{}", i / 250, i % 250 + 2);
-                fixtures::run_pod(&client, &ns, &pod, &ip).await;
-            }
-        })
-        .buffer_unordered(16)
-        .collect::<Vec<()>>()
-        .await;
-    eprintln!(
-        "bench: {n} pods running in {:.1} s",
-        started.elapsed().as_secs_f64()
-    );
+    create_pods(&client, &ns, n, &nodes).await;
 
     let kubeconfig = dirs.state.join(format!("bench/{USER}.kubeconfig"));
     std::fs::create_dir_all(dirs.state.join("bench"))?;
@@ -95,87 +59,18 @@ pub async fn run(dirs: &Dirs, n: usize) -> anyhow::Result<ScaleRun> {
         &kubeconfig,
         cp.user_kubeconfig(USER, &[], &format!("https://127.0.0.1:{APISERVER_PORT}"))?,
     )?;
-    let http = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
     let log = std::fs::File::create(dirs.state.join(format!("bench/operator-{n}.log")))?;
-    let mut operator = Operator(
-        Command::new(built.join("operator"))
-            .env("KUBECONFIG", &kubeconfig)
-            .env("RUST_LOG", "warn")
-            .args(["--namespace", &ns, "--watch-namespace", &ns])
-            .args(["--identity", "bench", "--lease-retry-seconds", "1"])
-            .arg(format!("--tls-dir={}", certs.operator_dir().display()))
-            .arg(format!("--http-addr={http}"))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("starting the operator")?,
-    );
-    let pid = operator.0.id();
-    // Leading (it answers /ready either way; the Lease tells).
-    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
-        Api::namespaced(client.clone(), &ns);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let holder = leases
-            .get_opt("kube-migros-operator")
-            .await?
-            .and_then(|l| l.spec?.holder_identity);
-        if holder.as_deref() == Some("bench") {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!("the operator did not take the leader Lease");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let mut operator = Operator::start(&built.join("operator"), &kubeconfig, &ns, &certs, log)?;
+    operator.wait_leading(&client, &ns).await?;
     let requests_before = operator_requests(&client).await?;
 
     let pms: Api<PodMigration> = Api::namespaced(client.clone(), &ns);
     let started = Instant::now();
-    stream::iter(0..n)
-        .map(|i| {
-            let pms = pms.clone();
-            async move {
-                let pm: PodMigration = serde_json::from_value(serde_json::json!({
-                    "apiVersion": "migros.io/v1alpha1", "kind": "PodMigration",
-                    "metadata": {"name": format!("move-{i}")},
-                    "spec": {"podName": format!("app-{i}")},
-                }))?;
-                pms.create(&PostParams::default(), &pm).await?;
-                anyhow::Ok(())
-            }
-        })
-        .buffer_unordered(16)
-        .try_collect::<Vec<()>>()
-        .await?;
-    let (final_count, succeeded) = loop {
-        let list = pms.list(&ListParams::default()).await?;
-        let phases: Vec<_> = list
-            .items
-            .iter()
-            .filter_map(|pm| pm.status.as_ref()?.phase)
-            .filter(|p| p.is_final())
-            .collect();
-        let succeeded = phases
-            .iter()
-            .filter(|p| **p == crds::Phase::Succeeded)
-            .count();
-        if phases.len() == n {
-            break (phases.len(), succeeded);
-        }
-        if started.elapsed() > Duration::from_secs(600) {
-            bail!(
-                "{} of {n} PodMigrations final after 10 minutes",
-                phases.len()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    create_migrations(&pms, n).await?;
+    let succeeded = wait_final(&pms, n).await?;
     let all_final_ms = started.elapsed().as_secs_f64() * 1000.0;
     let requests = operator_requests(&client).await? - requests_before;
-    let (rss, cpu) = usage(pid).context("the operator's resource usage")?;
-    debug_assert_eq!(final_count, n);
+    let (rss, cpu) = usage(operator.0.id()).context("the operator's resource usage")?;
 
     // Clean up while the operator still lifts its finalizers.
     pms.delete_collection(&DeleteParams::default(), &ListParams::default())
@@ -199,10 +94,147 @@ pub async fn run(dirs: &Dirs, n: usize) -> anyhow::Result<ScaleRun> {
     })
 }
 
+/// Three Node objects kept Ready, each with a test agent (those of an interrupted run of the
+/// same size are deleted first).
+async fn nodes_and_agents(
+    client: &Client,
+    ns: &str,
+    certs: &Certificates,
+) -> anyhow::Result<(Vec<ApiNode>, Vec<TestAgent>)> {
+    let node_api: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
+    let (mut nodes, mut agents) = (Vec::new(), Vec::new());
+    for i in 1..=3 {
+        let name = format!("{ns}-node-{i}");
+        if node_api.get_opt(&name).await?.is_some() {
+            node_api.delete(&name, &DeleteParams::default()).await?;
+            while node_api.get_opt(&name).await?.is_some() {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+        nodes.push(ApiNode::create(client, &name).await);
+        agents.push(TestAgent::start(client.clone(), ns, &name, &certs.agent()).await);
+    }
+    Ok((nodes, agents))
+}
+
+/// `n` migratable pods marked Running, spread over the first two nodes.
+async fn create_pods(client: &Client, ns: &str, n: usize, nodes: &[ApiNode]) {
+    let started = Instant::now();
+    stream::iter(0..n)
+        .map(|i| {
+            let (client, ns, node) = (client.clone(), ns.to_string(), nodes[i % 2].name.clone());
+            async move {
+                let name = format!("app-{i}");
+                let pod = fixtures::pod(&name, &node, &[(crds::MIGRATABLE_LABEL, "true")]);
+                let ip = format!("10.244.{}.{}", i / 250, i % 250 + 2);
+                fixtures::run_pod(&client, &ns, &pod, &ip).await;
+            }
+        })
+        .buffer_unordered(16)
+        .collect::<Vec<()>>()
+        .await;
+    eprintln!(
+        "bench: {n} pods running in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+}
+
+/// A PodMigration per pod, 16 created at a time.
+async fn create_migrations(pms: &Api<PodMigration>, n: usize) -> anyhow::Result<()> {
+    stream::iter(0..n)
+        .map(|i| {
+            let pms = pms.clone();
+            async move {
+                let pm: PodMigration = serde_json::from_value(serde_json::json!({
+                    "apiVersion": "migros.io/v1alpha1", "kind": "PodMigration",
+                    "metadata": {"name": format!("move-{i}")},
+                    "spec": {"podName": format!("app-{i}")},
+                }))?;
+                pms.create(&PostParams::default(), &pm).await?;
+                anyhow::Ok(())
+            }
+        })
+        .buffer_unordered(16)
+        .try_collect::<Vec<()>>()
+        .await?;
+    Ok(())
+}
+
+/// Waits until all `n` PodMigrations are final; answers how many succeeded.
+async fn wait_final(pms: &Api<PodMigration>, n: usize) -> anyhow::Result<usize> {
+    let started = Instant::now();
+    loop {
+        let list = pms.list(&ListParams::default()).await?;
+        let phases: Vec<_> = list
+            .items
+            .iter()
+            .filter_map(|pm| pm.status.as_ref()?.phase)
+            .filter(|p| p.is_final())
+            .collect();
+        if phases.len() == n {
+            return Ok(phases
+                .iter()
+                .filter(|p| **p == crds::Phase::Succeeded)
+                .count());
+        }
+        if started.elapsed() > Duration::from_secs(600) {
+            bail!(
+                "{} of {n} PodMigrations final after 10 minutes",
+                phases.len()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// The operator process, killed when dropped.
 struct Operator(Child);
 
 impl Operator {
+    /// The release binary at `bin` as user [`USER`], one replica, reconciling namespace `ns`.
+    fn start(
+        bin: &std::path::Path,
+        kubeconfig: &std::path::Path,
+        ns: &str,
+        certs: &Certificates,
+        log: std::fs::File,
+    ) -> anyhow::Result<Self> {
+        let http = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+        let child = Command::new(bin)
+            .env("KUBECONFIG", kubeconfig)
+            .env("RUST_LOG", "warn")
+            .args(["--namespace", ns, "--watch-namespace", ns])
+            .args(["--identity", "bench", "--lease-retry-seconds", "1"])
+            .arg(format!("--tls-dir={}", certs.operator_dir().display()))
+            .arg(format!("--http-addr={http}"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting the operator")?;
+        Ok(Self(child))
+    }
+
+    /// Waits until it holds the leader Lease (it answers /ready either way).
+    async fn wait_leading(&self, client: &Client, ns: &str) -> anyhow::Result<()> {
+        let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+            Api::namespaced(client.clone(), ns);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let holder = leases
+                .get_opt("kube-migros-operator")
+                .await?
+                .and_then(|l| l.spec?.holder_identity);
+            if holder.as_deref() == Some("bench") {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("the operator did not take the leader Lease");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     fn stop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();

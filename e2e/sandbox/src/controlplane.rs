@@ -285,130 +285,173 @@ impl ControlPlane {
         })
     }
 
+    /// The flags of `component` (`--name=value`).
     fn args(&self, component: &str) -> Vec<String> {
-        let p = |name: &str| self.pki_file(name);
-        let kubeconfig = |name: &str| {
-            self.dir
-                .join(format!("{name}.kubeconfig"))
-                .display()
-                .to_string()
-        };
-        let etcd_url = |port: u16| format!("https://127.0.0.1:{port}");
-        let args: Vec<(&str, String)> = match component {
-            "etcd" => vec![
-                ("name", "sandbox".into()),
-                ("data-dir", self.dir.join("etcd").display().to_string()),
-                ("listen-client-urls", etcd_url(ETCD_CLIENT_PORT)),
-                ("advertise-client-urls", etcd_url(ETCD_CLIENT_PORT)),
-                ("listen-peer-urls", etcd_url(ETCD_PEER_PORT)),
-                ("initial-advertise-peer-urls", etcd_url(ETCD_PEER_PORT)),
-                (
-                    "initial-cluster",
-                    format!("sandbox={}", etcd_url(ETCD_PEER_PORT)),
-                ),
-                (
-                    "listen-metrics-urls",
-                    format!("http://127.0.0.1:{ETCD_METRICS_PORT}"),
-                ),
-                ("cert-file", p("etcd-server.crt")),
-                ("key-file", p("etcd-server.key")),
-                ("trusted-ca-file", p("etcd-ca.crt")),
-                ("client-cert-auth", "true".into()),
-                ("peer-cert-file", p("etcd-server.crt")),
-                ("peer-key-file", p("etcd-server.key")),
-                ("peer-trusted-ca-file", p("etcd-ca.crt")),
-                ("peer-client-cert-auth", "true".into()),
-                // The sandbox is thrown away after use; fsync on every write only slows tests.
-                ("unsafe-no-fsync", "true".into()),
-            ],
-            "kube-apiserver" => vec![
-                ("etcd-servers", etcd_url(ETCD_CLIENT_PORT)),
-                ("etcd-cafile", p("etcd-ca.crt")),
-                ("etcd-certfile", p("apiserver-etcd-client.crt")),
-                ("etcd-keyfile", p("apiserver-etcd-client.key")),
-                // All addresses: the host's clients use 127.0.0.1, the kubelets in the sandbox
-                // nodes the bridge address (TLS and client certificates as everywhere).
-                ("bind-address", "0.0.0.0".into()),
-                ("advertise-address", LOOPBACK.to_string()),
-                ("secure-port", APISERVER_PORT.to_string()),
-                ("cert-dir", self.pki().display().to_string()),
-                ("tls-cert-file", p("apiserver.crt")),
-                ("tls-private-key-file", p("apiserver.key")),
-                ("client-ca-file", p("ca.crt")),
-                ("authorization-mode", "Node,RBAC".into()),
-                // On top of the default set (NamespaceLifecycle, ServiceAccount, PodSecurity,
-                // ResourceQuota, the admission webhooks and policies, ...), as kubeadm does.
-                ("enable-admission-plugins", "NodeRestriction".into()),
-                ("allow-privileged", "true".into()),
-                ("enable-bootstrap-token-auth", "true".into()),
-                ("service-cluster-ip-range", SERVICE_CIDR.into()),
-                (
-                    "service-account-issuer",
-                    "https://kubernetes.default.svc.cluster.local".into(),
-                ),
-                ("service-account-key-file", p("sa.pub")),
-                ("service-account-signing-key-file", p("sa.key")),
-                (
-                    "kubelet-client-certificate",
-                    p("apiserver-kubelet-client.crt"),
-                ),
-                ("kubelet-client-key", p("apiserver-kubelet-client.key")),
-                (
-                    "kubelet-preferred-address-types",
-                    "InternalIP,Hostname".into(),
-                ),
-                ("proxy-client-cert-file", p("front-proxy-client.crt")),
-                ("proxy-client-key-file", p("front-proxy-client.key")),
-                ("requestheader-client-ca-file", p("front-proxy-ca.crt")),
-                ("requestheader-allowed-names", "front-proxy-client".into()),
-                ("requestheader-username-headers", "X-Remote-User".into()),
-                ("requestheader-group-headers", "X-Remote-Group".into()),
-                (
-                    "requestheader-extra-headers-prefix",
-                    "X-Remote-Extra-".into(),
-                ),
-                // A loopback address cannot be the endpoint of the `kubernetes` Service; the nodes
-                // reach the API server by its URL in their kubeconfigs.
-                ("endpoint-reconciler-type", "none".into()),
-                ("profiling", "false".into()),
-            ],
-            "kube-controller-manager" => vec![
-                ("kubeconfig", kubeconfig("controller-manager")),
-                (
-                    "authentication-kubeconfig",
-                    kubeconfig("controller-manager"),
-                ),
-                ("authorization-kubeconfig", kubeconfig("controller-manager")),
-                ("bind-address", LOOPBACK.to_string()),
-                ("secure-port", CONTROLLER_MANAGER_PORT.to_string()),
-                ("cert-dir", self.pki().display().to_string()),
-                ("client-ca-file", p("ca.crt")),
-                ("requestheader-client-ca-file", p("front-proxy-ca.crt")),
-                ("cluster-signing-cert-file", p("ca.crt")),
-                ("cluster-signing-key-file", p("ca.key")),
-                ("root-ca-file", p("ca.crt")),
-                ("service-account-private-key-file", p("sa.key")),
-                ("use-service-account-credentials", "true".into()),
-                ("controllers", "*,bootstrapsigner,tokencleaner".into()),
-                ("service-cluster-ip-range", SERVICE_CIDR.into()),
-                ("leader-elect", "true".into()),
-                ("profiling", "false".into()),
-            ],
-            "kube-scheduler" => vec![
-                ("kubeconfig", kubeconfig("scheduler")),
-                ("authentication-kubeconfig", kubeconfig("scheduler")),
-                ("authorization-kubeconfig", kubeconfig("scheduler")),
-                ("bind-address", LOOPBACK.to_string()),
-                ("secure-port", SCHEDULER_PORT.to_string()),
-                ("cert-dir", self.pki().display().to_string()),
-                ("leader-elect", "true".into()),
-                ("profiling", "false".into()),
-            ],
+        let flags = match component {
+            "etcd" => self.etcd_flags(),
+            "kube-apiserver" => self.apiserver_flags(),
+            "kube-controller-manager" => self.controller_manager_flags(),
+            "kube-scheduler" => self.scheduler_flags(),
             _ => Vec::new(),
         };
-        args.into_iter()
+        flags
+            .into_iter()
             .map(|(k, v)| format!("--{k}={v}"))
             .collect()
+    }
+
+    fn kubeconfig_file(&self, name: &str) -> String {
+        self.dir
+            .join(format!("{name}.kubeconfig"))
+            .display()
+            .to_string()
+    }
+
+    fn etcd_flags(&self) -> Vec<(&'static str, String)> {
+        let etcd_url = |port: u16| format!("https://127.0.0.1:{port}");
+        vec![
+            ("name", "sandbox".into()),
+            ("data-dir", self.dir.join("etcd").display().to_string()),
+            ("listen-client-urls", etcd_url(ETCD_CLIENT_PORT)),
+            ("advertise-client-urls", etcd_url(ETCD_CLIENT_PORT)),
+            ("listen-peer-urls", etcd_url(ETCD_PEER_PORT)),
+            ("initial-advertise-peer-urls", etcd_url(ETCD_PEER_PORT)),
+            (
+                "initial-cluster",
+                format!("sandbox={}", etcd_url(ETCD_PEER_PORT)),
+            ),
+            (
+                "listen-metrics-urls",
+                format!("http://127.0.0.1:{ETCD_METRICS_PORT}"),
+            ),
+            ("cert-file", self.pki_file("etcd-server.crt")),
+            ("key-file", self.pki_file("etcd-server.key")),
+            ("trusted-ca-file", self.pki_file("etcd-ca.crt")),
+            ("client-cert-auth", "true".into()),
+            ("peer-cert-file", self.pki_file("etcd-server.crt")),
+            ("peer-key-file", self.pki_file("etcd-server.key")),
+            ("peer-trusted-ca-file", self.pki_file("etcd-ca.crt")),
+            ("peer-client-cert-auth", "true".into()),
+            // The sandbox is thrown away after use; fsync on every write only slows tests.
+            ("unsafe-no-fsync", "true".into()),
+        ]
+    }
+
+    fn apiserver_flags(&self) -> Vec<(&'static str, String)> {
+        let etcd_url = format!("https://127.0.0.1:{ETCD_CLIENT_PORT}");
+        vec![
+            ("etcd-servers", etcd_url),
+            ("etcd-cafile", self.pki_file("etcd-ca.crt")),
+            ("etcd-certfile", self.pki_file("apiserver-etcd-client.crt")),
+            ("etcd-keyfile", self.pki_file("apiserver-etcd-client.key")),
+            // All addresses: the host's clients use 127.0.0.1, the kubelets in the sandbox
+            // nodes the bridge address (TLS and client certificates as everywhere).
+            ("bind-address", "0.0.0.0".into()),
+            ("advertise-address", LOOPBACK.to_string()),
+            ("secure-port", APISERVER_PORT.to_string()),
+            ("cert-dir", self.pki().display().to_string()),
+            ("tls-cert-file", self.pki_file("apiserver.crt")),
+            ("tls-private-key-file", self.pki_file("apiserver.key")),
+            ("client-ca-file", self.pki_file("ca.crt")),
+            ("authorization-mode", "Node,RBAC".into()),
+            // On top of the default set (NamespaceLifecycle, ServiceAccount, PodSecurity,
+            // ResourceQuota, the admission webhooks and policies, ...), as kubeadm does.
+            ("enable-admission-plugins", "NodeRestriction".into()),
+            ("allow-privileged", "true".into()),
+            ("enable-bootstrap-token-auth", "true".into()),
+            ("service-cluster-ip-range", SERVICE_CIDR.into()),
+            (
+                "service-account-issuer",
+                "https://kubernetes.default.svc.cluster.local".into(),
+            ),
+            ("service-account-key-file", self.pki_file("sa.pub")),
+            ("service-account-signing-key-file", self.pki_file("sa.key")),
+            (
+                "kubelet-client-certificate",
+                self.pki_file("apiserver-kubelet-client.crt"),
+            ),
+            (
+                "kubelet-client-key",
+                self.pki_file("apiserver-kubelet-client.key"),
+            ),
+            (
+                "kubelet-preferred-address-types",
+                "InternalIP,Hostname".into(),
+            ),
+            (
+                "proxy-client-cert-file",
+                self.pki_file("front-proxy-client.crt"),
+            ),
+            (
+                "proxy-client-key-file",
+                self.pki_file("front-proxy-client.key"),
+            ),
+            (
+                "requestheader-client-ca-file",
+                self.pki_file("front-proxy-ca.crt"),
+            ),
+            ("requestheader-allowed-names", "front-proxy-client".into()),
+            ("requestheader-username-headers", "X-Remote-User".into()),
+            ("requestheader-group-headers", "X-Remote-Group".into()),
+            (
+                "requestheader-extra-headers-prefix",
+                "X-Remote-Extra-".into(),
+            ),
+            // A loopback address cannot be the endpoint of the `kubernetes` Service; the nodes
+            // reach the API server by its URL in their kubeconfigs.
+            ("endpoint-reconciler-type", "none".into()),
+            ("profiling", "false".into()),
+        ]
+    }
+
+    fn controller_manager_flags(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("kubeconfig", self.kubeconfig_file("controller-manager")),
+            (
+                "authentication-kubeconfig",
+                self.kubeconfig_file("controller-manager"),
+            ),
+            (
+                "authorization-kubeconfig",
+                self.kubeconfig_file("controller-manager"),
+            ),
+            ("bind-address", LOOPBACK.to_string()),
+            ("secure-port", CONTROLLER_MANAGER_PORT.to_string()),
+            ("cert-dir", self.pki().display().to_string()),
+            ("client-ca-file", self.pki_file("ca.crt")),
+            (
+                "requestheader-client-ca-file",
+                self.pki_file("front-proxy-ca.crt"),
+            ),
+            ("cluster-signing-cert-file", self.pki_file("ca.crt")),
+            ("cluster-signing-key-file", self.pki_file("ca.key")),
+            ("root-ca-file", self.pki_file("ca.crt")),
+            ("service-account-private-key-file", self.pki_file("sa.key")),
+            ("use-service-account-credentials", "true".into()),
+            ("controllers", "*,bootstrapsigner,tokencleaner".into()),
+            ("service-cluster-ip-range", SERVICE_CIDR.into()),
+            ("leader-elect", "true".into()),
+            ("profiling", "false".into()),
+        ]
+    }
+
+    fn scheduler_flags(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("kubeconfig", self.kubeconfig_file("scheduler")),
+            (
+                "authentication-kubeconfig",
+                self.kubeconfig_file("scheduler"),
+            ),
+            (
+                "authorization-kubeconfig",
+                self.kubeconfig_file("scheduler"),
+            ),
+            ("bind-address", LOOPBACK.to_string()),
+            ("secure-port", SCHEDULER_PORT.to_string()),
+            ("cert-dir", self.pki().display().to_string()),
+            ("leader-elect", "true".into()),
+            ("profiling", "false".into()),
+        ]
     }
 
     fn write_pki(&self) -> Result<()> {

@@ -1,6 +1,6 @@
 //! The sandbox's test images, built from this repository (no image is pulled from the internet):
 //! `pause` (the pod infrastructure process) and `demo` (the stateful workload), static Go programs in
-//! `e2e/images`, each put alone into a one-layer image with crane and pushed to the sandbox registry.
+//! `e2e/sandbox/images`, each put alone into a one-layer image with crane and pushed to the sandbox registry.
 //! Tags are the binaries' SHA-256, so an unchanged program is not pushed again.
 
 use std::{
@@ -17,7 +17,7 @@ use crate::{Dirs, gobuild, registry, tools};
 /// The second tag of every image: the latest build.
 pub const CURRENT: &str = "current";
 
-/// The images: name, and Go package under `e2e/images`.
+/// The images: name, and Go package under `e2e/sandbox/images`.
 pub const IMAGES: &[(&str, &str)] = &[("pause", "./pause"), ("demo", "./demo")];
 
 /// Errors while building or pushing images.

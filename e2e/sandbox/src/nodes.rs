@@ -32,7 +32,7 @@ state = "/run/containerd"
   [plugins."io.containerd.grpc.v1.cri"]
     # CAP_SYS_RESOURCE is withheld on these machines: a negative oom_score_adj cannot be written.
     restrict_oom_score_adj = true
-    # Built from e2e/images/pause and pushed by `e2e node images`.
+    # Built from e2e/sandbox/images/pause and pushed to the sandbox registry.
     sandbox_image = "10.88.0.1:5000/kube-migros/pause:current"
     [plugins."io.containerd.grpc.v1.cri".cni]
       bin_dir = "/usr/lib/cni"

@@ -1,0 +1,328 @@
+//! What a target agent does with streams from a peer: bad and hostile archives refused leaving
+//! nothing, a good one staged; and the node's rxe counters held by one restore at a time.
+
+use agent_api::{
+    Role, Step, StepArgs,
+    v1::{self, Compression},
+};
+use sha2::{Digest, Sha256};
+
+use crate::{
+    rxe_block, unique,
+    world::{self, MAX_ARCHIVE_BYTES, Result, World, done, fails},
+};
+
+/// A small archive shaped like a CRI checkpoint, or with a hostile entry.
+fn tar_archive(hostile: bool) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    let mut add = |name: &str, data: &[u8]| {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_entry_type(tar::EntryType::Regular);
+        // Raw name bytes: tar's own setter refuses `..`, a hostile peer's tool does not.
+        h.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
+        h.set_cksum();
+        b.append(&h, data).unwrap();
+    };
+    add("config.dump", b"{}");
+    add("checkpoint/pages-1.img", &[3u8; 8192]);
+    if hostile {
+        add("../../../../etc/kube-migros-evil", b"owned");
+    }
+    b.into_inner().unwrap()
+}
+
+fn digest(data: &[u8]) -> String {
+    let hex: String = Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("sha256:{hex}")
+}
+
+fn chunk(uid: &str, offset: u64, data: &[u8], digest: &str, total: u64) -> v1::ReceiveChunk {
+    v1::ReceiveChunk {
+        migration_uid: uid.into(),
+        container: "app".into(),
+        offset,
+        data: data.to_vec(),
+        digest: digest.into(),
+        total_bytes: total,
+        compression: Compression::None.into(),
+    }
+}
+
+pub fn bad_archives(w: &World) -> Result<()> {
+    w.rt.block_on(async {
+        let uid = unique("recv");
+        let mut target = w.operator(1).await?;
+        let pod = v1::PodRef {
+            namespace: world::NAMESPACE.into(),
+            name: "received".into(),
+            uid: "uid-received".into(),
+            pod_ip: String::new(),
+            containers: vec![v1::ContainerRef {
+                name: "app".into(),
+                container_id: String::new(),
+                image: String::new(),
+            }],
+        };
+        done(
+            &mut target,
+            Step::PrepareTarget,
+            &StepArgs {
+                migration_uid: uid.clone(),
+                pod: pod.clone(),
+                expected_bytes: 1 << 20,
+                rxe: None,
+                ..Default::default()
+            },
+        )
+        .await?;
+        let good = tar_archive(false);
+        let hostile = tar_archive(true);
+        let n = good.len() as u64;
+        let cases: Vec<(&str, Vec<v1::ReceiveChunk>, &str)> = vec![
+            (
+                "corrupted",
+                vec![chunk(&uid, 0, &[0u8; 512], "", n), {
+                    let mut rest = good[512..].to_vec();
+                    rest[100] ^= 0xff;
+                    chunk(&uid, 512, &rest, &digest(&good), n)
+                }],
+                "corrupted",
+            ),
+            (
+                "truncated",
+                vec![chunk(&uid, 0, &good[..4096], "", n)],
+                "truncated",
+            ),
+            (
+                "oversized (announced)",
+                vec![chunk(&uid, 0, &good[..4096], "", MAX_ARCHIVE_BYTES + 1)],
+                "more than this node's limit",
+            ),
+            (
+                "oversized (more than announced)",
+                vec![chunk(&uid, 0, &good, &digest(&good), n - 1000)],
+                "more than the",
+            ),
+            (
+                "hostile",
+                vec![chunk(
+                    &uid,
+                    0,
+                    &hostile,
+                    &digest(&hostile),
+                    hostile.len() as u64,
+                )],
+                "leaves the archive's directory",
+            ),
+        ];
+        let peer_tls = w.certs.agent();
+        for (what, chunks, expect) in cases {
+            let mut peer = w.client(1, Some(peer_tls.clone()), None).await?;
+            let answer = peer.raw().receive(tokio_stream::iter(chunks)).await;
+            let message = match answer {
+                Ok(r) => {
+                    return Err(format!(
+                        "the {what} archive was accepted: {:?}",
+                        r.into_inner()
+                    ));
+                }
+                Err(status) => status.message().to_string(),
+            };
+            ensure!(
+                message.contains(expect),
+                "{what}: {message:?} does not say {expect:?}"
+            );
+            for sub in ["incoming", "staged"] {
+                let dir = w.written(1, &format!("/var/lib/kube-migros/migrations/{uid}/{sub}"));
+                let left = std::fs::read_dir(&dir).map(|d| d.count()).unwrap_or(0);
+                ensure!(
+                    left == 0,
+                    "{what}: {left} entries left in {}",
+                    dir.display()
+                );
+            }
+        }
+        ensure!(
+            !w.written(1, "/etc/kube-migros-evil").exists()
+                && !std::path::Path::new("/etc/kube-migros-evil").exists(),
+            "the hostile entry was written"
+        );
+        // StageRestore refuses a migration without a received checkpoint.
+        let why = fails(
+            &mut target,
+            Step::StageRestore,
+            &StepArgs {
+                migration_uid: uid.clone(),
+                pod: pod.clone(),
+                rxe: None,
+                ..Default::default()
+            },
+        )
+        .await?;
+        ensure!(why.contains("was not received"), "{why}");
+
+        // The same agent takes a good archive (so the refusals above were about the data), in
+        // zstd chunks, and stages it.
+        let mut peer = w.client(1, Some(peer_tls), None).await?;
+        let mut z = chunk(
+            &uid,
+            0,
+            &zstd::bulk::compress(&good, 1).unwrap(),
+            &digest(&good),
+            n,
+        );
+        z.compression = Compression::Zstd.into();
+        let ok = peer
+            .raw()
+            .receive(tokio_stream::iter(vec![z]))
+            .await
+            .map_err(|s| format!("the good archive was refused: {}", s.message()))?
+            .into_inner();
+        ensure!(ok.bytes == n && ok.archives.len() == 1, "received {ok:?}");
+        let image = format!("{}:{uid}-app", world::CHECKPOINT_REPOSITORY);
+        let present = w.exec(1, &["crictl", "inspecti", &image]);
+        ensure!(
+            present.is_ok(),
+            "the staged image {image} is not in the runtime: {present:?}"
+        );
+
+        // A stream for a migration the node was never asked to prepare is refused.
+        let mut peer = w.client(1, Some(w.certs.agent()), None).await?;
+        let stray = peer
+            .raw()
+            .receive(tokio_stream::iter(vec![chunk(
+                "never-prepared",
+                0,
+                &good,
+                &digest(&good),
+                n,
+            )]))
+            .await;
+        ensure!(
+            stray
+                .as_ref()
+                .is_err_and(|s| s.message().contains("was not prepared")),
+            "stray stream: {stray:?}"
+        );
+        done(
+            &mut target,
+            Step::Cleanup(Role::Target),
+            &StepArgs::of(&uid),
+        )
+        .await?;
+        ensure!(!w.stored(1).contains(&uid), "data left after cleanup");
+        Ok(())
+    })
+}
+
+/// Prepares migration `uid` on node-2 for a pod with one container and streams a good archive
+/// to it as a peer agent would.
+async fn prepared_with_archive(w: &World, uid: &str, name: &str) -> Result<v1::PodRef> {
+    let pod = v1::PodRef {
+        namespace: world::NAMESPACE.into(),
+        name: name.into(),
+        uid: format!("uid-{name}"),
+        pod_ip: String::new(),
+        containers: vec![v1::ContainerRef {
+            name: "app".into(),
+            container_id: String::new(),
+            image: String::new(),
+        }],
+    };
+    let mut target = w.operator(1).await?;
+    done(
+        &mut target,
+        Step::PrepareTarget,
+        &StepArgs {
+            migration_uid: uid.to_string(),
+            pod: pod.clone(),
+            expected_bytes: 1 << 20,
+            rxe: Some(rxe_block()),
+            ..Default::default()
+        },
+    )
+    .await?;
+    let good = tar_archive(false);
+    let mut peer = w.client(1, Some(w.certs.agent()), None).await?;
+    peer.raw()
+        .receive(tokio_stream::iter(vec![chunk(
+            uid,
+            0,
+            &good,
+            &digest(&good),
+            good.len() as u64,
+        )]))
+        .await
+        .map_err(|s| format!("receiving: {}", s.message()))?;
+    Ok(pod)
+}
+
+pub fn rxe_lock(w: &World) -> Result<()> {
+    w.rt.block_on(async {
+        let (first, second) = (unique("rxe-a"), unique("rxe-b"));
+        let pod_a = prepared_with_archive(w, &first, "rxe-a").await?;
+        let pod_b = prepared_with_archive(w, &second, "rxe-b").await?;
+        let mut target = w.operator(1).await?;
+        let block_b = v1::RxeBlock {
+            qpn_start: 2048,
+            qpn_count: 256,
+            mrn_start: 2304,
+            mrn_count: 256,
+        };
+        let stage = |uid: &str, pod: &v1::PodRef, block: v1::RxeBlock| StepArgs {
+            migration_uid: uid.into(),
+            pod: pod.clone(),
+            rxe: Some(block),
+            ..Default::default()
+        };
+        done(
+            &mut target,
+            Step::StageRestore,
+            &stage(&first, &pod_a, rxe_block()),
+        )
+        .await?;
+        ensure!(
+            w.rxe_file(1, "last_qpn") == "1280",
+            "last_qpn {}",
+            w.rxe_file(1, "last_qpn")
+        );
+        // While the first pod has not started, the second restore cannot take the counters.
+        let why = fails(
+            &mut target,
+            Step::StageRestore,
+            &stage(&second, &pod_b, block_b),
+        )
+        .await?;
+        ensure!(why.contains(&format!("held by migration {first}")), "{why}");
+        ensure!(
+            w.rxe_file(1, "last_qpn") == "1280",
+            "the refused restore wrote the counters"
+        );
+        done(&mut target, Step::FinishRestore, &StepArgs::of(&first)).await?;
+        done(
+            &mut target,
+            Step::StageRestore,
+            &stage(&second, &pod_b, block_b),
+        )
+        .await?;
+        ensure!(
+            w.rxe_file(1, "last_qpn") == "2048",
+            "last_qpn {}",
+            w.rxe_file(1, "last_qpn")
+        );
+        ensure!(
+            w.rxe_file(1, "last_mrn") == "2304",
+            "last_mrn {}",
+            w.rxe_file(1, "last_mrn")
+        );
+        for uid in [&first, &second] {
+            done(&mut target, Step::Cleanup(Role::Target), &StepArgs::of(uid)).await?;
+        }
+        Ok(())
+    })
+}

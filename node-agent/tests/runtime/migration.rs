@@ -1,0 +1,387 @@
+//! A whole migration through the real agents (checkpoint, transfer, restore with a TCP peer), and
+//! an abort that resumes the source.
+
+use std::time::Duration;
+
+use agent_api::{Role, Step, StepArgs, v1::Compression};
+
+use crate::{
+    rxe_block, unique,
+    world::{self, Result, World, done, fails, status, until},
+};
+
+const STREAM_PORT: u16 = 9000;
+
+/// Checkpoint on node-1, transfer to node-2, restore there through the CRI from what the agent
+/// staged, with a peer on node-3 streaming to the pod all along.
+pub fn migrate(w: &World) -> Result<()> {
+    let name = unique("app");
+    let uid = unique("mig");
+    let image = w.demo_image.clone();
+    let source = w.run_pod(
+        0,
+        &name,
+        &image,
+        &["serve", "--status", ":8080", "--listen", ":9000"],
+    )?;
+    let ip = source.ip;
+    let peer_name = unique("peer");
+    let peer = w.run_pod(
+        2,
+        &peer_name,
+        &image,
+        &[
+            "stream",
+            "--to",
+            &format!("{ip}:{STREAM_PORT}"),
+            "--status",
+            ":8080",
+        ],
+    )?;
+    let result = w.rt.block_on(async {
+        // The workload runs and receives the peer's stream.
+        let before = until(
+            "the workload to count and receive",
+            Duration::from_secs(30),
+            || async {
+                status(ip)
+                    .await
+                    .ok()
+                    .filter(|s| s.num("counter") >= 50 && s.num("received") > 0)
+            },
+        )
+        .await?;
+        ensure!(before.num("conns") == 1, "conns before: {before:?}");
+
+        let mut target = w.operator(1).await?;
+        let mut src = w.operator(0).await?;
+        // As the operator sends it: no runtime IDs; the agent finds the container by the pod.
+        let mut pod = source.pod_ref(&image);
+        pod.containers[0].container_id.clear();
+        done(
+            &mut target,
+            Step::PrepareTarget,
+            &StepArgs {
+                migration_uid: uid.clone(),
+                pod: pod.clone(),
+                expected_bytes: 64 << 20,
+                rxe: Some(rxe_block()),
+                ..Default::default()
+            },
+        )
+        .await?;
+
+        let checkpoint = done(
+            &mut src,
+            Step::Checkpoint,
+            &StepArgs {
+                migration_uid: uid.clone(),
+                pod: pod.clone(),
+                ..Default::default()
+            },
+        )
+        .await?;
+        ensure!(
+            checkpoint.archives.len() == 1,
+            "archives {:?}",
+            checkpoint.archives
+        );
+        let archive = &checkpoint.archives[0];
+        ensure!(
+            archive.bytes > 100_000 && archive.digest.starts_with("sha256:"),
+            "archive {archive:?}"
+        );
+        eprintln!(
+            "checkpoint: {} bytes in {} ms",
+            archive.bytes, checkpoint.duration_ms
+        );
+
+        // The source stays paused after the checkpoint: its task is PAUSED, it uses no CPU, and
+        // the pod IP is silenced on node-1.
+        ensure!(
+            w.task_state(0, &source.container_id) == "PAUSED",
+            "source task is {}",
+            w.task_state(0, &source.container_id)
+        );
+        let cpu = w.cpu_ns(0, &source.container_id)?;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let cpu_later = w.cpu_ns(0, &source.container_id)?;
+        ensure!(
+            cpu == cpu_later,
+            "the paused source used CPU: {cpu} -> {cpu_later} ns"
+        );
+        ensure!(
+            w.blocked(0).contains(&ip),
+            "node-1 does not block {ip}: {:?}",
+            w.blocked(0)
+        );
+        ensure!(status(ip).await.is_err(), "the paused source still answers");
+
+        let transfer = done(
+            &mut src,
+            Step::Transfer,
+            &StepArgs {
+                migration_uid: uid.clone(),
+                target_endpoint: w.endpoint(1).to_string(),
+                compression: Compression::Zstd,
+                bandwidth_limit: 0,
+                ..Default::default()
+            },
+        )
+        .await?;
+        ensure!(
+            transfer.bytes_done == archive.bytes,
+            "transfer {transfer:?}"
+        );
+        eprintln!(
+            "transfer: {} ({} ms)",
+            transfer.message, transfer.duration_ms
+        );
+
+        // The commit point: the source is killed for good, and its sandbox removed (the
+        // kubelet's part when the pod object is deleted), which frees the IP on node-1.
+        done(&mut src, Step::Commit(Role::Source), &StepArgs::of(&uid)).await?;
+        let state = w.task_state(0, &source.container_id);
+        ensure!(
+            state == "STOPPED" || state == "GONE",
+            "source task after commit: {state}"
+        );
+        w.remove_pod(&source)?;
+
+        let staged = done(
+            &mut target,
+            Step::StageRestore,
+            &StepArgs {
+                migration_uid: uid.clone(),
+                pod: pod.clone(),
+                rxe: Some(rxe_block()),
+                ..Default::default()
+            },
+        )
+        .await?;
+        ensure!(staged.staged.len() == 1, "staged {:?}", staged.staged);
+        let staged_image = staged.staged[0].image.clone();
+        // A checkpoint image in the registry, already pulled into node-2's runtime.
+        ensure!(
+            staged_image.starts_with(&format!("{}:{uid}-app", world::CHECKPOINT_REPOSITORY)),
+            "staged image {staged_image}"
+        );
+        let present = w.exec(1, &["crictl", "inspecti", &staged_image]);
+        ensure!(
+            present.is_ok(),
+            "the checkpoint image is not in node-2's runtime: {present:?}"
+        );
+        // The counters hold the pod's block when the restore starts, and the IP is blocked on
+        // the target until the restored sockets exist.
+        ensure!(
+            w.rxe_file(1, "last_qpn") == "1280",
+            "last_qpn {}",
+            w.rxe_file(1, "last_qpn")
+        );
+        ensure!(
+            w.rxe_file(1, "last_mrn") == "1536",
+            "last_mrn {}",
+            w.rxe_file(1, "last_mrn")
+        );
+        ensure!(w.blocked(1).contains(&ip), "node-2 does not block {ip}");
+
+        let restore_started = std::time::Instant::now();
+        let restored = w.run_pod(1, &name, &staged_image, &[])?;
+        let restore_ms = restore_started.elapsed().as_millis();
+        ensure!(
+            restored.ip == ip,
+            "restored with IP {}, not {ip}",
+            restored.ip
+        );
+        done(&mut target, Step::FinishRestore, &StepArgs::of(&uid)).await?;
+        ensure!(!w.blocked(1).contains(&ip), "node-2 still blocks {ip}");
+        eprintln!("restore (sandbox + create + start): {restore_ms} ms");
+
+        // The restored process continues: same id, counter and received bytes from the
+        // checkpoint on, the peer's same connection, no skipped or repeated record.
+        let after = until(
+            "the restored workload to answer",
+            Duration::from_secs(20),
+            || async { status(ip).await.ok() },
+        )
+        .await?;
+        ensure!(
+            after.get("id") == before.get("id"),
+            "a new process: {before:?} -> {after:?}"
+        );
+        ensure!(
+            after.num("counter") >= before.num("counter"),
+            "counter went back: {before:?} -> {after:?}"
+        );
+        ensure!(
+            after.num("received") >= before.num("received"),
+            "received went back: {after:?}"
+        );
+        let streaming = until(
+            "the peer's stream to continue",
+            Duration::from_secs(30),
+            || async {
+                status(ip)
+                    .await
+                    .ok()
+                    .filter(|s| s.num("received") > after.num("received") + 64 * 50)
+            },
+        )
+        .await?;
+        ensure!(
+            streaming.num("conns") == 1,
+            "the peer reconnected: {streaming:?}"
+        );
+        ensure!(
+            streaming.num("gaps") == 0,
+            "records lost or repeated: {streaming:?}"
+        );
+        let peer_status = status(peer.ip).await?;
+        ensure!(peer_status.num("counter") > 0, "peer {peer_status:?}");
+        eprintln!(
+            "peer's stream: same connection, longest pause {} ms, counter {} -> {}",
+            streaming.get("maxgap_ms"),
+            before.num("counter"),
+            streaming.num("counter")
+        );
+
+        for (client, role) in [(&mut src, Role::Source), (&mut target, Role::Target)] {
+            done(client, Step::Cleanup(role), &StepArgs::of(&uid)).await?;
+        }
+        ensure!(
+            !w.stored(0).contains(&uid) && !w.stored(1).contains(&uid),
+            "data left after cleanup"
+        );
+        ensure!(
+            !w.blocked(0).contains(&ip),
+            "node-1 still blocks {ip} after cleanup"
+        );
+        w.remove_pod(&restored)?;
+        Ok(())
+    });
+    if result.is_err() {
+        // Leave nothing paused or blocked behind a failed case.
+        w.rt.block_on(async {
+            for (i, role) in [(0, Role::Source), (1, Role::Target)] {
+                if let Ok(mut c) = w.operator(i).await {
+                    let _ = c.step(Step::Abort(role), &StepArgs::of(&uid)).await;
+                    let _ = c.step(Step::Cleanup(role), &StepArgs::of(&uid)).await;
+                }
+            }
+        });
+    }
+    let _ = w.remove_pod(&peer);
+    let _ = w.remove_pod(&source);
+    result.map_err(|e| {
+        format!(
+            "{e}\nsource agent:\n{}\ntarget agent:\n{}",
+            w.agent_log(0),
+            w.agent_log(1)
+        )
+    })
+}
+
+pub fn abort(w: &World) -> Result<()> {
+    let name = unique("abort");
+    let uid = unique("mig");
+    let image = w.demo_image.clone();
+    let pod = w.run_pod(0, &name, &image, &["serve", "--status", ":8080"])?;
+    let result = w.rt.block_on(async {
+        let before = until("the workload to count", Duration::from_secs(30), || async {
+            status(pod.ip).await.ok().filter(|s| s.num("counter") >= 20)
+        })
+        .await?;
+        let mut src = w.operator(0).await?;
+        let mut target = w.operator(1).await?;
+        let pod_ref = pod.pod_ref(&image);
+        done(
+            &mut target,
+            Step::PrepareTarget,
+            &StepArgs {
+                migration_uid: uid.clone(),
+                pod: pod_ref.clone(),
+                expected_bytes: 1 << 20,
+                rxe: None,
+                ..Default::default()
+            },
+        )
+        .await?;
+        done(
+            &mut src,
+            Step::Checkpoint,
+            &StepArgs {
+                migration_uid: uid.clone(),
+                pod: pod_ref.clone(),
+                ..Default::default()
+            },
+        )
+        .await?;
+        ensure!(w.task_state(0, &pod.container_id) == "PAUSED", "not paused");
+        // A target that cannot be reached: the transfer is retried, then fails with the reason,
+        // and the source stays paused, ready for the abort.
+        let why = fails(
+            &mut src,
+            Step::Transfer,
+            &StepArgs {
+                migration_uid: uid.clone(),
+                target_endpoint: format!("{}:1", w.nodes[2].ip()),
+                compression: Compression::None,
+                bandwidth_limit: 0,
+                ..Default::default()
+            },
+        )
+        .await?;
+        ensure!(
+            why.contains("failed 3 times") && why.contains("connecting to the target agent"),
+            "{why}"
+        );
+        ensure!(
+            w.task_state(0, &pod.container_id) == "PAUSED",
+            "not paused after the failed transfer"
+        );
+        for (client, role) in [(&mut src, Role::Source), (&mut target, Role::Target)] {
+            done(client, Step::Abort(role), &StepArgs::of(&uid)).await?;
+        }
+        ensure!(
+            w.task_state(0, &pod.container_id) == "RUNNING",
+            "not resumed"
+        );
+        ensure!(!w.blocked(0).contains(&pod.ip), "still blocked after abort");
+        // The same process goes on counting from where it was.
+        let after = until(
+            "the resumed workload to count on",
+            Duration::from_secs(20),
+            || async {
+                status(pod.ip)
+                    .await
+                    .ok()
+                    .filter(|s| s.num("counter") > before.num("counter") + 20)
+            },
+        )
+        .await?;
+        ensure!(
+            after.get("id") == before.get("id"),
+            "a new process after abort"
+        );
+        ensure!(
+            !w.stored(0).contains(&uid) && !w.stored(1).contains(&uid),
+            "data left after abort"
+        );
+        // Asking again is harmless.
+        done(&mut src, Step::Abort(Role::Source), &StepArgs::of(&uid)).await?;
+        ensure!(
+            w.task_state(0, &pod.container_id) == "RUNNING",
+            "a second abort changed the source"
+        );
+        Ok(())
+    });
+    if result.is_err() {
+        w.rt.block_on(async {
+            if let Ok(mut c) = w.operator(0).await {
+                let _ = c.step(Step::Abort(Role::Source), &StepArgs::of(&uid)).await;
+            }
+        });
+    }
+    let _ = w.remove_pod(&pod);
+    result.map_err(|e| format!("{e}\nagent:\n{}", w.agent_log(0)))
+}

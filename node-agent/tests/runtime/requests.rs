@@ -1,0 +1,257 @@
+//! Who may call an agent and what it refuses: callers without a valid certificate, peers driving
+//! steps, invalid requests; and the capabilities it reports.
+
+use agent_api::{Role, Step, StepArgs, steps::StepRequest, v1};
+
+use crate::{
+    rxe_block, unique,
+    world::{self, MAX_ARCHIVE_BYTES, Result, World, fails},
+};
+
+pub fn capabilities(w: &World) -> Result<()> {
+    w.rt.block_on(async {
+        let caps = w
+            .operator(0)
+            .await?
+            .capabilities()
+            .await
+            .map_err(|s| s.to_string())?;
+        ensure!(caps.node_name == "node-1", "node name {:?}", caps.node_name);
+        ensure!(
+            caps.runtime_name == "containerd",
+            "runtime {:?}",
+            caps.runtime_name
+        );
+        ensure!(
+            caps.runtime_version
+                .trim_start_matches('v')
+                .starts_with("2.1."),
+            "runtime version {:?}",
+            caps.runtime_version
+        );
+        ensure!(
+            caps.criu_version.starts_with('4'),
+            "CRIU version {:?}",
+            caps.criu_version
+        );
+        ensure!(caps.rxe_present, "the rxe counter files are not seen");
+        ensure!(caps.free_bytes > 1 << 30, "free bytes {}", caps.free_bytes);
+        ensure!(
+            caps.restore_backends == ["cri-checkpoint-image"],
+            "backends {:?}",
+            caps.restore_backends
+        );
+        Ok(())
+    })
+}
+
+pub fn refusals(w: &World) -> Result<()> {
+    w.rt.block_on(async {
+        // No client certificate at all: the TLS handshake or the first call fails.
+        let no_cert = match w.client(0, None, Some(&ca_pem(w))).await {
+            Ok(mut c) => c.capabilities().await.err().map(|s| s.to_string()),
+            Err(e) => Some(e),
+        };
+        ensure!(
+            no_cert.is_some(),
+            "a client without a certificate was served"
+        );
+        // A certificate of another CA.
+        let other = agent_api::pki::Ca::new("another-ca").map_err(|e| e.to_string())?;
+        let leaf = other
+            .issue(&agent_api::pki::Leaf {
+                common_name: agent_api::identity::OPERATOR_COMMON_NAME,
+                usage: Some(agent_api::pki::Usage::Client),
+                ..Default::default()
+            })
+            .map_err(|e| e.to_string())?;
+        let foreign = agent_api::tls::TlsMaterial::from_pem(
+            ca_pem(w).into_bytes(),
+            leaf.cert.into_bytes(),
+            leaf.key.into_bytes(),
+        );
+        let other_ca = match w.client(0, Some(foreign), None).await {
+            Ok(mut c) => c.capabilities().await.err().map(|s| s.to_string()),
+            Err(e) => Some(e),
+        };
+        ensure!(
+            other_ca.is_some(),
+            "a certificate of another CA was accepted"
+        );
+        // The right CA but neither the operator nor an agent.
+        let mut stranger = w.client(0, Some(w.certs.stranger()), None).await?;
+        let denied = stranger.capabilities().await;
+        ensure!(
+            denied
+                .as_ref()
+                .is_err_and(|s| s.code() == tonic::Code::PermissionDenied),
+            "a stranger: {denied:?}"
+        );
+        // A peer agent may stream checkpoints but not drive steps.
+        let mut peer = w.client(0, Some(w.certs.agent()), None).await?;
+        let denied = peer
+            .step(Step::Abort(Role::Source), &StepArgs::of("some-migration"))
+            .await;
+        ensure!(
+            denied
+                .as_ref()
+                .is_err_and(|s| s.code() == tonic::Code::PermissionDenied),
+            "a peer driving a step: {denied:?}"
+        );
+        // The operator is served.
+        w.operator(0)
+            .await?
+            .capabilities()
+            .await
+            .map_err(|s| format!("the operator was refused: {s}"))?;
+        Ok(())
+    })
+}
+
+fn ca_pem(w: &World) -> String {
+    std::fs::read_to_string(w.certs.operator_dir().join("ca.crt")).unwrap_or_default()
+}
+
+pub fn invalid_requests(w: &World) -> Result<()> {
+    w.rt.block_on(async {
+        let mut target = w.operator(1).await?;
+        let uid = unique("bad");
+        let pod = v1::PodRef {
+            namespace: world::NAMESPACE.into(),
+            name: "p".into(),
+            uid: "u".into(),
+            pod_ip: String::new(),
+            containers: vec![v1::ContainerRef {
+                name: "app".into(),
+                container_id: "containerd://0123".into(),
+                image: String::new(),
+            }],
+        };
+        // An rxe block outside the node's ranges.
+        let mut block = rxe_block();
+        block.qpn_start = 16;
+        let why = fails(
+            &mut target,
+            Step::PrepareTarget,
+            &StepArgs {
+                migration_uid: uid.clone(),
+                pod: pod.clone(),
+                expected_bytes: 1,
+                rxe: Some(block),
+                ..Default::default()
+            },
+        )
+        .await?;
+        ensure!(why.contains("outside this node's ranges"), "{why}");
+        // A checkpoint larger than the node takes.
+        let why = fails(
+            &mut target,
+            Step::PrepareTarget,
+            &StepArgs {
+                migration_uid: uid.clone(),
+                pod: pod.clone(),
+                expected_bytes: MAX_ARCHIVE_BYTES * 2,
+                rxe: None,
+                ..Default::default()
+            },
+        )
+        .await?;
+        ensure!(why.contains("limit"), "{why}");
+        ensure!(!w.stored(1).contains(&uid), "a refused prepare left data");
+        // Checkpointing a container that does not exist fails and leaves nothing behind.
+        let mut src = w.operator(0).await?;
+        let why = fails(
+            &mut src,
+            Step::Checkpoint,
+            &StepArgs {
+                migration_uid: uid.clone(),
+                pod: pod.clone(),
+                ..Default::default()
+            },
+        )
+        .await?;
+        ensure!(why.contains("0123"), "{why}");
+        // Without runtime IDs the agent looks for the pod's containers, and says so when none run.
+        let mut unknown = pod.clone();
+        unknown.containers[0].container_id.clear();
+        let why = fails(
+            &mut src,
+            Step::Checkpoint,
+            &StepArgs {
+                migration_uid: uid.clone(),
+                pod: unknown.clone(),
+                ..Default::default()
+            },
+        )
+        .await?;
+        ensure!(
+            why.contains("no running container app of pod agent-test/p"),
+            "{why}"
+        );
+        ensure!(
+            !w.stored(0).contains(&uid),
+            "a refused checkpoint left data"
+        );
+        // Malformed requests are refused before anything runs.
+        let bad = src
+            .step(
+                Step::Checkpoint,
+                &StepArgs {
+                    migration_uid: "../etc".into(),
+                    pod: pod.clone(),
+                    ..Default::default()
+                },
+            )
+            .await;
+        ensure!(
+            bad.as_ref()
+                .is_err_and(|s| s.code() == tonic::Code::InvalidArgument),
+            "{bad:?}"
+        );
+        let role = src
+            .send(StepRequest::Abort(v1::StepRequest {
+                migration_uid: uid.clone(),
+                role: v1::Role::Unspecified.into(),
+            }))
+            .await;
+        ensure!(role.is_err(), "a step without a role was taken");
+        Ok(())
+    })
+}
+
+/// `e2e/bench/raw-recipe.sh`, the baseline of the benchmarks, still works on these nodes.
+pub fn raw_recipe(w: &World) -> Result<()> {
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../e2e/bench/raw-recipe.sh");
+    let out = std::process::Command::new("bash")
+        .arg(&script)
+        .args(["node-1", "node-2", &w.demo_image])
+        .output()
+        .map_err(|e| format!("running {}: {e}", script.display()))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success(),
+        "the raw recipe failed: {}\n{text}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let value = |key: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{key}=")))
+            .unwrap_or_default()
+            .to_string()
+    };
+    let number = |key: &str| value(key).parse::<u64>().unwrap_or(0);
+    ensure!(
+        !value("source_id").is_empty() && value("source_id") == value("target_id"),
+        "the target does not run the restored process:\n{text}"
+    );
+    ensure!(
+        number("target_counter") >= number("source_counter") && number("archive_bytes") > 0,
+        "{text}"
+    );
+    for key in ["checkpoint_ms", "copy_ms", "scp_ms", "restore_ms"] {
+        ensure!(!value(key).is_empty(), "no {key}:\n{text}");
+    }
+    eprint!("{} ", text.split_whitespace().collect::<Vec<_>>().join(" "));
+    Ok(())
+}
