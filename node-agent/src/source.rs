@@ -13,8 +13,8 @@ use crate::{
     agent::{Agent, pod_ip},
     archive,
     error::{Error, Result},
-    runtime::{self, TaskStatus},
-    store::{Container, Record, Role},
+    runtime::TaskStatus,
+    store::{Record, Role},
     wire::{self, Outgoing},
 };
 
@@ -27,19 +27,7 @@ impl Agent {
     pub async fn checkpoint(self, req: v1::CheckpointRequest) -> Result<v1::Operation> {
         let uid = req.migration_uid.clone();
         let pod = req.pod.unwrap_or_default();
-        let mut record = Record::new(&uid, Role::Source, &pod.namespace, &pod.name);
-        record.pod_uid = pod.uid.clone();
-        record.pod_ip = pod.pod_ip.clone();
-        record.containers = pod
-            .containers
-            .iter()
-            .map(|c| Container {
-                name: c.name.clone(),
-                id: runtime::container_id(&c.container_id).to_string(),
-                image: c.image.clone(),
-                ..Default::default()
-            })
-            .collect();
+        let mut record = Record::of_pod(&uid, Role::Source, &pod);
         // The operator may not know the runtime's IDs: find them by the pod's sandbox.
         for c in record.containers.iter_mut().filter(|c| c.id.is_empty()) {
             c.id = self

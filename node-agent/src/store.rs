@@ -95,6 +95,26 @@ impl Record {
         }
     }
 
+    /// The record of `pod` for this node's `role` in migration `uid`: its identity, address and
+    /// containers (with the runtime's IDs when the request carries them).
+    pub fn of_pod(uid: &str, role: Role, pod: &agent_api::v1::PodRef) -> Self {
+        Self {
+            pod_uid: pod.uid.clone(),
+            pod_ip: pod.pod_ip.clone(),
+            containers: pod
+                .containers
+                .iter()
+                .map(|c| Container {
+                    name: c.name.clone(),
+                    id: crate::runtime::container_id(&c.container_id).to_string(),
+                    image: c.image.clone(),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Self::new(uid, role, &pod.namespace, &pod.name)
+        }
+    }
+
     pub fn container_mut(&mut self, name: &str) -> Option<&mut Container> {
         self.containers.iter_mut().find(|c| c.name == name)
     }

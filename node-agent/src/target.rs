@@ -16,7 +16,7 @@ use crate::{
     error::{Error, Result},
     ipam::Reservation,
     rxe_counters::{self, Block},
-    store::{Container, Record, Role},
+    store::{Record, Role},
     wire::{self, Received, Rejected},
 };
 
@@ -55,21 +55,17 @@ impl Agent {
                 .await
                 .map_err(|e| Error::from(e).during("the target cannot pull the base image"))?;
         }
-        let mut record = match self.store.load(&req.migration_uid)? {
-            Some(r) if r.role == Role::Target => r,
-            _ => Record::new(&req.migration_uid, Role::Target, &pod.namespace, &pod.name),
+        let fresh = Record::of_pod(&req.migration_uid, Role::Target, &pod);
+        // Asked again: what an earlier attempt did here stays recorded.
+        let record = match self.store.load(&req.migration_uid)? {
+            Some(r) if r.role == Role::Target => Record {
+                pod_uid: fresh.pod_uid,
+                pod_ip: fresh.pod_ip,
+                containers: fresh.containers,
+                ..r
+            },
+            _ => fresh,
         };
-        record.pod_uid = pod.uid.clone();
-        record.pod_ip = pod.pod_ip.clone();
-        record.containers = pod
-            .containers
-            .iter()
-            .map(|c| Container {
-                name: c.name.clone(),
-                image: c.image.clone(),
-                ..Default::default()
-            })
-            .collect();
         self.store.save(&record)?;
         let mut op = self.done(&req.migration_uid);
         op.message = format!("{free} bytes free");

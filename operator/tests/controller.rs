@@ -1,5 +1,5 @@
 //! The operator as a real process against the sandbox's real API server, talking real gRPC with
-//! mutual TLS to scriptable test agents (the real agent arrives with the node-runtime milestone).
+//! mutual TLS to scriptable test agents (the real agents are in `live.rs` and the runtime suite).
 //! Nodes are API objects kept Ready by the test; replacement pods are reported Running by it.
 
 #![allow(clippy::expect_used, clippy::unwrap_used)] // a test fails by panicking

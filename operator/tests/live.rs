@@ -14,7 +14,7 @@ use std::{net::Ipv4Addr, time::Duration};
 use crds::Phase;
 use futures::FutureExt;
 use k8s_openapi::api::core::v1::Pod;
-use kube::{Api, api::PostParams};
+use kube::Api;
 use sandbox::{Dirs, agents, binaries, nodes::Nodes};
 use support::{Operator, Scenario};
 use testkit::{
@@ -159,38 +159,11 @@ async fn a_pod_moves_between_real_nodes_keeping_its_state_ip_and_tcp_peer() {
                 wanted: wanted.clone(),
             };
             // The workload is an RDMA pod: it asks for an rxe device and owns an rxe block.
-            let app = workload::pod(
-                &demo,
-                "app",
-                "node-1",
-                serde_json::json!(["serve", "--status", ":8080", "--listen", ":9000"]),
-                serde_json::json!({"migros.io/migratable": "true", "migros.io/rdma": "true"}),
-                serde_json::json!({"rdma/rxe": "1"}),
-            );
-            live.pods
-                .create(&PostParams::default(), &app)
-                .await
-                .unwrap();
-            let mut current = running_pod(&live.pods, "app", None).await;
-            let ip = ip_of(&current);
-            let peer = workload::pod(
-                &demo,
-                "peer",
-                "node-3",
-                serde_json::json!(["stream", "--to", format!("{ip}:9000"), "--status", ":8080"]),
-                serde_json::json!({}),
-                serde_json::json!({}),
-            );
-            live.pods
-                .create(&PostParams::default(), &peer)
-                .await
-                .unwrap();
-            let mut before = eventually(Duration::from_secs(60), || async move {
-                workload::state(ip)
+            let (mut current, mut before) =
+                workload::start_with_peer(&live.pods, &demo, ("app", "peer"), None)
                     .await
-                    .filter(|s| num(s, "received") > 0 && num(s, "counter") > 50)
-            })
-            .await;
+                    .unwrap();
+            let ip = ip_of(&current);
 
             // node-1 -> node-2 -> node-3, then with no target node.
             for (hop, target) in [

@@ -14,7 +14,7 @@ use std::{
 use anyhow::{Context, bail};
 use crds::{Phase, PodMigration};
 use k8s_openapi::api::core::v1::Pod;
-use kube::{Api, api::PostParams};
+use kube::Api;
 
 use sandbox::{Dirs, cluster, controlplane::Env, install, registry::Registry, release};
 use testkit::workload::{self, State, node_of, num};
@@ -86,8 +86,17 @@ pub async fn run(dirs: &Dirs) -> anyhow::Result<()> {
 
     let pods: Api<Pod> = Api::namespaced(client.clone(), NAMESPACE);
     let demo = cluster.images.get("demo").context("no demo image")?;
-    let (mut current, mut before) = start_workload(&pods, demo).await?;
+    say(
+        "==> the workload: the demo program on node-1 (an RDMA pod: it asks for an rdma/rxe device),",
+    );
+    say("    and a peer on node-3 streaming numbered records to it over one TCP connection");
+    let (mut current, mut before) =
+        workload::start_with_peer(&pods, demo, ("app", "peer"), Some("16Mi")).await?;
     let ip = pod_ip(&current)?;
+    say(format!(
+        "    app runs on node-1 with IP {ip}: {}",
+        show(&before)
+    ));
     let log_dir = dirs.state.join("demo");
     std::fs::create_dir_all(&log_dir)?;
     let pms: Api<PodMigration> = Api::namespaced(client.clone(), NAMESPACE);
@@ -175,48 +184,6 @@ async fn install_release(
         installing.elapsed().as_secs_f64()
     ));
     Ok(())
-}
-
-/// Starts the demo workload on node-1 and its peer on node-3; answers the workload's pod and its
-/// state once it receives the peer's stream.
-async fn start_workload(pods: &Api<Pod>, demo: &str) -> anyhow::Result<(Pod, State)> {
-    say(
-        "==> the workload: the demo program on node-1 (an RDMA pod: it asks for an rdma/rxe device),",
-    );
-    say("    and a peer on node-3 streaming numbered records to it over one TCP connection");
-    let app = workload::pod(
-        demo,
-        "app",
-        "node-1",
-        serde_json::json!([
-            "serve", "--status", ":8080", "--listen", ":9000", "--touch", "16Mi"
-        ]),
-        serde_json::json!({"migros.io/migratable": "true", "migros.io/rdma": "true"}),
-        serde_json::json!({"rdma/rxe": "1"}),
-    );
-    pods.create(&PostParams::default(), &app).await?;
-    let current = running_pod(pods, "app", None).await?;
-    let ip = pod_ip(&current)?;
-    let peer = workload::pod(
-        demo,
-        "peer",
-        "node-3",
-        serde_json::json!(["stream", "--to", format!("{ip}:9000"), "--status", ":8080"]),
-        serde_json::json!({}),
-        serde_json::json!({}),
-    );
-    pods.create(&PostParams::default(), &peer).await?;
-    let before = workload::until(
-        "the workload to receive the peer's stream",
-        Duration::from_secs(60),
-        || async move { workload::state(ip).await.filter(|s| num(s, "received") > 0) },
-    )
-    .await?;
-    say(format!(
-        "    app runs on node-1 with IP {ip}: {}",
-        show(&before)
-    ));
-    Ok((current, before))
 }
 
 /// Prints each phase of PodMigration `name` as it is entered; answers it once final.

@@ -17,15 +17,11 @@ use anyhow::{Context, bail};
 use crds::{Phase, PodMigration};
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::Pod;
-use kube::{
-    Api, Client, ResourceExt,
-    api::{DeleteParams, PostParams},
-    runtime::watcher,
-};
+use kube::{Api, Client, ResourceExt, api::DeleteParams, runtime::watcher};
 use tokio::io::AsyncReadExt;
 
 use sandbox::{Dirs, cluster, install, registry::Registry, release};
-use testkit::workload::{self, State, num};
+use testkit::workload::{self, num};
 
 use crate::{MigrationRun, Options, TransferRuns};
 
@@ -196,7 +192,8 @@ async fn one(
         format!("move-{suffix}"),
     );
     let pods: Api<Pod> = Api::namespaced(client.clone(), NAMESPACE);
-    let (source, before) = start_pair(&pods, demo, size, &app_name, &peer_name).await?;
+    let (source, before) =
+        workload::start_with_peer(&pods, demo, (&app_name, &peer_name), Some(size)).await?;
     let ip = workload::ip_of(&source).context("no pod IP")?;
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -278,53 +275,6 @@ async fn one(
     )
     .await?;
     Ok(run)
-}
-
-/// Starts the workload (`size` of touched memory) on node-1 and its peer on node-3; answers the
-/// workload's pod and its state once the peer's stream flows.
-async fn start_pair(
-    pods: &Api<Pod>,
-    demo: &str,
-    size: &str,
-    app_name: &str,
-    peer_name: &str,
-) -> anyhow::Result<(Pod, State)> {
-    let app = workload::pod(
-        demo,
-        app_name,
-        "node-1",
-        serde_json::json!([
-            "serve", "--status", ":8080", "--listen", ":9000", "--touch", size
-        ]),
-        serde_json::json!({"migros.io/migratable": "true", "migros.io/rdma": "true"}),
-        serde_json::json!({"rdma/rxe": "1"}),
-    );
-    pods.create(&PostParams::default(), &app).await?;
-    let source = workload::until("the workload to run", Duration::from_secs(180), || {
-        workload::running(pods, app_name, None)
-    })
-    .await?;
-    let ip = workload::ip_of(&source).context("no pod IP")?;
-    let peer = workload::pod(
-        demo,
-        peer_name,
-        "node-3",
-        serde_json::json!(["stream", "--to", format!("{ip}:9000"), "--status", ":8080"]),
-        serde_json::json!({}),
-        serde_json::json!({}),
-    );
-    pods.create(&PostParams::default(), &peer).await?;
-    let before = workload::until(
-        "the peer's stream",
-        Duration::from_secs(120),
-        || async move {
-            workload::state(ip)
-                .await
-                .filter(|s| num(s, "received") > 64 * 50)
-        },
-    )
-    .await?;
-    Ok((source, before))
 }
 
 /// Records when the source pod is deleted and gone and when its replacement appears and runs.

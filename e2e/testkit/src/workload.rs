@@ -4,7 +4,7 @@
 use std::{collections::BTreeMap, net::Ipv4Addr, time::Duration};
 
 use k8s_openapi::api::{coordination::v1::Lease, core::v1::Pod};
-use kube::{Api, Client};
+use kube::{Api, Client, api::PostParams};
 use tokio::io::AsyncReadExt;
 
 use sandbox::{bridge::BRIDGE_IP, controlplane::Env};
@@ -114,6 +114,56 @@ pub async fn until<T, F: Future<Output = Option<T>>>(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Starts the demo workload as an RDMA pod `app` on node-1 (it asks for an `rdma/rxe` device and
+/// keeps `touch` of memory written, e.g. `16Mi`) and a peer `peer` on node-3 that streams numbered
+/// records to it over one TCP connection; answers the workload's pod and its state once the
+/// stream flows.
+pub async fn start_with_peer(
+    pods: &Api<Pod>,
+    image: &str,
+    (app, peer): (&str, &str),
+    touch: Option<&str>,
+) -> anyhow::Result<(Pod, State)> {
+    let mut args = vec!["serve", "--status", ":8080", "--listen", ":9000"];
+    args.extend(touch.iter().flat_map(|t| ["--touch", t]));
+    let workload = pod(
+        image,
+        app,
+        "node-1",
+        serde_json::json!(args),
+        serde_json::json!({"migros.io/migratable": "true", "migros.io/rdma": "true"}),
+        serde_json::json!({"rdma/rxe": "1"}),
+    );
+    pods.create(&PostParams::default(), &workload).await?;
+    let source = until(
+        &format!("pod {app} to run"),
+        Duration::from_secs(180),
+        || running(pods, app, None),
+    )
+    .await?;
+    let ip = ip_of(&source).ok_or_else(|| anyhow::anyhow!("pod {app} has no IPv4 address"))?;
+    let streamer = pod(
+        image,
+        peer,
+        "node-3",
+        serde_json::json!(["stream", "--to", format!("{ip}:9000"), "--status", ":8080"]),
+        serde_json::json!({}),
+        serde_json::json!({}),
+    );
+    pods.create(&PostParams::default(), &streamer).await?;
+    let before = until(
+        "the workload to receive the peer's stream",
+        Duration::from_secs(120),
+        || async move {
+            state(ip)
+                .await
+                .filter(|s| num(s, "received") > 64 * 20 && num(s, "counter") > 50)
+        },
+    )
+    .await?;
+    Ok((source, before))
 }
 
 /// The manifest of PodMigration `name` of pod `pod` in `ns`, to `target` (anywhere when `None`),
