@@ -12,7 +12,7 @@ use agent_api::{Role, Step, StepArgs, v1};
 use crds::{Compression, Phase, PodMigration, PodMigrationStatus};
 use futures::{StreamExt, future::join_all};
 use k8s_openapi::{
-    api::core::v1::{Node, Pod},
+    api::core::v1::{Node, PersistentVolumeClaim, Pod},
     jiff::Timestamp,
 };
 use kube::{
@@ -34,7 +34,7 @@ use crate::{
     Error, Result,
     agents::Agents,
     metrics::Metrics,
-    network, replacement, rxe_blocks,
+    movable, network, replacement, rxe_blocks,
     statemachine::{self, Action, Answer, Facts, PodFacts},
     targets::{self, Candidate},
 };
@@ -259,6 +259,9 @@ async fn observe(pm: &PodMigration, ctx: &Context) -> Result<Facts> {
         .as_ref()
         .is_some_and(|p| p.migratable && p.phase.as_deref() == Some("Running"));
     if pending && !facts.deleting && startable {
+        if let (Some(pod), Some(pf)) = (&pod, facts.pod.as_mut()) {
+            pf.unmovable = movable::why_not(pod, &claims_of(pod, &ns, ctx).await?);
+        }
         facts.busy_with = busy_with(pm, ctx).await?;
         if facts.busy_with.is_none()
             && let (Some(pod), Some(pf)) = (&pod, &facts.pod)
@@ -285,6 +288,7 @@ fn pod_facts(pod: &Pod) -> PodFacts {
         phase: status.and_then(|s| s.phase.clone()),
         ip: status.and_then(|s| s.pod_ip.clone()),
         migratable: label(crds::MIGRATABLE_LABEL),
+        unmovable: None,
         rdma: label(crds::RDMA_LABEL),
         created_by_migration: pod
             .annotations()
@@ -292,6 +296,16 @@ fn pod_facts(pod: &Pod) -> PodFacts {
             .cloned(),
         deleting: pod.metadata.deletion_timestamp.is_some(),
     }
+}
+
+/// The PersistentVolumeClaims `pod`'s volumes name, those that exist.
+async fn claims_of(pod: &Pod, ns: &str, ctx: &Context) -> Result<Vec<PersistentVolumeClaim>> {
+    let api: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), ns);
+    let mut claims = Vec::new();
+    for name in movable::claim_names(pod) {
+        claims.extend(api.get_opt(&name).await?);
+    }
+    Ok(claims)
 }
 
 /// Another active PodMigration of the same pod that goes first: one that already started, or a

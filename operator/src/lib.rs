@@ -6,6 +6,7 @@ pub mod certificates;
 pub mod controller;
 pub mod leader;
 pub mod metrics;
+pub mod movable;
 pub mod network;
 pub mod replacement;
 pub mod rxe_blocks;

@@ -40,6 +40,7 @@ pub mod condition {
 pub enum Reason {
     PodNotFound,
     PodNotMigratable,
+    PodNotMovable,
     PodNotRunning,
     PodBusy,
     TargetUnavailable,
@@ -57,6 +58,7 @@ impl Reason {
         match self {
             Reason::PodNotFound => "PodNotFound",
             Reason::PodNotMigratable => "PodNotMigratable",
+            Reason::PodNotMovable => "PodNotMovable",
             Reason::PodNotRunning => "PodNotRunning",
             Reason::PodBusy => "PodBusy",
             Reason::TargetUnavailable => "TargetUnavailable",
@@ -79,6 +81,8 @@ pub struct PodFacts {
     pub phase: Option<String>,
     pub ip: Option<String>,
     pub migratable: bool,
+    /// Why the pod cannot follow to another node (its network, its owner, its volumes), if so.
+    pub unmovable: Option<String>,
     pub rdma: bool,
     /// `migros.io/migration-uid` of a replacement pod created by a migration.
     pub created_by_migration: Option<String>,
@@ -256,6 +260,12 @@ fn start(f: &Facts) -> Action {
                 "pod {pod_name} does not opt in: label it {}=\"true\"",
                 crds::MIGRATABLE_LABEL
             ),
+        );
+    }
+    if let Some(why) = &pod.unmovable {
+        return fail(
+            Reason::PodNotMovable,
+            format!("pod {pod_name} cannot move to another node: {why}"),
         );
     }
     let (Some(source), Some(ip), true) = (&pod.node, &pod.ip, pod.running()) else {
@@ -935,6 +945,10 @@ mod tests {
             (
                 Box::new(|f| f.busy_with = Some("earlier".into())),
                 Reason::PodBusy,
+            ),
+            (
+                Box::new(|f| f.pod.as_mut().unwrap().unmovable = Some("hostNetwork".into())),
+                Reason::PodNotMovable,
             ),
             (
                 Box::new(|f| f.target = Some(Err("target node x is cordoned".into()))),

@@ -155,7 +155,10 @@ async fn unmet_preconditions_fail_with_a_reason_and_touch_nothing() {
         let rdma = [(crds::MIGRATABLE_LABEL, "true"), (crds::RDMA_LABEL, "true")];
         s.pod_with("rdma", 1, "10.244.1.8", &rdma).await;
         s.agent(2).without_rxe();
+        // Pods that cannot follow to another node, though they opted in.
+        let unmovable = unmovable_pods(&s, &ns).await;
         let server_before = s.pods().get("server").await.unwrap();
+        let host_before = s.pods().get("host-net").await.unwrap();
         let _operator = Operator::start(&ns, "op-a", &s.certs).await;
 
         let cases = [
@@ -215,7 +218,29 @@ async fn unmet_preconditions_fail_with_a_reason_and_touch_nothing() {
                 "TargetUnavailable",
                 "has no running kube-migros agent",
             ),
+            (
+                "host-network",
+                "host-net",
+                Some(s.node(2)),
+                "PodNotMovable",
+                "uses the node's network (hostNetwork)",
+            ),
+            (
+                "empty-dir",
+                "scratch",
+                Some(s.node(2)),
+                "PodNotMovable",
+                "volume scratch is an emptyDir",
+            ),
+            (
+                "rwo-claim",
+                "database",
+                Some(s.node(2)),
+                "PodNotMovable",
+                "claim db-data is ReadWriteOnce",
+            ),
         ];
+        assert_eq!(unmovable, ["host-net", "scratch", "database"]);
         // One at a time: a second active migration of the same pod would be refused as PodBusy.
         for (name, pod, target, reason, message) in cases {
             s.migrate_with(name, pod, None, serde_json::json!({"targetNode": target}))
@@ -240,18 +265,63 @@ async fn unmet_preconditions_fail_with_a_reason_and_touch_nothing() {
                 "{name} went through other phases"
             );
         }
-        let server_after = s.pods().get("server").await.unwrap();
-        assert_eq!(
-            server_after.resource_version(),
-            server_before.resource_version(),
-            "the pod was touched"
-        );
+        for before in [server_before, host_before] {
+            let after = s.pods().get(&before.name_any()).await.unwrap();
+            assert_eq!(
+                after.resource_version(),
+                before.resource_version(),
+                "pod {} was touched",
+                before.name_any()
+            );
+        }
         for agent in &s.agents {
             assert_eq!(agent.count(Step::Checkpoint).calls, 0);
             assert_eq!(agent.count(Step::PrepareTarget).calls, 0);
         }
     })
     .await;
+}
+
+/// Opted-in pods on node 1 that cannot move: one on the node's network, one with an emptyDir, one
+/// with a ReadWriteOnce claim; answers their names.
+async fn unmovable_pods(s: &Scenario, ns: &str) -> Vec<String> {
+    use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Volume};
+    let claim: PersistentVolumeClaim = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "db-data"},
+        "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}},
+    }))
+    .unwrap();
+    kube::Api::<PersistentVolumeClaim>::namespaced(s.client.clone(), ns)
+        .create(&Default::default(), &claim)
+        .await
+        .unwrap();
+    let volume = |v: serde_json::Value| -> Volume { serde_json::from_value(v).unwrap() };
+    let cases = [
+        ("host-net", None, "10.88.0.11"),
+        (
+            "scratch",
+            Some(volume(
+                serde_json::json!({"name": "scratch", "emptyDir": {}}),
+            )),
+            "10.244.1.9",
+        ),
+        (
+            "database",
+            Some(volume(serde_json::json!({"name": "data",
+                "persistentVolumeClaim": {"claimName": "db-data"}}))),
+            "10.244.1.10",
+        ),
+    ];
+    let mut names = Vec::new();
+    for (name, volume, ip) in cases {
+        let mut pod = testkit::fixtures::pod(name, &s.node(1), &[(crds::MIGRATABLE_LABEL, "true")]);
+        let spec = pod.spec.as_mut().unwrap();
+        spec.host_network = Some(volume.is_none());
+        spec.volumes = volume.map(|v| vec![v]);
+        testkit::fixtures::run_pod(&s.client, ns, &pod, ip).await;
+        names.push(name.to_string());
+    }
+    names
 }
 
 #[tokio::test]
