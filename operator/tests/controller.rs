@@ -17,7 +17,7 @@ use kube::{
 use support::{Operator, Scenario};
 use testkit::{
     harness::with_namespace,
-    testagent::{Behaviour, Scripted},
+    testagent::{Behaviour, CHECKPOINT_TIME, Scripted},
 };
 
 const PHASE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -50,10 +50,13 @@ async fn a_migration_goes_through_every_phase_to_succeeded() {
         assert_eq!(status.source_pod_uid, source.uid());
         assert!(status.committed && status.commit_time.is_some());
         let timings = status.timings.unwrap();
+        // The checkpoint's duration is the one the agent measured (its checkpoint takes 25 ms).
+        let checkpoint_ms = u64::try_from(timings.checkpoint_ms.unwrap()).unwrap();
         assert!(
             timings.downtime_ms.is_some()
                 && timings.total_ms.is_some()
-                && timings.checkpoint_ms == Some(25)
+                && checkpoint_ms >= CHECKPOINT_TIME.as_millis() as u64,
+            "{timings:?}"
         );
         assert_eq!(status.checkpoint.as_ref().map(|c| c.bytes), Some(4096));
 

@@ -51,6 +51,8 @@ const CHUNKS: u64 = 16;
 const CHUNK_INTERVAL: Duration = Duration::from_millis(60);
 /// Steps that end within this answer their result; held ones answer RUNNING after it.
 const QUICK_ANSWER: Duration = Duration::from_millis(100);
+/// How long the test agent's checkpoint takes (the operator records what the agent measured).
+pub const CHECKPOINT_TIME: Duration = Duration::from_millis(25);
 
 /// What a step does when first asked.
 #[derive(Debug, Clone)]
@@ -284,6 +286,10 @@ impl Service {
                 }
                 Behaviour::Succeed | Behaviour::Crash => match request {
                     StepRequest::Transfer(r) => self.send(r).await,
+                    StepRequest::Checkpoint(_) => {
+                        tokio::time::sleep(CHECKPOINT_TIME).await;
+                        succeeded(&uid, step)
+                    }
                     _ => succeeded(&uid, step),
                 },
             }
