@@ -47,7 +47,8 @@ const DNS_SUBDOMAIN_RULE: &str =
     printcolumn = r#"{"name":"Target","type":"string","jsonPath":".status.targetNode"}"#,
     printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
     printcolumn = r#"{"name":"Downtime","type":"integer","jsonPath":".status.timings.downtimeMs","description":"Milliseconds from the source freezing until the target runs"}"#,
-    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    printcolumn = r#"{"name":"Backend","type":"string","jsonPath":".status.backend","priority":1,"description":"How the target node restores the pod"}"#
 )]
 #[x_kube(validation = Rule::new("self == oldSelf").message("spec is immutable: delete this PodMigration and create a new one"))]
 #[serde(rename_all = "camelCase")]
@@ -216,6 +217,13 @@ pub struct PodMigrationStatus {
     /// Node the pod is moved to (chosen by the operator when `spec.targetNode` is empty).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target_node: Option<String>,
+
+    /// How the target node restores the pod: `runtime-wrapper` (the replacement runs under the
+    /// `kube-migros` RuntimeClass with its own images and is restored once, at its first start) or
+    /// `cri-checkpoint-image` (the replacement's images are checkpoint images: every restart of a
+    /// container restores the checkpoint again).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<String>,
 
     /// The pod IP, kept across the move when `spec.network.keepIP` is true.
     #[serde(rename = "podIP", default, skip_serializing_if = "Option::is_none")]

@@ -1,5 +1,5 @@
 //! The agent of one node: what every step shares (settings, the runtime, the checkpoint store, the
-//! rxe counters, the pod IP block list, the restore backend, the operations table) and the steps
+//! rxe counters, the pod IP block list, the restore backends, the operations table) and the steps
 //! that either end of a migration takes (abort, cleanup). The steps of each end are in `source`
 //! and `target`; `api` is the gRPC facade in front of them.
 
@@ -42,7 +42,8 @@ pub struct Parts {
     pub runtime: Runtime,
     pub rxe: Holds,
     pub net: NetBlock,
-    pub backend: Box<dyn RestoreBackend>,
+    /// The restore backends the agent was configured with, the preferred one first.
+    pub backends: Vec<Box<dyn RestoreBackend>>,
     /// Dials peer agents with it.
     pub tls: TlsMaterial,
     pub metrics: Arc<Metrics>,
@@ -89,6 +90,13 @@ impl Agent {
     /// What this node can do.
     pub async fn capabilities(&self) -> Result<v1::NodeCapabilities> {
         let (runtime_name, runtime_version) = self.parts.runtime.version().await?;
+        let (mut restore_backends, mut notes) = (Vec::new(), Vec::new());
+        for backend in &self.parts.backends {
+            match backend.unavailable(&self.parts.runtime).await {
+                None => restore_backends.push(backend.name().to_string()),
+                Some(why) => notes.push(why),
+            }
+        }
         Ok(v1::NodeCapabilities {
             node_name: self.settings.node_name.clone(),
             runtime_name,
@@ -96,8 +104,23 @@ impl Agent {
             criu_version: criu_version().await.unwrap_or_default(),
             rxe_present: self.parts.rxe.counters().present(),
             free_bytes: self.store.free_bytes().unwrap_or(0),
-            restore_backends: vec![self.parts.backend.name().into()],
+            restore_backends,
+            notes,
         })
+    }
+
+    /// The backend named `name` (empty: the preferred one), if the node can restore with it now.
+    pub(crate) async fn backend(&self, name: &str) -> Result<&dyn RestoreBackend> {
+        let backend = self
+            .parts
+            .backends
+            .iter()
+            .find(|b| name.is_empty() || b.name() == name)
+            .ok_or_else(|| Error::Invalid(format!("this node has no restore backend {name:?}")))?;
+        match backend.unavailable(&self.parts.runtime).await {
+            None => Ok(backend.as_ref()),
+            Some(why) => Err(Error::NotReady(why)),
+        }
     }
 
     /// A succeeded operation of `uid` that says where the node keeps the migration's data.

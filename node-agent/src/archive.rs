@@ -1,4 +1,5 @@
-//! Checkpoint archives on the target, vetted before anything of them is used, and their digests.
+//! Checkpoint archives on the target, vetted before anything of them is used (and unpacked, for
+//! the backends that restore from files), and their digests.
 //!
 //! An archive comes from a peer over the network; a bad or hostile one must not make the runtime
 //! write outside its directory or fill the disk when it unpacks it. [`check`] reads every entry as
@@ -13,6 +14,7 @@ use std::{
     path::{Component, Path, PathBuf},
 };
 
+use cap_std::{ambient_authority, fs::Dir};
 use sha2::{Digest, Sha256};
 
 /// Limits of one archive.
@@ -117,6 +119,47 @@ fn link_target(path: &Path, target: &Path, hard: bool) -> Option<PathBuf> {
 /// path twice) without writing anything: an archive that passes is one that unpacks into its
 /// directory and nowhere else.
 pub fn check(reader: impl Read, limits: Limits) -> Result<Contents, Error> {
+    walk(reader, limits, |_, _| Ok(()))
+}
+
+/// Unpacks the tar archive `reader` into the directory `dest` (created; it must not exist), with
+/// the checks of [`check`] on every entry before it is written, and every write confined to `dest`
+/// (`cap_std`: no path, however it resolves, reaches outside). A checkpoint archive holds files
+/// and directories only, so links are refused. On error what was written is left for the caller
+/// to remove with `dest`.
+pub fn unpack(reader: impl Read, dest: &Path, limits: Limits) -> Result<Contents, Error> {
+    fs::create_dir(dest).map_err(io(dest))?;
+    let root = Dir::open_ambient_dir(dest, ambient_authority()).map_err(io(dest))?;
+    walk(reader, limits, |entry, path| {
+        let at = |e| Error::Io {
+            path: dest.join(path),
+            source: e,
+        };
+        match entry.header().entry_type() {
+            tar::EntryType::Directory => root.create_dir_all(path).map_err(at),
+            tar::EntryType::Regular | tar::EntryType::Continuous => {
+                if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+                    root.create_dir_all(parent).map_err(at)?;
+                }
+                let mut file = root.create(path).map_err(at)?;
+                io::copy(entry, &mut file).map_err(at)?;
+                Ok(())
+            }
+            other => Err(Error::Kind {
+                path: path.to_path_buf(),
+                kind: format!("{other:?}").to_lowercase(),
+            }),
+        }
+    })
+}
+
+/// Walks the entries of `reader`, checking each (see [`check`]) before `visit` gets it with its
+/// clean path.
+fn walk<R: Read>(
+    reader: R,
+    limits: Limits,
+    mut visit: impl FnMut(&mut tar::Entry<'_, R>, &Path) -> Result<(), Error>,
+) -> Result<Contents, Error> {
     let mut archive = tar::Archive::new(reader);
     archive.set_preserve_permissions(true);
     archive.set_overwrite(false);
@@ -125,7 +168,7 @@ pub fn check(reader: impl Read, limits: Limits) -> Result<Contents, Error> {
     let mut seen: std::collections::HashMap<PathBuf, bool> = std::collections::HashMap::new();
     let mut done = Contents::default();
     for entry in archive.entries().map_err(Error::Format)? {
-        let entry = entry.map_err(Error::Format)?;
+        let mut entry = entry.map_err(Error::Format)?;
         done.entries += 1;
         if done.entries > limits.max_entries {
             return Err(Error::TooManyEntries {
@@ -183,6 +226,7 @@ pub fn check(reader: impl Read, limits: Limits) -> Result<Contents, Error> {
         {
             return Err(Error::Duplicate(path));
         }
+        visit(&mut entry, &path)?;
     }
     Ok(done)
 }
@@ -302,6 +346,31 @@ mod tests {
             let message = check_bytes(&tar).unwrap_err().to_string();
             assert!(message.contains(why), "{message:?} should say {why:?}");
         }
+    }
+
+    #[test]
+    fn a_checkpoint_archive_unpacks_into_its_directory_and_links_are_refused() {
+        let tar = tar_with(&[
+            ("config.dump", FILE, b"{}", None),
+            ("checkpoint/", tar::EntryType::Directory, b"", None),
+            ("checkpoint/pages-1.img", FILE, &[7u8; 3000], None),
+        ]);
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out");
+        let got = unpack(&tar[..], &out, Limits::default()).unwrap();
+        assert_eq!(got.bytes, 3002);
+        assert_eq!(
+            fs::read(out.join("checkpoint/pages-1.img")).unwrap(),
+            [7u8; 3000]
+        );
+        let linked = tar_with(&[("l", tar::EntryType::Symlink, b"", Some("config.dump"))]);
+        let r = unpack(&linked[..], &dir.path().join("o2"), Limits::default());
+        assert!(matches!(r, Err(Error::Kind { .. })), "{r:?}");
+        // Every refusal of the check refuses the unpack too, before anything is written outside.
+        let evil = tar_with(&[("../evil", FILE, b"x", None)]);
+        let r = unpack(&evil[..], &dir.path().join("o3"), Limits::default());
+        assert!(matches!(r, Err(Error::Escapes(_))), "{r:?}");
+        assert!(!dir.path().join("evil").exists());
     }
 
     #[test]

@@ -5,8 +5,10 @@
 //! - `agent`: what every step shares, and the steps of either end (abort, cleanup);
 //! - `source` and `target`: the steps of each end of a migration;
 //! - `wire`: both halves of the agent-to-agent checkpoint stream;
-//! - `restore`: the restore backends; `oci`: checkpoint images and the registry;
-//! - `archive`: vetting received archives; `store`: per-migration records and data on disk;
+//! - `restore`: the restore backends; `oci`: checkpoint images and the registry; `wrapper`: what
+//!   `migros-runc`, the runtime of the wrapper backend, does with each container;
+//! - `archive`: vetting (and unpacking) received archives; `layer`: applying a container's
+//!   filesystem changes to its restored root; `store`: per-migration records and data on disk;
 //! - `runtime`: the CRI and containerd's Tasks API (pause, checkpoint, kill);
 //! - `netblock`: silencing a pod IP on the node's bridge; `address`: announcing where a pod's
 //!   address lives after a move; `ipam`: IP reservations and the `migros-ipam` CNI plugin;
@@ -22,6 +24,7 @@ pub mod archive;
 pub mod error;
 pub mod gc;
 pub mod ipam;
+pub mod layer;
 pub mod lease;
 pub mod metrics;
 pub mod netblock;
@@ -33,3 +36,4 @@ pub mod source;
 pub mod store;
 pub mod target;
 pub mod wire;
+pub mod wrapper;

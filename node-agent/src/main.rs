@@ -17,7 +17,7 @@ use node_agent::{
     metrics::Metrics,
     netblock::NetBlock,
     oci,
-    restore::{CriCheckpointArchive, CriCheckpointImage, RestoreBackend},
+    restore::{CriCheckpointArchive, CriCheckpointImage, RestoreBackend, RuntimeWrapper},
     runtime::Runtime,
     rxe_counters::{Counters, Holds},
 };
@@ -95,9 +95,15 @@ struct Args {
     /// Seconds between garbage collections of the checkpoint store.
     #[arg(long, default_value_t = 60)]
     gc_interval_seconds: u64,
-    /// Stage checkpoints as checkpoint OCI images pushed to this repository (`host[:port]/path`),
-    /// which the kubelet can start; without it the runtime gets the archive's path (CRI clients
-    /// that create containers themselves).
+    /// The runtime handler (RuntimeClass handler) whose runtime is `migros-runc`: offers the
+    /// runtime-wrapper backend (restore when the kubelet starts the replacement; any containerd
+    /// 2.x), preferred over the others, while the runtime reports that handler.
+    #[arg(long, env = "RUNTIME_HANDLER")]
+    runtime_handler: Option<String>,
+    /// Also stage checkpoints as checkpoint OCI images pushed to this repository
+    /// (`host[:port]/path`), which the kubelet of containerd 2.1-2.3 or CRI-O restores from (every
+    /// restart of the container restores the checkpoint again). Last comes the archive's path (for
+    /// CRI clients that create containers themselves).
     #[arg(long, env = "CHECKPOINT_REGISTRY")]
     checkpoint_registry: Option<String>,
     /// PEM bundle to trust for the checkpoint registry (else no TLS roots are trusted).
@@ -151,21 +157,30 @@ impl Args {
         }
     }
 
-    fn backend(&self, runtime: &Runtime) -> anyhow::Result<Box<dyn RestoreBackend>> {
-        let Some(repository) = &self.checkpoint_registry else {
-            return Ok(Box::new(CriCheckpointArchive));
-        };
-        let ca = match &self.registry_ca {
-            Some(path) => {
-                Some(std::fs::read(path).with_context(|| format!("reading {}", path.display()))?)
-            }
-            None => None,
-        };
-        let registry = oci::Registry::new(repository, ca.as_deref())?;
-        Ok(Box::new(CriCheckpointImage {
-            registry,
-            runtime: runtime.clone(),
-        }))
+    /// The restore backends, the preferred one first.
+    fn backends(&self, runtime: &Runtime) -> anyhow::Result<Vec<Box<dyn RestoreBackend>>> {
+        let mut backends: Vec<Box<dyn RestoreBackend>> = Vec::new();
+        if let Some(handler) = &self.runtime_handler {
+            backends.push(Box::new(RuntimeWrapper {
+                handler: handler.clone(),
+                limits: self.settings().limits,
+            }));
+        }
+        if let Some(repository) = &self.checkpoint_registry {
+            let ca = match &self.registry_ca {
+                Some(path) => Some(
+                    std::fs::read(path).with_context(|| format!("reading {}", path.display()))?,
+                ),
+                None => None,
+            };
+            let registry = oci::Registry::new(repository, ca.as_deref())?;
+            backends.push(Box::new(CriCheckpointImage {
+                registry,
+                runtime: runtime.clone(),
+            }));
+        }
+        backends.push(Box::new(CriCheckpointArchive));
+        Ok(backends)
     }
 
     fn lease(&self) -> Option<AgentLease> {
@@ -207,7 +222,7 @@ async fn main() -> anyhow::Result<()> {
         args.rxe_mrn_range.clone(),
     );
     let parts = Parts {
-        backend: args.backend(&runtime)?,
+        backends: args.backends(&runtime)?,
         runtime,
         rxe: Holds::new(
             counters,

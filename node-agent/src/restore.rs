@@ -1,21 +1,21 @@
 //! Restore backends: how a node turns a received, vetted checkpoint archive into something its
-//! runtime restores a container from. Built: the CRI backends (containerd 2.1-2.3, CRI-O) with the
-//! archive's path (for CRI clients that create the container themselves) or a checkpoint OCI image
-//! (what the kubelet can start). An OCI runtime wrapper selected by a RuntimeClass, or KEP-5823
-//! `RestorePod`, slot in here (docs/architecture.md, "Restore backends").
+//! runtime restores a container from. Built: the runtime wrapper (the archive unpacked into the
+//! store, restored by `migros-runc` when the kubelet starts the replacement under the `kube-migros`
+//! RuntimeClass: any containerd 2.x, no registry), and the CRI backends (containerd 2.1-2.3, CRI-O)
+//! with the archive's path (for CRI clients that create the container themselves) or a checkpoint
+//! OCI image (what the kubelet can start there). KEP-5823 `RestorePod` slots in here when it ships
+//! (docs/architecture.md, "Restore backends").
 
 use std::path::{Path, PathBuf};
 
 use crate::{
+    archive::{self, Limits},
     error::{Error, Result},
     oci,
     runtime::Runtime,
 };
 
-/// The restore backend that hands the runtime the archive's path.
-pub const CRI_CHECKPOINT_ARCHIVE: &str = "cri-checkpoint-archive";
-/// The restore backend that hands the runtime a checkpoint OCI image.
-pub const CRI_CHECKPOINT_IMAGE: &str = "cri-checkpoint-image";
+pub use agent_api::backend::{CRI_CHECKPOINT_ARCHIVE, CRI_CHECKPOINT_IMAGE, RUNTIME_WRAPPER};
 
 type BoxFuture<'a, T> = std::pin::Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -23,6 +23,10 @@ type BoxFuture<'a, T> = std::pin::Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 pub trait RestoreBackend: Send + Sync + std::fmt::Debug {
     /// The backend's name as capabilities report it.
     fn name(&self) -> &'static str;
+    /// Why the node cannot restore this way now, if it cannot (e.g. the runtime lacks a handler).
+    fn unavailable<'a>(&'a self, _runtime: &'a Runtime) -> BoxFuture<'a, Option<String>> {
+        Box::pin(std::future::ready(None))
+    }
     /// Makes the vetted checkpoint archive of `container` restorable (it may be moved into
     /// `work`) and answers the reference the replacement pod's container names as its image.
     fn stage<'a>(
@@ -41,6 +45,62 @@ async fn keep(container: &str, archive: &Path, work: &Path) -> Result<PathBuf> {
         .await
         .map_err(Error::io(&out))?;
     Ok(out)
+}
+
+/// Restore by the runtime wrapper: the vetted archive is unpacked into `<work>/<container>/` (the
+/// CRIU images in `checkpoint/`, the filesystem changes in `rootfs-diff.tar`), where `migros-runc`
+/// finds it for the replacement pod's container; the pod keeps its images.
+#[derive(Debug, Clone)]
+pub struct RuntimeWrapper {
+    /// The runtime handler (RuntimeClass handler) that runs `migros-runc`.
+    pub handler: String,
+    pub limits: Limits,
+}
+
+impl RestoreBackend for RuntimeWrapper {
+    fn name(&self) -> &'static str {
+        RUNTIME_WRAPPER
+    }
+
+    fn unavailable<'a>(&'a self, runtime: &'a Runtime) -> BoxFuture<'a, Option<String>> {
+        Box::pin(async move {
+            match runtime.handlers().await {
+                Ok(handlers) if handlers.contains(&self.handler) => None,
+                Ok(handlers) => Some(format!(
+                    "{RUNTIME_WRAPPER}: the runtime has no handler {:?} (it has {handlers:?}); \
+                     configure it to run migros-runc (docs/node-agent.md)",
+                    self.handler
+                )),
+                Err(e) => Some(format!("{RUNTIME_WRAPPER}: {e}")),
+            }
+        })
+    }
+
+    fn stage<'a>(
+        &'a self,
+        _uid: &'a str,
+        container: &'a str,
+        archive: &'a Path,
+        work: &'a Path,
+    ) -> BoxFuture<'a, Result<String>> {
+        Box::pin(async move {
+            let dir = work.join(container);
+            let (from, to, limits) = (archive.to_path_buf(), dir.clone(), self.limits);
+            tokio::task::spawn_blocking(move || {
+                let file = std::fs::File::open(&from).map_err(Error::io(&from))?;
+                archive::unpack(
+                    std::io::BufReader::with_capacity(1 << 20, file),
+                    &to,
+                    limits,
+                )
+                .map_err(Error::from)
+            })
+            .await??;
+            // Unpacked: the archive itself is not needed any more.
+            let _ = tokio::fs::remove_file(archive).await;
+            Ok(dir.display().to_string())
+        })
+    }
 }
 
 /// Restore through the CRI from an archive path: `CreateContainer` whose image is the archive.

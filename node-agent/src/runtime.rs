@@ -122,6 +122,21 @@ impl Runtime {
         Ok((v.runtime_name, v.runtime_version))
     }
 
+    /// The runtime handlers (RuntimeClass handlers) the runtime has.
+    pub async fn handlers(&self) -> Result<Vec<String>> {
+        let status = self
+            .cri()
+            .status(cri::StatusRequest { verbose: false })
+            .await
+            .map_err(call("asking the runtime for its status"))?
+            .into_inner();
+        Ok(status
+            .runtime_handlers
+            .into_iter()
+            .map(|h| h.name)
+            .collect())
+    }
+
     /// The state of a container's task (paused, running, stopped, ...).
     pub async fn task_status(&self, id: &str) -> Result<TaskStatus> {
         let request = self.namespaced(tasks::GetRequest {

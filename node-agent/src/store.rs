@@ -60,6 +60,9 @@ pub struct Record {
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub pod_ip: String,
     pub containers: Vec<Container>,
+    /// Target: the restore backend that stages the checkpoint.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub backend: String,
     /// Source: the containers are paused by the agent.
     #[serde(default)]
     pub paused: bool,
@@ -87,6 +90,7 @@ impl Record {
             pod_uid: String::new(),
             pod_ip: String::new(),
             containers: Vec::new(),
+            backend: String::new(),
             paused: false,
             blocked: false,
             reserved: false,

@@ -55,13 +55,18 @@ impl Agent {
                 .await
                 .map_err(|e| Error::from(e).during("the target cannot pull the base image"))?;
         }
-        let fresh = Record::of_pod(&req.migration_uid, Role::Target, &pod);
+        let backend = self.backend(&req.backend).await?.name().to_string();
+        let fresh = Record {
+            backend,
+            ..Record::of_pod(&req.migration_uid, Role::Target, &pod)
+        };
         // Asked again: what an earlier attempt did here stays recorded.
         let record = match self.store.load(&req.migration_uid)? {
             Some(r) if r.role == Role::Target => Record {
                 pod_uid: fresh.pod_uid,
                 pod_ip: fresh.pod_ip,
                 containers: fresh.containers,
+                backend: fresh.backend,
                 ..r
             },
             _ => fresh,
@@ -80,6 +85,7 @@ impl Agent {
         let mut sink = Staging {
             agent: self,
             uid: None,
+            backend: String::new(),
         };
         let result = wire::receive(stream, &mut sink).await;
         match &result {
@@ -123,7 +129,7 @@ impl Agent {
         let mut staged = Vec::new();
         for c in &record.containers {
             // A path must still be there; an image reference is the runtime's.
-            let present = |image: &&String| !image.starts_with('/') || Path::new(image).is_file();
+            let present = |image: &&String| !image.starts_with('/') || Path::new(image).exists();
             let image = c.staged.as_ref().filter(present).ok_or_else(|| {
                 Error::NotReady(format!(
                     "the checkpoint of container {} was not received",
@@ -217,6 +223,8 @@ struct Staging<'a> {
     agent: &'a Agent,
     /// The migration, once the first chunk named it.
     uid: Option<String>,
+    /// The backend it stages with (its record says which).
+    backend: String,
 }
 
 impl Staging<'_> {
@@ -237,6 +245,7 @@ impl wire::Sink for Staging<'_> {
                 Error::NotReady(format!("migration {uid} was not prepared on this node"))
             })?;
         self.uid = Some(uid.to_string());
+        self.backend = record.backend.clone();
         // A new stream replaces whatever an earlier, broken one left.
         for sub in RECEIVED_DIRS {
             store.remove_subdir(uid, sub)?;
@@ -304,10 +313,7 @@ impl Staging<'_> {
         })
         .await??;
         let work = self.agent.store.subdir(uid, "staged")?;
-        self.agent
-            .parts
-            .backend
-            .stage(uid, container, part, &work)
-            .await
+        let backend = self.agent.backend(&self.backend).await?;
+        backend.stage(uid, container, part, &work).await
     }
 }

@@ -34,8 +34,10 @@ use crate::{
     Error, Result,
     agents::Agents,
     metrics::Metrics,
-    movable, network, replacement, rxe_blocks,
-    statemachine::{self, Action, Answer, Facts, PodFacts},
+    movable, network,
+    replacement::{self, Restore},
+    rxe_blocks,
+    statemachine::{self, Action, Answer, Facts, PodFacts, Target},
     targets::{self, Candidate},
 };
 
@@ -53,6 +55,8 @@ pub struct Context {
     pub rxe: rxe_blocks::Allocator,
     pub metrics: Arc<Metrics>,
     pub recorder: Recorder,
+    /// The RuntimeClass of replacement pods restored by the runtime wrapper.
+    pub runtime_class: String,
     /// Every pod of the cluster as watched: what target choice counts as used on each node.
     pods: reflector::Store<Pod>,
     pods_watch: tokio::task::JoinHandle<()>,
@@ -75,6 +79,7 @@ impl Context {
         rxe: rxe_blocks::Allocator,
         metrics: Arc<Metrics>,
         recorder: Recorder,
+        runtime_class: String,
     ) -> Self {
         let (pods, writer) = reflector::store();
         let events = reflector::reflector(
@@ -89,6 +94,7 @@ impl Context {
             rxe,
             metrics,
             recorder,
+            runtime_class,
             pods,
             pods_watch,
             failures: Mutex::default(),
@@ -338,7 +344,7 @@ async fn choose_target(
     pod: &Pod,
     pf: &PodFacts,
     ctx: &Context,
-) -> Result<Result<String, String>> {
+) -> Result<Result<Target, String>> {
     let source = pf.node.clone().unwrap_or_default();
     let nodes_api: Api<Node> = Api::all(ctx.client.clone());
     let nodes = match &pm.spec.target_node {
@@ -399,12 +405,23 @@ async fn choose_target(
             agent: agent.as_ref(),
         })
         .collect();
-    Ok(match &pm.spec.target_node {
+    let node = match &pm.spec.target_node {
         Some(name) => targets::check(pod, &source, &candidates[0], pf.rdma)
             .map(|()| name.clone())
             .map_err(|why| format!("target node {name} {why}")),
         None => targets::choose(pod, &source, &candidates, pf.rdma),
-    })
+    };
+    // A node fits only with a backend (`targets::check`).
+    Ok(node.map(|node| {
+        let agent = candidates
+            .iter()
+            .find(|c| c.node.metadata.name.as_deref() == Some(node.as_str()))
+            .and_then(|c| c.agent);
+        Target {
+            backend: agent.and_then(targets::backend).unwrap_or_default().into(),
+            node,
+        }
+    }))
 }
 
 async fn execute(pm: &PodMigration, f: &Facts, action: Action, ctx: &Context) -> Result<Next> {
@@ -479,12 +496,18 @@ async fn execute(pm: &PodMigration, f: &Facts, action: Action, ctx: &Context) ->
                 .filter_map(|c| Some((c.name.clone(), c.image.clone()?)))
                 .collect();
             let target = f.status.target_node.clone().unwrap_or_default();
+            let restore = match f.status.backend.as_deref() {
+                Some(agent_api::backend::RUNTIME_WRAPPER) => {
+                    Restore::RuntimeClass(&ctx.runtime_class)
+                }
+                _ => Restore::Images(&images),
+            };
             let mut pod = replacement::build(
                 &template,
                 &target,
                 (&pm.name_any(), &f.uid),
                 f.status.pod_ip.as_deref(),
-                &images,
+                restore,
             );
             // The IP reservation, in the form the pod network's IPAM reads.
             if pm.spec.network.keep_ip
@@ -593,6 +616,7 @@ fn step_args(pm: &PodMigration, f: &Facts) -> StepArgs {
             pod_ip: s.pod_ip.clone().unwrap_or_default(),
             containers,
         },
+        backend: s.backend.clone().unwrap_or_default(),
         rxe: s.rxe.map(|r| v1::RxeBlock {
             qpn_start: r.qpn_start,
             qpn_count: r.qpn_count,

@@ -76,6 +76,10 @@ struct Args {
     /// Number of blocks.
     #[arg(long, default_value_t = rxe_blocks::Ranges::default().blocks)]
     rxe_blocks: u32,
+    /// The RuntimeClass of replacement pods the runtime wrapper restores (its handler runs
+    /// `migros-runc` on the nodes).
+    #[arg(long, env = "KUBE_MIGROS_RUNTIME_CLASS", default_value = "kube-migros")]
+    runtime_class: String,
     /// Seconds between rxe block allocation/release sweeps.
     #[arg(long, default_value_t = 10)]
     rxe_sweep_seconds: u64,
@@ -205,6 +209,7 @@ async fn lead(
         allocator.clone(),
         metrics,
         recorder,
+        args.runtime_class.clone(),
     ));
     let sweeper = tokio::spawn(rxe_blocks::maintain(
         allocator,

@@ -1,6 +1,7 @@
 //! The replacement pod, pure: a copy of the source pod (same name, labels, annotations, owner
 //! references) bound to the target node, without init containers (the restored process is past
-//! them), each container started from its staged checkpoint image.
+//! them), marked with its migration, and restored either by the runtime wrapper's RuntimeClass
+//! (its containers keep their images) or from checkpoint images (named as its containers' images).
 
 use std::collections::BTreeMap;
 
@@ -40,14 +41,25 @@ pub fn template(source: &Pod) -> Pod {
     }
 }
 
-/// The replacement pod to create: the template bound to `target`, marked as made by the migration,
-/// each container's image replaced by its staged checkpoint image.
+/// How the node restores the replacement's containers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Restore<'a> {
+    /// Under this RuntimeClass, whose runtime (`migros-runc`) restores each container at its first
+    /// start from what the node staged; the containers keep their images, so a restart is fresh.
+    RuntimeClass(&'a str),
+    /// From these checkpoint images, by container name, named as the containers' images (every
+    /// start of a container restores the checkpoint).
+    Images(&'a BTreeMap<String, String>),
+}
+
+/// The replacement pod to create: the template bound to `target`, marked as made by the migration
+/// (`migration` is its name and UID), restored as `restore` says.
 pub fn build(
     template: &Pod,
     target: &str,
     migration: (&str, &str),
     pod_ip: Option<&str>,
-    images: &BTreeMap<String, String>,
+    restore: Restore<'_>,
 ) -> Pod {
     let mut pod = template.clone();
     let (migration_name, migration_uid) = migration;
@@ -59,9 +71,14 @@ pub fn build(
     }
     if let Some(spec) = pod.spec.as_mut() {
         spec.node_name = Some(target.into());
-        for container in &mut spec.containers {
-            if let Some(image) = images.get(&container.name) {
-                container.image = Some(image.clone());
+        match restore {
+            Restore::RuntimeClass(class) => spec.runtime_class_name = Some(class.into()),
+            Restore::Images(images) => {
+                for container in &mut spec.containers {
+                    if let Some(image) = images.get(&container.name) {
+                        container.image = Some(image.clone());
+                    }
+                }
             }
         }
     }
@@ -112,7 +129,7 @@ mod tests {
             "node-2",
             ("move", "m-uid"),
             Some("10.0.0.9"),
-            &images,
+            Restore::Images(&images),
         );
         assert_eq!(pod.metadata.name.as_deref(), Some("server"));
         assert_eq!(pod.metadata.labels, source().metadata.labels);
@@ -130,5 +147,21 @@ mod tests {
             Some("localhost/checkpoint/app:m1")
         );
         assert_eq!(pod.status, None);
+    }
+
+    #[test]
+    fn under_the_runtime_class_the_containers_keep_their_images() {
+        let pod = build(
+            &template(&source()),
+            "node-2",
+            ("move", "m-uid"),
+            None,
+            Restore::RuntimeClass("kube-migros"),
+        );
+        let annotations = pod.metadata.annotations.unwrap();
+        assert_eq!(annotations[MIGRATION_UID_ANNOTATION], "m-uid");
+        let spec = pod.spec.unwrap();
+        assert_eq!(spec.runtime_class_name.as_deref(), Some("kube-migros"));
+        assert_eq!(spec.containers[0].image.as_deref(), Some("registry/app:1"));
     }
 }

@@ -107,10 +107,19 @@ pub struct Facts {
     pub pod: Option<PodFacts>,
     /// Name of an earlier, still active PodMigration of the same pod.
     pub busy_with: Option<String>,
-    /// Pending only: the chosen target node, or why there is none.
-    pub target: Option<Result<String, String>>,
+    /// Pending only: the chosen target node and the backend it restores with, or why there is
+    /// none.
+    pub target: Option<Result<Target, String>>,
     /// Pending only, RDMA pods: the pod's rxe block, if it has one.
     pub rxe: Option<RxeRanges>,
+}
+
+/// Where a migration goes, and how the pod is restored there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub node: String,
+    /// The restore backend (one of `targets::BACKENDS`).
+    pub backend: String,
 }
 
 /// What the controller does next.
@@ -282,7 +291,7 @@ fn start(f: &Facts) -> Action {
         );
     }
     let target = match &f.target {
-        Some(Ok(node)) => node.clone(),
+        Some(Ok(target)) => target.clone(),
         Some(Err(why)) => return fail(Reason::TargetUnavailable, why.clone()),
         None => return Action::Wait(POLL),
     };
@@ -293,11 +302,12 @@ fn start(f: &Facts) -> Action {
     };
     let mut s = f.status.clone();
     s.source_node = Some(source.clone());
-    s.target_node = Some(target.clone());
+    s.target_node = Some(target.node.clone());
+    s.backend = Some(target.backend);
     s.pod_ip = Some(ip.clone());
     s.source_pod_uid = Some(pod.uid.clone());
     s.rxe = rxe;
-    let msg = format!("moving pod {pod_name} from {source} to {target}");
+    let msg = format!("moving pod {pod_name} from {source} to {}", target.node);
     Action::Start(Box::new(enter(f, s, Phase::Preparing, &msg)))
 }
 
@@ -791,7 +801,10 @@ mod tests {
             status: PodMigrationStatus::default(),
             pod: Some(running_pod()),
             busy_with: None,
-            target: Some(Ok("node-2".into())),
+            target: Some(Ok(Target {
+                node: "node-2".into(),
+                backend: "runtime-wrapper".into(),
+            })),
             rxe: None,
         }
     }
@@ -916,6 +929,7 @@ mod tests {
         assert_eq!(s.phase, Some(Phase::Preparing));
         assert_eq!(s.source_node.as_deref(), Some("node-1"));
         assert_eq!(s.target_node.as_deref(), Some("node-2"));
+        assert_eq!(s.backend.as_deref(), Some("runtime-wrapper"));
         assert_eq!(s.pod_ip.as_deref(), Some("10.1.0.5"));
         assert_eq!(s.source_pod_uid.as_deref(), Some("pod-1"));
         assert_eq!(s.rxe, None);

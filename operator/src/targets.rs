@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use agent_api::v1::NodeCapabilities;
+use agent_api::{backend, v1::NodeCapabilities};
 use k8s_openapi::{
     api::core::v1::{Node, NodeSelectorRequirement, NodeSelectorTerm, Pod, Taint, Toleration},
     apimachinery::pkg::api::resource::Quantity,
@@ -20,6 +20,17 @@ pub struct Candidate<'a> {
     pub agent: Option<&'a NodeCapabilities>,
 }
 
+/// The restore backends a replacement pod started by the kubelet can use, the preferred first: the
+/// runtime wrapper (any containerd 2.x, no registry, restored once) before checkpoint images.
+pub const BACKENDS: [&str; 2] = [backend::RUNTIME_WRAPPER, backend::CRI_CHECKPOINT_IMAGE];
+
+/// The backend the target's agent restores with: the first of [`BACKENDS`] it offers.
+pub fn backend(agent: &NodeCapabilities) -> Option<&'static str> {
+    BACKENDS
+        .into_iter()
+        .find(|b| agent.restore_backends.iter().any(|o| o == b))
+}
+
 /// Amounts per resource name, in milli-units (so `cpu: 1500m` and `memory: 1Gi` both fit).
 pub type Resources = BTreeMap<String, i128>;
 
@@ -30,9 +41,13 @@ pub enum Rejection {
     NotReady,
     Unschedulable,
     NoAgent,
-    AgentCannotRestore,
+    /// The agent offers no backend the kubelet can restore with; what it said about that.
+    AgentCannotRestore(String),
     NoRxe,
-    NoSpace { needed: u64, free: u64 },
+    NoSpace {
+        needed: u64,
+        free: u64,
+    },
     NodeSelector,
     NodeAffinity,
     Taint(String),
@@ -46,7 +61,15 @@ impl std::fmt::Display for Rejection {
             Rejection::NotReady => write!(f, "is not Ready"),
             Rejection::Unschedulable => write!(f, "is cordoned"),
             Rejection::NoAgent => write!(f, "has no running kube-migros agent"),
-            Rejection::AgentCannotRestore => write!(f, "has an agent without a restore backend"),
+            Rejection::AgentCannotRestore(notes) if notes.is_empty() => write!(
+                f,
+                "has an agent without a restore backend the kubelet can use ({})",
+                BACKENDS.join(", ")
+            ),
+            Rejection::AgentCannotRestore(notes) => write!(
+                f,
+                "has an agent without a restore backend the kubelet can use: {notes}"
+            ),
             Rejection::NoRxe => write!(f, "has no rxe (SoftRoCE) device for this RDMA pod"),
             Rejection::NoSpace { needed, free } => {
                 write!(f, "has {free} bytes free for checkpoints, {needed} needed")
@@ -83,8 +106,8 @@ pub fn check(
         return Err(Rejection::Unschedulable);
     }
     let agent = candidate.agent.ok_or(Rejection::NoAgent)?;
-    if agent.restore_backends.is_empty() {
-        return Err(Rejection::AgentCannotRestore);
+    if backend(agent).is_none() {
+        return Err(Rejection::AgentCannotRestore(agent.notes.join("; ")));
     }
     if rdma && !agent.rxe_present {
         return Err(Rejection::NoRxe);

@@ -128,6 +128,43 @@ async fn a_migration_goes_through_every_phase_to_succeeded() {
 }
 
 #[tokio::test]
+async fn a_target_with_the_runtime_wrapper_restores_under_its_runtime_class_keeping_the_images() {
+    with_namespace("op-wrapper", |client, ns| async move {
+        let s = Scenario::new(client, &ns).await;
+        let source = s.pod("server", 1, "10.244.1.5").await;
+        // Node 2 has both backends, node 3 only one the kubelet cannot use.
+        s.agent(2)
+            .with_backends(&["runtime-wrapper", "cri-checkpoint-image"]);
+        s.agent(3).with_backends(&["cri-checkpoint-archive"]);
+        let _operator = Operator::start(&ns, "op-a", &s.certs).await;
+        s.migrate("move", "server", Some(2)).await;
+        let pm = s.wait_phase("move", Phase::Succeeded, PHASE_TIMEOUT).await;
+        assert_eq!(
+            pm.status.unwrap().backend.as_deref(),
+            Some("runtime-wrapper")
+        );
+        let spec = s.pods().get("server").await.unwrap().spec.unwrap();
+        assert_eq!(spec.runtime_class_name.as_deref(), Some("kube-migros"));
+        assert_eq!(
+            spec.containers[0].image,
+            source.spec.unwrap().containers[0].image,
+            "the replacement keeps its image; the node restores its first start"
+        );
+
+        s.pod("other", 1, "10.244.1.6").await;
+        s.migrate("nowhere", "other", Some(3)).await;
+        let pm = s.wait_phase("nowhere", Phase::Failed, PHASE_TIMEOUT).await;
+        let (reason, message) = Scenario::reason(&pm);
+        assert_eq!(reason, "TargetUnavailable", "{message}");
+        assert!(
+            message.contains("without a restore backend the kubelet can use"),
+            "{message}"
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn unmet_preconditions_fail_with_a_reason_and_touch_nothing() {
     with_namespace("op-pre", |client, ns| async move {
         let s = Scenario::new(client, &ns).await;

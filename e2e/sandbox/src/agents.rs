@@ -12,6 +12,8 @@ use crate::nodes::{Node, Nodes};
 
 /// Port of the agent API on each node's address.
 pub const AGENT_PORT: u16 = 7443;
+/// The runtime handler of the nodes' containerd that runs `migros-runc`.
+pub const RUNTIME_HANDLER: &str = "kube-migros";
 /// Where agents push checkpoint images (the sandbox registry, which every node trusts).
 pub const CHECKPOINT_REPOSITORY: &str = "10.88.0.1:5000/kube-migros/checkpoints";
 
@@ -24,8 +26,10 @@ pub struct AgentOptions {
     pub announce: Option<(String, String)>,
 }
 
-/// Installs the agent binary `binary` into `node`, writes the TLS files (`ca.crt`, `tls.crt`,
-/// `tls.key` already in `<host dir>/tls`), resets the rxe counter files, and starts the agent.
+/// Installs the agent binary `binary` and the runtime wrapper (`migros-runc`, which the node's
+/// containerd runs for the `kube-migros` handler) into `node`, writes the TLS files (`ca.crt`,
+/// `tls.crt`, `tls.key` already in `<host dir>/tls`), resets the rxe counter files, and starts the
+/// agent.
 pub fn start(
     nodes: &Nodes,
     node: &Node,
@@ -36,6 +40,9 @@ pub fn start(
     // One agent per node: an earlier one (of an interrupted run) would hold the port.
     nodes.stop_all(node, "node-agent").map_err(err)?;
     let agent = nodes.install(node, binary).map_err(err)?;
+    let wrapper = crate::binaries::ensure("node-agent", "migros-runc")
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    nodes.install(node, &wrapper).map_err(err)?;
     let host = nodes.host_dir(node);
     let rxe = host.join("rxe");
     std::fs::create_dir_all(&rxe)?;
@@ -57,6 +64,7 @@ pub fn start(
         .args(["--http-addr", &format!("{ip}:9465")])
         .args(["--tls-dir", "/opt/kube-migros/tls"])
         .args(["--rxe-dir", "/opt/kube-migros/rxe"])
+        .args(["--runtime-handler", RUNTIME_HANDLER])
         .args(["--checkpoint-registry", CHECKPOINT_REPOSITORY])
         .args(["--registry-ca", "/etc/kube-migros/registry-ca.crt"])
         .args(&options.args)

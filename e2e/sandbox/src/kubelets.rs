@@ -94,9 +94,12 @@ impl Kubelets {
 
     /// Starts the kubelet of `node` unless one runs there.
     pub fn start(&self, node: &Node) -> Result<(), Error> {
-        // The pod network's IPAM plugin (see nodes.rs: the node's CNI configuration).
-        let ipam = crate::binaries::ensure("node-agent", "migros-ipam")?;
-        self.nodes.install(node, &ipam)?;
+        // The pod network's IPAM plugin (see nodes.rs: the node's CNI configuration) and the
+        // runtime of the `kube-migros` handler, as a node image would have them.
+        for bin in ["migros-ipam", "migros-runc"] {
+            let path = crate::binaries::ensure("node-agent", bin)?;
+            self.nodes.install(node, &path)?;
+        }
         if self.nodes.running(node, "kubelet") {
             return Ok(());
         }

@@ -39,6 +39,13 @@ state = "/run/containerd"
       conf_dir = "/etc/cni/net.d"
     [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
       runtime_type = "io.containerd.runc.v2"
+    # The RuntimeClass handler of kube-migros' runtime-wrapper restore backend: runc through
+    # migros-runc (installed with the agent), and the migration annotations passed to it.
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.kube-migros]
+      runtime_type = "io.containerd.runc.v2"
+      pod_annotations = ["migros.io/*"]
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.kube-migros.options]
+        BinaryName = "/opt/kube-migros/bin/migros-runc"
     [plugins."io.containerd.grpc.v1.cri".registry]
       config_path = "/etc/containerd/certs.d"
 "#;

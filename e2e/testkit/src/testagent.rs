@@ -84,6 +84,8 @@ struct State {
     crashed: bool,
     /// Reported in the capabilities: whether the node has rxe.
     no_rxe: bool,
+    /// Reported in the capabilities: the restore backends (`None`: the checkpoint-image one).
+    backends: Option<Vec<String>>,
     script: HashMap<Scripted, Behaviour>,
     counts: HashMap<Scripted, Count>,
     released: HashMap<Step, bool>,
@@ -175,6 +177,12 @@ impl TestAgent {
     /// Makes the agent report a node without an rxe device.
     pub fn without_rxe(&self) {
         self.service.with(|s| s.no_rxe = true);
+    }
+
+    /// Makes the agent report these restore backends (the default: `cri-checkpoint-image`).
+    pub fn with_backends(&self, backends: &[&str]) {
+        let backends = backends.iter().map(|b| b.to_string()).collect();
+        self.service.with(|s| s.backends = Some(backends));
     }
 
     pub fn count(&self, step: impl Into<Scripted>) -> Count {
@@ -403,7 +411,10 @@ impl v1::agent_server::Agent for Service {
             criu_version: "0".into(),
             rxe_present: !self.with(|s| s.no_rxe),
             free_bytes: 1 << 40,
-            restore_backends: vec!["cri-checkpoint-image".into()],
+            restore_backends: self
+                .with(|s| s.backends.clone())
+                .unwrap_or_else(|| vec![agent_api::backend::CRI_CHECKPOINT_IMAGE.into()]),
+            notes: Vec::new(),
         }))
     }
 

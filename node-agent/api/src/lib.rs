@@ -19,6 +19,17 @@ pub mod v1 {
 }
 
 pub use steps::{Role, Step, StepArgs};
+
+/// The names of the restore backends, as capabilities list them and PrepareTarget asks for them.
+pub mod backend {
+    /// The replacement runs under the `kube-migros` RuntimeClass, whose runtime (`migros-runc`)
+    /// restores each container at its first start from the unpacked checkpoint.
+    pub const RUNTIME_WRAPPER: &str = "runtime-wrapper";
+    /// The replacement's images are checkpoint OCI images (containerd 2.1-2.3, CRI-O).
+    pub const CRI_CHECKPOINT_IMAGE: &str = "cri-checkpoint-image";
+    /// The runtime gets the archive's path (CRI clients that create containers themselves).
+    pub const CRI_CHECKPOINT_ARCHIVE: &str = "cri-checkpoint-archive";
+}
 pub use v1::{Operation, State};
 
 impl v1::Operation {

@@ -110,6 +110,8 @@ pub struct StepArgs {
     pub rxe: Option<v1::RxeBlock>,
     /// PrepareTarget: room to reserve for the checkpoint, in bytes.
     pub expected_bytes: u64,
+    /// PrepareTarget: the restore backend the target stages with (empty: its preferred one).
+    pub backend: String,
     /// Transfer: `host:port` of the target agent.
     pub target_endpoint: String,
     pub compression: v1::Compression,
@@ -153,6 +155,7 @@ impl StepArgs {
                 pod: Some(self.pod.clone()),
                 expected_bytes: self.expected_bytes,
                 rxe: self.rxe,
+                backend: self.backend.clone(),
             }),
             Step::Checkpoint => StepRequest::Checkpoint(v1::CheckpointRequest {
                 migration_uid: uid.clone(),

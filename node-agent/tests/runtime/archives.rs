@@ -2,7 +2,7 @@
 //! nothing, a good one staged; and the node's rxe counters held by one restore at a time.
 
 use agent_api::{
-    Role, Step, StepArgs,
+    Role, Step, StepArgs, backend,
     v1::{self, Compression},
 };
 use sha2::{Digest, Sha256};
@@ -76,6 +76,7 @@ pub fn bad_archives(w: &World) -> Result<()> {
                 pod: pod.clone(),
                 expected_bytes: 1 << 20,
                 rxe: None,
+                backend: backend::CRI_CHECKPOINT_IMAGE.into(),
                 ..Default::default()
             },
         )
@@ -190,6 +191,26 @@ pub fn bad_archives(w: &World) -> Result<()> {
             present.is_ok(),
             "the staged image {image} is not in the runtime: {present:?}"
         );
+        // The runtime wrapper's staging unpacks the same archive into the store instead.
+        let unpacked = unique("recv");
+        prepared_with_archive(w, &unpacked, "received").await?;
+        let pages = w.written(
+            1,
+            &format!(
+                "/var/lib/kube-migros/migrations/{unpacked}/staged/app/checkpoint/pages-1.img"
+            ),
+        );
+        ensure!(
+            std::fs::read(&pages).is_ok_and(|p| p == [3u8; 8192]),
+            "the archive was not unpacked for the wrapper at {}",
+            pages.display()
+        );
+        done(
+            &mut target,
+            Step::Cleanup(Role::Target),
+            &StepArgs::of(&unpacked),
+        )
+        .await?;
 
         // A stream for a migration the node was never asked to prepare is refused.
         let mut peer = w.client(1, Some(w.certs.agent()), None).await?;
@@ -220,8 +241,8 @@ pub fn bad_archives(w: &World) -> Result<()> {
     })
 }
 
-/// Prepares migration `uid` on node-2 for a pod with one container and streams a good archive
-/// to it as a peer agent would.
+/// Prepares migration `uid` on node-2 for a pod with one container (the node's preferred backend,
+/// the runtime wrapper) and streams a good archive to it as a peer agent would.
 async fn prepared_with_archive(w: &World, uid: &str, name: &str) -> Result<v1::PodRef> {
     let pod = v1::PodRef {
         namespace: world::NAMESPACE.into(),

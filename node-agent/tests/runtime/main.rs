@@ -36,6 +36,10 @@ fn main() {
             migration::migrate,
         ),
         (
+            "the_runtime_wrapper_restores_the_replacement_once_keeping_state_ip_files_and_the_peer",
+            migration::migrate_with_the_wrapper,
+        ),
+        (
             "abort_resumes_the_paused_source_and_it_continues",
             migration::abort,
         ),

@@ -1,29 +1,47 @@
-//! A whole migration through the real agents (checkpoint, transfer, restore with a TCP peer), and
-//! an abort that resumes the source.
+//! A whole migration through the real agents (checkpoint, transfer, restore with a TCP peer), with
+//! each restore backend, and an abort that resumes the source.
 
 use std::time::Duration;
 
-use agent_api::{Role, Step, StepArgs, v1::Compression};
+use agent_api::{Role, Step, StepArgs, backend, v1::Compression};
 
 use crate::{
     rxe_block, unique,
-    world::{self, Result, World, done, fails, status, until},
+    world::{self, PodOptions, Result, World, done, fails, status, until},
 };
 
 const STREAM_PORT: u16 = 9000;
 
-/// Checkpoint on node-1, transfer to node-2, restore there through the CRI from what the agent
-/// staged, with a peer on node-3 streaming to the pod all along.
+/// The workload's arguments: it notes its id in a file of its own filesystem and logs each status
+/// request.
+const SERVE: [&str; 8] = [
+    "serve",
+    "--status",
+    ":8080",
+    "--listen",
+    ":9000",
+    "--note",
+    "/note",
+    "--verbose",
+];
+
+/// Checkpoint on node-1, transfer to node-2, restore there from checkpoint images (a CRI restore),
+/// with a peer on node-3 streaming to the pod all along.
 pub fn migrate(w: &World) -> Result<()> {
+    migrate_by(w, backend::CRI_CHECKPOINT_IMAGE)
+}
+
+/// The same, restored by the runtime wrapper: the replacement pod runs under its handler with the
+/// workload's own image, is restored at its first start, and a restart of it starts fresh.
+pub fn migrate_with_the_wrapper(w: &World) -> Result<()> {
+    migrate_by(w, backend::RUNTIME_WRAPPER)
+}
+
+fn migrate_by(w: &World, backend: &str) -> Result<()> {
     let name = unique("app");
     let uid = unique("mig");
     let image = w.demo_image.clone();
-    let source = w.run_pod(
-        0,
-        &name,
-        &image,
-        &["serve", "--status", ":8080", "--listen", ":9000"],
-    )?;
+    let source = w.run_pod(0, &name, &image, &SERVE)?;
     let ip = source.ip;
     let peer_name = unique("peer");
     let peer = w.run_pod(
@@ -66,6 +84,7 @@ pub fn migrate(w: &World) -> Result<()> {
                 pod: pod.clone(),
                 expected_bytes: 64 << 20,
                 rxe: Some(rxe_block()),
+                backend: backend.into(),
                 ..Default::default()
             },
         )
@@ -160,17 +179,8 @@ pub fn migrate(w: &World) -> Result<()> {
         )
         .await?;
         ensure!(staged.staged.len() == 1, "staged {:?}", staged.staged);
-        let staged_image = staged.staged[0].image.clone();
-        // A checkpoint image in the registry, already pulled into node-2's runtime.
-        ensure!(
-            staged_image.starts_with(&format!("{}:{uid}-app", world::CHECKPOINT_REPOSITORY)),
-            "staged image {staged_image}"
-        );
-        let present = w.exec(1, &["crictl", "inspecti", &staged_image]);
-        ensure!(
-            present.is_ok(),
-            "the checkpoint image is not in node-2's runtime: {present:?}"
-        );
+        let staged_ref = staged.staged[0].image.clone();
+        check_staged(w, backend, &uid, &staged_ref)?;
         // The counters hold the pod's block when the restore starts, and the IP is blocked on
         // the target until the restored sockets exist.
         ensure!(
@@ -186,7 +196,12 @@ pub fn migrate(w: &World) -> Result<()> {
         ensure!(w.blocked(1).contains(&ip), "node-2 does not block {ip}");
 
         let restore_started = std::time::Instant::now();
-        let restored = w.run_pod(1, &name, &staged_image, &[])?;
+        let restored = if backend == backend::RUNTIME_WRAPPER {
+            // The kubelet's replacement: the workload's image under the wrapper's handler.
+            w.run_pod_with(1, &name, &image, &SERVE, &PodOptions::restore_of(&uid))?
+        } else {
+            w.run_pod(1, &name, &staged_ref, &[])?
+        };
         let restore_ms = restore_started.elapsed().as_millis();
         ensure!(
             restored.ip == ip,
@@ -256,6 +271,9 @@ pub fn migrate(w: &World) -> Result<()> {
             !w.blocked(0).contains(&ip),
             "node-1 still blocks {ip} after cleanup"
         );
+        if backend == backend::RUNTIME_WRAPPER {
+            restored_once(w, &restored, &image, before.get("id")).await?;
+        }
         w.remove_pod(&restored)?;
         Ok(())
     });
@@ -279,6 +297,78 @@ pub fn migrate(w: &World) -> Result<()> {
             w.agent_log(1)
         )
     })
+}
+
+/// What the target staged for the restore: a checkpoint image in the registry, already in node-2's
+/// runtime; or, for the wrapper, the unpacked checkpoint in the agent's store.
+fn check_staged(w: &World, backend: &str, uid: &str, staged: &str) -> Result<()> {
+    if backend == backend::RUNTIME_WRAPPER {
+        let images = w.written(1, &format!("{staged}/checkpoint/inventory.img"));
+        ensure!(
+            staged.ends_with(&format!("migrations/{uid}/staged/app")) && images.is_file(),
+            "no unpacked checkpoint at {staged}"
+        );
+        return Ok(());
+    }
+    ensure!(
+        staged.starts_with(&format!("{}:{uid}-app", world::CHECKPOINT_REPOSITORY)),
+        "staged image {staged}"
+    );
+    let present = w.exec(1, &["crictl", "inspecti", staged]);
+    ensure!(
+        present.is_ok(),
+        "the checkpoint image is not in node-2's runtime: {present:?}"
+    );
+    Ok(())
+}
+
+/// A container restored by the wrapper is an ordinary container (its file written before the move
+/// is there, `exec` and logs work), and it is restored once: after it is stopped, the container the
+/// kubelet starts in its place is a fresh start of the image.
+async fn restored_once(
+    w: &World,
+    restored: &world::Pod,
+    image: &str,
+    source_id: &str,
+) -> Result<()> {
+    let note = w.exec(
+        1,
+        &[
+            "crictl",
+            "exec",
+            &restored.container_id,
+            "/demo",
+            "cat",
+            "/note",
+        ],
+    )?;
+    ensure!(
+        note.trim() == source_id,
+        "the file the workload wrote before the move reads {note:?}, not {source_id:?}"
+    );
+    let logs = w.exec(1, &["crictl", "logs", &restored.container_id])?;
+    ensure!(
+        logs.contains(&format!("demo: status id={source_id}")),
+        "the restored process does not log into the container's log: {logs:?}"
+    );
+    w.exec(1, &["crictl", "stop", &restored.container_id])?;
+    let restarted = w.start_container(1, &restored.name, &restored.sandbox_id, image, &SERVE, 1)?;
+    let fresh = until(
+        "the restarted workload",
+        Duration::from_secs(30),
+        || async { status(restored.ip).await.ok() },
+    )
+    .await?;
+    ensure!(
+        fresh.get("id") != source_id && fresh.num("counter") < 1000,
+        "the restart restored the checkpoint again: {fresh:?}"
+    );
+    let note = w.exec(1, &["crictl", "exec", &restarted, "/demo", "cat", "/note"])?;
+    ensure!(
+        fresh.get("id") == note.trim(),
+        "the fresh start's note is {note:?}"
+    );
+    Ok(())
 }
 
 pub fn abort(w: &World) -> Result<()> {

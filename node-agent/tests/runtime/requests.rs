@@ -1,7 +1,7 @@
 //! Who may call an agent and what it refuses: callers without a valid certificate, peers driving
 //! steps, invalid requests; and the capabilities it reports.
 
-use agent_api::{Role, Step, StepArgs, steps::StepRequest, v1};
+use agent_api::{Role, Step, StepArgs, backend, steps::StepRequest, v1};
 
 use crate::{
     rxe_block, unique,
@@ -36,10 +36,19 @@ pub fn capabilities(w: &World) -> Result<()> {
         );
         ensure!(caps.rxe_present, "the rxe counter files are not seen");
         ensure!(caps.free_bytes > 1 << 30, "free bytes {}", caps.free_bytes);
+        // The node's containerd has the wrapper's handler: the wrapper first, then checkpoint
+        // images (a registry is configured), then the archive's path.
         ensure!(
-            caps.restore_backends == ["cri-checkpoint-image"],
-            "backends {:?}",
             caps.restore_backends
+                == [
+                    backend::RUNTIME_WRAPPER,
+                    backend::CRI_CHECKPOINT_IMAGE,
+                    backend::CRI_CHECKPOINT_ARCHIVE
+                ]
+                && caps.notes.is_empty(),
+            "backends {:?}, notes {:?}",
+            caps.restore_backends,
+            caps.notes
         );
         Ok(())
     })

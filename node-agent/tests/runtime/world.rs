@@ -18,7 +18,7 @@ use sandbox::{
 };
 use testkit::fixtures::Certificates;
 
-pub use sandbox::agents::{AGENT_PORT, CHECKPOINT_REPOSITORY};
+pub use sandbox::agents::{AGENT_PORT, CHECKPOINT_REPOSITORY, RUNTIME_HANDLER};
 /// The largest archive the test agents accept (small, so that "oversized" is cheap to send).
 pub const MAX_ARCHIVE_BYTES: u64 = 64 << 20;
 /// The rxe ranges the test agents accept.
@@ -27,6 +27,23 @@ pub const RXE_RANGE: (u32, u32) = (1024, 1024 + 256 * 16);
 pub const NAMESPACE: &str = "agent-test";
 
 pub type Result<T, E = String> = std::result::Result<T, E>;
+
+/// How a test pod runs: under which runtime handler, with which pod annotations.
+#[derive(Debug, Clone, Default)]
+pub struct PodOptions {
+    pub handler: Option<String>,
+    pub annotations: BTreeMap<String, String>,
+}
+
+impl PodOptions {
+    /// The replacement pod of migration `uid`, restored by the runtime wrapper.
+    pub fn restore_of(uid: &str) -> Self {
+        Self {
+            handler: Some(RUNTIME_HANDLER.into()),
+            annotations: [("migros.io/migration-uid".to_string(), uid.to_string())].into(),
+        }
+    }
+}
 
 /// Fails with a message unless `cond`.
 #[macro_export]
@@ -282,6 +299,19 @@ impl World {
     /// Starts a pod on node `i` through the CRI: a sandbox on the pod network and one container
     /// `app` of `image` (with `args`; none for a checkpoint image).
     pub fn run_pod(&self, i: usize, name: &str, image: &str, args: &[&str]) -> Result<Pod> {
+        self.run_pod_with(i, name, image, args, &PodOptions::default())
+    }
+
+    /// Runs pod `name` on node `i` as the kubelet would (sandbox, then its one container `app`),
+    /// with the runtime handler and pod annotations of `options`.
+    pub fn run_pod_with(
+        &self,
+        i: usize,
+        name: &str,
+        image: &str,
+        args: &[&str],
+        options: &PodOptions,
+    ) -> Result<Pod> {
         let dir = format!("/var/lib/containerd/test-{name}");
         let host_dir = self
             .handle
@@ -293,35 +323,22 @@ impl World {
         let sandbox = serde_json::json!({
             "metadata": {"name": name, "namespace": NAMESPACE, "uid": format!("uid-{name}"), "attempt": 0},
             "log_directory": format!("/var/log/pods/{name}"),
+            "annotations": options.annotations,
             // Each container in a PID namespace of its own, as the kubelet does by default: a
             // restored process gets its PIDs back, which a namespace shared with the sandbox may
             // already use (CRIU restore fails with EEXIST).
             "linux": {"security_context": {"namespace_options": {"pid": 1}}}
         });
-        let container = serde_json::json!({
-            "metadata": {"name": "app"},
-            "image": {"image": image},
-            "args": args,
-            "log_path": "app.log",
-            "linux": {"security_context": {"namespace_options": {"pid": 1}}}
-        });
         std::fs::write(host_dir.join("pod.json"), sandbox.to_string())
             .map_err(|e| e.to_string())?;
-        std::fs::write(host_dir.join("app.json"), container.to_string())
-            .map_err(|e| e.to_string())?;
         let pod_json = format!("{dir}/pod.json");
-        let app_json = format!("{dir}/app.json");
-        let sandbox_id = self
-            .exec(i, &["crictl", "runp", &pod_json])?
-            .trim()
-            .to_string();
-        let mut create = vec!["crictl", "create"];
-        if !image.starts_with('/') {
-            create.push("--with-pull");
+        let mut runp = vec!["crictl", "runp"];
+        if let Some(handler) = &options.handler {
+            runp.extend(["--runtime", handler.as_str()]);
         }
-        create.extend([sandbox_id.as_str(), app_json.as_str(), pod_json.as_str()]);
-        let container_id = self.exec(i, &create)?.trim().to_string();
-        self.exec(i, &["crictl", "start", &container_id])?;
+        runp.push(pod_json.as_str());
+        let sandbox_id = self.exec(i, &runp)?.trim().to_string();
+        let container_id = self.start_container(i, name, &sandbox_id, image, args, 0)?;
         let inspect = self.exec(i, &["crictl", "inspectp", &sandbox_id])?;
         let v: serde_json::Value = serde_json::from_str(&inspect).map_err(|e| e.to_string())?;
         let ip = v["status"]["network"]["ip"]
@@ -335,6 +352,44 @@ impl World {
             container_id,
             ip,
         })
+    }
+
+    /// Creates and starts the container `app` (restart number `attempt`) of pod `name`'s sandbox on
+    /// node `i`, as the kubelet does; answers its ID.
+    pub fn start_container(
+        &self,
+        i: usize,
+        name: &str,
+        sandbox_id: &str,
+        image: &str,
+        args: &[&str],
+        attempt: u32,
+    ) -> Result<String> {
+        let dir = format!("/var/lib/containerd/test-{name}");
+        let host_dir = self
+            .handle
+            .host_dir(&self.nodes[i])
+            .join("..")
+            .join("containerd")
+            .join(format!("test-{name}"));
+        let container = serde_json::json!({
+            "metadata": {"name": "app", "attempt": attempt},
+            "image": {"image": image},
+            "args": args,
+            "log_path": format!("app-{attempt}.log"),
+            "linux": {"security_context": {"namespace_options": {"pid": 1}}}
+        });
+        let file = format!("app-{attempt}.json");
+        std::fs::write(host_dir.join(&file), container.to_string()).map_err(|e| e.to_string())?;
+        let (pod_json, app_json) = (format!("{dir}/pod.json"), format!("{dir}/{file}"));
+        let mut create = vec!["crictl", "create"];
+        if !image.starts_with('/') {
+            create.push("--with-pull");
+        }
+        create.extend([sandbox_id, app_json.as_str(), pod_json.as_str()]);
+        let container_id = self.exec(i, &create)?.trim().to_string();
+        self.exec(i, &["crictl", "start", &container_id])?;
+        Ok(container_id)
     }
 
     /// Stops and removes a pod's sandbox (what a kubelet does when the pod object goes).

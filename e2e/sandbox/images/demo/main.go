@@ -1,8 +1,9 @@
 // Command demo is the stateful workload of the kube-migros tests: it keeps state only in memory and
 // reports it, so that a test can tell whether a migration kept it.
 //
-//	demo serve  --status :8080 [--listen :9000] [--touch 256Mi]
+//	demo serve  --status :8080 [--listen :9000] [--touch 256Mi] [--note /path] [--verbose]
 //	demo stream --to host:port [--status :8080]
+//	demo cat /path
 //
 // serve counts ticks (every 10 ms) and keeps a SHA-256 over every tick and every byte it receives on
 // --listen; GET-like connections to --status get one line:
@@ -13,7 +14,10 @@
 // stream connects to --to and sends a numbered 64-byte record every 10 ms; serve checks the
 // numbering (a skipped or repeated number counts as a gap in the data) and the longest pause
 // between records (maxgap_ms), which is what a peer of a migrated pod observes. --touch keeps that
-// much memory written, so that checkpoints have a known size.
+// much memory written, so that checkpoints have a known size. --note writes the process id into a
+// file of the container's own filesystem at the start (a restored container must still have it);
+// cat prints a file (the image has no shell), for `kubectl exec`. --verbose logs every status
+// request on stdout (the container's log).
 //
 // Sockets are plain TCP: Go uses multipath TCP for listeners by default, which CRIU cannot dump
 // ("inet: Unsupported proto 262").
@@ -90,6 +94,15 @@ func main() {
 		serve(os.Args[2:])
 	case "stream":
 		stream(os.Args[2:])
+	case "cat":
+		for _, path := range os.Args[2:] {
+			data, err := os.ReadFile(path)
+			if err != nil {
+				fmt.Fprintf(os.Stderr, "demo: %v\n", err)
+				os.Exit(1)
+			}
+			os.Stdout.Write(data)
+		}
 	default:
 		fmt.Fprintf(os.Stderr, "demo: unknown command %q\n", os.Args[1])
 		os.Exit(2)
@@ -101,6 +114,8 @@ func serve(args []string) {
 	status := flags.String("status", ":8080", "address of the status endpoint")
 	listen := flags.String("listen", "", "address that accepts streams")
 	touch := flags.String("touch", "0", "memory to keep written (e.g. 256Mi)")
+	note := flags.String("note", "", "file to write the process id into at the start")
+	verbose := flags.Bool("verbose", false, "log every status request on stdout")
 	flags.Parse(args)
 	size, err := parseSize(*touch)
 	if err != nil {
@@ -108,11 +123,17 @@ func serve(args []string) {
 		os.Exit(2)
 	}
 	s := newState()
+	if *note != "" {
+		if err := os.WriteFile(*note, []byte(s.id+"\n"), 0o644); err != nil {
+			fmt.Fprintf(os.Stderr, "demo: --note: %v\n", err)
+			os.Exit(1)
+		}
+	}
 	memory := make([]byte, size)
 	for i := 0; i < len(memory); i += 4096 {
 		memory[i] = byte(i)
 	}
-	go statusLoop(*status, s)
+	go statusLoop(*status, s, *verbose)
 	if *listen != "" {
 		go acceptStreams(*listen, s)
 	}
@@ -136,7 +157,7 @@ func listen(addr string) (net.Listener, error) {
 	return lc.Listen(context.Background(), "tcp", addr)
 }
 
-func statusLoop(addr string, s *state) {
+func statusLoop(addr string, s *state, verbose bool) {
 	l, err := listen(addr)
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "demo: status %s: %v\n", addr, err)
@@ -147,8 +168,12 @@ func statusLoop(addr string, s *state) {
 		if err != nil {
 			continue
 		}
-		io.WriteString(c, s.line())
+		line := s.line()
+		io.WriteString(c, line)
 		c.Close()
+		if verbose {
+			fmt.Print("demo: status ", line)
+		}
 	}
 }
 
@@ -202,7 +227,7 @@ func stream(args []string) {
 	status := flags.String("status", ":8080", "address of the status endpoint")
 	flags.Parse(args)
 	s := newState()
-	go statusLoop(*status, s)
+	go statusLoop(*status, s, false)
 	var c net.Conn
 	var err error
 	var dialer net.Dialer
