@@ -14,6 +14,7 @@ use k8s_openapi::api::{
     apps::v1::{DaemonSet, Deployment},
     coordination::v1::Lease,
     core::v1::{ConfigMap, Pod, Secret, ServiceAccount},
+    node::v1::RuntimeClass,
     rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding},
 };
 use kube::{
@@ -191,6 +192,16 @@ async fn the_chart_installs_kube_migros_that_migrates_pods_and_uninstalls_cleanl
                 before.get("id"),
                 "{hop}: not the same process"
             );
+            // The chart's agents offer the runtime wrapper (installed by their init container),
+            // and the replacement runs under the chart's RuntimeClass.
+            assert_eq!(status.backend.as_deref(), Some("runtime-wrapper"), "{hop}");
+            assert_eq!(
+                moved
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.runtime_class_name.as_deref()),
+                Some("kube-migros")
+            );
             eprintln!("{hop}: on {target}, timings {:?}", status.timings);
             (current, before) = (moved, after);
 
@@ -258,6 +269,7 @@ async fn the_chart_installs_kube_migros_that_migrates_pods_and_uninstalls_cleanl
                 )
                 .await,
                 names(&Api::<ClusterRole>::all(client.clone()), INSTANCE).await,
+                names(&Api::<RuntimeClass>::all(client.clone()), INSTANCE).await,
                 names(&Api::<ClusterRoleBinding>::all(client.clone()), INSTANCE).await,
             ]
             .into_iter()

@@ -124,6 +124,10 @@ async fn a_pod_moves_between_real_nodes_keeping_its_state_ip_and_tcp_peer() {
         .expect("the sandbox cluster");
     let (nodes, wanted, images) = (Nodes::new(&dirs), cluster.nodes, cluster.images);
     let agent_binary = binaries::ensure("node-agent", "node-agent").expect("agent built");
+    // The nodes' containerd has the runtime wrapper's handler; replacements run under this class.
+    sandbox::release::ensure_runtime_class(&client)
+        .await
+        .expect("the RuntimeClass");
     // The agents announce themselves with the admin's credentials.
     let kubeconfig = workload::node_kubeconfig(&env).unwrap();
 
@@ -199,6 +203,12 @@ async fn a_pod_moves_between_real_nodes_keeping_its_state_ip_and_tcp_peer() {
                     "kubectl get pm:\n{table}"
                 );
                 let status = done.status.clone().unwrap_or_default();
+                // Restored by the runtime wrapper (the nodes offer it first): under its class,
+                // with the workload's own image.
+                assert_eq!(status.backend.as_deref(), Some("runtime-wrapper"), "{hop}");
+                let spec = moved.spec.clone().unwrap_or_default();
+                assert_eq!(spec.runtime_class_name.as_deref(), Some("kube-migros"));
+                assert_eq!(spec.containers[0].image.as_deref(), Some(demo.as_str()));
                 // The target's rxe counters hold the pod's block (its restore set them).
                 let block = status.rxe.expect("the RDMA pod's block");
                 let node = wanted.iter().find(|n| n.name == to).unwrap();
@@ -264,7 +274,42 @@ async fn a_pod_moves_between_real_nodes_keeping_its_state_ip_and_tcp_peer() {
                 same.metadata.uid, current.metadata.uid,
                 "the source pod was replaced"
             );
-            live.continued(ip, &before, "gone-1").await;
+            let last = live.continued(ip, &before, "gone-1").await;
+
+            // The restore happens once: when the restored process dies, the kubelet's restart of
+            // the container is a fresh start of its image, as it would have been on the source.
+            let container = same
+                .status
+                .as_ref()
+                .and_then(|s| s.container_statuses.clone());
+            let id = container.unwrap_or_default()[0]
+                .container_id
+                .clone()
+                .unwrap_or_default();
+            let node = wanted.iter().find(|n| n.name == node_of(&same)).unwrap();
+            let id = id.trim_start_matches("containerd://");
+            let out = node
+                .exec(&["crictl", "stop", "--timeout", "0", id])
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let last_id = last.get("id").cloned();
+            let restarted = eventually(Duration::from_secs(90), || {
+                let last_id = last_id.clone();
+                async move {
+                    workload::state(ip)
+                        .await
+                        .filter(|s| s.get("id") != last_id.as_ref())
+                }
+            })
+            .await;
+            assert!(
+                num(&restarted, "counter") < num(&last, "counter"),
+                "the restart restored the checkpoint again: {restarted:?} after {last:?}"
+            );
 
             operator.kill();
             for mut child in children {

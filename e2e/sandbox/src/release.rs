@@ -52,8 +52,12 @@ pub struct Images {
     pub tag: String,
 }
 
-/// The binaries in the images: (package, binary).
-const BINARIES: &[(&str, &str)] = &[("operator", "operator"), ("node-agent", "node-agent")];
+/// The images and their binaries: (image, package, binaries). The agent's image also carries the
+/// runtime wrapper, which its DaemonSet installs on the nodes.
+const IMAGES: &[(&str, &str, &[&str])] = &[
+    ("operator", "operator", &["operator"]),
+    ("node-agent", "node-agent", &["node-agent", "migros-runc"]),
+];
 
 /// Builds the operator and the agent as static executables (glibc, `crt-static`, release profile)
 /// into a target directory in the cache, so that a fresh checkout reuses the compiled dependencies.
@@ -67,8 +71,11 @@ pub fn build_static(dirs: &Dirs) -> Result<PathBuf, Error> {
         // scripts or proc macros (which must stay dynamic).
         .env("RUSTFLAGS", "-C target-feature=+crt-static")
         .env("CARGO_TARGET_DIR", &target_dir);
-    for (package, bin) in BINARIES {
-        cmd.args(["-p", package, "--bin", bin]);
+    for (_, package, bins) in IMAGES {
+        cmd.args(["-p", package]);
+        for bin in *bins {
+            cmd.args(["--bin", bin]);
+        }
     }
     eprintln!("e2e: building the operator and node-agent images' static binaries (release)");
     let out = cmd
@@ -88,18 +95,20 @@ pub fn ensure_images(dirs: &Dirs, registry: &registry::Registry) -> Result<Image
     let publisher = images::Publisher::new(dirs, registry)?;
     let mut roots = Vec::new();
     let mut digest = Sha256::new();
-    for (_, bin) in BINARIES {
-        let root = publisher.work.join(bin).join("rootfs");
+    for (image, _, bins) in IMAGES {
+        let root = publisher.work.join(image).join("rootfs");
         let _ = std::fs::remove_dir_all(&root);
         std::fs::create_dir_all(&root).map_err(io_at(&root))?;
-        let target = root.join(bin);
-        std::fs::copy(built.join(bin), &target).map_err(io_at(&target))?;
-        gobuild::run(Command::new("strip").arg(&target))?;
-        if *bin == "node-agent" {
+        for bin in *bins {
+            let target = root.join(bin);
+            std::fs::copy(built.join(bin), &target).map_err(io_at(&target))?;
+            gobuild::run(Command::new("strip").arg(&target))?;
+        }
+        if *image == "node-agent" {
             add_nft(dirs, &root)?;
         }
         digest_tree(&root, &root, &mut digest)?;
-        roots.push((*bin, root));
+        roots.push((*image, root));
     }
     let tag = images::hex(&digest.finalize())[..16].to_string();
     for (bin, root) in &roots {
@@ -379,6 +388,33 @@ fn daemonset_done(d: &DaemonSet) -> Option<String> {
 
 /// Force-deletes pods of the release namespace that are stuck terminating (bound to Node objects
 /// without a kubelet, as an interrupted run can leave them) and waits until they are gone.
+/// The RuntimeClass of the runtime-wrapper backend (the chart's `runtimeWrapper.runtimeClass`),
+/// for tests that run kube-migros without the chart: created as the chart's release would own it,
+/// so that a later `helm install` adopts it instead of failing on it.
+pub async fn ensure_runtime_class(client: &kube::Client) -> Result<(), kube::Error> {
+    use k8s_openapi::api::node::v1::RuntimeClass;
+    let class: RuntimeClass = serde_json::from_value(serde_json::json!({
+        "metadata": {
+            "name": crate::agents::RUNTIME_HANDLER,
+            "labels": {"app.kubernetes.io/managed-by": "Helm"},
+            "annotations": {
+                "meta.helm.sh/release-name": RELEASE,
+                "meta.helm.sh/release-namespace": NAMESPACE,
+            },
+        },
+        "handler": crate::agents::RUNTIME_HANDLER,
+    }))
+    .map_err(kube::Error::SerdeError)?;
+    match Api::<RuntimeClass>::all(client.clone())
+        .create(&Default::default(), &class)
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
 pub async fn clear_stuck_pods(client: &kube::Client) -> Result<(), kube::Error> {
     use k8s_openapi::api::core::v1::Pod;
     let pods: Api<Pod> = Api::namespaced(client.clone(), NAMESPACE);

@@ -3,6 +3,9 @@
 //! checkpoint the node agent staged (see `node_agent::wrapper`). containerd runs it through the runc
 //! shim (`BinaryName`); the real runc is `runc` on PATH (or `$MIGROS_RUNC_RUNTIME`), the agent's
 //! store `/var/lib/kube-migros` (or `$MIGROS_RUNC_STORE`).
+//!
+//! `migros-runc --install-to DIR` copies itself to `DIR/migros-runc` (what the agent's DaemonSet
+//! does on each node, from its image).
 
 use std::{
     collections::BTreeMap,
@@ -21,6 +24,23 @@ use node_agent::{
 
 fn main() -> ExitCode {
     let args: Vec<OsString> = std::env::args_os().skip(1).collect();
+    if let [flag, dir] = args.as_slice()
+        && flag == "--install-to"
+    {
+        return match install(Path::new(dir)) {
+            Ok(to) => {
+                println!("installed {}", to.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!(
+                    "migros-runc: installing into {}: {e}",
+                    Path::new(dir).display()
+                );
+                ExitCode::FAILURE
+            }
+        };
+    }
     let call = Call::parse(&args);
     let runc = std::env::var_os("MIGROS_RUNC_RUNTIME").unwrap_or_else(|| "runc".into());
     let store = std::env::var_os("MIGROS_RUNC_STORE")
@@ -40,6 +60,17 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Copies this executable to `dir/migros-runc`, replacing an older one at once (a rename).
+fn install(dir: &Path) -> std::io::Result<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir)?;
+    let (tmp, to) = (dir.join(".migros-runc.tmp"), dir.join("migros-runc"));
+    std::fs::copy(std::env::current_exe()?, &tmp)?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))?;
+    std::fs::rename(&tmp, &to)?;
+    Ok(to)
 }
 
 /// Replaces this process with runc, called with the same arguments; returns only if that fails.
