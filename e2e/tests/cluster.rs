@@ -11,7 +11,9 @@ use std::time::Duration;
 use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::{Api, api::PostParams};
 use sandbox::{
-    Dirs, kubelets,
+    Dirs,
+    containerd::Containerd,
+    kubelets,
     nodes::{NODE_CGROUP_PARENT, Nodes},
 };
 use testkit::harness::{self, eventually};
@@ -32,11 +34,15 @@ async fn kubelets_register_ready_nodes_that_run_pods_on_the_pod_network() {
         let status = n.status.unwrap();
         let info = status.node_info.unwrap();
         assert_eq!(info.kubelet_version, sandbox::k8s::K8S_VERSION);
+        let runtime = match node.containerd {
+            Containerd::Debian => "containerd://2.1.".to_string(),
+            Containerd::Upstream => format!("containerd://{}", sandbox::containerd::CONTAINERD.1),
+        };
         assert!(
-            info.container_runtime_version
-                .starts_with("containerd://2.1."),
-            "{}",
-            info.container_runtime_version
+            info.container_runtime_version.starts_with(&runtime),
+            "{} on {}",
+            info.container_runtime_version,
+            node.name
         );
         let addresses = status.addresses.unwrap_or_default();
         assert!(

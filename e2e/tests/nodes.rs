@@ -1,11 +1,12 @@
-//! The node runtime: nodes come up as namespaces on the bridge with the cached rootfs, run
-//! containerd 2.1 with CRIU 4 that passes `criu check`, reach each other over the bridge, pull the
+//! The node runtime: nodes come up as namespaces on the bridge with the cached rootfs, run the
+//! containerd of their setting (node-1 2.4 built from its module, node-2 Debian's 2.1) with CRIU 4
+//! that passes `criu check`, reach each other over the bridge, pull the
 //! images built from this repository from the sandbox registry over TLS, and `down` leaves no
 //! namespace, process, link, cgroup or state behind. One test, as it owns the nodes.
 
 #![allow(clippy::expect_used, clippy::unwrap_used)] // a test fails by panicking
 
-use sandbox::{Dirs, bridge::BRIDGE, nodes::Nodes};
+use sandbox::{Dirs, bridge::BRIDGE, containerd::Containerd, nodes::Nodes};
 
 fn run(node: &sandbox::nodes::Node, command: &[&str]) -> String {
     let out = node.exec(command).expect("exec in the node");
@@ -26,9 +27,15 @@ fn nodes_come_up_with_a_working_runtime_and_go_down_cleanly() {
 
     for node in &wanted {
         let version = run(node, &["ctr", "version"]);
+        let server = version.split("Server:").nth(1).unwrap_or_default();
+        let expected = match node.containerd {
+            Containerd::Debian => "Version:  2.1.".to_string(),
+            Containerd::Upstream => format!("Version:  {}", sandbox::containerd::CONTAINERD.1),
+        };
         assert!(
-            version.contains("Version:  2.1."),
-            "containerd 2.1 on {}: {version}",
+            server.contains(&expected),
+            "{} on {}: {version}",
+            node.containerd.describe(),
             node.name
         );
         assert!(

@@ -103,6 +103,24 @@ impl RestoreBackend for RuntimeWrapper {
     }
 }
 
+/// Whether a runtime restores a container created from a checkpoint image: containerd removed that
+/// in 2.4 (2.2 and 2.3 have it off unless `enable_experimental_restore_via_create` is set, which
+/// cannot be seen from here); CRI-O keeps it.
+fn restores_from_images(runtime: &str, version: &str) -> Result<(), String> {
+    let mut parts = version.trim_start_matches('v').split('.');
+    let (major, minor) = (
+        parts.next().and_then(|p| p.parse::<u32>().ok()),
+        parts.next().and_then(|p| p.parse::<u32>().ok()),
+    );
+    match (runtime, major, minor) {
+        ("containerd", Some(major), Some(minor)) if (major, minor) >= (2, 4) => Err(format!(
+            "{CRI_CHECKPOINT_IMAGE}: containerd {version} does not restore from checkpoint images \
+             (removed in 2.4); the runtime wrapper does"
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// Restore through the CRI from an archive path: `CreateContainer` whose image is the archive.
 #[derive(Debug, Clone, Copy)]
 pub struct CriCheckpointArchive;
@@ -136,6 +154,13 @@ impl RestoreBackend for CriCheckpointImage {
         CRI_CHECKPOINT_IMAGE
     }
 
+    fn unavailable<'a>(&'a self, runtime: &'a Runtime) -> BoxFuture<'a, Option<String>> {
+        Box::pin(async move {
+            let (name, version) = runtime.version().await.ok()?;
+            restores_from_images(&name, &version).err()
+        })
+    }
+
     fn stage<'a>(
         &'a self,
         uid: &'a str,
@@ -163,5 +188,20 @@ impl RestoreBackend for CriCheckpointImage {
             let _ = tokio::fs::remove_file(&layer).await;
             Ok(reference)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn containerd_from_2_4_is_not_offered_checkpoint_images() {
+        assert!(restores_from_images("containerd", "v2.1.9").is_ok());
+        assert!(restores_from_images("containerd", "2.3.4").is_ok());
+        let why = restores_from_images("containerd", "v2.4.2").unwrap_err();
+        assert!(why.contains("removed in 2.4"), "{why}");
+        assert!(restores_from_images("containerd", "3.0.0").is_err());
+        assert!(restores_from_images("cri-o", "1.34.0").is_ok());
     }
 }

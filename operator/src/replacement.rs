@@ -17,11 +17,26 @@ pub const MIGRATION_UID_ANNOTATION: &str = "migros.io/migration-uid";
 pub const MIGRATION_ANNOTATION: &str = "migros.io/migration";
 /// Annotation of a replacement pod: the IP it must get (read by the IP reservation mechanisms).
 pub const POD_IP_ANNOTATION: &str = "migros.io/pod-ip";
+/// Annotation of a replacement pod restored from checkpoint images: its containers' own images
+/// (JSON, by container name), which its spec no longer names, for the next move.
+pub const IMAGES_ANNOTATION: &str = "migros.io/images";
 
-/// The part of the source pod the replacement is made from (no status, no server-set fields).
+/// The part of the source pod the replacement is made from (no status, no server-set fields), with
+/// the containers' own images (a pod restored from checkpoint images names those instead).
 pub fn template(source: &Pod) -> Pod {
     let meta = &source.metadata;
     let mut spec = source.spec.clone().unwrap_or_default();
+    let own: BTreeMap<String, String> = meta
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(IMAGES_ANNOTATION))
+        .and_then(|json| serde_json::from_str(json).ok())
+        .unwrap_or_default();
+    for container in &mut spec.containers {
+        if let Some(image) = own.get(&container.name) {
+            container.image = Some(image.clone());
+        }
+    }
     spec.init_containers = None;
     spec.ephemeral_containers = None;
     spec.node_name = None;
@@ -72,8 +87,20 @@ pub fn build(
     if let Some(spec) = pod.spec.as_mut() {
         spec.node_name = Some(target.into());
         match restore {
-            Restore::RuntimeClass(class) => spec.runtime_class_name = Some(class.into()),
+            Restore::RuntimeClass(class) => {
+                spec.runtime_class_name = Some(class.into());
+                annotations.remove(IMAGES_ANNOTATION);
+            }
             Restore::Images(images) => {
+                let own: BTreeMap<&str, &str> = spec
+                    .containers
+                    .iter()
+                    .filter_map(|c| Some((c.name.as_str(), c.image.as_deref()?)))
+                    .collect();
+                annotations.insert(
+                    IMAGES_ANNOTATION.into(),
+                    serde_json::to_string(&own).unwrap_or_default(),
+                );
                 for container in &mut spec.containers {
                     if let Some(image) = images.get(&container.name) {
                         container.image = Some(image.clone());
@@ -147,6 +174,41 @@ mod tests {
             Some("localhost/checkpoint/app:m1")
         );
         assert_eq!(pod.status, None);
+    }
+
+    #[test]
+    fn a_pod_restored_from_checkpoint_images_moves_on_with_its_own_images() {
+        let images = [("app".to_string(), "localhost/checkpoint/app:m1".to_string())].into();
+        let first = build(
+            &template(&source()),
+            "node-2",
+            ("move", "m1"),
+            None,
+            Restore::Images(&images),
+        );
+        let next = template(&first);
+        assert_eq!(
+            next.spec.as_ref().unwrap().containers[0].image.as_deref(),
+            Some("registry/app:1")
+        );
+        let second = build(
+            &next,
+            "node-3",
+            ("move-2", "m2"),
+            None,
+            Restore::RuntimeClass("kube-migros"),
+        );
+        assert_eq!(
+            second.spec.unwrap().containers[0].image.as_deref(),
+            Some("registry/app:1")
+        );
+        assert!(
+            !second
+                .metadata
+                .annotations
+                .unwrap()
+                .contains_key(IMAGES_ANNOTATION)
+        );
     }
 
     #[test]

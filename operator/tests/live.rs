@@ -15,7 +15,11 @@ use crds::Phase;
 use futures::FutureExt;
 use k8s_openapi::api::core::v1::Pod;
 use kube::Api;
-use sandbox::{Dirs, agents, binaries, nodes::Nodes};
+use sandbox::{
+    Dirs, agents, binaries,
+    containerd::Containerd,
+    nodes::{Node, Nodes},
+};
 use support::{Operator, Scenario};
 use testkit::{
     fixtures::Certificates,
@@ -113,6 +117,44 @@ impl Live {
     }
 }
 
+/// Stops the container of `pod` (as a crash would) and waits for the kubelet's restart: a fresh
+/// process, not the checkpoint again; answers its state.
+async fn restarted_fresh(pod: &Pod, nodes: &[Node], ip: Ipv4Addr, last: &State) -> State {
+    let statuses = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.container_statuses.clone());
+    let id = statuses.unwrap_or_default()[0]
+        .container_id
+        .clone()
+        .unwrap_or_default();
+    let node = nodes.iter().find(|n| n.name == node_of(pod)).unwrap();
+    let id = id.trim_start_matches("containerd://");
+    let out = node
+        .exec(&["crictl", "stop", "--timeout", "0", id])
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let last_id = last.get("id").cloned();
+    let restarted = eventually(Duration::from_secs(90), || {
+        let last_id = last_id.clone();
+        async move {
+            workload::state(ip)
+                .await
+                .filter(|s| s.get("id") != last_id.as_ref())
+        }
+    })
+    .await;
+    assert!(
+        num(&restarted, "counter") < num(last, "counter"),
+        "the restart restored the checkpoint again: {restarted:?} after {last:?}"
+    );
+    restarted
+}
+
 #[tokio::test]
 async fn a_pod_moves_between_real_nodes_keeping_its_state_ip_and_tcp_peer() {
     let env = harness::env().await;
@@ -140,6 +182,9 @@ async fn a_pod_moves_between_real_nodes_keeping_its_state_ip_and_tcp_peer() {
                 let node = &wanted[i];
                 certs.write_agent(&nodes.host_dir(node).join("tls"));
                 let options = agents::AgentOptions {
+                    // node-2 (Debian's containerd 2.1) offers only checkpoint images here, so that
+                    // both backends restore through the kubelet.
+                    without_wrapper: node.containerd == Containerd::Debian,
                     args: Vec::new(),
                     announce: Some((ns.clone(), kubeconfig.clone())),
                 };
@@ -203,12 +248,21 @@ async fn a_pod_moves_between_real_nodes_keeping_its_state_ip_and_tcp_peer() {
                     "kubectl get pm:\n{table}"
                 );
                 let status = done.status.clone().unwrap_or_default();
-                // Restored by the runtime wrapper (the nodes offer it first): under its class,
-                // with the workload's own image.
-                assert_eq!(status.backend.as_deref(), Some("runtime-wrapper"), "{hop}");
+                // Restored by the runtime wrapper (under its class, with the workload's own
+                // image) where the node offers it, else from checkpoint images.
                 let spec = moved.spec.clone().unwrap_or_default();
-                assert_eq!(spec.runtime_class_name.as_deref(), Some("kube-migros"));
-                assert_eq!(spec.containers[0].image.as_deref(), Some(demo.as_str()));
+                if to == "node-2" {
+                    assert_eq!(
+                        status.backend.as_deref(),
+                        Some("cri-checkpoint-image"),
+                        "{hop}"
+                    );
+                    assert_eq!(spec.runtime_class_name, None);
+                } else {
+                    assert_eq!(status.backend.as_deref(), Some("runtime-wrapper"), "{hop}");
+                    assert_eq!(spec.runtime_class_name.as_deref(), Some("kube-migros"));
+                    assert_eq!(spec.containers[0].image.as_deref(), Some(demo.as_str()));
+                }
                 // The target's rxe counters hold the pod's block (its restore set them).
                 let block = status.rxe.expect("the RDMA pod's block");
                 let node = wanted.iter().find(|n| n.name == to).unwrap();
@@ -226,6 +280,12 @@ async fn a_pod_moves_between_real_nodes_keeping_its_state_ip_and_tcp_peer() {
                 );
                 current = moved;
                 before = after;
+                if hop == "hop-2" {
+                    // Restored by the wrapper, once: when the restored process dies, the kubelet's
+                    // restart of the container is a fresh start of its image, as it would have
+                    // been on the source node.
+                    before = restarted_fresh(&current, &wanted, ip, &before).await;
+                }
             }
 
             // The target agent dies during a (slowed) transfer: rolled back, the source pod is the
@@ -274,42 +334,7 @@ async fn a_pod_moves_between_real_nodes_keeping_its_state_ip_and_tcp_peer() {
                 same.metadata.uid, current.metadata.uid,
                 "the source pod was replaced"
             );
-            let last = live.continued(ip, &before, "gone-1").await;
-
-            // The restore happens once: when the restored process dies, the kubelet's restart of
-            // the container is a fresh start of its image, as it would have been on the source.
-            let container = same
-                .status
-                .as_ref()
-                .and_then(|s| s.container_statuses.clone());
-            let id = container.unwrap_or_default()[0]
-                .container_id
-                .clone()
-                .unwrap_or_default();
-            let node = wanted.iter().find(|n| n.name == node_of(&same)).unwrap();
-            let id = id.trim_start_matches("containerd://");
-            let out = node
-                .exec(&["crictl", "stop", "--timeout", "0", id])
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            let last_id = last.get("id").cloned();
-            let restarted = eventually(Duration::from_secs(90), || {
-                let last_id = last_id.clone();
-                async move {
-                    workload::state(ip)
-                        .await
-                        .filter(|s| s.get("id") != last_id.as_ref())
-                }
-            })
-            .await;
-            assert!(
-                num(&restarted, "counter") < num(&last, "counter"),
-                "the restart restored the checkpoint again: {restarted:?} after {last:?}"
-            );
+            live.continued(ip, &before, "gone-1").await;
 
             operator.kill();
             for mut child in children {

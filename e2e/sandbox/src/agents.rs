@@ -24,6 +24,8 @@ pub struct AgentOptions {
     pub args: Vec<String>,
     /// Announce with a Lease in this namespace, with this kubeconfig (its text).
     pub announce: Option<(String, String)>,
+    /// Do not offer the runtime-wrapper backend (the node then restores from checkpoint images).
+    pub without_wrapper: bool,
 }
 
 /// Installs the agent binary `binary` and the runtime wrapper (`migros-runc`, which the node's
@@ -64,7 +66,6 @@ pub fn start(
         .args(["--http-addr", &format!("{ip}:9465")])
         .args(["--tls-dir", "/opt/kube-migros/tls"])
         .args(["--rxe-dir", "/opt/kube-migros/rxe"])
-        .args(["--runtime-handler", RUNTIME_HANDLER])
         .args(["--checkpoint-registry", CHECKPOINT_REPOSITORY])
         .args(["--registry-ca", "/etc/kube-migros/registry-ca.crt"])
         .args(&options.args)
@@ -72,6 +73,9 @@ pub fn start(
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(log_err);
+    if !options.without_wrapper {
+        command.args(["--runtime-handler", RUNTIME_HANDLER]);
+    }
     if let Some((namespace, kubeconfig)) = &options.announce {
         std::fs::write(host.join("agent.kubeconfig"), kubeconfig)?;
         command

@@ -5,7 +5,7 @@
 //!
 //! - infrastructure: `bridge`, `nodes` (and `rootfs`), `controlplane` (and `k8s`), `kubelets`,
 //!   `registry`, `cluster` (all of it together);
-//! - builds: `gobuild` (and `tools`, `helm`), `binaries` (this workspace's), `images`,
+//! - builds: `gobuild` (and `tools`, `helm`, `containerd` 2.4), `binaries` (this workspace's), `images`,
 //!   `release` (the Helm release of kube-migros), `install` (the CRDs);
 //! - running things: `process` (daemons, stopping what a run left), `agents` (the real node agent
 //!   as a process in a node), `pki` (certificate files); `error`: the errors all of them share.
@@ -14,6 +14,7 @@ pub mod agents;
 pub mod binaries;
 pub mod bridge;
 pub mod cluster;
+pub mod containerd;
 pub mod controlplane;
 pub mod error;
 pub mod gobuild;

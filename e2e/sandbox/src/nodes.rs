@@ -13,6 +13,7 @@ use std::{
 use crate::{
     Dirs,
     bridge::{BRIDGE, BRIDGE_IP, PREFIX, ensure_bridge, ip, link_exists},
+    containerd::{self, Containerd},
     error::{CommandFailed, IoError, io_at},
     process, registry, rootfs, tools,
 };
@@ -131,6 +132,8 @@ type Result<T, E = Error> = std::result::Result<T, E>;
 pub struct Node {
     pub name: String,
     pub index: u8,
+    /// Which containerd it runs.
+    pub containerd: Containerd,
 }
 
 impl Node {
@@ -200,6 +203,7 @@ impl Nodes {
                     (true, Some(index)) => Ok(Node {
                         name: (*name).to_string(),
                         index,
+                        containerd: containerd::of_node(name),
                     }),
                     _ => Err(Error::BadName((*name).to_string())),
                 }
@@ -212,6 +216,11 @@ impl Nodes {
     pub fn up(&self, nodes: &[Node]) -> Result<()> {
         let rootfs = rootfs::ensure(&self.dirs.cache)?;
         let tools = tools::ensure(&self.dirs.cache)?;
+        let upstream = if nodes.iter().any(|n| n.containerd == Containerd::Upstream) {
+            Some(containerd::ensure(&self.dirs.cache)?)
+        } else {
+            None
+        };
         let registry_ca = registry::Registry::new(&self.dirs)
             .ca()
             .map_err(Box::new)?
@@ -229,7 +238,10 @@ impl Nodes {
                 continue;
             }
             self.stop(node)?;
-            self.start(node, &rootfs, &tools, &registry_ca)?;
+            let containerd = upstream
+                .as_deref()
+                .filter(|_| node.containerd == Containerd::Upstream);
+            self.start(node, &rootfs, &tools, &registry_ca, containerd)?;
         }
         for node in nodes {
             self.wait_ready(node, Duration::from_secs(60))?;
@@ -243,6 +255,7 @@ impl Nodes {
         for netns in list_netns() {
             if let Some(name) = netns.strip_prefix(NETNS_PREFIX) {
                 self.stop(&Node {
+                    containerd: containerd::of_node(&name),
                     name: name.to_string(),
                     index: 0,
                 })?;
@@ -267,6 +280,8 @@ impl Nodes {
             CRIU_CONFIG,
             &cni_config(node),
             &rootfs.display().to_string(),
+            node.containerd.describe(),
+            crate::containerd::CONTAINERD.1,
         ]
         .join("\0");
         format!("{:08x}", rootfs::fnv1a(&all))
@@ -363,7 +378,16 @@ impl Nodes {
         }
     }
 
-    fn start(&self, node: &Node, rootfs: &Path, tools: &Path, registry_ca: &str) -> Result<()> {
+    /// Makes and starts `node`; with `containerd`, the node runs the containerd and runc shim of
+    /// that directory instead of the rootfs's.
+    fn start(
+        &self,
+        node: &Node,
+        rootfs: &Path,
+        tools: &Path,
+        registry_ca: &str,
+        containerd: Option<&Path>,
+    ) -> Result<()> {
         let dir = self.node_dir(node);
         let upper = dir.join("upper");
         write(&upper.join("etc/containerd/config.toml"), CONTAINERD_CONFIG)?;
@@ -390,7 +414,7 @@ impl Nodes {
         )?;
         // CRIU as runc calls it: keep established TCP connections (the pod IP moves with the pod),
         // let connections still in a listen backlog go, and lock the network with nftables, which
-        // cleans up after itself (see shared/notes/runtime-env.md).
+        // cleans up after itself (docs/sandbox.md).
         write(&upper.join("etc/criu/runc.conf"), CRIU_CONFIG)?;
         // crictl, for driving the CRI by hand and for the raw baseline.
         let crictl = upper.join("usr/local/bin/crictl");
@@ -407,6 +431,17 @@ impl Nodes {
         // Files the host hands the node (binaries, certificates, the rxe counter files of tests)
         // go to <node dir>/host, which the node sees at /opt/kube-migros.
         std::fs::create_dir_all(dir.join("host/bin")).map_err(io_at(&dir))?;
+        let containerd_dir = match containerd {
+            Some(built) => {
+                let to = dir.join("host/containerd");
+                std::fs::create_dir_all(&to).map_err(io_at(&to))?;
+                for bin in ["containerd", "containerd-shim-runc-v2"] {
+                    std::fs::copy(built.join(bin), to.join(bin)).map_err(io_at(&to))?;
+                }
+                "/opt/kube-migros/containerd"
+            }
+            None => "",
+        };
         let init = dir.join("init.sh");
         write(&init, INIT_SCRIPT)?;
         write(&dir.join("recipe"), &self.recipe(node, rootfs))?;
@@ -464,6 +499,7 @@ impl Nodes {
             .arg(&init)
             .arg(rootfs)
             .arg(&dir)
+            .arg(containerd_dir)
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log_err)

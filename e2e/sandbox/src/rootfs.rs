@@ -1,7 +1,7 @@
 //! The node runtime's root filesystem: a Debian sid tree made with debootstrap (containerd 2.1,
 //! runc, CRIU 4, the CNI plugins, iproute2, iptables, nftables), cached as a zstd tarball outside the
 //! checkout and unpacked once into the directory every node uses as its read-only lower layer.
-//! Debian 12's own CRIU fails on this kernel, hence sid (see shared/notes/runtime-env.md).
+//! Debian 12's own CRIU fails on this kernel, hence sid (docs/sandbox.md).
 
 use crate::error::{IoError, io_at};
 use std::{

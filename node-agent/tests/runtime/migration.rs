@@ -28,24 +28,31 @@ const SERVE: [&str; 8] = [
 /// Checkpoint on node-1, transfer to node-2, restore there from checkpoint images (a CRI restore),
 /// with a peer on node-3 streaming to the pod all along.
 pub fn migrate(w: &World) -> Result<()> {
-    migrate_by(w, backend::CRI_CHECKPOINT_IMAGE)
+    // Into node-2, the node of Debian's containerd 2.1 (2.4 no longer restores this way).
+    migrate_by(w, backend::CRI_CHECKPOINT_IMAGE, (0, 1, 2))
 }
 
 /// The same, restored by the runtime wrapper: the replacement pod runs under its handler with the
 /// workload's own image, is restored at its first start, and a restart of it starts fresh.
 pub fn migrate_with_the_wrapper(w: &World) -> Result<()> {
-    migrate_by(w, backend::RUNTIME_WRAPPER)
+    // From containerd 2.1 (node-2) into containerd 2.4 (node-3).
+    migrate_by(w, backend::RUNTIME_WRAPPER, (1, 2, 0))
 }
 
-fn migrate_by(w: &World, backend: &str) -> Result<()> {
+/// Moves the workload from node `from` to node `to` with `backend`, the peer on `peer_node`.
+fn migrate_by(
+    w: &World,
+    backend: &str,
+    (from, to, peer_node): (usize, usize, usize),
+) -> Result<()> {
     let name = unique("app");
     let uid = unique("mig");
     let image = w.demo_image.clone();
-    let source = w.run_pod(0, &name, &image, &SERVE)?;
+    let source = w.run_pod(from, &name, &image, &SERVE)?;
     let ip = source.ip;
     let peer_name = unique("peer");
     let peer = w.run_pod(
-        2,
+        peer_node,
         &peer_name,
         &image,
         &[
@@ -71,8 +78,8 @@ fn migrate_by(w: &World, backend: &str) -> Result<()> {
         .await?;
         ensure!(before.num("conns") == 1, "conns before: {before:?}");
 
-        let mut target = w.operator(1).await?;
-        let mut src = w.operator(0).await?;
+        let mut target = w.operator(to).await?;
+        let mut src = w.operator(from).await?;
         // As the operator sends it: no runtime IDs; the agent finds the container by the pod.
         let mut pod = source.pod_ref(&image);
         pod.containers[0].container_id.clear();
@@ -118,21 +125,21 @@ fn migrate_by(w: &World, backend: &str) -> Result<()> {
         // The source stays paused after the checkpoint: its task is PAUSED, it uses no CPU, and
         // the pod IP is silenced on node-1.
         ensure!(
-            w.task_state(0, &source.container_id) == "PAUSED",
+            w.task_state(from, &source.container_id) == "PAUSED",
             "source task is {}",
-            w.task_state(0, &source.container_id)
+            w.task_state(from, &source.container_id)
         );
-        let cpu = w.cpu_ns(0, &source.container_id)?;
+        let cpu = w.cpu_ns(from, &source.container_id)?;
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let cpu_later = w.cpu_ns(0, &source.container_id)?;
+        let cpu_later = w.cpu_ns(from, &source.container_id)?;
         ensure!(
             cpu == cpu_later,
             "the paused source used CPU: {cpu} -> {cpu_later} ns"
         );
         ensure!(
-            w.blocked(0).contains(&ip),
-            "node-1 does not block {ip}: {:?}",
-            w.blocked(0)
+            w.blocked(from).contains(&ip),
+            "the source does not block {ip}: {:?}",
+            w.blocked(from)
         );
         ensure!(status(ip).await.is_err(), "the paused source still answers");
 
@@ -141,7 +148,7 @@ fn migrate_by(w: &World, backend: &str) -> Result<()> {
             Step::Transfer,
             &StepArgs {
                 migration_uid: uid.clone(),
-                target_endpoint: w.endpoint(1).to_string(),
+                target_endpoint: w.endpoint(to).to_string(),
                 compression: Compression::Zstd,
                 bandwidth_limit: 0,
                 ..Default::default()
@@ -160,7 +167,7 @@ fn migrate_by(w: &World, backend: &str) -> Result<()> {
         // The commit point: the source is killed for good, and its sandbox removed (the
         // kubelet's part when the pod object is deleted), which frees the IP on node-1.
         done(&mut src, Step::Commit(Role::Source), &StepArgs::of(&uid)).await?;
-        let state = w.task_state(0, &source.container_id);
+        let state = w.task_state(from, &source.container_id);
         ensure!(
             state == "STOPPED" || state == "GONE",
             "source task after commit: {state}"
@@ -180,27 +187,30 @@ fn migrate_by(w: &World, backend: &str) -> Result<()> {
         .await?;
         ensure!(staged.staged.len() == 1, "staged {:?}", staged.staged);
         let staged_ref = staged.staged[0].image.clone();
-        check_staged(w, backend, &uid, &staged_ref)?;
+        check_staged(w, to, backend, &uid, &staged_ref)?;
         // The counters hold the pod's block when the restore starts, and the IP is blocked on
         // the target until the restored sockets exist.
         ensure!(
-            w.rxe_file(1, "last_qpn") == "1280",
+            w.rxe_file(to, "last_qpn") == "1280",
             "last_qpn {}",
-            w.rxe_file(1, "last_qpn")
+            w.rxe_file(to, "last_qpn")
         );
         ensure!(
-            w.rxe_file(1, "last_mrn") == "1536",
+            w.rxe_file(to, "last_mrn") == "1536",
             "last_mrn {}",
-            w.rxe_file(1, "last_mrn")
+            w.rxe_file(to, "last_mrn")
         );
-        ensure!(w.blocked(1).contains(&ip), "node-2 does not block {ip}");
+        ensure!(
+            w.blocked(to).contains(&ip),
+            "the target does not block {ip}"
+        );
 
         let restore_started = std::time::Instant::now();
         let restored = if backend == backend::RUNTIME_WRAPPER {
             // The kubelet's replacement: the workload's image under the wrapper's handler.
-            w.run_pod_with(1, &name, &image, &SERVE, &PodOptions::restore_of(&uid))?
+            w.run_pod_with(to, &name, &image, &SERVE, &PodOptions::restore_of(&uid))?
         } else {
-            w.run_pod(1, &name, &staged_ref, &[])?
+            w.run_pod(to, &name, &staged_ref, &[])?
         };
         let restore_ms = restore_started.elapsed().as_millis();
         ensure!(
@@ -209,7 +219,7 @@ fn migrate_by(w: &World, backend: &str) -> Result<()> {
             restored.ip
         );
         done(&mut target, Step::FinishRestore, &StepArgs::of(&uid)).await?;
-        ensure!(!w.blocked(1).contains(&ip), "node-2 still blocks {ip}");
+        ensure!(!w.blocked(to).contains(&ip), "the target still blocks {ip}");
         eprintln!("restore (sandbox + create + start): {restore_ms} ms");
 
         // The restored process continues: same id, counter and received bytes from the
@@ -264,15 +274,15 @@ fn migrate_by(w: &World, backend: &str) -> Result<()> {
             done(client, Step::Cleanup(role), &StepArgs::of(&uid)).await?;
         }
         ensure!(
-            !w.stored(0).contains(&uid) && !w.stored(1).contains(&uid),
+            !w.stored(from).contains(&uid) && !w.stored(to).contains(&uid),
             "data left after cleanup"
         );
         ensure!(
-            !w.blocked(0).contains(&ip),
-            "node-1 still blocks {ip} after cleanup"
+            !w.blocked(from).contains(&ip),
+            "the source still blocks {ip} after cleanup"
         );
         if backend == backend::RUNTIME_WRAPPER {
-            restored_once(w, &restored, &image, before.get("id")).await?;
+            restored_once(w, to, &restored, &image, before.get("id")).await?;
         }
         w.remove_pod(&restored)?;
         Ok(())
@@ -280,7 +290,7 @@ fn migrate_by(w: &World, backend: &str) -> Result<()> {
     if result.is_err() {
         // Leave nothing paused or blocked behind a failed case.
         w.rt.block_on(async {
-            for (i, role) in [(0, Role::Source), (1, Role::Target)] {
+            for (i, role) in [(from, Role::Source), (to, Role::Target)] {
                 if let Ok(mut c) = w.operator(i).await {
                     let _ = c.step(Step::Abort(role), &StepArgs::of(&uid)).await;
                     let _ = c.step(Step::Cleanup(role), &StepArgs::of(&uid)).await;
@@ -293,17 +303,17 @@ fn migrate_by(w: &World, backend: &str) -> Result<()> {
     result.map_err(|e| {
         format!(
             "{e}\nsource agent:\n{}\ntarget agent:\n{}",
-            w.agent_log(0),
-            w.agent_log(1)
+            w.agent_log(from),
+            w.agent_log(to)
         )
     })
 }
 
 /// What the target staged for the restore: a checkpoint image in the registry, already in node-2's
 /// runtime; or, for the wrapper, the unpacked checkpoint in the agent's store.
-fn check_staged(w: &World, backend: &str, uid: &str, staged: &str) -> Result<()> {
+fn check_staged(w: &World, to: usize, backend: &str, uid: &str, staged: &str) -> Result<()> {
     if backend == backend::RUNTIME_WRAPPER {
-        let images = w.written(1, &format!("{staged}/checkpoint/inventory.img"));
+        let images = w.written(to, &format!("{staged}/checkpoint/inventory.img"));
         ensure!(
             staged.ends_with(&format!("migrations/{uid}/staged/app")) && images.is_file(),
             "no unpacked checkpoint at {staged}"
@@ -314,7 +324,7 @@ fn check_staged(w: &World, backend: &str, uid: &str, staged: &str) -> Result<()>
         staged.starts_with(&format!("{}:{uid}-app", world::CHECKPOINT_REPOSITORY)),
         "staged image {staged}"
     );
-    let present = w.exec(1, &["crictl", "inspecti", staged]);
+    let present = w.exec(to, &["crictl", "inspecti", staged]);
     ensure!(
         present.is_ok(),
         "the checkpoint image is not in node-2's runtime: {present:?}"
@@ -327,12 +337,13 @@ fn check_staged(w: &World, backend: &str, uid: &str, staged: &str) -> Result<()>
 /// kubelet starts in its place is a fresh start of the image.
 async fn restored_once(
     w: &World,
+    node: usize,
     restored: &world::Pod,
     image: &str,
     source_id: &str,
 ) -> Result<()> {
     let note = w.exec(
-        1,
+        node,
         &[
             "crictl",
             "exec",
@@ -346,13 +357,14 @@ async fn restored_once(
         note.trim() == source_id,
         "the file the workload wrote before the move reads {note:?}, not {source_id:?}"
     );
-    let logs = w.exec(1, &["crictl", "logs", &restored.container_id])?;
+    let logs = w.exec(node, &["crictl", "logs", &restored.container_id])?;
     ensure!(
         logs.contains(&format!("demo: status id={source_id}")),
         "the restored process does not log into the container's log: {logs:?}"
     );
-    w.exec(1, &["crictl", "stop", &restored.container_id])?;
-    let restarted = w.start_container(1, &restored.name, &restored.sandbox_id, image, &SERVE, 1)?;
+    w.exec(node, &["crictl", "stop", &restored.container_id])?;
+    let restarted =
+        w.start_container(node, &restored.name, &restored.sandbox_id, image, &SERVE, 1)?;
     let fresh = until(
         "the restarted workload",
         Duration::from_secs(30),
@@ -363,7 +375,10 @@ async fn restored_once(
         fresh.get("id") != source_id && fresh.num("counter") < 1000,
         "the restart restored the checkpoint again: {fresh:?}"
     );
-    let note = w.exec(1, &["crictl", "exec", &restarted, "/demo", "cat", "/note"])?;
+    let note = w.exec(
+        node,
+        &["crictl", "exec", &restarted, "/demo", "cat", "/note"],
+    )?;
     ensure!(
         fresh.get("id") == note.trim(),
         "the fresh start's note is {note:?}"

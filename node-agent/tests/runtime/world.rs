@@ -187,6 +187,7 @@ impl World {
             .map(String::from)
             .to_vec(),
             announce: None,
+            without_wrapper: false,
         };
         sandbox::agents::start(
             &self.handle,
