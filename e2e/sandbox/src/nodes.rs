@@ -255,7 +255,7 @@ impl Nodes {
         for netns in list_netns() {
             if let Some(name) = netns.strip_prefix(NETNS_PREFIX) {
                 self.stop(&Node {
-                    containerd: containerd::of_node(&name),
+                    containerd: containerd::of_node(name),
                     name: name.to_string(),
                     index: 0,
                 })?;
