@@ -124,7 +124,7 @@ pub async fn run(dirs: &Dirs) -> anyhow::Result<()> {
                 status.message.unwrap_or_default()
             );
         }
-        kubectl(&env, &["get", "pm", name, "-n", NAMESPACE])?;
+        kubectl(&env, &["get", "pm", name, "-n", NAMESPACE, "-o", "wide"])?;
         let moved = running_pod(&pods, "app", current.metadata.uid.clone()).await?;
         let received = num(&before, "received");
         let after = workload::until(
