@@ -36,7 +36,10 @@ async fn kubelets_register_ready_nodes_that_run_pods_on_the_pod_network() {
         assert_eq!(info.kubelet_version, sandbox::k8s::K8S_VERSION);
         let runtime = match node.containerd {
             Containerd::Debian => "containerd://2.1.".to_string(),
-            Containerd::Upstream => format!("containerd://{}", sandbox::containerd::CONTAINERD.1),
+            Containerd::Upstream => format!(
+                "containerd://{}",
+                sandbox::containerd::CONTAINERD.1.trim_start_matches('v')
+            ),
         };
         assert!(
             info.container_runtime_version.starts_with(&runtime),
