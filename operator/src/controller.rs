@@ -13,6 +13,7 @@ use crds::{Compression, Phase, PodMigration, PodMigrationStatus};
 use futures::{StreamExt, future::join_all};
 use k8s_openapi::{
     api::core::v1::{Node, PersistentVolumeClaim, Pod},
+    api::node::v1::RuntimeClass,
     jiff::Timestamp,
 };
 use kube::{
@@ -354,6 +355,10 @@ async fn choose_target(
         },
         None => nodes_api.list(&ListParams::default()).await?.items,
     };
+    let runtime_class = Api::<RuntimeClass>::all(ctx.client.clone())
+        .get_opt(&ctx.runtime_class)
+        .await?;
+    let backends = targets::usable_backends(runtime_class.is_some());
     let live = ctx.agents.live().await?;
     let capabilities = join_all(nodes.iter().map(|node| async {
         let endpoint = live.get(&node.name_any())?;
@@ -403,6 +408,7 @@ async fn choose_target(
             node,
             used,
             agent: agent.as_ref(),
+            backends: &backends,
         })
         .collect();
     let node = match &pm.spec.target_node {
@@ -418,7 +424,10 @@ async fn choose_target(
             .find(|c| c.node.metadata.name.as_deref() == Some(node.as_str()))
             .and_then(|c| c.agent);
         Target {
-            backend: agent.and_then(targets::backend).unwrap_or_default().into(),
+            backend: agent
+                .and_then(|a| targets::backend(a, &backends))
+                .unwrap_or_default()
+                .into(),
             node,
         }
     }))

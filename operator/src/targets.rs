@@ -18,17 +18,31 @@ pub struct Candidate<'a> {
     pub used: Resources,
     /// What its agent reported; `None` when no live agent runs there.
     pub agent: Option<&'a NodeCapabilities>,
+    /// The backends the cluster can use, the preferred first (a subset of [`BACKENDS`]: the
+    /// runtime wrapper only while its RuntimeClass exists).
+    pub backends: &'a [&'static str],
 }
 
 /// The restore backends a replacement pod started by the kubelet can use, the preferred first: the
 /// runtime wrapper (any containerd 2.x, no registry, restored once) before checkpoint images.
 pub const BACKENDS: [&str; 2] = [backend::RUNTIME_WRAPPER, backend::CRI_CHECKPOINT_IMAGE];
 
-/// The backend the target's agent restores with: the first of [`BACKENDS`] it offers.
-pub fn backend(agent: &NodeCapabilities) -> Option<&'static str> {
+/// The backend the target's agent restores with: the first of `usable` it offers.
+pub fn backend(agent: &NodeCapabilities, usable: &[&'static str]) -> Option<&'static str> {
+    usable
+        .iter()
+        .copied()
+        .find(|b| agent.restore_backends.iter().any(|o| o == b))
+}
+
+/// The backends the cluster can use: all of [`BACKENDS`], but the runtime wrapper only when the
+/// RuntimeClass that runs it exists (a replacement pod naming a missing one is refused by the API
+/// server, after the commit point).
+pub fn usable_backends(runtime_class_exists: bool) -> Vec<&'static str> {
     BACKENDS
         .into_iter()
-        .find(|b| agent.restore_backends.iter().any(|o| o == b))
+        .filter(|b| runtime_class_exists || *b != backend::RUNTIME_WRAPPER)
+        .collect()
 }
 
 /// Amounts per resource name, in milli-units (so `cpu: 1500m` and `memory: 1Gi` both fit).
@@ -106,8 +120,17 @@ pub fn check(
         return Err(Rejection::Unschedulable);
     }
     let agent = candidate.agent.ok_or(Rejection::NoAgent)?;
-    if backend(agent).is_none() {
-        return Err(Rejection::AgentCannotRestore(agent.notes.join("; ")));
+    if backend(agent, candidate.backends).is_none() {
+        let mut notes = agent.notes.clone();
+        let wrapper = backend::RUNTIME_WRAPPER;
+        if agent.restore_backends.iter().any(|b| b == wrapper)
+            && !candidate.backends.contains(&wrapper)
+        {
+            notes.push(format!(
+                "{wrapper}: the cluster has no RuntimeClass for it (the operator's --runtime-class)"
+            ));
+        }
+        return Err(Rejection::AgentCannotRestore(notes.join("; ")));
     }
     if rdma && !agent.rxe_present {
         return Err(Rejection::NoRxe);
@@ -457,6 +480,7 @@ mod tests {
             node,
             used: Resources::new(),
             agent,
+            backends: &BACKENDS,
         }
     }
 
@@ -537,6 +561,34 @@ mod tests {
     }
 
     #[test]
+    fn the_runtime_wrapper_is_used_only_while_its_runtime_class_exists() {
+        let p = pod("500m", "1Gi");
+        let ready = node("n", "4Gi");
+        let mut a = agent();
+        a.restore_backends = vec![
+            backend::RUNTIME_WRAPPER.into(),
+            backend::CRI_CHECKPOINT_IMAGE.into(),
+        ];
+        assert_eq!(
+            super::backend(&a, &usable_backends(true)),
+            Some(backend::RUNTIME_WRAPPER)
+        );
+        assert_eq!(
+            super::backend(&a, &usable_backends(false)),
+            Some(backend::CRI_CHECKPOINT_IMAGE)
+        );
+        // An agent with the wrapper alone cannot take the pod without the class, and says why.
+        a.restore_backends = vec![backend::RUNTIME_WRAPPER.into()];
+        let without = usable_backends(false);
+        let candidate = Candidate {
+            backends: &without,
+            ..candidate(&ready, Some(&a))
+        };
+        let why = check(&p, "src", &candidate, false).unwrap_err().to_string();
+        assert!(why.contains("no RuntimeClass"), "{why}");
+    }
+
+    #[test]
     fn selectors_and_required_affinity_are_respected() {
         let a = agent();
         let n = node("n", "4Gi");
@@ -599,6 +651,7 @@ mod tests {
             node: &big,
             used: used_by([&pod("1", "6Gi")]),
             agent: Some(&a),
+            backends: &BACKENDS,
         };
         let free = candidate(&small, Some(&a));
         assert_eq!(

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use agent_api::{Role, Step};
 use crds::{Phase, PodMigration};
+use k8s_openapi::api::node::v1::RuntimeClass;
 use kube::{
     Api, ResourceExt,
     api::{DeleteParams, ListParams},
@@ -130,13 +131,31 @@ async fn a_migration_goes_through_every_phase_to_succeeded() {
 #[tokio::test]
 async fn a_target_with_the_runtime_wrapper_restores_under_its_runtime_class_keeping_the_images() {
     with_namespace("op-wrapper", |client, ns| async move {
-        let s = Scenario::new(client, &ns).await;
-        let source = s.pod("server", 1, "10.244.1.5").await;
+        let s = Scenario::new(client.clone(), &ns).await;
         // Node 2 has both backends, node 3 only one the kubelet cannot use.
         s.agent(2)
             .with_backends(&["runtime-wrapper", "cri-checkpoint-image"]);
         s.agent(3).with_backends(&["cri-checkpoint-archive"]);
         let _operator = Operator::start(&ns, "op-a", &s.certs).await;
+        // Without the wrapper's RuntimeClass a replacement pod naming it would be refused after
+        // the commit: the operator takes the other backend.
+        s.pod("early", 1, "10.244.1.4").await;
+        s.migrate("before-class", "early", Some(2)).await;
+        let pm = s
+            .wait_phase("before-class", Phase::Succeeded, PHASE_TIMEOUT)
+            .await;
+        assert_eq!(
+            pm.status.unwrap().backend.as_deref(),
+            Some("cri-checkpoint-image")
+        );
+        let classes: Api<RuntimeClass> = Api::all(client.clone());
+        let class: RuntimeClass = serde_json::from_value(serde_json::json!({
+            "apiVersion": "node.k8s.io/v1", "kind": "RuntimeClass",
+            "metadata": {"name": ns}, "handler": "kube-migros",
+        }))
+        .unwrap();
+        classes.create(&Default::default(), &class).await.unwrap();
+        let source = s.pod("server", 1, "10.244.1.5").await;
         s.migrate("move", "server", Some(2)).await;
         let pm = s.wait_phase("move", Phase::Succeeded, PHASE_TIMEOUT).await;
         assert_eq!(
@@ -144,7 +163,7 @@ async fn a_target_with_the_runtime_wrapper_restores_under_its_runtime_class_keep
             Some("runtime-wrapper")
         );
         let spec = s.pods().get("server").await.unwrap().spec.unwrap();
-        assert_eq!(spec.runtime_class_name.as_deref(), Some("kube-migros"));
+        assert_eq!(spec.runtime_class_name.as_deref(), Some(ns.as_str()));
         assert_eq!(
             spec.containers[0].image,
             source.spec.unwrap().containers[0].image,
@@ -160,6 +179,7 @@ async fn a_target_with_the_runtime_wrapper_restores_under_its_runtime_class_keep
             message.contains("without a restore backend the kubelet can use"),
             "{message}"
         );
+        classes.delete(&ns, &Default::default()).await.unwrap();
     })
     .await;
 }

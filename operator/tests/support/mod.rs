@@ -58,6 +58,9 @@ impl Operator {
                 ns,
                 "--identity",
                 identity,
+                // A RuntimeClass of this test's own (cluster-scoped): none unless it makes one.
+                "--runtime-class",
+                ns,
             ])
             .args([
                 "--lease-duration-seconds",
