@@ -1,5 +1,6 @@
 //! Compiles the runtime APIs the agent is a client of: the CRI (`proto/cri/api.proto`) and the
-//! part of containerd's Tasks API it needs (`proto/containerd/tasks.proto`). Clients only; protoc
+//! part of containerd's Tasks API it needs (`proto/containerd/tasks.proto`, with the runc shim's
+//! checkpoint options, `proto/containerd/runc.proto`). Clients only; protoc
 //! comes from the protoc-bin-vendored crate, so no system package is needed.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -10,7 +11,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_server(false)
         .compile_with_config(
             config,
-            &["proto/cri/api.proto", "proto/containerd/tasks.proto"],
+            &[
+                "proto/cri/api.proto",
+                "proto/containerd/tasks.proto",
+                "proto/containerd/runc.proto",
+            ],
             &["proto"],
         )?;
     Ok(())

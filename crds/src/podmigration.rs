@@ -342,9 +342,12 @@ pub struct Timings {
     /// Freezing and checkpointing the source.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoint_ms: Option<i64>,
-    /// Moving the checkpoint to the target.
+    /// Moving the checkpoint to the target, staging included.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub transfer_ms: Option<i64>,
+    /// The stream alone within the transfer: from its first byte at the target until its last.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream_ms: Option<i64>,
     /// Restoring the pod on the target until it runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restore_ms: Option<i64>,

@@ -34,6 +34,20 @@ pub struct Settings {
     pub transfer_attempts: u32,
     /// Waiting for a killed source container to end at most this long.
     pub stop_timeout: Duration,
+    /// How the source checkpoints containers.
+    pub checkpoint_via: CheckpointVia,
+}
+
+/// How the source checkpoints a container.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum CheckpointVia {
+    /// The container's task through containerd (CRIU images straight into the store, the
+    /// writable layer from the overlay's upper directory) when the target restores with the
+    /// runtime wrapper; the CRI otherwise.
+    #[default]
+    Auto,
+    /// Always the CRI's `CheckpointContainer` (the runtime packs an archive).
+    Cri,
 }
 
 /// The node's parts the agent works with.

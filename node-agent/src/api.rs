@@ -156,6 +156,7 @@ impl AgentApi for Service {
                 Ok(Response::new(v1::ReceiveResult {
                     bytes: got.bytes,
                     archives: got.archives,
+                    stream_ms: got.stream.as_millis() as u64,
                 }))
             }
             Err(e) => {

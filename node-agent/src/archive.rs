@@ -239,6 +239,53 @@ pub fn digest_file(path: &Path) -> Result<(String, u64), Error> {
     Ok((format_digest(hasher), bytes))
 }
 
+/// Packs CRIU images (the directory `images`) and a container's filesystem changes (the layer
+/// `rootfs_diff`) into the archive `out` in the layout of a CRI checkpoint archive (`checkpoint/`,
+/// `rootfs-diff.tar`), in one pass: answers its `sha256:<hex>` and size.
+pub fn pack_checkpoint(
+    images: &Path,
+    rootfs_diff: &Path,
+    out: &Path,
+) -> Result<(String, u64), Error> {
+    let file = fs::File::create(out).map_err(io(out))?;
+    let hashing = Hashing {
+        inner: io::BufWriter::with_capacity(1 << 20, file),
+        hasher: Sha256::new(),
+        bytes: 0,
+    };
+    let mut tar = tar::Builder::new(hashing);
+    tar.follow_symlinks(false);
+    tar.append_dir_all("checkpoint", images)
+        .map_err(io(images))?;
+    tar.append_path_with_name(rootfs_diff, "rootfs-diff.tar")
+        .map_err(io(rootfs_diff))?;
+    // Not synced: the source needs it only until the commit, by which time the target has
+    // synced its copy; a source node that fails before loses the pod anyway.
+    let mut hashing = tar.into_inner().map_err(io(out))?;
+    io::Write::flush(&mut hashing).map_err(io(out))?;
+    Ok((format_digest(hashing.hasher), hashing.bytes))
+}
+
+/// A writer that hashes and counts what goes through it.
+struct Hashing<W> {
+    inner: W,
+    hasher: Sha256,
+    bytes: u64,
+}
+
+impl<W: io::Write> io::Write for Hashing<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.bytes += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
 /// `sha256:<hex>` of what `hasher` saw.
 pub fn format_digest(hasher: Sha256) -> String {
     let hex: String = hasher
@@ -250,29 +297,31 @@ pub fn format_digest(hasher: Sha256) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
+/// A tar whose entries are written raw, so that hostile names can be made (for tests).
+pub(crate) fn tar_with(entries: &[(&str, tar::EntryType, &[u8], Option<&str>)]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (name, kind, data, link) in entries {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(*kind);
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        // set_path refuses `..`; write the name bytes directly like a hostile tool would.
+        let bytes = name.as_bytes();
+        h.as_old_mut().name[..bytes.len()].copy_from_slice(bytes);
+        if let Some(l) = link {
+            h.as_old_mut().linkname[..l.len()].copy_from_slice(l.as_bytes());
+        }
+        h.set_cksum();
+        b.append(&h, *data).unwrap();
+    }
+    b.into_inner().unwrap()
+}
+
+#[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-
-    /// A tar whose entries are written raw, so that hostile names can be made.
-    fn tar_with(entries: &[(&str, tar::EntryType, &[u8], Option<&str>)]) -> Vec<u8> {
-        let mut b = tar::Builder::new(Vec::new());
-        for (name, kind, data, link) in entries {
-            let mut h = tar::Header::new_gnu();
-            h.set_entry_type(*kind);
-            h.set_size(data.len() as u64);
-            h.set_mode(0o644);
-            // set_path refuses `..`; write the name bytes directly like a hostile tool would.
-            let bytes = name.as_bytes();
-            h.as_old_mut().name[..bytes.len()].copy_from_slice(bytes);
-            if let Some(l) = link {
-                h.as_old_mut().linkname[..l.len()].copy_from_slice(l.as_bytes());
-            }
-            h.set_cksum();
-            b.append(&h, *data).unwrap();
-        }
-        b.into_inner().unwrap()
-    }
 
     const FILE: tar::EntryType = tar::EntryType::Regular;
 
@@ -435,6 +484,31 @@ mod tests {
         assert_eq!(
             digest,
             "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+
+    #[test]
+    fn criu_images_and_a_layer_pack_into_a_checkpoint_archive_with_its_digest() {
+        let dir = tempfile::tempdir().unwrap();
+        let images = dir.path().join("images");
+        fs::create_dir_all(&images).unwrap();
+        fs::write(images.join("inventory.img"), b"inv").unwrap();
+        fs::write(images.join("pages-1.img"), vec![5u8; 70_000]).unwrap();
+        let diff = dir.path().join("diff.tar");
+        fs::write(&diff, b"layer").unwrap();
+        let out = dir.path().join("app.tar");
+        let (digest, bytes) = pack_checkpoint(&images, &diff, &out).unwrap();
+        assert_eq!(digest_file(&out).unwrap(), (digest, bytes));
+        let unpacked = dir.path().join("unpacked");
+        let contents = unpack(fs::File::open(&out).unwrap(), &unpacked, Limits::default()).unwrap();
+        assert_eq!(contents.bytes, 3 + 70_000 + 5);
+        assert_eq!(
+            fs::read(unpacked.join("checkpoint/pages-1.img")).unwrap(),
+            vec![5u8; 70_000]
+        );
+        assert_eq!(
+            fs::read(unpacked.join("rootfs-diff.tar")).unwrap(),
+            b"layer"
         );
     }
 }

@@ -3,10 +3,16 @@
 //! before its process is restored, so that a file the workload wrote before the move is there after
 //! it. Every write goes through a `cap_std` directory handle of the root filesystem: no entry,
 //! however its path or a link on the way resolves, reaches anything outside it.
+//!
+//! The source writes the layer itself when it checkpoints without the CRI ([`write_upper`]): the
+//! upper directory of the container's overlay root filesystem holds exactly its changes, with
+//! overlayfs's own marks for deletions (a 0/0 character device) and hidden directories (the
+//! `overlay.opaque` extended attribute), which become OCI whiteouts.
 
 use std::{
     collections::HashSet,
-    io::{self, Read},
+    io::{self, Read, Write},
+    os::unix::fs::{FileTypeExt, MetadataExt},
     path::{Component, Path, PathBuf},
 };
 
@@ -193,6 +199,157 @@ fn clear(root: &Dir, dir: &Path, written: &HashSet<PathBuf>) -> Result<usize, Er
     Ok(removed)
 }
 
+/// The upper directory of the overlay mounted at `/` in a process's `/proc/<pid>/mountinfo`: the
+/// container's writable layer, as a path in the mount namespace of whoever mounted it.
+pub fn overlay_upper(mountinfo: &str) -> Option<PathBuf> {
+    mountinfo.lines().find_map(|line| {
+        let (mount, fs) = line.split_once(" - ")?;
+        let point = mount.split(' ').nth(4)?;
+        let mut fs = fs.split(' ');
+        if point != "/" || fs.next()? != "overlay" {
+            return None;
+        }
+        let options = fs.nth(1)?;
+        let upper = options
+            .split(',')
+            .find_map(|o| o.strip_prefix("upperdir="))?;
+        Some(PathBuf::from(unescape(upper)))
+    })
+}
+
+/// The writable layer of the container whose process is `pid` (in this PID namespace): the
+/// upper directory of its overlay root, reached through the root of the process that mounted it
+/// (its parent, the runtime's shim), so that it is found whatever mount namespace this runs in.
+pub fn upper_of(pid: u32) -> io::Result<PathBuf> {
+    let proc = Path::new("/proc").join(pid.to_string());
+    let mountinfo = std::fs::read_to_string(proc.join("mountinfo"))?;
+    let upper = overlay_upper(&mountinfo).ok_or_else(|| {
+        io::Error::other("its root filesystem is not an overlay with an upper directory")
+    })?;
+    let stat = std::fs::read_to_string(proc.join("stat"))?;
+    // `pid (comm) state ppid ...`; comm may hold spaces and parentheses.
+    let ppid = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+        .ok_or_else(|| io::Error::other(format!("cannot read the parent of process {pid}")))?;
+    let root = Path::new("/proc").join(ppid).join("root");
+    Ok(root.join(upper.strip_prefix("/").unwrap_or(&upper)))
+}
+
+/// mountinfo's octal escapes (`\040` for a space, ...).
+fn unescape(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let octal = bytes.get(i + 1..i + 4).and_then(|d| {
+            let d = std::str::from_utf8(d).ok()?;
+            u8::from_str_radix(d, 8).ok()
+        });
+        match (bytes[i], octal) {
+            (b'\\', Some(b)) => {
+                out.push(b);
+                i += 4;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// What writing a layer did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Written {
+    /// Files, directories and links.
+    pub entries: usize,
+    /// Whiteouts (deleted entries and opaque directories).
+    pub whiteouts: usize,
+    /// Sockets, FIFOs and device nodes, which a layer does not carry.
+    pub skipped: usize,
+}
+
+/// Writes the overlay upper directory `upper` as an OCI layer (a plain tar) into `out`: its
+/// files, directories and symbolic links with their modes, owners and times, a `.wh.<name>` for
+/// each deletion mark and a `.wh..wh..opq` in each opaque directory. Links are never followed.
+pub fn write_upper(upper: &Path, out: impl Write) -> Result<Written, Error> {
+    let mut tar = tar::Builder::new(out);
+    tar.follow_symlinks(false);
+    let mut done = Written::default();
+    walk_upper(&mut tar, upper, Path::new(""), &mut done)?;
+    tar.into_inner()
+        .map_err(at(upper))?
+        .flush()
+        .map_err(at(upper))?;
+    Ok(done)
+}
+
+fn walk_upper<W: Write>(
+    tar: &mut tar::Builder<W>,
+    upper: &Path,
+    dir: &Path,
+    done: &mut Written,
+) -> Result<(), Error> {
+    let here = upper.join(dir);
+    let mut names: Vec<_> = std::fs::read_dir(&here)
+        .map_err(at(&here))?
+        .map(|e| e.map(|e| e.file_name()))
+        .collect::<Result<_, _>>()
+        .map_err(at(&here))?;
+    // The same tree gives the same layer.
+    names.sort();
+    for name in names {
+        let (path, inside) = (here.join(&name), dir.join(&name));
+        let meta = std::fs::symlink_metadata(&path).map_err(at(&path))?;
+        let kind = meta.file_type();
+        if kind.is_char_device() && meta.rdev() == 0 {
+            let mut whiteout = std::ffi::OsString::from(WHITEOUT);
+            whiteout.push(&name);
+            empty_file(tar, &dir.join(whiteout), &meta)?;
+            done.whiteouts += 1;
+        } else if kind.is_dir() {
+            tar.append_path_with_name(&path, &inside)
+                .map_err(at(&path))?;
+            done.entries += 1;
+            if opaque(&path) {
+                empty_file(tar, &inside.join(OPAQUE), &meta)?;
+                done.whiteouts += 1;
+            }
+            walk_upper(tar, upper, &inside, done)?;
+        } else if kind.is_file() || kind.is_symlink() {
+            tar.append_path_with_name(&path, &inside)
+                .map_err(at(&path))?;
+            done.entries += 1;
+        } else {
+            done.skipped += 1;
+        }
+    }
+    Ok(())
+}
+
+/// Whether overlayfs marked the directory opaque (its lower contents hidden).
+fn opaque(dir: &Path) -> bool {
+    ["trusted.overlay.opaque", "user.overlay.opaque"]
+        .iter()
+        .any(|attr| matches!(xattr::get(dir, attr), Ok(Some(v)) if v == b"y"))
+}
+
+fn empty_file<W: Write>(
+    tar: &mut tar::Builder<W>,
+    path: &Path,
+    meta: &std::fs::Metadata,
+) -> Result<(), Error> {
+    let mut header = tar::Header::new_gnu();
+    header.set_entry_type(tar::EntryType::Regular);
+    header.set_size(0);
+    header.set_mode(0o644);
+    header.set_mtime(u64::try_from(meta.mtime()).unwrap_or(0));
+    tar.append_data(&mut header, path, io::empty())
+        .map_err(at(path))
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -301,5 +458,76 @@ mod tests {
             assert!(!dir.path().join("evil").exists());
         }
         assert!(dir.path().exists(), "a whiteout removed something outside");
+    }
+
+    #[test]
+    fn the_upper_directory_is_found_in_mountinfo() {
+        let mountinfo = "\
+1071 1060 0:90 / / rw,relatime - overlay overlay rw,lowerdir=/var/lib/containerd/s/1/fs,upperdir=/var/lib/containerd/s/7/fs,workdir=/var/lib/containerd/s/7/work
+1072 1071 0:92 / /proc rw,nosuid - proc proc rw
+1090 1071 0:95 / /data rw - overlay overlay rw,upperdir=/elsewhere,workdir=/w
+";
+        assert_eq!(
+            overlay_upper(mountinfo),
+            Some(PathBuf::from("/var/lib/containerd/s/7/fs"))
+        );
+        let escaped = "1 0 0:1 / / rw - overlay overlay rw,upperdir=/a\\040b/fs,workdir=/w\n";
+        assert_eq!(overlay_upper(escaped), Some(PathBuf::from("/a b/fs")));
+        let not_overlay = "1 0 8:1 / / rw - ext4 /dev/sda1 rw\n";
+        assert_eq!(overlay_upper(not_overlay), None);
+    }
+
+    #[test]
+    fn an_upper_directory_becomes_a_layer_that_applies_its_changes() {
+        use std::os::unix::fs::symlink;
+        let dir = tempfile::tempdir().unwrap();
+        let (upper, root) = (dir.path().join("upper"), dir.path().join("root"));
+        // What the image had.
+        std::fs::create_dir_all(root.join("etc")).unwrap();
+        std::fs::write(root.join("etc/gone"), "lower").unwrap();
+        std::fs::create_dir_all(root.join("cache")).unwrap();
+        std::fs::write(root.join("cache/stale"), "lower").unwrap();
+        // What the container changed, as overlayfs keeps it.
+        std::fs::create_dir_all(upper.join("data")).unwrap();
+        std::fs::write(upper.join("data/state.db"), "written before the move").unwrap();
+        symlink("/data/state.db", upper.join("data/latest")).unwrap();
+        std::fs::create_dir_all(upper.join("etc")).unwrap();
+        nix::sys::stat::mknod(
+            &upper.join("etc/gone"),
+            nix::sys::stat::SFlag::S_IFCHR,
+            nix::sys::stat::Mode::empty(),
+            0,
+        )
+        .unwrap();
+        std::fs::create_dir_all(upper.join("cache")).unwrap();
+        std::fs::write(upper.join("cache/fresh"), "new").unwrap();
+        // (mknod and trusted.* need root, as the agent has.)
+        xattr::set(upper.join("cache"), "trusted.overlay.opaque", b"y").unwrap();
+        let mut layer = Vec::new();
+        let written = write_upper(&upper, &mut layer).unwrap();
+        assert_eq!(
+            written,
+            Written {
+                entries: 6,
+                whiteouts: 2,
+                skipped: 0
+            }
+        );
+        let applied = apply(&layer[..], &root).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(root.join("data/state.db")).unwrap(),
+            "written before the move"
+        );
+        assert_eq!(
+            std::fs::read_link(root.join("data/latest")).unwrap(),
+            PathBuf::from("/data/state.db")
+        );
+        assert!(!root.join("etc/gone").exists());
+        assert!(!root.join("cache/stale").exists());
+        assert_eq!(
+            std::fs::read_to_string(root.join("cache/fresh")).unwrap(),
+            "new"
+        );
+        assert_eq!(applied.deleted, 2);
     }
 }

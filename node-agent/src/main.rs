@@ -9,7 +9,7 @@ use anyhow::Context;
 use clap::Parser;
 use node_agent::{
     admin,
-    agent::{Agent, Parts, Settings},
+    agent::{Agent, CheckpointVia, Parts, Settings},
     api::Service,
     archive::Limits,
     gc,
@@ -79,6 +79,11 @@ struct Args {
     /// Seconds one container's checkpoint may take.
     #[arg(long, default_value_t = 300)]
     checkpoint_timeout_seconds: u64,
+    /// How the source checkpoints: `auto` takes the task straight through containerd when the
+    /// target restores with the runtime wrapper (no archive packed by the runtime), `cri` always
+    /// the CRI's CheckpointContainer.
+    #[arg(long, value_enum, default_value_t = CheckpointVia::Auto)]
+    checkpoint_via: CheckpointVia,
     /// Seconds a killed source container may take to end before its commit fails (and is retried).
     #[arg(long, default_value_t = 30)]
     stop_timeout_seconds: u64,
@@ -154,6 +159,7 @@ impl Args {
             quick_answer: Duration::from_millis(self.quick_answer_ms),
             transfer_attempts: self.transfer_attempts,
             stop_timeout: Duration::from_secs(self.stop_timeout_seconds),
+            checkpoint_via: self.checkpoint_via,
         }
     }
 
@@ -163,7 +169,6 @@ impl Args {
         if let Some(handler) = &self.runtime_handler {
             backends.push(Box::new(RuntimeWrapper {
                 handler: handler.clone(),
-                limits: self.settings().limits,
             }));
         }
         if let Some(repository) = &self.checkpoint_registry {

@@ -9,7 +9,6 @@
 use std::path::{Path, PathBuf};
 
 use crate::{
-    archive::{self, Limits},
     error::{Error, Result},
     oci,
     runtime::Runtime,
@@ -27,8 +26,14 @@ pub trait RestoreBackend: Send + Sync + std::fmt::Debug {
     fn unavailable<'a>(&'a self, _runtime: &'a Runtime) -> BoxFuture<'a, Option<String>> {
         Box::pin(std::future::ready(None))
     }
+    /// Whether the archive is unpacked into `<work>/<container>` as it arrives (checked entry by
+    /// entry), instead of received whole into a file.
+    fn unpacks_on_arrival(&self) -> bool {
+        false
+    }
     /// Makes the vetted checkpoint archive of `container` restorable (it may be moved into
     /// `work`) and answers the reference the replacement pod's container names as its image.
+    /// With [`Self::unpacks_on_arrival`], `archive` is the directory it was unpacked into.
     fn stage<'a>(
         &'a self,
         uid: &'a str,
@@ -47,14 +52,13 @@ async fn keep(container: &str, archive: &Path, work: &Path) -> Result<PathBuf> {
     Ok(out)
 }
 
-/// Restore by the runtime wrapper: the vetted archive is unpacked into `<work>/<container>/` (the
-/// CRIU images in `checkpoint/`, the filesystem changes in `rootfs-diff.tar`), where `migros-runc`
-/// finds it for the replacement pod's container; the pod keeps its images.
+/// Restore by the runtime wrapper: the archive is unpacked as it arrives into `<work>/<container>/`
+/// (the CRIU images in `checkpoint/`, the filesystem changes in `rootfs-diff.tar`), where
+/// `migros-runc` finds it for the replacement pod's container; the pod keeps its images.
 #[derive(Debug, Clone)]
 pub struct RuntimeWrapper {
     /// The runtime handler (RuntimeClass handler) that runs `migros-runc`.
     pub handler: String,
-    pub limits: Limits,
 }
 
 impl RestoreBackend for RuntimeWrapper {
@@ -76,30 +80,18 @@ impl RestoreBackend for RuntimeWrapper {
         })
     }
 
+    fn unpacks_on_arrival(&self) -> bool {
+        true
+    }
+
     fn stage<'a>(
         &'a self,
         _uid: &'a str,
-        container: &'a str,
-        archive: &'a Path,
-        work: &'a Path,
+        _container: &'a str,
+        unpacked: &'a Path,
+        _work: &'a Path,
     ) -> BoxFuture<'a, Result<String>> {
-        Box::pin(async move {
-            let dir = work.join(container);
-            let (from, to, limits) = (archive.to_path_buf(), dir.clone(), self.limits);
-            tokio::task::spawn_blocking(move || {
-                let file = std::fs::File::open(&from).map_err(Error::io(&from))?;
-                archive::unpack(
-                    std::io::BufReader::with_capacity(1 << 20, file),
-                    &to,
-                    limits,
-                )
-                .map_err(Error::from)
-            })
-            .await??;
-            // Unpacked: the archive itself is not needed any more.
-            let _ = tokio::fs::remove_file(archive).await;
-            Ok(dir.display().to_string())
-        })
+        Box::pin(std::future::ready(Ok(unpacked.display().to_string())))
     }
 }
 

@@ -23,6 +23,12 @@ pub mod tasks {
     tonic::include_proto!("containerd.services.tasks.v1");
 }
 
+/// The runc shim's checkpoint options (`proto/containerd/runc.proto`).
+#[allow(missing_debug_implementations, clippy::all)]
+pub mod runc {
+    tonic::include_proto!("containerd.runc.v1");
+}
+
 use cri::{image_service_client::ImageServiceClient, runtime_service_client::RuntimeServiceClient};
 pub use tasks::Status as TaskStatus;
 use tasks::tasks_client::TasksClient;
@@ -191,6 +197,51 @@ impl Runtime {
             .await
             .map_err(call(format!("killing container {id}")))?;
         Ok(())
+    }
+
+    /// Checkpoints a container's task with CRIU straight into `images` (containerd's Tasks API,
+    /// the runc shim): no archive, no content store. The task is left as it was (a paused one
+    /// stays paused); CRIU's log goes to `work`.
+    pub async fn checkpoint_task(&self, id: &str, images: &Path, work: &Path) -> Result<()> {
+        use prost::Message;
+        let options = runc::CheckpointOptions {
+            exit: false,
+            open_tcp: true,
+            file_locks: true,
+            image_path: images.display().to_string(),
+            work_path: work.display().to_string(),
+            ..Default::default()
+        };
+        let request = self.namespaced(tasks::CheckpointTaskRequest {
+            container_id: id.into(),
+            parent_checkpoint: String::new(),
+            options: Some(tasks::AnyOptions {
+                type_url: "containerd.runc.v1.CheckpointOptions".into(),
+                value: options.encode_to_vec(),
+            }),
+        })?;
+        self.tasks()
+            .checkpoint(request)
+            .await
+            .map_err(call(format!("checkpointing the task of container {id}")))?;
+        Ok(())
+    }
+
+    /// The process ID of a container's task (in the runtime's PID namespace).
+    pub async fn task_pid(&self, id: &str) -> Result<u32> {
+        let request = self.namespaced(tasks::GetRequest {
+            container_id: id.into(),
+            exec_id: String::new(),
+        })?;
+        let process = self
+            .tasks()
+            .get(request)
+            .await
+            .map_err(call(format!("reading the task of container {id}")))?
+            .into_inner()
+            .process
+            .ok_or_else(|| Error::Unexpected(format!("container {id} has no task")))?;
+        Ok(process.pid)
     }
 
     /// Checkpoints a container through the CRI into the archive `location` (a tar file).

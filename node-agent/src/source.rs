@@ -1,22 +1,40 @@
 //! The source end of a migration: silence the pod's IP, pause its containers and checkpoint them
-//! through the CRI (they stay paused), stream the checkpoint to the target agent, and then either
-//! stop the paused containers for good (commit) or resume them as they were (rollback).
+//! (they stay paused), stream the checkpoint to the target agent, and then either stop the paused
+//! containers for good (commit) or resume them as they were (rollback).
+//!
+//! Two ways to checkpoint, both into one archive per container: through the CRI
+//! (`CheckpointContainer`: the runtime runs CRIU and packs the archive, copying the images
+//! through its content store), or, when the target restores with the runtime wrapper, the
+//! container's task straight through containerd (the runc shim runs CRIU into the store) with the
+//! writable layer taken from the overlay's upper directory, packed in one pass.
 //! What must be undone is written to the migration's record first, so that a restarted agent can
 //! still undo it.
 
-use std::time::{Duration, Instant};
+use std::{
+    path::Path,
+    time::{Duration, Instant},
+};
 
 use agent_api::{Step, v1};
 use tracing::{info, warn};
 
 use crate::{
-    agent::{Agent, pod_ip},
+    agent::{Agent, CheckpointVia, pod_ip},
     archive,
     error::{Error, Result},
+    layer,
+    restore::RUNTIME_WRAPPER,
     runtime::TaskStatus,
-    store::{Record, Role},
+    store::{Container, Record, Role},
     wire::{self, Outgoing},
 };
+
+/// How the source checkpoints (see the module's documentation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dump {
+    Cri,
+    Task,
+}
 
 /// How often a stopping or waiting step looks at the runtime again.
 const RECHECK: Duration = Duration::from_millis(20);
@@ -42,7 +60,11 @@ impl Agent {
                 })?;
         }
         self.store.save(&record)?;
-        match self.freeze_and_dump(&mut record).await {
+        let via = match self.settings.checkpoint_via {
+            CheckpointVia::Auto if req.backend == RUNTIME_WRAPPER => Dump::Task,
+            _ => Dump::Cri,
+        };
+        match self.freeze_and_dump(&mut record, via).await {
             Ok(op) => Ok(op),
             Err(cause) => {
                 // Leave the source as it was: running and reachable.
@@ -61,7 +83,7 @@ impl Agent {
         }
     }
 
-    async fn freeze_and_dump(&self, record: &mut Record) -> Result<v1::Operation> {
+    async fn freeze_and_dump(&self, record: &mut Record, via: Dump) -> Result<v1::Operation> {
         let uid = record.uid.clone();
         // Silence first: from here on the node acknowledges nothing of the pod's connections.
         if let Some(ip) = pod_ip(&record.pod_ip)? {
@@ -76,12 +98,16 @@ impl Agent {
             let path = dir.join(format!("{}.tar", c.name));
             let _ = std::fs::remove_file(&path);
             let started = Instant::now();
-            self.runtime()
-                .checkpoint(&c.id, &path, self.settings.checkpoint_timeout)
-                .await?;
-            let (digest, bytes) =
-                tokio::task::spawn_blocking(move || archive::digest_file(&path)).await??;
-            info!(container = %c.name, bytes, took_ms = started.elapsed().as_millis() as u64, "checkpointed");
+            let (digest, bytes) = match via {
+                Dump::Cri => {
+                    self.runtime()
+                        .checkpoint(&c.id, &path, self.settings.checkpoint_timeout)
+                        .await?;
+                    tokio::task::spawn_blocking(move || archive::digest_file(&path)).await??
+                }
+                Dump::Task => self.dump_task(c, &path).await?,
+            };
+            info!(container = %c.name, bytes, ?via, took_ms = started.elapsed().as_millis() as u64, "checkpointed");
             self.parts.metrics.bytes("checkpointed", bytes);
             c.bytes = bytes;
             c.digest = digest.clone();
@@ -109,6 +135,53 @@ impl Agent {
         op.bytes_done = total;
         op.bytes_total = total;
         Ok(op)
+    }
+
+    /// Checkpoints the (paused) task of `c` through containerd into `<archive>.d/checkpoint`, writes
+    /// its writable layer next to it and packs both into `archive`; answers its digest and size.
+    async fn dump_task(&self, c: &Container, archive: &Path) -> Result<(String, u64)> {
+        let rt = self.runtime();
+        let pid = rt.task_pid(&c.id).await?;
+        // The writable layer, found before anything is written: a root filesystem that is not
+        // an overlay fails here, with the container untouched.
+        let upper = tokio::task::spawn_blocking(move || layer::upper_of(pid))
+            .await?
+            .map_err(|e| Error::Invalid(format!("container {}: {e}", c.name)))?;
+        let work = archive.with_extension("d");
+        let (images, criu) = (work.join("checkpoint"), work.join("criu"));
+        let _ = std::fs::remove_dir_all(&work);
+        for dir in [&images, &criu] {
+            std::fs::create_dir_all(dir).map_err(Error::io(dir))?;
+        }
+        tokio::time::timeout(
+            self.settings.checkpoint_timeout,
+            rt.checkpoint_task(&c.id, &images, &criu),
+        )
+        .await
+        .map_err(|_| {
+            Error::NotReady(format!(
+                "the checkpoint of container {} took longer than {:?}",
+                c.name, self.settings.checkpoint_timeout
+            ))
+        })??;
+        let out = archive.to_path_buf();
+        let packed = tokio::task::spawn_blocking(move || -> Result<(String, u64)> {
+            let diff = work.join("rootfs-diff.tar");
+            let file = std::fs::File::create(&diff).map_err(Error::io(&diff))?;
+            let written = layer::write_upper(&upper, std::io::BufWriter::new(file))
+                .map_err(|e| Error::Invalid(format!("the writable layer: {e}")))?;
+            if written.skipped > 0 {
+                warn!(
+                    skipped = written.skipped,
+                    "sockets, FIFOs or device nodes of the writable layer are not carried"
+                );
+            }
+            let packed = archive::pack_checkpoint(&images, &diff, &out)?;
+            let _ = std::fs::remove_dir_all(&work);
+            Ok(packed)
+        })
+        .await??;
+        Ok(packed)
     }
 
     /// Pauses every container of the record through the runtime (the record says so first).
@@ -188,12 +261,16 @@ impl Agent {
                 operations.progress(&progress_uid, Step::Transfer, done, total);
             };
             match wire::send(&self.parts.tls, &req, &archives, progress).await {
-                Ok(wire) => {
-                    self.parts.metrics.bytes("sent", wire);
+                Ok(sent) => {
+                    self.parts.metrics.bytes("sent", sent.wire);
                     let mut op = self.done(&uid);
                     op.bytes_done = total;
                     op.bytes_total = total;
-                    op.message = format!("{wire} bytes on the wire");
+                    op.stream_ms = sent.stream.as_millis() as u64;
+                    op.message = format!(
+                        "{} bytes on the wire; the stream took {} ms",
+                        sent.wire, op.stream_ms
+                    );
                     return Ok(op);
                 }
                 // The target refused the data: sending it again would not help.

@@ -17,7 +17,7 @@ use crate::{
     ipam::Reservation,
     rxe_counters::{self, Block},
     store::{Record, Role},
-    wire::{self, Received, Rejected},
+    wire::{self, Destination, Received, Rejected},
 };
 
 /// What a stream leaves in a migration's directory, removed when it is refused or replaced.
@@ -253,7 +253,7 @@ impl wire::Sink for Staging<'_> {
         Ok(record.containers.into_iter().map(|c| c.name).collect())
     }
 
-    async fn admit(&mut self, container: &str, bytes: u64) -> Result<PathBuf> {
+    async fn admit(&mut self, container: &str, bytes: u64) -> Result<Destination> {
         let limit = self.agent.settings.limits.max_bytes;
         if bytes > limit {
             return Err(Rejected::TooLarge {
@@ -263,10 +263,16 @@ impl wire::Sink for Staging<'_> {
             }
             .into());
         }
+        let unpacks = self
+            .agent
+            .backend(&self.backend)
+            .await?
+            .unpacks_on_arrival();
         let free = self.agent.store.free_bytes()?;
-        // Received, then pulled into the runtime (the image backend): two copies at the peak,
-        // and a margin.
-        if bytes.saturating_mul(3) > free {
+        // Unpacked on arrival: one copy. Received, then pulled into the runtime (the image
+        // backend): two copies at the peak. And a margin.
+        let copies = if unpacks { 2 } else { 3 };
+        if bytes.saturating_mul(copies) > free {
             return Err(Rejected::NoSpace {
                 container: container.into(),
                 bytes,
@@ -274,15 +280,29 @@ impl wire::Sink for Staging<'_> {
             }
             .into());
         }
-        Ok(self.agent.store.subdir(self.uid()?, "incoming")?)
+        let uid = self.uid()?;
+        Ok(if unpacks {
+            Destination::Unpack {
+                dir: self.agent.store.subdir(uid, "staged")?.join(container),
+                limits: self.agent.settings.limits,
+            }
+        } else {
+            Destination::File(self.agent.store.subdir(uid, "incoming")?)
+        })
     }
 
-    async fn received(&mut self, got: &v1::ContainerArchive, part: &Path) -> Result<()> {
+    async fn received(&mut self, got: &v1::ContainerArchive, at: &Path) -> Result<()> {
         let uid = self.uid()?.to_string();
-        let staged = self.stage_archive(&uid, &got.name, part).await;
-        // Only what the backend staged is kept.
-        let _ = tokio::fs::remove_file(part).await;
-        let image = staged?;
+        let backend = self.agent.backend(&self.backend).await?;
+        let image = if backend.unpacks_on_arrival() {
+            let work = self.agent.store.subdir(&uid, "staged")?;
+            backend.stage(&uid, &got.name, at, &work).await?
+        } else {
+            let staged = self.stage_archive(&uid, &got.name, at).await;
+            // Only what the backend staged is kept.
+            let _ = tokio::fs::remove_file(at).await;
+            staged?
+        };
         self.agent.store.update(&uid, |r| {
             if let Some(c) = r.container_mut(&got.name) {
                 c.bytes = got.bytes;

@@ -2,8 +2,10 @@
 //! archive to the target agent's `Receive`, in chunks, optionally zstd-compressed (each chunk on
 //! its own) and paced to a bandwidth limit; the last chunk of an archive carries the SHA-256 of the
 //! whole archive. The target checks the framing (one migration, known containers in turn, offsets,
-//! announced sizes, digests), writes each archive into a `.part` file and hands it to its [`Sink`]
-//! only once it is whole and verified, so a broken stream never leaves a file that looks complete.
+//! announced sizes, digests) and, as its [`Sink`] chooses per archive, writes it into a `.part`
+//! file or unpacks it as it arrives (every entry checked before it is written, see
+//! [`archive::unpack`]); the sink gets an archive only once it is whole and its digest verified,
+//! so a broken stream never leaves anything that looks complete.
 
 use std::{
     path::{Path, PathBuf},
@@ -72,15 +74,24 @@ impl Pace {
     }
 }
 
+/// What a stream moved.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Sent {
+    /// Bytes on the wire (compressed).
+    pub wire: u64,
+    /// The stream alone, as the target measured it.
+    pub stream: Duration,
+}
+
 /// Sends `archives` of the migration in `request` to the target agent at its endpoint, once:
-/// answers the bytes that went over the wire. Whether another attempt may help is the error's
+/// answers what went over the wire. Whether another attempt may help is the error's
 /// [`Error::retryable`].
 pub async fn send(
     tls: &TlsMaterial,
     request: &v1::TransferRequest,
     archives: &[Outgoing],
     progress: impl Fn(u64) + Send + 'static,
-) -> Result<u64> {
+) -> Result<Sent> {
     let endpoint = &request.target_endpoint;
     let channel = tls
         .endpoint(endpoint)
@@ -112,17 +123,20 @@ pub async fn send(
             what: "the target agent refused the checkpoint".into(),
             source,
         })?
-        .into_inner()
-        .bytes;
-    if received != total {
+        .into_inner();
+    if received.bytes != total {
         return Err(Error::Peer {
             what: "the checkpoint stream".into(),
             source: tonic::Status::data_loss(format!(
-                "the target received {received} of {total} bytes"
+                "the target received {} of {total} bytes",
+                received.bytes
             )),
         });
     }
-    produced
+    Ok(Sent {
+        wire: produced?,
+        stream: Duration::from_millis(received.stream_ms),
+    })
 }
 
 /// Reads `archives` and produces the chunks of one stream into `tx`, reporting progress (bytes of
@@ -286,27 +300,147 @@ impl Rejected {
     }
 }
 
-/// An archive being received into a `.part` file.
+/// Where an arriving archive goes (the sink's choice).
+#[derive(Debug, Clone)]
+pub enum Destination {
+    /// Into `<dir>/<container>.part`.
+    File(PathBuf),
+    /// Unpacked as it arrives into `dir` (created; it must not exist) with these limits, so that
+    /// network and disk overlap and the archive is never written whole.
+    Unpack {
+        dir: PathBuf,
+        limits: archive::Limits,
+    },
+}
+
+/// An archive being received.
 #[derive(Debug)]
 pub struct Incoming {
     pub container: String,
+    /// The `.part` file or the directory it is unpacked into.
     pub path: PathBuf,
-    file: tokio::fs::File,
+    writer: Writer,
     hasher: Sha256,
     pub written: u64,
     pub total: u64,
 }
 
+#[derive(Debug)]
+enum Writer {
+    File(tokio::fs::File),
+    Unpack(Unpacker),
+}
+
+/// Unpacks an archive on a blocking thread from the chunks it is given.
+#[derive(Debug)]
+struct Unpacker {
+    dir: PathBuf,
+    /// Data for the thread; dropped at the end of the archive.
+    tx: Option<tokio::sync::mpsc::Sender<Vec<u8>>>,
+    done: tokio::task::JoinHandle<std::result::Result<archive::Contents, archive::Error>>,
+}
+
+impl Unpacker {
+    /// Chunks in flight between the stream and the unpacking thread.
+    const DEPTH: usize = 8;
+
+    fn start(dir: PathBuf, limits: archive::Limits) -> Self {
+        let (tx, rx) = tokio::sync::mpsc::channel(Self::DEPTH);
+        let at = dir.clone();
+        let done = tokio::task::spawn_blocking(move || {
+            let io = |source| archive::Error::Io {
+                path: at.clone(),
+                source,
+            };
+            let mut reader = ChannelReader {
+                rx,
+                buf: Vec::new(),
+                pos: 0,
+            };
+            let contents = archive::unpack(&mut reader, &at, limits)?;
+            // What follows the end of the archive (tar's padding) is read and dropped, so that
+            // the stream never waits on a thread that stopped reading.
+            std::io::copy(&mut reader, &mut std::io::sink()).map_err(io)?;
+            // Durable before it is reported: after the commit point it is the only copy.
+            let root = std::fs::File::open(&at).map_err(io)?;
+            nix::unistd::syncfs(&root).map_err(|e| io(e.into()))?;
+            Ok(contents)
+        });
+        Self {
+            dir,
+            tx: Some(tx),
+            done,
+        }
+    }
+
+    fn ended(&self, why: String) -> archive::Error {
+        archive::Error::Io {
+            path: self.dir.clone(),
+            source: std::io::Error::other(why),
+        }
+    }
+
+    /// Hands `data` to the thread. Once it stopped (an unsafe entry, a full disk), the rest is
+    /// dropped and [`Self::finish`] says why: whether the data was corrupted on the way is known
+    /// only at the end, and is the better reason when it was.
+    async fn write(&mut self, data: Vec<u8>) {
+        if let Some(tx) = &self.tx
+            && tx.send(data).await.is_err()
+        {
+            self.tx = None;
+        }
+    }
+
+    /// The end of the archive: waits for the thread to finish.
+    async fn finish(mut self) -> std::result::Result<archive::Contents, archive::Error> {
+        self.tx = None;
+        match (&mut self.done).await {
+            Ok(done) => done,
+            Err(e) => Err(self.ended(format!("unpacking failed: {e}"))),
+        }
+    }
+}
+
+/// The unpacking thread's view of the chunks: a blocking [`std::io::Read`].
+struct ChannelReader {
+    rx: tokio::sync::mpsc::Receiver<Vec<u8>>,
+    buf: Vec<u8>,
+    pos: usize,
+}
+
+impl std::io::Read for ChannelReader {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        while self.pos == self.buf.len() {
+            match self.rx.blocking_recv() {
+                Some(data) => (self.buf, self.pos) = (data, 0),
+                None => return Ok(0),
+            }
+        }
+        let n = out.len().min(self.buf.len() - self.pos);
+        out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
 impl Incoming {
-    pub async fn create(container: &str, dir: &Path, total: u64) -> Result<Self> {
-        let path = dir.join(format!("{container}.part"));
-        let file = tokio::fs::File::create(&path)
-            .await
-            .map_err(Error::io(&path))?;
+    pub async fn create(container: &str, to: Destination, total: u64) -> Result<Self> {
+        let (path, writer) = match to {
+            Destination::File(dir) => {
+                let path = dir.join(format!("{container}.part"));
+                let file = tokio::fs::File::create(&path)
+                    .await
+                    .map_err(Error::io(&path))?;
+                (path, Writer::File(file))
+            }
+            Destination::Unpack { dir, limits } => {
+                (dir.clone(), Writer::Unpack(Unpacker::start(dir, limits)))
+            }
+        };
         Ok(Self {
             container: container.into(),
             path,
-            file,
+            writer,
             hasher: Sha256::new(),
             written: 0,
             total,
@@ -332,28 +466,45 @@ impl Incoming {
             })?,
             Compression::None => chunk.data.clone(),
         };
-        if self.written + data.len() as u64 > self.total {
+        let n = data.len();
+        if self.written + n as u64 > self.total {
             return Err(Rejected::Oversized {
                 container: self.container.clone(),
                 bytes: self.total,
             }
             .into());
         }
-        self.file
-            .write_all(&data)
-            .await
-            .map_err(Error::io(&self.path))?;
         self.hasher.update(&data);
-        self.written += data.len() as u64;
-        Ok(data.len())
+        self.written += n as u64;
+        match &mut self.writer {
+            Writer::File(file) => file.write_all(&data).await.map_err(Error::io(&self.path))?,
+            Writer::Unpack(unpacker) => unpacker.write(data).await,
+        }
+        Ok(n)
     }
 
-    /// Checks size and digest once the last chunk arrived; the file is synced.
+    /// Checks size and digest once the last chunk arrived; the data is synced.
     pub async fn finish(self, digest: &str) -> Result<PathBuf> {
         if self.written != self.total {
-            return Err(self.truncated().into());
+            let truncated = self.truncated();
+            self.abandon().await;
+            return Err(truncated.into());
         }
-        let got = archive::format_digest(self.hasher);
+        let got = archive::format_digest(self.hasher.clone());
+        // An unpacked archive is complete once its thread is done; a digest that does not match
+        // says more than the broken entry it may have caused.
+        match self.writer {
+            Writer::File(ref file) => file.sync_all().await.map_err(Error::io(&self.path))?,
+            Writer::Unpack(unpacker) => {
+                let finished = unpacker.finish().await;
+                if got == digest {
+                    finished.map_err(|source| Rejected::Unsafe {
+                        container: self.container.clone(),
+                        source,
+                    })?;
+                }
+            }
+        }
         if got != digest {
             return Err(Rejected::Corrupted {
                 container: self.container,
@@ -362,8 +513,14 @@ impl Incoming {
             }
             .into());
         }
-        self.file.sync_all().await.map_err(Error::io(&self.path))?;
         Ok(self.path)
+    }
+
+    /// Gives up on the archive: waits for its unpacking (if any) to stop writing.
+    async fn abandon(self) {
+        if let Writer::Unpack(unpacker) = self.writer {
+            let _ = unpacker.finish().await;
+        }
     }
 
     fn truncated(&self) -> Rejected {
@@ -379,18 +536,19 @@ impl Incoming {
 pub trait Sink {
     /// The stream is for migration `uid`: answers the containers it must carry, once each.
     fn open(&mut self, uid: &str) -> impl Future<Output = Result<Vec<String>>> + Send;
-    /// The archive of `container`, `bytes` long, is about to come: answers the directory its
-    /// `.part` file goes into, or refuses (too large, no room).
+    /// The archive of `container`, `bytes` long, is about to come: answers where it goes, or
+    /// refuses (too large, no room).
     fn admit(
         &mut self,
         container: &str,
         bytes: u64,
-    ) -> impl Future<Output = Result<PathBuf>> + Send;
-    /// The archive of `container` arrived whole with its digest verified, at `part`.
+    ) -> impl Future<Output = Result<Destination>> + Send;
+    /// The archive of `container` arrived whole with its digest verified: the `.part` file or
+    /// the directory it was unpacked into is at `at`.
     fn received(
         &mut self,
         archive: &v1::ContainerArchive,
-        part: &Path,
+        at: &Path,
     ) -> impl Future<Output = Result<()>> + Send;
 }
 
@@ -401,22 +559,41 @@ pub struct Received {
     /// Archive bytes (uncompressed).
     pub bytes: u64,
     pub archives: Vec<v1::ContainerArchive>,
+    /// The stream alone: from the first chunk's arrival until the last one was taken in (written
+    /// or handed to the unpacking, which overlaps it); what follows the last byte (the sync, the
+    /// backend's staging) is not in it.
+    pub stream: Duration,
 }
 
 /// Receives one stream into `sink`, checking its framing chunk by chunk; what was received before
 /// an error is the sink's to discard.
 pub async fn receive(
+    stream: impl Stream<Item = Result<v1::ReceiveChunk, tonic::Status>> + Unpin,
+    sink: &mut impl Sink,
+) -> Result<Received> {
+    let mut current: Option<Incoming> = None;
+    let result = receive_into(stream, sink, &mut current).await;
+    // An archive cut short: its unpacking ends before the caller discards what it wrote.
+    if let (Err(_), Some(incoming)) = (&result, current) {
+        incoming.abandon().await;
+    }
+    result
+}
+
+async fn receive_into(
     mut stream: impl Stream<Item = Result<v1::ReceiveChunk, tonic::Status>> + Unpin,
     sink: &mut impl Sink,
+    current: &mut Option<Incoming>,
 ) -> Result<Received> {
     let mut got = Received::default();
     let mut expected: Option<Vec<String>> = None;
-    let mut current: Option<Incoming> = None;
+    let mut first: Option<Instant> = None;
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(|source| Error::Peer {
             what: "the checkpoint stream broke".into(),
             source,
         })?;
+        let first = *first.get_or_insert_with(Instant::now);
         if expected.is_none() {
             if !crate::store::valid_uid(&chunk.migration_uid) {
                 return Err(Rejected::BadUid(chunk.migration_uid).into());
@@ -438,20 +615,21 @@ pub async fn receive(
             .as_ref()
             .is_none_or(|c| c.container != chunk.container)
         {
-            if let Some(c) = current.take() {
+            if let Some(c) = current.as_ref() {
                 return Err(c.truncated().into());
             }
             let known = containers.contains(&chunk.container);
             if !known || got.archives.iter().any(|a| a.name == chunk.container) {
                 return Err(Rejected::UnknownContainer(chunk.container).into());
             }
-            let dir = sink.admit(&chunk.container, chunk.total_bytes).await?;
-            current = Some(Incoming::create(&chunk.container, &dir, chunk.total_bytes).await?);
+            let to = sink.admit(&chunk.container, chunk.total_bytes).await?;
+            *current = Some(Incoming::create(&chunk.container, to, chunk.total_bytes).await?);
         }
         let Some(incoming) = current.as_mut() else {
             continue;
         };
         got.bytes += incoming.append(&chunk).await? as u64;
+        got.stream = first.elapsed();
         if !chunk.digest.is_empty() {
             let Some(incoming) = current.take() else {
                 continue;
@@ -466,7 +644,7 @@ pub async fn receive(
             got.archives.push(archive);
         }
     }
-    if let Some(c) = current {
+    if let Some(c) = current.as_ref() {
         return Err(c.truncated().into());
     }
     let Some(containers) = expected else {
@@ -499,23 +677,31 @@ mod tests {
         assert_eq!(free.delay(1 << 30), Duration::ZERO);
     }
 
-    /// A sink that keeps archives in a directory and refuses nothing.
+    /// A sink that keeps archives in a directory (as files, or unpacked into
+    /// `<dir>/<container>`) and refuses nothing.
     struct Keep {
         dir: PathBuf,
         containers: Vec<String>,
-        kept: Vec<(v1::ContainerArchive, Vec<u8>)>,
+        unpack: bool,
+        kept: Vec<(v1::ContainerArchive, PathBuf)>,
     }
 
     impl Sink for Keep {
         async fn open(&mut self, _uid: &str) -> Result<Vec<String>> {
             Ok(self.containers.clone())
         }
-        async fn admit(&mut self, _container: &str, _bytes: u64) -> Result<PathBuf> {
-            Ok(self.dir.clone())
+        async fn admit(&mut self, container: &str, _bytes: u64) -> Result<Destination> {
+            Ok(if self.unpack {
+                Destination::Unpack {
+                    dir: self.dir.join(container),
+                    limits: archive::Limits::default(),
+                }
+            } else {
+                Destination::File(self.dir.clone())
+            })
         }
-        async fn received(&mut self, archive: &v1::ContainerArchive, part: &Path) -> Result<()> {
-            self.kept
-                .push((archive.clone(), std::fs::read(part).unwrap()));
+        async fn received(&mut self, archive: &v1::ContainerArchive, at: &Path) -> Result<()> {
+            self.kept.push((archive.clone(), at.to_path_buf()));
             Ok(())
         }
     }
@@ -524,7 +710,15 @@ mod tests {
         Keep {
             dir: dir.to_path_buf(),
             containers: containers.iter().map(|c| c.to_string()).collect(),
+            unpack: false,
             kept: Vec::new(),
+        }
+    }
+
+    fn unpack(dir: &Path, containers: &[&str]) -> Keep {
+        Keep {
+            unpack: true,
+            ..keep(dir, containers)
         }
     }
 
@@ -570,8 +764,8 @@ mod tests {
             let got = deliver(chunks, &mut sink).await.unwrap();
             assert_eq!(got.uid, "m");
             assert_eq!(got.bytes, data.len() as u64);
-            assert_eq!(sink.kept[0].1, data);
-            assert_eq!(sink.kept[1].1, b"");
+            assert_eq!(std::fs::read(&sink.kept[0].1).unwrap(), data);
+            assert_eq!(std::fs::read(&sink.kept[1].1).unwrap(), b"");
             assert_eq!(
                 got.archives,
                 vec![sink.kept[0].0.clone(), sink.kept[1].0.clone()]
@@ -642,7 +836,9 @@ mod tests {
     #[tokio::test]
     async fn bad_chunks_are_refused_with_the_reason() {
         let dir = tempfile::tempdir().unwrap();
-        let mut inc = Incoming::create("app", dir.path(), 10).await.unwrap();
+        let mut inc = Incoming::create("app", Destination::File(dir.path().into()), 10)
+            .await
+            .unwrap();
         inc.append(&chunk(0, b"12345", "", 10)).await.unwrap();
         let gap = rejected(inc.append(&chunk(7, b"xyz", "", 10)).await);
         assert!(gap.to_string().contains("offset 7"), "{gap}");
@@ -654,14 +850,18 @@ mod tests {
             "{short}"
         );
 
-        let mut inc = Incoming::create("app", dir.path(), 3).await.unwrap();
+        let mut inc = Incoming::create("app", Destination::File(dir.path().into()), 3)
+            .await
+            .unwrap();
         inc.append(&chunk(0, b"abc", "sha256:beef", 3))
             .await
             .unwrap();
         let bad = rejected(inc.finish("sha256:beef").await);
         assert!(matches!(bad, Rejected::Corrupted { .. }), "{bad}");
 
-        let mut inc = Incoming::create("app", dir.path(), 3).await.unwrap();
+        let mut inc = Incoming::create("app", Destination::File(dir.path().into()), 3)
+            .await
+            .unwrap();
         let mut z = chunk(0, b"not zstd", "", 3);
         z.compression = Compression::Zstd.into();
         assert!(matches!(
@@ -683,5 +883,68 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    /// A checkpoint-shaped archive of more than two chunks.
+    fn checkpoint_tar() -> (Vec<u8>, Vec<u8>) {
+        let pages: Vec<u8> = (0..(CHUNK * 2 + 4321)).map(|i| (i % 253) as u8).collect();
+        let tar = archive::tar_with(&[
+            ("checkpoint/", tar::EntryType::Directory, b"", None),
+            (
+                "checkpoint/pages-1.img",
+                tar::EntryType::Regular,
+                &pages,
+                None,
+            ),
+            ("rootfs-diff.tar", tar::EntryType::Regular, b"diff", None),
+        ]);
+        (tar, pages)
+    }
+
+    #[tokio::test]
+    async fn archives_are_unpacked_as_they_arrive() {
+        let (tar, pages) = checkpoint_tar();
+        for compression in [Compression::None, Compression::Zstd] {
+            let dir = tempfile::tempdir().unwrap();
+            let chunks = chunks_of(dir.path(), &[("app", &tar)], compression).await;
+            assert!(chunks.len() > 2);
+            let mut sink = unpack(dir.path(), &["app"]);
+            let got = deliver(chunks, &mut sink).await.unwrap();
+            assert_eq!(got.bytes, tar.len() as u64);
+            let at = &sink.kept[0].1;
+            assert_eq!(at, &dir.path().join("app"));
+            assert_eq!(
+                std::fs::read(at.join("checkpoint/pages-1.img")).unwrap(),
+                pages
+            );
+            assert_eq!(std::fs::read(at.join("rootfs-diff.tar")).unwrap(), b"diff");
+        }
+    }
+
+    #[tokio::test]
+    async fn an_unpacked_archive_that_is_unsafe_or_corrupted_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (tar, _) = checkpoint_tar();
+        let hostile = archive::tar_with(&[
+            ("checkpoint/", tar::EntryType::Directory, b"", None),
+            ("../evil", tar::EntryType::Regular, &[1u8; 3 * CHUNK], None),
+        ]);
+        let chunks = chunks_of(dir.path(), &[("app", &hostile)], Compression::None).await;
+        let refused = rejected(deliver(chunks, &mut unpack(dir.path(), &["app"])).await);
+        assert!(
+            matches!(&refused, Rejected::Unsafe { source, .. } if source.to_string().contains("leaves")),
+            "{refused}"
+        );
+        assert!(!dir.path().join("evil").exists());
+
+        // One flipped byte in the middle: unpacked, but the digest of the whole does not match.
+        let other = tempfile::tempdir().unwrap();
+        let mut chunks = chunks_of(other.path(), &[("app", &tar)], Compression::None).await;
+        chunks[1].data[10] ^= 0xff;
+        let corrupted = rejected(deliver(chunks, &mut unpack(other.path(), &["app"])).await);
+        assert!(
+            matches!(corrupted, Rejected::Corrupted { .. }),
+            "{corrupted}"
+        );
     }
 }

@@ -424,7 +424,9 @@ fn succeeded(f: &Facts, call: Step, op: &agent_api::Operation) -> PodMigrationSt
                 bytes_transferred: total,
                 bytes_total: total,
             });
-            timings(&mut s).transfer_ms = Some(to_i64(op.duration_ms));
+            let t = timings(&mut s);
+            t.transfer_ms = Some(to_i64(op.duration_ms));
+            t.stream_ms = (op.stream_ms > 0).then(|| to_i64(op.stream_ms));
             if !op.location.is_empty()
                 && let Some(c) = s.checkpoint.as_mut()
             {
@@ -848,6 +850,12 @@ mod tests {
         Answer::Succeeded(op)
     }
 
+    fn transferred() -> Answer {
+        let mut op = agent_api::Operation::succeeded(UID);
+        (op.duration_ms, op.stream_ms) = (250, 200);
+        Answer::Succeeded(op)
+    }
+
     fn staged() -> Answer {
         let mut op = agent_api::Operation::succeeded(UID);
         op.staged = vec![agent_api::v1::StagedContainer {
@@ -876,6 +884,7 @@ mod tests {
                 a @ (Action::Start(_) | Action::Write(_) | Action::Commit(_)) => apply(f, &a),
                 Action::Call(Step::Checkpoint) => answer(f, Step::Checkpoint, checkpointed()),
                 Action::Call(Step::StageRestore) => answer(f, Step::StageRestore, staged()),
+                Action::Call(Step::Transfer) => answer(f, Step::Transfer, transferred()),
                 Action::Call(call) => answer(f, call, ok()),
                 other => panic!("unexpected {other:?} before {stop:?}"),
             };
@@ -1054,6 +1063,7 @@ mod tests {
         );
         let t = f.status.timings.unwrap();
         assert_eq!(t.checkpoint_ms, Some(180));
+        assert_eq!((t.transfer_ms, t.stream_ms), (Some(250), Some(200)));
         assert!(t.downtime_ms.unwrap() > t.restore_ms.unwrap());
         assert!(t.total_ms.unwrap() >= t.downtime_ms.unwrap());
         assert_eq!(

@@ -438,7 +438,7 @@ impl v1::agent_server::Agent for Service {
         }
         Ok(Response::new(v1::ReceiveResult {
             bytes,
-            archives: Vec::new(),
+            ..Default::default()
         }))
     }
 

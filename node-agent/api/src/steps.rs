@@ -160,6 +160,7 @@ impl StepArgs {
             Step::Checkpoint => StepRequest::Checkpoint(v1::CheckpointRequest {
                 migration_uid: uid.clone(),
                 pod: Some(self.pod.clone()),
+                backend: self.backend.clone(),
             }),
             Step::Transfer => StepRequest::Transfer(v1::TransferRequest {
                 migration_uid: uid.clone(),

@@ -55,8 +55,9 @@ fn chunk(uid: &str, offset: u64, data: &[u8], digest: &str, total: u64) -> v1::R
 
 pub fn bad_archives(w: &World) -> Result<()> {
     w.rt.block_on(async {
-        let uid = unique("recv");
         let mut target = w.operator(1).await?;
+        // Received into a file (checkpoint images) or unpacked as it arrives (the wrapper): the
+        // same refusals, nothing left either way.
         let pod = v1::PodRef {
             namespace: world::NAMESPACE.into(),
             name: "received".into(),
@@ -68,86 +69,92 @@ pub fn bad_archives(w: &World) -> Result<()> {
                 image: String::new(),
             }],
         };
-        done(
-            &mut target,
-            Step::PrepareTarget,
-            &StepArgs {
-                migration_uid: uid.clone(),
-                pod: pod.clone(),
-                expected_bytes: 1 << 20,
-                rxe: None,
-                backend: backend::CRI_CHECKPOINT_IMAGE.into(),
-                ..Default::default()
-            },
-        )
-        .await?;
         let good = tar_archive(false);
         let hostile = tar_archive(true);
         let n = good.len() as u64;
-        let cases: Vec<(&str, Vec<v1::ReceiveChunk>, &str)> = vec![
-            (
-                "corrupted",
-                vec![chunk(&uid, 0, &[0u8; 512], "", n), {
-                    let mut rest = good[512..].to_vec();
-                    rest[100] ^= 0xff;
-                    chunk(&uid, 512, &rest, &digest(&good), n)
-                }],
-                "corrupted",
-            ),
-            (
-                "truncated",
-                vec![chunk(&uid, 0, &good[..4096], "", n)],
-                "truncated",
-            ),
-            (
-                "oversized (announced)",
-                vec![chunk(&uid, 0, &good[..4096], "", MAX_ARCHIVE_BYTES + 1)],
-                "more than this node's limit",
-            ),
-            (
-                "oversized (more than announced)",
-                vec![chunk(&uid, 0, &good, &digest(&good), n - 1000)],
-                "more than the",
-            ),
-            (
-                "hostile",
-                vec![chunk(
-                    &uid,
-                    0,
-                    &hostile,
-                    &digest(&hostile),
-                    hostile.len() as u64,
-                )],
-                "leaves the archive's directory",
-            ),
-        ];
         let peer_tls = w.certs.agent();
-        for (what, chunks, expect) in cases {
-            let mut peer = w.client(1, Some(peer_tls.clone()), None).await?;
-            let answer = peer.raw().receive(tokio_stream::iter(chunks)).await;
-            let message = match answer {
-                Ok(r) => {
-                    return Err(format!(
-                        "the {what} archive was accepted: {:?}",
-                        r.into_inner()
-                    ));
-                }
-                Err(status) => status.message().to_string(),
-            };
-            ensure!(
-                message.contains(expect),
-                "{what}: {message:?} does not say {expect:?}"
-            );
-            for sub in ["incoming", "staged"] {
-                let dir = w.written(1, &format!("/var/lib/kube-migros/migrations/{uid}/{sub}"));
-                let left = std::fs::read_dir(&dir).map(|d| d.count()).unwrap_or(0);
+        let mut uids = Vec::new();
+        for backend in [backend::CRI_CHECKPOINT_IMAGE, backend::RUNTIME_WRAPPER] {
+            let uid = unique("recv");
+            done(
+                &mut target,
+                Step::PrepareTarget,
+                &StepArgs {
+                    migration_uid: uid.clone(),
+                    pod: pod.clone(),
+                    expected_bytes: 1 << 20,
+                    rxe: None,
+                    backend: backend.into(),
+                    ..Default::default()
+                },
+            )
+            .await?;
+            let cases: Vec<(&str, Vec<v1::ReceiveChunk>, &str)> = vec![
+                (
+                    "corrupted",
+                    vec![chunk(&uid, 0, &[0u8; 512], "", n), {
+                        let mut rest = good[512..].to_vec();
+                        rest[100] ^= 0xff;
+                        chunk(&uid, 512, &rest, &digest(&good), n)
+                    }],
+                    "corrupted",
+                ),
+                (
+                    "truncated",
+                    vec![chunk(&uid, 0, &good[..4096], "", n)],
+                    "truncated",
+                ),
+                (
+                    "oversized (announced)",
+                    vec![chunk(&uid, 0, &good[..4096], "", MAX_ARCHIVE_BYTES + 1)],
+                    "more than this node's limit",
+                ),
+                (
+                    "oversized (more than announced)",
+                    vec![chunk(&uid, 0, &good, &digest(&good), n - 1000)],
+                    "more than the",
+                ),
+                (
+                    "hostile",
+                    vec![chunk(
+                        &uid,
+                        0,
+                        &hostile,
+                        &digest(&hostile),
+                        hostile.len() as u64,
+                    )],
+                    "leaves the archive's directory",
+                ),
+            ];
+            for (what, chunks, expect) in cases {
+                let mut peer = w.client(1, Some(peer_tls.clone()), None).await?;
+                let answer = peer.raw().receive(tokio_stream::iter(chunks)).await;
+                let message = match answer {
+                    Ok(r) => {
+                        return Err(format!(
+                            "the {what} archive was accepted: {:?}",
+                            r.into_inner()
+                        ));
+                    }
+                    Err(status) => status.message().to_string(),
+                };
                 ensure!(
-                    left == 0,
-                    "{what}: {left} entries left in {}",
-                    dir.display()
+                    message.contains(expect),
+                    "{what}: {message:?} does not say {expect:?}"
                 );
+                for sub in ["incoming", "staged"] {
+                    let dir = w.written(1, &format!("/var/lib/kube-migros/migrations/{uid}/{sub}"));
+                    let left = std::fs::read_dir(&dir).map(|d| d.count()).unwrap_or(0);
+                    ensure!(
+                        left == 0,
+                        "{what}: {left} entries left in {}",
+                        dir.display()
+                    );
+                }
             }
+            uids.push(uid);
         }
+        let uid = uids[0].clone();
         ensure!(
             !w.written(1, "/etc/kube-migros-evil").exists()
                 && !std::path::Path::new("/etc/kube-migros-evil").exists(),
@@ -236,7 +243,16 @@ pub fn bad_archives(w: &World) -> Result<()> {
             &StepArgs::of(&uid),
         )
         .await?;
-        ensure!(!w.stored(1).contains(&uid), "data left after cleanup");
+        done(
+            &mut target,
+            Step::Cleanup(Role::Target),
+            &StepArgs::of(&uids[1]),
+        )
+        .await?;
+        ensure!(
+            uids.iter().all(|u| !w.stored(1).contains(u)),
+            "data left after cleanup"
+        );
         Ok(())
     })
 }

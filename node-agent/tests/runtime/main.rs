@@ -40,6 +40,10 @@ fn main() {
             migration::migrate_with_the_wrapper,
         ),
         (
+            "the_runtime_wrapper_restores_a_checkpoint_the_cri_took",
+            migration::migrate_with_the_wrapper_from_a_cri_checkpoint,
+        ),
+        (
             "abort_resumes_the_paused_source_and_it_continues",
             migration::abort,
         ),

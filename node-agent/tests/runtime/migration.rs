@@ -29,20 +29,39 @@ const SERVE: [&str; 8] = [
 /// with a peer on node-3 streaming to the pod all along.
 pub fn migrate(w: &World) -> Result<()> {
     // Into node-2, the node of Debian's containerd 2.1 (2.4 no longer restores this way).
-    migrate_by(w, backend::CRI_CHECKPOINT_IMAGE, (0, 1, 2))
+    migrate_by(w, backend::CRI_CHECKPOINT_IMAGE, Via::Cri, (0, 1, 2))
 }
 
 /// The same, restored by the runtime wrapper: the replacement pod runs under its handler with the
-/// workload's own image, is restored at its first start, and a restart of it starts fresh.
+/// workload's own image, is restored at its first start, and a restart of it starts fresh. The
+/// source checkpoints the task through containerd, without the CRI's archive, as it does when
+/// the operator names the wrapper as the target's backend.
 pub fn migrate_with_the_wrapper(w: &World) -> Result<()> {
+    // Between two nodes of containerd 2.4 (node-1, node-3).
+    migrate_by(w, backend::RUNTIME_WRAPPER, Via::Task, (0, 2, 1))
+}
+
+/// The wrapper restores a checkpoint the CRI took too (a source that does not know the target's
+/// backend, or an agent run with `--checkpoint-via cri`).
+pub fn migrate_with_the_wrapper_from_a_cri_checkpoint(w: &World) -> Result<()> {
     // From containerd 2.1 (node-2) into containerd 2.4 (node-3).
-    migrate_by(w, backend::RUNTIME_WRAPPER, (1, 2, 0))
+    migrate_by(w, backend::RUNTIME_WRAPPER, Via::Cri, (1, 2, 0))
+}
+
+/// How the source is asked to checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Via {
+    /// Without naming the target's backend: through the CRI.
+    Cri,
+    /// Naming the target's backend (the wrapper): the task straight through containerd.
+    Task,
 }
 
 /// Moves the workload from node `from` to node `to` with `backend`, the peer on `peer_node`.
 fn migrate_by(
     w: &World,
     backend: &str,
+    via: Via,
     (from, to, peer_node): (usize, usize, usize),
 ) -> Result<()> {
     let name = unique("app");
@@ -103,10 +122,22 @@ fn migrate_by(
             &StepArgs {
                 migration_uid: uid.clone(),
                 pod: pod.clone(),
+                backend: match via {
+                    Via::Task => backend.into(),
+                    Via::Cri => String::new(),
+                },
                 ..Default::default()
             },
         )
         .await?;
+        let log = w.agent_log(from);
+        let took = log
+            .lines()
+            .rev()
+            .find(|l| l.contains("checkpointed"))
+            .unwrap_or_default();
+        let want = format!("via={via:?}");
+        ensure!(took.contains(&want), "not checkpointed {want}: {took}");
         ensure!(
             checkpoint.archives.len() == 1,
             "archives {:?}",
