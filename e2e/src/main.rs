@@ -44,7 +44,8 @@ enum Command {
         /// Numbers of PodMigrations for the control-plane benchmark.
         #[arg(long, value_delimiter = ',', default_value = "100,1000")]
         scale: Vec<usize>,
-        /// Parts to skip: raw, migration, scale.
+        /// Parts to skip: raw (the raw recipe, the CRIU floor, the transfer limits), migration,
+        /// scale.
         #[arg(long, value_delimiter = ',')]
         skip: Vec<String>,
         /// Name of this run in docs/benchmarks.json (runs of other names stay, for before/after).
@@ -59,6 +60,10 @@ enum Command {
         /// What this run measures that others do not (e.g. the change it follows).
         #[arg(long, default_value = "")]
         note: String,
+        /// The restore backend the migrations use: runtime-wrapper (the agents offer it first)
+        /// or cri-checkpoint-image (the chart installed without the runtime wrapper).
+        #[arg(long, default_value = "runtime-wrapper")]
+        backend: String,
     },
     /// The Kubernetes control plane: etcd, kube-apiserver, kube-controller-manager, kube-scheduler.
     ControlPlane {
@@ -152,6 +157,7 @@ async fn main() -> anyhow::Result<()> {
             out_dir,
             report_only,
             note,
+            backend,
         } => {
             let options = bench::Options {
                 sizes,
@@ -162,6 +168,7 @@ async fn main() -> anyhow::Result<()> {
                 label,
                 report_only,
                 note,
+                backend,
             };
             bench::run(&dirs, &options).await?;
         }

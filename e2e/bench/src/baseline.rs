@@ -1,6 +1,7 @@
-//! The baselines, measured on the same nodes as kube-migros: the raw recipe (`e2e/bench/raw-recipe.sh`:
-//! CRI checkpoint, copy, CRI restore, no Kubernetes) at each memory size, and the limits of moving
-//! its archive from node-1 to node-2: a plain TCP pipe between the two nodes' network namespaces
+//! The baselines, measured on the same nodes as kube-migros, node-1 to node-2: the raw recipe
+//! (`e2e/bench/raw-recipe.sh`: CRI checkpoint, copy, CRI restore, no Kubernetes) and the CRIU floor
+//! (`e2e/bench/criu-floor.sh`: CRIU dump to memory, a TCP copy, CRIU restore, no containerd) at
+//! each memory size, and the limits of moving the raw recipe's archive: a plain TCP pipe between the two nodes' network namespaces
 //! (1 MiB writes from memory, read and dropped), scp (the raw recipe's), and a copy in memory.
 
 use std::{
@@ -16,14 +17,19 @@ use anyhow::{Context, bail};
 
 use sandbox::{Dirs, cluster, nodes::Nodes};
 
-use crate::{Options, RawRun, TransferRuns};
+use crate::{FloorRun, Options, RawRun, TransferRuns};
 
-/// Runs the raw recipe `options.runs` times per size, then the transfer limits on an archive of
-/// the middle size.
-pub async fn run(
-    dirs: &Dirs,
-    options: &Options,
-) -> anyhow::Result<(BTreeMap<String, Vec<RawRun>>, TransferRuns)> {
+/// What the baselines measured.
+#[derive(Debug)]
+pub struct Baselines {
+    pub raw: BTreeMap<String, Vec<RawRun>>,
+    pub floor: BTreeMap<String, Vec<FloorRun>>,
+    pub transfer: TransferRuns,
+}
+
+/// Runs the raw recipe and the CRIU floor `options.runs` times per size, then the transfer limits
+/// on an archive of the middle size.
+pub async fn run(dirs: &Dirs, options: &Options) -> anyhow::Result<Baselines> {
     let cluster = cluster::up(dirs).await?;
     let demo = cluster.images.get("demo").context("no demo image")?.clone();
     let nodes = Nodes::new(dirs);
@@ -39,7 +45,7 @@ pub async fn run(
         .unwrap_or_default();
     let archive = dirs.state.join("bench/archive.tar");
     std::fs::create_dir_all(archive.parent().unwrap_or(Path::new("/")))?;
-    let mut raw = BTreeMap::new();
+    let (mut raw, mut floor) = (BTreeMap::new(), BTreeMap::new());
     for size in &options.sizes {
         let mut runs = Vec::new();
         for i in 0..options.runs {
@@ -60,6 +66,25 @@ pub async fn run(
             runs.push(run);
         }
         raw.insert(size.clone(), runs);
+        let mut runs = Vec::new();
+        for i in 0..options.runs {
+            let run = tokio::task::spawn_blocking({
+                let (size, demo) = (size.clone(), sandbox::images::binary(dirs, "demo"));
+                move || criu_floor(&demo, &size)
+            })
+            .await??;
+            eprintln!(
+                "bench: CRIU floor {} #{}: dump {:.0} ms, transfer {:.0} ms, restore {:.0} ms, {} bytes",
+                size,
+                i + 1,
+                run.dump_ms,
+                run.transfer_ms,
+                run.restore_ms,
+                run.image_bytes
+            );
+            runs.push(run);
+        }
+        floor.insert(size.clone(), runs);
     }
 
     let bytes = std::fs::read(&archive).context("the kept archive")?;
@@ -96,50 +121,85 @@ pub async fn run(
                 .collect(),
         );
     }
-    Ok((raw, transfer))
+    Ok(Baselines {
+        raw,
+        floor,
+        transfer,
+    })
+}
+
+/// The `key=value` lines a baseline script printed.
+struct Printed(String);
+
+impl Printed {
+    /// Runs `script` (next to this crate) from node-1 to node-2 with `last` as its third
+    /// argument; checks that the target runs the source's process (equal workload ids).
+    fn of(script: &str, last: &str, configure: impl FnOnce(&mut Command)) -> anyhow::Result<Self> {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(script);
+        let mut cmd = Command::new("bash");
+        cmd.arg(&path).args(["node-1", "node-2", last]);
+        configure(&mut cmd);
+        let out = cmd.output()?;
+        if !out.status.success() {
+            bail!(
+                "{script} failed:\n{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let printed = Self(String::from_utf8_lossy(&out.stdout).into_owned());
+        let id = |key| printed.text(key).filter(|v| !v.is_empty());
+        if id("source_id").is_none() || id("source_id") != id("target_id") {
+            bail!(
+                "{script}: the target does not run the restored process:\n{}",
+                printed.0
+            );
+        }
+        Ok(printed)
+    }
+
+    fn text(&self, key: &str) -> Option<&str> {
+        self.0
+            .lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+            .map(str::trim)
+    }
+
+    fn number(&self, key: &str) -> anyhow::Result<f64> {
+        self.text(key)
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("no {key} in the script's output:\n{}", self.0))
+    }
 }
 
 /// One run of the raw recipe from node-1 to node-2.
 fn raw_recipe(demo: &str, size: &str, keep: Option<&Path>) -> anyhow::Result<RawRun> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("raw-recipe.sh");
-    let mut cmd = Command::new("bash");
-    cmd.arg(&script)
-        .args(["node-1", "node-2", demo])
-        .env("TOUCH", size)
-        .env("MIN_COUNTER", "100");
-    if let Some(path) = keep {
-        cmd.env("KEEP_ARCHIVE", path);
-    }
-    let out = cmd.output()?;
-    if !out.status.success() {
-        bail!(
-            "raw-recipe.sh failed:\n{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let text = String::from_utf8_lossy(&out.stdout);
-    let field = |key: &str| -> anyhow::Result<f64> {
-        text.lines()
-            .find_map(|l| l.strip_prefix(&format!("{key}=")))
-            .and_then(|v| v.trim().parse().ok())
-            .with_context(|| format!("no {key} in the recipe's output:\n{text}"))
-    };
-    let id = |key: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(&format!("{key}=")))
-            .map(str::trim)
-            .filter(|v| !v.is_empty())
-    };
-    if id("source_id").is_none() || id("source_id") != id("target_id") {
-        bail!("the raw recipe's target does not run the restored process:\n{text}");
-    }
+    let out = Printed::of("raw-recipe.sh", demo, |cmd| {
+        cmd.env("TOUCH", size).env("MIN_COUNTER", "100");
+        if let Some(path) = keep {
+            cmd.env("KEEP_ARCHIVE", path);
+        }
+    })?;
     Ok(RawRun {
-        archive_bytes: field("archive_bytes")? as u64,
-        checkpoint_ms: field("checkpoint_ms")?,
-        copy_ms: field("copy_ms")?,
-        scp_ms: field("scp_ms")?,
-        restore_ms: field("restore_ms")?,
+        archive_bytes: out.number("archive_bytes")? as u64,
+        checkpoint_ms: out.number("checkpoint_ms")?,
+        copy_ms: out.number("copy_ms")?,
+        scp_ms: out.number("scp_ms")?,
+        restore_ms: out.number("restore_ms")?,
+    })
+}
+
+/// One run of the CRIU floor from node-1 to node-2: the demo workload's binary (from its image's
+/// rootfs, which the sandbox keeps) as a plain process.
+fn criu_floor(demo: &Path, size: &str) -> anyhow::Result<FloorRun> {
+    let out = Printed::of("criu-floor.sh", &demo.display().to_string(), |cmd| {
+        cmd.env("TOUCH", size);
+    })?;
+    Ok(FloorRun {
+        image_bytes: out.number("image_bytes")? as u64,
+        dump_ms: out.number("dump_ms")?,
+        transfer_ms: out.number("transfer_ms")?,
+        restore_ms: out.number("restore_ms")?,
     })
 }
 

@@ -1,8 +1,10 @@
-//! The benchmarks (`cargo run -p e2e -- bench`; the measured operator and agent are release builds): where migration time goes, against the
-//! raw recipe and the physical limits, measured on the sandbox cluster in one run, and written to
+//! The benchmarks (`cargo run -p e2e -- bench`; the measured operator and agent are release
+//! builds): where migration time goes, against the floor (CRIU alone), the raw recipe and the
+//! physical limits, measured on the sandbox cluster in one run, and written to
 //! `docs/benchmarks.md`, `docs/benchmarks.json` and `docs/benchmarks.svg`.
 //!
-//! 1. the raw recipe (CRI checkpoint, scp, CRI restore; no Kubernetes) at each memory size;
+//! 1. the raw recipe (CRI checkpoint, scp, CRI restore; no Kubernetes) and the CRIU floor (CRIU
+//!    dump to memory, a TCP copy, CRIU restore; no Kubernetes, no containerd) at each memory size;
 //! 2. the transfer limits on the same archive and nodes: a plain TCP pipe between the nodes' network
 //!    namespaces, and a copy in memory;
 //! 3. kube-migros installed with its chart moving the demo workload at each memory size, with a
@@ -44,6 +46,8 @@ pub struct Options {
     pub report_only: bool,
     /// What this run measures that others do not (a change), shown in the before/after section.
     pub note: String,
+    /// The restore backend of the migrations (`runtime-wrapper` or `cri-checkpoint-image`).
+    pub backend: String,
 }
 
 /// One migration of the demo workload by kube-migros.
@@ -54,6 +58,9 @@ pub struct MigrationRun {
     pub total_ms: f64,
     /// The operator's downtime: source frozen until the target runs.
     pub downtime_ms: f64,
+    /// The stream alone within the transfer, as the target agent measured it (0: not recorded).
+    #[serde(default)]
+    pub stream_ms: f64,
     /// The longest time an outside client (on the host, polling the status port every few ms)
     /// got no answer from the workload.
     pub client_gap_ms: f64,
@@ -80,11 +87,33 @@ impl RawRun {
     }
 }
 
+/// One run of the CRIU floor (`e2e/bench/criu-floor.sh`): CRIU alone, no Kubernetes, no
+/// containerd.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct FloorRun {
+    /// The CRIU images of the workload.
+    pub image_bytes: u64,
+    /// `criu dump` into the source node's memory.
+    pub dump_ms: f64,
+    /// The images over a plain TCP connection between the nodes (tar into nc).
+    pub transfer_ms: f64,
+    /// `criu restore` on the target node from its memory.
+    pub restore_ms: f64,
+}
+
+impl FloorRun {
+    /// Frozen until the restored process runs: dump, transfer, restore.
+    pub fn downtime_ms(&self) -> f64 {
+        self.dump_ms + self.transfer_ms + self.restore_ms
+    }
+}
+
 /// Throughput of moving the same bytes between the same two nodes, per method.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct TransferRuns {
     pub bytes: u64,
-    /// MB/s per method (`memory copy`, `tcp pipe`, `scp`, `agent`), one value per run.
+    /// MB/s per method (`memory copy`, `tcp pipe`, `scp`, `agent` (the transfer phase),
+    /// `agent stream` (the stream alone)), one value per run.
     pub mb_per_s: BTreeMap<String, Vec<f64>>,
 }
 
@@ -107,14 +136,24 @@ pub struct Results {
     pub label: String,
     #[serde(default)]
     pub note: String,
+    /// The restore backend of the migrations (runs before it was recorded used checkpoint images).
+    #[serde(default = "image_backend")]
+    pub backend: String,
     pub started: String,
     pub commit: String,
     pub machine: String,
     /// Per size class.
     pub migrations: BTreeMap<String, Vec<MigrationRun>>,
     pub raw: BTreeMap<String, Vec<RawRun>>,
+    /// The CRIU floor per size class.
+    #[serde(default)]
+    pub floor: BTreeMap<String, Vec<FloorRun>>,
     pub transfer: Option<TransferRuns>,
     pub scale: Vec<ScaleRun>,
+}
+
+fn image_backend() -> String {
+    "cri-checkpoint-image".into()
 }
 
 /// The JSON file: results by label.
@@ -131,6 +170,7 @@ pub async fn run(dirs: &Dirs, options: &Options) -> anyhow::Result<()> {
     let mut results = Results {
         label: options.label.clone(),
         note: options.note.clone(),
+        backend: options.backend.clone(),
         started: k8s_openapi::jiff::Timestamp::now().to_string(),
         commit: git_commit(),
         machine: machine(),
@@ -140,6 +180,7 @@ pub async fn run(dirs: &Dirs, options: &Options) -> anyhow::Result<()> {
     if let Some(earlier) = document.get(&options.label) {
         if !wanted("raw") {
             results.raw = earlier.raw.clone();
+            results.floor = earlier.floor.clone();
             results.transfer = earlier.transfer.clone();
         }
         if !wanted("migration") {
@@ -174,11 +215,12 @@ pub async fn run(dirs: &Dirs, options: &Options) -> anyhow::Result<()> {
         return Ok(());
     }
     if wanted("raw") {
-        let (raw, transfer) = baseline::run(dirs, options)
+        let baselines = baseline::run(dirs, options)
             .await
-            .context("the raw recipe and the transfer limits")?;
-        results.raw = raw;
-        results.transfer = Some(transfer);
+            .context("the raw recipe, the CRIU floor and the transfer limits")?;
+        results.raw = baselines.raw;
+        results.floor = baselines.floor;
+        results.transfer = Some(baselines.transfer);
         document.insert(options.label.clone(), results.clone());
         save(&document)?;
     }

@@ -28,14 +28,16 @@ use crate::{MigrationRun, Options, TransferRuns};
 /// The phases of a migration, in order, as measured here:
 /// - `prepare`: apply until Checkpointing (checks, target choice, rxe block, target agent prepared);
 /// - `checkpoint`: Checkpointing until Transferring (IP blocked, paused, CRI checkpoint);
-/// - `transfer`: Transferring until Restoring (the stream, the target's checks, unpack, staging of
-///   the checkpoint image: pack, push to the registry, pull into the node's runtime);
+/// - `transfer`: Transferring until Restoring (the stream and the target's staging: with the runtime
+///   wrapper the archive unpacked as it arrives; with checkpoint images the checks, then the image
+///   packed, pushed to the registry and pulled into the node's runtime);
 /// - `commit`: Restoring until the source pod is being deleted (target staged, rxe counters and IP
 ///   reservation set: the commit point);
 /// - `source teardown`: until the source pod is gone;
 /// - `pod creation`: until the replacement pod exists;
 /// - `restore`: until the replacement runs (scheduling is skipped: it names its node; the kubelet
-///   restores it from the checkpoint image);
+///   creates its sandbox and containerd restores the container, through migros-runc or from the
+///   checkpoint image);
 /// - `running`: until the PodMigration is Succeeded (the operator sees it run, unblocks the IP).
 pub const PHASES: [&str; 8] = [
     "prepare",
@@ -102,7 +104,15 @@ pub async fn run(
     install::apply_chart_crds(&client).await?;
     let registry = Registry::new(dirs);
     let images = release::ensure_images(dirs, &registry)?;
-    release::install(dirs, &env, &images, &registry, &[])?;
+    // The backend to measure: the agents offer the runtime wrapper first when it is installed.
+    let wrapper = (options.backend == "runtime-wrapper").to_string();
+    release::install(
+        dirs,
+        &env,
+        &images,
+        &registry,
+        &[("runtimeWrapper.enabled", wrapper.as_str())],
+    )?;
     release::wait_rolled_out(&client, Duration::from_secs(300)).await?;
     workload::fresh_namespace(&client, NAMESPACE).await?;
     let demo = cluster.images.get("demo").context("no demo image")?.clone();
@@ -128,8 +138,9 @@ pub async fn run(
     Ok(all)
 }
 
-/// The agents' transfer throughput (checkpoint bytes over the transfer phase) of the size whose
-/// archive is closest to the one the other methods moved.
+/// The agents' throughput of the size whose archive is closest to the one the other methods
+/// moved: checkpoint bytes over the transfer phase (`agent`) and over the stream alone (`agent
+/// stream`).
 pub fn add_agent_throughput(
     transfer: &mut TransferRuns,
     migrations: &BTreeMap<String, Vec<MigrationRun>>,
@@ -139,14 +150,17 @@ pub fn add_agent_throughput(
         .filter(|runs| !runs.is_empty())
         .min_by_key(|runs| runs[0].checkpoint_bytes.abs_diff(transfer.bytes));
     if let Some(runs) = closest {
-        let values = runs
+        let rate = |ms: f64, bytes: u64| (ms > 0.0).then(|| bytes as f64 / 1e6 / (ms / 1000.0));
+        let phase: Vec<f64> = runs
             .iter()
-            .filter_map(|r| {
-                let ms = *r.phases.get("transfer")?;
-                (ms > 0.0).then(|| r.checkpoint_bytes as f64 / 1e6 / (ms / 1000.0))
-            })
+            .filter_map(|r| rate(*r.phases.get("transfer")?, r.checkpoint_bytes))
             .collect();
-        transfer.mb_per_s.insert("agent".into(), values);
+        let stream: Vec<f64> = runs
+            .iter()
+            .filter_map(|r| rate(r.stream_ms, r.checkpoint_bytes))
+            .collect();
+        transfer.mb_per_s.insert("agent".into(), phase);
+        transfer.mb_per_s.insert("agent stream".into(), stream);
     }
 }
 
@@ -253,6 +267,10 @@ async fn one(
             .timings
             .and_then(|t| t.downtime_ms)
             .map_or(f64::NAN, |d| d as f64),
+        stream_ms: status
+            .timings
+            .and_then(|t| t.stream_ms)
+            .map_or(0.0, |d| d as f64),
         client_gap_ms,
         stream_gap_ms: num(&after, "maxgap_ms") as f64,
         phases: seen.durations(),

@@ -4,7 +4,7 @@
 use std::{collections::BTreeMap, fmt::Write as _};
 
 use crate::{
-    Document, MigrationRun, RawRun, Results, ScaleRun,
+    Document, FloorRun, MigrationRun, RawRun, Results, ScaleRun,
     migration::PHASES,
     stats::{Summary, ratio},
 };
@@ -78,17 +78,31 @@ struct Headline {
     total: Option<Summary>,
     downtime: Option<Summary>,
     raw_downtime: Option<Summary>,
+    floor_downtime: Option<Summary>,
 }
 
 fn headline(r: &Results, size: &str) -> Headline {
     let runs = r.migrations.get(size).map(Vec::as_slice).unwrap_or(&[]);
     let raw = r.raw.get(size).map(Vec::as_slice).unwrap_or(&[]);
+    let floor = r.floor.get(size).map(Vec::as_slice).unwrap_or(&[]);
     Headline {
         size: size.into(),
         total: summary(runs.iter().map(|m| m.total_ms)),
         downtime: summary(runs.iter().map(downtime)),
         raw_downtime: summary(raw.iter().map(|r| r.downtime_ms())),
+        floor_downtime: summary(floor.iter().map(FloorRun::downtime_ms)),
     }
+}
+
+/// From the commit until the restored process runs: the phases after the transfer but the
+/// operator's last look.
+const AFTER_COMMIT: [&str; 4] = ["commit", "source teardown", "pod creation", "restore"];
+
+fn after_commit(run: &MigrationRun) -> Option<f64> {
+    AFTER_COMMIT
+        .iter()
+        .map(|p| run.phases.get(*p).copied())
+        .sum()
 }
 
 /// The template of the document (`e2e/bench/report.md`): prose with `{{name}}` slots, in sections.
@@ -147,6 +161,8 @@ struct Context<'a> {
     r: &'a Results,
     smallest: String,
     middle: String,
+    /// The sizes from the middle up (where the floor target applies).
+    large: Vec<String>,
     rate: BTreeMap<&'static str, Option<Summary>>,
     thousand: Option<&'a ScaleRun>,
 }
@@ -155,7 +171,7 @@ impl<'a> Context<'a> {
     fn new(r: &'a Results) -> Self {
         let sizes: Vec<&String> = ordered(&r.migrations).into_iter().map(|(k, _)| k).collect();
         let transfer = r.transfer.clone().unwrap_or_default();
-        let rate = ["agent", "tcp pipe", "scp", "memory copy"]
+        let rate = ["agent", "agent stream", "tcp pipe", "scp", "memory copy"]
             .into_iter()
             .map(|m| {
                 let runs = transfer.mb_per_s.get(m).cloned().unwrap_or_default();
@@ -168,6 +184,10 @@ impl<'a> Context<'a> {
             middle: sizes
                 .get(sizes.len() / 2)
                 .map_or("256Mi".into(), |s| s.to_string()),
+            large: sizes[sizes.len() / 2..]
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
             rate,
             thousand: r.scale.iter().find(|s| s.migrations == 1000),
         }
@@ -194,6 +214,7 @@ pub fn markdown(doc: &Document, label: &str) -> String {
     let c = Context::new(r);
     let header = vec![
         ("label", label.to_string()),
+        ("backend", r.backend.clone()),
         ("started", r.started.clone()),
         ("commit", r.commit.clone()),
         ("machine", r.machine.clone()),
@@ -203,6 +224,7 @@ pub fn markdown(doc: &Document, label: &str) -> String {
     let others: Vec<&Results> = doc.values().filter(|o| o.label != label).collect();
     let parts = [
         ("migrations", !r.migrations.is_empty(), migrations(&c)),
+        ("floor", !r.floor.is_empty(), floor(&c)),
         ("raw", !r.raw.is_empty(), raw(&c)),
         ("transfer", r.transfer.is_some(), transfer(&c)),
         ("scale", !r.scale.is_empty(), scale(&c)),
@@ -229,8 +251,8 @@ fn targets(c: &Context<'_>) -> Table {
     let stream_gap = summary(small.iter().map(|m| m.stream_gap_ms));
     let mid = headline(c.r, &c.middle);
     let dt_ratio = ratio(mid.downtime, mid.raw_downtime);
-    let (agent, pipe, scp) = (c.rate("agent"), c.rate("tcp pipe"), c.rate("scp"));
-    let (vs_pipe, vs_scp) = (ratio(agent, pipe), ratio(agent, scp));
+    let (agent, stream, pipe) = (c.rate("agent"), c.rate("agent stream"), c.rate("tcp pipe"));
+    let (phase_vs_pipe, stream_vs_pipe) = (ratio(agent, pipe), ratio(stream, pipe));
     let mut t = Table::new(&["target", "measured", "met"]);
     t.row(vec![
         format!("gap a client of the workload sees per hop at {}: at most 0.3 s", c.smallest),
@@ -241,6 +263,51 @@ fn targets(c: &Context<'_>) -> Table {
         ),
         met(client_gap.map(|g| g.median <= 300.0)).into(),
     ]);
+    for size in &c.large {
+        let h = headline(c.r, size);
+        let x = ratio(h.downtime, h.floor_downtime);
+        t.row(vec![
+            format!(
+                "downtime at {size} ({}): at most 1.5x the CRIU floor",
+                c.r.backend
+            ),
+            format!(
+                "{} s vs {} s: {}",
+                show(h.downtime, 0.001, 2),
+                show(h.floor_downtime, 0.001, 2),
+                times(x)
+            ),
+            met(x.map(|x| x <= 1.5)).into(),
+        ]);
+    }
+    let commit_to_running = summary(small.iter().filter_map(after_commit));
+    t.row(vec![
+        format!(
+            "from the commit until the restored process runs at {}: at most 0.5 s",
+            c.smallest
+        ),
+        format!(
+            "{} s ({})",
+            show(commit_to_running, 0.001, 2),
+            AFTER_COMMIT.join(" + ")
+        ),
+        met(commit_to_running.map(|s| s.median <= 500.0)).into(),
+    ]);
+    t.row(vec![
+        "the agents' stream alone: at least 0.9x a plain TCP pipe".into(),
+        format!(
+            "{} MB/s vs {} MB/s: {}",
+            show(stream, 1.0, 0),
+            show(pipe, 1.0, 0),
+            times(stream_vs_pipe)
+        ),
+        met(stream_vs_pipe.map(|x| x >= 0.9)).into(),
+    ]);
+    t.row(vec![
+        "the transfer phase as a whole: at least 0.5x a plain TCP pipe".into(),
+        format!("{} MB/s: {}", show(agent, 1.0, 0), times(phase_vs_pipe)),
+        met(phase_vs_pipe.map(|x| x >= 0.5)).into(),
+    ]);
     t.row(vec![
         format!("downtime at {}: at most 1.5x the raw recipe's", c.middle),
         format!(
@@ -250,16 +317,6 @@ fn targets(c: &Context<'_>) -> Table {
             times(dt_ratio)
         ),
         met(dt_ratio.map(|x| x <= 1.5)).into(),
-    ]);
-    t.row(vec![
-        "agent transfer: at least 0.9x a plain TCP pipe and 3x scp".into(),
-        format!(
-            "{} MB/s: {} the pipe, {} scp",
-            show(agent, 1.0, 0),
-            times(vs_pipe),
-            times(vs_scp)
-        ),
-        met(vs_pipe.zip(vs_scp).map(|(p, s)| p >= 0.9 && s >= 3.0)).into(),
     ]);
     t.row(vec![
         "1000 PodMigrations with instant agents: all final within 60 s, operator RSS at most 100 MiB"
@@ -309,7 +366,38 @@ fn migrations(c: &Context<'_>) -> Slots {
     vec![
         ("migrations", runs_table.to_string()),
         ("phases", phases.to_string()),
+        ("transfer_phase", transfer_phase(&c.r.backend).into()),
+        ("restore_phase", restore_phase(&c.r.backend).into()),
     ]
+}
+
+/// What the transfer phase does with a backend.
+fn transfer_phase(backend: &str) -> &'static str {
+    match backend {
+        "runtime-wrapper" => {
+            "the stream; the target unpacks each archive as it arrives into its staging, checking \
+             every entry before it is written, and syncs it"
+        }
+        _ => {
+            "the stream into a file, the target's checks of the archive, staging it as the \
+             checkpoint image: push to the registry, pull into the node's runtime"
+        }
+    }
+}
+
+/// What the restore phase does with a backend.
+fn restore_phase(backend: &str) -> &'static str {
+    match backend {
+        "runtime-wrapper" => {
+            "the kubelet creates the pod's sandbox (network, pause container) and its container \
+             under the kube-migros RuntimeClass, which migros-runc restores with CRIU from the \
+             staged images, until it runs"
+        }
+        _ => {
+            "the kubelet creates the pod's sandbox and its container, which containerd restores \
+             from the checkpoint image, until it runs"
+        }
+    }
 }
 
 fn raw(c: &Context<'_>) -> Slots {
@@ -344,11 +432,37 @@ fn raw(c: &Context<'_>) -> Slots {
     vec![("raw", t.to_string())]
 }
 
+fn floor(c: &Context<'_>) -> Slots {
+    let mut t = Table::new(&[
+        "memory",
+        "images MB",
+        "dump s",
+        "transfer s",
+        "restore s",
+        "downtime s",
+        "kube-migros downtime / floor",
+    ]);
+    for (size, runs) in ordered(&c.r.floor) {
+        let h = headline(c.r, size);
+        let seconds = |f: fn(&FloorRun) -> f64| show(summary(runs.iter().map(f)), 0.001, 2);
+        t.row(vec![
+            size.clone(),
+            show(summary(runs.iter().map(|x| x.image_bytes as f64)), 1e-6, 1),
+            seconds(|x| x.dump_ms),
+            seconds(|x| x.transfer_ms),
+            seconds(|x| x.restore_ms),
+            show(h.floor_downtime, 0.001, 2),
+            times(ratio(h.downtime, h.floor_downtime)),
+        ]);
+    }
+    vec![("floor", t.to_string())]
+}
+
 fn transfer(c: &Context<'_>) -> Slots {
     let bytes = c.r.transfer.as_ref().map_or(0, |t| t.bytes);
     let pipe = c.rate("tcp pipe");
     let mut t = Table::new(&["method", "MB/s", "vs the TCP pipe"]);
-    for name in ["memory copy", "tcp pipe", "scp", "agent"] {
+    for name in ["memory copy", "tcp pipe", "scp", "agent stream", "agent"] {
         let s = c.rate(name);
         t.row(vec![name.into(), show(s, 1.0, 0), times(ratio(s, pipe))]);
     }
@@ -356,6 +470,7 @@ fn transfer(c: &Context<'_>) -> Slots {
         ("middle", c.middle.clone()),
         ("archive_mb", format!("{:.1}", bytes as f64 / 1e6)),
         ("transfer", t.to_string()),
+        ("transfer_phase", transfer_phase(&c.r.backend).into()),
     ]
 }
 
@@ -395,7 +510,7 @@ fn time(c: &Context<'_>) -> Slots {
     let remedies: Vec<String> = shares
         .iter()
         .take(3)
-        .map(|(p, _)| format!("- **{p}**: {}", remedy(p)))
+        .map(|(p, _)| format!("- **{p}**: {}", remedy(p, &c.r.backend)))
         .collect();
     vec![
         ("largest_size", size.clone()),
@@ -461,10 +576,12 @@ fn comparison(others: &[&Results], r: &Results) -> Slots {
     let mut migrations = Table::new(&[
         "run",
         "commit",
+        "backend",
         "memory",
         "total s",
         "downtime s",
         "transfer s",
+        "floor downtime s",
         "raw downtime s",
     ]);
     for o in &all {
@@ -483,10 +600,12 @@ fn comparison(others: &[&Results], r: &Results) -> Slots {
             migrations.row(vec![
                 o.label.clone(),
                 format!("`{}`", o.commit),
+                o.backend.clone(),
                 h.size,
                 show(h.total, 0.001, 2),
                 show(h.downtime, 0.001, 2),
                 show(phase(runs, "transfer"), 0.001, 2),
+                show(h.floor_downtime, 0.001, 2),
                 show(h.raw_downtime, 0.001, 2),
             ]);
         }
@@ -499,8 +618,14 @@ fn comparison(others: &[&Results], r: &Results) -> Slots {
 }
 
 /// What would make a phase shorter (the analysis behind the numbers; see docs/node-agent.md).
-fn remedy(phase: &str) -> &'static str {
+fn remedy(phase: &str, backend: &str) -> &'static str {
     match phase {
+        "transfer" if backend == "runtime-wrapper" => {
+            "the stream is unpacked as it arrives, so the phase is the stream and a sync: its \
+             rate is bound by the CPU the two ends share with everything else on these nodes \
+             (zstd, TLS, the tar walk). CRIU images sent as they are dumped (the CRIU page server \
+             to the target agent) would overlap it with the checkpoint."
+        }
         "transfer" => {
             "the checkpoint makes a round trip through the registry because the kubelet restores \
              only from images: on the target the bytes are written to the incoming file, read for \
@@ -615,6 +740,7 @@ mod tests {
             checkpoint_bytes: 20_000_000,
             total_ms: total,
             downtime_ms: downtime,
+            stream_ms: transfer * 0.8,
             client_gap_ms: downtime + 100.0,
             stream_gap_ms: 50.0,
             phases: PHASES
@@ -647,11 +773,22 @@ mod tests {
             ]
             .into(),
             raw: [("256Mi".to_string(), vec![raw])].into(),
+            floor: [(
+                "256Mi".to_string(),
+                vec![FloorRun {
+                    image_bytes: 18_000_000,
+                    dump_ms: 200.0,
+                    transfer_ms: 300.0,
+                    restore_ms: 300.0,
+                }],
+            )]
+            .into(),
             transfer: Some(TransferRuns {
                 bytes: 20_000_000,
                 mb_per_s: [
                     ("tcp pipe".to_string(), vec![1000.0]),
                     ("agent".to_string(), vec![500.0]),
+                    ("agent stream".to_string(), vec![950.0]),
                     ("scp".to_string(), vec![100.0]),
                 ]
                 .into(),
@@ -702,11 +839,13 @@ mod tests {
         );
         // Downtime at 256Mi against the raw recipe's 0.3 + 0.2 + 0.5 s.
         assert!(md.contains("1.40 s vs 1.00 s: 1.40x | yes |"), "{md}");
-        // Agent 500 MB/s: 0.5x the pipe, 5x scp: the pipe target is missed.
-        assert!(
-            md.contains("500 MB/s: 0.50x the pipe, 5.00x scp | **no** |"),
-            "{md}"
-        );
+        // Against the floor's 0.2 + 0.3 + 0.3 s: missed.
+        assert!(md.contains("1.40 s vs 0.80 s: 1.75x | **no** |"), "{md}");
+        // The stream alone at 950 MB/s against the pipe's 1000, the phase at 500.
+        assert!(md.contains("950 MB/s vs 1000 MB/s: 0.95x | yes |"), "{md}");
+        assert!(md.contains("500 MB/s: 0.50x | yes |"), "{md}");
+        // From the commit at 16Mi: four phases of 0.1 s.
+        assert!(md.contains("| 0.40 (0.40-0.40) s (commit + "), "{md}");
         assert!(md.contains("45.0 s, 60 MiB | yes |"), "{md}");
         assert!(md.contains("the largest phase is **transfer**"), "{md}");
         assert!(!md.contains("Before and after"));

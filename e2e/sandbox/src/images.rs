@@ -31,6 +31,15 @@ pub enum Error {
     Io(#[from] IoError),
 }
 
+/// The static binary of image `name` as last built by [`ensure`] (its image's only file).
+pub fn binary(dirs: &Dirs, name: &str) -> PathBuf {
+    dirs.state
+        .join("images")
+        .join(name)
+        .join("rootfs")
+        .join(name)
+}
+
 /// Builds and pushes every image that the registry lacks; returns name -> reference.
 pub fn ensure(
     dirs: &Dirs,
@@ -40,9 +49,9 @@ pub fn ensure(
     let sources = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("images");
     let mut references = BTreeMap::new();
     for (name, package) in IMAGES {
-        let root = publisher.work.join(name).join("rootfs");
+        let binary = binary(dirs, name);
+        let root = binary.parent().unwrap_or(&publisher.work).to_path_buf();
         std::fs::create_dir_all(&root).map_err(io_at(&root))?;
-        let binary = root.join(name);
         gobuild::run(
             gobuild::go_command(&sources)
                 .args(["build", "-trimpath", "-ldflags", "-s -w", "-o"])
