@@ -2,8 +2,8 @@
 # The floor of a migration on the sandbox nodes: CRIU alone, no Kubernetes, no containerd, no
 # archive. The demo workload runs as a plain process (in a PID namespace of its own) on SOURCE;
 # CRIU dumps it into memory (the node's tmpfs), the images go to TARGET over the node-to-node TCP
-# path (tar into a plain TCP connection, nc listening: as raw as a copy gets), and CRIU restores
-# them there from memory. Downtime is
+# path (tar into a plain TCP connection and out of it, 1 MiB at a time: as raw as a copy gets),
+# and CRIU restores them there from memory. Downtime is
 # dump + transfer + restore: what kube-migros is compared with.
 #
 #   e2e/bench/criu-floor.sh SOURCE TARGET DEMO_BINARY
@@ -73,14 +73,19 @@ dump_ms=$(( $(now_ms) - start ))
 image_bytes=$(on "$source_node" du -sb "$images" | cut -f1)
 
 target_ip=$(node_ip "$target_node")
-on "$target_node" sh -c "busybox nc -l -p $transfer_port | tar -x -C $images" &
+# 1 MiB reads and writes at both ends (tar records, the receiver's reads), as the agents use.
+on "$target_node" sh -c "perl -MIO::Socket::INET -e '
+    my \$l = IO::Socket::INET->new(LocalPort => $transfer_port, Listen => 1, ReuseAddr => 1) or die;
+    my \$c = \$l->accept; my \$b;
+    while (sysread(\$c, \$b, 1 << 20)) { syswrite(STDOUT, \$b) == length(\$b) or die }
+' | tar -x -b 2048 -C $images" &
 receiver=$!
 for _ in $(seq 100); do
     [ -n "$(on "$target_node" ss -Hltn "sport = :$transfer_port")" ] && break
     sleep 0.05
 done
 start=$(now_ms)
-on "$source_node" bash -c "tar -c -C $images . > /dev/tcp/$target_ip/$transfer_port"
+on "$source_node" bash -c "tar -c -b 2048 -C $images . > /dev/tcp/$target_ip/$transfer_port"
 wait "$receiver"
 transfer_ms=$(( $(now_ms) - start ))
 

@@ -6,6 +6,9 @@
 //! an unpacker would, writing nothing: relative paths without `..`, only regular files,
 //! directories and links, links that resolve inside the directory, no entry written through a
 //! link, no path twice, and limits on the total size and the number of entries.
+//!
+//! On the source, a checkpoint taken without the CRI stays a directory; [`Layout`] streams it as a
+//! tar archive of a size known before the first byte, without writing the archive anywhere.
 
 use std::{
     collections::HashSet,
@@ -141,8 +144,11 @@ pub fn unpack(reader: impl Read, dest: &Path, limits: Limits) -> Result<Contents
                 if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
                     root.create_dir_all(parent).map_err(at)?;
                 }
-                let mut file = root.create(path).map_err(at)?;
-                io::copy(entry, &mut file).map_err(at)?;
+                let file = root.create(path).map_err(at)?;
+                // Large writes: checkpoint images are mostly big page files.
+                let mut out = io::BufWriter::with_capacity(COPY_BUFFER, file);
+                io::copy(entry, &mut out).map_err(at)?;
+                io::Write::flush(&mut out).map_err(at)?;
                 Ok(())
             }
             other => Err(Error::Kind {
@@ -239,50 +245,151 @@ pub fn digest_file(path: &Path) -> Result<(String, u64), Error> {
     Ok((format_digest(hasher), bytes))
 }
 
-/// Packs CRIU images (the directory `images`) and a container's filesystem changes (the layer
-/// `rootfs_diff`) into the archive `out` in the layout of a CRI checkpoint archive (`checkpoint/`,
-/// `rootfs-diff.tar`), in one pass: answers its `sha256:<hex>` and size.
-pub fn pack_checkpoint(
-    images: &Path,
-    rootfs_diff: &Path,
-    out: &Path,
-) -> Result<(String, u64), Error> {
-    let file = fs::File::create(out).map_err(io(out))?;
-    let hashing = Hashing {
-        inner: io::BufWriter::with_capacity(1 << 20, file),
-        hasher: Sha256::new(),
-        bytes: 0,
-    };
-    let mut tar = tar::Builder::new(hashing);
-    tar.follow_symlinks(false);
-    tar.append_dir_all("checkpoint", images)
-        .map_err(io(images))?;
-    tar.append_path_with_name(rootfs_diff, "rootfs-diff.tar")
-        .map_err(io(rootfs_diff))?;
-    // Not synced: the source needs it only until the commit, by which time the target has
-    // synced its copy; a source node that fails before loses the pod anyway.
-    let mut hashing = tar.into_inner().map_err(io(out))?;
-    io::Write::flush(&mut hashing).map_err(io(out))?;
-    Ok((format_digest(hashing.hasher), hashing.bytes))
+/// Bytes per write when unpacking.
+const COPY_BUFFER: usize = 1 << 20;
+
+/// A directory as a tar archive: its entries in a stable order (directories, regular files), each
+/// a 512-byte header and its data padded to 512 bytes, then two zero blocks. The size is known
+/// before writing ([`Layout::bytes`]), as a stream announces it; [`Layout::write`] fails if a file
+/// changed size since.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Layout {
+    root: PathBuf,
+    entries: Vec<LayoutEntry>,
 }
 
-/// A writer that hashes and counts what goes through it.
-struct Hashing<W> {
-    inner: W,
-    hasher: Sha256,
-    bytes: u64,
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct LayoutEntry {
+    /// Path in the archive (directories end in `/`).
+    name: String,
+    size: u64,
+    mode: u32,
+    mtime: u64,
+    dir: bool,
 }
 
-impl<W: io::Write> io::Write for Hashing<W> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.hasher.update(&buf[..n]);
-        self.bytes += n as u64;
-        Ok(n)
+/// Tar's block.
+const BLOCK: u64 = 512;
+
+impl Layout {
+    /// The entries of `root` (recursively; links, sockets and devices are refused: a checkpoint
+    /// directory holds none).
+    pub fn of(root: &Path) -> Result<Self, Error> {
+        let mut entries = Vec::new();
+        Self::walk(root, Path::new(""), &mut entries)?;
+        Ok(Self {
+            root: root.to_path_buf(),
+            entries,
+        })
     }
 
-    fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
+    fn walk(root: &Path, dir: &Path, entries: &mut Vec<LayoutEntry>) -> Result<(), Error> {
+        use std::os::unix::fs::MetadataExt;
+        let here = root.join(dir);
+        let mut names: Vec<_> = fs::read_dir(&here)
+            .map_err(io(&here))?
+            .map(|e| e.map(|e| e.file_name()))
+            .collect::<Result<_, _>>()
+            .map_err(io(&here))?;
+        names.sort();
+        for name in names {
+            let inside = dir.join(&name);
+            let path = root.join(&inside);
+            let meta = fs::symlink_metadata(&path).map_err(io(&path))?;
+            let mut archived = inside
+                .to_str()
+                .ok_or_else(|| Error::Kind {
+                    path: inside.clone(),
+                    kind: "name that is not UTF-8".into(),
+                })?
+                .to_string();
+            if meta.is_dir() {
+                archived.push('/');
+            } else if !meta.is_file() {
+                return Err(Error::Kind {
+                    path: inside,
+                    kind: "file that is neither regular nor a directory".into(),
+                });
+            }
+            // A plain header holds names up to 100 bytes (CRIU's image names are short).
+            if archived.len() > 100 {
+                return Err(Error::Kind {
+                    path: inside,
+                    kind: "name longer than 100 bytes".into(),
+                });
+            }
+            entries.push(LayoutEntry {
+                name: archived,
+                size: if meta.is_dir() { 0 } else { meta.len() },
+                mode: meta.mode() & 0o7777,
+                mtime: u64::try_from(meta.mtime()).unwrap_or(0),
+                dir: meta.is_dir(),
+            });
+            if meta.is_dir() {
+                Self::walk(root, &inside, entries)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The archive's size in bytes.
+    pub fn bytes(&self) -> u64 {
+        let data: u64 = self
+            .entries
+            .iter()
+            .map(|e| BLOCK + e.size.div_ceil(BLOCK) * BLOCK)
+            .sum();
+        data + 2 * BLOCK
+    }
+
+    /// Writes the archive into `out`, reading each file in large pieces.
+    pub fn write(&self, mut out: impl io::Write) -> Result<u64, Error> {
+        let mut buf = vec![0u8; COPY_BUFFER];
+        let mut written = 0u64;
+        for e in &self.entries {
+            let path = self.root.join(e.name.trim_end_matches('/'));
+            let mut header = tar::Header::new_ustar();
+            header.set_path(&e.name).map_err(io(&path))?;
+            header.set_entry_type(if e.dir {
+                tar::EntryType::Directory
+            } else {
+                tar::EntryType::Regular
+            });
+            header.set_size(e.size);
+            header.set_mode(e.mode);
+            header.set_mtime(e.mtime);
+            header.set_cksum();
+            out.write_all(header.as_bytes()).map_err(io(&path))?;
+            written += BLOCK;
+            if e.dir {
+                continue;
+            }
+            let mut file = fs::File::open(&path).map_err(io(&path))?;
+            let mut left = e.size;
+            while left > 0 {
+                let want = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+                let n = file.read(&mut buf[..want]).map_err(io(&path))?;
+                if n == 0 {
+                    break;
+                }
+                out.write_all(&buf[..n]).map_err(io(&path))?;
+                left -= n as u64;
+            }
+            let mut probe = [0u8; 1];
+            if left > 0 || file.read(&mut probe).map_err(io(&path))? > 0 {
+                return Err(Error::Io {
+                    path,
+                    source: io::Error::other("the file changed size while it was sent"),
+                });
+            }
+            let pad = e.size.div_ceil(BLOCK) * BLOCK - e.size;
+            out.write_all(&[0u8; BLOCK as usize][..pad as usize])
+                .map_err(io(&path))?;
+            written += e.size + pad;
+        }
+        out.write_all(&[0u8; 2 * BLOCK as usize])
+            .map_err(io(&self.root))?;
+        Ok(written + 2 * BLOCK)
     }
 }
 
@@ -488,19 +595,22 @@ mod tests {
     }
 
     #[test]
-    fn criu_images_and_a_layer_pack_into_a_checkpoint_archive_with_its_digest() {
+    fn a_directory_streams_as_an_archive_of_the_size_it_announced() {
         let dir = tempfile::tempdir().unwrap();
-        let images = dir.path().join("images");
-        fs::create_dir_all(&images).unwrap();
-        fs::write(images.join("inventory.img"), b"inv").unwrap();
-        fs::write(images.join("pages-1.img"), vec![5u8; 70_000]).unwrap();
-        let diff = dir.path().join("diff.tar");
-        fs::write(&diff, b"layer").unwrap();
-        let out = dir.path().join("app.tar");
-        let (digest, bytes) = pack_checkpoint(&images, &diff, &out).unwrap();
-        assert_eq!(digest_file(&out).unwrap(), (digest, bytes));
+        let root = dir.path().join("app");
+        fs::create_dir_all(root.join("checkpoint")).unwrap();
+        fs::write(root.join("checkpoint/inventory.img"), b"inv").unwrap();
+        fs::write(root.join("checkpoint/pages-1.img"), vec![5u8; 70_000]).unwrap();
+        fs::write(root.join("rootfs-diff.tar"), b"layer").unwrap();
+        let layout = Layout::of(&root).unwrap();
+        let mut tar = Vec::new();
+        let written = layout.write(&mut tar).unwrap();
+        assert_eq!(
+            (written, tar.len() as u64),
+            (layout.bytes(), layout.bytes())
+        );
         let unpacked = dir.path().join("unpacked");
-        let contents = unpack(fs::File::open(&out).unwrap(), &unpacked, Limits::default()).unwrap();
+        let contents = unpack(&tar[..], &unpacked, Limits::default()).unwrap();
         assert_eq!(contents.bytes, 3 + 70_000 + 5);
         assert_eq!(
             fs::read(unpacked.join("checkpoint/pages-1.img")).unwrap(),
@@ -510,5 +620,12 @@ mod tests {
             fs::read(unpacked.join("rootfs-diff.tar")).unwrap(),
             b"layer"
         );
+        // The same directory, the same archive.
+        let mut again = Vec::new();
+        Layout::of(&root).unwrap().write(&mut again).unwrap();
+        assert_eq!(again, tar);
+        // A file that changed after the layout was taken is not sent as if it had not.
+        fs::write(root.join("rootfs-diff.tar"), b"longer layer").unwrap();
+        assert!(layout.write(std::io::sink()).is_err());
     }
 }

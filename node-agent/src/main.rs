@@ -275,6 +275,9 @@ async fn main() -> anyhow::Result<()> {
     };
 
     tonic::transport::Server::builder()
+        // Checkpoint streams are bulk data: HTTP/2 windows far larger than the 64 KiB default.
+        .initial_stream_window_size(agent_api::client::STREAM_WINDOW)
+        .initial_connection_window_size(agent_api::client::CONNECTION_WINDOW)
         .tls_config(tls.server())
         .context("server TLS configuration")?
         .add_service(

@@ -105,7 +105,10 @@ impl Agent {
                         .await?;
                     tokio::task::spawn_blocking(move || archive::digest_file(&path)).await??
                 }
-                Dump::Task => self.dump_task(c, &path).await?,
+                Dump::Task => {
+                    c.directory = true;
+                    (String::new(), self.dump_task(c, &dir).await?)
+                }
             };
             info!(container = %c.name, bytes, ?via, took_ms = started.elapsed().as_millis() as u64, "checkpointed");
             self.parts.metrics.bytes("checkpointed", bytes);
@@ -137,9 +140,10 @@ impl Agent {
         Ok(op)
     }
 
-    /// Checkpoints the (paused) task of `c` through containerd into `<archive>.d/checkpoint`, writes
-    /// its writable layer next to it and packs both into `archive`; answers its digest and size.
-    async fn dump_task(&self, c: &Container, archive: &Path) -> Result<(String, u64)> {
+    /// Checkpoints the (paused) task of `c` through containerd into `<dir>/<name>/checkpoint` and
+    /// writes its writable layer next to it (`rootfs-diff.tar`): the layout of a CRI checkpoint
+    /// archive, kept as a directory; answers the size of the archive it streams as.
+    async fn dump_task(&self, c: &Container, dir: &Path) -> Result<u64> {
         let rt = self.runtime();
         let pid = rt.task_pid(&c.id).await?;
         // The writable layer, found before anything is written: a root filesystem that is not
@@ -147,11 +151,13 @@ impl Agent {
         let upper = tokio::task::spawn_blocking(move || layer::upper_of(pid))
             .await?
             .map_err(|e| Error::Invalid(format!("container {}: {e}", c.name)))?;
-        let work = archive.with_extension("d");
-        let (images, criu) = (work.join("checkpoint"), work.join("criu"));
-        let _ = std::fs::remove_dir_all(&work);
-        for dir in [&images, &criu] {
-            std::fs::create_dir_all(dir).map_err(Error::io(dir))?;
+        let (root, criu) = (dir.join(&c.name), dir.join(format!("{}.criu", c.name)));
+        let images = root.join("checkpoint");
+        for d in [&root, &criu] {
+            let _ = std::fs::remove_dir_all(d);
+        }
+        for d in [&images, &criu] {
+            std::fs::create_dir_all(d).map_err(Error::io(d))?;
         }
         tokio::time::timeout(
             self.settings.checkpoint_timeout,
@@ -164,9 +170,8 @@ impl Agent {
                 c.name, self.settings.checkpoint_timeout
             ))
         })??;
-        let out = archive.to_path_buf();
-        let packed = tokio::task::spawn_blocking(move || -> Result<(String, u64)> {
-            let diff = work.join("rootfs-diff.tar");
+        tokio::task::spawn_blocking(move || -> Result<u64> {
+            let diff = root.join("rootfs-diff.tar");
             let file = std::fs::File::create(&diff).map_err(Error::io(&diff))?;
             let written = layer::write_upper(&upper, std::io::BufWriter::new(file))
                 .map_err(|e| Error::Invalid(format!("the writable layer: {e}")))?;
@@ -176,12 +181,10 @@ impl Agent {
                     "sockets, FIFOs or device nodes of the writable layer are not carried"
                 );
             }
-            let packed = archive::pack_checkpoint(&images, &diff, &out)?;
-            let _ = std::fs::remove_dir_all(&work);
-            Ok(packed)
+            let _ = std::fs::remove_dir_all(&criu);
+            Ok(archive::Layout::of(&root)?.bytes())
         })
-        .await??;
-        Ok(packed)
+        .await?
     }
 
     /// Pauses every container of the record through the runtime (the record says so first).
@@ -236,7 +239,12 @@ impl Agent {
         let record = self
             .store
             .load(&uid)?
-            .filter(|r| r.role == Role::Source && r.containers.iter().all(|c| !c.digest.is_empty()))
+            .filter(|r| {
+                r.role == Role::Source
+                    && r.containers
+                        .iter()
+                        .all(|c| c.directory || !c.digest.is_empty())
+            })
             .ok_or_else(|| {
                 Error::NotReady(format!("migration {uid} has no checkpoint on this node"))
             })?;
@@ -246,7 +254,12 @@ impl Agent {
             .iter()
             .map(|c| Outgoing {
                 container: c.name.clone(),
-                path: dir.join(format!("{}.tar", c.name)),
+                path: if c.directory {
+                    dir.join(&c.name)
+                } else {
+                    dir.join(format!("{}.tar", c.name))
+                },
+                directory: c.directory,
                 bytes: c.bytes,
                 digest: c.digest.clone(),
             })
@@ -267,6 +280,15 @@ impl Agent {
                     op.bytes_done = total;
                     op.bytes_total = total;
                     op.stream_ms = sent.stream.as_millis() as u64;
+                    // The digests of directories were taken as they were sent.
+                    self.store.update(&uid, |r| {
+                        for a in &sent.archives {
+                            if let Some(c) = r.container_mut(&a.name) {
+                                c.digest = a.digest.clone();
+                            }
+                        }
+                    })?;
+                    op.archives = sent.archives.clone();
                     op.message = format!(
                         "{} bytes on the wire; the stream took {} ms",
                         sent.wire, op.stream_ms

@@ -43,6 +43,10 @@ pub struct Container {
     pub bytes: u64,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub digest: String,
+    /// Source: the checkpoint is a directory, sent as an archive of `bytes` whose digest is
+    /// taken as it is sent (a checkpoint taken without the CRI).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub directory: bool,
     /// Target: the image the runtime restores this container from, once staged.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub staged: Option<String>,

@@ -37,13 +37,122 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 // ---- the sending half ----
 
-/// One archive to send.
+/// One archive to send: a file, or a directory sent as the archive [`archive::Layout`] makes of it.
 #[derive(Debug, Clone)]
 pub struct Outgoing {
     pub container: String,
     pub path: PathBuf,
+    pub directory: bool,
     pub bytes: u64,
+    /// The file's digest, checked as it is sent; a directory's is taken as it is sent.
     pub digest: String,
+}
+
+/// The bytes of one outgoing archive, in pieces.
+enum Reader {
+    File(tokio::fs::File),
+    /// A thread writes the directory's archive into the channel.
+    Directory {
+        rx: tokio::sync::mpsc::Receiver<Vec<u8>>,
+        pending: Vec<u8>,
+        taken: usize,
+        done: tokio::task::JoinHandle<std::result::Result<u64, archive::Error>>,
+    },
+}
+
+impl Reader {
+    async fn open(a: &Outgoing) -> Result<Self> {
+        if !a.directory {
+            let file = tokio::fs::File::open(&a.path)
+                .await
+                .map_err(Error::io(&a.path))?;
+            return Ok(Self::File(file));
+        }
+        let layout = {
+            let path = a.path.clone();
+            tokio::task::spawn_blocking(move || archive::Layout::of(&path)).await??
+        };
+        if layout.bytes() != a.bytes {
+            return Err(Error::NotReady(format!(
+                "the checkpoint of container {} changed since it was taken",
+                a.container
+            )));
+        }
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let done = tokio::task::spawn_blocking(move || {
+            let mut out = std::io::BufWriter::with_capacity(CHUNK, ChannelWriter(tx));
+            let written = layout.write(&mut out)?;
+            std::io::Write::flush(&mut out).map_err(|source| archive::Error::Io {
+                path: PathBuf::new(),
+                source,
+            })?;
+            Ok(written)
+        });
+        Ok(Self::Directory {
+            rx,
+            pending: Vec::new(),
+            taken: 0,
+            done,
+        })
+    }
+
+    /// Fills `buf` unless the archive ends first; answers the bytes put there.
+    async fn fill(&mut self, buf: &mut [u8], path: &Path) -> Result<usize> {
+        let mut filled = 0;
+        match self {
+            Self::File(file) => {
+                while filled < buf.len() {
+                    let n = file
+                        .read(&mut buf[filled..])
+                        .await
+                        .map_err(Error::io(path))?;
+                    if n == 0 {
+                        break;
+                    }
+                    filled += n;
+                }
+            }
+            Self::Directory {
+                rx,
+                pending,
+                taken,
+                done,
+            } => {
+                while filled < buf.len() {
+                    if *taken == pending.len() {
+                        match rx.recv().await {
+                            Some(data) => (*pending, *taken) = (data, 0),
+                            None => {
+                                // The writer ended: what it says is how the archive ended.
+                                (&mut *done).await??;
+                                break;
+                            }
+                        }
+                    }
+                    let n = (buf.len() - filled).min(pending.len() - *taken);
+                    buf[filled..filled + n].copy_from_slice(&pending[*taken..*taken + n]);
+                    (filled, *taken) = (filled + n, *taken + n);
+                }
+            }
+        }
+        Ok(filled)
+    }
+}
+
+/// The writing thread's end of a directory's archive.
+struct ChannelWriter(tokio::sync::mpsc::Sender<Vec<u8>>);
+
+impl std::io::Write for ChannelWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .blocking_send(buf.to_vec())
+            .map_err(|_| std::io::Error::other("the stream stopped"))?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Paces sending to `limit` bytes per second (0: unlimited).
@@ -75,10 +184,12 @@ impl Pace {
 }
 
 /// What a stream moved.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Sent {
     /// Bytes on the wire (compressed).
     pub wire: u64,
+    /// The archives with the digests they were sent with.
+    pub archives: Vec<v1::ContainerArchive>,
     /// The stream alone, as the target measured it.
     pub stream: Duration,
 }
@@ -133,14 +244,17 @@ pub async fn send(
             )),
         });
     }
+    let (wire, archives) = produced?;
     Ok(Sent {
-        wire: produced?,
+        wire,
+        archives,
         stream: Duration::from_millis(received.stream_ms),
     })
 }
 
 /// Reads `archives` and produces the chunks of one stream into `tx`, reporting progress (bytes of
-/// archive data produced) to `progress`. Stops early if the receiver went away.
+/// archive data produced) to `progress`. Stops early if the receiver went away. Answers the bytes
+/// on the wire and the archives with their digests.
 pub async fn produce(
     uid: String,
     archives: Vec<Outgoing>,
@@ -148,33 +262,36 @@ pub async fn produce(
     bandwidth_limit: u64,
     tx: tokio::sync::mpsc::Sender<v1::ReceiveChunk>,
     progress: impl Fn(u64),
-) -> Result<u64> {
+) -> Result<(u64, Vec<v1::ContainerArchive>)> {
     let mut pace = Pace::new(bandwidth_limit);
     let mut done = 0u64;
     let mut wire = 0u64;
+    let mut sent = Vec::new();
     let mut buf = vec![0u8; CHUNK];
     for a in archives {
-        let mut file = tokio::fs::File::open(&a.path)
-            .await
-            .map_err(Error::io(&a.path))?;
+        let mut reader = Reader::open(&a).await?;
         let mut hasher = Sha256::new();
         let mut offset = 0u64;
         loop {
-            let filled = fill(&mut file, &mut buf)
-                .await
-                .map_err(Error::io(&a.path))?;
+            let filled = reader.fill(&mut buf, &a.path).await?;
             let data = &buf[..filled];
             hasher.update(data);
             let last = offset + filled as u64 >= a.bytes || filled < CHUNK;
             let mut digest = String::new();
             if last {
                 digest = archive::format_digest(std::mem::take(&mut hasher));
-                if digest != a.digest || offset + filled as u64 != a.bytes {
+                let expected = a.directory || digest == a.digest;
+                if !expected || offset + filled as u64 != a.bytes {
                     return Err(Error::NotReady(format!(
                         "the archive of container {} changed on disk since the checkpoint",
                         a.container
                     )));
                 }
+                sent.push(v1::ContainerArchive {
+                    name: a.container.clone(),
+                    bytes: a.bytes,
+                    digest: digest.clone(),
+                });
             }
             let payload = match compression {
                 Compression::Zstd => {
@@ -210,20 +327,7 @@ pub async fn produce(
             }
         }
     }
-    Ok(wire)
-}
-
-/// Reads until `buf` is full or the file ends; answers the bytes read.
-async fn fill(file: &mut tokio::fs::File, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        let n = file.read(&mut buf[filled..]).await?;
-        if n == 0 {
-            break;
-        }
-        filled += n;
-    }
-    Ok(filled)
+    Ok((wire, sent))
 }
 
 // ---- the receiving half ----
@@ -361,9 +465,8 @@ impl Unpacker {
             // What follows the end of the archive (tar's padding) is read and dropped, so that
             // the stream never waits on a thread that stopped reading.
             std::io::copy(&mut reader, &mut std::io::sink()).map_err(io)?;
-            // Durable before it is reported: after the commit point it is the only copy.
-            let root = std::fs::File::open(&at).map_err(io)?;
-            nix::unistd::syncfs(&root).map_err(|e| io(e.into()))?;
+            // Not synced: until the migration is cleaned up (never, when it fails after the
+            // commit) the source keeps its copy, which covers a target that fails.
             Ok(contents)
         });
         Self {
@@ -483,7 +586,7 @@ impl Incoming {
         Ok(n)
     }
 
-    /// Checks size and digest once the last chunk arrived; the data is synced.
+    /// Checks size and digest once the last chunk arrived; a `.part` file is synced.
     pub async fn finish(self, digest: &str) -> Result<PathBuf> {
         if self.written != self.total {
             let truncated = self.truncated();
@@ -735,6 +838,7 @@ mod tests {
             outgoing.push(Outgoing {
                 container: name.to_string(),
                 path,
+                directory: false,
                 bytes,
                 digest,
             });
@@ -946,5 +1050,46 @@ mod tests {
             matches!(corrupted, Rejected::Corrupted { .. }),
             "{corrupted}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_directory_is_sent_as_an_archive_and_its_digest_taken_on_the_way() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("app");
+        std::fs::create_dir_all(root.join("checkpoint")).unwrap();
+        let pages: Vec<u8> = (0..(CHUNK * 2 + 99)).map(|i| (i % 241) as u8).collect();
+        std::fs::write(root.join("checkpoint/pages-1.img"), &pages).unwrap();
+        std::fs::write(root.join("rootfs-diff.tar"), b"diff").unwrap();
+        let layout = archive::Layout::of(&root).unwrap();
+        let mut whole = Vec::new();
+        layout.write(&mut whole).unwrap();
+        let outgoing = Outgoing {
+            container: "app".into(),
+            path: root.clone(),
+            directory: true,
+            bytes: layout.bytes(),
+            digest: String::new(),
+        };
+        let (tx, mut rx) = tokio::sync::mpsc::channel(1024);
+        let (_, sent) = produce("m".into(), vec![outgoing], Compression::Zstd, 0, tx, |_| {})
+            .await
+            .unwrap();
+        let mut hasher = Sha256::new();
+        hasher.update(&whole);
+        assert_eq!(sent[0].digest, archive::format_digest(hasher));
+        let mut chunks = Vec::new();
+        while let Some(c) = rx.recv().await {
+            chunks.push(c);
+        }
+        let target = tempfile::tempdir().unwrap();
+        let mut sink = unpack(target.path(), &["app"]);
+        let got = deliver(chunks, &mut sink).await.unwrap();
+        assert_eq!(got.archives[0].digest, sent[0].digest);
+        let at = &sink.kept[0].1;
+        assert_eq!(
+            std::fs::read(at.join("checkpoint/pages-1.img")).unwrap(),
+            pages
+        );
+        assert_eq!(std::fs::read(at.join("rootfs-diff.tar")).unwrap(), b"diff");
     }
 }

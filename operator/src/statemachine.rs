@@ -427,6 +427,14 @@ fn succeeded(f: &Facts, call: Step, op: &agent_api::Operation) -> PodMigrationSt
             let t = timings(&mut s);
             t.transfer_ms = Some(to_i64(op.duration_ms));
             t.stream_ms = (op.stream_ms > 0).then(|| to_i64(op.stream_ms));
+            // A checkpoint kept as a directory gets its digest as it is sent.
+            if let Some(c) = s.checkpoint.as_mut() {
+                for sent in &op.archives {
+                    if let Some(container) = c.containers.iter_mut().find(|c| c.name == sent.name) {
+                        container.digest = sent.digest.clone();
+                    }
+                }
+            }
             if !op.location.is_empty()
                 && let Some(c) = s.checkpoint.as_mut()
             {
@@ -853,6 +861,11 @@ mod tests {
     fn transferred() -> Answer {
         let mut op = agent_api::Operation::succeeded(UID);
         (op.duration_ms, op.stream_ms) = (250, 200);
+        op.archives = vec![agent_api::v1::ContainerArchive {
+            name: "app".into(),
+            bytes: 4096,
+            digest: "sha256:sent".into(),
+        }];
         Answer::Succeeded(op)
     }
 
@@ -1064,6 +1077,10 @@ mod tests {
         let t = f.status.timings.unwrap();
         assert_eq!(t.checkpoint_ms, Some(180));
         assert_eq!((t.transfer_ms, t.stream_ms), (Some(250), Some(200)));
+        assert_eq!(
+            f.status.checkpoint.as_ref().unwrap().containers[0].digest,
+            "sha256:sent"
+        );
         assert!(t.downtime_ms.unwrap() > t.restore_ms.unwrap());
         assert!(t.total_ms.unwrap() >= t.downtime_ms.unwrap());
         assert_eq!(

@@ -11,6 +11,11 @@ use crate::{
 
 /// Largest message a client takes from an agent or sends to one (a checkpoint chunk is 1 MiB).
 pub const MAX_MESSAGE_BYTES: usize = 16 << 20;
+/// HTTP/2 flow-control window of one stream between agents (and the operator): a few chunks of
+/// a checkpoint in flight, so that the link, not the window, sets the pace.
+pub const STREAM_WINDOW: u32 = 8 << 20;
+/// HTTP/2 flow-control window of one connection.
+pub const CONNECTION_WINDOW: u32 = 16 << 20;
 
 /// A client of one agent.
 #[derive(Debug, Clone)]

@@ -90,6 +90,9 @@ impl TlsMaterial {
 
     /// The agent at `host:port`, dialled with [`TlsMaterial::client`]; connect it lazily or at once.
     pub fn endpoint(&self, host_port: &str) -> Result<Endpoint, tonic::transport::Error> {
-        Endpoint::from_shared(format!("https://{host_port}"))?.tls_config(self.client())
+        Endpoint::from_shared(format!("https://{host_port}"))?
+            .initial_stream_window_size(crate::client::STREAM_WINDOW)
+            .initial_connection_window_size(crate::client::CONNECTION_WINDOW)
+            .tls_config(self.client())
     }
 }
