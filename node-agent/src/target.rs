@@ -3,7 +3,10 @@
 //! (rxe counters held, IP reserved and blocked until the restored sockets exist), and finish once
 //! the replacement pod runs (lift the block, announce the address). Release undoes all of it.
 
-use std::path::{Path, PathBuf};
+use std::{
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
 
 use agent_api::v1;
 use futures::Stream;
@@ -22,6 +25,9 @@ use crate::{
 
 /// What a stream leaves in a migration's directory, removed when it is refused or replaced.
 const RECEIVED_DIRS: [&str; 2] = ["incoming", "staged"];
+/// How long, and how often, a target looks for its restored pod to run.
+const WATCH_RESTORE_FOR: Duration = Duration::from_secs(600);
+const WATCH_RESTORE_EVERY: Duration = Duration::from_millis(20);
 
 impl Agent {
     /// Checks that the pod can be restored here and records the migration.
@@ -161,9 +167,45 @@ impl Agent {
             self.parts.net.block(ip).await?;
             self.store.update(&uid, |r| r.blocked = true)?;
         }
+        tokio::spawn(self.clone().finish_when_running(uid.clone()));
         let mut op = self.done(&uid);
         op.staged = staged;
         Ok(op)
+    }
+
+    /// Finishes the restore as soon as the node's runtime runs every container of the replacement:
+    /// the kubelet reports the pod Running up to a status period later and the operator asks after
+    /// that, while the restored sockets exist from the start. Stops when the restore was finished,
+    /// aborted or cleaned up, or after [`WATCH_RESTORE_FOR`].
+    async fn finish_when_running(self, uid: String) {
+        let deadline = Instant::now() + WATCH_RESTORE_FOR;
+        let rt = self.runtime();
+        while Instant::now() < deadline {
+            tokio::time::sleep(WATCH_RESTORE_EVERY).await;
+            let Ok(Some(record)) = self.store.load(&uid) else {
+                return;
+            };
+            if !record.blocked {
+                return;
+            }
+            let mut running = true;
+            for c in &record.containers {
+                let found = rt.find_container(&record.namespace, &record.pod, "", &c.name);
+                if !matches!(found.await, Ok(Some(_))) {
+                    running = false;
+                    break;
+                }
+            }
+            if running {
+                match self.clone().finish_restore(uid.clone()).await {
+                    Ok(_) => info!(migration = %uid, "the restored pod runs: its IP is unblocked"),
+                    Err(e) => {
+                        warn!(migration = %uid, error = %e, "finishing the restore failed; the operator will ask")
+                    }
+                }
+                return;
+            }
+        }
     }
 
     /// The replacement runs: lift the IP block, let go of the rxe counters, announce the address.

@@ -253,6 +253,14 @@ fn migrate_by(
             "restored with IP {}, not {ip}",
             restored.ip
         );
+        // The target lifts the block itself once the runtime runs the restored container,
+        // before the operator (here: this test) asks.
+        until(
+            "the target to lift the block of the running pod",
+            Duration::from_secs(5),
+            || async { (!w.blocked(to).contains(&ip)).then_some(()) },
+        )
+        .await?;
         done(&mut target, Step::FinishRestore, &StepArgs::of(&uid)).await?;
         ensure!(!w.blocked(to).contains(&ip), "the target still blocks {ip}");
         eprintln!("restore (sandbox + create + start): {restore_ms} ms");
