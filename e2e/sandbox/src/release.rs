@@ -244,7 +244,7 @@ pub fn helm(dirs: &Dirs, env: &Env, args: &[&str]) -> Result<String, Error> {
 }
 
 /// `helm upgrade --install` of the chart into the sandbox with `images`, waiting until the operator
-/// Deployment and the agent DaemonSet are ready. Extra `--set` pairs come last.
+/// Deployment and the agent DaemonSet are ready. `extra` pairs come last, typed (`--set`).
 pub fn install(
     dirs: &Dirs,
     env: &Env,
@@ -271,7 +271,7 @@ pub fn install(
         "agent.nodeSelector.{}",
         crate::kubelets::SANDBOX_NODE_LABEL.replace('.', "\\.")
     );
-    let mut sets = vec![
+    let sets = vec![
         ("image.repository", images.repository.clone()),
         ("image.tag", images.tag.clone()),
         ("apiServer.host", host),
@@ -285,7 +285,6 @@ pub fn install(
         // Only the nodes with kubelets (test suites add Node objects without any).
         (selector.as_str(), "true".to_string()),
     ];
-    sets.extend(extra.iter().map(|(k, v)| (*k, (*v).to_string())));
     let mut args: Vec<String> = [
         "upgrade",
         "--install",
@@ -303,6 +302,11 @@ pub fn install(
     .collect();
     for (key, value) in sets {
         args.push("--set-string".into());
+        args.push(format!("{key}={value}"));
+    }
+    // Typed (`--set`): a boolean must stay one, the string "false" is true to a template's `if`.
+    for (key, value) in extra {
+        args.push("--set".into());
         args.push(format!("{key}={value}"));
     }
     args.push("--set-file".into());
