@@ -17,23 +17,8 @@ state=${KUBE_MIGROS_STATE:-/var/lib/kube-migros-sandbox}/nodes
 port=18080 transfer_port=19000
 images=/run/kube-migros-floor
 
-node_pid() { # the containerd of node $1, as the host sees it
-    local pid
-    for pid in $(ls /proc | grep -E '^[0-9]+$'); do
-        if [ "$(cat /proc/$pid/comm 2>/dev/null)" = containerd ] \
-            && [ "$(nsenter -t "$pid" -u hostname 2>/dev/null)" = "$1" ]; then
-            echo "$pid"; return
-        fi
-    done
-    echo "node $1 is not running" >&2; exit 1
-}
-declare -A pids
-pids[$source_node]=$(node_pid "$source_node")
-pids[$target_node]=$(node_pid "$target_node")
-on() { # run a command in node $1 (its mount, PID, network, UTS and IPC namespaces)
-    local node=$1; shift
-    timeout 120 nsenter -t "${pids[$node]}" -m -p -n -u -i -- "$@"
-}
+source "$(dirname "$0")/nodes.sh"
+nodes_find "$source_node" "$target_node"
 now_ms() { echo $(( $(date +%s%N) / 1000000 )); }
 status() { on "$1" busybox nc -w 2 127.0.0.1 "$port"; }
 field() { sed -n "s/.*\b$1=\([0-9a-f]*\).*/\1/p"; }

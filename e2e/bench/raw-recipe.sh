@@ -19,20 +19,9 @@ source_node=$1 target_node=$2 image=$3
 state=${KUBE_MIGROS_STATE:-/var/lib/kube-migros-sandbox}/nodes
 name="raw-$$"
 
-node_pid() { # the containerd of node $1, as the host sees it
-    local pid
-    for pid in $(ls /proc | grep -E '^[0-9]+$'); do
-        if [ "$(cat /proc/$pid/comm 2>/dev/null)" = containerd ] \
-            && [ "$(nsenter -t "$pid" -u hostname 2>/dev/null)" = "$1" ]; then
-            echo "$pid"; return
-        fi
-    done
-    echo "node $1 is not running" >&2; exit 1
-}
-on() { # run a command in node $1
-    local node=$1; shift
-    timeout 60 nsenter -t "$(node_pid "$node")" -m -p -n -u -i -- "$@"
-}
+source "$(dirname "$0")/nodes.sh"
+ON_TIMEOUT=60
+nodes_find "$source_node" "$target_node"
 now_ms() { echo $(( $(date +%s%N) / 1000000 )); }
 status() { on "$1" busybox nc -w 2 127.0.0.1 8080; }
 field() { sed -n "s/.*\b$1=\([0-9a-f]*\).*/\1/p"; }

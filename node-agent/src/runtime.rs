@@ -143,21 +143,24 @@ impl Runtime {
             .collect())
     }
 
-    /// The state of a container's task (paused, running, stopped, ...).
-    pub async fn task_status(&self, id: &str) -> Result<TaskStatus> {
+    /// The task of a container, as containerd's Tasks API reports it.
+    async fn task(&self, id: &str) -> Result<tasks::Process> {
         let request = self.namespaced(tasks::GetRequest {
             container_id: id.into(),
             exec_id: String::new(),
         })?;
-        let process = self
-            .tasks()
+        self.tasks()
             .get(request)
             .await
             .map_err(call(format!("reading the task of container {id}")))?
             .into_inner()
             .process
-            .ok_or_else(|| Error::Unexpected(format!("container {id} has no task")))?;
-        Ok(process.status())
+            .ok_or_else(|| Error::Unexpected(format!("container {id} has no task")))
+    }
+
+    /// The state of a container's task (paused, running, stopped, ...).
+    pub async fn task_status(&self, id: &str) -> Result<TaskStatus> {
+        Ok(self.task(id).await?.status())
     }
 
     /// Pauses the container's task (cgroup freezer, through the runtime).
@@ -229,19 +232,7 @@ impl Runtime {
 
     /// The process ID of a container's task (in the runtime's PID namespace).
     pub async fn task_pid(&self, id: &str) -> Result<u32> {
-        let request = self.namespaced(tasks::GetRequest {
-            container_id: id.into(),
-            exec_id: String::new(),
-        })?;
-        let process = self
-            .tasks()
-            .get(request)
-            .await
-            .map_err(call(format!("reading the task of container {id}")))?
-            .into_inner()
-            .process
-            .ok_or_else(|| Error::Unexpected(format!("container {id} has no task")))?;
-        Ok(process.pid)
+        Ok(self.task(id).await?.pid)
     }
 
     /// Checkpoints a container through the CRI into the archive `location` (a tar file).

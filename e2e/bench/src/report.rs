@@ -555,7 +555,13 @@ fn missed(c: &Context<'_>) -> Slots {
         s(phase(small, "transfer")),
         s(phase(small, "commit")),
         s(phase(small, "restore")),
-        s(summary(c.r.floor.get(&c.smallest).into_iter().flatten().map(|f| f.restore_ms))),
+        s(summary(
+            c.r.floor
+                .get(&c.smallest)
+                .into_iter()
+                .flatten()
+                .map(|f| f.restore_ms)
+        )),
         c.smallest,
     )];
     if c.r.backend == "runtime-wrapper" {
