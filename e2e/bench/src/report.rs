@@ -536,9 +536,12 @@ fn missed(c: &Context<'_>) -> Slots {
     let mid = c.runs(&c.middle);
     let floor_mid = c.r.floor.get(&c.middle).map(Vec::as_slice).unwrap_or(&[]);
     let raw_mid = c.r.raw.get(&c.middle).map(Vec::as_slice).unwrap_or(&[]);
-    let floor_rate = summary(floor_mid.iter().filter_map(|f| {
-        (f.transfer_ms > 0.0).then(|| f.image_bytes as f64 / 1e6 / (f.transfer_ms / 1000.0))
-    }));
+    let floor_rate = summary(
+        floor_mid
+            .iter()
+            .filter(|f| f.transfer_ms > 0.0)
+            .map(|f| f.image_bytes as f64 / 1e6 / (f.transfer_ms / 1000.0)),
+    );
     let mut items = vec![format!(
         "- **Client gap** ({}): kube-migros does stop-and-copy, so a client sees the whole \
          downtime: checkpoint {} s, transfer {} s, commit {} s and the restore phase {} s. The \
