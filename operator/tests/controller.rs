@@ -796,7 +796,7 @@ async fn without_a_tls_dir_the_operator_makes_the_ca_and_certificates_in_secrets
     with_namespace("op-secrets", |client, ns| async move {
         testkit::harness::install_crds(&client).await;
         testkit::harness::wait_for_default_service_account(&client, &ns).await;
-        let _operator = Operator::start_with(&ns, "op-a", None).await;
+        let _operator = Operator::start_with(&ns, "op-a", None, &ns).await;
         let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client.clone(), &ns);
         let made = kube::runtime::wait::await_condition(secrets.clone(), operator::certificates::OPERATOR_SECRET, |s: Option<&k8s_openapi::api::core::v1::Secret>| s.is_some());
         tokio::time::timeout(PHASE_TIMEOUT, made).await.expect("the operator makes its Secret").unwrap();

@@ -191,7 +191,10 @@ async fn a_pod_moves_between_real_nodes_keeping_its_state_ip_and_tcp_peer() {
                 agents::start(&nodes, node, &agent_binary, &options).unwrap()
             };
             let mut children: Vec<_> = (0..wanted.len()).map(start_agent).collect();
-            let mut operator = Operator::start(&ns, "live-1", &certs).await;
+            // The operator uses the class the chart would make (ensured above).
+            let mut operator =
+                Operator::start_with(&ns, "live-1", Some(&certs), sandbox::release::RUNTIME_CLASS)
+                    .await;
             operator.wait_ready().await;
             // Every agent announced itself before anything is asked of them.
             eventually(Duration::from_secs(60), || async {
@@ -260,7 +263,10 @@ async fn a_pod_moves_between_real_nodes_keeping_its_state_ip_and_tcp_peer() {
                     assert_eq!(spec.runtime_class_name, None);
                 } else {
                     assert_eq!(status.backend.as_deref(), Some("runtime-wrapper"), "{hop}");
-                    assert_eq!(spec.runtime_class_name.as_deref(), Some("kube-migros"));
+                    assert_eq!(
+                        spec.runtime_class_name.as_deref(),
+                        Some(sandbox::release::RUNTIME_CLASS)
+                    );
                     assert_eq!(spec.containers[0].image.as_deref(), Some(demo.as_str()));
                 }
                 // The target's rxe counters hold the pod's block (its restore set them).

@@ -390,8 +390,9 @@ fn daemonset_done(d: &DaemonSet) -> Option<String> {
     })
 }
 
-/// Force-deletes pods of the release namespace that are stuck terminating (bound to Node objects
-/// without a kubelet, as an interrupted run can leave them) and waits until they are gone.
+/// The name of the chart's RuntimeClass (`runtimeWrapper.runtimeClass`), named as its handler.
+pub const RUNTIME_CLASS: &str = crate::agents::RUNTIME_HANDLER;
+
 /// The RuntimeClass of the runtime-wrapper backend (the chart's `runtimeWrapper.runtimeClass`),
 /// for tests that run kube-migros without the chart: created as the chart's release would own it,
 /// so that a later `helm install` adopts it instead of failing on it.
@@ -399,7 +400,7 @@ pub async fn ensure_runtime_class(client: &kube::Client) -> Result<(), kube::Err
     use k8s_openapi::api::node::v1::RuntimeClass;
     let class: RuntimeClass = serde_json::from_value(serde_json::json!({
         "metadata": {
-            "name": crate::agents::RUNTIME_HANDLER,
+            "name": RUNTIME_CLASS,
             "labels": {"app.kubernetes.io/managed-by": "Helm"},
             "annotations": {
                 "meta.helm.sh/release-name": RELEASE,
@@ -419,6 +420,8 @@ pub async fn ensure_runtime_class(client: &kube::Client) -> Result<(), kube::Err
     }
 }
 
+/// Force-deletes pods of the release namespace that are stuck terminating (bound to Node objects
+/// without a kubelet, as an interrupted run can leave them) and waits until they are gone.
 pub async fn clear_stuck_pods(client: &kube::Client) -> Result<(), kube::Error> {
     use k8s_openapi::api::core::v1::Pod;
     let pods: Api<Pod> = Api::namespaced(client.clone(), NAMESPACE);

@@ -36,12 +36,20 @@ pub struct Operator {
 
 impl Operator {
     /// Starts an operator that watches only `ns` and keeps its Leases there.
+    /// Its runtime wrapper's RuntimeClass is one named after `ns` (cluster-scoped): there is none
+    /// unless the test makes it.
     pub async fn start(ns: &str, identity: &str, certs: &Certificates) -> Self {
-        Self::start_with(ns, identity, Some(certs)).await
+        Self::start_with(ns, identity, Some(certs), ns).await
     }
 
-    /// As [`Operator::start`]; without certificates the operator makes its own in Secrets.
-    pub async fn start_with(ns: &str, identity: &str, certs: Option<&Certificates>) -> Self {
+    /// As [`Operator::start`], with the RuntimeClass `runtime_class`; without certificates the
+    /// operator makes its own in Secrets.
+    pub async fn start_with(
+        ns: &str,
+        identity: &str,
+        certs: Option<&Certificates>,
+        runtime_class: &str,
+    ) -> Self {
         let env = harness::env().await;
         let http = free_port();
         let log = std::fs::File::create(
@@ -58,9 +66,8 @@ impl Operator {
                 ns,
                 "--identity",
                 identity,
-                // A RuntimeClass of this test's own (cluster-scoped): none unless it makes one.
                 "--runtime-class",
-                ns,
+                runtime_class,
             ])
             .args([
                 "--lease-duration-seconds",
