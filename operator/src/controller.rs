@@ -58,6 +58,8 @@ pub struct Context {
     pub recorder: Recorder,
     /// The RuntimeClass of replacement pods restored by the runtime wrapper.
     pub runtime_class: String,
+    /// Whether the checkpoint-image backend may be chosen (it restores on every restart).
+    pub checkpoint_images: bool,
     /// Every pod of the cluster as watched: what target choice counts as used on each node.
     pods: reflector::Store<Pod>,
     pods_watch: tokio::task::JoinHandle<()>,
@@ -81,6 +83,7 @@ impl Context {
         metrics: Arc<Metrics>,
         recorder: Recorder,
         runtime_class: String,
+        checkpoint_images: bool,
     ) -> Self {
         let (pods, writer) = reflector::store();
         let events = reflector::reflector(
@@ -96,6 +99,7 @@ impl Context {
             metrics,
             recorder,
             runtime_class,
+            checkpoint_images,
             pods,
             pods_watch,
             failures: Mutex::default(),
@@ -358,7 +362,7 @@ async fn choose_target(
     let runtime_class = Api::<RuntimeClass>::all(ctx.client.clone())
         .get_opt(&ctx.runtime_class)
         .await?;
-    let backends = targets::usable_backends(runtime_class.is_some());
+    let backends = targets::usable_backends(runtime_class.is_some(), ctx.checkpoint_images);
     let live = ctx.agents.live().await?;
     let capabilities = join_all(nodes.iter().map(|node| async {
         let endpoint = live.get(&node.name_any())?;

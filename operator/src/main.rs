@@ -80,6 +80,11 @@ struct Args {
     /// `migros-runc` on the nodes).
     #[arg(long, env = "KUBE_MIGROS_RUNTIME_CLASS", default_value = "kube-migros")]
     runtime_class: String,
+    /// Also restore from checkpoint OCI images (containerd before 2.4, a registry) where the runtime
+    /// wrapper cannot: the replacement's image is then the checkpoint, so every restart of one of
+    /// its containers restores the checkpoint again instead of starting fresh. Off by default.
+    #[arg(long, env = "KUBE_MIGROS_ALLOW_CHECKPOINT_IMAGES")]
+    allow_checkpoint_images: bool,
     /// Seconds between rxe block allocation/release sweeps.
     #[arg(long, default_value_t = 10)]
     rxe_sweep_seconds: u64,
@@ -210,6 +215,7 @@ async fn lead(
         metrics,
         recorder,
         args.runtime_class.clone(),
+        args.allow_checkpoint_images,
     ));
     let sweeper = tokio::spawn(rxe_blocks::maintain(
         allocator,

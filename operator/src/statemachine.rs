@@ -307,7 +307,11 @@ fn start(f: &Facts) -> Action {
     s.pod_ip = Some(ip.clone());
     s.source_pod_uid = Some(pod.uid.clone());
     s.rxe = rxe;
-    let msg = format!("moving pod {pod_name} from {source} to {}", target.node);
+    let msg = format!(
+        "moving pod {pod_name} from {source} to {}{}",
+        target.node,
+        caveat(s.backend.as_deref())
+    );
     Action::Start(Box::new(enter(f, s, Phase::Preparing, &msg)))
 }
 
@@ -479,7 +483,12 @@ fn succeeded(f: &Facts, call: Step, op: &agent_api::Operation) -> PodMigrationSt
             let t = timings(&mut s);
             t.restore_ms = restore_started.map(|at| millis(f.now, at));
             t.downtime_ms = frozen.map(|at| millis(f.now, at));
-            let msg = format!("pod {} runs on {}", f.spec.pod_name, target(f));
+            let msg = format!(
+                "pod {} runs on {}{}",
+                f.spec.pod_name,
+                target(f),
+                caveat(s.backend.as_deref())
+            );
             return finish_with(f, s, Phase::Succeeded, None, &msg);
         }
         Step::Abort(Role::Source) => {
@@ -742,6 +751,15 @@ fn timings(s: &mut PodMigrationStatus) -> &mut crds::Timings {
     s.timings.get_or_insert_with(Default::default)
 }
 
+/// What the status says of a backend that does not restore once (`targets::CHECKPOINT_IMAGE_CAVEAT`).
+fn caveat(backend: Option<&str>) -> String {
+    if backend == Some(agent_api::backend::CRI_CHECKPOINT_IMAGE) {
+        format!(" ({})", crate::targets::CHECKPOINT_IMAGE_CAVEAT)
+    } else {
+        String::new()
+    }
+}
+
 fn target(f: &Facts) -> &str {
     f.status.target_node.as_deref().unwrap_or("the target node")
 }
@@ -956,6 +974,29 @@ mod tests {
         assert_eq!(s.source_pod_uid.as_deref(), Some("pod-1"));
         assert_eq!(s.rxe, None);
         assert_eq!(s.phase_transitions.len(), 2);
+    }
+
+    #[test]
+    fn a_restore_from_checkpoint_images_says_it_restores_on_every_restart() {
+        let mut f = new_migration();
+        f.target = Some(Ok(Target {
+            node: "node-2".into(),
+            backend: agent_api::backend::CRI_CHECKPOINT_IMAGE.into(),
+        }));
+        let f = apply(f.clone(), &next(&f));
+        let Action::Start(s) = next(&f) else {
+            panic!("expected Start")
+        };
+        let message = s.message.clone().unwrap_or_default();
+        assert!(
+            message.contains(crate::targets::CHECKPOINT_IMAGE_CAVEAT),
+            "{message}"
+        );
+        // The runtime wrapper restores once: nothing to say.
+        let Action::Start(s) = next(&pending()) else {
+            panic!("expected Start")
+        };
+        assert!(!s.message.unwrap_or_default().contains("every restart"));
     }
 
     #[test]

@@ -35,13 +35,20 @@ pub fn backend(agent: &NodeCapabilities, usable: &[&'static str]) -> Option<&'st
         .find(|b| agent.restore_backends.iter().any(|o| o == b))
 }
 
-/// The backends the cluster can use: all of [`BACKENDS`], but the runtime wrapper only when the
+/// What users read when a pod is restored from checkpoint images: the image of each of its
+/// containers is the checkpoint, so the restore is not once.
+pub const CHECKPOINT_IMAGE_CAVEAT: &str =
+    "restored from checkpoint images: every restart of a container restores the checkpoint again";
+
+/// The backends the cluster can use: of [`BACKENDS`], the runtime wrapper only when the
 /// RuntimeClass that runs it exists (a replacement pod naming a missing one is refused by the API
-/// server, after the commit point).
-pub fn usable_backends(runtime_class_exists: bool) -> Vec<&'static str> {
+/// server, after the commit point), and checkpoint images only when the admin allowed them
+/// (`checkpoint_images`), as they restore again on every restart.
+pub fn usable_backends(runtime_class_exists: bool, checkpoint_images: bool) -> Vec<&'static str> {
     BACKENDS
         .into_iter()
         .filter(|b| runtime_class_exists || *b != backend::RUNTIME_WRAPPER)
+        .filter(|b| checkpoint_images || *b != backend::CRI_CHECKPOINT_IMAGE)
         .collect()
 }
 
@@ -128,6 +135,15 @@ pub fn check(
         {
             notes.push(format!(
                 "{wrapper}: the cluster has no RuntimeClass for it (the operator's --runtime-class)"
+            ));
+        }
+        let images = backend::CRI_CHECKPOINT_IMAGE;
+        if agent.restore_backends.iter().any(|b| b == images)
+            && !candidate.backends.contains(&images)
+        {
+            notes.push(format!(
+                "{images}: not allowed, every restart of a container would restore the checkpoint \
+                 again (the operator's --allow-checkpoint-images)"
             ));
         }
         return Err(Rejection::AgentCannotRestore(notes.join("; ")));
@@ -570,22 +586,47 @@ mod tests {
             backend::CRI_CHECKPOINT_IMAGE.into(),
         ];
         assert_eq!(
-            super::backend(&a, &usable_backends(true)),
+            super::backend(&a, &usable_backends(true, true)),
             Some(backend::RUNTIME_WRAPPER)
         );
         assert_eq!(
-            super::backend(&a, &usable_backends(false)),
+            super::backend(&a, &usable_backends(false, true)),
             Some(backend::CRI_CHECKPOINT_IMAGE)
         );
+        assert_eq!(super::backend(&a, &usable_backends(false, false)), None);
         // An agent with the wrapper alone cannot take the pod without the class, and says why.
         a.restore_backends = vec![backend::RUNTIME_WRAPPER.into()];
-        let without = usable_backends(false);
+        let without = usable_backends(false, true);
         let candidate = Candidate {
             backends: &without,
             ..candidate(&ready, Some(&a))
         };
         let why = check(&p, "src", &candidate, false).unwrap_err().to_string();
         assert!(why.contains("no RuntimeClass"), "{why}");
+    }
+
+    #[test]
+    fn checkpoint_images_are_used_only_when_allowed() {
+        let p = pod("500m", "1Gi");
+        let ready = node("n", "4Gi");
+        let a = agent(); // offers checkpoint images alone
+        let usable = usable_backends(true, true);
+        assert_eq!(
+            super::backend(&a, &usable),
+            Some(backend::CRI_CHECKPOINT_IMAGE)
+        );
+        let default = usable_backends(true, false);
+        assert_eq!(default, [backend::RUNTIME_WRAPPER]);
+        let candidate = Candidate {
+            backends: &default,
+            ..candidate(&ready, Some(&a))
+        };
+        let why = check(&p, "src", &candidate, false).unwrap_err().to_string();
+        assert!(
+            why.contains("cri-checkpoint-image: not allowed")
+                && why.contains("--allow-checkpoint-images"),
+            "{why}"
+        );
     }
 
     #[test]

@@ -15,7 +15,7 @@ use kube::{
     Api, ResourceExt,
     api::{DeleteParams, ListParams},
 };
-use support::{Operator, Scenario};
+use support::{Operator, Options, Scenario};
 use testkit::{
     harness::with_namespace,
     testagent::{Behaviour, CHECKPOINT_TIME, Scripted},
@@ -132,22 +132,32 @@ async fn a_migration_goes_through_every_phase_to_succeeded() {
 async fn a_target_with_the_runtime_wrapper_restores_under_its_runtime_class_keeping_the_images() {
     with_namespace("op-wrapper", |client, ns| async move {
         let s = Scenario::new(client.clone(), &ns).await;
-        // Node 2 has both backends, node 3 only one the kubelet cannot use.
+        // Node 2 has both backends, node 3 checkpoint images alone.
         s.agent(2)
             .with_backends(&["runtime-wrapper", "cri-checkpoint-image"]);
-        s.agent(3).with_backends(&["cri-checkpoint-archive"]);
-        let _operator = Operator::start(&ns, "op-a", &s.certs).await;
+        s.agent(3).with_backends(&["cri-checkpoint-image"]);
+        // As installed: checkpoint images are not allowed (they restore on every restart).
+        let without_images = Options {
+            checkpoint_images: false,
+            ..Options::new(&s.certs)
+        };
+        let mut operator = Operator::start_with(&ns, "op-a", without_images).await;
         // Without the wrapper's RuntimeClass a replacement pod naming it would be refused after
-        // the commit: the operator takes the other backend.
-        s.pod("early", 1, "10.244.1.4").await;
+        // the commit, and checkpoint images are not allowed: the pod stays where it is.
+        let early = s.pod("early", 1, "10.244.1.4").await;
         s.migrate("before-class", "early", Some(2)).await;
         let pm = s
-            .wait_phase("before-class", Phase::Succeeded, PHASE_TIMEOUT)
+            .wait_phase("before-class", Phase::Failed, PHASE_TIMEOUT)
             .await;
-        assert_eq!(
-            pm.status.unwrap().backend.as_deref(),
-            Some("cri-checkpoint-image")
+        let (reason, message) = Scenario::reason(&pm);
+        assert_eq!(reason, "TargetUnavailable", "{message}");
+        assert!(
+            message.contains("no RuntimeClass") && message.contains("--allow-checkpoint-images"),
+            "{message}"
         );
+        let still = s.pods().get("early").await.unwrap();
+        assert_eq!(still.metadata.uid, early.metadata.uid);
+
         let classes: Api<RuntimeClass> = Api::all(client.clone());
         let class: RuntimeClass = serde_json::from_value(serde_json::json!({
             "apiVersion": "node.k8s.io/v1", "kind": "RuntimeClass",
@@ -170,15 +180,33 @@ async fn a_target_with_the_runtime_wrapper_restores_under_its_runtime_class_keep
             "the replacement keeps its image; the node restores its first start"
         );
 
+        // Node 3 could restore only from checkpoint images.
         s.pod("other", 1, "10.244.1.6").await;
-        s.migrate("nowhere", "other", Some(3)).await;
-        let pm = s.wait_phase("nowhere", Phase::Failed, PHASE_TIMEOUT).await;
+        s.migrate("refused", "other", Some(3)).await;
+        let pm = s.wait_phase("refused", Phase::Failed, PHASE_TIMEOUT).await;
         let (reason, message) = Scenario::reason(&pm);
         assert_eq!(reason, "TargetUnavailable", "{message}");
         assert!(
-            message.contains("without a restore backend the kubelet can use"),
+            message.contains("without a restore backend the kubelet can use")
+                && message.contains("cri-checkpoint-image: not allowed"),
             "{message}"
         );
+        // An admin who allows them gets them, and the status says what they mean.
+        operator.terminate();
+        let mut operator = Operator::start(&ns, "op-a", &s.certs).await;
+        operator.wait_ready().await;
+        s.migrate("allowed", "other", Some(3)).await;
+        let pm = s
+            .wait_phase("allowed", Phase::Succeeded, PHASE_TIMEOUT)
+            .await;
+        let status = pm.status.unwrap();
+        assert_eq!(status.backend.as_deref(), Some("cri-checkpoint-image"));
+        let message = status.message.unwrap_or_default();
+        assert!(
+            message.contains(operator::targets::CHECKPOINT_IMAGE_CAVEAT),
+            "{message}"
+        );
+        operator.terminate();
         classes.delete(&ns, &Default::default()).await.unwrap();
     })
     .await;
@@ -796,7 +824,7 @@ async fn without_a_tls_dir_the_operator_makes_the_ca_and_certificates_in_secrets
     with_namespace("op-secrets", |client, ns| async move {
         testkit::harness::install_crds(&client).await;
         testkit::harness::wait_for_default_service_account(&client, &ns).await;
-        let _operator = Operator::start_with(&ns, "op-a", None, &ns).await;
+        let _operator = Operator::start_with(&ns, "op-a", Options::default()).await;
         let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client.clone(), &ns);
         let made = kube::runtime::wait::await_condition(secrets.clone(), operator::certificates::OPERATOR_SECRET, |s: Option<&k8s_openapi::api::core::v1::Secret>| s.is_some());
         tokio::time::timeout(PHASE_TIMEOUT, made).await.expect("the operator makes its Secret").unwrap();

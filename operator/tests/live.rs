@@ -20,7 +20,7 @@ use sandbox::{
     containerd::Containerd,
     nodes::{Node, Nodes},
 };
-use support::{Operator, Scenario};
+use support::{Operator, Options, Scenario};
 use testkit::{
     fixtures::Certificates,
     harness::{self, eventually},
@@ -191,10 +191,13 @@ async fn a_pod_moves_between_real_nodes_keeping_its_state_ip_and_tcp_peer() {
                 agents::start(&nodes, node, &agent_binary, &options).unwrap()
             };
             let mut children: Vec<_> = (0..wanted.len()).map(start_agent).collect();
-            // The operator uses the class the chart would make (ensured above).
-            let mut operator =
-                Operator::start_with(&ns, "live-1", Some(&certs), sandbox::release::RUNTIME_CLASS)
-                    .await;
+            // The operator uses the class the chart would make (ensured above), and checkpoint
+            // images where the wrapper is missing (node-2).
+            let options = Options {
+                runtime_class: Some(sandbox::release::RUNTIME_CLASS),
+                ..Options::new(&certs)
+            };
+            let mut operator = Operator::start_with(&ns, "live-1", options).await;
             operator.wait_ready().await;
             // Every agent announced itself before anything is asked of them.
             eventually(Duration::from_secs(60), || async {
@@ -259,6 +262,12 @@ async fn a_pod_moves_between_real_nodes_keeping_its_state_ip_and_tcp_peer() {
                         status.backend.as_deref(),
                         Some("cri-checkpoint-image"),
                         "{hop}"
+                    );
+                    // and says that it restores on every restart.
+                    let message = status.message.clone().unwrap_or_default();
+                    assert!(
+                        message.contains(operator::targets::CHECKPOINT_IMAGE_CAVEAT),
+                        "{hop}: {message}"
                     );
                     assert_eq!(spec.runtime_class_name, None);
                 } else {

@@ -104,14 +104,19 @@ pub async fn run(
     install::apply_chart_crds(&client).await?;
     let registry = Registry::new(dirs);
     let images = release::ensure_images(dirs, &registry)?;
-    // The backend to measure: the agents offer the runtime wrapper first when it is installed.
-    let wrapper = (options.backend == "runtime-wrapper").to_string();
+    // The backend to measure: the agents offer the runtime wrapper first when it is installed;
+    // checkpoint images only where the operator is allowed to choose them.
+    let wrapper = options.backend == "runtime-wrapper";
+    let (wrapper, images_allowed) = (wrapper.to_string(), (!wrapper).to_string());
     release::install(
         dirs,
         &env,
         &images,
         &registry,
-        &[("runtimeWrapper.enabled", wrapper.as_str())],
+        &[
+            ("runtimeWrapper.enabled", wrapper.as_str()),
+            ("operator.allowCheckpointImages", images_allowed.as_str()),
+        ],
     )?;
     release::wait_rolled_out(&client, Duration::from_secs(300)).await?;
     workload::fresh_namespace(&client, NAMESPACE).await?;

@@ -34,22 +34,46 @@ pub struct Operator {
     pub http: SocketAddr,
 }
 
+/// How a test runs its operator, beyond the namespace it watches.
+#[derive(Debug, Clone, Copy)]
+pub struct Options<'a> {
+    /// Its mutual-TLS certificates; without them the operator makes its own in Secrets.
+    pub certs: Option<&'a Certificates>,
+    /// The runtime wrapper's RuntimeClass; `None`: one named after the namespace (cluster-scoped),
+    /// which does not exist unless the test makes it.
+    pub runtime_class: Option<&'a str>,
+    /// `--allow-checkpoint-images`: most test agents offer checkpoint images alone.
+    pub checkpoint_images: bool,
+}
+
+impl Default for Options<'_> {
+    fn default() -> Self {
+        Self {
+            certs: None,
+            runtime_class: None,
+            checkpoint_images: true,
+        }
+    }
+}
+
+impl<'a> Options<'a> {
+    pub fn new(certs: &'a Certificates) -> Self {
+        Self {
+            certs: Some(certs),
+            ..Self::default()
+        }
+    }
+}
+
 impl Operator {
-    /// Starts an operator that watches only `ns` and keeps its Leases there.
-    /// Its runtime wrapper's RuntimeClass is one named after `ns` (cluster-scoped): there is none
-    /// unless the test makes it.
+    /// Starts an operator that watches only `ns` and keeps its Leases there, with
+    /// [`Options::new`].
     pub async fn start(ns: &str, identity: &str, certs: &Certificates) -> Self {
-        Self::start_with(ns, identity, Some(certs), ns).await
+        Self::start_with(ns, identity, Options::new(certs)).await
     }
 
-    /// As [`Operator::start`], with the RuntimeClass `runtime_class`; without certificates the
-    /// operator makes its own in Secrets.
-    pub async fn start_with(
-        ns: &str,
-        identity: &str,
-        certs: Option<&Certificates>,
-        runtime_class: &str,
-    ) -> Self {
+    /// As [`Operator::start`], with `options`.
+    pub async fn start_with(ns: &str, identity: &str, options: Options<'_>) -> Self {
         let env = harness::env().await;
         let http = free_port();
         let log = std::fs::File::create(
@@ -67,8 +91,13 @@ impl Operator {
                 "--identity",
                 identity,
                 "--runtime-class",
-                runtime_class,
+                options.runtime_class.unwrap_or(ns),
             ])
+            .args(
+                options
+                    .checkpoint_images
+                    .then_some("--allow-checkpoint-images"),
+            )
             .args([
                 "--lease-duration-seconds",
                 "4",
@@ -79,7 +108,11 @@ impl Operator {
             ])
             .arg("--http-addr")
             .arg(http.to_string())
-            .args(certs.map(|c| format!("--tls-dir={}", c.operator_dir().display())))
+            .args(
+                options
+                    .certs
+                    .map(|c| format!("--tls-dir={}", c.operator_dir().display())),
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
