@@ -4,8 +4,9 @@
 //! An archive comes from a peer over the network; a bad or hostile one must not make the runtime
 //! write outside its directory or fill the disk when it unpacks it. [`check`] reads every entry as
 //! an unpacker would, writing nothing: relative paths without `..`, only regular files,
-//! directories and links, links that resolve inside the directory, no entry written through a
-//! link, no path twice, and limits on the total size and the number of entries.
+//! directories and links, no setuid or setgid mode, links whose targets go down from where they
+//! are (no `..`, which a chain of links can turn into a way out, and nothing absolute), no entry
+//! written through a link, no path twice, and limits on the total size and the number of entries.
 //!
 //! On the source, a checkpoint taken without the CRI stays a directory; [`Layout`] streams it as a
 //! tar archive of a size known before the first byte, without writing the archive anywhere.
@@ -44,8 +45,13 @@ pub enum Error {
     Absolute(PathBuf),
     #[error("entry {0:?} leaves the archive's directory (`..`)")]
     Escapes(PathBuf),
-    #[error("link {path:?} points to {target:?}, outside the archive's directory")]
+    #[error(
+        "link {path:?} points to {target:?}: absolute or `..` link targets are refused (through \
+         other links they can leave the archive's directory)"
+    )]
     LinkEscapes { path: PathBuf, target: PathBuf },
+    #[error("entry {path:?} has the mode {mode:o}: setuid and setgid are refused")]
+    Mode { path: PathBuf, mode: u32 },
     #[error("entry {path:?} would be written through the link {link:?}")]
     ThroughLink { path: PathBuf, link: PathBuf },
     #[error("entry {path:?} is a {kind}, which a checkpoint archive does not contain")]
@@ -92,30 +98,25 @@ fn inside(path: &Path) -> Result<PathBuf, Error> {
     Ok(clean)
 }
 
-/// Where a link at `path` pointing to `target` ends up, if inside the directory.
+/// Where a link at `path` pointing to `target` ends up, when its target only goes down: relative,
+/// no `..`. Text alone cannot tell where `..` leads once links chain (`s -> .` and `t -> s/../x`
+/// leave the directory although `s/../x` reads as `x`), so `..` is refused outright; a target
+/// that only goes down stays inside however links chain.
 fn link_target(path: &Path, target: &Path, hard: bool) -> Option<PathBuf> {
-    if target.is_absolute() {
-        return None;
-    }
     // Hard link targets are archive paths; symbolic ones are relative to the link's directory.
-    let mut resolved: Vec<_> = if hard {
-        Vec::new()
+    let mut resolved = if hard {
+        PathBuf::new()
     } else {
-        path.parent()
-            .map(|p| p.components().collect())
-            .unwrap_or_default()
+        path.parent().map(Path::to_path_buf).unwrap_or_default()
     };
     for c in target.components() {
         match c {
-            Component::Normal(_) => resolved.push(c),
+            Component::Normal(part) => resolved.push(part),
             Component::CurDir => {}
-            Component::ParentDir => {
-                resolved.pop()?;
-            }
-            Component::RootDir | Component::Prefix(_) => return None,
+            Component::ParentDir | Component::RootDir | Component::Prefix(_) => return None,
         }
     }
-    Some(resolved.iter().collect())
+    Some(resolved)
 }
 
 /// Checks the tar archive `reader` entry by entry (kinds, paths, links, size and entry limits, no
@@ -195,6 +196,10 @@ fn walk<R: Read>(
             return Err(Error::ThroughLink { path, link });
         }
         let kind = entry.header().entry_type();
+        let mode = entry.header().mode().map_err(Error::Format)?;
+        if mode & 0o6000 != 0 {
+            return Err(Error::Mode { path, mode });
+        }
         match kind {
             tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::Directory => {}
             tar::EntryType::Symlink | tar::EntryType::Link => {
@@ -472,11 +477,23 @@ mod tests {
             (tar_with(&[("/etc/evil", FILE, b"x", None)]), "absolute"),
             (
                 tar_with(&[("l", tar::EntryType::Symlink, b"", Some("/etc"))]),
-                "outside",
+                "absolute",
             ),
             (
                 tar_with(&[("a/l", tar::EntryType::Symlink, b"", Some("../../etc"))]),
-                "outside",
+                "`..`",
+            ),
+            // Reads as `x`, but `s` is the directory itself: `t` leads to its parent's `x`.
+            (
+                tar_with(&[
+                    ("s", tar::EntryType::Symlink, b"", Some(".")),
+                    ("t", tar::EntryType::Symlink, b"", Some("s/../x")),
+                ]),
+                "`..`",
+            ),
+            (
+                tar_with(&[("a/l", tar::EntryType::Symlink, b"", Some("../b"))]),
+                "`..`",
             ),
             (
                 tar_with(&[
@@ -487,7 +504,7 @@ mod tests {
             ),
             (
                 tar_with(&[("h", tar::EntryType::Link, b"", Some("../x"))]),
-                "outside",
+                "`..`",
             ),
             (
                 tar_with(&[("dev", tar::EntryType::Char, b"", None)]),
@@ -501,6 +518,26 @@ mod tests {
         for (tar, why) in cases {
             let message = check_bytes(&tar).unwrap_err().to_string();
             assert!(message.contains(why), "{message:?} should say {why:?}");
+        }
+    }
+
+    #[test]
+    fn setuid_and_setgid_files_are_refused() {
+        for mode in [0o4755, 0o2755] {
+            let mut b = tar::Builder::new(Vec::new());
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(FILE);
+            h.set_size(1);
+            h.set_mode(mode);
+            h.set_cksum();
+            b.append_data(&mut h, "checkpoint/tool", &b"x"[..]).unwrap();
+            let tar = b.into_inner().unwrap();
+            let message = check_bytes(&tar).unwrap_err().to_string();
+            assert!(message.contains("setuid and setgid"), "{message}");
+            let dir = tempfile::tempdir().unwrap();
+            let r = unpack(&tar[..], &dir.path().join("out"), Limits::default());
+            assert!(matches!(r, Err(Error::Mode { .. })), "{r:?}");
+            assert!(!dir.path().join("out/checkpoint/tool").exists());
         }
     }
 
