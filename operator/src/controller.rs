@@ -34,6 +34,7 @@ use tracing::{Instrument, info, info_span, warn};
 use crate::{
     Error, Result,
     agents::Agents,
+    claims::{Claim, Claims},
     metrics::Metrics,
     movable, network,
     replacement::{self, Restore},
@@ -49,6 +50,15 @@ pub const FIELD_MANAGER: &str = "kube-migros-operator";
 /// Steps one reconcile performs before yielding to other objects.
 const STEPS_PER_RECONCILE: usize = 16;
 
+/// The restore backends the operator may choose, beyond what the agents offer.
+#[derive(Debug, Clone)]
+pub struct Backends {
+    /// The RuntimeClass of replacement pods restored by the runtime wrapper.
+    pub runtime_class: String,
+    /// Whether the checkpoint-image backend may be chosen (it restores on every restart).
+    pub checkpoint_images: bool,
+}
+
 /// What every reconcile shares.
 pub struct Context {
     pub client: Client,
@@ -56,10 +66,9 @@ pub struct Context {
     pub rxe: rxe_blocks::Allocator,
     pub metrics: Arc<Metrics>,
     pub recorder: Recorder,
-    /// The RuntimeClass of replacement pods restored by the runtime wrapper.
-    pub runtime_class: String,
-    /// Whether the checkpoint-image backend may be chosen (it restores on every restart).
-    pub checkpoint_images: bool,
+    pub backends: Backends,
+    /// One migration per pod.
+    pub claims: Claims,
     /// Every pod of the cluster as watched: what target choice counts as used on each node.
     pods: reflector::Store<Pod>,
     pods_watch: tokio::task::JoinHandle<()>,
@@ -82,8 +91,8 @@ impl Context {
         rxe: rxe_blocks::Allocator,
         metrics: Arc<Metrics>,
         recorder: Recorder,
-        runtime_class: String,
-        checkpoint_images: bool,
+        backends: Backends,
+        claims: Claims,
     ) -> Self {
         let (pods, writer) = reflector::store();
         let events = reflector::reflector(
@@ -98,8 +107,8 @@ impl Context {
             rxe,
             metrics,
             recorder,
-            runtime_class,
-            checkpoint_images,
+            backends,
+            claims,
             pods,
             pods_watch,
             failures: Mutex::default(),
@@ -260,7 +269,6 @@ async fn observe(pm: &PodMigration, ctx: &Context) -> Result<Facts> {
         spec: pm.spec.clone(),
         status,
         pod: pod.as_ref().map(pod_facts),
-        busy_with: None,
         target: None,
         rxe: None,
     };
@@ -273,10 +281,7 @@ async fn observe(pm: &PodMigration, ctx: &Context) -> Result<Facts> {
         if let (Some(pod), Some(pf)) = (&pod, facts.pod.as_mut()) {
             pf.unmovable = movable::why_not(pod, &claims_of(pod, &ns, ctx).await?);
         }
-        facts.busy_with = busy_with(pm, ctx).await?;
-        if facts.busy_with.is_none()
-            && let (Some(pod), Some(pf)) = (&pod, &facts.pod)
-        {
+        if let (Some(pod), Some(pf)) = (&pod, &facts.pod) {
             facts.target = Some(choose_target(pm, pod, pf, ctx).await?);
             if pf.rdma {
                 facts.rxe = ctx
@@ -319,31 +324,6 @@ async fn claims_of(pod: &Pod, ns: &str, ctx: &Context) -> Result<Vec<PersistentV
     Ok(claims)
 }
 
-/// Another active PodMigration of the same pod that goes first: one that already started, or a
-/// pending one created earlier (creation times have one-second resolution; the name breaks ties).
-async fn busy_with(pm: &PodMigration, ctx: &Context) -> Result<Option<String>> {
-    let api: Api<PodMigration> =
-        Api::namespaced(ctx.client.clone(), &pm.namespace().unwrap_or_default());
-    let selector = format!("spec.podName={}", pm.spec.pod_name);
-    let others = api.list(&ListParams::default().fields(&selector)).await?;
-    let key = |p: &PodMigration| {
-        (
-            p.metadata.creation_timestamp.clone().map(|t| t.0),
-            p.name_any(),
-        )
-    };
-    let phase = |p: &PodMigration| p.status.as_ref().and_then(|s| s.phase).unwrap_or_default();
-    let mine = key(pm);
-    Ok(others
-        .items
-        .iter()
-        .filter(|o| o.uid() != pm.uid() && o.metadata.deletion_timestamp.is_none())
-        .filter(|o| !phase(o).is_final())
-        .filter(|o| phase(o) != Phase::Pending || key(o) < mine)
-        .map(ResourceExt::name_any)
-        .next())
-}
-
 async fn choose_target(
     pm: &PodMigration,
     pod: &Pod,
@@ -360,9 +340,10 @@ async fn choose_target(
         None => nodes_api.list(&ListParams::default()).await?.items,
     };
     let runtime_class = Api::<RuntimeClass>::all(ctx.client.clone())
-        .get_opt(&ctx.runtime_class)
+        .get_opt(&ctx.backends.runtime_class)
         .await?;
-    let backends = targets::usable_backends(runtime_class.is_some(), ctx.checkpoint_images);
+    let backends =
+        targets::usable_backends(runtime_class.is_some(), ctx.backends.checkpoint_images);
     let live = ctx.agents.live().await?;
     let capabilities = join_all(nodes.iter().map(|node| async {
         let endpoint = live.get(&node.name_any())?;
@@ -442,6 +423,17 @@ async fn execute(pm: &PodMigration, f: &Facts, action: Action, ctx: &Context) ->
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
     match action {
         Action::Start(status) => {
+            // Only the migration that holds the pod's claim leaves Pending.
+            match ctx.claims.acquire(pm).await? {
+                Claim::Held => {}
+                Claim::Contended => return Ok(Next::Requeue(Duration::ZERO)),
+                Claim::Busy(other) => {
+                    let failed = statemachine::busy(f, &other);
+                    return Ok(Next::Continue(
+                        write_status(pm, f, failed, None, ctx).await?,
+                    ));
+                }
+            }
             let updated = keep_template(pm, &pods, ctx).await?;
             Ok(Next::Continue(
                 write_status(&updated, f, *status, None, ctx).await?,
@@ -511,7 +503,7 @@ async fn execute(pm: &PodMigration, f: &Facts, action: Action, ctx: &Context) ->
             let target = f.status.target_node.clone().unwrap_or_default();
             let restore = match f.status.backend.as_deref() {
                 Some(agent_api::backend::RUNTIME_WRAPPER) => {
-                    Restore::RuntimeClass(&ctx.runtime_class)
+                    Restore::RuntimeClass(&ctx.backends.runtime_class)
                 }
                 _ => Restore::Images(&images),
             };
@@ -540,7 +532,12 @@ async fn execute(pm: &PodMigration, f: &Facts, action: Action, ctx: &Context) ->
             Ok(Next::Continue(pm.clone()))
         }
         Action::Wait(after) => Ok(Next::Requeue(after)),
-        Action::Done => Ok(Next::Done),
+        Action::Done => {
+            if f.deleting {
+                release_claim(pm, ctx).await;
+            }
+            Ok(Next::Done)
+        }
     }
 }
 
@@ -684,8 +681,19 @@ async fn write_status(
     let before = f.status.phase;
     if status.phase != before {
         record_phase_change(pm, before, &status, ctx).await;
+        if status.phase.is_some_and(Phase::is_final) {
+            release_claim(pm, ctx).await;
+        }
     }
     Ok(updated)
+}
+
+/// Gives back the pod's claim of a migration that ended. A claim left behind (the API server
+/// unreachable now) is taken over by the pod's next migration, as its holder is final or gone.
+async fn release_claim(pm: &PodMigration, ctx: &Context) {
+    if let Err(e) = ctx.claims.release(pm).await {
+        warn!(error = %e, "could not give back the pod's claim");
+    }
 }
 
 async fn record_phase_change(

@@ -3,6 +3,7 @@
 
 pub mod agents;
 pub mod certificates;
+pub mod claims;
 pub mod controller;
 pub mod leader;
 pub mod metrics;

@@ -21,7 +21,8 @@ use kube::{
 use operator::{
     agents::Agents,
     certificates,
-    controller::{self, Context},
+    claims::Claims,
+    controller::{self, Backends, Context},
     leader::{Elector, Timing},
     metrics::Metrics,
     rxe_blocks, server,
@@ -214,8 +215,11 @@ async fn lead(
         allocator.clone(),
         metrics,
         recorder,
-        args.runtime_class.clone(),
-        args.allow_checkpoint_images,
+        Backends {
+            runtime_class: args.runtime_class.clone(),
+            checkpoint_images: args.allow_checkpoint_images,
+        },
+        Claims::new(client.clone(), &args.namespace),
     ));
     let sweeper = tokio::spawn(rxe_blocks::maintain(
         allocator,

@@ -105,8 +105,6 @@ pub struct Facts {
     pub spec: PodMigrationSpec,
     pub status: PodMigrationStatus,
     pub pod: Option<PodFacts>,
-    /// Name of an earlier, still active PodMigration of the same pod.
-    pub busy_with: Option<String>,
     /// Pending only: the chosen target node and the backend it restores with, or why there is
     /// none.
     pub target: Option<Result<Target, String>>,
@@ -284,12 +282,6 @@ fn start(f: &Facts) -> Action {
             format!("pod {pod_name} is not Running (phase {phase})"),
         );
     };
-    if let Some(other) = &f.busy_with {
-        return fail(
-            Reason::PodBusy,
-            format!("pod {pod_name} is already being migrated by PodMigration {other}"),
-        );
-    }
     let target = match &f.target {
         Some(Ok(target)) => target.clone(),
         Some(Err(why)) => return fail(Reason::TargetUnavailable, why.clone()),
@@ -313,6 +305,16 @@ fn start(f: &Facts) -> Action {
         caveat(s.backend.as_deref())
     );
     Action::Start(Box::new(enter(f, s, Phase::Preparing, &msg)))
+}
+
+/// The status when another active migration (`other`) holds the pod's claim (`claims.rs`): the
+/// migration fails before anything started. The claim is taken when everything else says Start.
+pub fn busy(f: &Facts, other: &str) -> PodMigrationStatus {
+    let msg = format!(
+        "pod {} is already being migrated by PodMigration {other}",
+        f.spec.pod_name
+    );
+    finish(f, Phase::Failed, Some(Reason::PodBusy), &msg)
 }
 
 /// The status when the pod cannot get an rxe block (`why`): the migration fails before anything
@@ -828,7 +830,6 @@ mod tests {
             spec: spec(),
             status: PodMigrationStatus::default(),
             pod: Some(running_pod()),
-            busy_with: None,
             target: Some(Ok(Target {
                 node: "node-2".into(),
                 backend: "runtime-wrapper".into(),
@@ -1020,10 +1021,6 @@ mod tests {
                 Reason::PodNotRunning,
             ),
             (
-                Box::new(|f| f.busy_with = Some("earlier".into())),
-                Reason::PodBusy,
-            ),
-            (
                 Box::new(|f| f.pod.as_mut().unwrap().unmovable = Some("hostNetwork".into())),
                 Reason::PodNotMovable,
             ),
@@ -1037,6 +1034,21 @@ mod tests {
             mutate(&mut f);
             failed_with(&f, &next(&f), reason);
         }
+    }
+
+    #[test]
+    fn a_pod_another_migration_holds_fails_the_migration_before_anything_started() {
+        let f = pending();
+        let failed = busy(&f, "earlier");
+        assert_eq!(failed.source_node, None, "nothing was started");
+        assert!(
+            failed
+                .message
+                .as_deref()
+                .unwrap_or_default()
+                .contains("earlier")
+        );
+        failed_with(&f, &Action::Write(Box::new(failed)), Reason::PodBusy);
     }
 
     #[test]

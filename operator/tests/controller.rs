@@ -17,7 +17,7 @@ use kube::{
 };
 use support::{Operator, Options, Scenario};
 use testkit::{
-    harness::with_namespace,
+    harness::{eventually, with_namespace},
     testagent::{Behaviour, CHECKPOINT_TIME, Scripted},
 };
 
@@ -671,6 +671,76 @@ async fn concurrent_migrations_of_different_pods_all_succeed_and_a_busy_pod_is_r
         let prepared = s.agent(2).count(Step::PrepareTarget).executions
             + s.agent(3).count(Step::PrepareTarget).executions;
         assert_eq!(prepared, 5, "each migration prepared its target once");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn of_two_migrations_of_a_pod_created_at_once_exactly_one_proceeds() {
+    with_namespace("op-claim", |client, ns| async move {
+        let s = Scenario::new(client, &ns).await;
+        const PODS: usize = 20;
+        for i in 0..PODS {
+            s.pod(&format!("w-{i}"), 1, &format!("10.244.1.{}", 40 + i))
+                .await;
+        }
+        // Whoever proceeds stays in Checkpointing, so that a later start cannot pass for a race.
+        s.agent(1).script(Step::Checkpoint, Behaviour::Hold);
+        let _operator = Operator::start(&ns, "op-a", &s.certs).await;
+        // Each pod's two migrations are created together, with no wait between them.
+        futures::future::join_all((0..PODS).map(|i| {
+            let (pod, s) = (format!("w-{i}"), &s);
+            async move {
+                futures::future::join(
+                    s.migrate(&format!("a-{i}"), &pod, None),
+                    s.migrate(&format!("b-{i}"), &pod, None),
+                )
+                .await
+            }
+        }))
+        .await;
+        for i in 0..PODS {
+            let (a, b) = (format!("a-{i}"), format!("b-{i}"));
+            let pair = eventually(PHASE_TIMEOUT, || async {
+                let (a, b) = (
+                    s.migrations().get(&a).await.ok()?,
+                    s.migrations().get(&b).await.ok()?,
+                );
+                let phase = |pm: &PodMigration| pm.status.as_ref().and_then(|st| st.phase);
+                let decided = |pm: &PodMigration| phase(pm).is_some_and(|p| p != Phase::Pending);
+                (decided(&a) && decided(&b)).then_some((a, b))
+            })
+            .await;
+            let proceeded = |pm: &PodMigration| {
+                pm.status.as_ref().is_some_and(|st| {
+                    st.phase_transitions
+                        .iter()
+                        .any(|t| t.phase == Phase::Preparing)
+                })
+            };
+            let (winner, loser) = match (proceeded(&pair.0), proceeded(&pair.1)) {
+                (true, false) => (&pair.0, &pair.1),
+                (false, true) => (&pair.1, &pair.0),
+                both => panic!("w-{i}: {a} and {b} proceeded: {both:?}"),
+            };
+            let (reason, message) = Scenario::reason(loser);
+            assert_eq!(reason, "PodBusy", "w-{i}: {message}");
+            assert!(message.contains(&winner.name_any()), "{message}");
+        }
+        // The winners go on once the source lets them, and give their claims back when done.
+        s.agent(1).release(Step::Checkpoint);
+        let claims: Api<k8s_openapi::api::coordination::v1::Lease> =
+            Api::namespaced(s.client.clone(), &ns);
+        let label = format!("{}=true", operator::claims::CLAIM_LABEL);
+        eventually(PHASE_TIMEOUT, || async {
+            let left = claims
+                .list(&ListParams::default().labels(&label))
+                .await
+                .ok()?;
+            left.items.is_empty().then_some(())
+        })
+        .await;
+        assert_eq!(s.agent(1).count(Step::Checkpoint).executions as usize, PODS);
     })
     .await;
 }

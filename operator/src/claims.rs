@@ -1,0 +1,206 @@
+//! One migration per pod, claimed atomically. Before a PodMigration leaves Pending it claims its
+//! pod: a Lease in the operator's namespace named after the pod (`pod.<namespace>.<name>`), whose
+//! holder is the migration's UID. Creating it is the claim, so the API server's name uniqueness
+//! decides between two migrations of one pod however close in time they start; the second finds
+//! the Lease and fails with `PodBusy`. A claim is given back when its migration ends (a final
+//! phase, or its deletion); one whose migration is gone or final (an operator that stopped in
+//! between) is taken over with the Lease's resourceVersion as precondition, so that of two
+//! migrations taking over at once only one wins. See docs/operator.md.
+
+use std::collections::BTreeMap;
+
+use crds::PodMigration;
+use k8s_openapi::{
+    api::coordination::v1::{Lease, LeaseSpec},
+    apimachinery::pkg::apis::meta::v1::MicroTime,
+    jiff::Timestamp,
+};
+use kube::{
+    Api, Client, ResourceExt,
+    api::{DeleteParams, ObjectMeta, PostParams, Preconditions},
+};
+use sha2::{Digest, Sha256};
+
+/// Label of claim Leases.
+pub const CLAIM_LABEL: &str = "migros.io/pod-claim";
+/// Annotation of a claim Lease: the migration that holds it, `<namespace>/<name>`.
+pub const MIGRATION_ANNOTATION: &str = "migros.io/migration";
+/// Annotation of a claim Lease: the pod it claims, `<namespace>/<name>`.
+pub const POD_ANNOTATION: &str = "migros.io/pod";
+
+/// The outcome of [`Claims::acquire`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// The migration holds its pod.
+    Held,
+    /// Another active migration holds the pod: its name (same namespace).
+    Busy(String),
+    /// Another operator changed the claim meanwhile: decide again.
+    Contended,
+}
+
+/// The claim Leases of the operator's namespace.
+#[derive(Clone)]
+pub struct Claims {
+    leases: Api<Lease>,
+    client: Client,
+}
+
+impl std::fmt::Debug for Claims {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Claims").finish_non_exhaustive()
+    }
+}
+
+/// The name of the claim Lease of pod `namespace/pod`: readable while it fits a Lease name (a
+/// namespace has no dots, so `pod.<namespace>.<name>` names one pod), else a digest of both.
+pub fn lease_name(namespace: &str, pod: &str) -> String {
+    let name = format!("pod.{namespace}.{pod}");
+    if name.len() <= 253 {
+        return name;
+    }
+    let digest = Sha256::digest(format!("{namespace}/{pod}").as_bytes());
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    format!("pod.{hex}")
+}
+
+impl Claims {
+    /// Claims in `namespace` (the operator's).
+    pub fn new(client: Client, namespace: &str) -> Self {
+        Self {
+            leases: Api::namespaced(client.clone(), namespace),
+            client,
+        }
+    }
+
+    /// Claims the pod of `pm` for it, unless another active migration holds it.
+    pub async fn acquire(&self, pm: &PodMigration) -> Result<Claim, kube::Error> {
+        let ns = pm.namespace().unwrap_or_default();
+        let uid = pm.uid().unwrap_or_default();
+        let name = lease_name(&ns, &pm.spec.pod_name);
+        let lease = self.lease(&name, pm);
+        match self.leases.create(&PostParams::default(), &lease).await {
+            Ok(_) => return Ok(Claim::Held),
+            Err(kube::Error::Api(s)) if s.code == 409 => {}
+            Err(e) => return Err(e),
+        }
+        let Some(existing) = self.leases.get_opt(&name).await? else {
+            return Ok(Claim::Contended); // given back meanwhile
+        };
+        let holder = holder(&existing);
+        if holder == uid {
+            return Ok(Claim::Held);
+        }
+        if let Some(other) = self.active_holder(&existing, &holder).await? {
+            return Ok(Claim::Busy(other));
+        }
+        // The holder is gone or done: take the claim over, unless someone else does first.
+        let mut taken = lease;
+        taken.metadata.resource_version = existing.resource_version();
+        match self
+            .leases
+            .replace(&name, &PostParams::default(), &taken)
+            .await
+        {
+            Ok(_) => Ok(Claim::Held),
+            Err(kube::Error::Api(s)) if s.code == 409 || s.code == 404 => Ok(Claim::Contended),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Gives the claim of `pm`'s pod back, if `pm` holds it.
+    pub async fn release(&self, pm: &PodMigration) -> Result<(), kube::Error> {
+        let ns = pm.namespace().unwrap_or_default();
+        let name = lease_name(&ns, &pm.spec.pod_name);
+        let Some(existing) = self.leases.get_opt(&name).await? else {
+            return Ok(());
+        };
+        if holder(&existing) != pm.uid().unwrap_or_default() {
+            return Ok(());
+        }
+        let params = DeleteParams {
+            preconditions: Some(Preconditions {
+                resource_version: existing.resource_version(),
+                uid: existing.uid(),
+            }),
+            ..DeleteParams::default()
+        };
+        match self.leases.delete(&name, &params).await {
+            Ok(_) => Ok(()),
+            // Taken over or gone meanwhile: not ours to delete any more.
+            Err(kube::Error::Api(s)) if s.code == 409 || s.code == 404 => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn lease(&self, name: &str, pm: &PodMigration) -> Lease {
+        let ns = pm.namespace().unwrap_or_default();
+        Lease {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                labels: Some(BTreeMap::from([(CLAIM_LABEL.into(), "true".into())])),
+                annotations: Some(BTreeMap::from([
+                    (
+                        MIGRATION_ANNOTATION.into(),
+                        format!("{ns}/{}", pm.name_any()),
+                    ),
+                    (POD_ANNOTATION.into(), format!("{ns}/{}", pm.spec.pod_name)),
+                ])),
+                ..ObjectMeta::default()
+            },
+            spec: Some(LeaseSpec {
+                holder_identity: pm.uid(),
+                acquire_time: Some(MicroTime(Timestamp::now())),
+                ..LeaseSpec::default()
+            }),
+        }
+    }
+
+    /// The name of the migration holding `lease` if it still exists, is the holder (same UID)
+    /// and is not final.
+    async fn active_holder(
+        &self,
+        lease: &Lease,
+        holder: &str,
+    ) -> Result<Option<String>, kube::Error> {
+        let named = lease
+            .annotations()
+            .get(MIGRATION_ANNOTATION)
+            .and_then(|m| m.split_once('/'));
+        let Some((ns, name)) = named else {
+            return Ok(None);
+        };
+        let api: Api<PodMigration> = Api::namespaced(self.client.clone(), ns);
+        let active = api.get_opt(name).await?.is_some_and(|pm| {
+            pm.uid().as_deref() == Some(holder)
+                && !pm
+                    .status
+                    .and_then(|s| s.phase)
+                    .is_some_and(crds::Phase::is_final)
+        });
+        Ok(active.then(|| name.to_string()))
+    }
+}
+
+fn holder(lease: &Lease) -> String {
+    lease
+        .spec
+        .as_ref()
+        .and_then(|s| s.holder_identity.clone())
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_claim_is_named_after_its_pod_and_fits_a_lease_name() {
+        assert_eq!(lease_name("shop", "db-0"), "pod.shop.db-0");
+        let long = "p".repeat(253);
+        let name = lease_name("shop", &long);
+        assert!(name.len() <= 253, "{name}");
+        assert_ne!(name, lease_name("shop2", &long));
+        assert_eq!(name, lease_name("shop", &long));
+    }
+}
