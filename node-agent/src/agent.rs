@@ -3,7 +3,13 @@
 //! that either end of a migration takes (abort, cleanup). The steps of each end are in `source`
 //! and `target`; `api` is the gRPC facade in front of them.
 
-use std::{net::Ipv4Addr, path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    collections::BTreeSet,
+    net::Ipv4Addr,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use agent_api::{Role, operations::Operations, tls::TlsMaterial, v1};
 
@@ -71,6 +77,8 @@ pub struct Agent {
     pub(crate) store: Store,
     pub(crate) reservations: Reservations,
     pub(crate) operations: Arc<Operations>,
+    /// Migrations whose checkpoint runs on this node (see `source::Agent::hold`).
+    pub(crate) checkpointing: Arc<Mutex<BTreeSet<String>>>,
 }
 
 impl Agent {
@@ -79,6 +87,7 @@ impl Agent {
             store: Store::new(&settings.store),
             reservations: Reservations::new(&settings.reservations),
             operations: Operations::new(settings.quick_answer),
+            checkpointing: Arc::default(),
             settings: Arc::new(settings),
             parts: Arc::new(parts),
         }

@@ -11,7 +11,9 @@
 //! still undo it.
 
 use std::{
+    collections::BTreeSet,
     path::Path,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -59,6 +61,8 @@ impl Agent {
                     ))
                 })?;
         }
+        // One migration at a time moves a pod: refused before anything is touched.
+        let _hold = self.hold(&record)?;
         self.store.save(&record)?;
         let via = match self.settings.checkpoint_via {
             CheckpointVia::Auto if req.backend == RUNTIME_WRAPPER => Dump::Task,
@@ -81,6 +85,34 @@ impl Agent {
                 Err(cause)
             }
         }
+    }
+
+    /// Marks `record`'s migration as checkpointing until the guard goes, unless another migration
+    /// holds a container of its pod on this node: one that is checkpointing it, or has it paused
+    /// or its IP blocked and has not stopped it (committed) or given it back (aborted).
+    fn hold(&self, record: &Record) -> Result<Checkpointing> {
+        let mut running = self
+            .checkpointing
+            .lock()
+            .map_err(|_| Error::NotReady("the agent's checkpoint table is poisoned".into()))?;
+        for uid in self.store.list()? {
+            if uid == record.uid {
+                continue;
+            }
+            if let Some(other) = self.store.load(&uid)?
+                && holds(&other, record, running.contains(&uid))
+            {
+                return Err(Error::Invalid(format!(
+                    "pod {}/{} is held on this node by migration {uid}: one migration at a time",
+                    record.namespace, record.pod
+                )));
+            }
+        }
+        running.insert(record.uid.clone());
+        Ok(Checkpointing {
+            table: self.checkpointing.clone(),
+            uid: record.uid.clone(),
+        })
     }
 
     async fn freeze_and_dump(&self, record: &mut Record, via: Dump) -> Result<v1::Operation> {
@@ -403,7 +435,75 @@ impl Agent {
     }
 }
 
+/// A migration's mark in the agent's checkpoint table, taken off when dropped.
+struct Checkpointing {
+    table: Arc<Mutex<BTreeSet<String>>>,
+    uid: String,
+}
+
+impl Drop for Checkpointing {
+    fn drop(&mut self) {
+        if let Ok(mut table) = self.table.lock() {
+            table.remove(&self.uid);
+        }
+    }
+}
+
+/// Whether the source migration `other` holds a container of `mine`'s pod: it is checkpointing
+/// (`checkpointing`), or has the pod paused or its IP blocked, and has not stopped it for good.
+fn holds(other: &Record, mine: &Record, checkpointing: bool) -> bool {
+    let same_pod = !mine.pod_uid.is_empty() && other.pod_uid == mine.pod_uid;
+    let same_container = other
+        .containers
+        .iter()
+        .any(|o| !o.id.is_empty() && mine.containers.iter().any(|m| m.id == o.id));
+    other.role == Role::Source
+        && !other.stopped
+        && (checkpointing || other.paused || other.blocked)
+        && (same_pod || same_container)
+}
+
 /// A task state in words (`paused`, `stopped`, ...).
 fn task_state(status: TaskStatus) -> String {
     status.as_str_name().to_lowercase()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn source(uid: &str, pod_uid: &str, container: &str) -> Record {
+        let mut r = Record::new(uid, Role::Source, "ns", "app");
+        r.pod_uid = pod_uid.into();
+        r.containers = vec![Container {
+            name: "app".into(),
+            id: container.into(),
+            ..Container::default()
+        }];
+        r
+    }
+
+    #[test]
+    fn a_pod_is_held_by_a_migration_that_checkpoints_pauses_or_silences_it_until_it_stops_it() {
+        let mine = source("b", "pod-1", "c1");
+        let mut other = source("a", "pod-1", "c1");
+        assert!(!holds(&other, &mine, false), "recorded, not started");
+        assert!(holds(&other, &mine, true), "checkpointing");
+        other.blocked = true;
+        assert!(holds(&other, &mine, false), "silenced");
+        other.blocked = false;
+        other.paused = true;
+        assert!(holds(&other, &mine, false), "paused");
+        // The same containers under another pod UID (the request did not name it) count too.
+        let by_container = source("b", "", "c1");
+        assert!(holds(&other, &by_container, false));
+        assert!(!holds(&other, &source("b", "pod-2", "c2"), false));
+        // Stopped (committed), or a target's record: nothing held.
+        other.stopped = true;
+        assert!(!holds(&other, &mine, false));
+        let mut target = source("a", "pod-1", "c1");
+        target.role = Role::Target;
+        target.blocked = true;
+        assert!(!holds(&target, &mine, true));
+    }
 }

@@ -465,6 +465,32 @@ pub fn abort(w: &World) -> Result<()> {
         )
         .await?;
         ensure!(w.task_state(0, &pod.container_id) == "PAUSED", "not paused");
+        // While this migration holds the pod, another one's checkpoint of it is refused, and
+        // its undo does not resume what the first one paused.
+        let other = unique("mig");
+        let why = fails(
+            &mut src,
+            Step::Checkpoint,
+            &StepArgs {
+                migration_uid: other.clone(),
+                pod: pod_ref.clone(),
+                ..Default::default()
+            },
+        )
+        .await?;
+        ensure!(
+            why.contains(&format!("held on this node by migration {uid}")),
+            "{why}"
+        );
+        done(&mut src, Step::Abort(Role::Source), &StepArgs::of(&other)).await?;
+        ensure!(
+            w.task_state(0, &pod.container_id) == "PAUSED",
+            "another migration's refusal resumed the pod"
+        );
+        ensure!(
+            !w.stored(0).contains(&other),
+            "a refused checkpoint left data"
+        );
         // A target that cannot be reached: the transfer is retried, then fails with the reason,
         // and the source stays paused, ready for the abort.
         let why = fails(
