@@ -3,7 +3,9 @@
 //! source node blocks a pod from just before its checkpoint (a peer's TCP stack then sees a pause,
 //! not a reset, and nothing the checkpoint did not see is acknowledged); the target node blocks the
 //! pod IP until the restored sockets exist. The set lives in the node's network namespace, so a
-//! restarted agent finds its blocks where it left them.
+//! restarted agent finds its blocks where it left them. Whatever it is asked, the agent never
+//! blocks an address of its own node (a pod on the node's network has the node's address:
+//! blocking it would take the node off the network) nor one that is not a unicast address.
 
 use std::{net::Ipv4Addr, path::PathBuf};
 
@@ -12,12 +14,18 @@ use tokio::process::Command;
 /// The nftables table of the agent.
 pub const TABLE: &str = "kube_migros";
 
-/// Errors of running `nft`.
+/// Why an address could not be blocked or let through.
 #[derive(Debug, thiserror::Error)]
-#[error("nft {args}: {message}")]
-pub struct Error {
-    args: String,
-    message: String,
+pub enum Error {
+    #[error("nft {args}: {message}")]
+    Nft { args: String, message: String },
+    #[error(
+        "{0} is an address of this node or not a unicast address: blocking it would take the \
+         node off the network, so the agent never does"
+    )]
+    Guarded(Ipv4Addr),
+    #[error("listing this node's addresses: {0}")]
+    Addresses(nix::Error),
 }
 
 /// The block list of this node.
@@ -48,7 +56,7 @@ impl NetBlock {
     }
 
     async fn nft(&self, args: &[&str], stdin: Option<&str>) -> Result<String, Error> {
-        let err = |message: String| Error {
+        let err = |message: String| Error::Nft {
             args: args.join(" "),
             message,
         };
@@ -93,8 +101,12 @@ impl NetBlock {
         self.nft(&["-f", "-"], Some(&ruleset())).await.map(drop)
     }
 
-    /// Drops all traffic of `ip` on this node's bridge (idempotent).
+    /// Drops all traffic of `ip` on this node's bridge (idempotent); refuses an address of the
+    /// node itself.
     pub async fn block(&self, ip: Ipv4Addr) -> Result<(), Error> {
+        if guarded(ip, &own_addresses()?) {
+            return Err(Error::Guarded(ip));
+        }
         self.ensure().await?;
         let element = format!("{{ {ip} }}");
         self.nft(
@@ -127,10 +139,31 @@ impl NetBlock {
         {
             Ok(json) => Ok(parse_set(&json)),
             // No table yet: nothing is blocked.
-            Err(e) if e.message.contains("No such file or directory") => Ok(Vec::new()),
+            Err(Error::Nft { message, .. }) if message.contains("No such file or directory") => {
+                Ok(Vec::new())
+            }
             Err(e) => Err(e),
         }
     }
+}
+
+/// The IPv4 addresses of this network namespace's interfaces (the node's, for an agent on the
+/// node's network).
+fn own_addresses() -> Result<Vec<Ipv4Addr>, Error> {
+    let addresses = nix::ifaddrs::getifaddrs().map_err(Error::Addresses)?;
+    Ok(addresses
+        .filter_map(|a| a.address?.as_sockaddr_in().map(|s| s.ip()))
+        .collect())
+}
+
+/// Whether `ip` must never be blocked: one of the node's own addresses, or not a unicast one.
+fn guarded(ip: Ipv4Addr, own: &[Ipv4Addr]) -> bool {
+    ip.is_loopback()
+        || ip.is_unspecified()
+        || ip.is_broadcast()
+        || ip.is_multicast()
+        || ip.is_link_local()
+        || own.contains(&ip)
 }
 
 /// The addresses of `nft -j list set` output.
@@ -153,6 +186,24 @@ pub fn parse_set(json: &str) -> Vec<Ipv4Addr> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_nodes_own_and_non_unicast_addresses_are_never_blocked() {
+        let own = own_addresses().unwrap();
+        assert!(own.contains(&Ipv4Addr::LOCALHOST), "{own:?}");
+        for ip in own.iter().copied().chain([
+            Ipv4Addr::UNSPECIFIED,
+            Ipv4Addr::BROADCAST,
+            Ipv4Addr::new(224, 0, 0, 1),
+            Ipv4Addr::new(169, 254, 1, 1),
+        ]) {
+            assert!(guarded(ip, &own), "{ip}");
+        }
+        assert!(!guarded(
+            Ipv4Addr::new(10, 88, 1, 5),
+            &[Ipv4Addr::new(10, 88, 0, 1)]
+        ));
+    }
 
     #[test]
     fn the_ruleset_drops_ip_and_arp_both_ways_on_every_bridge_hook() {

@@ -44,6 +44,10 @@ fn main() {
             migration::migrate_with_the_wrapper_from_a_cri_checkpoint,
         ),
         (
+            "a_plain_pod_runs_under_the_wrapper_as_under_runc_and_a_restore_it_cannot_do_fails",
+            migration::plain_pods_under_the_wrapper,
+        ),
+        (
             "abort_resumes_the_paused_source_and_it_continues",
             migration::abort,
         ),

@@ -429,6 +429,99 @@ async fn restored_once(
     Ok(())
 }
 
+/// A pod of the wrapper's handler that is not a restore runs exactly as under runc: it serves,
+/// logs, `exec` works, and stopping it ends it with the exit code runc gives; a pod marked as the
+/// restore of a migration this node has no checkpoint of fails its create with the reason and
+/// never runs a fresh process in its place.
+pub fn plain_pods_under_the_wrapper(w: &World) -> Result<()> {
+    let image = w.demo_image.clone();
+    let wrapper = PodOptions {
+        handler: Some(world::RUNTIME_HANDLER.into()),
+        ..PodOptions::default()
+    };
+    // node-1 runs containerd 2.4.
+    let wrapped = w.run_pod_with(0, &unique("plain"), &image, &SERVE, &wrapper)?;
+    let reference = w.run_pod(0, &unique("runc"), &image, &SERVE)?;
+    let ids = w.rt.block_on(async {
+        let mut ids = Vec::new();
+        for pod in [&wrapped, &reference] {
+            let serving = until("the workload to serve", Duration::from_secs(30), || async {
+                status(pod.ip).await.ok()
+            })
+            .await?;
+            ids.push(serving.get("id").to_string());
+        }
+        Ok::<_, String>(ids)
+    })?;
+    let note = w.exec(
+        0,
+        &[
+            "crictl",
+            "exec",
+            &wrapped.container_id,
+            "/demo",
+            "cat",
+            "/note",
+        ],
+    )?;
+    ensure!(
+        note.trim() == ids[0],
+        "exec under the wrapper read {note:?}"
+    );
+    let logs = w.exec(0, &["crictl", "logs", &wrapped.container_id])?;
+    ensure!(
+        logs.contains(&format!("demo: status id={}", ids[0])),
+        "no log under the wrapper: {logs:?}"
+    );
+    let mut exits = Vec::new();
+    for pod in [&wrapped, &reference] {
+        w.exec(0, &["crictl", "stop", &pod.container_id])?;
+        let inspect = w.exec(0, &["crictl", "inspect", &pod.container_id])?;
+        let v: serde_json::Value = serde_json::from_str(&inspect).map_err(|e| e.to_string())?;
+        let state = v["status"]["state"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        ensure!(state == "CONTAINER_EXITED", "{}: {state}", pod.name);
+        exits.push(v["status"]["exitCode"].clone());
+    }
+    ensure!(
+        exits[0] == exits[1],
+        "stopped under the wrapper with {}, under runc with {}",
+        exits[0],
+        exits[1]
+    );
+    // A restore of a migration this node does not have.
+    let bogus = unique("bogus");
+    let refused = w.run_pod_with(
+        0,
+        &bogus,
+        &image,
+        &SERVE,
+        &PodOptions {
+            handler: Some(world::RUNTIME_HANDLER.into()),
+            ..PodOptions::restore_of(&unique("mig"))
+        },
+    );
+    let why = match refused {
+        Ok(pod) => {
+            return Err(format!(
+                "pod {} ran instead of failing its restore",
+                pod.name
+            ));
+        }
+        Err(why) => why,
+    };
+    ensure!(
+        why.contains("migros-runc") && why.contains("no record"),
+        "the create failed without the wrapper's reason: {why}"
+    );
+    for pod in [&wrapped, &reference] {
+        w.remove_pod(pod)?;
+    }
+    Ok(())
+}
+
 pub fn abort(w: &World) -> Result<()> {
     let name = unique("abort");
     let uid = unique("mig");
