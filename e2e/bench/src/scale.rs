@@ -68,6 +68,19 @@ pub async fn run(dirs: &Dirs, n: usize) -> anyhow::Result<ScaleRun> {
     let started = Instant::now();
     create_migrations(&pms, n).await?;
     let succeeded = wait_final(&pms, n).await?;
+    // A run whose migrations fail measures failing, not migrating.
+    if succeeded < n {
+        let failed = pms
+            .list(&ListParams::default())
+            .await?
+            .items
+            .into_iter()
+            .find(|pm| pm.status.as_ref().and_then(|s| s.phase) != Some(crds::Phase::Succeeded));
+        bail!(
+            "{succeeded} of {n} PodMigrations succeeded; one that did not: {:?}",
+            failed.and_then(|pm| pm.status?.message)
+        );
+    }
     let all_final_ms = started.elapsed().as_secs_f64() * 1000.0;
     let requests = operator_requests(&client).await? - requests_before;
     let (rss, cpu) = usage(operator.0.id()).context("the operator's resource usage")?;
@@ -205,6 +218,8 @@ impl Operator {
             .env("RUST_LOG", "warn")
             .args(["--namespace", ns, "--watch-namespace", ns])
             .args(["--identity", "bench", "--lease-retry-seconds", "1"])
+            // The test agents restore from checkpoint images (they offer nothing else).
+            .arg("--allow-checkpoint-images")
             .arg(format!("--tls-dir={}", certs.operator_dir().display()))
             .arg(format!("--http-addr={http}"))
             .stdin(Stdio::null())
