@@ -27,7 +27,7 @@ use crate::{MigrationRun, Options, TransferRuns};
 
 /// The phases of a migration, in order, as measured here:
 /// - `prepare`: apply until Checkpointing (checks, target choice, rxe block, target agent prepared);
-/// - `checkpoint`: Checkpointing until Transferring (IP blocked, paused, CRI checkpoint);
+/// - `checkpoint`: Checkpointing until Transferring (IP blocked, paused, checkpointed);
 /// - `transfer`: Transferring until Restoring (the stream and the target's staging: with the runtime
 ///   wrapper the archive unpacked as it arrives; with checkpoint images the checks, then the image
 ///   packed, pushed to the registry and pulled into the node's runtime);

@@ -378,17 +378,30 @@ fn migrations(c: &Context<'_>) -> Slots {
     vec![
         ("migrations", runs_table.to_string()),
         ("phases", phases.to_string()),
+        ("checkpoint_phase", checkpoint_phase(&c.r.backend).into()),
         ("transfer_phase", transfer_phase(&c.r.backend).into()),
         ("restore_phase", restore_phase(&c.r.backend).into()),
     ]
+}
+
+/// What the checkpoint phase does with a backend.
+fn checkpoint_phase(backend: &str) -> &'static str {
+    match backend {
+        "runtime-wrapper" => {
+            "IP blocked, paused, the task checkpointed through containerd into the agent's store, \
+             the writable layer written beside it"
+        }
+        _ => "IP blocked, paused, CRI checkpoint (CRIU, then containerd packs an archive)",
+    }
 }
 
 /// What the transfer phase does with a backend.
 fn transfer_phase(backend: &str) -> &'static str {
     match backend {
         "runtime-wrapper" => {
-            "the stream; the target unpacks each archive as it arrives into its staging, checking \
-             every entry before it is written, and syncs it"
+            "the stream of each checkpoint directory as an archive, digest taken on the way; the \
+             target unpacks it as it arrives into its staging, checking every entry before it is \
+             written (no sync: the source keeps its copy until the migration is cleaned up)"
         }
         _ => {
             "the stream into a file, the target's checks of the archive, staging it as the \
@@ -699,10 +712,11 @@ fn comparison(others: &[&Results], r: &Results) -> Slots {
 fn remedy(phase: &str, backend: &str) -> &'static str {
     match phase {
         "transfer" if backend == "runtime-wrapper" => {
-            "the stream is unpacked as it arrives, so the phase is the stream and a sync: its \
-             rate is bound by the CPU the two ends share with everything else on these nodes \
-             (zstd, TLS, the tar walk). CRIU images sent as they are dumped (the CRIU page server \
-             to the target agent) would overlap it with the checkpoint."
+            "the stream is unpacked as it arrives, so the phase is the stream: its rate is bound \
+             by the CPU the two ends share with everything else on these nodes (reading the \
+             checkpoint from the source's store, SHA-256 at both ends, zstd, TLS, writing every \
+             file on the target). CRIU images sent as they are dumped (the CRIU page server to \
+             the target agent) would overlap it with the checkpoint."
         }
         "transfer" => {
             "the checkpoint makes a round trip through the registry because the kubelet restores \
