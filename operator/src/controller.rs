@@ -418,27 +418,36 @@ async fn choose_target(
     }))
 }
 
+/// Leaves Pending with `status`: only the migration that holds the pod's claim does; another
+/// that holds it fails this one as `PodBusy`.
+async fn start(
+    pm: &PodMigration,
+    f: &Facts,
+    status: PodMigrationStatus,
+    pods: &Api<Pod>,
+    ctx: &Context,
+) -> Result<Next> {
+    match ctx.claims.acquire(pm).await? {
+        Claim::Held => {}
+        Claim::Contended => return Ok(Next::Requeue(Duration::ZERO)),
+        Claim::Busy(other) => {
+            let failed = statemachine::busy(f, &other);
+            return Ok(Next::Continue(
+                write_status(pm, f, failed, None, ctx).await?,
+            ));
+        }
+    }
+    let updated = keep_template(pm, pods, ctx).await?;
+    Ok(Next::Continue(
+        write_status(&updated, f, status, None, ctx).await?,
+    ))
+}
+
 async fn execute(pm: &PodMigration, f: &Facts, action: Action, ctx: &Context) -> Result<Next> {
     let ns = pm.namespace().unwrap_or_default();
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
     match action {
-        Action::Start(status) => {
-            // Only the migration that holds the pod's claim leaves Pending.
-            match ctx.claims.acquire(pm).await? {
-                Claim::Held => {}
-                Claim::Contended => return Ok(Next::Requeue(Duration::ZERO)),
-                Claim::Busy(other) => {
-                    let failed = statemachine::busy(f, &other);
-                    return Ok(Next::Continue(
-                        write_status(pm, f, failed, None, ctx).await?,
-                    ));
-                }
-            }
-            let updated = keep_template(pm, &pods, ctx).await?;
-            Ok(Next::Continue(
-                write_status(&updated, f, *status, None, ctx).await?,
-            ))
-        }
+        Action::Start(status) => start(pm, f, *status, &pods, ctx).await,
         Action::Write(status) => Ok(Next::Continue(
             write_status(pm, f, *status, None, ctx).await?,
         )),

@@ -395,66 +395,8 @@ fn succeeded(f: &Facts, call: Step, op: &agent_api::Operation) -> PodMigrationSt
         Step::PrepareTarget => {
             return enter(f, s, Phase::Checkpointing, "checkpointing the source pod");
         }
-        Step::Checkpoint => {
-            let containers: Vec<ContainerCheckpoint> = op
-                .archives
-                .iter()
-                .map(|a| ContainerCheckpoint {
-                    name: a.name.clone(),
-                    bytes: to_i64(a.bytes),
-                    digest: a.digest.clone(),
-                    image: None,
-                })
-                .collect();
-            let bytes = containers.iter().map(|c| c.bytes).sum();
-            s.checkpoint = Some(CheckpointStatus {
-                bytes,
-                location: None,
-                containers,
-            });
-            s.progress = Some(Progress {
-                bytes_transferred: 0,
-                bytes_total: bytes,
-            });
-            timings(&mut s).checkpoint_ms = Some(to_i64(op.duration_ms));
-            return enter(
-                f,
-                s,
-                Phase::Transferring,
-                "sending the checkpoint to the target node",
-            );
-        }
-        Step::Transfer => {
-            let total = s.checkpoint.as_ref().map_or(0, |c| c.bytes);
-            s.progress = Some(Progress {
-                bytes_transferred: total,
-                bytes_total: total,
-            });
-            let t = timings(&mut s);
-            t.transfer_ms = Some(to_i64(op.duration_ms));
-            t.stream_ms = (op.stream_ms > 0).then(|| to_i64(op.stream_ms));
-            // A checkpoint kept as a directory gets its digest as it is sent.
-            if let Some(c) = s.checkpoint.as_mut() {
-                for sent in &op.archives {
-                    if let Some(container) = c.containers.iter_mut().find(|c| c.name == sent.name) {
-                        container.digest = sent.digest.clone();
-                    }
-                }
-            }
-            if !op.location.is_empty()
-                && let Some(c) = s.checkpoint.as_mut()
-            {
-                c.location = Some(format!("{}:{}", target(f), op.location));
-            }
-            set_condition(
-                &mut s,
-                f.now,
-                condition::TRANSFERRED,
-                true,
-                "Verified",
-                "digest verified on the target",
-            );
-        }
+        Step::Checkpoint => return checkpointed(f, s, op),
+        Step::Transfer => transferred(f, &mut s, op),
         // The operator never asks the target to commit; it keeps its data until the cleanup.
         Step::Commit(Role::Target) => {}
         Step::Commit(Role::Source) => {
@@ -522,6 +464,75 @@ fn succeeded(f: &Facts, call: Step, op: &agent_api::Operation) -> PodMigrationSt
         ),
     }
     s
+}
+
+/// The status once the source checkpointed: sizes and digests, then Transferring.
+fn checkpointed(
+    f: &Facts,
+    mut s: PodMigrationStatus,
+    op: &agent_api::Operation,
+) -> PodMigrationStatus {
+    let containers: Vec<ContainerCheckpoint> = op
+        .archives
+        .iter()
+        .map(|a| ContainerCheckpoint {
+            name: a.name.clone(),
+            bytes: to_i64(a.bytes),
+            digest: a.digest.clone(),
+            image: None,
+        })
+        .collect();
+    let bytes = containers.iter().map(|c| c.bytes).sum();
+    s.checkpoint = Some(CheckpointStatus {
+        bytes,
+        location: None,
+        containers,
+    });
+    s.progress = Some(Progress {
+        bytes_transferred: 0,
+        bytes_total: bytes,
+    });
+    timings(&mut s).checkpoint_ms = Some(to_i64(op.duration_ms));
+    enter(
+        f,
+        s,
+        Phase::Transferring,
+        "sending the checkpoint to the target node",
+    )
+}
+
+/// Records a finished transfer in `s`: progress, times, the digests taken as it was sent, where
+/// the target keeps the checkpoint.
+fn transferred(f: &Facts, s: &mut PodMigrationStatus, op: &agent_api::Operation) {
+    let total = s.checkpoint.as_ref().map_or(0, |c| c.bytes);
+    s.progress = Some(Progress {
+        bytes_transferred: total,
+        bytes_total: total,
+    });
+    let t = timings(s);
+    t.transfer_ms = Some(to_i64(op.duration_ms));
+    t.stream_ms = (op.stream_ms > 0).then(|| to_i64(op.stream_ms));
+    // A checkpoint kept as a directory gets its digest as it is sent.
+    if let Some(c) = s.checkpoint.as_mut() {
+        for sent in &op.archives {
+            if let Some(container) = c.containers.iter_mut().find(|c| c.name == sent.name) {
+                container.digest = sent.digest.clone();
+            }
+        }
+    }
+    if !op.location.is_empty()
+        && let Some(c) = s.checkpoint.as_mut()
+    {
+        c.location = Some(format!("{}:{}", target(f), op.location));
+    }
+    set_condition(
+        s,
+        f.now,
+        condition::TRANSFERRED,
+        true,
+        "Verified",
+        "digest verified on the target",
+    );
 }
 
 fn failed(f: &Facts, call: Step, message: &str) -> (PodMigrationStatus, Duration) {

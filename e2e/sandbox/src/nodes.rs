@@ -447,37 +447,7 @@ impl Nodes {
         write(&dir.join("recipe"), &self.recipe(node, rootfs))?;
 
         let netns = node.netns();
-        let (host_if, node_if) = (format!("mgh{}", node.index), format!("mgn{}", node.index));
-        if link_exists(&host_if) {
-            ip(&["link", "delete", &host_if])?;
-        }
-        ip(&["netns", "add", &netns])?;
-        ip(&[
-            "link", "add", &host_if, "type", "veth", "peer", "name", &node_if,
-        ])?;
-        ip(&["link", "set", &host_if, "master", BRIDGE, "up"])?;
-        ip(&["link", "set", &node_if, "netns", &netns])?;
-        let in_ns = |args: &[&str]| {
-            let mut all = vec!["-n", netns.as_str()];
-            all.extend_from_slice(args);
-            ip(&all)
-        };
-        in_ns(&["link", "set", &node_if, "name", "eth0"])?;
-        // The node's address sits on its pod bridge, whose uplink port is eth0.
-        // A fixed MAC: a bridge without one takes its ports' lowest, which changes as pods come
-        // and go, and then the host's ARP entry for the node is stale for seconds.
-        let mac = format!("02:6d:67:00:00:{:02x}", node.index);
-        in_ns(&["link", "add", POD_BRIDGE, "address", &mac, "type", "bridge"])?;
-        in_ns(&["link", "set", "eth0", "master", POD_BRIDGE, "up"])?;
-        in_ns(&[
-            "addr",
-            "add",
-            &format!("{}/{PREFIX}", node.ip()),
-            "dev",
-            POD_BRIDGE,
-        ])?;
-        in_ns(&["link", "set", POD_BRIDGE, "up"])?;
-        in_ns(&["route", "add", "default", "via", &BRIDGE_IP.to_string()])?;
+        plumb(node)?;
 
         let log_path = dir.join("node.log");
         let log = std::fs::File::create(&log_path).map_err(io_at(&log_path))?;
@@ -689,6 +659,44 @@ fn write(path: &Path, contents: &str) -> Result<()> {
         std::fs::create_dir_all(parent).map_err(io_at(parent))?;
     }
     Ok(std::fs::write(path, contents).map_err(io_at(path))?)
+}
+
+/// The node's network namespace, its veth to the host's bridge and its pod bridge carrying the
+/// node's address.
+fn plumb(node: &Node) -> Result<()> {
+    let netns = node.netns();
+    let (host_if, node_if) = (format!("mgh{}", node.index), format!("mgn{}", node.index));
+    if link_exists(&host_if) {
+        ip(&["link", "delete", &host_if])?;
+    }
+    ip(&["netns", "add", &netns])?;
+    ip(&[
+        "link", "add", &host_if, "type", "veth", "peer", "name", &node_if,
+    ])?;
+    ip(&["link", "set", &host_if, "master", BRIDGE, "up"])?;
+    ip(&["link", "set", &node_if, "netns", &netns])?;
+    let in_ns = |args: &[&str]| {
+        let mut all = vec!["-n", netns.as_str()];
+        all.extend_from_slice(args);
+        ip(&all)
+    };
+    in_ns(&["link", "set", &node_if, "name", "eth0"])?;
+    // The node's address sits on its pod bridge, whose uplink port is eth0.
+    // A fixed MAC: a bridge without one takes its ports' lowest, which changes as pods come
+    // and go, and then the host's ARP entry for the node is stale for seconds.
+    let mac = format!("02:6d:67:00:00:{:02x}", node.index);
+    in_ns(&["link", "add", POD_BRIDGE, "address", &mac, "type", "bridge"])?;
+    in_ns(&["link", "set", "eth0", "master", POD_BRIDGE, "up"])?;
+    in_ns(&[
+        "addr",
+        "add",
+        &format!("{}/{PREFIX}", node.ip()),
+        "dev",
+        POD_BRIDGE,
+    ])?;
+    in_ns(&["link", "set", POD_BRIDGE, "up"])?;
+    in_ns(&["route", "add", "default", "via", &BRIDGE_IP.to_string()])?;
+    Ok(())
 }
 
 #[cfg(test)]
