@@ -4,9 +4,11 @@
 //! An archive comes from a peer over the network; a bad or hostile one must not make the runtime
 //! write outside its directory or fill the disk when it unpacks it. [`check`] reads every entry as
 //! an unpacker would, writing nothing: relative paths without `..`, only regular files,
-//! directories and links, no setuid or setgid mode, links whose targets go down from where they
+//! directories and links, no setuid or setgid file, links whose targets go down from where they
 //! are (no `..`, which a chain of links can turn into a way out, and nothing absolute), no entry
 //! written through a link, no path twice, and limits on the total size and the number of entries.
+//! The writable layer inside (`rootfs-diff.tar`) is applied by `layer.rs`, which keeps its modes:
+//! what it may set is not checked yet.
 //!
 //! On the source, a checkpoint taken without the CRI stays a directory; [`Layout`] streams it as a
 //! tar archive of a size known before the first byte, without writing the archive anywhere.
@@ -50,7 +52,7 @@ pub enum Error {
          other links they can leave the archive's directory)"
     )]
     LinkEscapes { path: PathBuf, target: PathBuf },
-    #[error("entry {path:?} has the mode {mode:o}: setuid and setgid are refused")]
+    #[error("entry {path:?} has the mode {mode:o}: setuid and setgid files are refused")]
     Mode { path: PathBuf, mode: u32 },
     #[error("entry {path:?} would be written through the link {link:?}")]
     ThroughLink { path: PathBuf, link: PathBuf },
@@ -196,8 +198,9 @@ fn walk<R: Read>(
             return Err(Error::ThroughLink { path, link });
         }
         let kind = entry.header().entry_type();
+        // A set-ID file would run as its owner; a setgid directory (a store under one) is fine.
         let mode = entry.header().mode().map_err(Error::Format)?;
-        if mode & 0o6000 != 0 {
+        if mode & 0o6000 != 0 && kind != tar::EntryType::Directory {
             return Err(Error::Mode { path, mode });
         }
         match kind {
@@ -539,6 +542,15 @@ mod tests {
             assert!(matches!(r, Err(Error::Mode { .. })), "{r:?}");
             assert!(!dir.path().join("out/checkpoint/tool").exists());
         }
+        // A directory under a setgid parent keeps the bit: that is no way in.
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Directory);
+        h.set_size(0);
+        h.set_mode(0o2755);
+        h.set_cksum();
+        b.append_data(&mut h, "checkpoint/", &b""[..]).unwrap();
+        assert!(check_bytes(&b.into_inner().unwrap()).is_ok());
     }
 
     #[test]

@@ -205,6 +205,16 @@ mod tests {
         ));
     }
 
+    #[tokio::test]
+    async fn blocking_an_own_address_is_refused_before_nft_runs() {
+        // An nft that cannot run: only the guard can answer.
+        let net = NetBlock::new(PathBuf::from("/nonexistent/nft"));
+        let refused = net.block(Ipv4Addr::LOCALHOST).await;
+        assert!(matches!(refused, Err(Error::Guarded(_))), "{refused:?}");
+        let other = net.block(Ipv4Addr::new(10, 88, 1, 5)).await;
+        assert!(matches!(other, Err(Error::Nft { .. })), "{other:?}");
+    }
+
     #[test]
     fn the_ruleset_drops_ip_and_arp_both_ways_on_every_bridge_hook() {
         let r = ruleset();

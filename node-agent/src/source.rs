@@ -63,7 +63,6 @@ impl Agent {
         }
         // One migration at a time moves a pod: refused before anything is touched.
         let _hold = self.hold(&record)?;
-        self.store.save(&record)?;
         let via = match self.settings.checkpoint_via {
             CheckpointVia::Auto if req.backend == RUNTIME_WRAPPER => Dump::Task,
             _ => Dump::Cri,
@@ -87,27 +86,36 @@ impl Agent {
         }
     }
 
-    /// Marks `record`'s migration as checkpointing until the guard goes, unless another migration
-    /// holds a container of its pod on this node: one that is checkpointing it, or has it paused
-    /// or its IP blocked and has not stopped it (committed) or given it back (aborted).
+    /// Saves `record` and marks its migration as checkpointing until the guard goes, unless
+    /// another migration holds a container of its pod on this node: one that is checkpointing it,
+    /// or has it paused or its IP blocked and has not stopped it (committed) or given it back
+    /// (aborted). Checked and saved under one lock, so of two at once the second sees the first.
     fn hold(&self, record: &Record) -> Result<Checkpointing> {
         let mut running = self
             .checkpointing
             .lock()
-            .map_err(|_| Error::NotReady("the agent's checkpoint table is poisoned".into()))?;
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         for uid in self.store.list()? {
             if uid == record.uid {
                 continue;
             }
-            if let Some(other) = self.store.load(&uid)?
-                && holds(&other, record, running.contains(&uid))
-            {
+            let other = match self.store.load(&uid) {
+                Ok(Some(other)) => other,
+                Ok(None) => continue,
+                // A record this agent cannot read holds nothing it could undo either.
+                Err(e) => {
+                    warn!(migration = %uid, error = %e, "an unreadable record is not looked at");
+                    continue;
+                }
+            };
+            if holds(&other, record, running.contains(&uid)) {
                 return Err(Error::Invalid(format!(
                     "pod {}/{} is held on this node by migration {uid}: one migration at a time",
                     record.namespace, record.pod
                 )));
             }
         }
+        self.store.save(record)?;
         running.insert(record.uid.clone());
         Ok(Checkpointing {
             table: self.checkpointing.clone(),
@@ -443,9 +451,11 @@ struct Checkpointing {
 
 impl Drop for Checkpointing {
     fn drop(&mut self) {
-        if let Ok(mut table) = self.table.lock() {
-            table.remove(&self.uid);
-        }
+        let mut table = self
+            .table
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        table.remove(&self.uid);
     }
 }
 

@@ -35,7 +35,8 @@ pub enum Claim {
     Held,
     /// Another active migration holds the pod: its name (same namespace).
     Busy(String),
-    /// Another operator changed the claim meanwhile: decide again.
+    /// Another operator changed the claim meanwhile, or its holder is going away (being deleted
+    /// before it started): decide again shortly.
     Contended,
 }
 
@@ -91,8 +92,10 @@ impl Claims {
         if holder == uid {
             return Ok(Claim::Held);
         }
-        if let Some(other) = self.active_holder(&existing, &holder).await? {
-            return Ok(Claim::Busy(other));
+        match self.holder_state(&existing, &holder).await? {
+            Holder::Active(other) => return Ok(Claim::Busy(other)),
+            Holder::Leaving => return Ok(Claim::Contended),
+            Holder::Gone => {}
         }
         // The holder is gone or done: take the claim over, unless someone else does first.
         let mut taken = lease;
@@ -156,30 +159,55 @@ impl Claims {
         }
     }
 
-    /// The name of the migration holding `lease` if it still exists, is the holder (same UID)
-    /// and is not final.
-    async fn active_holder(
-        &self,
-        lease: &Lease,
-        holder: &str,
-    ) -> Result<Option<String>, kube::Error> {
+    /// Whether the migration holding `lease` (UID `holder`) still holds its pod.
+    async fn holder_state(&self, lease: &Lease, holder: &str) -> Result<Holder, kube::Error> {
         let named = lease
             .annotations()
             .get(MIGRATION_ANNOTATION)
             .and_then(|m| m.split_once('/'));
         let Some((ns, name)) = named else {
-            return Ok(None);
+            return Ok(Holder::Gone);
         };
         let api: Api<PodMigration> = Api::namespaced(self.client.clone(), ns);
-        let active = api.get_opt(name).await?.is_some_and(|pm| {
-            pm.uid().as_deref() == Some(holder)
-                && !pm
-                    .status
-                    .and_then(|s| s.phase)
-                    .is_some_and(crds::Phase::is_final)
-        });
-        Ok(active.then(|| name.to_string()))
+        let Some(pm) = api.get_opt(name).await? else {
+            return Ok(Holder::Gone);
+        };
+        let phase = pm.status.as_ref().and_then(|s| s.phase).unwrap_or_default();
+        Ok(if pm.uid().as_deref() != Some(holder) || phase.is_final() {
+            Holder::Gone
+        } else if phase == crds::Phase::Pending && pm.metadata.deletion_timestamp.is_some() {
+            // Deleted before it started: it gives the claim back as it goes.
+            Holder::Leaving
+        } else {
+            Holder::Active(name.to_string())
+        })
     }
+
+    /// Claims the pods of migrations already past Pending that hold no claim (they started under
+    /// an operator without claims, before an upgrade), so that no second migration of such a pod
+    /// starts. Run when the operator starts leading; `api` is what it reconciles.
+    pub async fn adopt(&self, api: &Api<PodMigration>) -> Result<(), kube::Error> {
+        for pm in api.list(&Default::default()).await?.items {
+            let phase = pm.status.as_ref().and_then(|s| s.phase).unwrap_or_default();
+            if phase == crds::Phase::Pending || phase.is_final() {
+                continue;
+            }
+            if let Claim::Busy(other) = self.acquire(&pm).await? {
+                tracing::warn!(migration = %pm.name_any(), holder = %other, "two migrations of one pod were in flight before claims");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What became of a claim's holder.
+enum Holder {
+    /// It still holds the pod: its name.
+    Active(String),
+    /// Deleted before it started: it gives the claim back.
+    Leaving,
+    /// Gone, final, or another migration of the same name.
+    Gone,
 }
 
 fn holder(lease: &Lease) -> String {

@@ -139,6 +139,9 @@ pub async fn run(
         ),
         None => (Api::all(ctx.client.clone()), Api::all(ctx.client.clone())),
     };
+    if let Err(e) = ctx.claims.adopt(&api).await {
+        warn!(error = %e, "could not claim the pods of the migrations in flight");
+    }
     Controller::new(api, watcher::Config::default())
         // Reconciles at once are bounded: a thousand at once held a thousand listings in memory.
         .with_config(
@@ -429,7 +432,7 @@ async fn start(
 ) -> Result<Next> {
     match ctx.claims.acquire(pm).await? {
         Claim::Held => {}
-        Claim::Contended => return Ok(Next::Requeue(Duration::ZERO)),
+        Claim::Contended => return Ok(Next::Requeue(Duration::from_millis(200))),
         Claim::Busy(other) => {
             let failed = statemachine::busy(f, &other);
             return Ok(Next::Continue(

@@ -686,6 +686,20 @@ async fn of_two_migrations_of_a_pod_created_at_once_exactly_one_proceeds() {
         }
         // Whoever proceeds stays in Checkpointing, so that a later start cannot pass for a race.
         s.agent(1).script(Step::Checkpoint, Behaviour::Hold);
+        // w-0 has a claim left behind by a migration that is gone: it is taken over.
+        let claims: Api<k8s_openapi::api::coordination::v1::Lease> =
+            Api::namespaced(s.client.clone(), &ns);
+        let stale: k8s_openapi::api::coordination::v1::Lease =
+            serde_json::from_value(serde_json::json!({
+                "metadata": {
+                    "name": operator::claims::lease_name(&ns, "w-0"),
+                    "labels": {operator::claims::CLAIM_LABEL: "true"},
+                    "annotations": {operator::claims::MIGRATION_ANNOTATION: format!("{ns}/gone")},
+                },
+                "spec": {"holderIdentity": "uid-of-a-migration-that-is-gone"},
+            }))
+            .unwrap();
+        claims.create(&Default::default(), &stale).await.unwrap();
         let _operator = Operator::start(&ns, "op-a", &s.certs).await;
         // Each pod's two migrations are created together, with no wait between them.
         futures::future::join_all((0..PODS).map(|i| {
@@ -729,8 +743,6 @@ async fn of_two_migrations_of_a_pod_created_at_once_exactly_one_proceeds() {
         }
         // The winners go on once the source lets them, and give their claims back when done.
         s.agent(1).release(Step::Checkpoint);
-        let claims: Api<k8s_openapi::api::coordination::v1::Lease> =
-            Api::namespaced(s.client.clone(), &ns);
         let label = format!("{}=true", operator::claims::CLAIM_LABEL);
         eventually(PHASE_TIMEOUT, || async {
             let left = claims
