@@ -17,7 +17,7 @@ use k8s_openapi::{
 };
 use kube::{
     Api, Client, ResourceExt,
-    api::{DeleteParams, ObjectMeta, PostParams, Preconditions},
+    api::{DeleteParams, ListParams, ObjectMeta, PostParams, Preconditions},
 };
 use sha2::{Digest, Sha256};
 
@@ -183,10 +183,12 @@ impl Claims {
         })
     }
 
-    /// Claims the pods of migrations already past Pending that hold no claim (they started under
-    /// an operator without claims, before an upgrade), so that no second migration of such a pod
-    /// starts. Run when the operator starts leading; `api` is what it reconciles.
-    pub async fn adopt(&self, api: &Api<PodMigration>) -> Result<(), kube::Error> {
+    /// Run when the operator starts leading (`api`: the migrations it reconciles). Claims the
+    /// pods of migrations already past Pending that hold no claim (started under an operator
+    /// without claims, before an upgrade), so that no second migration of such a pod starts; and
+    /// deletes the claims whose holder is final or gone (its give-back failed, or its namespace
+    /// went while no operator ran), which would otherwise stay until the pod's next migration.
+    pub async fn tidy(&self, api: &Api<PodMigration>) -> Result<(), kube::Error> {
         for pm in api.list(&Default::default()).await?.items {
             let phase = pm.status.as_ref().and_then(|s| s.phase).unwrap_or_default();
             if phase == crds::Phase::Pending || phase.is_final() {
@@ -194,6 +196,29 @@ impl Claims {
             }
             if let Claim::Busy(other) = self.acquire(&pm).await? {
                 tracing::warn!(migration = %pm.name_any(), holder = %other, "two migrations of one pod were in flight before claims");
+            }
+        }
+        let claims = self
+            .leases
+            .list(&ListParams::default().labels(&format!("{CLAIM_LABEL}=true")))
+            .await?;
+        for lease in claims.items {
+            if matches!(
+                self.holder_state(&lease, &holder(&lease)).await?,
+                Holder::Gone
+            ) {
+                let params = DeleteParams {
+                    preconditions: Some(Preconditions {
+                        resource_version: lease.resource_version(),
+                        uid: lease.uid(),
+                    }),
+                    ..DeleteParams::default()
+                };
+                match self.leases.delete(&lease.name_any(), &params).await {
+                    Ok(_) => {}
+                    Err(kube::Error::Api(s)) if s.code == 409 || s.code == 404 => {}
+                    Err(e) => return Err(e),
+                }
             }
         }
         Ok(())

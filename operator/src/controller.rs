@@ -139,8 +139,8 @@ pub async fn run(
         ),
         None => (Api::all(ctx.client.clone()), Api::all(ctx.client.clone())),
     };
-    if let Err(e) = ctx.claims.adopt(&api).await {
-        warn!(error = %e, "could not claim the pods of the migrations in flight");
+    if let Err(e) = ctx.claims.tidy(&api).await {
+        warn!(error = %e, "could not tidy the pods' claims");
     }
     Controller::new(api, watcher::Config::default())
         // Reconciles at once are bounded: a thousand at once held a thousand listings in memory.

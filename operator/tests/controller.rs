@@ -686,21 +686,38 @@ async fn of_two_migrations_of_a_pod_created_at_once_exactly_one_proceeds() {
         }
         // Whoever proceeds stays in Checkpointing, so that a later start cannot pass for a race.
         s.agent(1).script(Step::Checkpoint, Behaviour::Hold);
-        // w-0 has a claim left behind by a migration that is gone: it is taken over.
+        // Claims left behind by migrations that are gone: one the operator finds when it starts
+        // leading (it deletes it), and one for w-0 made while it runs (the migration that comes
+        // takes it over).
         let claims: Api<k8s_openapi::api::coordination::v1::Lease> =
             Api::namespaced(s.client.clone(), &ns);
-        let stale: k8s_openapi::api::coordination::v1::Lease =
+        let stale = |pod: &str| -> k8s_openapi::api::coordination::v1::Lease {
             serde_json::from_value(serde_json::json!({
                 "metadata": {
-                    "name": operator::claims::lease_name(&ns, "w-0"),
+                    "name": operator::claims::lease_name(&ns, pod),
                     "labels": {operator::claims::CLAIM_LABEL: "true"},
                     "annotations": {operator::claims::MIGRATION_ANNOTATION: format!("{ns}/gone")},
                 },
                 "spec": {"holderIdentity": "uid-of-a-migration-that-is-gone"},
             }))
+            .unwrap()
+        };
+        let forgotten = stale("left-behind");
+        claims
+            .create(&Default::default(), &forgotten)
+            .await
             .unwrap();
-        claims.create(&Default::default(), &stale).await.unwrap();
-        let _operator = Operator::start(&ns, "op-a", &s.certs).await;
+        let operator = Operator::start(&ns, "op-a", &s.certs).await;
+        operator.wait_ready().await;
+        eventually(PHASE_TIMEOUT, || async {
+            let name = forgotten.metadata.name.as_deref().unwrap_or_default();
+            claims.get_opt(name).await.ok()?.is_none().then_some(())
+        })
+        .await;
+        claims
+            .create(&Default::default(), &stale("w-0"))
+            .await
+            .unwrap();
         // Each pod's two migrations are created together, with no wait between them.
         futures::future::join_all((0..PODS).map(|i| {
             let (pod, s) = (format!("w-{i}"), &s);

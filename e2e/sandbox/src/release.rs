@@ -458,6 +458,10 @@ pub fn uninstall(dirs: &Dirs, env: &Env) -> Result<(), Error> {
             "--namespace",
             NAMESPACE,
             "--ignore-not-found",
+            // The Deployment and DaemonSet go only after their pods: an operator still shutting
+            // down would act on what runs next.
+            "--cascade",
+            "foreground",
             "--wait",
             "--timeout",
             "3m",
