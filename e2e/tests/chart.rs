@@ -102,8 +102,10 @@ async fn the_chart_installs_kube_migros_that_migrates_pods_and_uninstalls_cleanl
         nodes.stop_all(node, "node-agent").unwrap();
     }
     install::apply_chart_crds(&client).await.unwrap();
-    // An interrupted earlier run may have left agent pods terminating on kubelet-less nodes.
+    // An interrupted earlier run may have left agent pods terminating on kubelet-less nodes, and
+    // namespaces terminating with migrations that the chart's operator would take up.
     release::clear_stuck_pods(&client).await.unwrap();
+    harness::release_stale_namespaces(&client).await;
     let registry = Registry::new(&dirs);
     let images = release::ensure_images(&dirs, &registry).expect("the kube-migros images");
     eprintln!("images {}:{}", images.repository, images.tag);

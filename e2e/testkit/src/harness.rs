@@ -13,8 +13,8 @@ use k8s_openapi::{
     apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
 };
 use kube::{
-    Api, Client,
-    api::{DeleteParams, ObjectMeta, PostParams},
+    Api, Client, ResourceExt,
+    api::{DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams},
 };
 use tokio::sync::OnceCell;
 
@@ -55,6 +55,7 @@ pub async fn install_crds(client: &Client) -> Vec<CustomResourceDefinition> {
                 .await
                 .unwrap_or_else(|e| panic!("{e}"))
                 .unwrap_or_else(|e| panic!("uninstalling the demo's kube-migros: {e}"));
+            release_stale_namespaces(client).await;
         })
         .await;
     install::apply_chart_crds(client)
@@ -89,11 +90,53 @@ where
     if outcome.is_err() {
         dump_namespace(&name).await;
     }
+    // The test's operator is gone with the test: nothing would lift the finalizers of its
+    // PodMigrations (a failed test leaves some in flight), and the namespace would stay.
+    release_migrations(&client, &name).await;
     if let Err(e) = namespaces.delete(&name, &DeleteParams::default()).await {
         eprintln!("warning: could not delete namespace {name}: {e}");
     }
     if let Err(panic) = outcome {
         std::panic::resume_unwind(panic);
+    }
+}
+
+/// Lets go the namespaces an interrupted run left terminating, held by its PodMigrations'
+/// finalizer with no operator of theirs left (an installed operator would reconcile them).
+pub async fn release_stale_namespaces(client: &Client) {
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let listed = namespaces.list(&ListParams::default()).await;
+    for ns in listed.map(|l| l.items).unwrap_or_default() {
+        let terminating =
+            ns.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Terminating");
+        if terminating {
+            release_migrations(client, &ns.name_any()).await;
+        }
+    }
+}
+
+/// Removes the finalizer of every PodMigration in `ns` (best effort: a namespace without the CRD
+/// or without migrations has nothing to release).
+async fn release_migrations(client: &Client, ns: &str) {
+    let migrations: Api<crds::PodMigration> = Api::namespaced(client.clone(), ns);
+    let Ok(list) = migrations.list(&ListParams::default()).await else {
+        return;
+    };
+    let patch = serde_json::json!({"metadata": {"finalizers": null}});
+    for pm in list.items.iter().filter(|pm| !pm.finalizers().is_empty()) {
+        if let Err(e) = migrations
+            .patch(
+                &pm.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
+            .await
+        {
+            eprintln!(
+                "warning: could not release PodMigration {ns}/{}: {e}",
+                pm.name_any()
+            );
+        }
     }
 }
 
