@@ -121,16 +121,20 @@ impl Claims {
         if holder(&existing) != pm.uid().unwrap_or_default() {
             return Ok(());
         }
+        self.delete_unchanged(&existing).await
+    }
+
+    /// Deletes `lease` as it was read: one taken over or gone meanwhile is not ours to delete.
+    async fn delete_unchanged(&self, lease: &Lease) -> Result<(), kube::Error> {
         let params = DeleteParams {
             preconditions: Some(Preconditions {
-                resource_version: existing.resource_version(),
-                uid: existing.uid(),
+                resource_version: lease.resource_version(),
+                uid: lease.uid(),
             }),
             ..DeleteParams::default()
         };
-        match self.leases.delete(&name, &params).await {
+        match self.leases.delete(&lease.name_any(), &params).await {
             Ok(_) => Ok(()),
-            // Taken over or gone meanwhile: not ours to delete any more.
             Err(kube::Error::Api(s)) if s.code == 409 || s.code == 404 => Ok(()),
             Err(e) => Err(e),
         }
@@ -207,18 +211,7 @@ impl Claims {
                 self.holder_state(&lease, &holder(&lease)).await?,
                 Holder::Gone
             ) {
-                let params = DeleteParams {
-                    preconditions: Some(Preconditions {
-                        resource_version: lease.resource_version(),
-                        uid: lease.uid(),
-                    }),
-                    ..DeleteParams::default()
-                };
-                match self.leases.delete(&lease.name_any(), &params).await {
-                    Ok(_) => {}
-                    Err(kube::Error::Api(s)) if s.code == 409 || s.code == 404 => {}
-                    Err(e) => return Err(e),
-                }
+                self.delete_unchanged(&lease).await?;
             }
         }
         Ok(())
