@@ -33,10 +33,12 @@ use tracing::{Instrument, info, info_span, warn};
 
 use crate::{
     Error, Result,
+    admission::Policy,
     agents::Agents,
     claims::{Claim, Claims},
     metrics::Metrics,
     movable, network,
+    queue::{self, Admission, Limits, Queue},
     replacement::{self, Restore},
     rxe_blocks,
     statemachine::{self, Action, Answer, Facts, PodFacts, Target},
@@ -69,6 +71,10 @@ pub struct Context {
     pub backends: Backends,
     /// One migration per pod.
     pub claims: Claims,
+    /// Which pods may be migrated.
+    pub policy: Policy,
+    /// How many migrations may be in flight, and which waiting one starts next.
+    pub queue: Queue,
     /// Every pod of the cluster as watched: what target choice counts as used on each node.
     pods: reflector::Store<Pod>,
     pods_watch: tokio::task::JoinHandle<()>,
@@ -109,11 +115,29 @@ impl Context {
             recorder,
             backends,
             claims,
+            policy: Policy::default(),
+            queue: Queue::new(Limits::default()),
             pods,
             pods_watch,
             failures: Mutex::default(),
             active: Mutex::default(),
         }
+    }
+}
+
+impl Context {
+    /// Migrates, besides the labelled pods, those `policy` names.
+    #[must_use]
+    pub fn with_policy(mut self, policy: Policy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// Bounds the migrations in flight by `limits`.
+    #[must_use]
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.queue = Queue::new(limits);
+        self
     }
 }
 
@@ -142,7 +166,9 @@ pub async fn run(
     if let Err(e) = ctx.claims.tidy(&api).await {
         warn!(error = %e, "could not tidy the pods' claims");
     }
-    Controller::new(api, watcher::Config::default())
+    let controller = Controller::new(api, watcher::Config::default());
+    ctx.queue.watch(controller.store());
+    controller
         // Reconciles at once are bounded: a thousand at once held a thousand listings in memory.
         .with_config(
             kube::runtime::controller::Config::default().concurrency(RECONCILE_CONCURRENCY),
@@ -271,7 +297,7 @@ async fn observe(pm: &PodMigration, ctx: &Context) -> Result<Facts> {
         deleting: pm.metadata.deletion_timestamp.is_some(),
         spec: pm.spec.clone(),
         status,
-        pod: pod.as_ref().map(pod_facts),
+        pod: pod.as_ref().map(|p| pod_facts(p, &ctx.policy)),
         target: None,
         rxe: None,
     };
@@ -298,7 +324,7 @@ async fn observe(pm: &PodMigration, ctx: &Context) -> Result<Facts> {
     Ok(facts)
 }
 
-fn pod_facts(pod: &Pod) -> PodFacts {
+fn pod_facts(pod: &Pod, policy: &Policy) -> PodFacts {
     let label = |key: &str| pod.labels().get(key).is_some_and(|v| v == "true");
     let status = pod.status.as_ref();
     PodFacts {
@@ -306,7 +332,7 @@ fn pod_facts(pod: &Pod) -> PodFacts {
         node: pod.spec.as_ref().and_then(|s| s.node_name.clone()),
         phase: status.and_then(|s| s.phase.clone()),
         ip: status.and_then(|s| s.pod_ip.clone()),
-        migratable: label(crds::MIGRATABLE_LABEL),
+        migratable: policy.migratable(pod),
         unmovable: None,
         rdma: label(crds::RDMA_LABEL),
         created_by_migration: pod
@@ -421,8 +447,9 @@ async fn choose_target(
     }))
 }
 
-/// Leaves Pending with `status`: only the migration that holds the pod's claim does; another
-/// that holds it fails this one as `PodBusy`.
+/// Leaves Pending with `status`: only the migration that holds the pod's claim does (another
+/// that holds it fails this one as `PodBusy`), and only when the limits on migrations in flight
+/// let it (it waits in the queue, holding the claim, otherwise).
 async fn start(
     pm: &PodMigration,
     f: &Facts,
@@ -440,11 +467,37 @@ async fn start(
             ));
         }
     }
+    // One start decided at a time: two reconciles never both take the last slot.
+    let _starting = ctx.queue.lock.lock().await;
+    let me = queue::Entry {
+        source: status.source_node.clone(),
+        target: status.target_node.clone(),
+        ..queue::entry(pm)
+    };
+    if let Admission::Queued {
+        position,
+        waiting,
+        why,
+    } = ctx.queue.admit(pm, me.clone(), |other| {
+        let pod = ObjectRef::<Pod>::new(&other.spec.pod_name).within(&other.namespace()?);
+        ctx.pods.get(&pod)?.spec.as_ref()?.node_name.clone()
+    }) {
+        let message = format!("queued: {position} of {waiting} waiting to start ({why})");
+        if f.status.message.as_deref() == Some(message.as_str()) {
+            return Ok(Next::Requeue(QUEUE_POLL));
+        }
+        let queued = statemachine::queued(f, &message);
+        write_status(pm, f, queued, None, ctx).await?;
+        return Ok(Next::Requeue(QUEUE_POLL));
+    }
     let updated = keep_template(pm, pods, ctx).await?;
-    Ok(Next::Continue(
-        write_status(&updated, f, status, None, ctx).await?,
-    ))
+    let written = write_status(&updated, f, status, None, ctx).await?;
+    ctx.queue.started(pm, me);
+    Ok(Next::Continue(written))
 }
+
+/// How often a queued migration looks whether it may start.
+const QUEUE_POLL: Duration = Duration::from_secs(1);
 
 async fn execute(pm: &PodMigration, f: &Facts, action: Action, ctx: &Context) -> Result<Next> {
     let ns = pm.namespace().unwrap_or_default();

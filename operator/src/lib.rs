@@ -1,6 +1,7 @@
 //! The kube-migros operator: reconciles PodMigrations (docs/operator.md) by driving the node
 //! agents over mutual TLS, allocates rxe ID blocks, and elects one leader among its replicas.
 
+pub mod admission;
 pub mod agents;
 pub mod certificates;
 pub mod claims;
@@ -9,11 +10,13 @@ pub mod leader;
 pub mod metrics;
 pub mod movable;
 pub mod network;
+pub mod queue;
 pub mod replacement;
 pub mod rxe_blocks;
 pub mod server;
 pub mod statemachine;
 pub mod targets;
+pub mod webhook;
 
 /// Errors of a reconcile.
 #[derive(Debug, thiserror::Error)]

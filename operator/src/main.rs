@@ -19,13 +19,15 @@ use kube::{
     runtime::events::{Recorder, Reporter},
 };
 use operator::{
+    admission::Policy,
     agents::Agents,
     certificates,
     claims::Claims,
     controller::{self, Backends, Context},
     leader::{Elector, Timing},
     metrics::Metrics,
-    rxe_blocks, server,
+    queue, rxe_blocks, server,
+    webhook::{self, Webhooks},
 };
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
@@ -86,12 +88,55 @@ struct Args {
     /// its containers restores the checkpoint again instead of starting fresh. Off by default.
     #[arg(long, env = "KUBE_MIGROS_ALLOW_CHECKPOINT_IMAGES")]
     allow_checkpoint_images: bool,
+    /// Address of the admission webhooks (HTTPS): pod creation and evictions (docs/drain.md).
+    #[arg(long, default_value = "0.0.0.0:9443")]
+    webhook_addr: SocketAddr,
+    /// Directory with the webhooks' serving certificate (tls.crt, tls.key); the webhooks are off
+    /// without it.
+    #[arg(long, env = "KUBE_MIGROS_WEBHOOK_TLS_DIR")]
+    webhook_tls_dir: Option<PathBuf>,
+    /// Namespaces whose every pod is migratable (evictions included), besides the pods labelled
+    /// `migros.io/migratable: "true"` (comma-separated).
+    #[arg(long, env = "KUBE_MIGROS_MIGRATABLE_NAMESPACES", value_delimiter = ',')]
+    migratable_namespaces: Vec<String>,
+    /// Migrations tried for the evictions of one pod before an eviction is refused (the pod keeps
+    /// running and `kubectl drain` reports the error).
+    #[arg(long, default_value_t = 3)]
+    eviction_attempts: u32,
+    /// Migrations in flight leaving one node, at most; more wait in Pending (reason Queued).
+    #[arg(long, default_value_t = queue::Limits::default().per_source)]
+    max_leaving_per_node: usize,
+    /// Migrations in flight arriving on one node, at most.
+    #[arg(long, default_value_t = queue::Limits::default().per_target)]
+    max_arriving_per_node: usize,
+    /// Migrations in flight in the cluster, at most.
+    #[arg(long, default_value_t = queue::Limits::default().cluster)]
+    max_in_flight: usize,
     /// Seconds between rxe block allocation/release sweeps.
     #[arg(long, default_value_t = 10)]
     rxe_sweep_seconds: u64,
 }
 
 impl Args {
+    fn policy(&self) -> Policy {
+        Policy {
+            namespaces: self
+                .migratable_namespaces
+                .iter()
+                .map(|ns| ns.trim().to_string())
+                .filter(|ns| !ns.is_empty())
+                .collect(),
+        }
+    }
+
+    fn limits(&self) -> queue::Limits {
+        queue::Limits {
+            per_source: self.max_leaving_per_node,
+            per_target: self.max_arriving_per_node,
+            cluster: self.max_in_flight,
+        }
+    }
+
     fn ranges(&self) -> rxe_blocks::Ranges {
         rxe_blocks::Ranges {
             qpn_base: self.rxe_qpn_base,
@@ -142,6 +187,25 @@ async fn main() -> anyhow::Result<()> {
         .apiserver_version()
         .await
         .context("the API server does not answer")?;
+    if let Some(dir) = &args.webhook_tls_dir {
+        let tls = webhook::tls_config(dir)?;
+        let listener = tokio::net::TcpListener::bind(args.webhook_addr)
+            .await
+            .with_context(|| format!("listening on {}", args.webhook_addr))?;
+        let hooks = Webhooks::new(
+            client.clone(),
+            args.watch_namespace.as_deref(),
+            args.policy(),
+            args.eviction_attempts,
+        );
+        info!(addr = %args.webhook_addr, "serving the admission webhooks");
+        tokio::spawn(webhook::serve(
+            listener,
+            tls,
+            hooks,
+            shutdown.clone().cancelled_owned(),
+        ));
+    }
     health.ready.store(true, Ordering::Relaxed);
     let elector = Elector::new(
         client.clone(),
@@ -209,18 +273,22 @@ async fn lead(
     );
     let allocator = rxe_blocks::Allocator::new(client.clone(), args.ranges());
     let agents = Agents::new(client.clone(), &args.namespace, tls);
-    let ctx = Arc::new(Context::new(
-        client.clone(),
-        agents,
-        allocator.clone(),
-        metrics,
-        recorder,
-        Backends {
-            runtime_class: args.runtime_class.clone(),
-            checkpoint_images: args.allow_checkpoint_images,
-        },
-        Claims::new(client.clone(), &args.namespace),
-    ));
+    let ctx = Arc::new(
+        Context::new(
+            client.clone(),
+            agents,
+            allocator.clone(),
+            metrics,
+            recorder,
+            Backends {
+                runtime_class: args.runtime_class.clone(),
+                checkpoint_images: args.allow_checkpoint_images,
+            },
+            Claims::new(client.clone(), &args.namespace),
+        )
+        .with_policy(args.policy())
+        .with_limits(args.limits()),
+    );
     let sweeper = tokio::spawn(rxe_blocks::maintain(
         allocator,
         client,

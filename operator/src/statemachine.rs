@@ -317,6 +317,13 @@ pub fn busy(f: &Facts, other: &str) -> PodMigrationStatus {
     finish(f, Phase::Failed, Some(Reason::PodBusy), &msg)
 }
 
+/// The status of a migration that waits for a slot (`queue.rs`): Pending, Ready reason `Queued`.
+pub fn queued(f: &Facts, message: &str) -> PodMigrationStatus {
+    let mut s = enter(f, f.status.clone(), Phase::Pending, message);
+    set_condition(&mut s, f.now, condition::READY, false, "Queued", message);
+    s
+}
+
 /// The status when the pod cannot get an rxe block (`why`): the migration fails before anything
 /// started.
 pub fn allocation_failed(f: &Facts, why: &str) -> PodMigrationStatus {

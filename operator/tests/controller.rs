@@ -707,7 +707,12 @@ async fn of_two_migrations_of_a_pod_created_at_once_exactly_one_proceeds() {
             .create(&Default::default(), &forgotten)
             .await
             .unwrap();
-        let operator = Operator::start(&ns, "op-a", &s.certs).await;
+        // All winners proceed at once (the limits on migrations in flight are another test's).
+        let options = Options {
+            limits: Some((PODS, PODS, PODS)),
+            ..Options::new(&s.certs)
+        };
+        let operator = Operator::start_with(&ns, "op-a", options).await;
         operator.wait_ready().await;
         eventually(PHASE_TIMEOUT, || async {
             let name = forgotten.metadata.name.as_deref().unwrap_or_default();

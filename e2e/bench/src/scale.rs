@@ -220,6 +220,13 @@ impl Operator {
             .args(["--identity", "bench", "--lease-retry-seconds", "1"])
             // The test agents restore from checkpoint images (they offer nothing else).
             .arg("--allow-checkpoint-images")
+            // What the operator itself costs per migration, not how long the queue holds them:
+            // the limits on migrations in flight are lifted.
+            .args([
+                "--max-leaving-per-node=1000",
+                "--max-arriving-per-node=1000",
+            ])
+            .arg("--max-in-flight=1000")
             .arg(format!("--tls-dir={}", certs.operator_dir().display()))
             .arg(format!("--http-addr={http}"))
             .stdin(Stdio::null())

@@ -360,6 +360,9 @@ impl ControlPlane {
             ("allow-privileged", "true".into()),
             ("enable-bootstrap-token-auth", "true".into()),
             ("service-cluster-ip-range", SERVICE_CIDR.into()),
+            // There is no kube-proxy: the API server reaches a webhook's Service (the operator's
+            // admission webhooks) at its endpoints rather than at its cluster IP.
+            ("enable-aggregator-routing", "true".into()),
             (
                 "service-account-issuer",
                 "https://kubernetes.default.svc.cluster.local".into(),

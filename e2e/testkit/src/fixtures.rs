@@ -57,10 +57,22 @@ impl Certificates {
         let operator = issue(OPERATOR_COMMON_NAME, &[], Usage::Client);
         let agent = issue(AGENT_COMMON_NAME, &[AGENT_SERVER_NAME], Usage::Both);
         let stranger = issue("somebody-else", &[AGENT_SERVER_NAME], Usage::Both);
+        // The API server calls a test operator's webhooks at 127.0.0.1.
+        let webhook = ca
+            .issue(&Leaf {
+                common_name: "kube-migros-webhooks",
+                ips: &[std::net::Ipv4Addr::LOCALHOST.into()],
+                usage: Some(Usage::Server),
+                ..Default::default()
+            })
+            .expect("webhook certificate");
         // The operator reads ca.crt, tls.crt and tls.key from one directory, as mounted from a Secret.
         let dir = tempfile::tempdir().expect("temporary directory");
         pki::write(&dir.path().join("ca.crt"), &ca.pem().cert, 0o644).expect("write ca.crt");
         pki::write_pem(dir.path(), "tls", &operator).expect("write the operator's certificate");
+        let webhook_dir = dir.path().join("webhook");
+        std::fs::create_dir_all(&webhook_dir).expect("webhook directory");
+        pki::write_pem(&webhook_dir, "tls", &webhook).expect("write the webhook certificate");
         Self {
             dir,
             ca: ca.pem().cert.clone(),
@@ -72,6 +84,16 @@ impl Certificates {
     /// Directory for the operator's `--tls-dir`.
     pub fn operator_dir(&self) -> PathBuf {
         self.dir.path().to_path_buf()
+    }
+
+    /// Directory for the operator's `--webhook-tls-dir` (a certificate for 127.0.0.1).
+    pub fn webhook_dir(&self) -> PathBuf {
+        self.dir.path().join("webhook")
+    }
+
+    /// The CA's certificate (PEM): the `caBundle` of the test operator's webhooks.
+    pub fn ca_pem(&self) -> &str {
+        &self.ca
     }
 
     /// The material an agent serves and dials peers with.
@@ -419,4 +441,55 @@ async fn mark_running_quietly(
     Api::<Pod>::namespaced(client.clone(), ns)
         .patch_status(name, &PatchParams::default(), &Patch::Merge(status))
         .await
+}
+
+/// Plays the kubelet of the API nodes for every pod of `ns` bound to one of `nodes`: reports it
+/// Running and Ready (a replacement with the IP its migration reserved, any other pod with a fresh address
+/// of 10.77.0.0/16) and removes a pod being deleted, as a kubelet does once its containers are
+/// stopped. Runs until aborted.
+pub async fn play_kubelets(client: Client, ns: String, nodes: Vec<String>) {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let mut next: u32 = 1;
+    loop {
+        for pod in pods
+            .list(&kube::api::ListParams::default())
+            .await
+            .map(|l| l.items)
+            .unwrap_or_default()
+        {
+            let name = pod.metadata.name.clone().unwrap_or_default();
+            let node = pod.spec.as_ref().and_then(|s| s.node_name.clone());
+            if !node.is_some_and(|n| nodes.contains(&n)) {
+                continue;
+            }
+            if pod.metadata.deletion_timestamp.is_some() {
+                let _ = pods
+                    .delete(&name, &DeleteParams::default().grace_period(0))
+                    .await;
+                continue;
+            }
+            if pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running") {
+                continue;
+            }
+            let annotations = pod.metadata.annotations.clone().unwrap_or_default();
+            let ip = annotations
+                .get("migros.io/pod-ip")
+                .cloned()
+                .unwrap_or_else(|| {
+                    next += 1;
+                    format!("10.77.{}.{}", next / 250, next % 250 + 1)
+                });
+            let now = Time(Timestamp::now());
+            let ready =
+                |kind: &str| json!({"type": kind, "status": "True", "lastTransitionTime": now});
+            let status = json!({"status": {
+                "phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}],
+                "conditions": [ready("Ready"), ready("ContainersReady")],
+            }});
+            let _ = pods
+                .patch_status(&name, &PatchParams::default(), &Patch::Merge(status))
+                .await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

@@ -93,6 +93,7 @@ where
     // The test's operator is gone with the test: nothing would lift the finalizers of its
     // PodMigrations (a failed test leaves some in flight), and the namespace would stay.
     release_migrations(&client, &name).await;
+    crate::webhooks::unregister(&client, &name).await;
     if let Err(e) = namespaces.delete(&name, &DeleteParams::default()).await {
         eprintln!("warning: could not delete namespace {name}: {e}");
     }
@@ -106,13 +107,17 @@ where
 pub async fn release_stale_namespaces(client: &Client) {
     let namespaces: Api<Namespace> = Api::all(client.clone());
     let listed = namespaces.list(&ListParams::default()).await;
+    let mut live = Vec::new();
     for ns in listed.map(|l| l.items).unwrap_or_default() {
         let terminating =
             ns.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Terminating");
         if terminating {
             release_migrations(client, &ns.name_any()).await;
+        } else {
+            live.push(ns.name_any());
         }
     }
+    crate::webhooks::unregister_stale(client, &live).await;
 }
 
 /// Removes the finalizer of every PodMigration in `ns` (best effort: a namespace without the CRD

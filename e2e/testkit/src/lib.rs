@@ -5,9 +5,11 @@
 //! - `fixtures`: mutual-TLS certificates, Node objects without kubelets, pods marked Running;
 //! - `testagent`: a scriptable agent that speaks the real agent API and keeps the real
 //!   operations table;
+//! - `webhooks`: the operator's admission webhooks registered for one test namespace;
 //! - `workload`: the demo workload's pods, their state and their peer.
 
 pub mod fixtures;
 pub mod harness;
 pub mod testagent;
+pub mod webhooks;
 pub mod workload;

@@ -44,6 +44,11 @@ pub struct Options<'a> {
     pub runtime_class: Option<&'a str>,
     /// `--allow-checkpoint-images`: most test agents offer checkpoint images alone.
     pub checkpoint_images: bool,
+    /// Serve the admission webhooks and register them for the namespace (needs `certs`).
+    pub webhooks: bool,
+    /// Migrations in flight leaving a node, arriving on a node, in all; the operator's defaults
+    /// when `None`.
+    pub limits: Option<(usize, usize, usize)>,
 }
 
 impl Default for Options<'_> {
@@ -52,6 +57,8 @@ impl Default for Options<'_> {
             certs: None,
             runtime_class: None,
             checkpoint_images: true,
+            webhooks: false,
+            limits: None,
         }
     }
 }
@@ -76,6 +83,16 @@ impl Operator {
     pub async fn start_with(ns: &str, identity: &str, options: Options<'_>) -> Self {
         let env = harness::env().await;
         let http = free_port();
+        let webhook = free_port();
+        let webhooks = options.webhooks.then(|| {
+            let certs = options
+                .certs
+                .expect("webhooks need the test's certificates");
+            [
+                format!("--webhook-addr={webhook}"),
+                format!("--webhook-tls-dir={}", certs.webhook_dir().display()),
+            ]
+        });
         let log = std::fs::File::create(
             std::env::temp_dir().join(format!("operator-{ns}-{identity}.log")),
         )
@@ -113,16 +130,31 @@ impl Operator {
                     .certs
                     .map(|c| format!("--tls-dir={}", c.operator_dir().display())),
             )
+            .args(webhooks.iter().flatten())
+            .args(options.limits.iter().flat_map(|(leaving, arriving, all)| {
+                [
+                    format!("--max-leaving-per-node={leaving}"),
+                    format!("--max-arriving-per-node={arriving}"),
+                    format!("--max-in-flight={all}"),
+                ]
+            }))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)
             .spawn()
             .expect("start the operator");
-        Self {
+        let operator = Self {
             child,
             identity: identity.into(),
             http,
+        };
+        if let Some(certs) = options.certs.filter(|_| options.webhooks) {
+            // The webhooks serve once the operator is ready.
+            operator.wait_ready().await;
+            let client = harness::client().await;
+            testkit::webhooks::register(&client, ns, &webhook.to_string(), certs.ca_pem()).await;
         }
+        operator
     }
 
     /// SIGKILL, as a crash or an evicted pod.

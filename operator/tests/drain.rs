@@ -1,0 +1,403 @@
+//! `kubectl drain` and pods of controllers, with the operator's admission webhooks registered for
+//! the test's namespace, the real kube-controller-manager (ReplicaSet, StatefulSet and DaemonSet
+//! controllers), the real scheduler and the real `kubectl` of the sandbox's Kubernetes version.
+//! Nodes are API objects whose kubelet the test plays (pods reported Running, deleted pods
+//! removed); the agents are test agents (the real ones are in `live.rs`).
+
+#![allow(clippy::expect_used, clippy::unwrap_used)] // a test fails by panicking
+
+mod support;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use crds::{Phase, PodMigration};
+use futures::StreamExt;
+use k8s_openapi::api::{
+    apps::v1::{DaemonSet, Deployment, ReplicaSet, StatefulSet},
+    core::v1::Pod,
+};
+use kube::{
+    Api, Client, ResourceExt,
+    api::{ListParams, PostParams},
+    runtime::watcher,
+};
+use serde_json::json;
+use support::{Operator, Options, Scenario};
+use testkit::{
+    fixtures,
+    harness::{self, eventually, with_namespace},
+};
+
+const MIGRATION_UID: &str = "migros.io/migration-uid";
+
+/// Every pod of the namespace ever seen, by UID, and the most pods of each owner alive at once.
+#[derive(Debug, Default)]
+struct History {
+    /// UID -> (name, owner name, made by a migration).
+    seen: BTreeMap<String, (String, String, bool)>,
+    alive: BTreeMap<String, String>,
+    most_alive: BTreeMap<String, usize>,
+}
+
+fn owner(pod: &Pod) -> String {
+    pod.owner_references()
+        .iter()
+        .find(|o| o.controller == Some(true))
+        .map_or_else(|| pod.name_any(), |o| o.name.clone())
+}
+
+/// Watches the pods of `ns` for the whole test.
+fn record(client: Client, ns: &str) -> (Arc<Mutex<History>>, tokio::task::JoinHandle<()>) {
+    let history = Arc::new(Mutex::new(History::default()));
+    let pods: Api<Pod> = Api::namespaced(client, ns);
+    let h = history.clone();
+    let task = tokio::spawn(async move {
+        let mut events = watcher(pods, watcher::Config::default()).boxed();
+        while let Some(event) = events.next().await {
+            let Ok(event) = event else { continue };
+            let mut h = h.lock().unwrap();
+            match event {
+                watcher::Event::Apply(pod) | watcher::Event::InitApply(pod) => {
+                    let uid = pod.uid().unwrap_or_default();
+                    let made = pod.annotations().contains_key(MIGRATION_UID);
+                    h.seen
+                        .insert(uid.clone(), (pod.name_any(), owner(&pod), made));
+                    if pod.metadata.deletion_timestamp.is_none() {
+                        h.alive.insert(uid, owner(&pod));
+                    } else {
+                        h.alive.remove(&uid);
+                    }
+                }
+                watcher::Event::Delete(pod) => {
+                    h.alive.remove(&pod.uid().unwrap_or_default());
+                }
+                watcher::Event::Init | watcher::Event::InitDone => {}
+            }
+            let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+            for o in h.alive.values() {
+                *counts.entry(o.clone()).or_default() += 1;
+            }
+            for (o, n) in counts {
+                let most = h.most_alive.entry(o).or_default();
+                *most = (*most).max(n);
+            }
+        }
+    });
+    (history, task)
+}
+
+/// The most migrations in flight at once (past Pending, not final), and whether one was queued.
+#[derive(Debug, Default)]
+struct Flights {
+    in_flight: BTreeSet<String>,
+    most: usize,
+    queued: bool,
+}
+
+/// Watches the PodMigrations of `ns` for the whole test.
+fn record_flights(client: Client, ns: &str) -> (Arc<Mutex<Flights>>, tokio::task::JoinHandle<()>) {
+    let flights = Arc::new(Mutex::new(Flights::default()));
+    let api: Api<PodMigration> = Api::namespaced(client, ns);
+    let f = flights.clone();
+    let task = tokio::spawn(async move {
+        let mut events = watcher(api, watcher::Config::default()).boxed();
+        while let Some(event) = events.next().await {
+            let (watcher::Event::Apply(pm) | watcher::Event::InitApply(pm)) =
+                event.unwrap_or(watcher::Event::Init)
+            else {
+                continue;
+            };
+            let mut f = f.lock().unwrap();
+            let status = pm.status.clone().unwrap_or_default();
+            let phase = status.phase.unwrap_or_default();
+            if phase == Phase::Pending || phase.is_final() {
+                f.in_flight.remove(&pm.name_any());
+            } else {
+                f.in_flight.insert(pm.name_any());
+            }
+            f.most = f.most.max(f.in_flight.len());
+            f.queued |= status.conditions.iter().any(|c| c.reason == "Queued");
+        }
+    });
+    (flights, task)
+}
+
+/// Pods of the workloads may run on the scenario's nodes only.
+fn affinity(nodes: &[String]) -> serde_json::Value {
+    json!({"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+        {"matchExpressions": [{"key": "kubernetes.io/hostname", "operator": "In", "values": nodes}]}
+    ]}}})
+}
+
+fn template(
+    app: &str,
+    migratable: bool,
+    nodes: &[String],
+    volumes: serde_json::Value,
+) -> serde_json::Value {
+    let mut labels = json!({"app": app});
+    if migratable {
+        labels[crds::MIGRATABLE_LABEL] = json!("true");
+    }
+    json!({
+        "metadata": {"labels": labels},
+        "spec": {
+            "affinity": affinity(nodes),
+            "terminationGracePeriodSeconds": 30,
+            "containers": [{"name": "app", "image": "localhost:5000/kube-migros/demo:test",
+                            "volumeMounts": volumes["mounts"]}],
+            "volumes": volumes["volumes"],
+        }
+    })
+}
+
+async fn create<K>(client: &Client, ns: &str, object: serde_json::Value)
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + serde::Serialize,
+    K::DynamicType: Default,
+{
+    let object: K = serde_json::from_value(object).unwrap();
+    Api::<K>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &object)
+        .await
+        .unwrap();
+}
+
+async fn pods_on(pods: &Api<Pod>, node: &str) -> Vec<Pod> {
+    pods.list(&ListParams::default().fields(&format!("spec.nodeName={node}")))
+        .await
+        .unwrap()
+        .items
+}
+
+#[tokio::test]
+async fn kubectl_drain_moves_the_pods_of_controllers_without_a_second_instance() {
+    with_namespace("drain", |client, ns| async move {
+        let s = Scenario::new(client.clone(), &ns).await;
+        let nodes = vec![s.node(1), s.node(2), s.node(3)];
+        let kubelets = tokio::spawn(fixtures::play_kubelets(
+            client.clone(),
+            ns.clone(),
+            nodes.clone(),
+        ));
+        let _operator = Operator::start_with(
+            &ns,
+            "op-drain",
+            Options {
+                webhooks: true,
+                ..Options::new(&s.certs)
+            },
+        )
+        .await;
+        let (history, recorder) = record(client.clone(), &ns);
+        let (flights, flight_recorder) = record_flights(client.clone(), &ns);
+
+        // Everything lands on node 1: the others are cordoned while it is scheduled.
+        s.nodes[1].set_unschedulable(true).await;
+        s.nodes[2].set_unschedulable(true).await;
+        let none = json!({"mounts": [], "volumes": []});
+        let selector = |app: &str| json!({"matchLabels": {"app": app}});
+        create::<Deployment>(
+            &client,
+            &ns,
+            json!({
+                "metadata": {"name": "web"},
+                "spec": {"replicas": 3, "selector": selector("web"),
+                         "template": template("web", true, &nodes, none.clone())}
+            }),
+        )
+        .await;
+        create::<StatefulSet>(
+            &client,
+            &ns,
+            json!({
+                "metadata": {"name": "db"},
+                "spec": {"replicas": 2, "serviceName": "db", "selector": selector("db"),
+                         "template": template("db", true, &nodes, none.clone())}
+            }),
+        )
+        .await;
+        create::<DaemonSet>(
+            &client,
+            &ns,
+            json!({
+                "metadata": {"name": "logs"},
+                "spec": {"selector": selector("logs"),
+                         "template": template("logs", false, &nodes, none.clone())}
+            }),
+        )
+        .await;
+        let host_path = json!({
+            "mounts": [{"name": "logs", "mountPath": "/logs"}],
+            "volumes": [{"name": "logs", "hostPath": {"path": "/var/log"}}],
+        });
+        let mut bare = template("solo", true, &nodes, none.clone());
+        bare["metadata"]["name"] = json!("solo");
+        create::<Pod>(&client, &ns, bare).await;
+        let mut pinned = template("pinned", true, &nodes, host_path);
+        pinned["metadata"]["name"] = json!("pinned");
+        create::<Pod>(&client, &ns, pinned).await;
+
+        let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+        let before = eventually(Duration::from_secs(60), || async {
+            let on = pods_on(&pods, &s.node(1)).await;
+            let running = on
+                .iter()
+                .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
+                .count();
+            // web x3, db x2, logs, solo, pinned
+            (running == 8).then_some(on)
+        })
+        .await;
+        s.nodes[1].set_unschedulable(false).await;
+        s.nodes[2].set_unschedulable(false).await;
+        let uid_of = |name: &str| {
+            before
+                .iter()
+                .find(|p| p.name_any() == name)
+                .and_then(|p| p.uid())
+                .unwrap()
+        };
+        let daemon = before.iter().find(|p| owner(p) == "logs").unwrap().uid();
+
+        // The drain, as an administrator types it (`--force` because of the bare pods, as always
+        // with kubectl): it must finish by itself.
+        let env = harness::env().await;
+        let node = s.node(1);
+        let drain = tokio::task::spawn_blocking(move || {
+            harness::kubectl(
+                &env,
+                &[
+                    "drain",
+                    &node,
+                    "--ignore-daemonsets",
+                    "--force",
+                    "--timeout=180s",
+                ],
+            )
+        })
+        .await
+        .unwrap();
+        let stderr = String::from_utf8_lossy(&drain.stderr).to_string();
+        assert!(
+            drain.status.success(),
+            "kubectl drain failed: {stderr}{}",
+            String::from_utf8_lossy(&drain.stdout)
+        );
+        // While the pods moved, the drain was told to wait.
+        assert!(stderr.contains("will retry after 5s"), "{stderr}");
+
+        // The migratable pods run elsewhere, made by their migrations, under their names.
+        let migrations: Api<PodMigration> = Api::namespaced(client.clone(), &ns);
+        let moved: Vec<Pod> = before
+            .iter()
+            .filter(|p| ["web", "db", "solo"].contains(&p.labels()["app"].as_str()))
+            .cloned()
+            .collect();
+        assert_eq!(moved.len(), 6);
+        for old in &moved {
+            let name = old.name_any();
+            let now = pods.get(&name).await.unwrap();
+            assert_ne!(now.uid(), old.uid(), "{name} was not replaced");
+            let on = now.spec.as_ref().unwrap().node_name.clone().unwrap();
+            assert_ne!(on, s.node(1), "{name} is still on the drained node");
+            let made_by = now.annotations()[MIGRATION_UID].clone();
+            let pm = migrations
+                .list(&ListParams::default().fields(&format!("spec.podName={name}")))
+                .await
+                .unwrap()
+                .items;
+            assert_eq!(pm.len(), 1, "one migration for {name}");
+            let pm = &pm[0];
+            assert_eq!(pm.uid().unwrap(), made_by);
+            assert_eq!(pm.labels()["migros.io/reason"], "eviction");
+            assert_eq!(pm.status.as_ref().unwrap().phase, Some(Phase::Succeeded));
+            assert_eq!(owner(&now), owner(old), "{name} keeps its controller");
+        }
+        // The hostPath pod was evicted as usual, without a migration; the DaemonSet's pod stays.
+        assert!(
+            pods.get_opt("pinned")
+                .await
+                .unwrap()
+                .is_none_or(|p| p.uid() != Some(uid_of("pinned")))
+        );
+        assert!(
+            migrations
+                .list(&ListParams::default().fields("spec.podName=pinned"))
+                .await
+                .unwrap()
+                .items
+                .is_empty()
+        );
+        let still: Vec<Option<String>> = pods_on(&pods, &s.node(1))
+            .await
+            .iter()
+            .map(ResourceExt::uid)
+            .collect();
+        assert_eq!(still, vec![daemon]);
+
+        // The controllers count the restored pods as theirs and make no other.
+        let replica_sets: Api<ReplicaSet> = Api::namespaced(client.clone(), &ns);
+        let rs = replica_sets
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items;
+        assert_eq!(rs.len(), 1);
+        eventually(Duration::from_secs(30), || async {
+            let rs = replica_sets.get(&rs[0].name_any()).await.ok()?;
+            let status = rs.status?;
+            (status.replicas == 3 && status.ready_replicas == Some(3)).then_some(())
+        })
+        .await;
+        let sets: Api<StatefulSet> = Api::namespaced(client.clone(), &ns);
+        eventually(Duration::from_secs(30), || async {
+            let status = sets.get("db").await.ok()?.status?;
+            (status.replicas == 2 && status.ready_replicas == Some(2)).then_some(())
+        })
+        .await;
+
+        // Six pods left node 1, never more than two at once (the default limit); the others
+        // waited in the queue.
+        flight_recorder.abort();
+        let flights = flights.lock().unwrap();
+        assert_eq!(flights.most, 2, "{flights:?}");
+        assert!(flights.queued, "{flights:?}");
+        drop(flights);
+
+        recorder.abort();
+        kubelets.abort();
+        let h = history.lock().unwrap();
+        // Every pod of a migrated owner is either one that ran before or a restored one: no
+        // fresh instance ever started, not even for a moment.
+        let originals: BTreeSet<Option<String>> = before.iter().map(ResourceExt::uid).collect();
+        for (uid, (name, owner, made)) in &h.seen {
+            if ["web", "db", "solo"].iter().any(|o| owner.starts_with(o)) {
+                assert!(
+                    *made || originals.contains(&Some(uid.clone())),
+                    "{owner} started a fresh pod {name}: {h:?}"
+                );
+            }
+        }
+        let web = h
+            .most_alive
+            .iter()
+            .find(|(o, _)| o.starts_with("web-"))
+            .map(|(_, n)| *n);
+        assert_eq!(
+            web,
+            Some(3),
+            "the Deployment had more than 3 pods at once: {h:?}"
+        );
+        assert_eq!(h.most_alive.get("db"), Some(&2), "{h:?}");
+    })
+    .await;
+}
