@@ -129,8 +129,8 @@ pub fn pod_create(pod: &Pod, fresh: &[PodMigration]) -> Verdict {
     match restoring.first() {
         None => Verdict::Allow,
         Some(pm) => Verdict::deny(
-            409,
-            "Conflict",
+            403,
+            "Forbidden",
             format!(
                 "a pod of this {kind} is being restored on node {} by PodMigration {}: the \
                  restored pod takes this place (docs/drain.md)",
@@ -155,9 +155,9 @@ pub struct Eviction<'a> {
     pub unmovable: Option<String>,
     /// The PodMigrations of its namespace naming it (`spec.podName`).
     pub migrations: &'a [PodMigration],
-    /// Whether a node is cordoned (`spec.unschedulable`), by name, for the nodes of the pod and of
-    /// its migrations' sources that exist.
-    pub cordoned: &'a BTreeMap<String, bool>,
+    /// Whether a node is being drained (cordoned, or tainted NoSchedule/NoExecute as autoscalers
+    /// do), by name, for the nodes of the pod and of its migrations' sources that exist.
+    pub draining: &'a BTreeMap<String, bool>,
     /// Migrations tried per pod for evictions before the eviction is refused.
     pub attempts: u32,
 }
@@ -171,8 +171,8 @@ pub enum EvictionVerdict {
     Migrate { name: String, attempt: u32 },
     /// A migration of the pod is in flight: answer 429 with this message.
     Wait(String),
-    /// The pod already left the cordoned node it was evicted from: answer 404 (kubectl drain
-    /// then checks that the pod it evicted, by UID, is gone).
+    /// The pod already left the node being drained that it was evicted from: answer 404
+    /// (kubectl drain then checks that the pod it evicted, by UID, is gone).
     Gone(String),
     /// Every attempt failed: answer 403 with this message, the pod keeps running where it is
     /// (kubectl drain reports the error and exits instead of waiting forever).
@@ -200,13 +200,21 @@ impl EvictionVerdict {
 /// evictions: the same for every webhook replica answering the same eviction, so that two
 /// concurrent evictions create one.
 pub fn eviction_migration_name(pod: &str, pod_uid: &str, attempt: u32) -> String {
-    let short: String = pod_uid
-        .chars()
-        .filter(char::is_ascii_alphanumeric)
-        .take(5)
-        .collect();
-    // Pod names are DNS labels (at most 63): the name stays a valid object name.
-    format!("{pod}-drain-{short}-{attempt}")
+    // At most 63 + 43 characters (the pod's name is a DNS label, see `nameable`): a valid name.
+    format!("{pod}-drain-{pod_uid}-{attempt}")
+}
+
+/// Whether a PodMigration can name `pod` (`spec.podName` is a DNS-1123 label: at most 63
+/// lowercase letters, digits and '-'); a pod whose name is a longer or dotted subdomain is not
+/// migrated for evictions.
+pub fn nameable(pod: &str) -> bool {
+    !pod.is_empty()
+        && pod.len() <= 63
+        && pod
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !pod.starts_with('-')
+        && !pod.ends_with('-')
 }
 
 /// Decides an eviction.
@@ -236,8 +244,8 @@ pub fn eviction(e: &Eviction<'_>) -> EvictionVerdict {
     {
         let source = pm.status.as_ref().and_then(|s| s.source_node.as_deref());
         if let Some(source) = source.filter(|s| Some(*s) != node)
-            && e.cordoned.get(source) == Some(&true)
-            && node.is_some_and(|n| e.cordoned.get(n) == Some(&false))
+            && e.draining.get(source) == Some(&true)
+            && node.is_some_and(|n| e.draining.get(n) == Some(&false))
         {
             return EvictionVerdict::Gone(format!(
                 "pod {name} has left node {source}: PodMigration {} moved it to node {}",
@@ -249,7 +257,7 @@ pub fn eviction(e: &Eviction<'_>) -> EvictionVerdict {
     if !e.migratable || pod.status.as_ref().and_then(|s| s.phase.as_deref()) != Some("Running") {
         return EvictionVerdict::Allow;
     }
-    if e.unmovable.is_some() {
+    if e.unmovable.is_some() || !nameable(&name) {
         return EvictionVerdict::Allow;
     }
     let failed: Vec<&PodMigration> = e
@@ -355,10 +363,11 @@ mod tests {
         let source = owned_pod("web-a", "rs-1");
         let fresh = owned_pod("", "rs-1");
         let pm = migration("m", &source, Phase::Restoring, true);
-        let Verdict::Deny { code, message, .. } = pod_create(&fresh, std::slice::from_ref(&pm)) else {
+        let Verdict::Deny { code, message, .. } = pod_create(&fresh, std::slice::from_ref(&pm))
+        else {
             panic!("a fresh pod of the ReplicaSet is refused while its pod is restored");
         };
-        assert_eq!(code, 409);
+        assert_eq!(code, 403);
         assert!(
             message.contains("PodMigration m") && message.contains("node-2"),
             "{message}"
@@ -367,7 +376,10 @@ mod tests {
         let mut replacement = fresh.clone();
         replacement.metadata.annotations =
             Some([(MIGRATION_UID_ANNOTATION.to_string(), "pm-m".to_string())].into());
-        assert_eq!(pod_create(&replacement, std::slice::from_ref(&pm)), Verdict::Allow);
+        assert_eq!(
+            pod_create(&replacement, std::slice::from_ref(&pm)),
+            Verdict::Allow
+        );
 
         // Another controller's pods, and pods before the commit point or after the end, pass.
         assert_eq!(
@@ -408,7 +420,7 @@ mod tests {
             migratable: true,
             unmovable: None,
             migrations,
-            cordoned: &is_cordoned,
+            draining: &is_cordoned,
             attempts: 2,
         })
     }
@@ -430,27 +442,27 @@ mod tests {
         assert_eq!(
             first,
             EvictionVerdict::Migrate {
-                name: "web-a-drain-uidwe-1".into(),
+                name: "web-a-drain-uid-web-a-1".into(),
                 attempt: 1
             }
         );
         assert!(matches!(first.verdict(), Verdict::Deny { code: 429, .. }));
 
-        let flying = evicted_migration("web-a-drain-uidwe-1", &pod, Phase::Transferring);
+        let flying = evicted_migration("web-a-drain-uid-web-a-1", &pod, Phase::Transferring);
         assert!(matches!(
             decide(&pod, &[flying], &["node-1"]),
             EvictionVerdict::Wait(m) if m.contains("Transferring")
         ));
 
         // The drain's next eviction of the name finds the replacement on node-2.
-        let done = evicted_migration("web-a-drain-uidwe-1", &pod, Phase::Succeeded);
+        let done = evicted_migration("web-a-drain-uid-web-a-1", &pod, Phase::Succeeded);
         let mut moved = owned_pod("web-a", "rs-1");
         moved.metadata.uid = Some("uid-new".into());
         moved.spec.as_mut().unwrap().node_name = Some("node-2".into());
         moved.metadata.annotations = Some(
             [(
                 MIGRATION_UID_ANNOTATION.into(),
-                "pm-web-a-drain-uidwe-1".into(),
+                "pm-web-a-drain-uid-web-a-1".into(),
             )]
             .into(),
         );
@@ -463,12 +475,12 @@ mod tests {
             EvictionVerdict::Migrate { attempt: 1, .. }
         ));
 
-        let rolled_back = evicted_migration("web-a-drain-uidwe-1", &pod, Phase::RolledBack);
+        let rolled_back = evicted_migration("web-a-drain-uid-web-a-1", &pod, Phase::RolledBack);
         assert!(matches!(
             decide(&pod, std::slice::from_ref(&rolled_back), &["node-1"]),
             EvictionVerdict::Migrate { attempt: 2, .. }
         ));
-        let again = evicted_migration("web-a-drain-uidwe-2", &pod, Phase::Failed);
+        let again = evicted_migration("web-a-drain-uid-web-a-2", &pod, Phase::Failed);
         let refused = decide(&pod, &[rolled_back, again], &["node-1"]);
         assert!(
             matches!(&refused, EvictionVerdict::Refuse(m) if m.contains("2 attempts") && m.contains("keeps running")),
@@ -485,7 +497,7 @@ mod tests {
             migratable: false,
             unmovable: None,
             migrations: &[],
-            cordoned: &is_cordoned,
+            draining: &is_cordoned,
             attempts: 3,
         };
         assert_eq!(eviction(&base), EvictionVerdict::Allow);
@@ -503,6 +515,15 @@ mod tests {
             ..unmovable
         };
         assert_eq!(eviction(&not_running), EvictionVerdict::Allow);
+        let mut dotted = pod.clone();
+        dotted.metadata.name = Some("web.a".into());
+        let unnameable = Eviction {
+            pod: &dotted,
+            unmovable: None,
+            ..not_running
+        };
+        assert_eq!(eviction(&unnameable), EvictionVerdict::Allow);
+        assert!(nameable("web-a") && !nameable("web.a") && !nameable(&"a".repeat(64)));
     }
 
     #[test]

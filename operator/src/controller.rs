@@ -381,6 +381,14 @@ async fn choose_target(
     .await;
     let all_pods: Api<Pod> = Api::all(ctx.client.clone());
     let mut used = Vec::with_capacity(nodes.len());
+    // Pods on their way to a node take room there already.
+    let arriving = ctx.queue.arriving();
+    let arriving_at = |node: String| {
+        arriving
+            .iter()
+            .filter(move |(target, _)| *target == node)
+            .map(|(_, pod)| pod)
+    };
     let cached = tokio::time::timeout(Duration::from_secs(2), ctx.pods.wait_until_ready())
         .await
         .is_ok_and(|ready| ready.is_ok());
@@ -388,17 +396,22 @@ async fn choose_target(
         let pods = ctx.pods.state();
         for node in &nodes {
             let name = node.name_any();
-            used.push(targets::used_by(pods.iter().map(AsRef::as_ref).filter(
-                |p: &&Pod| {
-                    p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(name.as_str())
-                },
-            )));
+            used.push(targets::used_by(
+                pods.iter()
+                    .map(AsRef::as_ref)
+                    .filter(|p: &&Pod| {
+                        p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(name.as_str())
+                    })
+                    .chain(arriving_at(name.clone())),
+            ));
         }
     } else if let [node] = nodes.as_slice() {
         let on_node = all_pods
             .list(&ListParams::default().fields(&format!("spec.nodeName={}", node.name_any())))
             .await?;
-        used.push(targets::used_by(&on_node.items));
+        used.push(targets::used_by(
+            on_node.items.iter().chain(arriving_at(node.name_any())),
+        ));
     } else {
         // One listing of the bound, unfinished pods rather than one per node.
         let bound = all_pods
@@ -409,9 +422,15 @@ async fn choose_target(
             .await?;
         for node in &nodes {
             let name = node.name_any();
-            used.push(targets::used_by(bound.items.iter().filter(|p| {
-                p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(name.as_str())
-            })));
+            used.push(targets::used_by(
+                bound
+                    .items
+                    .iter()
+                    .filter(|p| {
+                        p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(name.as_str())
+                    })
+                    .chain(arriving_at(name.clone())),
+            ));
         }
     }
     let candidates: Vec<Candidate<'_>> = nodes
@@ -483,12 +502,18 @@ async fn start(
         ctx.pods.get(&pod)?.spec.as_ref()?.node_name.clone()
     }) {
         let message = format!("queued: {position} of {waiting} waiting to start ({why})");
+        // The further back, the less often it looks.
+        let poll = QUEUE_POLL.saturating_mul(
+            u32::try_from(position.div_ceil(4))
+                .unwrap_or(10)
+                .clamp(1, 10),
+        );
         if f.status.message.as_deref() == Some(message.as_str()) {
-            return Ok(Next::Requeue(QUEUE_POLL));
+            return Ok(Next::Requeue(poll));
         }
         let queued = statemachine::queued(f, &message);
         write_status(pm, f, queued, None, ctx).await?;
-        return Ok(Next::Requeue(QUEUE_POLL));
+        return Ok(Next::Requeue(poll));
     }
     let updated = keep_template(pm, pods, ctx).await?;
     let written = write_status(&updated, f, status, None, ctx).await?;
@@ -591,7 +616,9 @@ async fn execute(pm: &PodMigration, f: &Facts, action: Action, ctx: &Context) ->
                 Ok(created) => {
                     info!(node = %target, uid = ?created.uid(), "created the replacement pod")
                 }
-                Err(kube::Error::Api(s)) if s.code == 409 => {}
+                // Made by an earlier attempt (or someone else's pod of that name: the state
+                // machine sees which).
+                Err(kube::Error::Api(s)) if s.reason == "AlreadyExists" => {}
                 Err(e) => return Err(e.into()),
             }
             Ok(Next::Continue(pm.clone()))

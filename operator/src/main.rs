@@ -96,21 +96,21 @@ struct Args {
     #[arg(long, env = "KUBE_MIGROS_WEBHOOK_TLS_DIR")]
     webhook_tls_dir: Option<PathBuf>,
     /// Namespaces whose every pod is migratable (evictions included), besides the pods labelled
-    /// `migros.io/migratable: "true"` (comma-separated).
+    /// `migros.io/migratable: "true"` (comma-separated; never the operator's own namespace).
     #[arg(long, env = "KUBE_MIGROS_MIGRATABLE_NAMESPACES", value_delimiter = ',')]
     migratable_namespaces: Vec<String>,
     /// Migrations tried for the evictions of one pod before an eviction is refused (the pod keeps
     /// running and `kubectl drain` reports the error).
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
     eviction_attempts: u32,
     /// Migrations in flight leaving one node, at most; more wait in Pending (reason Queued).
-    #[arg(long, default_value_t = queue::Limits::default().per_source)]
+    #[arg(long, default_value_t = queue::Limits::default().per_source, value_parser = at_least_one)]
     max_leaving_per_node: usize,
     /// Migrations in flight arriving on one node, at most.
-    #[arg(long, default_value_t = queue::Limits::default().per_target)]
+    #[arg(long, default_value_t = queue::Limits::default().per_target, value_parser = at_least_one)]
     max_arriving_per_node: usize,
     /// Migrations in flight in the cluster, at most.
-    #[arg(long, default_value_t = queue::Limits::default().cluster)]
+    #[arg(long, default_value_t = queue::Limits::default().cluster, value_parser = at_least_one)]
     max_in_flight: usize,
     /// Seconds between rxe block allocation/release sweeps.
     #[arg(long, default_value_t = 10)]
@@ -124,7 +124,8 @@ impl Args {
                 .migratable_namespaces
                 .iter()
                 .map(|ns| ns.trim().to_string())
-                .filter(|ns| !ns.is_empty())
+                // The operator's own pods never move by policy.
+                .filter(|ns| !ns.is_empty() && *ns != self.namespace)
                 .collect(),
         }
     }
@@ -325,6 +326,14 @@ async fn signals(shutdown: CancellationToken) {
         _ = int.recv() => info!("SIGINT: shutting down"),
     }
     shutdown.cancel();
+}
+
+/// A limit of migrations: 0 would queue every migration for ever.
+fn at_least_one(value: &str) -> Result<usize, String> {
+    match value.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!("{value:?} is not a whole number of at least 1")),
+    }
 }
 
 fn hostname() -> String {

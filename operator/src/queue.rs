@@ -232,6 +232,29 @@ impl Queue {
         admit(&me.key, &waiting, &in_flight, self.limits)
     }
 
+    /// The pods on their way to each node: the templates of the migrations in flight whose
+    /// replacement does not exist yet (target choice counts them as if they ran there).
+    pub fn arriving(&self) -> Vec<(String, k8s_openapi::api::core::v1::Pod)> {
+        let Some(store) = self.store.get() else {
+            return Vec::new();
+        };
+        store
+            .state()
+            .iter()
+            .filter(|pm| !matches!(phase(pm), Phase::Pending) && !phase(pm).is_final())
+            .filter_map(|pm| {
+                let status = pm.status.as_ref()?;
+                if status.target_pod_uid.is_some() {
+                    return None;
+                }
+                let raw = pm
+                    .annotations()
+                    .get(crate::replacement::TEMPLATE_ANNOTATION)?;
+                Some((status.target_node.clone()?, serde_json::from_str(raw).ok()?))
+            })
+            .collect()
+    }
+
     /// Records that `pm` started as `me`.
     pub fn started(&self, pm: &PodMigration, me: Entry) {
         if let Ok(mut started) = self.started.lock() {

@@ -317,10 +317,13 @@ pub fn busy(f: &Facts, other: &str) -> PodMigrationStatus {
     finish(f, Phase::Failed, Some(Reason::PodBusy), &msg)
 }
 
+/// The Ready reason of a migration that waits for a slot.
+pub const QUEUED: &str = "Queued";
+
 /// The status of a migration that waits for a slot (`queue.rs`): Pending, Ready reason `Queued`.
 pub fn queued(f: &Facts, message: &str) -> PodMigrationStatus {
     let mut s = enter(f, f.status.clone(), Phase::Pending, message);
-    set_condition(&mut s, f.now, condition::READY, false, "Queued", message);
+    set_condition(&mut s, f.now, condition::READY, false, QUEUED, message);
     s
 }
 
@@ -754,8 +757,19 @@ fn recorded(f: &Facts, type_: &str) -> bool {
     f.status.conditions.iter().any(|c| c.type_ == type_)
 }
 
+/// The timeout counts from the start (Preparing), or from the creation while the migration has
+/// not started; the time it waits in the queue for a slot (`queue.rs`) does not count.
 fn timed_out(f: &Facts) -> bool {
-    f.now.duration_since(f.created) > SignedDuration::from_secs(f.spec.timeout_seconds)
+    let queued = f
+        .status
+        .conditions
+        .iter()
+        .any(|c| c.type_ == condition::READY && c.reason == QUEUED);
+    if queued && f.status.phase == Some(Phase::Pending) {
+        return false;
+    }
+    let since = entered(f, Phase::Preparing).unwrap_or(f.created);
+    f.now.duration_since(since) > SignedDuration::from_secs(f.spec.timeout_seconds)
 }
 
 fn entered(f: &Facts, phase: Phase) -> Option<Timestamp> {
@@ -1257,7 +1271,7 @@ mod tests {
     #[test]
     fn timeouts_roll_back_before_the_commit_point_and_fail_after_it() {
         let mut f = advance_to(Phase::Checkpointing);
-        f.now = f.created + SignedDuration::from_secs(601);
+        f.now = f.created + SignedDuration::from_secs(620);
         let Action::Write(s) = next(&f) else { panic!() };
         let aborting = s
             .conditions
@@ -1267,17 +1281,36 @@ mod tests {
         assert_eq!(aborting.reason, Reason::TimedOut.as_str());
 
         let mut f = pending();
-        f.now = f.created + SignedDuration::from_secs(601);
+        f.now = f.created + SignedDuration::from_secs(620);
         failed_with(&f, &next(&f), Reason::TimedOut);
 
         let mut f = advance_to(Phase::Restoring);
-        f.now = f.created + SignedDuration::from_secs(601);
+        f.now = f.created + SignedDuration::from_secs(620);
         let Action::Write(s) = next(&f) else { panic!() };
         assert_eq!(s.phase, Some(Phase::Failed));
         assert!(
             s.checkpoint.unwrap().location.is_some(),
             "a failed restore says where the checkpoint is"
         );
+    }
+
+    #[test]
+    fn the_time_in_the_queue_does_not_count_towards_the_timeout() {
+        let mut f = pending();
+        f.status = queued(&f, "queued: 3 of 4 waiting to start");
+        f.now = f.created + SignedDuration::from_secs(3600);
+        assert!(!timed_out(&f));
+        // Started after 50 minutes in the queue: 600 s from then.
+        let mut f = advance_to(Phase::Checkpointing);
+        for t in &mut f.status.phase_transitions {
+            if t.phase != Phase::Pending {
+                t.time = MicroTime(f.created + SignedDuration::from_secs(3000));
+            }
+        }
+        f.now = f.created + SignedDuration::from_secs(3500);
+        assert!(!timed_out(&f));
+        f.now = f.created + SignedDuration::from_secs(3601);
+        assert!(timed_out(&f));
     }
 
     #[test]

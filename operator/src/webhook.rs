@@ -7,7 +7,10 @@ use std::{path::Path, sync::Arc, time::Duration};
 use axum::{Json, Router, extract::State, routing::post};
 use crds::{PodMigration, PodMigrationSpec};
 use futures::StreamExt;
-use hyper_util::{rt::TokioIo, service::TowerToHyperService};
+use hyper_util::{
+    rt::{TokioIo, TokioTimer},
+    service::TowerToHyperService,
+};
 use k8s_openapi::api::core::v1::{Node, PersistentVolumeClaim, Pod};
 use kube::{
     Api, Client, ResourceExt,
@@ -88,20 +91,16 @@ impl Webhooks {
         }
         let cached = self.migrations.state();
         let cached: Vec<&PodMigration> = cached.iter().map(AsRef::as_ref).collect();
-        let api: Api<PodMigration> = Api::namespaced(self.client.clone(), &ns);
-        let mut fresh = Vec::new();
-        for pm in admission::candidates(&pod, &cached) {
-            if admission::restoring(pm) {
-                fresh.push(pm.clone());
-                continue;
-            }
-            // The cache may not have the commit yet: read it from the API server.
-            match api.get_opt(&pm.name_any()).await {
-                Ok(Some(pm)) => fresh.push(pm),
-                Ok(None) => {}
-                Err(e) => return unavailable(&format!("reading PodMigration: {e}")),
-            }
+        if admission::candidates(&pod, &cached).is_empty() {
+            return Verdict::Allow;
         }
+        // A migration of this controller's pods is in flight: decide on the namespace's
+        // migrations as the API server has them now (the watch may not have the commit yet).
+        let api: Api<PodMigration> = Api::namespaced(self.client.clone(), &ns);
+        let fresh = match api.list(&ListParams::default()).await {
+            Ok(list) => list.items,
+            Err(e) => return unavailable(&format!("listing PodMigrations: {e}")),
+        };
         admission::pod_create(&pod, &fresh)
     }
 
@@ -145,24 +144,18 @@ impl Webhooks {
         names.sort();
         names.dedup();
         let nodes_api: Api<Node> = Api::all(self.client.clone());
-        let mut cordoned = std::collections::BTreeMap::new();
+        let mut draining = std::collections::BTreeMap::new();
         for node in names {
-            let unschedulable = nodes_api
-                .get_opt(&node)
-                .await?
-                .map(|n| n.spec.and_then(|s| s.unschedulable).unwrap_or(false));
-            cordoned.insert(node, unschedulable);
+            if let Some(n) = nodes_api.get_opt(&node).await? {
+                draining.insert(node, being_drained(&n));
+            }
         }
-        let cordoned = cordoned
-            .into_iter()
-            .filter_map(|(node, unschedulable)| Some((node, unschedulable?)))
-            .collect();
         let decision = admission::eviction(&admission::Eviction {
             pod: &pod,
             migratable: self.policy.migratable(&pod),
             unmovable: movable::why_not(&pod, &claims),
             migrations: &migrations,
-            cordoned: &cordoned,
+            draining: &draining,
             attempts: self.attempts,
         });
         if let EvictionVerdict::Migrate {
@@ -183,6 +176,17 @@ impl Webhooks {
         debug!(pod = %format!("{ns}/{name}"), ?decision, "eviction answered");
         Ok(decision.verdict())
     }
+}
+
+/// Whether `node` is being drained: cordoned, or tainted NoSchedule or NoExecute (as cluster
+/// autoscalers mark a node they remove).
+fn being_drained(node: &Node) -> bool {
+    let spec = node.spec.as_ref();
+    spec.and_then(|s| s.unschedulable).unwrap_or(false)
+        || spec.and_then(|s| s.taints.as_ref()).is_some_and(|t| {
+            t.iter()
+                .any(|t| t.effect == "NoSchedule" || t.effect == "NoExecute")
+        })
 }
 
 /// The PodMigration an eviction of `pod` creates.
@@ -309,6 +313,11 @@ pub fn tls_config(dir: &Path) -> Result<rustls::ServerConfig, Error> {
     Ok(config)
 }
 
+/// Connections served at once, at most.
+const MAX_CONNECTIONS: usize = 256;
+/// How long a client may take to finish its TLS handshake, and to send a request's headers.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Serves the webhooks on `listener` until `shutdown` resolves.
 pub async fn serve(
     listener: tokio::net::TcpListener,
@@ -321,6 +330,8 @@ pub async fn serve(
         .route("/evictions", post(evictions))
         .with_state(Arc::new(hooks));
     let acceptor = TlsAcceptor::from(Arc::new(tls));
+    // The API server keeps a few connections; a client that never finishes holds none for long.
+    let connections = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -334,20 +345,30 @@ pub async fn serve(
                 }
             },
         };
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            debug!(%peer, "too many webhook connections; closing one");
+            continue;
+        };
         let (acceptor, app) = (acceptor.clone(), app.clone());
         tokio::spawn(async move {
-            let tls = match acceptor.accept(stream).await {
-                Ok(tls) => tls,
-                Err(e) => {
+            let _permit = permit;
+            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
                     debug!(%peer, error = %e, "webhook TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    debug!(%peer, "webhook TLS handshake timed out");
                     return;
                 }
             };
             let service = TowerToHyperService::new(app);
-            if let Err(e) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(tls), service)
-                .await
-            {
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HANDSHAKE_TIMEOUT)
+                .serve_connection(TokioIo::new(tls), service);
+            if let Err(e) = connection.await {
                 debug!(%peer, error = %e, "webhook connection ended");
             }
         });

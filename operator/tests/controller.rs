@@ -965,3 +965,53 @@ async fn without_a_tls_dir_the_operator_makes_the_ca_and_certificates_in_secrets
     })
     .await;
 }
+
+#[tokio::test]
+async fn target_choice_counts_the_pods_on_their_way_to_a_node() {
+    with_namespace("op-arriving", |client, ns| async move {
+        let s = Scenario::new(client.clone(), &ns).await;
+        // Nodes have 4 CPUs: one pod of 3 fits a node, two do not.
+        for (i, name) in ["big-a", "big-b"].into_iter().enumerate() {
+            let mut pod = testkit::fixtures::pod(
+                name,
+                &s.node(1),
+                &[(crds::MIGRATABLE_LABEL, "true"), ("app", name)],
+            );
+            let requests = [(
+                "cpu".to_string(),
+                k8s_openapi::apimachinery::pkg::api::resource::Quantity("3".into()),
+            )];
+            pod.spec.as_mut().unwrap().containers[0].resources =
+                Some(k8s_openapi::api::core::v1::ResourceRequirements {
+                    requests: Some(requests.into()),
+                    ..Default::default()
+                });
+            testkit::fixtures::run_pod(&client, &ns, &pod, &format!("10.244.1.{}", 60 + i)).await;
+        }
+        // The first stays on its way (held in Checkpointing) while the second chooses.
+        s.agent(1).script(Step::Checkpoint, Behaviour::Hold);
+        let _operator = Operator::start(&ns, "op-a", &s.certs).await;
+        s.migrate("move-a", "big-a", None).await;
+        let a = s
+            .wait_phase("move-a", Phase::Checkpointing, PHASE_TIMEOUT)
+            .await;
+        s.migrate("move-b", "big-b", None).await;
+        let b = s
+            .wait_phase("move-b", Phase::Checkpointing, PHASE_TIMEOUT)
+            .await;
+        let target = |pm: &PodMigration| pm.status.clone().unwrap().target_node.unwrap();
+        assert_ne!(target(&a), s.node(1));
+        assert_ne!(target(&b), s.node(1));
+        assert_ne!(
+            target(&a),
+            target(&b),
+            "both went to one node, where only one fits"
+        );
+        s.agent(1).release(Step::Checkpoint);
+        s.wait_phase("move-a", Phase::Succeeded, PHASE_TIMEOUT)
+            .await;
+        s.wait_phase("move-b", Phase::Succeeded, PHASE_TIMEOUT)
+            .await;
+    })
+    .await;
+}

@@ -8,14 +8,9 @@
 
 mod support;
 
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{collections::BTreeSet, time::Duration};
 
 use crds::{Phase, PodMigration};
-use futures::StreamExt;
 use k8s_openapi::api::{
     apps::v1::{DaemonSet, Deployment, ReplicaSet, StatefulSet},
     core::v1::Pod,
@@ -23,108 +18,17 @@ use k8s_openapi::api::{
 use kube::{
     Api, Client, ResourceExt,
     api::{ListParams, PostParams},
-    runtime::watcher,
 };
 use serde_json::json;
 use support::{Operator, Options, Scenario};
 use testkit::{
     fixtures,
     harness::{self, eventually, with_namespace},
+    history::{self, owner},
 };
 
+/// The annotation of a pod a migration made.
 const MIGRATION_UID: &str = "migros.io/migration-uid";
-
-/// Every pod of the namespace ever seen, by UID, and the most pods of each owner alive at once.
-#[derive(Debug, Default)]
-struct History {
-    /// UID -> (name, owner name, made by a migration).
-    seen: BTreeMap<String, (String, String, bool)>,
-    alive: BTreeMap<String, String>,
-    most_alive: BTreeMap<String, usize>,
-}
-
-fn owner(pod: &Pod) -> String {
-    pod.owner_references()
-        .iter()
-        .find(|o| o.controller == Some(true))
-        .map_or_else(|| pod.name_any(), |o| o.name.clone())
-}
-
-/// Watches the pods of `ns` for the whole test.
-fn record(client: Client, ns: &str) -> (Arc<Mutex<History>>, tokio::task::JoinHandle<()>) {
-    let history = Arc::new(Mutex::new(History::default()));
-    let pods: Api<Pod> = Api::namespaced(client, ns);
-    let h = history.clone();
-    let task = tokio::spawn(async move {
-        let mut events = watcher(pods, watcher::Config::default()).boxed();
-        while let Some(event) = events.next().await {
-            let Ok(event) = event else { continue };
-            let mut h = h.lock().unwrap();
-            match event {
-                watcher::Event::Apply(pod) | watcher::Event::InitApply(pod) => {
-                    let uid = pod.uid().unwrap_or_default();
-                    let made = pod.annotations().contains_key(MIGRATION_UID);
-                    h.seen
-                        .insert(uid.clone(), (pod.name_any(), owner(&pod), made));
-                    if pod.metadata.deletion_timestamp.is_none() {
-                        h.alive.insert(uid, owner(&pod));
-                    } else {
-                        h.alive.remove(&uid);
-                    }
-                }
-                watcher::Event::Delete(pod) => {
-                    h.alive.remove(&pod.uid().unwrap_or_default());
-                }
-                watcher::Event::Init | watcher::Event::InitDone => {}
-            }
-            let mut counts: BTreeMap<String, usize> = BTreeMap::new();
-            for o in h.alive.values() {
-                *counts.entry(o.clone()).or_default() += 1;
-            }
-            for (o, n) in counts {
-                let most = h.most_alive.entry(o).or_default();
-                *most = (*most).max(n);
-            }
-        }
-    });
-    (history, task)
-}
-
-/// The most migrations in flight at once (past Pending, not final), and whether one was queued.
-#[derive(Debug, Default)]
-struct Flights {
-    in_flight: BTreeSet<String>,
-    most: usize,
-    queued: bool,
-}
-
-/// Watches the PodMigrations of `ns` for the whole test.
-fn record_flights(client: Client, ns: &str) -> (Arc<Mutex<Flights>>, tokio::task::JoinHandle<()>) {
-    let flights = Arc::new(Mutex::new(Flights::default()));
-    let api: Api<PodMigration> = Api::namespaced(client, ns);
-    let f = flights.clone();
-    let task = tokio::spawn(async move {
-        let mut events = watcher(api, watcher::Config::default()).boxed();
-        while let Some(event) = events.next().await {
-            let (watcher::Event::Apply(pm) | watcher::Event::InitApply(pm)) =
-                event.unwrap_or(watcher::Event::Init)
-            else {
-                continue;
-            };
-            let mut f = f.lock().unwrap();
-            let status = pm.status.clone().unwrap_or_default();
-            let phase = status.phase.unwrap_or_default();
-            if phase == Phase::Pending || phase.is_final() {
-                f.in_flight.remove(&pm.name_any());
-            } else {
-                f.in_flight.insert(pm.name_any());
-            }
-            f.most = f.most.max(f.in_flight.len());
-            f.queued |= status.conditions.iter().any(|c| c.reason == "Queued");
-        }
-    });
-    (flights, task)
-}
 
 /// Pods of the workloads may run on the scenario's nodes only.
 fn affinity(nodes: &[String]) -> serde_json::Value {
@@ -197,8 +101,8 @@ async fn kubectl_drain_moves_the_pods_of_controllers_without_a_second_instance()
             },
         )
         .await;
-        let (history, recorder) = record(client.clone(), &ns);
-        let (flights, flight_recorder) = record_flights(client.clone(), &ns);
+        let (history, recorder) = history::record_pods(client.clone(), &ns);
+        let (flights, flight_recorder) = history::record_flights(client.clone(), &ns);
 
         // Everything lands on node 1: the others are cordoned while it is scheduled.
         s.nodes[1].set_unschedulable(true).await;

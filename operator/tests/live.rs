@@ -14,7 +14,7 @@ use std::{net::Ipv4Addr, time::Duration};
 use crds::Phase;
 use futures::FutureExt;
 use k8s_openapi::api::core::v1::Pod;
-use kube::Api;
+use kube::{Api, ResourceExt};
 use sandbox::{
     Dirs, agents, binaries,
     containerd::Containerd,
@@ -24,6 +24,7 @@ use support::{Operator, Options, Scenario};
 use testkit::{
     fixtures::Certificates,
     harness::{self, eventually},
+    history,
     workload::{self, State, node_of, num},
 };
 
@@ -155,6 +156,219 @@ async fn restarted_fresh(pod: &Pod, nodes: &[Node], ip: Ipv4Addr, last: &State) 
     restarted
 }
 
+/// `kubectl args`, which must succeed.
+fn kubectl(env: &sandbox::controlplane::Env, args: &[&str]) -> std::process::Output {
+    let out = harness::kubectl(env, args);
+    assert!(
+        out.status.success(),
+        "kubectl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// A pod template of the demo workload serving its state, labelled `app`.
+fn demo_template(
+    image: &str,
+    app: &str,
+    migratable: bool,
+    volumes: serde_json::Value,
+) -> serde_json::Value {
+    let mut labels = serde_json::json!({"app": app});
+    if migratable {
+        labels[crds::MIGRATABLE_LABEL] = serde_json::json!("true");
+    }
+    serde_json::json!({
+        "metadata": {"labels": labels},
+        "spec": {
+            "containers": [{"name": "app", "image": image, "args": ["serve", "--status", ":8080"],
+                            "volumeMounts": volumes["mounts"]}],
+            "volumes": volumes["volumes"],
+        }
+    })
+}
+
+/// `kubectl drain node-1` of a node holding three pods of a Deployment, two of a StatefulSet, a
+/// bare pod, a DaemonSet pod and a pod with a hostPath volume: the drain finishes by itself, each
+/// migratable pod runs elsewhere as the same process under the same name and IP, no controller
+/// started a fresh instance, at most two left at once; the hostPath pod was evicted and the
+/// DaemonSet's stays.
+async fn drain_moves_live_pods(live: &Live, image: &str) {
+    let (client, ns, pods) = (&live.client, live.ns.as_str(), &live.pods);
+    let env = harness::env().await;
+    // The earlier workload goes; the drain's start on node-1.
+    kubectl(
+        &env,
+        &[
+            "delete",
+            "pod",
+            "app",
+            "peer",
+            "-n",
+            ns,
+            "--grace-period=0",
+            "--force",
+        ],
+    );
+    kubectl(&env, &["cordon", "node-2", "node-3"]);
+    let none = serde_json::json!({"mounts": [], "volumes": []});
+    let selector = |app: &str| serde_json::json!({"matchLabels": {"app": app}});
+    let objects = [
+        serde_json::json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web"},
+            "spec": {"replicas": 3, "selector": selector("web"),
+                     "template": demo_template(image, "web", true, none.clone())}}),
+        serde_json::json!({"apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": {"name": "db"},
+            "spec": {"replicas": 2, "serviceName": "db", "selector": selector("db"),
+                     "template": demo_template(image, "db", true, none.clone())}}),
+        serde_json::json!({"apiVersion": "apps/v1", "kind": "DaemonSet", "metadata": {"name": "logs"},
+            "spec": {"selector": selector("logs"),
+                     "template": demo_template(image, "logs", false, none.clone())}}),
+    ];
+    let mut solo = demo_template(image, "solo", true, none.clone());
+    solo["apiVersion"] = serde_json::json!("v1");
+    solo["kind"] = serde_json::json!("Pod");
+    solo["metadata"]["name"] = serde_json::json!("solo");
+    let host_path = serde_json::json!({
+        "mounts": [{"name": "logs", "mountPath": "/logs"}],
+        "volumes": [{"name": "logs", "hostPath": {"path": "/tmp"}}],
+    });
+    let mut pinned = demo_template(image, "pinned", true, host_path);
+    pinned["apiVersion"] = serde_json::json!("v1");
+    pinned["kind"] = serde_json::json!("Pod");
+    pinned["metadata"]["name"] = serde_json::json!("pinned");
+    let items: Vec<serde_json::Value> = objects
+        .into_iter()
+        .chain([solo, pinned])
+        .map(|mut o| {
+            o["metadata"]["namespace"] = serde_json::json!(ns);
+            o
+        })
+        .collect();
+    let manifest =
+        serde_json::json!({"apiVersion": "v1", "kind": "List", "items": items}).to_string();
+    let path = std::env::temp_dir().join(format!("{ns}-drain.json"));
+    workload::kubectl_apply(&env, &path, &manifest).unwrap();
+
+    // web x3, db x2, solo, pinned and the DaemonSet's pod run on node-1.
+    let on_node_1 = || async {
+        let list = pods
+            .list(&kube::api::ListParams::default().fields("spec.nodeName=node-1"))
+            .await
+            .ok()?;
+        let running: Vec<Pod> = list
+            .items
+            .into_iter()
+            .filter(|p| p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running"))
+            .filter(|p| p.metadata.deletion_timestamp.is_none())
+            .collect();
+        Some(running)
+    };
+    let before = eventually(Duration::from_secs(180), || async {
+        on_node_1().await.filter(|p| p.len() == 8)
+    })
+    .await;
+    kubectl(&env, &["uncordon", "node-2", "node-3"]);
+    let mut states = Vec::new();
+    for pod in before
+        .iter()
+        .filter(|p| ["web", "db", "solo"].contains(&p.labels()["app"].as_str()))
+    {
+        let ip = ip_of(pod);
+        let state = eventually(Duration::from_secs(60), || workload::state(ip)).await;
+        states.push((pod.clone(), ip, state));
+    }
+    assert_eq!(states.len(), 6);
+    let daemon = before
+        .iter()
+        .find(|p| p.labels()["app"] == "logs")
+        .unwrap()
+        .uid();
+    let (history, pod_recorder) = history::record_pods(client.clone(), ns);
+    let (flights, flight_recorder) = history::record_flights(client.clone(), ns);
+
+    // The drain, as an administrator types it (`--force` for the bare pods, as always).
+    let drain_env = env.clone();
+    let drain = tokio::task::spawn_blocking(move || {
+        harness::kubectl(
+            &drain_env,
+            &[
+                "drain",
+                "node-1",
+                "--ignore-daemonsets",
+                "--force",
+                "--timeout=300s",
+            ],
+        )
+    })
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&drain.stderr).to_string();
+    assert!(
+        drain.status.success(),
+        "kubectl drain failed: {stderr}{}",
+        String::from_utf8_lossy(&drain.stdout)
+    );
+
+    for (old, ip, state) in &states {
+        let name = old.name_any();
+        let now = running_pod(pods, &name, old.uid()).await;
+        assert_ne!(node_of(&now), "node-1", "{name} is still on node-1");
+        assert_eq!(ip_of(&now), *ip, "{name} changed its IP");
+        let after = eventually(Duration::from_secs(60), || workload::state(*ip)).await;
+        assert_eq!(
+            after.get("id"),
+            state.get("id"),
+            "{name} is not the same process"
+        );
+        assert!(
+            num(&after, "counter") > num(state, "counter"),
+            "{name}: {after:?}"
+        );
+        assert_eq!(
+            history::owner(&now),
+            history::owner(old),
+            "{name} keeps its controller"
+        );
+    }
+    assert!(
+        pods.get_opt("pinned").await.unwrap().is_none(),
+        "the hostPath pod was evicted"
+    );
+    let left: Vec<Option<String>> = on_node_1()
+        .await
+        .unwrap()
+        .iter()
+        .map(ResourceExt::uid)
+        .collect();
+    assert_eq!(left, vec![daemon], "only the DaemonSet's pod stays");
+
+    pod_recorder.abort();
+    flight_recorder.abort();
+    let h = history.lock().unwrap();
+    let originals: Vec<Option<String>> = before.iter().map(ResourceExt::uid).collect();
+    for (uid, (name, owner, made)) in &h.seen {
+        if ["web", "db", "solo"].iter().any(|o| owner.starts_with(o)) {
+            assert!(
+                *made || originals.contains(&Some(uid.clone())),
+                "{owner} started a fresh pod {name}: {h:?}"
+            );
+        }
+    }
+    let web = h
+        .most_alive
+        .iter()
+        .find(|(o, _)| o.starts_with("web-"))
+        .map(|(_, n)| *n);
+    assert_eq!(web, Some(3), "{h:?}");
+    let f = flights.lock().unwrap();
+    assert!(
+        f.most <= 2,
+        "more than two migrations left node-1 at once: {f:?}"
+    );
+    drop((h, f));
+    kubectl(&env, &["uncordon", "node-1"]);
+}
+
 #[tokio::test]
 async fn a_pod_moves_between_real_nodes_keeping_its_state_ip_and_tcp_peer() {
     let env = harness::env().await;
@@ -195,6 +409,7 @@ async fn a_pod_moves_between_real_nodes_keeping_its_state_ip_and_tcp_peer() {
             // images where the wrapper is missing (node-2).
             let options = Options {
                 runtime_class: Some(sandbox::release::RUNTIME_CLASS),
+                webhooks: true,
                 ..Options::new(&certs)
             };
             let mut operator = Operator::start_with(&ns, "live-1", options).await;
@@ -350,6 +565,8 @@ async fn a_pod_moves_between_real_nodes_keeping_its_state_ip_and_tcp_peer() {
                 "the source pod was replaced"
             );
             live.continued(ip, &before, "gone-1").await;
+
+            drain_moves_live_pods(&live, &demo).await;
 
             operator.kill();
             for mut child in children {

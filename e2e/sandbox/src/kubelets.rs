@@ -223,11 +223,15 @@ pub const RXE_RESOURCE: &str = "rdma/rxe";
 /// Node objects without kubelets, which a DaemonSet would wait for forever.
 pub const SANDBOX_NODE_LABEL: &str = "migros.io/sandbox-node";
 
-/// Labels the Node object of `node` with [`SANDBOX_NODE_LABEL`].
+/// Labels the Node object of `node` with [`SANDBOX_NODE_LABEL`] and makes it schedulable (a run
+/// interrupted in the middle of a drain leaves its node cordoned).
 pub async fn label_sandbox_node(client: &kube::Client, node: &Node) -> Result<(), kube::Error> {
     use k8s_openapi::api::core::v1::Node as NodeObject;
     let api: kube::Api<NodeObject> = kube::Api::all(client.clone());
-    let patch = serde_json::json!({"metadata": {"labels": {SANDBOX_NODE_LABEL: "true"}}});
+    let patch = serde_json::json!({
+        "metadata": {"labels": {SANDBOX_NODE_LABEL: "true"}},
+        "spec": {"unschedulable": null},
+    });
     api.patch(
         &node.name,
         &kube::api::PatchParams::default(),

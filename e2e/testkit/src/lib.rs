@@ -3,6 +3,7 @@
 //! - `harness`: the sandbox control plane started once, the CRDs installed, throwaway namespaces
 //!   whose state is dumped when a test fails, waits on conditions (`eventually`);
 //! - `fixtures`: mutual-TLS certificates, Node objects without kubelets, pods marked Running;
+//! - `history`: watches held through a test (pods ever seen, migrations in flight);
 //! - `testagent`: a scriptable agent that speaks the real agent API and keeps the real
 //!   operations table;
 //! - `webhooks`: the operator's admission webhooks registered for one test namespace;
@@ -10,6 +11,7 @@
 
 pub mod fixtures;
 pub mod harness;
+pub mod history;
 pub mod testagent;
 pub mod webhooks;
 pub mod workload;
