@@ -42,6 +42,8 @@ pub struct Settings {
     pub stop_timeout: Duration,
     /// How the source checkpoints containers.
     pub checkpoint_via: CheckpointVia,
+    /// The kubelet's root directory (its pods' emptyDir volumes are under it).
+    pub kubelet_dir: PathBuf,
 }
 
 /// How the source checkpoints a container.

@@ -8,7 +8,8 @@
 //! - `restore`: the restore backends; `oci`: checkpoint images and the registry; `wrapper`: what
 //!   `migros-runc`, the runtime of the wrapper backend, does with each container;
 //! - `archive`: vetting (and unpacking) received archives; `layer`: applying a container's
-//!   filesystem changes to its restored root; `store`: per-migration records and data on disk;
+//!   filesystem changes to its restored root; `empty_dirs`: a pod's emptyDir volumes carried
+//!   with its checkpoint; `store`: per-migration records and data on disk;
 //! - `runtime`: the CRI and containerd's Tasks API (pause, checkpoint, kill);
 //! - `netblock`: silencing a pod IP on the node's bridge; `address`: announcing where a pod's
 //!   address lives after a move; `ipam`: IP reservations and the `migros-ipam` CNI plugin;
@@ -21,6 +22,7 @@ pub mod admin;
 pub mod agent;
 pub mod api;
 pub mod archive;
+pub mod empty_dirs;
 pub mod error;
 pub mod gc;
 pub mod ipam;

@@ -84,6 +84,9 @@ struct Args {
     /// the CRI's CheckpointContainer.
     #[arg(long, value_enum, default_value_t = CheckpointVia::Auto)]
     checkpoint_via: CheckpointVia,
+    /// The kubelet's root directory: a migrated pod's emptyDir volumes are read from its `pods/`.
+    #[arg(long, default_value = "/var/lib/kubelet")]
+    kubelet_dir: PathBuf,
     /// Seconds a killed source container may take to end before its commit fails (and is retried).
     #[arg(long, default_value_t = 30)]
     stop_timeout_seconds: u64,
@@ -160,6 +163,7 @@ impl Args {
             transfer_attempts: self.transfer_attempts,
             stop_timeout: Duration::from_secs(self.stop_timeout_seconds),
             checkpoint_via: self.checkpoint_via,
+            kubelet_dir: self.kubelet_dir.clone(),
         }
     }
 

@@ -22,7 +22,7 @@ use tracing::{info, warn};
 
 use crate::{
     agent::{Agent, CheckpointVia, pod_ip},
-    archive,
+    archive, empty_dirs,
     error::{Error, Result},
     layer,
     restore::RUNTIME_WRAPPER,
@@ -159,6 +159,33 @@ impl Agent {
                 bytes,
                 digest,
             });
+        }
+        // The pod's emptyDir volumes travel with its first container (the runtime wrapper applies
+        // them before restoring it); checkpoint images cannot carry them, and the operator sends
+        // pods with emptyDir volumes only to targets with the wrapper.
+        if via == Dump::Task
+            && let Some(first) = record.containers.first_mut()
+        {
+            let (kubelet, pod_uid) = (self.settings.kubelet_dir.clone(), record.pod_uid.clone());
+            let root = dir.join(&first.name);
+            let bytes = tokio::task::spawn_blocking(move || -> Result<Option<u64>> {
+                let volumes =
+                    empty_dirs::of_pod(&kubelet, &pod_uid).map_err(Error::io(&kubelet))?;
+                if volumes.is_empty() {
+                    return Ok(None);
+                }
+                empty_dirs::pack(&volumes, &root)
+                    .map_err(|e| Error::Invalid(format!("the emptyDir volumes: {e}")))?;
+                Ok(Some(archive::Layout::of(&root)?.bytes()))
+            })
+            .await??;
+            if let Some(bytes) = bytes {
+                info!(container = %first.name, bytes, "packed the pod's emptyDir volumes");
+                first.bytes = bytes;
+                if let Some(a) = archives.first_mut() {
+                    a.bytes = bytes;
+                }
+            }
         }
         // The snapshot is only good if nothing ran after it: every task must still be paused.
         for c in &record.containers {

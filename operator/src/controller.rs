@@ -371,8 +371,20 @@ async fn choose_target(
     let runtime_class = Api::<RuntimeClass>::all(ctx.client.clone())
         .get_opt(&ctx.backends.runtime_class)
         .await?;
-    let backends =
+    let mut backends =
         targets::usable_backends(runtime_class.is_some(), ctx.backends.checkpoint_images);
+    if movable::has_empty_dir(pod) {
+        // Only the runtime wrapper carries emptyDir content (the checkpoint images do not).
+        backends.retain(|b| *b == agent_api::backend::RUNTIME_WRAPPER);
+        if backends.is_empty() {
+            return Ok(Err(format!(
+                "pod {} has emptyDir volumes, whose content moves only with the runtime-wrapper \
+                 restore backend, and its RuntimeClass {} does not exist",
+                pod.name_any(),
+                ctx.backends.runtime_class
+            )));
+        }
+    }
     let live = ctx.agents.live().await?;
     let capabilities = join_all(nodes.iter().map(|node| async {
         let endpoint = live.get(&node.name_any())?;

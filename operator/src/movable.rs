@@ -1,6 +1,7 @@
 //! Which pods can follow to another node at all, pure. A pod that shares the node's network, belongs
 //! to the node (DaemonSet and static pods), or keeps data only that node has, cannot move: its
-//! migration fails in Pending with the reason, before anything is touched.
+//! migration fails in Pending with the reason, before anything is touched. emptyDir volumes move
+//! with the pod, to targets that restore with the runtime wrapper (`has_empty_dir`).
 
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Volume};
 
@@ -48,11 +49,6 @@ fn volume_stays(volume: &Volume, claims: &[PersistentVolumeClaim]) -> Option<Str
             "{name} is a hostPath: that directory exists on this node only"
         ));
     }
-    if volume.empty_dir.is_some() {
-        return Some(format!(
-            "{name} is an emptyDir: its content does not move with the pod yet"
-        ));
-    }
     if volume.ephemeral.is_some() {
         return Some(format!(
             "{name} is a generic ephemeral volume: its claim is made for this pod on this node"
@@ -84,6 +80,16 @@ fn volume_stays(volume: &Volume, claims: &[PersistentVolumeClaim]) -> Option<Str
             }
         )
     })
+}
+
+/// Whether `pod` has emptyDir volumes: their content moves with the pod only where the runtime
+/// wrapper restores it (the node agent packs them with the checkpoint, `migros-runc` unpacks them
+/// into the new pod's volumes).
+pub fn has_empty_dir(pod: &Pod) -> bool {
+    pod.spec
+        .iter()
+        .flat_map(|s| s.volumes.iter().flatten())
+        .any(|v| v.empty_dir.is_some())
 }
 
 /// The claims `pod`'s volumes name.
@@ -204,16 +210,14 @@ mod tests {
                 .unwrap()
                 .contains("logs is a hostPath")
         );
+        // emptyDir content moves with the pod (where the runtime wrapper restores).
         let empty = with_volume(Volume {
             name: "scratch".into(),
             empty_dir: Some(EmptyDirVolumeSource::default()),
             ..Default::default()
         });
-        assert!(
-            why_not(&empty, &[])
-                .unwrap()
-                .contains("scratch is an emptyDir")
-        );
+        assert_eq!(why_not(&empty, &[]), None);
+        assert!(has_empty_dir(&empty) && !has_empty_dir(&host_path));
         let rwo = with_volume(claim_volume("db"));
         let why = why_not(&rwo, &[claim("db", "ReadWriteOnce")]).unwrap();
         assert!(why.contains("claim db is ReadWriteOnce"), "{why}");

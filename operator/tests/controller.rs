@@ -314,11 +314,12 @@ async fn unmet_preconditions_fail_with_a_reason_and_touch_nothing() {
                 "uses the node's network (hostNetwork)",
             ),
             (
+                // Its content moves with the runtime wrapper alone, whose class is missing here.
                 "empty-dir",
                 "scratch",
                 Some(s.node(2)),
-                "PodNotMovable",
-                "volume scratch is an emptyDir",
+                "TargetUnavailable",
+                "has emptyDir volumes, whose content moves only with the runtime-wrapper",
             ),
             (
                 "rwo-claim",
@@ -370,8 +371,9 @@ async fn unmet_preconditions_fail_with_a_reason_and_touch_nothing() {
     .await;
 }
 
-/// Opted-in pods on node 1 that cannot move: one on the node's network, one with an emptyDir, one
-/// with a ReadWriteOnce claim; answers their names.
+/// Opted-in pods on node 1 that cannot move: one on the node's network, one with an emptyDir (no
+/// node restores with the runtime wrapper here), one with a ReadWriteOnce claim; answers their
+/// names.
 async fn unmovable_pods(s: &Scenario, ns: &str) -> Vec<String> {
     use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Volume};
     let claim: PersistentVolumeClaim = serde_json::from_value(serde_json::json!({

@@ -256,18 +256,65 @@ async fn kubectl_drain_moves_the_pods_of_controllers_without_a_second_instance()
             .unwrap()
             .items;
         assert_eq!(rs.len(), 1);
-        eventually(Duration::from_secs(30), || async {
-            let rs = replica_sets.get(&rs[0].name_any()).await.ok()?;
-            let status = rs.status?;
-            (status.replicas == 3 && status.ready_replicas == Some(3)).then_some(())
+        let counted = tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                let status = replica_sets.get(&rs[0].name_any()).await.unwrap().status;
+                if status
+                    .as_ref()
+                    .is_some_and(|s| s.replicas == 3 && s.ready_replicas == Some(3))
+                {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
         })
         .await;
+        if counted.is_err() {
+            let rs = replica_sets.get(&rs[0].name_any()).await.unwrap();
+            let pods: Vec<_> = pods
+                .list(&ListParams::default())
+                .await
+                .unwrap()
+                .items
+                .iter()
+                .map(|p| {
+                    (
+                        p.name_any(),
+                        p.status.clone(),
+                        p.owner_references().to_vec(),
+                    )
+                })
+                .collect();
+            panic!(
+                "the ReplicaSet does not count 3 ready pods: {:?}\n{pods:#?}",
+                rs.status
+            );
+        }
         let sets: Api<StatefulSet> = Api::namespaced(client.clone(), &ns);
-        eventually(Duration::from_secs(30), || async {
-            let status = sets.get("db").await.ok()?.status?;
-            (status.replicas == 2 && status.ready_replicas == Some(2)).then_some(())
+        let counted = tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                let status = sets.get("db").await.unwrap().status;
+                if status
+                    .as_ref()
+                    .is_some_and(|s| s.replicas == 2 && s.ready_replicas == Some(2))
+                {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
         })
         .await;
+        if counted.is_err() {
+            let set = sets.get("db").await.unwrap();
+            let mut db = Vec::new();
+            for name in ["db-0", "db-1"] {
+                db.push(pods.get_opt(name).await.ok().flatten());
+            }
+            panic!(
+                "the StatefulSet does not count 2 ready pods: {:?}\n{db:#?}",
+                set.status
+            );
+        }
 
         // Six pods left node 1, never more than two at once (the default limit); the others
         // waited in the queue.

@@ -188,11 +188,30 @@ fn demo_template(
     })
 }
 
+/// The workloads of the drain that move.
+const MOVED: [&str; 4] = ["web", "db", "solo", "scratch"];
+
+/// The file `path` of the emptyDir volume `volume` of `pod`, read on its node.
+fn empty_dir_file(nodes: &[Node], pod: &Pod, volume: &str, path: &str) -> String {
+    let node = nodes.iter().find(|n| n.name == node_of(pod)).unwrap();
+    let file = format!(
+        "/var/lib/kubelet/pods/{}/volumes/kubernetes.io~empty-dir/{volume}/{path}",
+        pod.uid().unwrap()
+    );
+    let out = node.exec(&["cat", &file]).unwrap();
+    assert!(
+        out.status.success(),
+        "cat {file}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
 /// `kubectl drain node-1` of a node holding three pods of a Deployment, two of a StatefulSet, a
-/// bare pod, a DaemonSet pod and a pod with a hostPath volume: the drain finishes by itself, each
-/// migratable pod runs elsewhere as the same process under the same name and IP, no controller
-/// started a fresh instance, at most two left at once; the hostPath pod was evicted and the
-/// DaemonSet's stays.
+/// bare pod, a pod with an emptyDir file, a DaemonSet pod and a pod with a hostPath volume: the
+/// drain finishes by itself, each migratable pod runs elsewhere as the same process under the same
+/// name and IP (the emptyDir file with it), no controller started a fresh instance, at most two
+/// left at once; the hostPath pod was evicted and the DaemonSet's stays.
 async fn drain_moves_live_pods(live: &Live, image: &str) {
     let (client, ns, pods) = (&live.client, live.ns.as_str(), &live.pods);
     let env = harness::env().await;
@@ -232,13 +251,28 @@ async fn drain_moves_live_pods(live: &Live, image: &str) {
         "mounts": [{"name": "logs", "mountPath": "/logs"}],
         "volumes": [{"name": "logs", "hostPath": {"path": "/tmp"}}],
     });
+    // Its process writes its id into its emptyDir volume when it starts.
+    let mut scratch = demo_template(
+        image,
+        "scratch",
+        true,
+        serde_json::json!({
+            "mounts": [{"name": "data", "mountPath": "/data"}],
+            "volumes": [{"name": "data", "emptyDir": {}}],
+        }),
+    );
+    scratch["spec"]["containers"][0]["args"] =
+        serde_json::json!(["serve", "--status", ":8080", "--note", "/data/id"]);
+    scratch["apiVersion"] = serde_json::json!("v1");
+    scratch["kind"] = serde_json::json!("Pod");
+    scratch["metadata"]["name"] = serde_json::json!("scratch");
     let mut pinned = demo_template(image, "pinned", true, host_path);
     pinned["apiVersion"] = serde_json::json!("v1");
     pinned["kind"] = serde_json::json!("Pod");
     pinned["metadata"]["name"] = serde_json::json!("pinned");
     let items: Vec<serde_json::Value> = objects
         .into_iter()
-        .chain([solo, pinned])
+        .chain([solo, scratch, pinned])
         .map(|mut o| {
             o["metadata"]["namespace"] = serde_json::json!(ns);
             o
@@ -249,7 +283,7 @@ async fn drain_moves_live_pods(live: &Live, image: &str) {
     let path = std::env::temp_dir().join(format!("{ns}-drain.json"));
     workload::kubectl_apply(&env, &path, &manifest).unwrap();
 
-    // web x3, db x2, solo, pinned and the DaemonSet's pod run on node-1.
+    // web x3, db x2, solo, scratch, pinned and the DaemonSet's pod run on node-1.
     let on_node_1 = || async {
         let list = pods
             .list(&kube::api::ListParams::default().fields("spec.nodeName=node-1"))
@@ -264,20 +298,22 @@ async fn drain_moves_live_pods(live: &Live, image: &str) {
         Some(running)
     };
     let before = eventually(Duration::from_secs(180), || async {
-        on_node_1().await.filter(|p| p.len() == 8)
+        on_node_1().await.filter(|p| p.len() == 9)
     })
     .await;
     kubectl(&env, &["uncordon", "node-2", "node-3"]);
     let mut states = Vec::new();
     for pod in before
         .iter()
-        .filter(|p| ["web", "db", "solo"].contains(&p.labels()["app"].as_str()))
+        .filter(|p| MOVED.contains(&p.labels()["app"].as_str()))
     {
         let ip = ip_of(pod);
         let state = eventually(Duration::from_secs(60), || workload::state(ip)).await;
         states.push((pod.clone(), ip, state));
     }
-    assert_eq!(states.len(), 6);
+    assert_eq!(states.len(), 7);
+    let scratch_before = before.iter().find(|p| p.name_any() == "scratch").unwrap();
+    let note = empty_dir_file(&live.wanted, scratch_before, "data", "id");
     let daemon = before
         .iter()
         .find(|p| p.labels()["app"] == "logs")
@@ -286,7 +322,9 @@ async fn drain_moves_live_pods(live: &Live, image: &str) {
     let (history, pod_recorder) = history::record_pods(client.clone(), ns);
     let (flights, flight_recorder) = history::record_flights(client.clone(), ns);
 
-    // The drain, as an administrator types it (`--force` for the bare pods, as always).
+    // The drain, as an administrator types it: `--force` for the bare pods and
+    // `--delete-emptydir-data` for the pod with an emptyDir, as kubectl always asks (for a pod that
+    // moves, the volume's content moves with it).
     let drain_env = env.clone();
     let drain = tokio::task::spawn_blocking(move || {
         harness::kubectl(
@@ -296,6 +334,7 @@ async fn drain_moves_live_pods(live: &Live, image: &str) {
                 "node-1",
                 "--ignore-daemonsets",
                 "--force",
+                "--delete-emptydir-data",
                 "--timeout=300s",
             ],
         )
@@ -329,6 +368,11 @@ async fn drain_moves_live_pods(live: &Live, image: &str) {
             history::owner(old),
             "{name} keeps its controller"
         );
+        if name == "scratch" {
+            // The file its process wrote before the move is in the new pod's volume.
+            assert_eq!(empty_dir_file(&live.wanted, &now, "data", "id"), note);
+            assert_eq!(Some(&note), after.get("id"), "the note is the process's id");
+        }
     }
     assert!(
         pods.get_opt("pinned").await.unwrap().is_none(),
@@ -347,7 +391,7 @@ async fn drain_moves_live_pods(live: &Live, image: &str) {
     let h = history.lock().unwrap();
     let originals: Vec<Option<String>> = before.iter().map(ResourceExt::uid).collect();
     for (uid, (name, owner, made)) in &h.seen {
-        if ["web", "db", "solo"].iter().any(|o| owner.starts_with(o)) {
+        if MOVED.iter().any(|o| owner.starts_with(o)) {
             assert!(
                 *made || originals.contains(&Some(uid.clone())),
                 "{owner} started a fresh pod {name}: {h:?}"

@@ -468,13 +468,21 @@ pub async fn play_kubelets(client: Client, ns: String, nodes: Vec<String>) {
                     .await;
                 continue;
             }
-            if pod.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running") {
+            let status = pod.status.clone().unwrap_or_default();
+            let ready = status
+                .conditions
+                .iter()
+                .flatten()
+                .any(|c| c.type_ == "Ready" && c.status == "True");
+            // Another stand-in may have reported it Running without its conditions.
+            if status.phase.as_deref() == Some("Running") && ready {
                 continue;
             }
             let annotations = pod.metadata.annotations.clone().unwrap_or_default();
-            let ip = annotations
-                .get("migros.io/pod-ip")
-                .cloned()
+            let ip = status
+                .pod_ip
+                .clone()
+                .or_else(|| annotations.get("migros.io/pod-ip").cloned())
                 .unwrap_or_else(|| {
                     next += 1;
                     format!("10.77.{}.{}", next / 250, next % 250 + 1)

@@ -17,7 +17,7 @@ use std::{
 };
 
 use node_agent::{
-    layer,
+    empty_dirs, layer,
     store::Store,
     wrapper::{Call, Container, Plan, Restores, restore_args},
 };
@@ -105,8 +105,20 @@ fn create(
     }
 }
 
-/// Applies the container's filesystem changes to its new root and restores its processes.
+/// Applies the container's filesystem changes to its new root (and the pod's emptyDir volumes
+/// that came with it to the new pod's) and restores its processes.
 fn restore(call: &Call, runc: &OsString, bundle: &Path, dir: &Path) -> Result<(), String> {
+    if dir.join(empty_dirs::DIR).is_dir() {
+        let sources = mount_sources(bundle);
+        let pod = empty_dirs::pod_dir(sources.iter().map(String::as_str)).ok_or_else(|| {
+            format!(
+                "the checkpoint carries emptyDir volumes, but the mounts in {} name no pod \
+                 directory",
+                bundle.join("config.json").display()
+            )
+        })?;
+        empty_dirs::apply(dir, &pod)?;
+    }
     let diff = dir.join("rootfs-diff.tar");
     if diff.exists() {
         let file = std::fs::File::open(&diff).map_err(|e| format!("{}: {e}", diff.display()))?;
@@ -153,6 +165,20 @@ fn started(call: &Call, runc: &OsString) -> bool {
     };
     let state: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
     out.status.success() && state["status"] == "running"
+}
+
+/// The sources of the mounts of the OCI bundle's configuration.
+fn mount_sources(bundle: &Path) -> Vec<String> {
+    let Ok(text) = std::fs::read(bundle.join("config.json")) else {
+        return Vec::new();
+    };
+    let config: serde_json::Value = serde_json::from_slice(&text).unwrap_or_default();
+    config["mounts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|m| m["source"].as_str().map(String::from))
+        .collect()
 }
 
 /// The annotations of the OCI bundle's configuration.
