@@ -77,7 +77,12 @@ pub struct Context {
     pub queue: Queue,
     /// Every pod of the cluster as watched: what target choice counts as used on each node.
     pods: reflector::Store<Pod>,
-    pods_watch: tokio::task::JoinHandle<()>,
+    /// Every Node, as watched: target choice reads them from here.
+    nodes: reflector::Store<Node>,
+    watches: Vec<tokio::task::JoinHandle<()>>,
+    /// The resourceVersion of this operator's last write of each migration (by UID): a watched
+    /// copy at that version is fresh, any other is read again.
+    written: Mutex<HashMap<String, String>>,
     /// Consecutive transient failures per migration UID, for per-object back-off.
     failures: Mutex<HashMap<String, u32>>,
     /// UIDs of migrations not yet in a final phase (the `active` gauge).
@@ -107,6 +112,13 @@ impl Context {
         )
         .default_backoff();
         let pods_watch = tokio::spawn(events.for_each(|_| futures::future::ready(())));
+        let (nodes, writer) = reflector::store();
+        let events = reflector::reflector(
+            writer,
+            watcher(Api::<Node>::all(client.clone()), watcher::Config::default()),
+        )
+        .default_backoff();
+        let nodes_watch = tokio::spawn(events.for_each(|_| futures::future::ready(())));
         Self {
             client,
             agents,
@@ -118,7 +130,9 @@ impl Context {
             policy: Policy::default(),
             queue: Queue::new(Limits::default()),
             pods,
-            pods_watch,
+            nodes,
+            watches: vec![pods_watch, nodes_watch],
+            written: Mutex::default(),
             failures: Mutex::default(),
             active: Mutex::default(),
         }
@@ -143,7 +157,9 @@ impl Context {
 
 impl Drop for Context {
     fn drop(&mut self) {
-        self.pods_watch.abort();
+        for watch in &self.watches {
+            watch.abort();
+        }
     }
 }
 
@@ -246,26 +262,59 @@ enum Next {
 
 /// Performs steps until the state machine has to wait, or the migration is over.
 async fn drive(pm: Arc<PodMigration>, ctx: &Context, cleanup: bool) -> Result<Requeue> {
-    // The watch cache may not have our own last status write yet; decide on the stored object so
-    // that no step is taken twice.
-    let api: Api<PodMigration> =
-        Api::namespaced(ctx.client.clone(), &pm.namespace().unwrap_or_default());
-    let Some(mut pm) = api.get_opt(&pm.name_any()).await? else {
-        return Ok(Requeue::await_change());
+    // The watched copy is fresh when it is this operator's last write (or nothing was written
+    // since it started); otherwise the watch may not have that write yet: decide on the stored
+    // object, so that no step is taken twice.
+    let uid = pm.uid().unwrap_or_default();
+    let last = ctx.written.lock().ok().and_then(|w| w.get(&uid).cloned());
+    let mut pm = match last {
+        Some(rv) if Some(&rv) != pm.metadata.resource_version.as_ref() => {
+            let api: Api<PodMigration> =
+                Api::namespaced(ctx.client.clone(), &pm.namespace().unwrap_or_default());
+            let Some(stored) = api.get_opt(&pm.name_any()).await? else {
+                return Ok(Requeue::await_change());
+            };
+            stored
+        }
+        _ => (*pm).clone(),
     };
+    // After this operator deleted or created the pod, the next look at it is a read of the API
+    // server: the watched copy may not show the change yet.
+    let mut read_pod = false;
     for _ in 0..STEPS_PER_RECONCILE {
-        let facts = observe(&pm, ctx).await?;
+        let facts = observe(&pm, ctx, read_pod).await?;
         let action = statemachine::next(&facts);
         track_active(ctx, &facts);
+        read_pod = matches!(action, Action::DeleteSourcePod | Action::CreateReplacement);
         match execute(&pm, &facts, action, ctx).await? {
             Next::Continue(updated) => pm = updated,
             // The finalizer stays until the cleanup is done; the error policy looks again soon.
             Next::Requeue(_) if cleanup => return Err(Error::CleanupPending(pm.name_any())),
             Next::Requeue(after) => return Ok(Requeue::requeue(after)),
-            Next::Done => return Ok(Requeue::await_change()),
+            Next::Done => {
+                if facts.deleting || facts.status.phase.is_some_and(Phase::is_final) {
+                    forget_written(ctx, &uid);
+                }
+                return Ok(Requeue::await_change());
+            }
         }
     }
     Ok(Requeue::requeue(Duration::ZERO))
+}
+
+/// Remembers that this operator wrote `pm` (as it is now).
+fn remember_written(ctx: &Context, pm: &PodMigration) {
+    if let (Some(uid), Some(rv), Ok(mut written)) =
+        (pm.uid(), pm.resource_version(), ctx.written.lock())
+    {
+        written.insert(uid, rv);
+    }
+}
+
+fn forget_written(ctx: &Context, uid: &str) {
+    if let Ok(mut written) = ctx.written.lock() {
+        written.remove(uid);
+    }
 }
 
 fn track_active(ctx: &Context, f: &Facts) {
@@ -280,10 +329,26 @@ fn track_active(ctx: &Context, f: &Facts) {
     }
 }
 
-async fn observe(pm: &PodMigration, ctx: &Context) -> Result<Facts> {
+/// What the state machine decides on. The pod is the watched copy once the migration started,
+/// unless `read_pod` (or the watch does not have it: a pod not found is confirmed by the API
+/// server).
+async fn observe(pm: &PodMigration, ctx: &Context, read_pod: bool) -> Result<Facts> {
     let ns = pm.namespace().unwrap_or_default();
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
-    let pod = pods.get_opt(&pm.spec.pod_name).await?;
+    // Whether it may start is decided on the pod as the API server has it (a pod just made
+    // Running may not be watched as such yet); from then on the watched copy will do.
+    let starting = pm
+        .status
+        .as_ref()
+        .and_then(|s| s.phase)
+        .is_none_or(|p| p == Phase::Pending);
+    let cached = (!read_pod && !starting)
+        .then(|| ctx.pods.get(&ObjectRef::new(&pm.spec.pod_name).within(&ns)))
+        .flatten();
+    let pod = match cached {
+        Some(pod) => Some((*pod).clone()),
+        None => pods.get_opt(&pm.spec.pod_name).await?,
+    };
     let mut status = pm.status.clone().unwrap_or_default();
     status.observed_generation = pm.metadata.generation;
     let mut facts = Facts {
@@ -366,7 +431,18 @@ async fn choose_target(
             Some(node) => vec![node],
             None => return Ok(Err(format!("target node {name} does not exist"))),
         },
-        None => nodes_api.list(&ListParams::default()).await?.items,
+        // Any node: as watched (a node named explicitly is read, so that its state is exact).
+        None => {
+            let watched =
+                tokio::time::timeout(Duration::from_secs(2), ctx.nodes.wait_until_ready())
+                    .await
+                    .is_ok_and(|ready| ready.is_ok());
+            if watched {
+                ctx.nodes.state().iter().map(|n| (**n).clone()).collect()
+            } else {
+                nodes_api.list(&ListParams::default()).await?.items
+            }
+        }
     };
     let runtime_class = Api::<RuntimeClass>::all(ctx.client.clone())
         .get_opt(&ctx.backends.runtime_class)
@@ -498,21 +574,21 @@ async fn start(
             ));
         }
     }
-    // One start decided at a time: two reconciles never both take the last slot.
-    let _starting = ctx.queue.lock.lock().await;
     let me = queue::Entry {
         source: status.source_node.clone(),
         target: status.target_node.clone(),
         ..queue::entry(pm)
     };
+    let admission = ctx.queue.admit(pm, me, |other| {
+        let pod = ObjectRef::<Pod>::new(&other.spec.pod_name).within(&other.namespace()?);
+        ctx.pods.get(&pod)?.spec.as_ref()?.node_name.clone()
+    });
     if let Admission::Queued {
         position,
         waiting,
         why,
-    } = ctx.queue.admit(pm, me.clone(), |other| {
-        let pod = ObjectRef::<Pod>::new(&other.spec.pod_name).within(&other.namespace()?);
-        ctx.pods.get(&pod)?.spec.as_ref()?.node_name.clone()
-    }) {
+    } = admission
+    {
         let message = format!("queued: {position} of {waiting} waiting to start ({why})");
         // The further back, the less often it looks.
         let poll = QUEUE_POLL.saturating_mul(
@@ -520,17 +596,24 @@ async fn start(
                 .unwrap_or(10)
                 .clamp(1, 10),
         );
-        if f.status.message.as_deref() == Some(message.as_str()) {
-            return Ok(Next::Requeue(poll));
+        if f.status.message.as_deref() != Some(message.as_str()) {
+            let queued = statemachine::queued(f, &message);
+            write_status(pm, f, queued, None, ctx).await?;
         }
-        let queued = statemachine::queued(f, &message);
-        write_status(pm, f, queued, None, ctx).await?;
         return Ok(Next::Requeue(poll));
     }
-    let updated = keep_template(pm, pods, ctx).await?;
-    let written = write_status(&updated, f, status, None, ctx).await?;
-    ctx.queue.started(pm, me);
-    Ok(Next::Continue(written))
+    // Admitted: the slot is held from here; given back if the start cannot be written.
+    let started = async {
+        let updated = keep_template(pm, status.source_pod_uid.as_deref(), pods, ctx).await?;
+        write_status(&updated, f, status, None, ctx).await
+    };
+    match started.await {
+        Ok(written) => Ok(Next::Continue(written)),
+        Err(e) => {
+            ctx.queue.unstart(pm);
+            Err(e)
+        }
+    }
 }
 
 /// How often a queued migration looks whether it may start.
@@ -646,21 +729,36 @@ async fn execute(pm: &PodMigration, f: &Facts, action: Action, ctx: &Context) ->
 }
 
 /// Stores the replacement pod's template in an annotation, before the source is touched.
-async fn keep_template(pm: &PodMigration, pods: &Api<Pod>, ctx: &Context) -> Result<PodMigration> {
-    let Some(pod) = pods.get_opt(&pm.spec.pod_name).await? else {
-        return Ok(pm.clone());
+async fn keep_template(
+    pm: &PodMigration,
+    source_uid: Option<&str>,
+    pods: &Api<Pod>,
+    ctx: &Context,
+) -> Result<PodMigration> {
+    let ns = pm.namespace().unwrap_or_default();
+    let cached = ctx
+        .pods
+        .get(&ObjectRef::new(&pm.spec.pod_name).within(&ns))
+        .filter(|p| p.metadata.uid.as_deref() == source_uid);
+    let pod = match cached {
+        Some(pod) => (*pod).clone(),
+        None => match pods.get_opt(&pm.spec.pod_name).await? {
+            Some(pod) => pod,
+            None => return Ok(pm.clone()),
+        },
     };
     let template = serde_json::to_string(&replacement::template(&pod))?;
-    let api: Api<PodMigration> =
-        Api::namespaced(ctx.client.clone(), &pm.namespace().unwrap_or_default());
+    let api: Api<PodMigration> = Api::namespaced(ctx.client.clone(), &ns);
     let patch = json!({"metadata": {"annotations": {replacement::TEMPLATE_ANNOTATION: template}}});
-    Ok(api
+    let updated = api
         .patch(
             &pm.name_any(),
             &PatchParams::default(),
             &Patch::Merge(&patch),
         )
-        .await?)
+        .await?;
+    remember_written(ctx, &updated);
+    Ok(updated)
 }
 
 fn template_of(pm: &PodMigration) -> Result<Pod> {
@@ -782,6 +880,7 @@ async fn write_status(
     let updated = api
         .patch_status(&pm.name_any(), &params, &Patch::Apply(&body))
         .await?;
+    remember_written(ctx, &updated);
     let before = f.status.phase;
     if status.phase != before {
         record_phase_change(pm, before, &status, ctx).await;

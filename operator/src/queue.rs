@@ -165,10 +165,9 @@ pub fn entry(pm: &PodMigration) -> Entry {
 pub struct Queue {
     limits: Limits,
     store: OnceLock<reflector::Store<PodMigration>>,
-    /// Started here, by UID, until the watch shows them started.
+    /// Started here, by UID, until the watch shows them started; its lock is held while a start
+    /// is decided, so two reconciles never both take the last slot.
     started: Mutex<BTreeMap<String, Entry>>,
-    /// Held while a start is decided and written.
-    pub lock: tokio::sync::Mutex<()>,
 }
 
 impl Queue {
@@ -177,7 +176,6 @@ impl Queue {
             limits,
             store: OnceLock::new(),
             started: Mutex::default(),
-            lock: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -187,8 +185,8 @@ impl Queue {
     }
 
     /// Whether `pm` (about to leave Pending as `me`, with its source and target) may start;
-    /// `node_of` tells where the pod of another waiting migration runs. Call with `lock` held,
-    /// and `started` after the status is written.
+    /// `node_of` tells where the pod of another waiting migration runs. A start is counted at once
+    /// (`unstart` gives it back when it cannot be written).
     pub fn admit(
         &self,
         pm: &PodMigration,
@@ -229,7 +227,11 @@ impl Queue {
                 in_flight.push(entry(other));
             }
         }
-        admit(&me.key, &waiting, &in_flight, self.limits)
+        let admission = admit(&me.key, &waiting, &in_flight, self.limits);
+        if admission == Admission::Start {
+            started.insert(uid, me);
+        }
+        admission
     }
 
     /// The pods on their way to each node: the templates of the migrations in flight whose
@@ -255,10 +257,10 @@ impl Queue {
             .collect()
     }
 
-    /// Records that `pm` started as `me`.
-    pub fn started(&self, pm: &PodMigration, me: Entry) {
+    /// Gives back the slot of `pm`, whose start could not be written.
+    pub fn unstart(&self, pm: &PodMigration) {
         if let Ok(mut started) = self.started.lock() {
-            started.insert(pm.uid().unwrap_or_default(), me);
+            started.remove(&pm.uid().unwrap_or_default());
         }
     }
 }

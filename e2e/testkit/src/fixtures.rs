@@ -398,33 +398,39 @@ pub async fn mark_running(client: &Client, ns: &str, name: &str, ip: &str) -> Po
 }
 
 /// Plays the kubelet of the API nodes for replacement pods (those a migration created, marked with
-/// `migros.io/migration-uid`): reports them Running with the IP the migration reserved. Runs until
-/// aborted.
+/// `migros.io/migration-uid`): reports them Running with the IP the migration reserved. It watches
+/// the namespace's pods, as a kubelet watches its node's. Runs until aborted.
 pub async fn report_replacements_running(client: Client, ns: String) {
+    use futures::StreamExt;
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
     loop {
-        if let Ok(list) = pods.list(&kube::api::ListParams::default()).await {
-            for pod in list.items {
-                let annotations = pod.metadata.annotations.clone().unwrap_or_default();
-                let replacement = annotations.contains_key("migros.io/migration-uid");
-                let phase = pod.status.as_ref().and_then(|s| s.phase.clone());
-                let bound = pod
-                    .spec
-                    .as_ref()
-                    .and_then(|s| s.node_name.as_ref())
-                    .is_some();
-                if replacement
-                    && bound
-                    && phase.as_deref() != Some("Running")
-                    && pod.metadata.deletion_timestamp.is_none()
-                {
-                    let ip = annotations
-                        .get("migros.io/pod-ip")
-                        .cloned()
-                        .unwrap_or_else(|| "10.244.255.1".into());
-                    let name = pod.metadata.name.clone().unwrap_or_default();
-                    let _ = mark_running_quietly(&client, &ns, &name, &ip).await;
-                }
+        let mut events =
+            kube::runtime::watcher(pods.clone(), kube::runtime::watcher::Config::default()).boxed();
+        while let Some(event) = events.next().await {
+            let (Ok(kube::runtime::watcher::Event::Apply(pod))
+            | Ok(kube::runtime::watcher::Event::InitApply(pod))) = event
+            else {
+                continue;
+            };
+            let annotations = pod.metadata.annotations.clone().unwrap_or_default();
+            let replacement = annotations.contains_key("migros.io/migration-uid");
+            let phase = pod.status.as_ref().and_then(|s| s.phase.clone());
+            let bound = pod
+                .spec
+                .as_ref()
+                .and_then(|s| s.node_name.as_ref())
+                .is_some();
+            if replacement
+                && bound
+                && phase.as_deref() != Some("Running")
+                && pod.metadata.deletion_timestamp.is_none()
+            {
+                let ip = annotations
+                    .get("migros.io/pod-ip")
+                    .cloned()
+                    .unwrap_or_else(|| "10.244.255.1".into());
+                let name = pod.metadata.name.clone().unwrap_or_default();
+                let _ = mark_running_quietly(&client, &ns, &name, &ip).await;
             }
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
