@@ -90,6 +90,21 @@ pub struct PodMigrationSpec {
     pub bandwidth_limit: Option<String>,
 }
 
+impl PodMigrationSpec {
+    /// A migration of pod `pod_name` with every other field at its default.
+    pub fn of_pod(pod_name: &str) -> Self {
+        Self {
+            pod_name: pod_name.to_string(),
+            target_node: None,
+            strategy: Strategy::default(),
+            network: NetworkSpec::default(),
+            timeout_seconds: DEFAULT_TIMEOUT_SECONDS,
+            compression: Compression::default(),
+            bandwidth_limit: None,
+        }
+    }
+}
+
 fn default_timeout_seconds() -> i64 {
     DEFAULT_TIMEOUT_SECONDS
 }

@@ -327,18 +327,7 @@ mod tests {
     }
 
     fn migration(name: &str, pod: &Pod, phase: Phase, committed: bool) -> PodMigration {
-        let mut pm = PodMigration::new(
-            name,
-            PodMigrationSpec {
-                pod_name: pod.name_any(),
-                target_node: None,
-                strategy: Default::default(),
-                network: Default::default(),
-                timeout_seconds: 600,
-                compression: Default::default(),
-                bandwidth_limit: None,
-            },
-        );
+        let mut pm = PodMigration::new(name, PodMigrationSpec::of_pod(&pod.name_any()));
         pm.metadata.namespace = Some("ns".into());
         pm.metadata.uid = Some(format!("pm-{name}"));
         pm.metadata.annotations = Some(

@@ -191,18 +191,7 @@ fn being_drained(node: &Node) -> bool {
 
 /// The PodMigration an eviction of `pod` creates.
 fn drain_migration(pod: &Pod, name: &str) -> PodMigration {
-    let mut pm = PodMigration::new(
-        name,
-        PodMigrationSpec {
-            pod_name: pod.name_any(),
-            target_node: None,
-            strategy: Default::default(),
-            network: Default::default(),
-            timeout_seconds: crds::DEFAULT_TIMEOUT_SECONDS,
-            compression: Default::default(),
-            bandwidth_limit: None,
-        },
-    );
+    let mut pm = PodMigration::new(name, PodMigrationSpec::of_pod(&pod.name_any()));
     pm.metadata.namespace = pod.namespace();
     pm.metadata.labels = Some(
         [(

@@ -175,27 +175,7 @@ async fn kubectl_drain_moves_the_pods_of_controllers_without_a_second_instance()
         // The drain, as an administrator types it (`--force` because of the bare pods, as always
         // with kubectl): it must finish by itself.
         let env = harness::env().await;
-        let node = s.node(1);
-        let drain = tokio::task::spawn_blocking(move || {
-            harness::kubectl(
-                &env,
-                &[
-                    "drain",
-                    &node,
-                    "--ignore-daemonsets",
-                    "--force",
-                    "--timeout=180s",
-                ],
-            )
-        })
-        .await
-        .unwrap();
-        let stderr = String::from_utf8_lossy(&drain.stderr).to_string();
-        assert!(
-            drain.status.success(),
-            "kubectl drain failed: {stderr}{}",
-            String::from_utf8_lossy(&drain.stdout)
-        );
+        let stderr = harness::kubectl_drain(&env, &s.node(1), &[], "180s").await;
         // While the pods moved, the drain was told to wait.
         assert!(stderr.contains("will retry after 5s"), "{stderr}");
 

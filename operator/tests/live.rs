@@ -325,28 +325,7 @@ async fn drain_moves_live_pods(live: &Live, image: &str) {
     // The drain, as an administrator types it: `--force` for the bare pods and
     // `--delete-emptydir-data` for the pod with an emptyDir, as kubectl always asks (for a pod that
     // moves, the volume's content moves with it).
-    let drain_env = env.clone();
-    let drain = tokio::task::spawn_blocking(move || {
-        harness::kubectl(
-            &drain_env,
-            &[
-                "drain",
-                "node-1",
-                "--ignore-daemonsets",
-                "--force",
-                "--delete-emptydir-data",
-                "--timeout=300s",
-            ],
-        )
-    })
-    .await
-    .unwrap();
-    let stderr = String::from_utf8_lossy(&drain.stderr).to_string();
-    assert!(
-        drain.status.success(),
-        "kubectl drain failed: {stderr}{}",
-        String::from_utf8_lossy(&drain.stdout)
-    );
+    harness::kubectl_drain(&env, "node-1", &["--delete-emptydir-data"], "300s").await;
 
     for (old, ip, state) in &states {
         let name = old.name_any();

@@ -167,6 +167,31 @@ pub fn kubectl(env: &Env, args: &[&str]) -> Output {
         .unwrap_or_else(|e| panic!("cannot run {}: {e}", env.kubectl().display()))
 }
 
+/// `kubectl drain node --ignore-daemonsets --force` with `extra` flags, which must finish by
+/// itself (successfully) within `timeout`; answers what it printed on stderr.
+pub async fn kubectl_drain(env: &Env, node: &str, extra: &[&str], timeout: &str) -> String {
+    let mut args: Vec<String> = ["drain", node, "--ignore-daemonsets", "--force"]
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    args.extend(extra.iter().map(ToString::to_string));
+    args.push(format!("--timeout={timeout}"));
+    let env = env.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        kubectl(&env, &args)
+    })
+    .await
+    .unwrap_or_else(|e| panic!("kubectl drain: {e}"));
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        out.status.success(),
+        "kubectl drain {node} failed: {stderr}{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    stderr
+}
+
 /// A name unique across the tests of all processes on this machine.
 pub fn unique_name(prefix: &str) -> String {
     static COUNTER: AtomicU32 = AtomicU32::new(0);
