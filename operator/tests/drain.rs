@@ -332,3 +332,86 @@ async fn kubectl_drain_moves_the_pods_of_controllers_without_a_second_instance()
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_drain_whose_migrations_keep_failing_exits_with_the_reason_and_the_pod_keeps_running() {
+    with_namespace("drain-fail", |client, ns| async move {
+        let s = Scenario::new(client.clone(), &ns).await;
+        let nodes = vec![s.node(1), s.node(2), s.node(3)];
+        let kubelets = tokio::spawn(fixtures::play_kubelets(
+            client.clone(),
+            ns.clone(),
+            nodes.clone(),
+        ));
+        // Every checkpoint on node 1 fails: each migration rolls back.
+        s.agent(1).script(
+            agent_api::Step::Checkpoint,
+            testkit::testagent::Behaviour::Fail {
+                message: "CRIU cannot dump this process".into(),
+                times: 100,
+            },
+        );
+        let _operator = Operator::start_with(
+            &ns,
+            "op-drain-fail",
+            Options {
+                webhooks: true,
+                ..Options::new(&s.certs)
+            },
+        )
+        .await;
+        s.nodes[1].set_unschedulable(true).await;
+        s.nodes[2].set_unschedulable(true).await;
+        let none = json!({"mounts": [], "volumes": []});
+        let mut bare = template("stuck", true, &nodes, none);
+        bare["metadata"]["name"] = json!("stuck");
+        create::<Pod>(&client, &ns, bare).await;
+        let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+        let before = eventually(Duration::from_secs(60), || async {
+            let pod = pods.get_opt("stuck").await.ok()??;
+            (pod.status.as_ref()?.phase.as_deref() == Some("Running")).then_some(pod)
+        })
+        .await;
+        s.nodes[1].set_unschedulable(false).await;
+        s.nodes[2].set_unschedulable(false).await;
+
+        let env = harness::env().await;
+        let node = s.node(1);
+        let out = tokio::task::spawn_blocking(move || {
+            harness::kubectl(
+                &env,
+                &[
+                    "drain",
+                    &node,
+                    "--ignore-daemonsets",
+                    "--force",
+                    "--timeout=120s",
+                ],
+            )
+        })
+        .await
+        .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        // The drain does not hang and does not kill the pod: it says why and exits.
+        assert!(!out.status.success(), "the drain succeeded: {stderr}");
+        assert!(
+            stderr.contains("could not be migrated") && stderr.contains("3 attempts"),
+            "{stderr}"
+        );
+        assert!(stderr.contains("CRIU cannot dump this process"), "{stderr}");
+        assert!(!stderr.contains("timed out"), "{stderr}");
+        let now = pods.get("stuck").await.unwrap();
+        assert_eq!(now.uid(), before.uid(), "the pod was replaced or deleted");
+        assert_eq!(now.spec.unwrap().node_name, Some(s.node(1)));
+        let migrations: Api<PodMigration> = Api::namespaced(client.clone(), &ns);
+        let tried = migrations.list(&ListParams::default()).await.unwrap().items;
+        assert_eq!(tried.len(), 3, "one migration per attempt");
+        assert!(
+            tried
+                .iter()
+                .all(|pm| { pm.status.as_ref().and_then(|s| s.phase) == Some(Phase::RolledBack) })
+        );
+        kubelets.abort();
+    })
+    .await;
+}
