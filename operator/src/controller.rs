@@ -105,20 +105,8 @@ impl Context {
         backends: Backends,
         claims: Claims,
     ) -> Self {
-        let (pods, writer) = reflector::store();
-        let events = reflector::reflector(
-            writer,
-            watcher(Api::<Pod>::all(client.clone()), watcher::Config::default()),
-        )
-        .default_backoff();
-        let pods_watch = tokio::spawn(events.for_each(|_| futures::future::ready(())));
-        let (nodes, writer) = reflector::store();
-        let events = reflector::reflector(
-            writer,
-            watcher(Api::<Node>::all(client.clone()), watcher::Config::default()),
-        )
-        .default_backoff();
-        let nodes_watch = tokio::spawn(events.for_each(|_| futures::future::ready(())));
+        let (pods, pods_watch) = watched(Api::<Pod>::all(client.clone()));
+        let (nodes, nodes_watch) = watched(Api::<Node>::all(client.clone()));
         Self {
             client,
             agents,
@@ -137,6 +125,27 @@ impl Context {
             active: Mutex::default(),
         }
     }
+}
+
+/// A store of every `K` kept by a watch that runs until the handle is aborted.
+fn watched<K>(api: Api<K>) -> (reflector::Store<K>, tokio::task::JoinHandle<()>)
+where
+    K: kube::Resource
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+{
+    let (store, writer) = reflector::store();
+    let events =
+        reflector::reflector(writer, watcher(api, watcher::Config::default())).default_backoff();
+    (
+        store,
+        tokio::spawn(events.for_each(|_| futures::future::ready(()))),
+    )
 }
 
 impl Context {

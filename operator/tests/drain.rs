@@ -8,7 +8,7 @@
 
 mod support;
 
-use std::{collections::BTreeSet, time::Duration};
+use std::time::Duration;
 
 use crds::{Phase, PodMigration};
 use k8s_openapi::api::{
@@ -236,65 +236,17 @@ async fn kubectl_drain_moves_the_pods_of_controllers_without_a_second_instance()
             .unwrap()
             .items;
         assert_eq!(rs.len(), 1);
-        let counted = tokio::time::timeout(Duration::from_secs(30), async {
-            loop {
-                let status = replica_sets.get(&rs[0].name_any()).await.unwrap().status;
-                if status
-                    .as_ref()
-                    .is_some_and(|s| s.replicas == 3 && s.ready_replicas == Some(3))
-                {
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
+        eventually(Duration::from_secs(30), || async {
+            let status = replica_sets.get(&rs[0].name_any()).await.ok()?.status?;
+            (status.replicas == 3 && status.ready_replicas == Some(3)).then_some(())
         })
         .await;
-        if counted.is_err() {
-            let rs = replica_sets.get(&rs[0].name_any()).await.unwrap();
-            let pods: Vec<_> = pods
-                .list(&ListParams::default())
-                .await
-                .unwrap()
-                .items
-                .iter()
-                .map(|p| {
-                    (
-                        p.name_any(),
-                        p.status.clone(),
-                        p.owner_references().to_vec(),
-                    )
-                })
-                .collect();
-            panic!(
-                "the ReplicaSet does not count 3 ready pods: {:?}\n{pods:#?}",
-                rs.status
-            );
-        }
         let sets: Api<StatefulSet> = Api::namespaced(client.clone(), &ns);
-        let counted = tokio::time::timeout(Duration::from_secs(30), async {
-            loop {
-                let status = sets.get("db").await.unwrap().status;
-                if status
-                    .as_ref()
-                    .is_some_and(|s| s.replicas == 2 && s.ready_replicas == Some(2))
-                {
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
+        eventually(Duration::from_secs(30), || async {
+            let status = sets.get("db").await.ok()?.status?;
+            (status.replicas == 2 && status.ready_replicas == Some(2)).then_some(())
         })
         .await;
-        if counted.is_err() {
-            let set = sets.get("db").await.unwrap();
-            let mut db = Vec::new();
-            for name in ["db-0", "db-1"] {
-                db.push(pods.get_opt(name).await.ok().flatten());
-            }
-            panic!(
-                "the StatefulSet does not count 2 ready pods: {:?}\n{db:#?}",
-                set.status
-            );
-        }
 
         // Six pods left node 1, never more than two at once (the default limit); the others
         // waited in the queue.
@@ -309,22 +261,11 @@ async fn kubectl_drain_moves_the_pods_of_controllers_without_a_second_instance()
         let h = history.lock().unwrap();
         // Every pod of a migrated owner is either one that ran before or a restored one: no
         // fresh instance ever started, not even for a moment.
-        let originals: BTreeSet<Option<String>> = before.iter().map(ResourceExt::uid).collect();
-        for (uid, (name, owner, made)) in &h.seen {
-            if ["web", "db", "solo"].iter().any(|o| owner.starts_with(o)) {
-                assert!(
-                    *made || originals.contains(&Some(uid.clone())),
-                    "{owner} started a fresh pod {name}: {h:?}"
-                );
-            }
-        }
-        let web = h
-            .most_alive
-            .iter()
-            .find(|(o, _)| o.starts_with("web-"))
-            .map(|(_, n)| *n);
+        let originals: Vec<&Pod> = before.iter().collect();
+        let fresh = h.fresh_instances(&originals, &["web", "db", "solo"]);
+        assert!(fresh.is_empty(), "fresh instances {fresh:?}: {h:?}");
         assert_eq!(
-            web,
+            h.most_alive_of("web-"),
             Some(3),
             "the Deployment had more than 3 pods at once: {h:?}"
         );

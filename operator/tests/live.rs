@@ -368,21 +368,10 @@ async fn drain_moves_live_pods(live: &Live, image: &str) {
     pod_recorder.abort();
     flight_recorder.abort();
     let h = history.lock().unwrap();
-    let originals: Vec<Option<String>> = before.iter().map(ResourceExt::uid).collect();
-    for (uid, (name, owner, made)) in &h.seen {
-        if MOVED.iter().any(|o| owner.starts_with(o)) {
-            assert!(
-                *made || originals.contains(&Some(uid.clone())),
-                "{owner} started a fresh pod {name}: {h:?}"
-            );
-        }
-    }
-    let web = h
-        .most_alive
-        .iter()
-        .find(|(o, _)| o.starts_with("web-"))
-        .map(|(_, n)| *n);
-    assert_eq!(web, Some(3), "{h:?}");
+    let originals: Vec<&Pod> = before.iter().collect();
+    let fresh = h.fresh_instances(&originals, &MOVED);
+    assert!(fresh.is_empty(), "fresh instances {fresh:?}: {h:?}");
+    assert_eq!(h.most_alive_of("web-"), Some(3), "{h:?}");
     let f = flights.lock().unwrap();
     assert!(
         f.most <= 2,

@@ -26,6 +26,28 @@ pub struct History {
     pub most_alive: BTreeMap<String, usize>,
 }
 
+impl History {
+    /// The pods of owners named with one of `prefixes` that were neither among `originals` (by
+    /// UID) nor made by a migration: fresh instances a controller started.
+    pub fn fresh_instances(&self, originals: &[&Pod], prefixes: &[&str]) -> Vec<String> {
+        let originals: Vec<Option<String>> = originals.iter().map(|p| p.uid()).collect();
+        self.seen
+            .iter()
+            .filter(|(_, (_, owner, _))| prefixes.iter().any(|p| owner.starts_with(p)))
+            .filter(|(uid, (_, _, made))| !made && !originals.contains(&Some((*uid).clone())))
+            .map(|(_, (name, _, _))| name.clone())
+            .collect()
+    }
+
+    /// The most pods alive at once of the owner named with `prefix`.
+    pub fn most_alive_of(&self, prefix: &str) -> Option<usize> {
+        self.most_alive
+            .iter()
+            .find(|(owner, _)| owner.starts_with(prefix))
+            .map(|(_, n)| *n)
+    }
+}
+
 /// The controller of `pod` by name, or the pod's own name for a pod without one.
 pub fn owner(pod: &Pod) -> String {
     pod.owner_references()
