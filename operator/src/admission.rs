@@ -12,7 +12,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crds::{Phase, PodMigration};
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::{api::core::v1::Pod, jiff::Timestamp};
 use kube::ResourceExt;
 
 use crate::replacement::{MIGRATION_UID_ANNOTATION, TEMPLATE_ANNOTATION};
@@ -85,24 +85,49 @@ fn phase(pm: &PodMigration) -> Phase {
     pm.status.as_ref().and_then(|s| s.phase).unwrap_or_default()
 }
 
+/// How long after a migration succeeded a fresh pod of its controller is still refused: the
+/// controller may not have seen the restored pod yet (its watch lags the API server), and would
+/// count one pod short and start another. A scale-up in that moment waits for the controller's
+/// next try.
+pub const SETTLING: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// True while `pm` is past its commit point and not over: its source is (being) deleted and its
-/// replacement is being made.
-pub fn restoring(pm: &PodMigration) -> bool {
-    pm.status.as_ref().is_some_and(|s| s.committed) && !phase(pm).is_final()
+/// replacement is being made; and for [`SETTLING`] after it succeeded.
+pub fn restoring(pm: &PodMigration, now: Timestamp) -> bool {
+    pm.status.as_ref().is_some_and(|s| s.committed) && (!phase(pm).is_final() || settling(pm, now))
+}
+
+/// Whether `pm` succeeded less than [`SETTLING`] before `now`.
+fn settling(pm: &PodMigration, now: Timestamp) -> bool {
+    let Some(status) = pm.status.as_ref() else {
+        return false;
+    };
+    let ended = status
+        .phase_transitions
+        .last()
+        .filter(|t| t.phase == Phase::Succeeded)
+        .map(|t| t.time.0);
+    // `now` may be read before the migration ended (it was read before the migrations were).
+    ended.is_some_and(|at| at.checked_add(SETTLING).is_ok_and(|until| now < until))
 }
 
 /// The migrations among `cached` the pod-creation check must look at for `pod` (a pod of a
 /// controller): those of its namespace in flight whose pod has the same controller, or whose
 /// template is not known yet. The caller reads them fresh from the API server unless they are
 /// already restoring (which lasts until they are final), since a cache may lag the commit.
-pub fn candidates<'a>(pod: &Pod, cached: &'a [&'a PodMigration]) -> Vec<&'a PodMigration> {
+pub fn candidates<'a>(
+    pod: &Pod,
+    cached: &'a [&'a PodMigration],
+    now: Timestamp,
+) -> Vec<&'a PodMigration> {
     let Some((_, owner)) = controller_of(pod) else {
         return Vec::new();
     };
     cached
         .iter()
         .copied()
-        .filter(|pm| pm.namespace() == pod.namespace() && !phase(pm).is_final())
+        .filter(|pm| pm.namespace() == pod.namespace())
+        .filter(|pm| !phase(pm).is_final() || settling(pm, now))
         .filter(|pm| migrated_controller(pm).is_none_or(|uid| uid == owner))
         .collect()
 }
@@ -110,13 +135,13 @@ pub fn candidates<'a>(pod: &Pod, cached: &'a [&'a PodMigration]) -> Vec<&'a PodM
 /// Whether `pod` may be created, given the fresh state of the `candidates`: a pod of a ReplicaSet
 /// or StatefulSet whose pod is being restored by a migration is refused, unless it is that (or
 /// another restoring) migration's own replacement.
-pub fn pod_create(pod: &Pod, fresh: &[PodMigration]) -> Verdict {
+pub fn pod_create(pod: &Pod, fresh: &[PodMigration], now: Timestamp) -> Verdict {
     let Some((kind, owner)) = controller_of(pod) else {
         return Verdict::Allow;
     };
     let restoring: Vec<&PodMigration> = fresh
         .iter()
-        .filter(|pm| pm.namespace() == pod.namespace() && restoring(pm))
+        .filter(|pm| pm.namespace() == pod.namespace() && restoring(pm, now))
         .filter(|pm| migrated_controller(pm).as_deref() == Some(owner))
         .collect();
     let own = pod.annotations().get(MIGRATION_UID_ANNOTATION);
@@ -349,10 +374,12 @@ mod tests {
 
     #[test]
     fn a_controller_cannot_replace_a_pod_being_restored_but_the_replacement_can_be_made() {
+        let now = Timestamp::now();
         let source = owned_pod("web-a", "rs-1");
         let fresh = owned_pod("", "rs-1");
         let pm = migration("m", &source, Phase::Restoring, true);
-        let Verdict::Deny { code, message, .. } = pod_create(&fresh, std::slice::from_ref(&pm))
+        let Verdict::Deny { code, message, .. } =
+            pod_create(&fresh, std::slice::from_ref(&pm), now)
         else {
             panic!("a fresh pod of the ReplicaSet is refused while its pod is restored");
         };
@@ -366,22 +393,62 @@ mod tests {
         replacement.metadata.annotations =
             Some([(MIGRATION_UID_ANNOTATION.to_string(), "pm-m".to_string())].into());
         assert_eq!(
-            pod_create(&replacement, std::slice::from_ref(&pm)),
+            pod_create(&replacement, std::slice::from_ref(&pm), now),
             Verdict::Allow
         );
 
         // Another controller's pods, and pods before the commit point or after the end, pass.
         assert_eq!(
-            pod_create(&owned_pod("", "rs-2"), std::slice::from_ref(&pm)),
+            pod_create(&owned_pod("", "rs-2"), std::slice::from_ref(&pm), now),
             Verdict::Allow
         );
         let before = migration("m", &source, Phase::Transferring, false);
-        assert_eq!(pod_create(&fresh, &[before]), Verdict::Allow);
-        let over = migration("m", &source, Phase::Succeeded, true);
-        assert_eq!(pod_create(&fresh, &[over]), Verdict::Allow);
+        assert_eq!(pod_create(&fresh, &[before], now), Verdict::Allow);
+        let over = succeeded_at(migration("m", &source, Phase::Succeeded, true), now);
+        assert_eq!(pod_create(&fresh, &[over], now + SETTLING), Verdict::Allow);
         let mut bare = fresh.clone();
         bare.metadata.owner_references = None;
-        assert_eq!(pod_create(&bare, &[pm]), Verdict::Allow);
+        assert_eq!(pod_create(&bare, &[pm], now), Verdict::Allow);
+    }
+
+    fn succeeded_at(mut pm: PodMigration, at: Timestamp) -> PodMigration {
+        if let Some(s) = pm.status.as_mut() {
+            s.phase_transitions.push(crds::PhaseTransition {
+                phase: Phase::Succeeded,
+                time: k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(at),
+            });
+        }
+        pm
+    }
+
+    #[test]
+    fn a_controller_that_may_not_have_seen_the_restored_pod_yet_cannot_add_one() {
+        let now = Timestamp::now();
+        let source = owned_pod("web-a", "rs-1");
+        let fresh = owned_pod("", "rs-1");
+        let done = succeeded_at(migration("m", &source, Phase::Succeeded, true), now);
+        let cached = [&done];
+        assert_eq!(candidates(&fresh, &cached, now).len(), 1);
+        let soon = now + std::time::Duration::from_secs(2);
+        assert!(matches!(
+            pod_create(&fresh, std::slice::from_ref(&done), soon),
+            Verdict::Deny { code: 403, .. }
+        ));
+        // Read a moment before the migration's end was written.
+        let before = now - std::time::Duration::from_millis(20);
+        assert!(matches!(
+            pod_create(&fresh, std::slice::from_ref(&done), before),
+            Verdict::Deny { code: 403, .. }
+        ));
+        let later = now + SETTLING;
+        assert!(candidates(&fresh, &cached, later).is_empty());
+        assert_eq!(
+            pod_create(&fresh, std::slice::from_ref(&done), later),
+            Verdict::Allow
+        );
+        // A migration that failed after its commit point restores nothing: the controller may.
+        let failed = migration("f", &source, Phase::Failed, true);
+        assert_eq!(pod_create(&fresh, &[failed], now), Verdict::Allow);
     }
 
     #[test]
@@ -393,7 +460,7 @@ mod tests {
         let mut unknown = migration("unknown", &source, Phase::Pending, false);
         unknown.metadata.annotations = None;
         let cached = [&mine, &other, &done, &unknown];
-        let names: Vec<String> = candidates(&owned_pod("", "rs-1"), &cached)
+        let names: Vec<String> = candidates(&owned_pod("", "rs-1"), &cached, Timestamp::now())
             .iter()
             .map(|pm| pm.name_any())
             .collect();

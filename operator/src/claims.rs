@@ -7,7 +7,10 @@
 //! between) is taken over with the Lease's resourceVersion as precondition, so that of two
 //! migrations taking over at once only one wins. See docs/operator.md.
 
-use std::collections::BTreeMap;
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{Arc, Mutex},
+};
 
 use crds::PodMigration;
 use k8s_openapi::{
@@ -45,6 +48,9 @@ pub enum Claim {
 pub struct Claims {
     leases: Api<Lease>,
     client: Client,
+    /// The claims this operator took, by migration UID, as created: given back without reading
+    /// them again.
+    held: Arc<Mutex<HashMap<String, Lease>>>,
 }
 
 impl std::fmt::Debug for Claims {
@@ -71,6 +77,7 @@ impl Claims {
         Self {
             leases: Api::namespaced(client.clone(), namespace),
             client,
+            held: Arc::default(),
         }
     }
 
@@ -81,7 +88,7 @@ impl Claims {
         let name = lease_name(&ns, &pm.spec.pod_name);
         let lease = self.lease(&name, pm);
         match self.leases.create(&PostParams::default(), &lease).await {
-            Ok(_) => return Ok(Claim::Held),
+            Ok(created) => return Ok(self.took(&uid, created)),
             Err(kube::Error::Api(s)) if s.code == 409 => {}
             Err(e) => return Err(e),
         }
@@ -90,7 +97,7 @@ impl Claims {
         };
         let holder = holder(&existing);
         if holder == uid {
-            return Ok(Claim::Held);
+            return Ok(self.took(&uid, existing));
         }
         match self.holder_state(&existing, &holder).await? {
             Holder::Active(other) => return Ok(Claim::Busy(other)),
@@ -105,14 +112,30 @@ impl Claims {
             .replace(&name, &PostParams::default(), &taken)
             .await
         {
-            Ok(_) => Ok(Claim::Held),
+            Ok(replaced) => Ok(self.took(&uid, replaced)),
             Err(kube::Error::Api(s)) if s.code == 409 || s.code == 404 => Ok(Claim::Contended),
             Err(e) => Err(e),
         }
     }
 
-    /// Gives the claim of `pm`'s pod back, if `pm` holds it.
+    fn took(&self, uid: &str, lease: Lease) -> Claim {
+        if let Ok(mut held) = self.held.lock() {
+            held.insert(uid.to_string(), lease);
+        }
+        Claim::Held
+    }
+
+    /// Gives the claim of `pm`'s pod back, if `pm` holds it: the Lease as this operator took it
+    /// is deleted if unchanged; one taken by an earlier operator is read first.
     pub async fn release(&self, pm: &PodMigration) -> Result<(), kube::Error> {
+        let took = self
+            .held
+            .lock()
+            .ok()
+            .and_then(|mut held| held.remove(&pm.uid().unwrap_or_default()));
+        if let Some(lease) = took {
+            return self.delete_unchanged(&lease).await;
+        }
         let ns = pm.namespace().unwrap_or_default();
         let name = lease_name(&ns, &pm.spec.pod_name);
         let Some(existing) = self.leases.get_opt(&name).await? else {

@@ -23,7 +23,6 @@ use kube::{
         Controller, WatchStreamExt,
         controller::Action as Requeue,
         events::{Event, EventType, Recorder},
-        finalizer::{Event as FinalizerEvent, finalizer},
         reflector::{self, ObjectRef},
         watcher,
     },
@@ -79,15 +78,48 @@ pub struct Context {
     pods: reflector::Store<Pod>,
     /// Every Node, as watched: target choice reads them from here.
     nodes: reflector::Store<Node>,
+    /// Every RuntimeClass, as watched: whether the runtime wrapper's exists.
+    runtime_classes: reflector::Store<RuntimeClass>,
     watches: Vec<tokio::task::JoinHandle<()>>,
-    /// The resourceVersion of this operator's last write of each migration (by UID): a watched
-    /// copy at that version is fresh, any other is read again.
-    written: Mutex<HashMap<String, String>>,
+    /// What this operator knows of each migration it drives (by UID): its last write, results
+    /// not written yet, and what its pod's watched copy should show. See [`Known`].
+    known: Mutex<HashMap<String, Known>>,
     /// Consecutive transient failures per migration UID, for per-object back-off.
     failures: Mutex<HashMap<String, u32>>,
     /// UIDs of migrations not yet in a final phase (the `active` gauge).
     active: Mutex<BTreeSet<String>>,
 }
+
+/// What the operator knows of a migration beyond its watched copy.
+///
+/// A PodMigration is written by this operator alone (its spec is immutable; users only delete
+/// it), so its last write is its state: the watch, which may lag behind, is not read again
+/// (`drive`). A step that succeeded without changing the phase is kept here rather than written at
+/// once, and goes out with the next write (the next phase at the latest): every agent step is
+/// idempotent, so an operator that stopped before writing it asks again and gets the same answer
+/// (docs/operator.md, "What a migration costs the API server").
+#[derive(Default)]
+struct Known {
+    /// The migration as last written, with the results not written yet in its status.
+    pm: Option<PodMigration>,
+    /// Since when results wait to be written.
+    unwritten_since: Option<std::time::Instant>,
+    /// What this operator last did to the migration's pod, until the watch shows it.
+    pod: Option<Expected>,
+}
+
+/// A change of a migration's pod this operator made that the watched copy may not show yet (the
+/// pattern of the ReplicaSet controller's expectations).
+#[derive(Clone)]
+enum Expected {
+    /// The pod of this UID was deleted.
+    Gone(String),
+    /// This pod was created.
+    Created(Box<Pod>),
+}
+
+/// How long a transfer's progress may wait to be written while the transfer runs.
+const UNWRITTEN_AT_MOST: Duration = Duration::from_secs(3);
 
 impl std::fmt::Debug for Context {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -107,6 +139,8 @@ impl Context {
     ) -> Self {
         let (pods, pods_watch) = watched(Api::<Pod>::all(client.clone()));
         let (nodes, nodes_watch) = watched(Api::<Node>::all(client.clone()));
+        let (runtime_classes, runtime_classes_watch) =
+            watched(Api::<RuntimeClass>::all(client.clone()));
         Self {
             client,
             agents,
@@ -119,8 +153,9 @@ impl Context {
             queue: Queue::new(Limits::default()),
             pods,
             nodes,
-            watches: vec![pods_watch, nodes_watch],
-            written: Mutex::default(),
+            runtime_classes,
+            watches: vec![pods_watch, nodes_watch, runtime_classes_watch],
+            known: Mutex::default(),
             failures: Mutex::default(),
             active: Mutex::default(),
         }
@@ -223,21 +258,45 @@ async fn reconcile(pm: Arc<PodMigration>, ctx: Arc<Context>) -> Result<Requeue> 
     let span = info_span!("reconcile", migration = %name, phase = ?phase);
     let api: Api<PodMigration> = Api::namespaced(ctx.client.clone(), &ns);
     let uid = pm.uid().unwrap_or_default();
-    let result = finalizer(&api, FINALIZER, pm, |event| async {
-        match event {
-            FinalizerEvent::Apply(pm) => drive(pm, &ctx, false).await,
-            FinalizerEvent::Cleanup(pm) => drive(pm, &ctx, true).await,
+    let result = async {
+        let ours = pm.finalizers().iter().position(|f| f == FINALIZER);
+        match (pm.metadata.deletion_timestamp.is_some(), ours) {
+            (false, _) => drive(pm, &ctx, false).await,
+            (true, Some(at)) => {
+                let requeue = drive(pm.clone(), &ctx, true).await?;
+                remove_finalizer(&api, &pm, at).await?;
+                Ok(requeue)
+            }
+            // Deleted before it started (the finalizer comes with the start): nothing to undo.
+            (true, None) => Ok(Requeue::await_change()),
         }
-    })
+    }
     .instrument(span)
-    .await
-    .map_err(|e| Error::Finalizer(Box::new(e)));
+    .await;
     if result.is_ok()
         && let Ok(mut failures) = ctx.failures.lock()
     {
         failures.remove(&uid);
     }
     result
+}
+
+/// Lets go of a deleted migration whose cleanup is done: removes the finalizer at `at`, if it is
+/// still there.
+async fn remove_finalizer(api: &Api<PodMigration>, pm: &PodMigration, at: usize) -> Result<()> {
+    let path = format!("/metadata/finalizers/{at}");
+    let patch: json_patch::Patch = serde_json::from_value(json!([
+        {"op": "test", "path": path, "value": FINALIZER},
+        {"op": "remove", "path": path},
+    ]))?;
+    match api
+        .patch::<PodMigration>(&pm.name_any(), &PatchParams::default(), &Patch::Json(patch))
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Backs off per object on transient errors; waits for a change on invalid objects.
@@ -264,65 +323,162 @@ fn error_policy(pm: Arc<PodMigration>, error: &Error, ctx: Arc<Context>) -> Requ
 // One value lives per reconcile step: boxing the large variant would buy nothing.
 #[allow(clippy::large_enum_variant)]
 enum Next {
+    /// Written (or nothing to write): go on with this.
     Continue(PodMigration),
+    /// A result kept in memory, written with the next write ([`Known`]); look again after this
+    /// long.
+    Kept(PodMigration, Duration),
     Requeue(Duration),
     Done,
 }
 
 /// Performs steps until the state machine has to wait, or the migration is over.
-async fn drive(pm: Arc<PodMigration>, ctx: &Context, cleanup: bool) -> Result<Requeue> {
-    // The watched copy is fresh when it is this operator's last write (or nothing was written
-    // since it started); otherwise the watch may not have that write yet: decide on the stored
-    // object, so that no step is taken twice.
-    let uid = pm.uid().unwrap_or_default();
-    let last = ctx.written.lock().ok().and_then(|w| w.get(&uid).cloned());
-    let mut pm = match last {
-        Some(rv) if Some(&rv) != pm.metadata.resource_version.as_ref() => {
+async fn drive(watched: Arc<PodMigration>, ctx: &Context, cleanup: bool) -> Result<Requeue> {
+    let uid = watched.uid().unwrap_or_default();
+    let (known, mut unwritten_since) = ctx.known_migration(&uid);
+    let mut pm = match known {
+        // This operator's last write, and what it has not written yet: newer than the watch
+        // (which shows the same version, or lags behind) unless the migration is being deleted
+        // since; then it is read again, and results not written are asked for again.
+        Some(known)
+            if watched.metadata.deletion_timestamp.is_none()
+                || known.metadata.deletion_timestamp.is_some() =>
+        {
+            known
+        }
+        Some(_) => {
+            unwritten_since = None;
             let api: Api<PodMigration> =
-                Api::namespaced(ctx.client.clone(), &pm.namespace().unwrap_or_default());
-            let Some(stored) = api.get_opt(&pm.name_any()).await? else {
+                Api::namespaced(ctx.client.clone(), &watched.namespace().unwrap_or_default());
+            let Some(stored) = api.get_opt(&watched.name_any()).await? else {
                 return Ok(Requeue::await_change());
             };
+            ctx.remember(&uid, &stored, None);
             stored
         }
-        _ => (*pm).clone(),
+        None => (*watched).clone(),
     };
-    // After this operator deleted or created the pod, the next look at it is a read of the API
-    // server: the watched copy may not show the change yet.
-    let mut read_pod = false;
+    let mut requeue = Requeue::requeue(Duration::ZERO);
+    let mut over = false;
     for _ in 0..STEPS_PER_RECONCILE {
-        let facts = observe(&pm, ctx, read_pod).await?;
+        let facts = observe(&pm, ctx).await?;
         let action = statemachine::next(&facts);
         track_active(ctx, &facts);
-        read_pod = matches!(action, Action::DeleteSourcePod | Action::CreateReplacement);
         match execute(&pm, &facts, action, ctx).await? {
-            Next::Continue(updated) => pm = updated,
-            // The finalizer stays until the cleanup is done; the error policy looks again soon.
-            Next::Requeue(_) if cleanup => return Err(Error::CleanupPending(pm.name_any())),
-            Next::Requeue(after) => return Ok(Requeue::requeue(after)),
-            Next::Done => {
-                if facts.deleting || facts.status.phase.is_some_and(Phase::is_final) {
-                    forget_written(ctx, &uid);
+            Next::Continue(updated) => {
+                if updated.resource_version() != pm.resource_version() {
+                    unwritten_since = None;
                 }
-                return Ok(Requeue::await_change());
+                pm = updated;
+            }
+            Next::Kept(updated, after) => {
+                unwritten_since.get_or_insert_with(std::time::Instant::now);
+                pm = updated;
+                if !after.is_zero() && cleanup {
+                    ctx.remember(&uid, &pm, unwritten_since);
+                    return Err(Error::CleanupPending(pm.name_any()));
+                }
+                if !after.is_zero() {
+                    requeue = Requeue::requeue(after);
+                    break;
+                }
+            }
+            // The finalizer stays until the cleanup is done; the error policy looks again soon.
+            Next::Requeue(_) if cleanup => {
+                if unwritten_since.is_some() {
+                    ctx.remember(&uid, &pm, unwritten_since);
+                }
+                return Err(Error::CleanupPending(pm.name_any()));
+            }
+            Next::Requeue(after) => {
+                requeue = Requeue::requeue(after);
+                break;
+            }
+            Next::Done => {
+                over = facts.deleting || facts.status.phase.is_some_and(Phase::is_final);
+                requeue = Requeue::await_change();
+                break;
             }
         }
     }
-    Ok(Requeue::requeue(Duration::ZERO))
-}
-
-/// Remembers that this operator wrote `pm` (as it is now).
-fn remember_written(ctx: &Context, pm: &PodMigration) {
-    if let (Some(uid), Some(rv), Ok(mut written)) =
-        (pm.uid(), pm.resource_version(), ctx.written.lock())
-    {
-        written.insert(uid, rv);
+    if over {
+        ctx.forget(&uid);
+        return Ok(requeue);
     }
+    // A transfer's progress kept while it runs long is written, so that its status shows it.
+    let progress = |pm: &PodMigration| pm.status.as_ref().and_then(|s| s.progress);
+    if unwritten_since.is_some_and(|since| since.elapsed() >= UNWRITTEN_AT_MOST)
+        && progress(&pm) != progress(&watched)
+        && let Some(status) = pm.status.clone()
+    {
+        let phase = status.phase;
+        write_status(&pm, phase, status, None, ctx).await?;
+    } else if unwritten_since.is_some() {
+        ctx.remember(&uid, &pm, unwritten_since);
+    }
+    Ok(requeue)
 }
 
-fn forget_written(ctx: &Context, uid: &str) {
-    if let Ok(mut written) = ctx.written.lock() {
-        written.remove(uid);
+impl Context {
+    /// The migration as this operator last knew it, and since when results wait to be written.
+    fn known_migration(&self, uid: &str) -> (Option<PodMigration>, Option<std::time::Instant>) {
+        self.known
+            .lock()
+            .ok()
+            .and_then(|known| {
+                let k = known.get(uid)?;
+                Some((k.pm.clone(), k.unwritten_since))
+            })
+            .unwrap_or_default()
+    }
+
+    /// Remembers `pm` as this operator knows it now (`unwritten_since`: with results not written
+    /// since then; none when it was just written or read).
+    fn remember(&self, uid: &str, pm: &PodMigration, unwritten_since: Option<std::time::Instant>) {
+        if let Ok(mut known) = self.known.lock() {
+            let k = known.entry(uid.to_string()).or_default();
+            k.pm = Some(pm.clone());
+            k.unwritten_since = unwritten_since;
+        }
+    }
+
+    /// Forgets a migration that is over.
+    fn forget(&self, uid: &str) {
+        if let Ok(mut known) = self.known.lock() {
+            known.remove(uid);
+        }
+    }
+
+    /// Remembers a change of the pod of migration `uid` until the watch shows it.
+    fn expect(&self, uid: &str, expected: Expected) {
+        if let Ok(mut known) = self.known.lock() {
+            known.entry(uid.to_string()).or_default().pod = Some(expected);
+        }
+    }
+
+    /// The pod of migration `uid` as this operator knows it: the watched copy (`watched`), unless
+    /// it does not show this operator's last change yet.
+    fn expected_pod(&self, uid: &str, watched: Option<Pod>) -> Option<Pod> {
+        let Ok(mut known) = self.known.lock() else {
+            return watched;
+        };
+        let Some(k) = known.get_mut(uid) else {
+            return watched;
+        };
+        let shown = match (&k.pod, &watched) {
+            (None, _) => return watched,
+            (Some(Expected::Gone(gone)), Some(pod)) if pod.uid().as_ref() == Some(gone) => {
+                return None;
+            }
+            (Some(Expected::Created(created)), Some(pod)) if pod.uid() != created.uid() => {
+                return Some((**created).clone());
+            }
+            (Some(Expected::Created(created)), None) => return Some((**created).clone()),
+            // The watch shows the change.
+            (Some(_), _) => watched,
+        };
+        k.pod = None;
+        shown
     }
 }
 
@@ -338,25 +494,33 @@ fn track_active(ctx: &Context, f: &Facts) {
     }
 }
 
-/// What the state machine decides on. The pod is the watched copy once the migration started,
-/// unless `read_pod` (or the watch does not have it: a pod not found is confirmed by the API
-/// server).
-async fn observe(pm: &PodMigration, ctx: &Context, read_pod: bool) -> Result<Facts> {
+/// What the state machine decides on. The pod is the watched copy, with the changes this
+/// operator made that the watch does not show yet ([`Context::expected_pod`]); it is read from
+/// the API server before the pods are watched, and before a start when the watched copy would
+/// refuse it (a pod just made Running may not be watched as such yet).
+async fn observe(pm: &PodMigration, ctx: &Context) -> Result<Facts> {
     let ns = pm.namespace().unwrap_or_default();
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
-    // Whether it may start is decided on the pod as the API server has it (a pod just made
-    // Running may not be watched as such yet); from then on the watched copy will do.
+    let uid = pm.uid().unwrap_or_default();
     let starting = pm
         .status
         .as_ref()
         .and_then(|s| s.phase)
         .is_none_or(|p| p == Phase::Pending);
-    let cached = (!read_pod && !starting)
+    let watching = futures::FutureExt::now_or_never(ctx.pods.wait_until_ready())
+        .is_some_and(|ready| ready.is_ok());
+    let cached = watching
         .then(|| ctx.pods.get(&ObjectRef::new(&pm.spec.pod_name).within(&ns)))
-        .flatten();
+        .flatten()
+        .map(|pod| (*pod).clone());
+    let startable = |pod: &Pod| {
+        let f = pod_facts(pod, &ctx.policy);
+        f.running() && f.migratable
+    };
     let pod = match cached {
-        Some(pod) => Some((*pod).clone()),
-        None => pods.get_opt(&pm.spec.pod_name).await?,
+        Some(pod) if starting && !startable(&pod) => pods.get_opt(&pm.spec.pod_name).await?,
+        None if starting || !watching => pods.get_opt(&pm.spec.pod_name).await?,
+        cached => ctx.expected_pod(&uid, cached),
     };
     let mut status = pm.status.clone().unwrap_or_default();
     status.observed_generation = pm.metadata.generation;
@@ -453,11 +617,18 @@ async fn choose_target(
             }
         }
     };
-    let runtime_class = Api::<RuntimeClass>::all(ctx.client.clone())
-        .get_opt(&ctx.backends.runtime_class)
-        .await?;
-    let mut backends =
-        targets::usable_backends(runtime_class.is_some(), ctx.backends.checkpoint_images);
+    let runtime_class =
+        match futures::FutureExt::now_or_never(ctx.runtime_classes.wait_until_ready()) {
+            Some(Ok(())) => ctx
+                .runtime_classes
+                .get(&ObjectRef::new(&ctx.backends.runtime_class))
+                .is_some(),
+            _ => Api::<RuntimeClass>::all(ctx.client.clone())
+                .get_opt(&ctx.backends.runtime_class)
+                .await?
+                .is_some(),
+        };
+    let mut backends = targets::usable_backends(runtime_class, ctx.backends.checkpoint_images);
     if movable::has_empty_dir(pod) {
         // Only the runtime wrapper carries emptyDir content (the checkpoint images do not).
         backends.retain(|b| *b == agent_api::backend::RUNTIME_WRAPPER);
@@ -478,8 +649,24 @@ async fn choose_target(
     .await;
     let all_pods: Api<Pod> = Api::all(ctx.client.clone());
     let mut used = Vec::with_capacity(nodes.len());
-    // Pods on their way to a node take room there already.
-    let arriving = ctx.queue.arriving();
+    // Pods on their way to a node take room there already (until their replacement is watched).
+    let replaced: BTreeSet<String> = ctx
+        .pods
+        .state()
+        .iter()
+        .filter_map(|p| {
+            p.annotations()
+                .get(replacement::MIGRATION_UID_ANNOTATION)
+                .cloned()
+        })
+        .collect();
+    let arriving: Vec<(String, Pod)> = ctx
+        .queue
+        .arriving()
+        .into_iter()
+        .filter(|(uid, _, _)| !replaced.contains(uid))
+        .map(|(_, target, template)| (target, template))
+        .collect();
     let arriving_at = |node: String| {
         arriving
             .iter()
@@ -579,7 +766,7 @@ async fn start(
         Claim::Busy(other) => {
             let failed = statemachine::busy(f, &other);
             return Ok(Next::Continue(
-                write_status(pm, f, failed, None, ctx).await?,
+                write_status(pm, f.status.phase, failed, None, ctx).await?,
             ));
         }
     }
@@ -607,14 +794,14 @@ async fn start(
         );
         if f.status.message.as_deref() != Some(message.as_str()) {
             let queued = statemachine::queued(f, &message);
-            write_status(pm, f, queued, None, ctx).await?;
+            write_status(pm, f.status.phase, queued, None, ctx).await?;
         }
         return Ok(Next::Requeue(poll));
     }
     // Admitted: the slot is held from here; given back if the start cannot be written.
     let started = async {
         let updated = keep_template(pm, status.source_pod_uid.as_deref(), pods, ctx).await?;
-        write_status(&updated, f, status, None, ctx).await
+        write_status(&updated, f.status.phase, status, None, ctx).await
     };
     match started.await {
         Ok(written) => Ok(Next::Continue(written)),
@@ -634,10 +821,10 @@ async fn execute(pm: &PodMigration, f: &Facts, action: Action, ctx: &Context) ->
     match action {
         Action::Start(status) => start(pm, f, *status, &pods, ctx).await,
         Action::Write(status) => Ok(Next::Continue(
-            write_status(pm, f, *status, None, ctx).await?,
+            write_status(pm, f.status.phase, *status, None, ctx).await?,
         )),
         Action::Commit(status) => {
-            match write_status(pm, f, *status, pm.resource_version(), ctx).await {
+            match write_status(pm, f.status.phase, *status, pm.resource_version(), ctx).await {
                 Ok(updated) => Ok(Next::Continue(updated)),
                 // The object changed since it was read (deleted, say): decide again on fresh facts.
                 Err(Error::Kube(kube::Error::Api(s))) if s.code == 409 => {
@@ -655,13 +842,25 @@ async fn execute(pm: &PodMigration, f: &Facts, action: Action, ctx: &Context) ->
                 Err(e) => return Err(e.into()),
             };
             Ok(Next::Continue(
-                write_status(pm, f, status, None, ctx).await?,
+                write_status(pm, f.status.phase, status, None, ctx).await?,
             ))
         }
         Action::Call(step) => {
             let answer = call_agent(pm, f, step, ctx).await;
+            // A step done without a change of phase, and the progress of one still running, are
+            // written with the next write ([`Known`]).
+            let quiet = match answer {
+                Answer::Succeeded(_) => true,
+                Answer::Running { .. } => true,
+                Answer::Failed(_) | Answer::Unreachable(_) => false,
+            };
             let (status, after) = statemachine::after(f, step, answer);
-            let updated = write_status(pm, f, status, None, ctx).await?;
+            if quiet && status.phase == f.status.phase {
+                let mut kept = pm.clone();
+                kept.status = Some(status);
+                return Ok(Next::Kept(kept, after));
+            }
+            let updated = write_status(pm, f.status.phase, status, None, ctx).await?;
             Ok(if after.is_zero() {
                 Next::Continue(updated)
             } else {
@@ -678,9 +877,19 @@ async fn execute(pm: &PodMigration, f: &Facts, action: Action, ctx: &Context) ->
                 preconditions: Some(preconditions),
                 ..Default::default()
             };
+            let gone = Expected::Gone(f.status.source_pod_uid.clone().unwrap_or_default());
             match pods.delete(&pm.spec.pod_name, &params).await {
-                Ok(_) => info!(pod = %pm.spec.pod_name, "deleted the source pod"),
-                Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => {}
+                // Gone at once (no grace period, no finalizer of the pod's).
+                Ok(answer) if answer.is_right() => {
+                    info!(pod = %pm.spec.pod_name, "deleted the source pod");
+                    ctx.expect(&f.uid, gone);
+                }
+                Ok(_) => {
+                    info!(pod = %pm.spec.pod_name, "the source pod is being deleted");
+                }
+                Err(kube::Error::Api(s)) if s.code == 404 => ctx.expect(&f.uid, gone),
+                // The pod of that name is another one now: the state machine sees which.
+                Err(kube::Error::Api(s)) if s.code == 409 => {}
                 Err(e) => return Err(e.into()),
             }
             Ok(Next::Continue(pm.clone()))
@@ -716,14 +925,20 @@ async fn execute(pm: &PodMigration, f: &Facts, action: Action, ctx: &Context) ->
                     .reserve(&mut pod, ip)
                     .map_err(|why| Error::Invalid(format!("{}: {why}", pm.name_any())))?;
             }
-            match pods.create(&PostParams::default(), &pod).await {
+            let created = match pods.create(&PostParams::default(), &pod).await {
                 Ok(created) => {
-                    info!(node = %target, uid = ?created.uid(), "created the replacement pod")
+                    info!(node = %target, uid = ?created.uid(), "created the replacement pod");
+                    Some(created)
                 }
                 // Made by an earlier attempt (or someone else's pod of that name: the state
                 // machine sees which).
-                Err(kube::Error::Api(s)) if s.reason == "AlreadyExists" => {}
+                Err(kube::Error::Api(s)) if s.reason == "AlreadyExists" => {
+                    pods.get_opt(&pm.spec.pod_name).await?
+                }
                 Err(e) => return Err(e.into()),
+            };
+            if let Some(created) = created {
+                ctx.expect(&f.uid, Expected::Created(Box::new(created)));
             }
             Ok(Next::Continue(pm.clone()))
         }
@@ -737,7 +952,9 @@ async fn execute(pm: &PodMigration, f: &Facts, action: Action, ctx: &Context) ->
     }
 }
 
-/// Stores the replacement pod's template in an annotation, before the source is touched.
+/// Stores the replacement pod's template in an annotation and adds the finalizer (so that a
+/// deletion rolls back or cleans up), in one write before the source is touched. Guarded by the
+/// resourceVersion: a migration changed meanwhile is read again and the start retried.
 async fn keep_template(
     pm: &PodMigration,
     source_uid: Option<&str>,
@@ -758,16 +975,36 @@ async fn keep_template(
     };
     let template = serde_json::to_string(&replacement::template(&pod))?;
     let api: Api<PodMigration> = Api::namespaced(ctx.client.clone(), &ns);
-    let patch = json!({"metadata": {"annotations": {replacement::TEMPLATE_ANNOTATION: template}}});
-    let updated = api
+    let mut finalizers = pm.finalizers().to_vec();
+    if !finalizers.iter().any(|f| f == FINALIZER) {
+        finalizers.push(FINALIZER.to_string());
+    }
+    let patch = json!({"metadata": {
+        "resourceVersion": pm.resource_version(),
+        "finalizers": finalizers,
+        "annotations": {replacement::TEMPLATE_ANNOTATION: template},
+    }});
+    let uid = pm.uid().unwrap_or_default();
+    match api
         .patch(
             &pm.name_any(),
             &PatchParams::default(),
             &Patch::Merge(&patch),
         )
-        .await?;
-    remember_written(ctx, &updated);
-    Ok(updated)
+        .await
+    {
+        Ok(updated) => {
+            ctx.remember(&uid, &updated, None);
+            Ok(updated)
+        }
+        Err(kube::Error::Api(s)) if s.code == 409 => {
+            if let Some(stored) = api.get_opt(&pm.name_any()).await? {
+                ctx.remember(&uid, &stored, None);
+            }
+            Err(kube::Error::Api(s).into())
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 fn template_of(pm: &PodMigration) -> Result<Pod> {
@@ -870,7 +1107,7 @@ fn step_args(pm: &PodMigration, f: &Facts) -> StepArgs {
 /// `resource_version`, only if the object is still the one that was read (the commit point).
 async fn write_status(
     pm: &PodMigration,
-    f: &Facts,
+    before: Option<Phase>,
     status: PodMigrationStatus,
     resource_version: Option<String>,
     ctx: &Context,
@@ -889,8 +1126,8 @@ async fn write_status(
     let updated = api
         .patch_status(&pm.name_any(), &params, &Patch::Apply(&body))
         .await?;
-    remember_written(ctx, &updated);
-    let before = f.status.phase;
+    ctx.remember(&updated.uid().unwrap_or_default(), &updated, None);
+    tracing::debug!(phase = ?status.phase, message = ?status.message, "wrote the status");
     if status.phase != before {
         record_phase_change(pm, before, &status, ctx).await;
         if status.phase.is_some_and(Phase::is_final) {
@@ -918,6 +1155,10 @@ async fn record_phase_change(
     let message = status.message.clone().unwrap_or_default();
     info!(from = ?before, to = ?phase, %message, "phase changed");
     ctx.metrics.phase_changed(before, status);
+    // Events mark the start, the commit point and the end; the phases between are in the status.
+    if !matches!(phase, Phase::Preparing | Phase::Restoring) && !phase.is_final() {
+        return;
+    }
     let (type_, reason) = match phase {
         Phase::Failed | Phase::RolledBack => {
             let reason = status

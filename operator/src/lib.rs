@@ -23,8 +23,6 @@ pub mod webhook;
 pub enum Error {
     #[error("Kubernetes API: {0}")]
     Kube(#[from] kube::Error),
-    #[error("finalizer: {0}")]
-    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
     #[error("rxe block: {0}")]
     Rxe(#[from] rxe_blocks::Error),
     #[error("invalid PodMigration {0}")]
@@ -51,11 +49,6 @@ impl Error {
         match self {
             Error::Invalid(_) | Error::Json(_) => ErrorKind::Invalid,
             Error::CleanupPending(_) => ErrorKind::Pending,
-            Error::Finalizer(inner) => match inner.as_ref() {
-                kube::runtime::finalizer::Error::ApplyFailed(e)
-                | kube::runtime::finalizer::Error::CleanupFailed(e) => e.kind(),
-                _ => ErrorKind::Transient,
-            },
             Error::Kube(_) | Error::Rxe(_) => ErrorKind::Transient,
         }
     }
@@ -64,11 +57,6 @@ impl Error {
     pub fn metric_label(&self) -> &'static str {
         match self {
             Error::Kube(_) => "kube",
-            Error::Finalizer(inner) => match inner.as_ref() {
-                kube::runtime::finalizer::Error::ApplyFailed(e)
-                | kube::runtime::finalizer::Error::CleanupFailed(e) => e.metric_label(),
-                _ => "finalizer",
-            },
             Error::Rxe(_) => "rxe",
             Error::Invalid(_) => "invalid",
             Error::CleanupPending(_) => "cleanup_pending",

@@ -162,9 +162,8 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let args = Args::parse();
     args.ranges().validate()?;
-    let client = Client::try_default()
-        .await
-        .context("connecting to the API server")?;
+    let metrics = Arc::new(Metrics::default());
+    let client = counted_client(&metrics).await?;
     let identity = args
         .identity
         .clone()
@@ -172,7 +171,6 @@ async fn main() -> anyhow::Result<()> {
 
     let shutdown = CancellationToken::new();
     tokio::spawn(signals(shutdown.clone()));
-    let metrics = Arc::new(Metrics::default());
     let health = server::Health {
         ready: Arc::new(AtomicBool::new(false)),
         leader: Arc::new(AtomicBool::new(false)),
@@ -310,6 +308,23 @@ async fn lead(
     let _ = tokio::join!(controller, sweeper);
     holder.abort();
     Ok(lost_leadership)
+}
+
+/// A client of the API server whose every request is counted in `metrics`.
+async fn counted_client(metrics: &Arc<Metrics>) -> anyhow::Result<Client> {
+    let config = kube::Config::infer()
+        .await
+        .context("finding the API server's configuration")?;
+    let metrics = metrics.clone();
+    let count =
+        tower::util::MapRequestLayer::new(move |request: http::Request<kube::client::Body>| {
+            metrics.api_request(request.method(), request.uri());
+            request
+        });
+    Ok(kube::client::ClientBuilder::try_from(config)
+        .context("connecting to the API server")?
+        .with_layer(&count)
+        .build())
 }
 
 async fn signals(shutdown: CancellationToken) {

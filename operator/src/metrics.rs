@@ -1,5 +1,6 @@
 //! The operator's Prometheus metrics (served on `/metrics`): migrations by result, phase
-//! durations, downtime, agent calls, reconcile errors by kind, and active migrations.
+//! durations, downtime, agent calls, reconcile errors by kind, active migrations, and the requests
+//! the operator sends to the API server (by verb and resource: what a migration costs the cluster).
 
 use std::time::Duration;
 
@@ -30,6 +31,12 @@ struct ErrorLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    verb: &'static str,
+    resource: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CallLabels {
     call: String,
     answer: String,
@@ -45,6 +52,7 @@ pub struct Metrics {
     reconcile_errors: Family<ErrorLabels, Counter>,
     agent_calls: Family<CallLabels, Histogram>,
     active: Gauge,
+    api_requests: Family<RequestLabels, Counter>,
 }
 
 fn seconds_buckets() -> impl Iterator<Item = f64> {
@@ -94,7 +102,14 @@ impl Default for Metrics {
             "PodMigrations not in a final phase",
             active.clone(),
         );
+        let api_requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "api_requests",
+            "Requests sent to the Kubernetes API server, by verb and resource",
+            api_requests.clone(),
+        );
         Self {
+            api_requests,
             registry,
             migrations,
             phase_seconds,
@@ -118,6 +133,14 @@ impl Metrics {
     pub fn reconcile_error(&self, kind: &str) {
         self.reconcile_errors
             .get_or_create(&ErrorLabels { kind: kind.into() })
+            .inc();
+    }
+
+    /// A request to the API server is being sent (counted by [`request_kind`]).
+    pub fn api_request(&self, method: &http::Method, uri: &http::Uri) {
+        let (verb, resource) = request_kind(method, uri);
+        self.api_requests
+            .get_or_create(&RequestLabels { verb, resource })
             .inc();
     }
 
@@ -164,6 +187,103 @@ impl Metrics {
             if let Some(ms) = status.timings.and_then(|t| t.downtime_ms) {
                 self.downtime_seconds.observe(ms as f64 / 1000.0);
             }
+        }
+    }
+}
+
+/// The verb and resource of an API server request, as the API server's own metrics name them:
+/// `GET /api/v1/namespaces/ns/pods/p` is (`GET`, `pods`), without a name `LIST`, with `watch=true`
+/// `WATCH`; a subresource follows a slash (`podmigrations/status`).
+pub fn request_kind(method: &http::Method, uri: &http::Uri) -> (&'static str, String) {
+    let segments: Vec<&str> = uri.path().split('/').filter(|s| !s.is_empty()).collect();
+    let rest = match segments.first() {
+        Some(&"api") => segments.get(2..),
+        Some(&"apis") => segments.get(3..),
+        _ => None,
+    };
+    let Some(mut rest) = rest else {
+        // Not a resource: /version, /healthz.
+        let path = segments.first().copied().unwrap_or_default();
+        return (verb_of(method, false, false), path.to_string());
+    };
+    if rest.first() == Some(&"namespaces") && rest.len() >= 3 {
+        rest = &rest[2..];
+    }
+    let named = rest.len() >= 2;
+    let resource = match rest {
+        [resource, _, sub, ..] => format!("{resource}/{sub}"),
+        [resource, ..] => (*resource).to_string(),
+        [] => String::new(),
+    };
+    let watch = uri
+        .query()
+        .is_some_and(|q| q.split('&').any(|kv| kv == "watch=true" || kv == "watch=1"));
+    (verb_of(method, named, watch), resource)
+}
+
+fn verb_of(method: &http::Method, named: bool, watch: bool) -> &'static str {
+    match *method {
+        http::Method::GET if watch => "WATCH",
+        http::Method::GET if named => "GET",
+        http::Method::GET => "LIST",
+        http::Method::POST => "CREATE",
+        http::Method::PUT => "UPDATE",
+        http::Method::PATCH => "PATCH",
+        http::Method::DELETE if named => "DELETE",
+        http::Method::DELETE => "DELETECOLLECTION",
+        _ => "OTHER",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::request_kind;
+    use http::Method;
+
+    fn kind(method: Method, uri: &str) -> (&'static str, String) {
+        request_kind(&method, &uri.parse().unwrap())
+    }
+
+    #[test]
+    fn requests_are_named_as_the_api_server_names_them() {
+        let cases = [
+            (Method::GET, "/api/v1/namespaces/a/pods/p", ("GET", "pods")),
+            (
+                Method::GET,
+                "/api/v1/namespaces/a/pods?labelSelector=x",
+                ("LIST", "pods"),
+            ),
+            (
+                Method::GET,
+                "/api/v1/pods?watch=true&resourceVersion=1",
+                ("WATCH", "pods"),
+            ),
+            (Method::GET, "/api/v1/nodes/n1", ("GET", "nodes")),
+            (Method::GET, "/api/v1/namespaces/a", ("GET", "namespaces")),
+            (
+                Method::PATCH,
+                "/apis/migros.io/v1alpha1/namespaces/a/podmigrations/m/status?fieldManager=x",
+                ("PATCH", "podmigrations/status"),
+            ),
+            (
+                Method::POST,
+                "/apis/coordination.k8s.io/v1/namespaces/a/leases",
+                ("CREATE", "leases"),
+            ),
+            (
+                Method::DELETE,
+                "/api/v1/namespaces/a/pods/p",
+                ("DELETE", "pods"),
+            ),
+            (
+                Method::DELETE,
+                "/apis/migros.io/v1alpha1/namespaces/a/podmigrations",
+                ("DELETECOLLECTION", "podmigrations"),
+            ),
+            (Method::GET, "/version", ("LIST", "version")),
+        ];
+        for (method, uri, (verb, resource)) in cases {
+            assert_eq!(kind(method, uri), (verb, resource.to_string()), "{uri}");
         }
     }
 }

@@ -234,9 +234,10 @@ impl Queue {
         admission
     }
 
-    /// The pods on their way to each node: the templates of the migrations in flight whose
-    /// replacement does not exist yet (target choice counts them as if they ran there).
-    pub fn arriving(&self) -> Vec<(String, k8s_openapi::api::core::v1::Pod)> {
+    /// The pods on their way to each node: `(migration UID, target node, template)` of each
+    /// migration in flight (target choice counts them as if they ran there, until it sees their
+    /// replacement).
+    pub fn arriving(&self) -> Vec<(String, String, k8s_openapi::api::core::v1::Pod)> {
         let Some(store) = self.store.get() else {
             return Vec::new();
         };
@@ -246,13 +247,14 @@ impl Queue {
             .filter(|pm| !matches!(phase(pm), Phase::Pending) && !phase(pm).is_final())
             .filter_map(|pm| {
                 let status = pm.status.as_ref()?;
-                if status.target_pod_uid.is_some() {
-                    return None;
-                }
                 let raw = pm
                     .annotations()
                     .get(crate::replacement::TEMPLATE_ANNOTATION)?;
-                Some((status.target_node.clone()?, serde_json::from_str(raw).ok()?))
+                Some((
+                    pm.uid()?,
+                    status.target_node.clone()?,
+                    serde_json::from_str(raw).ok()?,
+                ))
             })
             .collect()
     }

@@ -90,7 +90,8 @@ pub struct PodFacts {
 }
 
 impl PodFacts {
-    fn running(&self) -> bool {
+    /// Running and not being deleted.
+    pub fn running(&self) -> bool {
         self.phase.as_deref() == Some("Running") && !self.deleting
     }
 }
@@ -174,10 +175,6 @@ pub fn next(f: &Facts) -> Action {
     }
     if f.deleting && phase == Phase::Pending {
         return Action::Done;
-    }
-    if f.status.phase.is_none() {
-        let msg = "checking the pod and choosing the target node";
-        return Action::Write(Box::new(enter(f, f.status.clone(), Phase::Pending, msg)));
     }
     if has(f, condition::ABORTING) {
         return abort_step(f);
@@ -364,11 +361,6 @@ fn restore_step(f: &Facts) -> Action {
                 ),
             )))
         }
-        Some(p) if f.status.target_pod_uid.as_deref() != Some(p.uid.as_str()) => {
-            let mut s = f.status.clone();
-            s.target_pod_uid = Some(p.uid.clone());
-            Action::Write(Box::new(s))
-        }
         Some(p) if p.running() => Action::Call(Step::FinishRestore),
         Some(_) => Action::Wait(POLL),
     }
@@ -437,6 +429,7 @@ fn succeeded(f: &Facts, call: Step, op: &agent_api::Operation) -> PodMigrationSt
             let t = timings(&mut s);
             t.restore_ms = restore_started.map(|at| millis(f.now, at));
             t.downtime_ms = frozen.map(|at| millis(f.now, at));
+            s.target_pod_uid = f.pod.as_ref().map(|p| p.uid.clone());
             let msg = format!(
                 "pod {} runs on {}{}",
                 f.spec.pod_name,
@@ -696,8 +689,15 @@ fn finish_with(
     s
 }
 
-/// Moves to `phase`: records the transition, the message, `Ready` and the generation.
+/// Moves to `phase`: records the transition, the message, `Ready` and the generation. A
+/// migration with no phase yet was Pending until now (its first write is the start, or its end).
 fn enter(f: &Facts, mut s: PodMigrationStatus, phase: Phase, message: &str) -> PodMigrationStatus {
+    if s.phase.is_none() && phase != Phase::Pending {
+        s.phase_transitions.push(PhaseTransition {
+            phase: Phase::Pending,
+            time: MicroTime(f.now),
+        });
+    }
     if s.phase != Some(phase) {
         s.phase = Some(phase);
         s.phase_transitions.push(PhaseTransition {
@@ -870,11 +870,9 @@ mod tests {
         }
     }
 
-    /// A migration the operator has seen and marked Pending.
+    /// A migration not started yet: no phase written (a queued one is Pending).
     fn pending() -> Facts {
-        let f = new_migration();
-        let a = next(&f);
-        apply(f, &a)
+        new_migration()
     }
 
     /// Applies `action` the way the controller would, returning the facts after it.
@@ -977,20 +975,32 @@ mod tests {
     }
 
     #[test]
-    fn a_new_migration_is_marked_pending_first() {
+    fn a_new_migration_starts_in_its_first_write_which_records_that_it_was_pending() {
         let f = new_migration();
-        let Action::Write(s) = next(&f) else {
-            panic!("expected a status write")
+        let Action::Start(s) = next(&f) else {
+            panic!("expected Start")
         };
-        assert_eq!(s.phase, Some(Phase::Pending));
         assert_eq!(
-            s.phase_transitions
-                .iter()
-                .map(|t| t.phase)
-                .collect::<Vec<_>>(),
-            [Phase::Pending]
+            phases(&apply(f.clone(), &Action::Start(s))),
+            [Phase::Pending, Phase::Preparing]
         );
-        assert!(s.message.is_some());
+        // One that must wait is written Pending, with why.
+        let queued = queued(&f, "queued: 1 of 3 waiting to start");
+        assert_eq!(queued.phase, Some(Phase::Pending));
+        assert_eq!(queued.phase_transitions.len(), 1);
+        let ready = queued
+            .conditions
+            .iter()
+            .find(|c| c.type_ == condition::READY);
+        assert_eq!(ready.map(|c| c.reason.as_str()), Some(QUEUED));
+        // One that cannot start fails in its first write, which says it was Pending.
+        let mut gone = new_migration();
+        gone.pod = None;
+        let Action::Write(s) = next(&gone) else {
+            panic!("expected a failure")
+        };
+        let failed = apply(gone, &Action::Write(s));
+        assert_eq!(phases(&failed), [Phase::Pending, Phase::Failed]);
     }
 
     #[test]
@@ -1016,7 +1026,6 @@ mod tests {
             node: "node-2".into(),
             backend: agent_api::backend::CRI_CHECKPOINT_IMAGE.into(),
         }));
-        let f = apply(f.clone(), &next(&f));
         let Action::Start(s) = next(&f) else {
             panic!("expected Start")
         };
@@ -1140,14 +1149,12 @@ mod tests {
             created_by_migration: Some(UID.into()),
             ..running_pod()
         });
-        let a = next(&f);
-        f = apply(f, &a);
-        assert_eq!(f.status.target_pod_uid.as_deref(), Some("pod-2"));
         assert_eq!(next(&f), Action::Wait(POLL));
         f.pod.as_mut().unwrap().phase = Some("Running".into());
         assert_eq!(next(&f), Action::Call(Step::FinishRestore));
         f = answer(f, Step::FinishRestore, ok());
         assert_eq!(f.status.phase, Some(Phase::Succeeded));
+        assert_eq!(f.status.target_pod_uid.as_deref(), Some("pod-2"));
         assert_eq!(
             phases(&f),
             [

@@ -91,7 +91,9 @@ impl Webhooks {
         }
         let cached = self.migrations.state();
         let cached: Vec<&PodMigration> = cached.iter().map(AsRef::as_ref).collect();
-        if admission::candidates(&pod, &cached).is_empty() {
+        let now = k8s_openapi::jiff::Timestamp::now();
+        if admission::candidates(&pod, &cached, now).is_empty() {
+            debug!(pod = %pod.name_any(), migrations = cached.len(), "a pod of a controller: none of its migrations in flight");
             return Verdict::Allow;
         }
         // A migration of this controller's pods is in flight: decide on the namespace's
@@ -101,7 +103,11 @@ impl Webhooks {
             Ok(list) => list.items,
             Err(e) => return unavailable(&format!("listing PodMigrations: {e}")),
         };
-        admission::pod_create(&pod, &fresh)
+        let verdict = admission::pod_create(&pod, &fresh, now);
+        if verdict == Verdict::Allow {
+            debug!(pod = %pod.name_any(), "a pod of a controller: none of its migrations restores it");
+        }
+        verdict
     }
 
     async fn evicted(&self, req: &AdmissionRequest<DynamicObject>) -> Verdict {

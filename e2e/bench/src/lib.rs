@@ -128,6 +128,10 @@ pub struct ScaleRun {
     pub requests_per_migration: f64,
     pub operator_peak_rss_mib: f64,
     pub operator_cpu_s: f64,
+    /// The same requests by verb and resource (`PATCH podmigrations/status`), per migration, as
+    /// the operator's own metrics count them.
+    #[serde(default)]
+    pub requests_by_kind: BTreeMap<String, f64>,
 }
 
 /// Everything one benchmark run measured at one label.

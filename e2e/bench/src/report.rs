@@ -518,7 +518,26 @@ fn scale(c: &Context<'_>) -> Slots {
             format!("{:.1}", s.operator_cpu_s),
         ]);
     }
-    vec![("scale", t.to_string())]
+    let mut out = t.to_string();
+    if let Some(largest) =
+        c.r.scale
+            .iter()
+            .filter(|s| !s.requests_by_kind.is_empty())
+            .max_by_key(|s| s.migrations)
+    {
+        let mut kinds: Vec<(&String, &f64)> = largest.requests_by_kind.iter().collect();
+        kinds.sort_by(|a, b| b.1.total_cmp(a.1).then(a.0.cmp(b.0)));
+        let mut by_kind = Table::new(&["request", "per migration"]);
+        for (kind, n) in kinds.into_iter().filter(|(_, n)| **n >= 0.05) {
+            by_kind.row(vec![format!("`{kind}`"), format!("{n:.1}")]);
+        }
+        out.push_str(&format!(
+            "\nThe operator's requests by kind at N = {}, per migration, as its own metric \
+             `migros_api_requests_total` counts them (kinds under 0.05 left out):\n\n{by_kind}",
+            largest.migrations
+        ));
+    }
+    vec![("scale", out)]
 }
 
 fn time(c: &Context<'_>) -> Slots {
@@ -893,6 +912,11 @@ mod tests {
                 requests_per_migration: 12.0,
                 operator_peak_rss_mib: 60.0,
                 operator_cpu_s: 20.0,
+                requests_by_kind: [
+                    ("PATCH podmigrations/status".to_string(), 5.0),
+                    ("CREATE events".to_string(), 3.0),
+                ]
+                .into(),
             }],
             ..Default::default()
         }
@@ -940,6 +964,10 @@ mod tests {
         // From the commit at 16Mi: four phases of 0.1 s.
         assert!(md.contains("| 0.40 (0.40-0.40) s (commit + "), "{md}");
         assert!(md.contains("45.0 s, 60 MiB | yes |"), "{md}");
+        // The requests by kind, most first.
+        let by_kind = md.find("| `PATCH podmigrations/status` | 5.0 |");
+        assert!(by_kind.is_some(), "{md}");
+        assert!(md.find("| `CREATE events` | 3.0 |") > by_kind, "{md}");
         assert!(md.contains("the largest phase is **transfer**"), "{md}");
         assert!(!md.contains("Before and after"));
         let mut before = results();

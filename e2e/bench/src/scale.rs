@@ -5,6 +5,7 @@
 //! requests per migration" are the operator's requests only.
 
 use std::{
+    collections::BTreeMap,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
@@ -16,6 +17,7 @@ use kube::{
     Api, Client,
     api::{DeleteParams, ListParams, PostParams},
 };
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use sandbox::{
     Dirs,
@@ -63,6 +65,7 @@ pub async fn run(dirs: &Dirs, n: usize) -> anyhow::Result<ScaleRun> {
     let mut operator = Operator::start(&built.join("operator"), &kubeconfig, &ns, &certs, log)?;
     operator.wait_leading(&client, &ns).await?;
     let requests_before = operator_requests(&client).await?;
+    let kinds_before = operator.requests_by_kind().await?;
 
     let pms: Api<PodMigration> = Api::namespaced(client.clone(), &ns);
     let started = Instant::now();
@@ -83,6 +86,10 @@ pub async fn run(dirs: &Dirs, n: usize) -> anyhow::Result<ScaleRun> {
     }
     let all_final_ms = started.elapsed().as_secs_f64() * 1000.0;
     let requests = operator_requests(&client).await? - requests_before;
+    let mut requests_by_kind = operator.requests_by_kind().await?;
+    for (kind, count) in &mut requests_by_kind {
+        *count = (*count - kinds_before.get(kind).copied().unwrap_or(0.0)) / n as f64;
+    }
     let (rss, cpu) = usage(operator.0.id()).context("the operator's resource usage")?;
 
     // Clean up while the operator still lifts its finalizers.
@@ -104,6 +111,7 @@ pub async fn run(dirs: &Dirs, n: usize) -> anyhow::Result<ScaleRun> {
         requests_per_migration: requests / n as f64,
         operator_peak_rss_mib: rss,
         operator_cpu_s: cpu,
+        requests_by_kind,
     })
 }
 
@@ -209,8 +217,8 @@ async fn wait_final(pms: &Api<PodMigration>, n: usize) -> anyhow::Result<usize> 
     }
 }
 
-/// The operator process, killed when dropped.
-struct Operator(Child);
+/// The operator process, killed when dropped, and the address of its metrics.
+struct Operator(Child, std::net::SocketAddr);
 
 impl Operator {
     /// The release binary at `bin` as user [`USER`], one replica, reconciling namespace `ns`.
@@ -224,7 +232,7 @@ impl Operator {
         let http = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
         let child = Command::new(bin)
             .env("KUBECONFIG", kubeconfig)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", "info,kube=warn,operator::controller=debug")
             .args(["--namespace", ns, "--watch-namespace", ns])
             .args(["--identity", "bench", "--lease-retry-seconds", "1"])
             // The test agents restore from checkpoint images (they offer nothing else).
@@ -243,7 +251,7 @@ impl Operator {
             .stderr(log)
             .spawn()
             .context("starting the operator")?;
-        Ok(Self(child))
+        Ok(Self(child, http))
     }
 
     /// Waits until it holds the leader Lease (it answers /ready either way).
@@ -264,6 +272,37 @@ impl Operator {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// Its API requests so far, by `VERB resource` (its metric `migros_api_requests_total`).
+    async fn requests_by_kind(&self) -> anyhow::Result<BTreeMap<String, f64>> {
+        let mut stream = tokio::net::TcpStream::connect(self.1).await?;
+        stream
+            .write_all(b"GET /metrics HTTP/1.0\r\nHost: operator\r\n\r\n")
+            .await?;
+        let mut text = String::new();
+        stream.read_to_string(&mut text).await?;
+        let mut kinds = BTreeMap::new();
+        for line in text.lines() {
+            let Some(labels) = line.strip_prefix("migros_api_requests_total{") else {
+                continue;
+            };
+            let Some((labels, value)) = labels.rsplit_once("} ") else {
+                continue;
+            };
+            let label = |key: &str| {
+                labels
+                    .split(',')
+                    .find_map(|kv| kv.strip_prefix(key)?.strip_prefix("=\""))
+                    .map(|v| v.trim_end_matches('"').to_string())
+            };
+            if let (Some(verb), Some(resource), Ok(value)) =
+                (label("verb"), label("resource"), value.parse::<f64>())
+            {
+                kinds.insert(format!("{verb} {resource}"), value);
+            }
+        }
+        Ok(kinds)
     }
 
     fn stop(&mut self) {

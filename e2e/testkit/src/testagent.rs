@@ -46,7 +46,8 @@ impl From<Step> for Scripted {
 
 /// Bytes the test agent "checkpoints" and streams to the target agent.
 pub const ARCHIVE_BYTES: u64 = 4096;
-/// Chunks of a transfer; one is sent every [`CHUNK_INTERVAL`], so a transfer takes about a second.
+/// Chunks of a transfer; one is sent every [`CHUNK_INTERVAL`] (unless the test says otherwise:
+/// [`TestAgent::with_chunk_interval`]), so a transfer takes about a second.
 const CHUNKS: u64 = 16;
 const CHUNK_INTERVAL: Duration = Duration::from_millis(60);
 /// Steps that end within this answer their result; held ones answer RUNNING after it.
@@ -86,6 +87,8 @@ struct State {
     no_rxe: bool,
     /// Reported in the capabilities: the restore backends (`None`: the checkpoint-image one).
     backends: Option<Vec<String>>,
+    /// Time between two chunks of a transfer this agent sends (`None`: [`CHUNK_INTERVAL`]).
+    chunk_interval: Option<Duration>,
     script: HashMap<Scripted, Behaviour>,
     counts: HashMap<Scripted, Count>,
     released: HashMap<Step, bool>,
@@ -183,6 +186,11 @@ impl TestAgent {
     pub fn with_backends(&self, backends: &[&str]) {
         let backends = backends.iter().map(|b| b.to_string()).collect();
         self.service.with(|s| s.backends = Some(backends));
+    }
+
+    /// Makes the transfers this agent sends take [`CHUNKS`] times `interval`.
+    pub fn with_chunk_interval(&self, interval: Duration) {
+        self.service.with(|s| s.chunk_interval = Some(interval));
     }
 
     pub fn count(&self, step: impl Into<Scripted>) -> Count {
@@ -321,11 +329,12 @@ impl Service {
     async fn send(&self, request: v1::TransferRequest) -> v1::Operation {
         let uid = request.migration_uid.clone();
         let chunk = ARCHIVE_BYTES / CHUNKS;
+        let interval = self.with(|s| s.chunk_interval.unwrap_or(CHUNK_INTERVAL));
         let (operations, progress_uid) = (self.operations.clone(), uid.clone());
         let chunks = tokio_stream::StreamExt::then(tokio_stream::iter(0..CHUNKS), move |i| {
             let (operations, uid) = (operations.clone(), progress_uid.clone());
             async move {
-                tokio::time::sleep(CHUNK_INTERVAL).await;
+                tokio::time::sleep(interval).await;
                 operations.progress(&uid, Step::Transfer, i * chunk, ARCHIVE_BYTES);
                 v1::ReceiveChunk {
                     migration_uid: uid,
