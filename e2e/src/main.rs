@@ -170,6 +170,14 @@ async fn main() -> anyhow::Result<()> {
                 note,
                 backend,
             };
+            if cfg!(debug_assertions) && !options.report_only {
+                // The test agents and the stand-in kubelet share the two cores with what is
+                // measured; unoptimised, they take a third of a core from the API server.
+                eprintln!(
+                    "e2e: warning: a debug build measures its own harness too; run the benchmarks \
+                     with `cargo run --release -p e2e -- bench`"
+                );
+            }
             bench::run(&dirs, &options).await?;
         }
         Command::Uninstall => {

@@ -164,11 +164,20 @@ struct Context<'a> {
     /// The sizes from the middle up (where the floor target applies).
     large: Vec<String>,
     rate: BTreeMap<&'static str, Option<Summary>>,
+    /// The run whose control-plane scale results are shown: this one's, else the newest that
+    /// has them (the scale benchmark does not depend on the restore backend, and runs alone).
+    scale: &'a Results,
     thousand: Option<&'a ScaleRun>,
 }
 
 impl<'a> Context<'a> {
-    fn new(r: &'a Results) -> Self {
+    fn new(r: &'a Results, doc: &'a Document) -> Self {
+        let scale = doc
+            .values()
+            .filter(|o| !o.scale.is_empty())
+            .max_by(|a, b| a.started.cmp(&b.started))
+            .filter(|newest| newest.started > r.started || r.scale.is_empty())
+            .unwrap_or(r);
         let sizes: Vec<&String> = ordered(&r.migrations).into_iter().map(|(k, _)| k).collect();
         let transfer = r.transfer.clone().unwrap_or_default();
         let rate = ["agent", "agent stream", "tcp pipe", "scp", "memory copy"]
@@ -189,7 +198,8 @@ impl<'a> Context<'a> {
                 .map(|s| s.to_string())
                 .collect(),
             rate,
-            thousand: r.scale.iter().find(|s| s.migrations == 1000),
+            scale,
+            thousand: scale.scale.iter().find(|s| s.migrations == 1000),
         }
     }
 
@@ -211,7 +221,7 @@ pub fn markdown(doc: &Document, label: &str) -> String {
     let Some(r) = doc.get(label) else {
         return "# Benchmarks\n\nNo results.\n".into();
     };
-    let c = Context::new(r);
+    let c = Context::new(r, doc);
     let header = vec![
         ("label", label.to_string()),
         ("backend", r.backend.clone()),
@@ -227,7 +237,7 @@ pub fn markdown(doc: &Document, label: &str) -> String {
         ("floor", !r.floor.is_empty(), floor(&c)),
         ("raw", !r.raw.is_empty(), raw(&c)),
         ("transfer", r.transfer.is_some(), transfer(&c)),
-        ("scale", !r.scale.is_empty(), scale(&c)),
+        ("scale", !c.scale.scale.is_empty(), scale(&c)),
         ("time", !r.migrations.is_empty(), time(&c)),
         ("missed", true, missed(&c)),
         ("comparison", !others.is_empty(), comparison(&others, r)),
@@ -320,25 +330,21 @@ fn targets(c: &Context<'_>) -> Table {
     ]);
     t.row(vec![
         "1000 PodMigrations with instant agents: all Succeeded within 60 s, operator RSS at most \
-         100 MiB"
+         100 MiB, at most 15 API requests each"
             .into(),
         c.thousand.map_or_else(
             || "-".into(),
             |s| {
                 format!(
-                    "{} Succeeded, {:.1} s, {:.0} MiB",
+                    "{} Succeeded, {:.1} s, {:.0} MiB, {:.1} requests",
                     s.succeeded,
                     s.all_final_ms / 1000.0,
-                    s.operator_peak_rss_mib
+                    s.operator_peak_rss_mib,
+                    s.requests_per_migration
                 )
             },
         ),
-        met(c.thousand.map(|s| {
-            s.succeeded == s.migrations
-                && s.all_final_ms <= 60_000.0
-                && s.operator_peak_rss_mib <= 100.0
-        }))
-        .into(),
+        met(c.thousand.map(scale_met)).into(),
     ]);
     t
 }
@@ -508,7 +514,7 @@ fn scale(c: &Context<'_>) -> Slots {
         "operator peak RSS MiB",
         "operator CPU s",
     ]);
-    for s in &c.r.scale {
+    for s in &c.scale.scale {
         t.row(vec![
             s.migrations.to_string(),
             format!("{:.1}", s.all_final_ms / 1000.0),
@@ -518,12 +524,20 @@ fn scale(c: &Context<'_>) -> Slots {
             format!("{:.1}", s.operator_cpu_s),
         ]);
     }
-    let mut out = t.to_string();
-    if let Some(largest) =
-        c.r.scale
-            .iter()
-            .filter(|s| !s.requests_by_kind.is_empty())
-            .max_by_key(|s| s.migrations)
+    let mut out = String::new();
+    if c.scale.label != c.r.label {
+        out.push_str(&format!(
+            "Measured in run `{}` ({}, commit `{}`), the newest that has them.\n\n",
+            c.scale.label, c.scale.started, c.scale.commit
+        ));
+    }
+    out.push_str(&t.to_string());
+    if let Some(largest) = c
+        .scale
+        .scale
+        .iter()
+        .filter(|s| !s.requests_by_kind.is_empty())
+        .max_by_key(|s| s.migrations)
     {
         let mut kinds: Vec<(&String, &f64)> = largest.requests_by_kind.iter().collect();
         kinds.sort_by(|a, b| b.1.total_cmp(a.1).then(a.0.cmp(b.0)));
@@ -656,7 +670,7 @@ fn missed(c: &Context<'_>) -> Slots {
             s(summary(raw_mid.iter().map(|x| x.scp_ms))),
         ));
     }
-    if let Some(t) = c.thousand {
+    if let Some(t) = c.thousand.filter(|t| !scale_met(t)) {
         items.push(format!(
             "- **1000 PodMigrations**: every migration costs about {:.0} API requests (status \
              writes, Events, pod reads and writes), and the API server, etcd, the operator, the \
@@ -666,6 +680,14 @@ fn missed(c: &Context<'_>) -> Slots {
         ));
     }
     vec![("missed", items.join("\n"))]
+}
+
+/// Whether a run of the control plane at scale meets its target.
+fn scale_met(s: &ScaleRun) -> bool {
+    s.succeeded == s.migrations
+        && s.all_final_ms <= 60_000.0
+        && s.operator_peak_rss_mib <= 100.0
+        && s.requests_per_migration <= 15.0
 }
 
 fn comparison(others: &[&Results], r: &Results) -> Slots {
@@ -963,7 +985,7 @@ mod tests {
         assert!(md.contains("500 MB/s: 0.50x | yes |"), "{md}");
         // From the commit at 16Mi: four phases of 0.1 s.
         assert!(md.contains("| 0.40 (0.40-0.40) s (commit + "), "{md}");
-        assert!(md.contains("45.0 s, 60 MiB | yes |"), "{md}");
+        assert!(md.contains("45.0 s, 60 MiB, 12.0 requests | yes |"), "{md}");
         // The requests by kind, most first.
         let by_kind = md.find("| `PATCH podmigrations/status` | 5.0 |");
         assert!(by_kind.is_some(), "{md}");
@@ -978,6 +1000,21 @@ mod tests {
         ]
         .into();
         assert!(markdown(&doc, "now").contains("## Before and after"));
+
+        // A later run of the scale benchmark alone is what the scale section and target show.
+        let mut now = results();
+        now.scale.clear();
+        let mut scale = results();
+        (scale.label, scale.started) = ("scale".into(), "2026-12-03T00:00:00Z".into());
+        scale.migrations.clear();
+        scale.scale[0].all_final_ms = 30_000.0;
+        let doc: Document = [("now".to_string(), now), ("scale".to_string(), scale)].into();
+        let md = markdown(&doc, "now");
+        assert!(
+            md.contains("Measured in run `scale` (2026-12-03T00:00:00Z"),
+            "{md}"
+        );
+        assert!(md.contains("30.0 s, 60 MiB, 12.0 requests | yes |"), "{md}");
     }
 
     #[test]

@@ -232,7 +232,7 @@ impl Operator {
         let http = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
         let child = Command::new(bin)
             .env("KUBECONFIG", kubeconfig)
-            .env("RUST_LOG", "info,kube=warn,operator::controller=debug")
+            .env("RUST_LOG", "warn")
             .args(["--namespace", ns, "--watch-namespace", ns])
             .args(["--identity", "bench", "--lease-retry-seconds", "1"])
             // The test agents restore from checkpoint images (they offer nothing else).
