@@ -147,6 +147,28 @@ impl Claims {
         self.delete_unchanged(&existing).await
     }
 
+    /// Gives back the claims this operator took for migrations that are gone (UIDs not in
+    /// `alive`): deleted before they started, so no last reconcile gave them back.
+    pub async fn release_gone(&self, alive: &std::collections::BTreeSet<String>) {
+        let gone: Vec<Lease> = self
+            .held
+            .lock()
+            .map(|mut held| {
+                let gone: Vec<String> = held
+                    .keys()
+                    .filter(|u| !alive.contains(*u))
+                    .cloned()
+                    .collect();
+                gone.iter().filter_map(|u| held.remove(u)).collect()
+            })
+            .unwrap_or_default();
+        for lease in gone {
+            if let Err(e) = self.delete_unchanged(&lease).await {
+                tracing::warn!(lease = %lease.name_any(), error = %e, "could not give back a claim");
+            }
+        }
+    }
+
     /// Deletes `lease` as it was read: one taken over or gone meanwhile is not ours to delete.
     async fn delete_unchanged(&self, lease: &Lease) -> Result<(), kube::Error> {
         let params = DeleteParams {

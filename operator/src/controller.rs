@@ -228,6 +228,7 @@ pub async fn run(
     }
     let controller = Controller::new(api, watcher::Config::default());
     ctx.queue.watch(controller.store());
+    let forgetting = tokio::spawn(forget_the_gone(ctx.clone(), controller.store()));
     controller
         // Reconciles at once are bounded: a thousand at once held a thousand listings in memory.
         .with_config(
@@ -247,6 +248,34 @@ pub async fn run(
         .run(reconcile, error_policy, ctx)
         .for_each(|_| futures::future::ready(()))
         .await;
+    forgetting.abort();
+}
+
+/// How often what the operator keeps per migration is checked against the migrations that exist.
+const FORGET_EVERY: Duration = Duration::from_secs(30);
+
+/// Forgets, now and then, what is kept for migrations that are gone without a last reconcile (a
+/// migration deleted before it started has no finalizer, so none comes), and gives back their
+/// pods' claims.
+async fn forget_the_gone(ctx: Arc<Context>, store: reflector::Store<PodMigration>) {
+    loop {
+        tokio::time::sleep(FORGET_EVERY).await;
+        if futures::FutureExt::now_or_never(store.wait_until_ready()).is_none() {
+            continue;
+        }
+        let alive: BTreeSet<String> = store.state().iter().filter_map(|pm| pm.uid()).collect();
+        if let Ok(mut known) = ctx.known.lock() {
+            known.retain(|uid, _| alive.contains(uid));
+        }
+        if let Ok(mut failures) = ctx.failures.lock() {
+            failures.retain(|uid, _| alive.contains(uid));
+        }
+        if let Ok(mut active) = ctx.active.lock() {
+            active.retain(|uid| alive.contains(uid));
+            ctx.metrics.set_active(active.len());
+        }
+        ctx.claims.release_gone(&alive).await;
+    }
 }
 
 async fn reconcile(pm: Arc<PodMigration>, ctx: Arc<Context>) -> Result<Requeue> {
