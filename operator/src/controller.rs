@@ -357,7 +357,8 @@ enum Next {
     /// A result kept in memory, written with the next write ([`Known`]); look again after this
     /// long.
     Kept(PodMigration, Duration),
-    Requeue(Duration),
+    /// Look again after this long, with the migration as it is now (as just written, if so).
+    Requeue(PodMigration, Duration),
     Done,
 }
 
@@ -389,10 +390,17 @@ async fn drive(watched: Arc<PodMigration>, ctx: &Context, cleanup: bool) -> Resu
     };
     let mut requeue = Requeue::requeue(Duration::ZERO);
     let mut over = false;
+    let mut settled = false;
     for _ in 0..STEPS_PER_RECONCILE {
         let facts = observe(&pm, ctx).await?;
         let action = statemachine::next(&facts);
         track_active(ctx, &facts);
+        if action == Action::DeleteSourcePod && unwritten_since.is_some() {
+            // The source's stop is written before its pod goes: an operator that takes over
+            // must not need the source's agent (its node may be going away) to go on.
+            pm = write_status(&pm, facts.status.phase, facts.status.clone(), None, ctx).await?;
+            unwritten_since = None;
+        }
         match execute(&pm, &facts, action, ctx).await? {
             Next::Continue(updated) => {
                 if updated.resource_version() != pm.resource_version() {
@@ -412,19 +420,23 @@ async fn drive(watched: Arc<PodMigration>, ctx: &Context, cleanup: bool) -> Resu
                     break;
                 }
             }
-            // The finalizer stays until the cleanup is done; the error policy looks again soon.
-            Next::Requeue(_) if cleanup => {
-                if unwritten_since.is_some() {
-                    ctx.remember(&uid, &pm, unwritten_since);
+            Next::Requeue(updated, after) => {
+                if updated.resource_version() != pm.resource_version() {
+                    unwritten_since = None;
                 }
-                return Err(Error::CleanupPending(pm.name_any()));
-            }
-            Next::Requeue(after) => {
+                pm = updated;
                 requeue = Requeue::requeue(after);
                 break;
             }
             Next::Done => {
-                over = facts.deleting || facts.status.phase.is_some_and(Phase::is_final);
+                settled = true;
+                // A deletion seen in a run that was not the cleanup: the cleanup run comes and
+                // starts from what is known here.
+                over = if cleanup {
+                    true
+                } else {
+                    !facts.deleting && facts.status.phase.is_some_and(Phase::is_final)
+                };
                 requeue = Requeue::await_change();
                 break;
             }
@@ -433,6 +445,11 @@ async fn drive(watched: Arc<PodMigration>, ctx: &Context, cleanup: bool) -> Resu
     if over {
         ctx.forget(&uid);
         return Ok(requeue);
+    }
+    // The finalizer stays until the cleanup is done; the error policy looks again soon.
+    if cleanup && !settled {
+        ctx.remember(&uid, &pm, unwritten_since);
+        return Err(Error::CleanupPending(pm.name_any()));
     }
     // A transfer's progress kept while it runs long is written, so that its status shows it.
     let progress = |pm: &PodMigration| pm.status.as_ref().and_then(|s| s.progress);
@@ -791,7 +808,7 @@ async fn start(
 ) -> Result<Next> {
     match ctx.claims.acquire(pm).await? {
         Claim::Held => {}
-        Claim::Contended => return Ok(Next::Requeue(Duration::from_millis(200))),
+        Claim::Contended => return Ok(Next::Requeue(pm.clone(), Duration::from_millis(200))),
         Claim::Busy(other) => {
             let failed = statemachine::busy(f, &other);
             return Ok(Next::Continue(
@@ -821,19 +838,31 @@ async fn start(
                 .unwrap_or(10)
                 .clamp(1, 10),
         );
-        if f.status.message.as_deref() != Some(message.as_str()) {
+        let now = if f.status.message.as_deref() == Some(message.as_str()) {
+            pm.clone()
+        } else {
             let queued = statemachine::queued(f, &message);
-            write_status(pm, f.status.phase, queued, None, ctx).await?;
-        }
-        return Ok(Next::Requeue(poll));
+            write_status(pm, f.status.phase, queued, None, ctx).await?
+        };
+        return Ok(Next::Requeue(now, poll));
     }
     // Admitted: the slot is held from here; given back if the start cannot be written.
     let started = async {
-        let updated = keep_template(pm, status.source_pod_uid.as_deref(), pods, ctx).await?;
-        write_status(&updated, f.status.phase, status, None, ctx).await
+        let Some(updated) = keep_template(pm, status.source_pod_uid.as_deref(), pods, ctx).await?
+        else {
+            // The pod went meanwhile: the next look fails the migration (PodNotFound).
+            return Ok(None);
+        };
+        write_status(&updated, f.status.phase, status, None, ctx)
+            .await
+            .map(Some)
     };
     match started.await {
-        Ok(written) => Ok(Next::Continue(written)),
+        Ok(Some(written)) => Ok(Next::Continue(written)),
+        Ok(None) => {
+            ctx.queue.unstart(pm);
+            Ok(Next::Requeue(pm.clone(), Duration::ZERO))
+        }
         Err(e) => {
             ctx.queue.unstart(pm);
             Err(e)
@@ -855,9 +884,18 @@ async fn execute(pm: &PodMigration, f: &Facts, action: Action, ctx: &Context) ->
         Action::Commit(status) => {
             match write_status(pm, f.status.phase, *status, pm.resource_version(), ctx).await {
                 Ok(updated) => Ok(Next::Continue(updated)),
-                // The object changed since it was read (deleted, say): decide again on fresh facts.
+                // The object changed since it was read (deleted, labelled, ...): decide again on
+                // it as stored (results not written yet are asked for again).
                 Err(Error::Kube(kube::Error::Api(s))) if s.code == 409 => {
-                    Ok(Next::Requeue(Duration::ZERO))
+                    let api: Api<PodMigration> = Api::namespaced(ctx.client.clone(), &ns);
+                    let stored = api.get_opt(&pm.name_any()).await?;
+                    if let Some(stored) = &stored {
+                        ctx.remember(&f.uid, stored, None);
+                    }
+                    Ok(Next::Requeue(
+                        stored.unwrap_or_else(|| pm.clone()),
+                        Duration::ZERO,
+                    ))
                 }
                 Err(e) => Err(e),
             }
@@ -893,7 +931,7 @@ async fn execute(pm: &PodMigration, f: &Facts, action: Action, ctx: &Context) ->
             Ok(if after.is_zero() {
                 Next::Continue(updated)
             } else {
-                Next::Requeue(after)
+                Next::Requeue(updated, after)
             })
         }
         Action::DeleteSourcePod => {
@@ -908,8 +946,14 @@ async fn execute(pm: &PodMigration, f: &Facts, action: Action, ctx: &Context) ->
             };
             let gone = Expected::Gone(f.status.source_pod_uid.clone().unwrap_or_default());
             match pods.delete(&pm.spec.pod_name, &params).await {
-                // Gone at once (no grace period, no finalizer of the pod's).
-                Ok(answer) if answer.is_right() => {
+                // Gone at once: no grace period and no finalizer keeps it (the API server answers
+                // the deleted pod, or a Status).
+                Ok(answer)
+                    if answer.as_ref().left().is_none_or(|pod| {
+                        pod.metadata.deletion_grace_period_seconds == Some(0)
+                            && pod.finalizers().is_empty()
+                    }) =>
+                {
                     info!(pod = %pm.spec.pod_name, "deleted the source pod");
                     ctx.expect(&f.uid, gone);
                 }
@@ -971,7 +1015,7 @@ async fn execute(pm: &PodMigration, f: &Facts, action: Action, ctx: &Context) ->
             }
             Ok(Next::Continue(pm.clone()))
         }
-        Action::Wait(after) => Ok(Next::Requeue(after)),
+        Action::Wait(after) => Ok(Next::Requeue(pm.clone(), after)),
         Action::Done => {
             if f.deleting {
                 release_claim(pm, ctx).await;
@@ -989,7 +1033,7 @@ async fn keep_template(
     source_uid: Option<&str>,
     pods: &Api<Pod>,
     ctx: &Context,
-) -> Result<PodMigration> {
+) -> Result<Option<PodMigration>> {
     let ns = pm.namespace().unwrap_or_default();
     let cached = ctx
         .pods
@@ -998,8 +1042,8 @@ async fn keep_template(
     let pod = match cached {
         Some(pod) => (*pod).clone(),
         None => match pods.get_opt(&pm.spec.pod_name).await? {
-            Some(pod) => pod,
-            None => return Ok(pm.clone()),
+            Some(pod) if pod.metadata.uid.as_deref() == source_uid => pod,
+            _ => return Ok(None),
         },
     };
     let template = serde_json::to_string(&replacement::template(&pod))?;
@@ -1024,7 +1068,7 @@ async fn keep_template(
     {
         Ok(updated) => {
             ctx.remember(&uid, &updated, None);
-            Ok(updated)
+            Ok(Some(updated))
         }
         Err(kube::Error::Api(s)) if s.code == 409 => {
             if let Some(stored) = api.get_opt(&pm.name_any()).await? {

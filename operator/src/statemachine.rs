@@ -695,7 +695,7 @@ fn enter(f: &Facts, mut s: PodMigrationStatus, phase: Phase, message: &str) -> P
     if s.phase.is_none() && phase != Phase::Pending {
         s.phase_transitions.push(PhaseTransition {
             phase: Phase::Pending,
-            time: MicroTime(f.now),
+            time: MicroTime(f.created),
         });
     }
     if s.phase != Some(phase) {

@@ -523,6 +523,44 @@ async fn a_migration_that_times_out_before_the_commit_point_rolls_back() {
 }
 
 #[tokio::test]
+async fn a_migration_labelled_by_someone_else_mid_flight_still_commits_and_succeeds() {
+    // The operator takes its own last write as the migration's state; a change by anyone else
+    // (a label, here) makes the commit's resourceVersion precondition fail, and the operator must
+    // read the migration again rather than retry with the stale version until the timeout.
+    with_namespace("op-label", |client, ns| async move {
+        let s = Scenario::new(client, &ns).await;
+        s.pod("server", 1, "10.244.1.5").await;
+        s.agent(1).script(Step::Transfer, Behaviour::Hold);
+        let _operator = Operator::start(&ns, "op-a", &s.certs).await;
+        s.migrate_with(
+            "labelled",
+            "server",
+            Some(2),
+            serde_json::json!({"timeoutSeconds": 30}),
+        )
+        .await;
+        s.wait_phase("labelled", Phase::Transferring, PHASE_TIMEOUT)
+            .await;
+        let patch = serde_json::json!({"metadata": {"labels": {"team": "storage"}}});
+        s.migrations()
+            .patch(
+                "labelled",
+                &kube::api::PatchParams::default(),
+                &kube::api::Patch::Merge(&patch),
+            )
+            .await
+            .unwrap();
+        s.agent(1).release(Step::Transfer);
+        let pm = s
+            .wait_phase("labelled", Phase::Succeeded, PHASE_TIMEOUT)
+            .await;
+        assert!(pm.status.unwrap().committed);
+        assert_eq!(s.agent(1).count(Step::Abort(Role::Source)).executions, 0);
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn an_operator_killed_in_any_phase_resumes_without_repeating_a_step() {
     with_namespace("op-restart", |client, ns| async move {
         let s = Scenario::new(client, &ns).await;
