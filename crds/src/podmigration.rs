@@ -22,7 +22,6 @@ pub const MAX_TIMEOUT_SECONDS: i64 = 86_400;
 
 // CEL has no DNS helpers that every supported API server version knows, so the rules spell the
 // regular expressions of k8s.io/apimachinery's IsDNS1123Label and IsDNS1123Subdomain.
-const DNS_LABEL_RULE: &str = "self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')";
 const DNS_SUBDOMAIN_RULE: &str =
     "self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$')";
 
@@ -54,8 +53,8 @@ const DNS_SUBDOMAIN_RULE: &str =
 #[serde(rename_all = "camelCase")]
 pub struct PodMigrationSpec {
     /// Name of the pod to migrate, in the namespace of this PodMigration.
-    #[schemars(length(min = 1, max = 63))]
-    #[x_kube(validation = Rule::new(DNS_LABEL_RULE).message("podName must be a DNS-1123 label: lowercase letters, digits and '-', starting and ending with a letter or digit"))]
+    #[schemars(length(min = 1, max = 253))]
+    #[x_kube(validation = Rule::new(DNS_SUBDOMAIN_RULE).message("podName must be a pod name (a DNS-1123 subdomain): lowercase letters, digits, '-' and '.', each part between dots starting and ending with a letter or digit"))]
     pub pod_name: String,
 
     /// Node to move the pod to. When empty the operator picks a ready, schedulable node that can

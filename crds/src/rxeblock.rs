@@ -56,6 +56,22 @@ pub struct PodReference {
     pub name: String,
 }
 
+/// The value of [`RXE_POD_NAME_LABEL`] for pod `name`: the name itself when it fits a label value
+/// (63 characters), else its first 40 characters and a hash of all of it (FNV-1a, stable across
+/// versions). A selector by it may match another long name with the same start and hash; readers
+/// compare `spec.pod.name`.
+pub fn pod_label_value(name: &str) -> String {
+    if name.len() <= 63 {
+        return name.to_string();
+    }
+    let hash = name.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    let start: String = name.chars().take(40).collect();
+    let start = start.trim_end_matches(|c: char| !c.is_ascii_alphanumeric());
+    format!("{start}-{hash:016x}")
+}
+
 impl RxeBlockSpec {
     /// The object name of the block with this index.
     pub fn object_name(index: u32) -> String {
@@ -70,5 +86,24 @@ impl RxeBlockSpec {
             mrn_start: self.mrn_start,
             mrn_count: self.mrn_count,
         }
+    }
+}
+
+#[cfg(test)]
+mod label_tests {
+    use super::pod_label_value;
+
+    #[test]
+    fn long_pod_names_get_a_label_value_that_fits() {
+        assert_eq!(pod_label_value("db.0"), "db.0");
+        let long = format!("{}.{}", "a".repeat(39), "b".repeat(100));
+        let value = pod_label_value(&long);
+        assert!(value.len() <= 63, "{value}");
+        assert!(
+            value.starts_with(&"a".repeat(39)) && !value.contains(".-"),
+            "{value}"
+        );
+        assert_ne!(value, pod_label_value(&format!("{long}c")));
+        assert_eq!(value, pod_label_value(&long));
     }
 }

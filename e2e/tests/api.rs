@@ -89,20 +89,32 @@ async fn a_minimal_podmigration_is_accepted_and_defaulted() {
         );
 
         // The typed API reads back what the server stored.
-        let typed: Api<PodMigration> = Api::namespaced(client, &ns);
+        let typed: Api<PodMigration> = Api::namespaced(client.clone(), &ns);
         let stored = typed
             .get("move-server")
             .await
             .expect("get the PodMigration");
         assert_eq!(stored.spec.timeout_seconds, crds::DEFAULT_TIMEOUT_SECONDS);
         assert_eq!(stored.status, None);
+
+        // Any pod name: a DNS-1123 subdomain, dots and 253 characters included.
+        let longest = format!("{}.{}", "a".repeat(200), "b".repeat(52));
+        for (name, pod) in [("dotted", "db.0"), ("longest", longest.as_str())] {
+            dynamic_api(client.clone(), &ns)
+                .create(
+                    &PostParams::default(),
+                    &podmigration(name, json!({"podName": pod})),
+                )
+                .await
+                .unwrap_or_else(|e| panic!("podName {pod}: {e}"));
+        }
     })
     .await;
 }
 
 #[tokio::test]
 async fn invalid_specs_are_rejected_by_the_api_server_with_their_messages() {
-    let long_label = "a".repeat(64);
+    let too_long = "a".repeat(254);
     let cases: Vec<(&str, Value, &str)> = vec![
         ("missing podName", json!({}), "spec.podName: Required value"),
         (
@@ -113,16 +125,16 @@ async fn invalid_specs_are_rejected_by_the_api_server_with_their_messages() {
         (
             "podName with upper case and underscore",
             json!({"podName": "My_Pod"}),
-            "podName must be a DNS-1123 label",
+            "podName must be a pod name (a DNS-1123 subdomain)",
         ),
         (
-            "podName with a dot",
-            json!({"podName": "web.1"}),
-            "podName must be a DNS-1123 label",
+            "podName with a part ending in a dash",
+            json!({"podName": "web-.1"}),
+            "podName must be a pod name (a DNS-1123 subdomain)",
         ),
         (
-            "podName of 64 characters",
-            json!({"podName": long_label}),
+            "podName of 254 characters",
+            json!({"podName": too_long}),
             "spec.podName: Too long",
         ),
         (

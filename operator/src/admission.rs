@@ -225,21 +225,15 @@ impl EvictionVerdict {
 /// evictions: the same for every webhook replica answering the same eviction, so that two
 /// concurrent evictions create one.
 pub fn eviction_migration_name(pod: &str, pod_uid: &str, attempt: u32) -> String {
-    // At most 63 + 43 characters (the pod's name is a DNS label, see `nameable`): a valid name.
-    format!("{pod}-drain-{pod_uid}-{attempt}")
-}
-
-/// Whether a PodMigration can name `pod` (`spec.podName` is a DNS-1123 label: at most 63
-/// lowercase letters, digits and '-'); a pod whose name is a longer or dotted subdomain is not
-/// migrated for evictions.
-pub fn nameable(pod: &str) -> bool {
-    !pod.is_empty()
-        && pod.len() <= 63
-        && pod
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !pod.starts_with('-')
-        && !pod.ends_with('-')
+    let name = format!("{pod}-drain-{pod_uid}-{attempt}");
+    if name.len() <= 253 {
+        return name;
+    }
+    // A pod name near the 253 characters of a name: its start (up to a dot or dash left out, so
+    // that every part of the name still ends in a letter or digit) stands for it.
+    let keep = 253 - (name.len() - pod.len());
+    let start = pod[..keep].trim_end_matches(|c: char| !c.is_ascii_alphanumeric());
+    format!("{start}-drain-{pod_uid}-{attempt}")
 }
 
 /// Decides an eviction.
@@ -282,7 +276,7 @@ pub fn eviction(e: &Eviction<'_>) -> EvictionVerdict {
     if !e.migratable || pod.status.as_ref().and_then(|s| s.phase.as_deref()) != Some("Running") {
         return EvictionVerdict::Allow;
     }
-    if e.unmovable.is_some() || !nameable(&name) {
+    if e.unmovable.is_some() {
         return EvictionVerdict::Allow;
     }
     let failed: Vec<&PodMigration> = e
@@ -571,15 +565,25 @@ mod tests {
             ..unmovable
         };
         assert_eq!(eviction(&not_running), EvictionVerdict::Allow);
-        let mut dotted = pod.clone();
-        dotted.metadata.name = Some("web.a".into());
-        let unnameable = Eviction {
-            pod: &dotted,
-            unmovable: None,
-            ..not_running
-        };
-        assert_eq!(eviction(&unnameable), EvictionVerdict::Allow);
-        assert!(nameable("web-a") && !nameable("web.a") && !nameable(&"a".repeat(64)));
+    }
+
+    #[test]
+    fn a_pod_of_any_valid_name_gets_a_valid_migration_name_on_eviction() {
+        let uid = "c559167c-d6f9-48fc-86f8-534cdcdf48d2";
+        assert_eq!(
+            eviction_migration_name("db.0", uid, 1),
+            format!("db.0-drain-{uid}-1")
+        );
+        let long = format!("{}.{}", "a".repeat(200), "b".repeat(52));
+        let name = eviction_migration_name(&long, uid, 12);
+        assert!(name.len() <= 253, "{}", name.len());
+        assert!(name.starts_with(&"a".repeat(200)) && name.ends_with(&format!("-drain-{uid}-12")));
+        assert!(
+            name.split('.')
+                .all(|part| part.starts_with(|c: char| c.is_ascii_alphanumeric())
+                    && part.ends_with(|c: char| c.is_ascii_alphanumeric())),
+            "{name}"
+        );
     }
 
     #[test]

@@ -162,12 +162,17 @@ impl Allocator {
 
     /// The blocks of a pod, lowest index first (more than one only after a race).
     async fn owned(&self, namespace: &str, name: &str) -> Result<Vec<RxeBlock>, Error> {
-        let selector = format!("{RXE_POD_NAMESPACE_LABEL}={namespace},{RXE_POD_NAME_LABEL}={name}");
+        let selector = format!(
+            "{RXE_POD_NAMESPACE_LABEL}={namespace},{RXE_POD_NAME_LABEL}={}",
+            crds::pod_label_value(name)
+        );
         let mut owned = self
             .api
             .list(&ListParams::default().labels(&selector))
             .await?
             .items;
+        // A long name's label value is shared with names that hash alike.
+        owned.retain(|b| b.spec.pod.namespace == namespace && b.spec.pod.name == name);
         owned.sort_by_key(|b| b.spec.index);
         Ok(owned)
     }
@@ -220,7 +225,7 @@ impl Allocator {
         let ranges = self.ranges.block(index);
         let labels = [
             (RXE_POD_NAMESPACE_LABEL.to_string(), namespace.to_string()),
-            (RXE_POD_NAME_LABEL.to_string(), name.to_string()),
+            (RXE_POD_NAME_LABEL.to_string(), crds::pod_label_value(name)),
         ];
         RxeBlock {
             metadata: ObjectMeta {

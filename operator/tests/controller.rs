@@ -561,6 +561,32 @@ async fn a_migration_labelled_by_someone_else_mid_flight_still_commits_and_succe
 }
 
 #[tokio::test]
+async fn pods_named_with_dots_or_at_length_253_move() {
+    with_namespace("op-names", |client, ns| async move {
+        let s = Scenario::new(client, &ns).await;
+        let longest = format!("{}.{}", "a".repeat(200), "b".repeat(52));
+        let _operator = Operator::start(&ns, "op-a", &s.certs).await;
+        for (i, pod) in ["db.0", longest.as_str()].into_iter().enumerate() {
+            let labels = [(crds::MIGRATABLE_LABEL, "true")];
+            let before = s
+                .pod_with(pod, 1, &format!("10.244.1.{}", 30 + i), &labels)
+                .await;
+            let name = format!("names-{i}");
+            s.migrate(&name, pod, Some(2)).await;
+            s.wait_phase(&name, Phase::Succeeded, PHASE_TIMEOUT).await;
+            let after = s.pods().get(pod).await.unwrap();
+            assert_ne!(after.uid(), before.uid(), "{pod}: replaced");
+            assert_eq!(
+                after.spec.and_then(|sp| sp.node_name).as_deref(),
+                Some(s.node(2).as_str()),
+                "{pod}"
+            );
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn an_operator_killed_in_any_phase_resumes_without_repeating_a_step() {
     with_namespace("op-restart", |client, ns| async move {
         let s = Scenario::new(client, &ns).await;
