@@ -1176,8 +1176,8 @@ fn step_args(pm: &PodMigration, f: &Facts) -> StepArgs {
     }
 }
 
-/// Writes the whole status by server-side apply under the operator's field manager. With
-/// `resource_version`, only if the object is still the one that was read (the commit point).
+/// Writes the whole status under the operator's field manager. With `resource_version`, only if
+/// the object is still the one that was read (the commit point), by server-side apply.
 async fn write_status(
     pm: &PodMigration,
     before: Option<Phase>,
@@ -1187,18 +1187,33 @@ async fn write_status(
 ) -> Result<PodMigration> {
     let api: Api<PodMigration> =
         Api::namespaced(ctx.client.clone(), &pm.namespace().unwrap_or_default());
-    let mut body = json!({
-        "apiVersion": PodMigration::api_version(&()),
-        "kind": PodMigration::kind(&()),
-        "status": status,
-    });
-    if let Some(rv) = resource_version {
-        body["metadata"] = json!({"resourceVersion": rv});
-    }
-    let params = PatchParams::apply(FIELD_MANAGER).force();
-    let updated = api
-        .patch_status(&pm.name_any(), &params, &Patch::Apply(&body))
-        .await?;
+    let updated = match resource_version {
+        // The commit point: only onto the version that was read.
+        Some(rv) => {
+            let body = json!({
+                "apiVersion": PodMigration::api_version(&()),
+                "kind": PodMigration::kind(&()),
+                "metadata": {"resourceVersion": rv},
+                "status": status,
+            });
+            let params = PatchParams::apply(FIELD_MANAGER).force();
+            api.patch_status(&pm.name_any(), &params, &Patch::Apply(&body))
+                .await?
+        }
+        // The whole status in place of the old one: a JSON patch costs the API server less than
+        // a server-side apply, which tracks every field's owner.
+        None => {
+            let patch: json_patch::Patch = serde_json::from_value(json!([
+                {"op": "add", "path": "/status", "value": status},
+            ]))?;
+            let params = PatchParams {
+                field_manager: Some(FIELD_MANAGER.into()),
+                ..PatchParams::default()
+            };
+            api.patch_status(&pm.name_any(), &params, &Patch::Json::<()>(patch))
+                .await?
+        }
+    };
     ctx.remember(&updated.uid().unwrap_or_default(), &updated, None);
     tracing::debug!(phase = ?status.phase, message = ?status.message, "wrote the status");
     if status.phase != before {
