@@ -259,6 +259,12 @@ pub struct PodMigrationStatus {
     )]
     pub target_pod_uid: Option<String>,
 
+    /// SHA-256 (`sha256:<hex>`) of the replacement template annotation as the operator stored it
+    /// at the start. A migration whose annotation no longer matches stops with reason
+    /// `TemplateChanged`: the operator never creates a pod from a template someone else wrote.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template_digest: Option<String>,
+
     /// The rxe QP and MR number block of an RDMA pod.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rxe: Option<RxeRanges>,

@@ -51,6 +51,7 @@ pub enum Reason {
     RestoreFailed,
     TimedOut,
     Deleted,
+    TemplateChanged,
 }
 
 impl Reason {
@@ -69,6 +70,7 @@ impl Reason {
             Reason::RestoreFailed => "RestoreFailed",
             Reason::TimedOut => "TimedOut",
             Reason::Deleted => "Deleted",
+            Reason::TemplateChanged => "TemplateChanged",
         }
     }
 }
@@ -111,6 +113,8 @@ pub struct Facts {
     pub target: Option<Result<Target, String>>,
     /// Pending only, RDMA pods: the pod's rxe block, if it has one.
     pub rxe: Option<RxeRanges>,
+    /// The replacement template annotation no longer matches `status.templateDigest`.
+    pub template_changed: bool,
 }
 
 /// Where a migration goes, and how the pod is restored there.
@@ -210,6 +214,16 @@ pub fn next(f: &Facts) -> Action {
             Some(Reason::TimedOut),
             &msg,
         )));
+    }
+    if f.template_changed {
+        let msg = "the replacement template annotation changed after the start: no pod is made \
+                   from a template the operator did not write";
+        return Action::Write(Box::new(if f.status.committed {
+            let msg = format!("{msg}; the checkpoint is kept at {}", location(f));
+            finish(f, Phase::Failed, Some(Reason::TemplateChanged), &msg)
+        } else {
+            begin_abort(f, Reason::TemplateChanged, msg)
+        }));
     }
     match phase {
         Phase::Pending => start(f),
@@ -867,6 +881,7 @@ mod tests {
                 backend: "runtime-wrapper".into(),
             })),
             rxe: None,
+            template_changed: false,
         }
     }
 
@@ -1111,6 +1126,28 @@ mod tests {
             panic!("expected Start")
         };
         assert_eq!(s.rxe, Some(block));
+    }
+
+    #[test]
+    fn a_changed_template_rolls_back_before_the_commit_and_fails_after_it() {
+        let mut f = advance_to(Phase::Transferring);
+        f.template_changed = true;
+        let Action::Write(s) = next(&f) else {
+            panic!("expected a status write")
+        };
+        assert_eq!(s.phase, Some(Phase::Transferring));
+        let aborting = s.conditions.iter().find(|c| c.type_ == condition::ABORTING);
+        assert_eq!(aborting.map(|c| c.reason.as_str()), Some("TemplateChanged"));
+
+        let mut f = advance_to(Phase::Restoring);
+        f.template_changed = true;
+        let Action::Write(s) = next(&f) else {
+            panic!("expected a status write")
+        };
+        assert_eq!(s.phase, Some(Phase::Failed));
+        let ready = s.conditions.iter().find(|c| c.type_ == condition::READY);
+        assert_eq!(ready.map(|c| c.reason.as_str()), Some("TemplateChanged"));
+        assert!(s.message.unwrap_or_default().contains("checkpoint is kept"));
     }
 
     #[test]

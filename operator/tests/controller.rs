@@ -561,6 +561,79 @@ async fn a_migration_labelled_by_someone_else_mid_flight_still_commits_and_succe
 }
 
 #[tokio::test]
+async fn a_replacement_template_changed_by_someone_else_is_never_used() {
+    with_namespace("op-template", |client, ns| async move {
+        let s = Scenario::new(client, &ns).await;
+        let tamper = |name: &'static str| {
+            let pms = s.migrations();
+            async move {
+                let pm = pms.get(name).await.unwrap();
+                let raw =
+                    &pm.metadata.annotations.unwrap()[operator::replacement::TEMPLATE_ANNOTATION];
+                let mut template: serde_json::Value = serde_json::from_str(raw).unwrap();
+                template["spec"]["volumes"] = serde_json::json!([
+                    {"name": "host", "hostPath": {"path": "/"}}
+                ]);
+                let patch = serde_json::json!({"metadata": {"annotations": {
+                    operator::replacement::TEMPLATE_ANNOTATION: template.to_string(),
+                }}});
+                pms.patch(
+                    name,
+                    &kube::api::PatchParams::default(),
+                    &kube::api::Patch::Merge(&patch),
+                )
+                .await
+                .unwrap();
+            }
+        };
+
+        // Before the commit point: the migration rolls back, the source pod runs as before.
+        let before = s.pod("server", 1, "10.244.1.5").await;
+        s.agent(1).script(Step::Transfer, Behaviour::Hold);
+        let mut operator = Operator::start(&ns, "op-a", &s.certs).await;
+        s.migrate("early", "server", Some(2)).await;
+        s.wait_phase("early", Phase::Transferring, PHASE_TIMEOUT)
+            .await;
+        tamper("early").await;
+        s.agent(1).release(Step::Transfer);
+        let pm = s
+            .wait_phase("early", Phase::RolledBack, PHASE_TIMEOUT)
+            .await;
+        assert_eq!(Scenario::reason(&pm).0, "TemplateChanged");
+        let after = s.pods().get("server").await.unwrap();
+        assert_eq!(
+            (after.uid(), after.resource_version()),
+            (before.uid(), before.resource_version())
+        );
+
+        // After it, an operator that takes over finds the change: it fails the migration and
+        // creates no pod from that template.
+        s.pod("db", 1, "10.244.1.6").await;
+        s.agent(2).script(Step::StageRestore, Behaviour::Hold);
+        s.migrate("late", "db", Some(2)).await;
+        s.wait_phase("late", Phase::Restoring, PHASE_TIMEOUT).await;
+        tamper("late").await;
+        operator.kill();
+        s.agent(2).release(Step::StageRestore);
+        let _operator = Operator::start(&ns, "op-b", &s.certs).await;
+        let pm = s.wait_phase("late", Phase::Failed, PHASE_TIMEOUT).await;
+        let (reason, message) = Scenario::reason(&pm);
+        assert_eq!(reason, "TemplateChanged", "{message}");
+        assert!(message.contains("checkpoint is kept"), "{message}");
+        assert!(
+            s.pods().get_opt("db").await.unwrap().is_none_or(|p| p
+                .spec
+                .and_then(|sp| sp.volumes)
+                .unwrap_or_default()
+                .iter()
+                .all(|v| v.host_path.is_none())),
+            "a pod was made from the changed template"
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn pods_named_with_dots_or_at_length_253_move() {
     with_namespace("op-names", |client, ns| async move {
         let s = Scenario::new(client, &ns).await;
