@@ -75,8 +75,17 @@ pub fn controller_of(pod: &Pod) -> Option<(&str, &str)> {
 }
 
 /// The controller UID of the pod a migration moves, from the replacement template it stored
-/// before touching the source; `None` when the template is not stored (yet) or names none.
+/// before touching the source; `None` when the template is not stored (yet), names none, or was
+/// changed since the start.
 pub fn migrated_controller(pm: &PodMigration) -> Option<String> {
+    // A template changed since the start is not the operator's: its migration stops anyway.
+    let recorded = pm
+        .status
+        .as_ref()
+        .and_then(|s| s.template_digest.as_deref());
+    if recorded.is_some() && crate::replacement::template_digest(pm).as_deref() != recorded {
+        return None;
+    }
     let template: Pod = serde_json::from_str(pm.annotations().get(TEMPLATE_ANNOTATION)?).ok()?;
     controller_of(&template).map(|(_, uid)| uid.to_string())
 }
@@ -454,6 +463,13 @@ mod tests {
         let mut unknown = migration("unknown", &source, Phase::Pending, false);
         unknown.metadata.annotations = None;
         let cached = [&mine, &other, &done, &unknown];
+        // A template changed since the start does not count.
+        let mut forged = migration("forged", &owned_pod("y", "rs-2"), Phase::Restoring, true);
+        forged.status.as_mut().unwrap().template_digest = Some("sha256:00".into());
+        assert_eq!(migrated_controller(&forged), None);
+        forged.status.as_mut().unwrap().template_digest =
+            crate::replacement::template_digest(&forged);
+        assert_eq!(migrated_controller(&forged).as_deref(), Some("rs-2"));
         let names: Vec<String> = candidates(&owned_pod("", "rs-1"), &cached, Timestamp::now())
             .iter()
             .map(|pm| pm.name_any())

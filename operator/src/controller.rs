@@ -587,7 +587,7 @@ async fn observe(pm: &PodMigration, ctx: &Context) -> Result<Facts> {
         template_changed: false,
     };
     if let Some(recorded) = facts.status.template_digest.as_deref() {
-        facts.template_changed = template_digest(pm).as_deref() != Some(recorded);
+        facts.template_changed = replacement::template_digest(pm).as_deref() != Some(recorded);
     }
     let pending = facts.status.phase.unwrap_or_default() == Phase::Pending;
     let startable = facts
@@ -858,7 +858,7 @@ async fn start(
             return Ok(None);
         };
         let status = PodMigrationStatus {
-            template_digest: template_digest(&updated),
+            template_digest: replacement::template_digest(&updated),
             ..status
         };
         write_status(&updated, f.status.phase, status, None, ctx)
@@ -1086,20 +1086,6 @@ async fn keep_template(
         }
         Err(e) => Err(e.into()),
     }
-}
-
-/// `sha256:<hex>` of `pm`'s replacement template annotation, if it has one.
-fn template_digest(pm: &PodMigration) -> Option<String> {
-    use sha2::Digest;
-    let raw = pm.annotations().get(replacement::TEMPLATE_ANNOTATION)?;
-    let digest = sha2::Sha256::digest(raw.as_bytes());
-    Some(format!(
-        "sha256:{}",
-        digest
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<String>()
-    ))
 }
 
 fn template_of(pm: &PodMigration) -> Result<Pod> {

@@ -11,6 +11,21 @@ use kube::api::ObjectMeta;
 /// Annotation of a PodMigration: the template of the replacement pod, taken from the source pod
 /// before anything is done to it, so that the replacement can be built after the source is gone.
 pub const TEMPLATE_ANNOTATION: &str = "migros.io/replacement-template";
+
+/// `sha256:<hex>` of `pm`'s replacement template annotation, if it has one (recorded in
+/// `status.templateDigest` at the start).
+pub fn template_digest(pm: &crds::PodMigration) -> Option<String> {
+    use sha2::Digest;
+    let raw = pm.metadata.annotations.as_ref()?.get(TEMPLATE_ANNOTATION)?;
+    let digest = sha2::Sha256::digest(raw.as_bytes());
+    Some(format!(
+        "sha256:{}",
+        digest
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    ))
+}
 /// Annotation of a replacement pod: the UID of the migration that created it.
 pub const MIGRATION_UID_ANNOTATION: &str = "migros.io/migration-uid";
 /// Annotation of a replacement pod: the name of the migration that created it.
