@@ -291,7 +291,10 @@ async fn the_chart_installs_kube_migros_that_migrates_pods_and_uninstalls_cleanl
         })
         .await;
         assert!(clean.is_ok(), "left after helm uninstall: {last:?}");
-        assert!(!release::installed(&dirs, &env));
+        assert!(
+            !release::installed(&dirs, &env).expect("helm lists the releases"),
+            "the release is still installed"
+        );
         let still = workload::running(&pods, "app", None).await.unwrap();
         assert_eq!(still.metadata.uid, current.metadata.uid);
     })

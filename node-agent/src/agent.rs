@@ -40,6 +40,9 @@ pub struct Settings {
     pub transfer_attempts: u32,
     /// Waiting for a killed source container to end at most this long.
     pub stop_timeout: Duration,
+    /// A paused source resumes by itself this long after its checkpoint unless the migration
+    /// passed its commit point first, when the operator's request names no deadline.
+    pub source_deadline: Duration,
     /// How the source checkpoints containers.
     pub checkpoint_via: CheckpointVia,
     /// The kubelet's root directory (its pods' emptyDir volumes are under it).

@@ -101,7 +101,9 @@ async fn perform(agent: Agent, step: Step, request: StepRequest) -> v1::Operatio
             }
             Err(e) => {
                 warn!(error = %e, "step failed");
-                v1::Operation::failed(&uid, e.to_string())
+                let mut op = v1::Operation::failed(&uid, e.to_string());
+                op.source_resumed = matches!(e, Error::SourceResumed(_));
+                op
             }
         }
     }

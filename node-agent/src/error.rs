@@ -49,6 +49,10 @@ pub enum Error {
         #[source]
         source: Box<Error>,
     },
+    /// Commit of a source whose pod the agent resumed at its deadline: the pod runs here, the
+    /// checkpoint is stale, and the migration cannot pass its commit point any more.
+    #[error("{0}")]
+    SourceResumed(String),
     /// Undoing a failed step failed too: the node may need a hand (both are said).
     #[error("{cause}; undoing it failed too: {undo}")]
     Undo { cause: Box<Error>, undo: Box<Error> },

@@ -1,6 +1,9 @@
-//! Garbage collection of the checkpoint store: data of migrations untouched for a while, not past
-//! their commit point and with no step running, is removed (the operator normally cleans up; this
-//! catches what an operator that went away left). Runs until the shutdown token is cancelled.
+//! The agent's own housekeeping, apart from the operator: paused sources whose deadline passed
+//! are resumed (a source never stays frozen because its operator went away), and the data of
+//! migrations untouched for a while, not past their commit point and with no step running, is
+//! removed after undoing what it holds (resume, unblock, release), exactly as a Cleanup would.
+//! A migration whose undo fails is kept and tried again later: nothing is forgotten that still
+//! holds something. Runs until the shutdown token is cancelled.
 
 use std::time::Duration;
 
@@ -9,22 +12,45 @@ use tracing::{info, warn};
 
 use crate::agent::Agent;
 
-/// Every `every`, removes what is older than `after`; reports the count of stored migrations.
+/// How often the deadlines of paused sources are looked at.
+const DEADLINES_EVERY: Duration = Duration::from_secs(1);
+
+/// Every [`DEADLINES_EVERY`], resumes sources past their deadline; every `every`, collects what
+/// is older than `after` and reports the count of stored migrations.
 pub async fn run(agent: Agent, every: Duration, after: Duration, shutdown: CancellationToken) {
-    let mut ticks = tokio::time::interval(every);
+    let mut deadlines = tokio::time::interval(DEADLINES_EVERY);
+    let mut collections = tokio::time::interval(every);
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
-            _ = ticks.tick() => {}
+            _ = deadlines.tick() => {
+                agent.resume_expired().await;
+            }
+            _ = collections.tick() => collect(&agent, after).await,
         }
-        match agent.store().collect(after, |uid| agent.active(uid)) {
-            Ok(removed) if !removed.is_empty() => info!(?removed, "removed old checkpoint data"),
-            Ok(_) => {}
-            Err(e) => warn!(error = %e, "garbage collection failed"),
-        }
-        agent
-            .parts
-            .metrics
-            .stored(agent.store().list().map(|l| l.len()).unwrap_or(0));
     }
+}
+
+/// Undoes and removes the migrations older than `after` that garbage collection may take.
+async fn collect(agent: &Agent, after: Duration) {
+    match agent.store().stale(after, |uid| agent.active(uid)) {
+        Ok(stale) => {
+            for uid in stale {
+                match agent.clone().cleanup(uid.clone()).await {
+                    Ok(_) => {
+                        info!(migration = %uid, "removed old migration data after undoing what it held");
+                        agent.parts.metrics.collected();
+                    }
+                    Err(e) => {
+                        warn!(migration = %uid, error = %e, "cannot undo an old migration; its data is kept")
+                    }
+                }
+            }
+        }
+        Err(e) => warn!(error = %e, "garbage collection failed"),
+    }
+    agent
+        .parts
+        .metrics
+        .stored(agent.store().list().map(|l| l.len()).unwrap_or(0));
 }

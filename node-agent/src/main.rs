@@ -90,6 +90,11 @@ struct Args {
     /// Seconds a killed source container may take to end before its commit fails (and is retried).
     #[arg(long, default_value_t = 30)]
     stop_timeout_seconds: u64,
+    /// Seconds after its checkpoint at which a paused source resumes by itself unless its
+    /// migration passed the commit point, when the operator names no deadline (it names the
+    /// migration's timeout plus a margin).
+    #[arg(long, default_value_t = 900)]
+    source_deadline_seconds: u64,
     /// Attempts of a transfer whose stream breaks (a refusal by the target is not retried).
     #[arg(long, default_value_t = 3)]
     transfer_attempts: u32,
@@ -162,6 +167,7 @@ impl Args {
             quick_answer: Duration::from_millis(self.quick_answer_ms),
             transfer_attempts: self.transfer_attempts,
             stop_timeout: Duration::from_secs(self.stop_timeout_seconds),
+            source_deadline: Duration::from_secs(self.source_deadline_seconds),
             checkpoint_via: self.checkpoint_via,
             kubelet_dir: self.kubelet_dir.clone(),
         }

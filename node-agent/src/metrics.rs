@@ -29,6 +29,8 @@ pub struct Metrics {
     steps: Family<StepLabels, Histogram>,
     bytes: Family<DirectionLabels, Counter>,
     migrations: Gauge,
+    resumed: Counter,
+    collected: Counter,
 }
 
 impl Default for Metrics {
@@ -54,11 +56,25 @@ impl Default for Metrics {
             "Migrations with data in this node's checkpoint store",
             migrations.clone(),
         );
+        let resumed = Counter::default();
+        registry.register(
+            "sources_resumed_at_deadline",
+            "Paused sources this agent resumed by itself because no commit came before their deadline",
+            resumed.clone(),
+        );
+        let collected = Counter::default();
+        registry.register(
+            "migrations_collected",
+            "Migrations whose data garbage collection removed after undoing what they held",
+            collected.clone(),
+        );
         Self {
             registry,
             steps,
             bytes,
             migrations,
+            resumed,
+            collected,
         }
     }
 }
@@ -89,6 +105,14 @@ impl Metrics {
                 direction: direction.into(),
             })
             .inc_by(n);
+    }
+
+    pub fn resumed_at_deadline(&self) {
+        self.resumed.inc();
+    }
+
+    pub fn collected(&self) {
+        self.collected.inc();
     }
 
     pub fn stored(&self, n: usize) {

@@ -48,6 +48,12 @@ impl Agent {
         let uid = req.migration_uid.clone();
         let pod = req.pod.unwrap_or_default();
         let mut record = Record::of_pod(&uid, Role::Source, &pod);
+        // The source's own deadline, kept in the record so that a restarted agent keeps it too.
+        let resume_after = match req.resume_after_seconds {
+            0 => self.settings.source_deadline,
+            s => Duration::from_secs(s),
+        };
+        record.resume_at = Some(unix_now().saturating_add(resume_after.as_secs()));
         // The operator may not know the runtime's IDs: find them by the pod's sandbox.
         for c in record.containers.iter_mut().filter(|c| c.id.is_empty()) {
             c.id = self
@@ -315,6 +321,12 @@ impl Agent {
             .ok_or_else(|| {
                 Error::NotReady(format!("migration {uid} has no checkpoint on this node"))
             })?;
+        if record.resumed {
+            return Err(Error::SourceResumed(format!(
+                "the pod {}/{} was resumed on this node at its deadline: its checkpoint is stale and is not sent",
+                record.namespace, record.pod
+            )));
+        }
         let dir = self.store.dir(&uid)?.join("checkpoint");
         let archives: Vec<Outgoing> = record
             .containers
@@ -380,16 +392,27 @@ impl Agent {
 
     /// Past the commit point: the paused containers are killed for good (they never run another
     /// instruction). The pod IP stays blocked here until the old sandbox is gone.
+    ///
+    /// A source decides between this and its deadline ([`Agent::resume_expired`]) in one update
+    /// of its record: whichever comes first wins, and the other is refused. A source resumed at
+    /// its deadline is never stopped: it runs, and the migration cannot pass its commit point.
     pub async fn commit(self, uid: String, role: agent_api::Role) -> Result<v1::Operation> {
-        let record = self.store.record(&uid)?;
         let source = role == agent_api::Role::Source;
+        let record = self.store.update(&uid, |r| {
+            if !r.resumed {
+                r.committed = true;
+            }
+        })?;
+        if record.resumed {
+            return Err(Error::SourceResumed(format!(
+                "the pod {}/{} was resumed on this node at its deadline (no commit came before it): it runs here and is not stopped",
+                record.namespace, record.pod
+            )));
+        }
         if source && !record.stopped {
             self.stop(&record).await?;
         }
-        self.store.update(&uid, |r| {
-            r.committed = true;
-            r.stopped |= source;
-        })?;
+        self.store.update(&uid, |r| r.stopped |= source)?;
         // The source's network block stays while the old sandbox exists: it must never answer
         // for the IP again, not even ARP. Once it is gone, other pods of this node must reach the
         // address where it lives now, so the block goes too.
@@ -445,6 +468,57 @@ impl Agent {
         Ok(())
     }
 
+    /// Resumes every paused source whose deadline passed before its migration reached the commit
+    /// point (the operator went away, or cannot reach this node): the pod runs again, reachable,
+    /// and a commit is refused from then on. Returns the migrations resumed now.
+    pub async fn resume_expired(&self) -> Vec<String> {
+        let now = unix_now();
+        let mut resumed = Vec::new();
+        for uid in self.store.list().unwrap_or_default() {
+            let Ok(Some(r)) = self.store.load(&uid) else {
+                continue;
+            };
+            let due = r.resume_at.is_some_and(|at| at <= now);
+            let held = r.paused || r.blocked;
+            if r.role != Role::Source || r.committed || r.stopped || !due || !held {
+                continue;
+            }
+            // A checkpoint that is still running undoes its own work when it fails.
+            if self.checkpointing().contains(&uid) {
+                continue;
+            }
+            let decided = self.store.update(&uid, |r| {
+                if !r.committed {
+                    r.resumed = true;
+                }
+            });
+            match decided {
+                Ok(r) if r.resumed => {}
+                // The commit came first, or the record went meanwhile.
+                _ => continue,
+            }
+            match self.thaw(&r).await {
+                Ok(()) => {
+                    warn!(migration = %uid, pod = %format!("{}/{}", r.namespace, r.pod), "the source's deadline passed before the commit point: the pod was resumed");
+                    self.parts.metrics.resumed_at_deadline();
+                    resumed.push(uid);
+                }
+                // Tried again at the next look.
+                Err(e) => {
+                    warn!(migration = %uid, error = %e, "cannot resume the source at its deadline")
+                }
+            }
+        }
+        resumed
+    }
+
+    fn checkpointing(&self) -> BTreeSet<String> {
+        self.checkpointing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
     async fn unblock_when_sandbox_gone(self, record: Record) {
         let deadline = Instant::now() + Duration::from_secs(600);
         loop {
@@ -484,6 +558,13 @@ impl Drop for Checkpointing {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         table.remove(&self.uid);
     }
+}
+
+/// Seconds since the Unix epoch (a deadline kept on disk must survive a restart of the agent).
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// Whether the source migration `other` holds a container of `mine`'s pod: it is checkpointing

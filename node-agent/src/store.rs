@@ -82,6 +82,13 @@ pub struct Record {
     /// Source: the paused containers were killed for good.
     #[serde(default)]
     pub stopped: bool,
+    /// Source: when (Unix seconds) the agent resumes the pod by itself unless the migration
+    /// passed its commit point first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resume_at: Option<u64>,
+    /// Source: the agent resumed the pod at `resume_at`; a commit is refused from then on.
+    #[serde(default)]
+    pub resumed: bool,
 }
 
 impl Record {
@@ -100,6 +107,8 @@ impl Record {
             reserved: false,
             committed: false,
             stopped: false,
+            resume_at: None,
+            resumed: false,
         }
     }
 
@@ -307,16 +316,17 @@ impl Store {
         Ok(stat.blocks_available() * stat.fragment_size())
     }
 
-    /// Garbage collection: removes the data of migrations that were not touched for `age` and
-    /// are not past their commit point (whose data is kept for a manual restore until Cleanup),
-    /// unless `active` says a step of theirs runs. Returns the UIDs removed.
-    pub fn collect(
+    /// What garbage collection may take: migrations that were not touched for `age` and are not
+    /// past their commit point (whose data is kept for a manual restore until Cleanup), unless
+    /// `active` says a step of theirs runs. The caller undoes what they hold before removing them
+    /// (`gc.rs`); nothing is removed here.
+    pub fn stale(
         &self,
         age: Duration,
         active: impl Fn(&str) -> bool,
     ) -> Result<Vec<String>, Error> {
         let now = SystemTime::now();
-        let mut removed = Vec::new();
+        let mut stale = Vec::new();
         for uid in self.list()? {
             if active(&uid) {
                 continue;
@@ -332,10 +342,9 @@ impl Store {
             if self.load(&uid).ok().flatten().is_some_and(|r| r.committed) {
                 continue;
             }
-            self.remove(&uid)?;
-            removed.push(uid);
+            stale.push(uid);
         }
-        Ok(removed)
+        Ok(stale)
     }
 }
 
@@ -381,7 +390,7 @@ mod tests {
     }
 
     #[test]
-    fn collection_spares_recent_active_and_committed_migrations() {
+    fn collection_takes_only_old_idle_migrations_before_their_commit_point() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::new(dir.path());
         for uid in ["old", "active", "kept"] {
@@ -391,17 +400,13 @@ mod tests {
         }
         assert!(
             store
-                .collect(Duration::from_secs(3600), |_| false)
+                .stale(Duration::from_secs(3600), |_| false)
                 .unwrap()
                 .is_empty()
         );
-        let removed = store
-            .collect(Duration::ZERO, |uid| uid == "active")
-            .unwrap();
-        assert_eq!(removed, vec!["old".to_string()]);
-        assert_eq!(
-            store.list().unwrap(),
-            vec!["active".to_string(), "kept".to_string()]
-        );
+        let stale = store.stale(Duration::ZERO, |uid| uid == "active").unwrap();
+        assert_eq!(stale, vec!["old".to_string()]);
+        // Naming them removes nothing: the caller undoes first.
+        assert_eq!(store.list().unwrap().len(), 3);
     }
 }

@@ -132,6 +132,32 @@ impl Agent {
             .ok_or_else(|| {
                 Error::NotReady(format!("migration {uid} was not prepared on this node"))
             })?;
+        // Only what the operator recorded from the source's checkpoint is staged: the sending
+        // peer's word on its own data is not enough.
+        if req.expected.is_empty() {
+            return Err(Error::Invalid(
+                "the request names no expected archives (name and digest of each container)".into(),
+            ));
+        }
+        for c in &record.containers {
+            let want = req.expected.iter().find(|e| e.name == c.name);
+            match want {
+                Some(want) if !c.digest.is_empty() && want.digest == c.digest => {}
+                Some(want) if !c.digest.is_empty() => {
+                    return Err(Error::Invalid(format!(
+                        "the checkpoint of container {} arrived with digest {}, the operator expects {}: it is not staged",
+                        c.name, c.digest, want.digest
+                    )));
+                }
+                Some(_) => {}
+                None => {
+                    return Err(Error::Invalid(format!(
+                        "the operator expects no checkpoint of container {}",
+                        c.name
+                    )));
+                }
+            }
+        }
         let mut staged = Vec::new();
         for c in &record.containers {
             // A path must still be there; an image reference is the runtime's.
@@ -286,6 +312,16 @@ impl wire::Sink for Staging<'_> {
             .ok_or_else(|| {
                 Error::NotReady(format!("migration {uid} was not prepared on this node"))
             })?;
+        // Once every archive arrived whole, no other stream replaces it (one from another node
+        // would otherwise swap the checkpoint under the operator's feet).
+        let complete = !record.containers.is_empty()
+            && record
+                .containers
+                .iter()
+                .all(|c| c.staged.is_some() && !c.digest.is_empty());
+        if complete {
+            return Err(Rejected::AlreadyReceived(uid.to_string()).into());
+        }
         self.uid = Some(uid.to_string());
         self.backend = record.backend.clone();
         // A new stream replaces whatever an earlier, broken one left.

@@ -381,6 +381,10 @@ pub enum Rejected {
     Missing(String),
     #[error("the stream carried no data")]
     Empty,
+    #[error(
+        "the checkpoint of migration {0} was received already: a second stream is refused (the operator starts a new migration instead)"
+    )]
+    AlreadyReceived(String),
     #[error("the archive of container {container} is not a safe checkpoint archive: {source}")]
     Unsafe {
         container: String,

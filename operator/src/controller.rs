@@ -927,7 +927,7 @@ async fn execute(pm: &PodMigration, f: &Facts, action: Action, ctx: &Context) ->
             let quiet = match answer {
                 Answer::Succeeded(_) => true,
                 Answer::Running { .. } => true,
-                Answer::Failed(_) | Answer::Unreachable(_) => false,
+                Answer::Failed(_) | Answer::SourceResumed(_) | Answer::Unreachable(_) => false,
             };
             let (status, after) = statemachine::after(f, step, answer);
             if quiet && status.phase == f.status.phase {
@@ -1181,6 +1181,17 @@ fn step_args(pm: &PodMigration, f: &Facts) -> StepArgs {
                 ))
             })
             .map_or(0, |m| u64::try_from(m / 1000).unwrap_or(0)),
+        resume_after_seconds: statemachine::source_deadline(f).as_secs(),
+        expected: s
+            .checkpoint
+            .iter()
+            .flat_map(|c| &c.containers)
+            .map(|c| v1::ContainerArchive {
+                name: c.name.clone(),
+                bytes: u64::try_from(c.bytes).unwrap_or(0),
+                digest: c.digest.clone(),
+            })
+            .collect(),
     }
 }
 

@@ -52,6 +52,9 @@ pub enum Reason {
     TimedOut,
     Deleted,
     TemplateChanged,
+    /// The source's agent resumed the pod at its own deadline before it was stopped: the
+    /// migration could not complete, and the pod runs on the source as before.
+    SourceResumed,
 }
 
 impl Reason {
@@ -71,6 +74,7 @@ impl Reason {
             Reason::TimedOut => "TimedOut",
             Reason::Deleted => "Deleted",
             Reason::TemplateChanged => "TemplateChanged",
+            Reason::SourceResumed => "SourceResumed",
         }
     }
 }
@@ -158,6 +162,9 @@ pub enum Answer {
     },
     Succeeded(agent_api::Operation),
     Failed(String),
+    /// The source's agent refused because it resumed the pod at its deadline
+    /// (`Operation.source_resumed`).
+    SourceResumed(String),
     /// The agent could not be reached or did not answer.
     Unreachable(String),
 }
@@ -203,11 +210,22 @@ pub fn next(f: &Facts) -> Action {
         // and keep the data for a manual restore.
         return Action::Done;
     } else if timed_out(f) {
-        let msg = format!(
-            "timed out after {}s while restoring; the checkpoint is kept at {}",
-            f.spec.timeout_seconds,
-            location(f)
-        );
+        let msg = if has(f, condition::SOURCE_STOPPED) {
+            format!(
+                "timed out after {}s while restoring; the checkpoint is kept at {}",
+                f.spec.timeout_seconds,
+                location(f)
+            )
+        } else {
+            // The source was never stopped: its agent resumes it at its own deadline.
+            format!(
+                "timed out after {}s before the source was stopped; the agent of {} resumes the pod \
+                 there at its deadline, and the checkpoint is kept at {}",
+                f.spec.timeout_seconds,
+                source(f),
+                location(f)
+            )
+        };
         return Action::Write(Box::new(finish(
             f,
             Phase::Failed,
@@ -255,7 +273,10 @@ pub fn after(f: &Facts, call: Step, answer: Answer) -> (PodMigrationStatus, Dura
             (s, POLL)
         }
         Answer::Succeeded(op) => (succeeded(f, call, &op), Duration::ZERO),
-        Answer::Failed(message) => failed(f, call, &message),
+        Answer::SourceResumed(message) if call == Step::Commit(Role::Source) => {
+            (source_resumed(f, &message), Duration::ZERO)
+        }
+        Answer::Failed(message) | Answer::SourceResumed(message) => failed(f, call, &message),
         Answer::Unreachable(message) => failed(f, call, &format!("agent unreachable: {message}")),
     }
 }
@@ -380,6 +401,41 @@ fn restore_step(f: &Facts) -> Action {
     }
 }
 
+/// The status when the source's agent refused the stop because it had resumed the pod at its own
+/// deadline: the pod runs on the source, the checkpoint is stale; the migration fails, and its
+/// cleanup drops the data on both nodes like a rollback's.
+fn source_resumed(f: &Facts, message: &str) -> PodMigrationStatus {
+    let mut s = f.status.clone();
+    set_condition(
+        &mut s,
+        f.now,
+        condition::SOURCE_RESUMED,
+        true,
+        Reason::SourceResumed.as_str(),
+        message,
+    );
+    if let Some(c) = s.checkpoint.as_mut() {
+        c.location = None;
+    }
+    let msg = format!(
+        "the agent of {} resumed pod {} at its deadline before the stop reached it: the pod runs \
+         there as before, and the stale checkpoint is dropped",
+        source(f),
+        f.spec.pod_name
+    );
+    let mut s = enter(f, s, Phase::Failed, &msg);
+    set_condition(
+        &mut s,
+        f.now,
+        condition::READY,
+        false,
+        Reason::SourceResumed.as_str(),
+        &msg,
+    );
+    timings(&mut s).total_ms = Some(millis(f.now, f.created));
+    s
+}
+
 fn abort_step(f: &Facts) -> Action {
     if !has(f, condition::SOURCE_RESUMED) {
         return Action::Call(Step::Abort(Role::Source));
@@ -391,7 +447,10 @@ fn cleanup_or_done(f: &Facts) -> Action {
     // Only a migration that started has agent state to clean; a kept checkpoint of a failed
     // restore is left for the operator to restore by hand.
     let started = f.status.source_node.is_some();
-    let failed_after_commit = f.status.committed && f.status.phase != Some(Phase::Succeeded);
+    // ...unless the source runs (resumed at its deadline): then the checkpoint is stale.
+    let failed_after_commit = f.status.committed
+        && f.status.phase != Some(Phase::Succeeded)
+        && !has(f, condition::SOURCE_RESUMED);
     if !started || failed_after_commit {
         return Action::Done;
     }
@@ -786,6 +845,20 @@ fn timed_out(f: &Facts) -> bool {
     f.now.duration_since(since) > SignedDuration::from_secs(f.spec.timeout_seconds)
 }
 
+/// How long after the checkpoint a paused source may wait for its commit before its agent
+/// resumes it by itself: the rest of the migration's timeout and [`SOURCE_DEADLINE_MARGIN`]. The
+/// operator gives up at the timeout; the agent decides between the commit and its deadline
+/// atomically, so the margin only keeps the two from meeting at the edge.
+pub fn source_deadline(f: &Facts) -> Duration {
+    let since = entered(f, Phase::Preparing).unwrap_or(f.created);
+    let used = f.now.duration_since(since).as_secs().max(0);
+    let left = f.spec.timeout_seconds.saturating_sub(used).max(0);
+    Duration::from_secs(u64::try_from(left).unwrap_or(0)) + SOURCE_DEADLINE_MARGIN
+}
+
+/// See [`source_deadline`].
+pub const SOURCE_DEADLINE_MARGIN: Duration = Duration::from_secs(60);
+
 fn entered(f: &Facts, phase: Phase) -> Option<Timestamp> {
     f.status
         .phase_transitions
@@ -806,6 +879,10 @@ fn caveat(backend: Option<&str>) -> String {
     } else {
         String::new()
     }
+}
+
+fn source(f: &Facts) -> &str {
+    f.status.source_node.as_deref().unwrap_or("the source node")
 }
 
 fn target(f: &Facts) -> &str {
@@ -1336,6 +1413,72 @@ mod tests {
             s.checkpoint.unwrap().location.is_some(),
             "a failed restore says where the checkpoint is"
         );
+    }
+
+    #[test]
+    fn a_source_resumed_at_its_deadline_fails_the_migration_and_is_never_restored_elsewhere() {
+        let mut f = advance_to(Phase::Restoring);
+        assert_eq!(next(&f), Action::Call(Step::Commit(Role::Source)));
+        f = answer(
+            f,
+            Step::Commit(Role::Source),
+            Answer::SourceResumed("resumed on this node at its deadline".into()),
+        );
+        assert_eq!(f.status.phase, Some(Phase::Failed));
+        let ready = condition(&f, condition::READY).unwrap();
+        assert_eq!(ready.reason, Reason::SourceResumed.as_str());
+        assert!(has(&f, condition::SOURCE_RESUMED));
+        assert!(!has(&f, condition::SOURCE_STOPPED));
+        let message = f.status.message.clone().unwrap_or_default();
+        assert!(message.contains("runs there as before"), "{message}");
+        assert_eq!(
+            f.status.checkpoint.as_ref().unwrap().location,
+            None,
+            "a stale checkpoint is not offered for a manual restore"
+        );
+        // Nothing more happens; deleted, both agents drop their data (the source's record, the
+        // target's stale checkpoint).
+        assert_eq!(next(&f), Action::Done);
+        f.deleting = true;
+        assert_eq!(next(&f), Action::Call(Step::Cleanup(Role::Source)));
+        f = answer(f, Step::Cleanup(Role::Source), ok());
+        assert_eq!(next(&f), Action::Call(Step::Cleanup(Role::Target)));
+
+        // The same refusal before the commit point is a failed step like any other.
+        let f = advance_to(Phase::Transferring);
+        let (s, _) = after(
+            &f,
+            Step::Transfer,
+            Answer::SourceResumed("its checkpoint is stale".into()),
+        );
+        assert!(
+            s.conditions
+                .iter()
+                .any(|c| c.type_ == condition::ABORTING && c.reason == "TransferFailed")
+        );
+    }
+
+    #[test]
+    fn a_source_is_given_the_rest_of_the_timeout_and_a_margin_to_be_committed() {
+        let mut f = advance_to(Phase::Checkpointing);
+        let started = entered(&f, Phase::Preparing).unwrap();
+        f.now = started + SignedDuration::from_secs(100);
+        assert_eq!(
+            source_deadline(&f),
+            Duration::from_secs(500) + SOURCE_DEADLINE_MARGIN
+        );
+        f.now = started + SignedDuration::from_secs(900);
+        assert_eq!(source_deadline(&f), SOURCE_DEADLINE_MARGIN);
+    }
+
+    #[test]
+    fn a_timeout_after_the_commit_before_the_stop_says_the_source_resumes() {
+        let mut f = advance_to(Phase::Restoring);
+        f.now = f.created + SignedDuration::from_secs(620);
+        let Action::Write(s) = next(&f) else { panic!() };
+        assert_eq!(s.phase, Some(Phase::Failed));
+        let message = s.message.unwrap_or_default();
+        assert!(message.contains("resumes the pod"), "{message}");
     }
 
     #[test]

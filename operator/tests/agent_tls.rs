@@ -1,11 +1,12 @@
 //! The agent API accepts only mutual-TLS clients that are the operator or a peer agent: no client
 //! certificate, a certificate of another CA, or a certificate of the right CA for another name are
-//! all refused, and a peer agent may only stream a checkpoint.
+//! all refused by the agent, and a peer agent may only stream a checkpoint. The operator's side
+//! refuses an agent whose certificate another CA signed.
 
 #![allow(clippy::expect_used, clippy::unwrap_used)] // a test fails by panicking
 
 use agent_api::{
-    tls::AGENT_SERVER_NAME,
+    tls::{AGENT_SERVER_NAME, TlsMaterial},
     v1::{CapabilitiesRequest, StepRequest, agent_client::AgentClient},
 };
 use testkit::{
@@ -34,7 +35,8 @@ async fn only_the_operator_and_peer_agents_get_in() {
     with_namespace("agent-tls", |client, ns| async move {
         harness::wait_for_default_service_account(&client, &ns).await;
         let certs = Certificates::generate();
-        let agent = TestAgent::start(client, &ns, &format!("{ns}-node"), &certs.agent()).await;
+        let agent =
+            TestAgent::start(client.clone(), &ns, &format!("{ns}-node"), &certs.agent()).await;
 
         // The operator may ask for everything.
         let mut operator = dial(agent.endpoint, certs.operator().client())
@@ -63,15 +65,19 @@ async fn only_the_operator_and_peer_agents_get_in() {
             .unwrap_err();
         assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
 
-        // No client certificate, or one from another CA: the handshake or the first call fails.
+        // No client certificate, or the operator's name signed by another CA: the handshake or
+        // the first call fails. Both clients trust the agent's CA, so the refusal is the
+        // agent's, never the client distrusting the agent.
         let ca = std::fs::read(certs.operator_dir().join("ca.crt")).unwrap();
         let anonymous = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(&ca))
             .domain_name(AGENT_SERVER_NAME);
         let other_ca = Certificates::generate();
+        let read = |file: &str| std::fs::read(other_ca.operator_dir().join(file)).unwrap();
+        let foreign = TlsMaterial::from_pem(ca.clone(), read("tls.crt"), read("tls.key"));
         for (what, tls) in [
             ("no certificate", anonymous),
-            ("another CA", other_ca.operator().client()),
+            ("another CA", foreign.client()),
         ] {
             let outcome = match dial(agent.endpoint, tls).await {
                 Err(e) => Err(e),
@@ -83,6 +89,27 @@ async fn only_the_operator_and_peer_agents_get_in() {
             };
             assert!(outcome.is_err(), "a client with {what} was served");
         }
+
+        // An impostor agent (its certificate signed by another CA) is up and serves clients
+        // that trust its CA, but the operator, trusting only its own, refuses it.
+        let impostor =
+            TestAgent::start(client, &ns, &format!("{ns}-impostor"), &other_ca.agent()).await;
+        let mut fooled = dial(impostor.endpoint, other_ca.operator().client())
+            .await
+            .expect("the impostor serves its own CA's clients");
+        fooled
+            .capabilities(CapabilitiesRequest {})
+            .await
+            .expect("the impostor answers its own CA's clients");
+        let outcome = match dial(impostor.endpoint, certs.operator().client()).await {
+            Err(e) => Err(e),
+            Ok(mut c) => c
+                .capabilities(CapabilitiesRequest {})
+                .await
+                .map(|_| ())
+                .map_err(|s| format!("{s:?}")),
+        };
+        assert!(outcome.is_err(), "the operator talked to an impostor agent");
     })
     .await;
 }

@@ -96,7 +96,7 @@ pub async fn run(
     let env = cluster.env.clone();
     let client = env.client().await?;
     // Agents that tests ran as processes in the nodes would hold the agent's ports.
-    if !release::installed(dirs, &env) {
+    if !release::installed(dirs, &env)? {
         for node in &cluster.nodes {
             sandbox::nodes::Nodes::new(dirs).stop_all(node, "node-agent")?;
         }

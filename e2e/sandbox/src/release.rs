@@ -478,7 +478,8 @@ pub fn retire(dirs: &Dirs) -> Result<(), Error> {
         return Ok(());
     }
     let env = crate::controlplane::ControlPlane::new(dirs).env();
-    if installed(dirs, &env) {
+    // Best effort: when Helm cannot reach the cluster, no release of it runs agents either.
+    if installed(dirs, &env).unwrap_or(false) {
         eprintln!(
             "e2e: uninstalling the kube-migros Helm release, which would take the place of what runs next"
         );
@@ -487,9 +488,24 @@ pub fn retire(dirs: &Dirs) -> Result<(), Error> {
     Ok(())
 }
 
-/// Whether the release is installed (agents of the chart run on the nodes).
-pub fn installed(dirs: &Dirs, env: &Env) -> bool {
-    helm(dirs, env, &["status", RELEASE, "--namespace", NAMESPACE]).is_ok()
+/// Whether the release is installed (agents of the chart run on the nodes), in any state; an
+/// error when Helm cannot tell (no cluster, no rights), never "not installed".
+pub fn installed(dirs: &Dirs, env: &Env) -> Result<bool, Error> {
+    let filter = format!("^{RELEASE}$");
+    let out = helm(
+        dirs,
+        env,
+        &[
+            "list",
+            "--all",
+            "--short",
+            "--namespace",
+            NAMESPACE,
+            "--filter",
+            &filter,
+        ],
+    )?;
+    Ok(out.lines().any(|l| l.trim() == RELEASE))
 }
 
 #[cfg(test)]

@@ -302,6 +302,22 @@ impl Service {
                 }
                 Behaviour::Succeed | Behaviour::Crash => match request {
                     StepRequest::Transfer(r) => self.send(r).await,
+                    // As the node agent: a source gets a deadline of its own, and the target
+                    // stages only the archives the operator recorded at the checkpoint.
+                    StepRequest::Checkpoint(r) if r.resume_after_seconds == 0 => {
+                        v1::Operation::failed(&uid, "the checkpoint request names no deadline")
+                    }
+                    StepRequest::StageRestore(r)
+                        if r.expected != succeeded(&uid, Step::Checkpoint).archives =>
+                    {
+                        v1::Operation::failed(
+                            &uid,
+                            format!(
+                                "expected archives {:?} are not the checkpoint's",
+                                r.expected
+                            ),
+                        )
+                    }
                     StepRequest::Checkpoint(_) => {
                         tokio::time::sleep(CHECKPOINT_TIME).await;
                         succeeded(&uid, step)

@@ -157,8 +157,18 @@ pub fn signing_key() -> Result<(String, String), Error> {
 mod tests {
     use super::*;
 
+    use x509_parser::pem::parse_x509_pem;
+
+    /// Whether the certificate `leaf` (PEM) carries a signature of the CA certificate `ca` (PEM).
+    fn signed_by(leaf: &str, ca: &str) -> bool {
+        let (_, leaf) = parse_x509_pem(leaf.as_bytes()).unwrap();
+        let (_, ca) = parse_x509_pem(ca.as_bytes()).unwrap();
+        let (leaf, ca) = (leaf.parse_x509().unwrap(), ca.parse_x509().unwrap());
+        leaf.verify_signature(Some(ca.public_key())).is_ok()
+    }
+
     #[test]
-    fn a_reloaded_ca_issues_certificates() {
+    fn a_reloaded_ca_signs_the_certificates_it_issues() {
         let ca = Ca::new("test-ca").unwrap();
         let again = Ca::from_pem(ca.pem().clone()).unwrap();
         let leaf = again
@@ -169,7 +179,38 @@ mod tests {
                 ..Default::default()
             })
             .unwrap();
-        assert!(leaf.cert.starts_with("-----BEGIN CERTIFICATE-----"));
-        assert!(leaf.key.contains("PRIVATE KEY"));
+        assert!(
+            signed_by(&leaf.cert, &ca.pem().cert),
+            "not signed by the CA"
+        );
+        let other = Ca::new("test-ca").unwrap();
+        assert!(
+            !signed_by(&leaf.cert, &other.pem().cert),
+            "another CA of the same name verifies it"
+        );
+        // The key is the leaf's own: its public half is the certificate's.
+        let key = rcgen::KeyPair::from_pem(&leaf.key).unwrap();
+        let (_, parsed) = parse_x509_pem(leaf.cert.as_bytes()).unwrap();
+        let parsed = parsed.parse_x509().unwrap();
+        assert_eq!(
+            parsed.public_key().subject_public_key.data.as_ref(),
+            key.public_key_raw()
+        );
+        assert_eq!(
+            parsed
+                .subject()
+                .iter_common_name()
+                .next()
+                .unwrap()
+                .as_str()
+                .unwrap(),
+            "server"
+        );
+        assert!(!parsed.is_ca() && parse_ca(&ca.pem().cert));
+    }
+
+    fn parse_ca(pem: &str) -> bool {
+        let (_, ca) = parse_x509_pem(pem.as_bytes()).unwrap();
+        ca.parse_x509().unwrap().is_ca()
     }
 }

@@ -117,6 +117,12 @@ pub struct StepArgs {
     pub compression: v1::Compression,
     /// Transfer: bytes per second, 0 for unlimited.
     pub bandwidth_limit: u64,
+    /// Checkpoint: the source resumes the pod by itself this many seconds later unless the
+    /// migration passed its commit point first (0: the agent's default).
+    pub resume_after_seconds: u64,
+    /// StageRestore: the archives the checkpoint answered (names, digests, sizes), which the
+    /// target must have received exactly.
+    pub expected: Vec<v1::ContainerArchive>,
 }
 
 /// The request of one step, as the API carries it.
@@ -161,6 +167,7 @@ impl StepArgs {
                 migration_uid: uid.clone(),
                 pod: Some(self.pod.clone()),
                 backend: self.backend.clone(),
+                resume_after_seconds: self.resume_after_seconds,
             }),
             Step::Transfer => StepRequest::Transfer(v1::TransferRequest {
                 migration_uid: uid.clone(),
@@ -172,6 +179,7 @@ impl StepArgs {
                 migration_uid: uid.clone(),
                 pod: Some(self.pod.clone()),
                 rxe: self.rxe,
+                expected: self.expected.clone(),
             }),
             Step::FinishRestore => StepRequest::FinishRestore(plain(Role::Target)),
             Step::Commit(role) => StepRequest::Commit(plain(role)),

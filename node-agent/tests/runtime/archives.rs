@@ -28,7 +28,11 @@ fn tar_archive(hostile: bool) -> Vec<u8> {
     add("config.dump", b"{}");
     add("checkpoint/pages-1.img", &[3u8; 8192]);
     if hostile {
-        add("../../../../etc/kube-migros-evil", b"owned");
+        // Deep enough to reach / from wherever the agent unpacks.
+        add(
+            &format!("{}etc/kube-migros-evil", "../".repeat(16)),
+            b"owned",
+        );
     }
     b.into_inner().unwrap()
 }
@@ -39,6 +43,15 @@ fn digest(data: &[u8]) -> String {
         .map(|b| format!("{b:02x}"))
         .collect();
     format!("sha256:{hex}")
+}
+
+/// What the operator names as the checkpoint of container `app`.
+fn expected(digest: &str) -> Vec<v1::ContainerArchive> {
+    vec![v1::ContainerArchive {
+        name: "app".into(),
+        bytes: 0,
+        digest: digest.into(),
+    }]
 }
 
 fn chunk(uid: &str, offset: u64, data: &[u8], digest: &str, total: u64) -> v1::ReceiveChunk {
@@ -161,22 +174,19 @@ pub fn bad_archives(w: &World) -> Result<()> {
             "the hostile entry was written"
         );
         // StageRestore refuses a migration without a received checkpoint.
-        let why = fails(
-            &mut target,
-            Step::StageRestore,
-            &StepArgs {
-                migration_uid: uid.clone(),
-                pod: pod.clone(),
-                rxe: None,
-                ..Default::default()
-            },
-        )
-        .await?;
+        let stage = |want: &str| StepArgs {
+            migration_uid: uid.clone(),
+            pod: pod.clone(),
+            rxe: None,
+            expected: expected(want),
+            ..Default::default()
+        };
+        let why = fails(&mut target, Step::StageRestore, &stage(&digest(&good))).await?;
         ensure!(why.contains("was not received"), "{why}");
 
         // The same agent takes a good archive (so the refusals above were about the data), in
         // zstd chunks, and stages it.
-        let mut peer = w.client(1, Some(peer_tls), None).await?;
+        let mut peer = w.client(1, Some(peer_tls.clone()), None).await?;
         let mut z = chunk(
             &uid,
             0,
@@ -192,6 +202,31 @@ pub fn bad_archives(w: &World) -> Result<()> {
             .map_err(|s| format!("the good archive was refused: {}", s.message()))?
             .into_inner();
         ensure!(ok.bytes == n && ok.archives.len() == 1, "received {ok:?}");
+        // Received whole: another stream for the same migration (from whichever peer) cannot
+        // replace it, and the checkpoint stays.
+        let other = tar_archive(true);
+        let mut peer = w.client(1, Some(peer_tls), None).await?;
+        let second = peer
+            .raw()
+            .receive(tokio_stream::iter(vec![chunk(
+                &uid,
+                0,
+                &other,
+                &digest(&other),
+                other.len() as u64,
+            )]))
+            .await;
+        ensure!(
+            second
+                .as_ref()
+                .is_err_and(|s| s.message().contains("received already")),
+            "a second stream: {second:?}"
+        );
+        // Staged only with the digest the operator recorded at the checkpoint.
+        let why = fails(&mut target, Step::StageRestore, &stage(&digest(b"other"))).await?;
+        ensure!(why.contains("the operator expects"), "{why}");
+        let staged = done(&mut target, Step::StageRestore, &stage(&digest(&good))).await?;
+        ensure!(staged.staged.len() == 1, "staged {:?}", staged.staged);
         let image = format!("{}:{uid}-app", world::CHECKPOINT_REPOSITORY);
         let present = w.exec(1, &["crictl", "inspecti", &image]);
         ensure!(
@@ -249,8 +284,9 @@ pub fn bad_archives(w: &World) -> Result<()> {
             &StepArgs::of(&uids[1]),
         )
         .await?;
+        let stored = w.stored(1)?;
         ensure!(
-            uids.iter().all(|u| !w.stored(1).contains(u)),
+            uids.iter().all(|u| !stored.contains(u)),
             "data left after cleanup"
         );
         Ok(())
@@ -315,6 +351,7 @@ pub fn rxe_lock(w: &World) -> Result<()> {
             migration_uid: uid.into(),
             pod: pod.clone(),
             rxe: Some(block),
+            expected: expected(&digest(&tar_archive(false))),
             ..Default::default()
         };
         done(

@@ -52,6 +52,10 @@ fn main() {
             migration::abort,
         ),
         (
+            "a_source_left_alone_resumes_at_its_deadline_and_refuses_a_late_commit",
+            migration::deadline,
+        ),
+        (
             "corrupted_truncated_oversized_and_hostile_archives_are_rejected_leaving_nothing_staged",
             archives::bad_archives,
         ),

@@ -170,9 +170,9 @@ fn migrate_by(
             "the paused source used CPU: {cpu} -> {cpu_later} ns"
         );
         ensure!(
-            w.blocked(from).contains(&ip),
+            w.blocked(from)?.contains(&ip),
             "the source does not block {ip}: {:?}",
-            w.blocked(from)
+            w.blocked(from)?
         );
         ensure!(status(ip).await.is_err(), "the paused source still answers");
 
@@ -216,6 +216,8 @@ fn migrate_by(
                 migration_uid: uid.clone(),
                 pod: pod.clone(),
                 rxe: Some(rxe_block()),
+                // As the operator records it: the digests the transfer answered.
+                expected: transfer.archives.clone(),
                 ..Default::default()
             },
         )
@@ -236,7 +238,7 @@ fn migrate_by(
             w.rxe_file(to, "last_mrn")
         );
         ensure!(
-            w.blocked(to).contains(&ip),
+            w.blocked(to)?.contains(&ip),
             "the target does not block {ip}"
         );
 
@@ -258,11 +260,14 @@ fn migrate_by(
         until(
             "the target to lift the block of the running pod",
             Duration::from_secs(5),
-            || async { (!w.blocked(to).contains(&ip)).then_some(()) },
+            || async { w.blocked(to).ok().filter(|b| !b.contains(&ip)).map(drop) },
         )
         .await?;
         done(&mut target, Step::FinishRestore, &StepArgs::of(&uid)).await?;
-        ensure!(!w.blocked(to).contains(&ip), "the target still blocks {ip}");
+        ensure!(
+            !w.blocked(to)?.contains(&ip),
+            "the target still blocks {ip}"
+        );
         eprintln!("restore (sandbox + create + start): {restore_ms} ms");
 
         // The restored process continues: same id, counter and received bytes from the
@@ -317,11 +322,11 @@ fn migrate_by(
             done(client, Step::Cleanup(role), &StepArgs::of(&uid)).await?;
         }
         ensure!(
-            !w.stored(from).contains(&uid) && !w.stored(to).contains(&uid),
+            !w.stored(from)?.contains(&uid) && !w.stored(to)?.contains(&uid),
             "data left after cleanup"
         );
         ensure!(
-            !w.blocked(from).contains(&ip),
+            !w.blocked(from)?.contains(&ip),
             "the source still blocks {ip} after cleanup"
         );
         if backend == backend::RUNTIME_WRAPPER {
@@ -581,7 +586,7 @@ pub fn abort(w: &World) -> Result<()> {
             "another migration's refusal resumed the pod"
         );
         ensure!(
-            !w.stored(0).contains(&other),
+            !w.stored(0)?.contains(&other),
             "a refused checkpoint left data"
         );
         // A target that cannot be reached: the transfer is retried, then fails with the reason,
@@ -613,7 +618,10 @@ pub fn abort(w: &World) -> Result<()> {
             w.task_state(0, &pod.container_id) == "RUNNING",
             "not resumed"
         );
-        ensure!(!w.blocked(0).contains(&pod.ip), "still blocked after abort");
+        ensure!(
+            !w.blocked(0)?.contains(&pod.ip),
+            "still blocked after abort"
+        );
         // The same process goes on counting from where it was.
         let after = until(
             "the resumed workload to count on",
@@ -631,7 +639,7 @@ pub fn abort(w: &World) -> Result<()> {
             "a new process after abort"
         );
         ensure!(
-            !w.stored(0).contains(&uid) && !w.stored(1).contains(&uid),
+            !w.stored(0)?.contains(&uid) && !w.stored(1)?.contains(&uid),
             "data left after abort"
         );
         // Asking again is harmless.
@@ -640,6 +648,105 @@ pub fn abort(w: &World) -> Result<()> {
             w.task_state(0, &pod.container_id) == "RUNNING",
             "a second abort changed the source"
         );
+        Ok(())
+    });
+    if result.is_err() {
+        w.rt.block_on(async {
+            if let Ok(mut c) = w.operator(0).await {
+                let _ = c.step(Step::Abort(Role::Source), &StepArgs::of(&uid)).await;
+            }
+        });
+    }
+    let _ = w.remove_pod(&pod);
+    result.map_err(|e| format!("{e}\nagent:\n{}", w.agent_log(0)))
+}
+
+/// A source whose operator went away: checkpointed with a short deadline and then left alone, the
+/// agent resumes the pod by itself (the same process counts on, reachable), refuses the commit
+/// that comes too late (saying why) and the transfer of the stale checkpoint.
+pub fn deadline(w: &World) -> Result<()> {
+    let name = unique("deadline");
+    let uid = unique("mig");
+    let image = w.demo_image.clone();
+    let pod = w.run_pod(0, &name, &image, &["serve", "--status", ":8080"])?;
+    let result = w.rt.block_on(async {
+        let before = until("the workload to count", Duration::from_secs(30), || async {
+            status(pod.ip).await.ok().filter(|s| s.num("counter") >= 20)
+        })
+        .await?;
+        let mut src = w.operator(0).await?;
+        done(
+            &mut src,
+            Step::Checkpoint,
+            &StepArgs {
+                migration_uid: uid.clone(),
+                pod: pod.pod_ref(&image),
+                resume_after_seconds: 3,
+                ..Default::default()
+            },
+        )
+        .await?;
+        ensure!(
+            w.task_state(0, &pod.container_id) == "PAUSED",
+            "not paused after the checkpoint: {}",
+            w.task_state(0, &pod.container_id)
+        );
+        ensure!(w.blocked(0)?.contains(&pod.ip), "not blocked");
+        // No operator asks anything now: the agent's own deadline resumes the pod.
+        until(
+            "the agent to resume the source at its deadline",
+            Duration::from_secs(30),
+            || async { (w.task_state(0, &pod.container_id) == "RUNNING").then_some(()) },
+        )
+        .await?;
+        ensure!(!w.blocked(0)?.contains(&pod.ip), "still blocked");
+        let after = until(
+            "the resumed workload to answer and count on",
+            Duration::from_secs(20),
+            || async {
+                status(pod.ip)
+                    .await
+                    .ok()
+                    .filter(|s| s.num("counter") > before.num("counter") + 20)
+            },
+        )
+        .await?;
+        ensure!(after.get("id") == before.get("id"), "a new process");
+        // Too late: the commit is refused and says why; the pod is not stopped.
+        let commit = src
+            .step(Step::Commit(Role::Source), &StepArgs::of(&uid))
+            .await
+            .map_err(|s| format!("commit: {}", s.message()))?;
+        ensure!(
+            commit.state() == agent_api::v1::State::Failed
+                && commit.source_resumed
+                && commit
+                    .message
+                    .contains("resumed on this node at its deadline"),
+            "a commit after the deadline: {commit:?}"
+        );
+        ensure!(
+            w.task_state(0, &pod.container_id) == "RUNNING",
+            "the refused commit stopped the pod"
+        );
+        let why = fails(
+            &mut src,
+            Step::Transfer,
+            &StepArgs {
+                migration_uid: uid.clone(),
+                target_endpoint: w.endpoint(1).to_string(),
+                ..Default::default()
+            },
+        )
+        .await?;
+        ensure!(why.contains("checkpoint is stale"), "{why}");
+        // The operator's rollback and cleanup, when it comes back, are harmless.
+        done(&mut src, Step::Abort(Role::Source), &StepArgs::of(&uid)).await?;
+        ensure!(
+            w.task_state(0, &pod.container_id) == "RUNNING",
+            "the abort changed the resumed pod"
+        );
+        ensure!(!w.stored(0)?.contains(&uid), "data left after the abort");
         Ok(())
     });
     if result.is_err() {

@@ -266,35 +266,39 @@ impl World {
             .to_string()
     }
 
-    /// The addresses node `i` blocks now.
-    pub fn blocked(&self, i: usize) -> Vec<Ipv4Addr> {
-        let out = self
-            .exec(
-                i,
-                &[
-                    "nft",
-                    "-j",
-                    "list",
-                    "set",
-                    "bridge",
-                    "kube_migros",
-                    "blocked",
-                ],
-            )
-            .unwrap_or_default();
-        node_agent::netblock::parse_set(&out)
+    /// The addresses node `i` blocks now; an error when they cannot be read (never "none").
+    pub fn blocked(&self, i: usize) -> Result<Vec<Ipv4Addr>> {
+        let out = self.exec(
+            i,
+            &[
+                "nft",
+                "-j",
+                "list",
+                "set",
+                "bridge",
+                "kube_migros",
+                "blocked",
+            ],
+        )?;
+        Ok(node_agent::netblock::parse_set(&out))
     }
 
-    /// The migrations with data in node `i`'s store.
-    pub fn stored(&self, i: usize) -> Vec<String> {
+    /// The migrations with data in node `i`'s store (none while the store has no migrations
+    /// directory); an error when it cannot be read.
+    pub fn stored(&self, i: usize) -> Result<Vec<String>> {
         let dir = self.written(i, "/var/lib/kube-migros/migrations");
-        let mut names: Vec<String> = std::fs::read_dir(dir)
-            .into_iter()
-            .flatten()
-            .filter_map(|e| e.ok()?.file_name().into_string().ok())
-            .collect();
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(format!("reading {}: {e}", dir.display())),
+        };
+        let mut names = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(|e| format!("reading {}: {e}", dir.display()))?;
+            names.push(entry.file_name().to_string_lossy().into_owned());
+        }
         names.sort();
-        names
+        Ok(names)
     }
 
     /// Starts a pod on node `i` through the CRI: a sandbox on the pod network and one container
@@ -400,11 +404,14 @@ impl World {
         Ok(())
     }
 
-    /// containerd's state of a container's task on node `i` (`RUNNING`, `PAUSED`, ...).
+    /// containerd's state of a container's task on node `i` (`RUNNING`, `PAUSED`, ...; `GONE`
+    /// when containerd lists no task of it). A probe that fails answers `UNKNOWN (why)`, which
+    /// matches no state a test expects.
     pub fn task_state(&self, i: usize, container_id: &str) -> String {
-        let out = self
-            .exec(i, &["ctr", "-n", "k8s.io", "tasks", "ls"])
-            .unwrap_or_default();
+        let out = match self.exec(i, &["ctr", "-n", "k8s.io", "tasks", "ls"]) {
+            Ok(out) => out,
+            Err(e) => return format!("UNKNOWN ({e})"),
+        };
         out.lines()
             .find(|l| l.starts_with(container_id))
             .and_then(|l| l.split_whitespace().nth(2))
