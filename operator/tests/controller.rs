@@ -304,6 +304,14 @@ async fn unmet_preconditions_fail_with_a_reason_and_touch_nothing() {
                 "has no running kube-migros agent",
             ),
             (
+                // An RDMA pod, to a node whose agent reports no rxe device.
+                "no-rxe",
+                "rdma",
+                Some(s.node(2)),
+                "TargetUnavailable",
+                "has no rxe (SoftRoCE) device for this RDMA pod",
+            ),
+            (
                 "host-network",
                 "host-net",
                 Some(s.node(2)),
@@ -664,48 +672,110 @@ async fn an_operator_killed_in_any_phase_resumes_without_repeating_a_step() {
     with_namespace("op-restart", |client, ns| async move {
         let s = Scenario::new(client, &ns).await;
         let mut operator = Operator::start(&ns, "op-a", &s.certs).await;
-        for (i, (phase, agent, held)) in [
-            (Phase::Preparing, 2, Step::PrepareTarget),
-            (Phase::Checkpointing, 1, Step::Checkpoint),
-            (Phase::Transferring, 1, Step::Transfer),
-            (Phase::Restoring, 2, Step::StageRestore),
-        ]
-        .into_iter()
-        .enumerate()
-        {
-            let steps = [
-                (2, Step::PrepareTarget),
-                (1, Step::Checkpoint),
-                (1, Step::Transfer),
-                (1, Step::Commit(Role::Source)),
-                (2, Step::StageRestore),
-                (2, Step::FinishRestore),
-            ];
-            let before: Vec<u32> = steps
-                .iter()
-                .map(|(a, st)| s.agent(*a).count(*st).executions)
-                .collect();
+        // The steps of a migration that succeeds, in their order, with the agent that takes each.
+        let forward = [
+            (2, Step::PrepareTarget),
+            (1, Step::Checkpoint),
+            (1, Step::Transfer),
+            (1, Step::Commit(Role::Source)),
+            (2, Step::StageRestore),
+            (2, Step::FinishRestore),
+        ];
+        // Killed while each step runs: before the commit point, at it and during the restore.
+        for (i, (agent, held)) in forward.into_iter().enumerate() {
+            let name = format!("restart-{i}");
             let pod = format!("server-{i}");
+            let before = counts(&s, &forward);
             s.pod(&pod, 1, &format!("10.244.1.{}", 20 + i)).await;
             s.agent(agent).script(held, Behaviour::Hold);
-            let name = format!("restart-{i}");
             s.migrate(&name, &pod, Some(2)).await;
-            s.wait_phase(&name, phase, PHASE_TIMEOUT).await;
+            let started = before[i].executions + 1;
+            support::eventually(PHASE_TIMEOUT, || async {
+                (s.agent(agent).count(held).executions == started).then_some(())
+            })
+            .await;
             operator.kill();
+            let at_kill = counts(&s, &forward);
             s.agent(agent).release(held);
             operator = Operator::start(&ns, "op-a", &s.certs).await;
             s.wait_phase(&name, Phase::Succeeded, PHASE_TIMEOUT).await;
-            for ((a, st), was) in steps.iter().zip(before) {
+            let after = counts(&s, &forward);
+            for (j, ((_, step), (was, now))) in
+                forward.iter().zip(before.iter().zip(&after)).enumerate()
+            {
                 assert_eq!(
-                    s.agent(*a).count(*st).executions,
-                    was + 1,
-                    "{st:?} after a restart in {phase:?}"
+                    now.executions,
+                    was.executions + 1,
+                    "{step:?} ran again after a restart during {held:?}"
                 );
+                // A step done before the kill is asked for at most once by the new operator
+                // (when its result was not written yet), and answered from memory.
+                if j < i {
+                    assert!(
+                        now.calls <= at_kill[j].calls + 1,
+                        "{step:?} asked {} times after a restart during {held:?}",
+                        now.calls - at_kill[j].calls
+                    );
+                }
             }
             s.agent(agent).script(held, Behaviour::Succeed);
         }
+
+        // Killed during a rollback: the transfer fails, and the operator dies while the source
+        // resumes. The new one finishes the rollback; nothing runs twice, nothing past the
+        // commit point runs at all.
+        let backward = [
+            (1, Step::Transfer),
+            (1, Step::Abort(Role::Source)),
+            (2, Step::Abort(Role::Target)),
+            (1, Step::Commit(Role::Source)),
+            (2, Step::StageRestore),
+        ];
+        let before = counts(&s, &backward);
+        s.pod("server-back", 1, "10.244.1.40").await;
+        s.agent(1).script(
+            Step::Transfer,
+            Behaviour::Fail {
+                message: "link down".into(),
+                times: 1,
+            },
+        );
+        s.agent(1)
+            .script(Step::Abort(Role::Source), Behaviour::Hold);
+        s.migrate("restart-back", "server-back", Some(2)).await;
+        let started = before[1].executions + 1;
+        support::eventually(PHASE_TIMEOUT, || async {
+            (s.agent(1).count(Step::Abort(Role::Source)).executions == started).then_some(())
+        })
+        .await;
+        operator.kill();
+        s.agent(1).release(Step::Abort(Role::Source));
+        let _operator = Operator::start(&ns, "op-a", &s.certs).await;
+        let pm = s
+            .wait_phase("restart-back", Phase::RolledBack, PHASE_TIMEOUT)
+            .await;
+        assert_eq!(Scenario::reason(&pm).0, "TransferFailed");
+        let after = counts(&s, &backward);
+        let ran: Vec<u32> = after
+            .iter()
+            .zip(&before)
+            .map(|(now, was)| now.executions - was.executions)
+            .collect();
+        assert_eq!(ran, [1, 1, 1, 0, 0], "executions of {backward:?}");
+        assert!(
+            s.pods().get("server-back").await.is_ok(),
+            "the source pod is gone after a rollback"
+        );
     })
     .await;
+}
+
+/// The test agents' counts of `steps`, in their order.
+fn counts(s: &Scenario, steps: &[(usize, Step)]) -> Vec<testkit::testagent::Count> {
+    steps
+        .iter()
+        .map(|(agent, step)| s.agent(*agent).count(*step))
+        .collect()
 }
 
 #[tokio::test]
