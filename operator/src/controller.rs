@@ -1220,17 +1220,37 @@ async fn write_status(
                 .await?
         }
         // The whole status in place of the old one: a JSON patch costs the API server less than
-        // a server-side apply, which tracks every field's owner.
+        // a server-side apply, which tracks every field's owner. Fenced like the commit: the
+        // resourceVersion that was read goes with it, so that a replica that lost the lead, or
+        // decided on an old copy, cannot overwrite what was written since.
         None => {
-            let patch: json_patch::Patch = serde_json::from_value(json!([
-                {"op": "add", "path": "/status", "value": status},
-            ]))?;
+            let mut ops = Vec::with_capacity(2);
+            if let Some(rv) = pm.resource_version() {
+                ops.push(
+                    json!({"op": "replace", "path": "/metadata/resourceVersion", "value": rv}),
+                );
+            }
+            ops.push(json!({"op": "add", "path": "/status", "value": status}));
+            let patch: json_patch::Patch = serde_json::from_value(json!(ops))?;
             let params = PatchParams {
                 field_manager: Some(FIELD_MANAGER.into()),
                 ..PatchParams::default()
             };
-            api.patch_status(&pm.name_any(), &params, &Patch::Json::<()>(patch))
-                .await?
+            match api
+                .patch_status(&pm.name_any(), &params, &Patch::Json::<()>(patch))
+                .await
+            {
+                Ok(updated) => updated,
+                Err(kube::Error::Api(s)) if s.code == 409 => {
+                    // Read it again; the next look decides on the object as stored (results
+                    // not written yet are asked for again, every step being idempotent).
+                    if let Some(stored) = api.get_opt(&pm.name_any()).await? {
+                        ctx.remember(&stored.uid().unwrap_or_default(), &stored, None);
+                    }
+                    return Err(Error::Changed(pm.name_any()));
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
     };
     ctx.remember(&updated.uid().unwrap_or_default(), &updated, None);

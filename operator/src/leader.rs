@@ -20,8 +20,28 @@ use tracing::{info, warn};
 pub struct Timing {
     /// How long a Lease stays valid after its last renewal.
     pub lease: Duration,
+    /// The holder gives up leading when it could not renew for this long, which is shorter than
+    /// `lease`: it has stopped acting before another replica may take the Lease over.
+    pub renew_deadline: Duration,
     /// How often the holder renews, and a candidate retries.
     pub retry: Duration,
+}
+
+impl Timing {
+    /// The timing for a Lease of `lease` renewed every `retry`: the renew deadline is two thirds
+    /// of the Lease (client-go's 15 s / 10 s), at least one renewal attempt long.
+    pub fn new(lease: Duration, retry: Duration) -> Self {
+        Self {
+            lease,
+            renew_deadline: (lease * 2 / 3).max(retry),
+            retry,
+        }
+    }
+
+    /// Whether a holder surely stops before its Lease can be taken over.
+    pub fn fenced(&self) -> bool {
+        self.renew_deadline < self.lease && self.retry < self.renew_deadline
+    }
 }
 
 /// One replica's view of the election.
@@ -78,23 +98,33 @@ impl Elector {
         }
     }
 
-    /// Renews the Lease until it cannot be renewed within its duration; returns then.
+    /// Renews the Lease until it cannot be renewed within the renew deadline (or it was taken
+    /// over); returns then, before the Lease expires for the other replicas. An attempt that hangs
+    /// counts as failed once the deadline passes.
     pub async fn hold(&self) {
         let mut last_renewal = tokio::time::Instant::now();
         loop {
             tokio::time::sleep(self.timing.retry).await;
-            match self.try_acquire_or_renew().await {
-                Ok(true) => last_renewal = tokio::time::Instant::now(),
-                Ok(false) => {
+            let left = self
+                .timing
+                .renew_deadline
+                .saturating_sub(last_renewal.elapsed());
+            match tokio::time::timeout(left, self.try_acquire_or_renew()).await {
+                Ok(Ok(true)) => last_renewal = tokio::time::Instant::now(),
+                Ok(Ok(false)) => {
                     warn!(lease = %self.name, "the Lease was taken over");
                     return;
                 }
-                Err(e) if last_renewal.elapsed() >= self.timing.lease => {
-                    warn!(lease = %self.name, error = %e, "could not renew the Lease in time");
+                Ok(Err(e)) if last_renewal.elapsed() >= self.timing.renew_deadline => {
+                    warn!(lease = %self.name, error = %e, "could not renew the Lease before the renew deadline");
                     return;
                 }
-                Err(e) => {
+                Ok(Err(e)) => {
                     warn!(lease = %self.name, error = %e, "renewing the Lease failed; retrying")
+                }
+                Err(_) => {
+                    warn!(lease = %self.name, "no renewal of the Lease before the renew deadline");
+                    return;
                 }
             }
         }
@@ -212,5 +242,24 @@ mod tests {
         assert!(expired(&spec(Some("a"), Some(11)), now));
         assert!(expired(&spec(None, Some(1)), now));
         assert!(expired(&spec(Some("a"), None), now));
+    }
+
+    #[test]
+    fn a_holder_stops_before_its_lease_can_be_taken_over() {
+        let t = Timing::new(Duration::from_secs(15), Duration::from_secs(2));
+        assert_eq!(t.renew_deadline, Duration::from_secs(10));
+        assert!(t.fenced());
+        let short = Timing::new(Duration::from_secs(4), Duration::from_secs(1));
+        assert!(short.renew_deadline < short.lease && short.fenced());
+        let equal = Timing {
+            renew_deadline: Duration::from_secs(15),
+            ..t
+        };
+        assert!(
+            !equal.fenced(),
+            "a deadline as long as the Lease fences nothing"
+        );
+        let too_fast = Timing::new(Duration::from_secs(3), Duration::from_secs(2));
+        assert!(!too_fast.fenced(), "no renewal fits before the deadline");
     }
 }

@@ -31,6 +31,10 @@ pub enum Error {
     CleanupPending(String),
     #[error("cannot (de)serialize: {0}")]
     Json(#[from] serde_json::Error),
+    /// A status write refused because the object changed since it was read; the stored object
+    /// was read again and the next look decides on it.
+    #[error("PodMigration {0} changed since it was read; deciding again")]
+    Changed(String),
 }
 
 /// How a failed reconcile is retried.
@@ -48,7 +52,7 @@ impl Error {
     pub fn kind(&self) -> ErrorKind {
         match self {
             Error::Invalid(_) | Error::Json(_) => ErrorKind::Invalid,
-            Error::CleanupPending(_) => ErrorKind::Pending,
+            Error::CleanupPending(_) | Error::Changed(_) => ErrorKind::Pending,
             Error::Kube(_) | Error::Rxe(_) => ErrorKind::Transient,
         }
     }
@@ -60,6 +64,7 @@ impl Error {
             Error::Rxe(_) => "rxe",
             Error::Invalid(_) => "invalid",
             Error::CleanupPending(_) => "cleanup_pending",
+            Error::Changed(_) => "changed",
             Error::Json(_) => "json",
         }
     }

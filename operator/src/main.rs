@@ -54,6 +54,10 @@ struct Args {
     /// Seconds a leader's Lease stays valid without renewal.
     #[arg(long, default_value_t = 15)]
     lease_duration_seconds: u64,
+    /// Seconds a leader may fail to renew before it stops acting (default: two thirds of the
+    /// Lease); shorter than the Lease, so that it stops before another replica can take over.
+    #[arg(long)]
+    lease_renew_deadline_seconds: Option<f64>,
     /// Seconds between renewals (and between attempts of a standby).
     #[arg(long, default_value_t = 2)]
     lease_retry_seconds: u64,
@@ -206,15 +210,26 @@ async fn main() -> anyhow::Result<()> {
         ));
     }
     health.ready.store(true, Ordering::Relaxed);
+    let mut timing = Timing::new(
+        Duration::from_secs(args.lease_duration_seconds),
+        Duration::from_secs(args.lease_retry_seconds),
+    );
+    if let Some(deadline) = args.lease_renew_deadline_seconds {
+        timing.renew_deadline = Duration::from_secs_f64(deadline);
+    }
+    anyhow::ensure!(
+        timing.fenced(),
+        "the renew deadline ({:?}) must be shorter than the Lease ({:?}) and longer than the retry period ({:?})",
+        timing.renew_deadline,
+        timing.lease,
+        timing.retry
+    );
     let elector = Elector::new(
         client.clone(),
         &args.namespace,
         &args.lease_name,
         &identity,
-        Timing {
-            lease: Duration::from_secs(args.lease_duration_seconds),
-            retry: Duration::from_secs(args.lease_retry_seconds),
-        },
+        timing,
     );
     tokio::select! {
         () = elector.acquire() => {}
@@ -304,6 +319,11 @@ async fn lead(
         () = shutdown.cancelled() => false,
         () = lost.cancelled() => true,
     };
+    if lost_leadership {
+        // Not a step more: the caller exits at once, before another replica may start (the
+        // renew deadline is shorter than the Lease); nothing in flight is waited for.
+        return Ok(true);
+    }
     stop.cancel();
     let _ = tokio::join!(controller, sweeper);
     holder.abort();

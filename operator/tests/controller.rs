@@ -532,14 +532,17 @@ async fn a_migration_that_times_out_before_the_commit_point_rolls_back() {
 
 #[tokio::test]
 async fn a_migration_labelled_by_someone_else_mid_flight_still_commits_and_succeeds() {
-    // The operator takes its own last write as the migration's state; a change by anyone else
-    // (a label, here) makes the commit's resourceVersion precondition fail, and the operator must
-    // read the migration again rather than retry with the stale version until the timeout.
+    // The operator takes its own last write as the migration's state; every status write carries
+    // the resourceVersion it was decided on. A change by anyone else (a label, here) makes the
+    // write's precondition fail, and the operator must read the migration again rather than
+    // overwrite it, or retry with the stale version until the timeout: once for a plain status
+    // write (mid-checkpoint), once for the commit (mid-transfer).
     with_namespace("op-label", |client, ns| async move {
         let s = Scenario::new(client, &ns).await;
         s.pod("server", 1, "10.244.1.5").await;
+        s.agent(1).script(Step::Checkpoint, Behaviour::Hold);
         s.agent(1).script(Step::Transfer, Behaviour::Hold);
-        let _operator = Operator::start(&ns, "op-a", &s.certs).await;
+        let operator = Operator::start(&ns, "op-a", &s.certs).await;
         s.migrate_with(
             "labelled",
             "server",
@@ -547,23 +550,41 @@ async fn a_migration_labelled_by_someone_else_mid_flight_still_commits_and_succe
             serde_json::json!({"timeoutSeconds": 30}),
         )
         .await;
+        let label = |value: &'static str| {
+            let pms = s.migrations();
+            async move {
+                let patch = serde_json::json!({"metadata": {"labels": {"team": value}}});
+                pms.patch(
+                    "labelled",
+                    &kube::api::PatchParams::default(),
+                    &kube::api::Patch::Merge(&patch),
+                )
+                .await
+                .unwrap();
+            }
+        };
+        s.wait_phase("labelled", Phase::Checkpointing, PHASE_TIMEOUT)
+            .await;
+        label("compute").await;
+        s.agent(1).release(Step::Checkpoint);
         s.wait_phase("labelled", Phase::Transferring, PHASE_TIMEOUT)
             .await;
-        let patch = serde_json::json!({"metadata": {"labels": {"team": "storage"}}});
-        s.migrations()
-            .patch(
-                "labelled",
-                &kube::api::PatchParams::default(),
-                &kube::api::Patch::Merge(&patch),
-            )
-            .await
-            .unwrap();
+        let (_, metrics) = operator.get("/metrics").await;
+        assert!(
+            metrics
+                .lines()
+                .any(|l| l.starts_with("migros_reconcile_errors_total{kind=\"changed\"}")),
+            "the write after the label was not refused as stale:\n{metrics}"
+        );
+        label("storage").await;
         s.agent(1).release(Step::Transfer);
         let pm = s
             .wait_phase("labelled", Phase::Succeeded, PHASE_TIMEOUT)
             .await;
-        assert!(pm.status.unwrap().committed);
+        assert!(pm.status.as_ref().unwrap().committed);
         assert_eq!(s.agent(1).count(Step::Abort(Role::Source)).executions, 0);
+        // Nobody's change was overwritten.
+        assert_eq!(pm.labels().get("team").map(String::as_str), Some("storage"));
     })
     .await;
 }
