@@ -20,6 +20,7 @@ use crate::{
     metrics::Metrics,
     netblock::NetBlock,
     restore::RestoreBackend,
+    room::Room,
     runtime::Runtime,
     rxe_counters::Holds,
     store::{self, Record, Store},
@@ -84,6 +85,8 @@ pub struct Agent {
     pub(crate) operations: Arc<Operations>,
     /// Migrations whose checkpoint runs on this node (see `source::Agent::hold`).
     pub(crate) checkpointing: Arc<Mutex<BTreeSet<String>>>,
+    /// Disk room held by the streams being received.
+    pub(crate) room: Room,
 }
 
 impl Agent {
@@ -93,6 +96,7 @@ impl Agent {
             reservations: Reservations::new(&settings.reservations),
             operations: Operations::new(settings.quick_answer),
             checkpointing: Arc::default(),
+            room: Room::default(),
             settings: Arc::new(settings),
             parts: Arc::new(parts),
         }
@@ -131,7 +135,12 @@ impl Agent {
             runtime_version,
             criu_version: criu_version().await.unwrap_or_default(),
             rxe_present: self.parts.rxe.counters().present(),
-            free_bytes: self.store.free_bytes().unwrap_or(0),
+            // Less what streams being received hold.
+            free_bytes: self
+                .store
+                .free_bytes()
+                .unwrap_or(0)
+                .saturating_sub(self.room.held()),
             restore_backends,
             notes,
         })
@@ -184,13 +193,34 @@ impl Agent {
             match r.role {
                 store::Role::Source if !r.committed => self.thaw(&r).await?,
                 store::Role::Source => self.unblock(&r).await?,
-                store::Role::Target => self.release_target(&r).await?,
+                store::Role::Target => {
+                    self.release_target(&r).await?;
+                    // Images no pod was made from; a replacement's own image stays for its
+                    // restarts (the kubelet's image garbage collection takes it when unused).
+                    if !r.committed {
+                        self.remove_staged_images(&r).await;
+                    }
+                }
             }
         }
         self.store.remove(&uid)?;
         self.operations.forget(&uid);
         self.parts.rxe.release(&uid);
         Ok(v1::Operation::succeeded(&uid))
+    }
+
+    /// Removes the checkpoint images the record's containers were staged as from the runtime
+    /// (paths in the store go with the store's data); one that cannot be removed now (a pod
+    /// still uses it) is left to the runtime's own image garbage collection.
+    async fn remove_staged_images(&self, r: &Record) {
+        for image in r.containers.iter().filter_map(|c| c.staged.as_deref()) {
+            if image.starts_with('/') {
+                continue;
+            }
+            if let Err(e) = self.parts.runtime.remove_image(image).await {
+                tracing::warn!(migration = %r.uid, %image, error = %e, "cannot remove a checkpoint image");
+            }
+        }
     }
 
     /// Lifts this node's block of the record's pod IP, if the agent set one.

@@ -2,7 +2,7 @@
 //! agent may only stream a checkpoint), the checks every step request passes, and the dispatch of
 //! each step into the operations table, which runs it at most once (see `agent_api::operations`).
 
-use std::time::Instant;
+use std::{sync::Arc, time::Instant};
 
 use agent_api::{
     Step,
@@ -23,11 +23,19 @@ use crate::{
 #[derive(Debug, Clone)]
 pub struct Service {
     agent: Agent,
+    /// Checkpoint streams received at once: a peer cannot make this node take more.
+    receiving: Arc<tokio::sync::Semaphore>,
 }
+
+/// Checkpoint streams one agent receives at once.
+pub const MAX_RECEIVING: usize = 8;
 
 impl Service {
     pub fn new(agent: Agent) -> Self {
-        Self { agent }
+        Self {
+            agent,
+            receiving: Arc::new(tokio::sync::Semaphore::new(MAX_RECEIVING)),
+        }
     }
 
     /// What every step RPC does: only the operator may ask, the request must be well formed,
@@ -151,6 +159,11 @@ impl AgentApi for Service {
         request: Request<Streaming<v1::ReceiveChunk>>,
     ) -> Result<Response<v1::ReceiveResult>, Status> {
         identity::require(&request, &[Caller::Agent])?;
+        let _slot = self.receiving.clone().try_acquire_owned().map_err(|_| {
+            Status::resource_exhausted(format!(
+                "this node receives {MAX_RECEIVING} checkpoints already; try again later"
+            ))
+        })?;
         let started = Instant::now();
         match self.agent.receive(request.into_inner()).await {
             Ok(got) => {

@@ -1,7 +1,8 @@
 //! The agent's own housekeeping, apart from the operator: paused sources whose deadline passed
 //! are resumed (a source never stays frozen because its operator went away), and the data of
-//! migrations untouched for a while, not past their commit point and with no step running, is
-//! removed after undoing what it holds (resume, unblock, release), exactly as a Cleanup would.
+//! migrations untouched for a while (past their commit point: for the retention time) and with no
+//! step running is removed after undoing what it holds (resume, unblock, release), exactly as a
+//! Cleanup would.
 //! A migration whose undo fails is kept and tried again later: nothing is forgotten that still
 //! holds something. Runs until the shutdown token is cancelled.
 
@@ -16,8 +17,15 @@ use crate::agent::Agent;
 const DEADLINES_EVERY: Duration = Duration::from_secs(1);
 
 /// Every [`DEADLINES_EVERY`], resumes sources past their deadline; every `every`, collects what
-/// is older than `after` and reports the count of stored migrations.
-pub async fn run(agent: Agent, every: Duration, after: Duration, shutdown: CancellationToken) {
+/// is older than `after` (kept checkpoints past the commit point: `retention`) and reports the
+/// count of stored migrations.
+pub async fn run(
+    agent: Agent,
+    every: Duration,
+    after: Duration,
+    retention: Duration,
+    shutdown: CancellationToken,
+) {
     let mut deadlines = tokio::time::interval(DEADLINES_EVERY);
     let mut collections = tokio::time::interval(every);
     loop {
@@ -26,14 +34,17 @@ pub async fn run(agent: Agent, every: Duration, after: Duration, shutdown: Cance
             _ = deadlines.tick() => {
                 agent.resume_expired().await;
             }
-            _ = collections.tick() => collect(&agent, after).await,
+            _ = collections.tick() => collect(&agent, after, retention).await,
         }
     }
 }
 
 /// Undoes and removes the migrations older than `after` that garbage collection may take.
-async fn collect(agent: &Agent, after: Duration) {
-    match agent.store().stale(after, |uid| agent.active(uid)) {
+async fn collect(agent: &Agent, after: Duration, retention: Duration) {
+    match agent
+        .store()
+        .stale(after, retention, |uid| agent.active(uid))
+    {
         Ok(stale) => {
             for uid in stale {
                 match agent.clone().cleanup(uid.clone()).await {

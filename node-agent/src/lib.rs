@@ -32,6 +32,7 @@ pub mod metrics;
 pub mod netblock;
 pub mod oci;
 pub mod restore;
+pub mod room;
 pub mod runtime;
 pub mod rxe_counters;
 pub mod source;

@@ -24,6 +24,10 @@ use node_agent::{
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+/// Calls one connection may have in flight at once (the operator's polls of many migrations,
+/// or a peer's stream, fit well within it).
+const MAX_CALLS_PER_CONNECTION: usize = 64;
+
 /// Command-line arguments of the node agent.
 #[derive(Parser, Debug)]
 #[command(
@@ -102,9 +106,14 @@ struct Args {
     /// are polled.
     #[arg(long, default_value_t = 2000)]
     quick_answer_ms: u64,
-    /// Data of migrations untouched for this many seconds is removed (kept after a commit).
+    /// Data of migrations untouched for this many seconds is removed (past the commit point: see
+    /// --retention-seconds).
     #[arg(long, default_value_t = 86_400)]
     gc_after_seconds: u64,
+    /// Data of migrations past their commit point (a kept checkpoint) is removed after this many
+    /// seconds untouched.
+    #[arg(long, default_value_t = 7 * 86_400)]
+    retention_seconds: u64,
     /// Seconds between garbage collections of the checkpoint store.
     #[arg(long, default_value_t = 60)]
     gc_interval_seconds: u64,
@@ -267,6 +276,7 @@ async fn main() -> anyhow::Result<()> {
         agent.clone(),
         Duration::from_secs(args.gc_interval_seconds),
         Duration::from_secs(args.gc_after_seconds),
+        Duration::from_secs(args.retention_seconds),
         shutdown.clone(),
     ));
     let lease = match args.lease() {
@@ -288,6 +298,12 @@ async fn main() -> anyhow::Result<()> {
         // Checkpoint streams are bulk data: HTTP/2 windows far larger than the 64 KiB default.
         .initial_stream_window_size(agent_api::client::STREAM_WINDOW)
         .initial_connection_window_size(agent_api::client::CONNECTION_WINDOW)
+        // Bounds on what one caller may hold: calls at once per connection, streams per
+        // connection, and connections whose peer went silent are closed.
+        .concurrency_limit_per_connection(MAX_CALLS_PER_CONNECTION)
+        .max_concurrent_streams(Some(MAX_CALLS_PER_CONNECTION as u32))
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .tls_config(tls.server())
         .context("server TLS configuration")?
         .add_service(

@@ -375,4 +375,22 @@ impl Runtime {
             .map_err(call(format!("pulling image {image}")))?;
         Ok(reply.into_inner().image_ref)
     }
+
+    /// Removes an image from the runtime's store (a checkpoint image this node staged); one that
+    /// is not there is removed already.
+    pub async fn remove_image(&self, image: &str) -> Result<()> {
+        let removed = ImageServiceClient::new(self.channel.clone())
+            .remove_image(cri::RemoveImageRequest {
+                image: Some(cri::ImageSpec {
+                    image: image.into(),
+                    ..Default::default()
+                }),
+            })
+            .await
+            .map_err(call(format!("removing image {image}")));
+        match removed {
+            Err(e) if !e.is_not_found() => Err(e),
+            _ => Ok(()),
+        }
+    }
 }

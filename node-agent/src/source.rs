@@ -54,9 +54,11 @@ impl Agent {
             s => Duration::from_secs(s),
         };
         record.resume_at = Some(unix_now().saturating_add(resume_after.as_secs()));
-        // The operator may not know the runtime's IDs: find them by the pod's sandbox.
-        for c in record.containers.iter_mut().filter(|c| c.id.is_empty()) {
-            c.id = self
+        // The containers are found by the pod's sandbox. An ID the request names must be that
+        // container's: whoever holds the operator's certificate pauses and dumps the pod it names,
+        // never another container of the node.
+        for c in &mut record.containers {
+            let found = self
                 .runtime()
                 .find_container(&pod.namespace, &pod.name, &pod.uid, &c.name)
                 .await?
@@ -66,6 +68,13 @@ impl Agent {
                         c.name, pod.namespace, pod.name
                     ))
                 })?;
+            if !c.id.is_empty() && c.id != found {
+                return Err(Error::Invalid(format!(
+                    "container ID {} is not container {} of pod {}/{}",
+                    c.id, c.name, pod.namespace, pod.name
+                )));
+            }
+            c.id = found;
         }
         // One migration at a time moves a pod: refused before anything is touched.
         let _hold = self.hold(&record)?;

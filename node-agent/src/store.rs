@@ -316,13 +316,14 @@ impl Store {
         Ok(stat.blocks_available() * stat.fragment_size())
     }
 
-    /// What garbage collection may take: migrations that were not touched for `age` and are not
-    /// past their commit point (whose data is kept for a manual restore until Cleanup), unless
-    /// `active` says a step of theirs runs. The caller undoes what they hold before removing them
-    /// (`gc.rs`); nothing is removed here.
+    /// What garbage collection may take: migrations that were not touched for `age`, or for
+    /// `retention` when they are past their commit point (whose data is kept for a manual restore
+    /// until Cleanup or the retention time), unless `active` says a step of theirs runs. The
+    /// caller undoes what they hold before removing them (`gc.rs`); nothing is removed here.
     pub fn stale(
         &self,
         age: Duration,
+        retention: Duration,
         active: impl Fn(&str) -> bool,
     ) -> Result<Vec<String>, Error> {
         let now = SystemTime::now();
@@ -336,10 +337,9 @@ impl Store {
                 .or_else(|_| fs::metadata(&dir))
                 .and_then(|m| m.modified())
                 .map_err(io_at(&dir))?;
-            if now.duration_since(modified).unwrap_or_default() < age {
-                continue;
-            }
-            if self.load(&uid).ok().flatten().is_some_and(|r| r.committed) {
+            let untouched = now.duration_since(modified).unwrap_or_default();
+            let committed = self.load(&uid).ok().flatten().is_some_and(|r| r.committed);
+            if untouched < if committed { retention } else { age } {
                 continue;
             }
             stale.push(uid);
@@ -390,7 +390,7 @@ mod tests {
     }
 
     #[test]
-    fn collection_takes_only_old_idle_migrations_before_their_commit_point() {
+    fn collection_takes_old_idle_migrations_and_kept_checkpoints_after_their_retention() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::new(dir.path());
         for uid in ["old", "active", "kept"] {
@@ -398,14 +398,17 @@ mod tests {
             r.committed = uid == "kept";
             store.save(&r).unwrap();
         }
-        assert!(
-            store
-                .stale(Duration::from_secs(3600), |_| false)
-                .unwrap()
-                .is_empty()
-        );
-        let stale = store.stale(Duration::ZERO, |uid| uid == "active").unwrap();
+        let (hour, week) = (Duration::from_secs(3600), Duration::from_secs(7 * 86_400));
+        assert!(store.stale(hour, week, |_| false).unwrap().is_empty());
+        let stale = store
+            .stale(Duration::ZERO, week, |uid| uid == "active")
+            .unwrap();
         assert_eq!(stale, vec!["old".to_string()]);
+        // Past the retention time, a kept checkpoint goes too.
+        let stale = store
+            .stale(Duration::ZERO, Duration::ZERO, |uid| uid == "active")
+            .unwrap();
+        assert_eq!(stale, vec!["kept".to_string(), "old".to_string()]);
         // Naming them removes nothing: the caller undoes first.
         assert_eq!(store.list().unwrap().len(), 3);
     }

@@ -18,6 +18,7 @@ use crate::{
     archive,
     error::{Error, Result},
     ipam::Reservation,
+    room::Hold,
     rxe_counters::{self, Block},
     store::{Record, Role},
     wire::{self, Destination, Received, Rejected},
@@ -33,7 +34,7 @@ impl Agent {
     /// Checks that the pod can be restored here and records the migration.
     pub async fn prepare(self, req: v1::PrepareTargetRequest) -> Result<v1::Operation> {
         let pod = req.pod.unwrap_or_default();
-        let free = self.store.free_bytes()?;
+        let free = self.store.free_bytes()?.saturating_sub(self.room.held());
         if req.expected_bytes > free {
             return Err(Error::NotReady(format!(
                 "the checkpoint store has {free} bytes free, the checkpoint needs about {}",
@@ -92,6 +93,7 @@ impl Agent {
             agent: self,
             uid: None,
             backend: String::new(),
+            holds: Vec::new(),
         };
         let result = wire::receive(stream, &mut sink).await;
         match &result {
@@ -293,6 +295,8 @@ struct Staging<'a> {
     uid: Option<String>,
     /// The backend it stages with (its record says which).
     backend: String,
+    /// Disk room held for the archives admitted so far, given back when the stream ends.
+    holds: Vec<Hold>,
 }
 
 impl Staging<'_> {
@@ -348,16 +352,19 @@ impl wire::Sink for Staging<'_> {
             .unpacks_on_arrival();
         let free = self.agent.store.free_bytes()?;
         // Unpacked on arrival: one copy. Received, then pulled into the runtime (the image
-        // backend): two copies at the peak. And a margin.
+        // backend): two copies at the peak. And a margin. Held against other streams until this
+        // one ends.
         let copies = if unpacks { 2 } else { 3 };
-        if bytes.saturating_mul(copies) > free {
-            return Err(Rejected::NoSpace {
+        let hold = self
+            .agent
+            .room
+            .hold(bytes.saturating_mul(copies), free)
+            .map_err(|short| Rejected::NoSpace {
                 container: container.into(),
                 bytes,
-                free,
-            }
-            .into());
-        }
+                free: short.free.saturating_sub(short.held),
+            })?;
+        self.holds.push(hold);
         let uid = self.uid()?;
         Ok(if unpacks {
             Destination::Unpack {

@@ -381,6 +381,8 @@ pub enum Rejected {
     Missing(String),
     #[error("the stream carried no data")]
     Empty,
+    #[error("no chunk came for {0}s: the stream is given up")]
+    Idle(u64),
     #[error(
         "the checkpoint of migration {0} was received already: a second stream is refused (the operator starts a new migration instead)"
     )]
@@ -674,6 +676,9 @@ pub struct Received {
 
 /// Receives one stream into `sink`, checking its framing chunk by chunk; what was received before
 /// an error is the sink's to discard.
+/// How long a receiving agent waits for the next chunk of a stream.
+pub const STREAM_IDLE: Duration = Duration::from_secs(60);
+
 pub async fn receive(
     stream: impl Stream<Item = Result<v1::ReceiveChunk, tonic::Status>> + Unpin,
     sink: &mut impl Sink,
@@ -695,7 +700,11 @@ async fn receive_into(
     let mut got = Received::default();
     let mut expected: Option<Vec<String>> = None;
     let mut first: Option<Instant> = None;
-    while let Some(chunk) = stream.next().await {
+    // A sender that stops sending gives its stream (and the archive half written) up.
+    while let Some(chunk) = tokio::time::timeout(STREAM_IDLE, stream.next())
+        .await
+        .map_err(|_| Rejected::Idle(STREAM_IDLE.as_secs()))?
+    {
         let chunk = chunk.map_err(|source| Error::Peer {
             what: "the checkpoint stream broke".into(),
             source,
@@ -860,6 +869,24 @@ mod tests {
 
     async fn deliver(chunks: Vec<v1::ReceiveChunk>, sink: &mut Keep) -> Result<Received> {
         receive(futures::stream::iter(chunks.into_iter().map(Ok)), sink).await
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_sender_that_stops_sending_is_given_up_and_its_archive_abandoned() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = vec![7u8; CHUNK * 2];
+        let chunks = chunks_of(dir.path(), &[("app", &data)], Compression::None).await;
+        // The first chunk, then nothing more, without the stream ending.
+        let first = futures::stream::iter(chunks.into_iter().take(1).map(Ok));
+        let stalled = first.chain(futures::stream::pending());
+        let out = tempfile::tempdir().unwrap();
+        let mut sink = unpack(out.path(), &["app"]);
+        let err = receive(Box::pin(stalled), &mut sink).await.unwrap_err();
+        assert!(
+            matches!(err, Error::Rejected(Rejected::Idle(s)) if s == STREAM_IDLE.as_secs()),
+            "{err}"
+        );
+        assert!(sink.kept.is_empty(), "a stalled archive was kept");
     }
 
     #[tokio::test]

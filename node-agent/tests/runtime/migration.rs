@@ -675,6 +675,24 @@ pub fn deadline(w: &World) -> Result<()> {
         })
         .await?;
         let mut src = w.operator(0).await?;
+        // A request naming the pod with another container's ID is refused, touching nothing.
+        let mut foreign = pod.pod_ref(&image);
+        foreign.containers[0].container_id = "0123456789abcdef".into();
+        let why = fails(
+            &mut src,
+            Step::Checkpoint,
+            &StepArgs {
+                migration_uid: uid.clone(),
+                pod: foreign,
+                ..Default::default()
+            },
+        )
+        .await?;
+        ensure!(why.contains("is not container app of pod"), "{why}");
+        ensure!(
+            w.task_state(0, &pod.container_id) == "RUNNING",
+            "a refused checkpoint touched the pod"
+        );
         done(
             &mut src,
             Step::Checkpoint,

@@ -180,7 +180,8 @@ pub fn invalid_requests(w: &World) -> Result<()> {
         .await?;
         ensure!(why.contains("limit"), "{why}");
         ensure!(!w.stored(1)?.contains(&uid), "a refused prepare left data");
-        // Checkpointing a container that does not exist fails and leaves nothing behind.
+        // Checkpointing a pod that does not run here fails and leaves nothing behind, whether
+        // the request names runtime IDs or not (the pod's sandbox is what finds them).
         let mut src = w.operator(0).await?;
         let why = fails(
             &mut src,
@@ -192,8 +193,10 @@ pub fn invalid_requests(w: &World) -> Result<()> {
             },
         )
         .await?;
-        ensure!(why.contains("0123"), "{why}");
-        // Without runtime IDs the agent looks for the pod's containers, and says so when none run.
+        ensure!(
+            why.contains("no running container app of pod agent-test/p"),
+            "{why}"
+        );
         let mut unknown = pod.clone();
         unknown.containers[0].container_id.clear();
         let why = fails(
