@@ -209,6 +209,25 @@ impl Agent {
         Ok(v1::Operation::succeeded(&uid))
     }
 
+    /// A target past the commit point whose restore did not finish: releases what it holds for
+    /// the pod (the IP block and reservation, the rxe counters) and keeps the checkpoint for a
+    /// manual restore, until garbage collection takes it after the retention time.
+    pub async fn release(self, uid: String) -> Result<v1::Operation> {
+        if let Some(r) = self.store.load(&uid)? {
+            if r.role != store::Role::Target {
+                return Err(Error::Invalid(format!(
+                    "migration {uid} is not a target here: only a target keeps its checkpoint"
+                )));
+            }
+            self.release_target(&r).await?;
+            if r.reserved {
+                self.store.update(&uid, |r| r.reserved = false)?;
+            }
+        }
+        self.operations.forget(&uid);
+        Ok(self.done(&uid))
+    }
+
     /// Removes the checkpoint images the record's containers were staged as from the runtime
     /// (paths in the store go with the store's data); one that cannot be removed now (a pod
     /// still uses it) is left to the runtime's own image garbage collection.

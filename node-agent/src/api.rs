@@ -135,6 +135,7 @@ async fn dispatch(agent: Agent, request: StepRequest) -> Result<v1::Operation> {
             Some(role) => agent.abort(r.migration_uid, role).await,
             None => Err(Error::Invalid("role must be source or target".into())),
         },
+        StepRequest::Cleanup(r) if r.keep_checkpoint => agent.release(r.migration_uid).await,
         StepRequest::Cleanup(r) => agent.cleanup(r.migration_uid).await,
     }
 }

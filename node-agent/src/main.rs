@@ -114,6 +114,10 @@ struct Args {
     /// seconds untouched.
     #[arg(long, default_value_t = 7 * 86_400)]
     retention_seconds: u64,
+    /// An address the agent never blocks, whatever it is asked (besides the node's own, the API
+    /// server's as the agent reaches it and the in-cluster service's); repeatable.
+    #[arg(long)]
+    protect_address: Vec<std::net::Ipv4Addr>,
     /// Seconds between garbage collections of the checkpoint store.
     #[arg(long, default_value_t = 60)]
     gc_interval_seconds: u64,
@@ -236,7 +240,9 @@ async fn main() -> anyhow::Result<()> {
         .load()
         .with_context(|| format!("loading TLS material from {}", args.tls_dir.display()))?;
     let runtime = Runtime::new(&args.runtime_endpoint, &args.containerd_namespace)?;
-    let net = NetBlock::new(args.nft.clone());
+    let net =
+        NetBlock::new(args.nft.clone()).protecting(control_plane(&args.protect_address).await);
+    info!(protected = ?net.protected(), "addresses never blocked besides the node's own");
     if let Err(e) = net.ensure().await {
         warn!(error = %e, "cannot set up the network block table; pod IPs cannot be silenced");
     }
@@ -359,4 +365,33 @@ mod tests {
         assert!(parse_range("1024").is_err());
         assert!(parse_range("a-b").is_err());
     }
+}
+
+/// The control plane's addresses as this agent sees them: the API server of its Kubernetes
+/// configuration (resolved when named), the in-cluster service address, and `extra`.
+async fn control_plane(extra: &[std::net::Ipv4Addr]) -> Vec<std::net::Ipv4Addr> {
+    let mut hosts: Vec<String> = Vec::new();
+    if let Ok(host) = std::env::var("KUBERNETES_SERVICE_HOST") {
+        hosts.push(host);
+    }
+    if let Ok(config) = kube::Config::infer().await
+        && let Some(host) = config.cluster_url.host()
+    {
+        hosts.push(host.trim_matches(['[', ']']).to_string());
+    }
+    let mut addresses = extra.to_vec();
+    for host in hosts {
+        match host.parse::<std::net::Ipv4Addr>() {
+            Ok(ip) => addresses.push(ip),
+            Err(_) => {
+                if let Ok(found) = tokio::net::lookup_host((host.as_str(), 443)).await {
+                    addresses.extend(found.filter_map(|a| match a.ip() {
+                        std::net::IpAddr::V4(ip) => Some(ip),
+                        std::net::IpAddr::V6(_) => None,
+                    }));
+                }
+            }
+        }
+    }
+    addresses
 }

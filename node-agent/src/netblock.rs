@@ -5,7 +5,9 @@
 //! pod IP until the restored sockets exist. The set lives in the node's network namespace, so a
 //! restarted agent finds its blocks where it left them. Whatever it is asked, the agent never
 //! blocks an address of its own node (a pod on the node's network has the node's address:
-//! blocking it would take the node off the network) nor one that is not a unicast address.
+//! blocking it would take the node off the network), one of the cluster's control plane (the API
+//! server as the agent reaches it, the in-cluster service address, and what `--protect-address`
+//! names), nor one that is not a unicast address.
 
 use std::{net::Ipv4Addr, path::PathBuf};
 
@@ -20,8 +22,8 @@ pub enum Error {
     #[error("nft {args}: {message}")]
     Nft { args: String, message: String },
     #[error(
-        "{0} is an address of this node or not a unicast address: blocking it would take the \
-         node off the network, so the agent never does"
+        "{0} is an address of this node or of the control plane, or not a unicast address: \
+         blocking it would take the node off the network, so the agent never does"
     )]
     Guarded(Ipv4Addr),
     #[error("listing this node's addresses: {0}")]
@@ -32,6 +34,8 @@ pub enum Error {
 #[derive(Debug, Clone)]
 pub struct NetBlock {
     nft: PathBuf,
+    /// Addresses never blocked besides the node's own: the control plane's.
+    protected: Vec<Ipv4Addr>,
 }
 
 fn ruleset() -> String {
@@ -52,7 +56,23 @@ fn ruleset() -> String {
 
 impl NetBlock {
     pub fn new(nft: PathBuf) -> Self {
-        Self { nft }
+        Self {
+            nft,
+            protected: Vec::new(),
+        }
+    }
+
+    /// Also never blocks `addresses` (the control plane's).
+    pub fn protecting(mut self, addresses: impl IntoIterator<Item = Ipv4Addr>) -> Self {
+        self.protected.extend(addresses);
+        self.protected.sort();
+        self.protected.dedup();
+        self
+    }
+
+    /// The addresses protected besides the node's own.
+    pub fn protected(&self) -> &[Ipv4Addr] {
+        &self.protected
     }
 
     async fn nft(&self, args: &[&str], stdin: Option<&str>) -> Result<String, Error> {
@@ -102,9 +122,9 @@ impl NetBlock {
     }
 
     /// Drops all traffic of `ip` on this node's bridge (idempotent); refuses an address of the
-    /// node itself.
+    /// node itself or of the control plane.
     pub async fn block(&self, ip: Ipv4Addr) -> Result<(), Error> {
-        if guarded(ip, &own_addresses()?) {
+        if self.protected.contains(&ip) || guarded(ip, &own_addresses()?) {
             return Err(Error::Guarded(ip));
         }
         self.ensure().await?;
@@ -210,6 +230,13 @@ mod tests {
         // An nft that cannot run: only the guard can answer.
         let net = NetBlock::new(PathBuf::from("/nonexistent/nft"));
         let refused = net.block(Ipv4Addr::LOCALHOST).await;
+        assert!(matches!(refused, Err(Error::Guarded(_))), "{refused:?}");
+        let other = net.block(Ipv4Addr::new(10, 88, 1, 5)).await;
+        assert!(matches!(other, Err(Error::Nft { .. })), "{other:?}");
+        // The control plane's addresses are refused the same way.
+        let api_server = Ipv4Addr::new(10, 88, 0, 1);
+        let net = NetBlock::new(PathBuf::from("/nonexistent/nft")).protecting([api_server]);
+        let refused = net.block(api_server).await;
         assert!(matches!(refused, Err(Error::Guarded(_))), "{refused:?}");
         let other = net.block(Ipv4Addr::new(10, 88, 1, 5)).await;
         assert!(matches!(other, Err(Error::Nft { .. })), "{other:?}");

@@ -429,6 +429,15 @@ async fn drive(watched: Arc<PodMigration>, ctx: &Context, cleanup: bool) -> Resu
                 break;
             }
             Next::Done => {
+                // Results of a final migration's last steps (the target released) are written
+                // before it is let go; a deleted one's go with its finalizer.
+                if unwritten_since.is_some()
+                    && !facts.deleting
+                    && let Some(status) = pm.status.clone()
+                {
+                    pm = write_status(&pm, facts.status.phase, status, None, ctx).await?;
+                    unwritten_since = None;
+                }
                 settled = true;
                 // A deletion seen in a run that was not the cleanup: the cleanup run comes and
                 // starts from what is known here.
@@ -1182,6 +1191,7 @@ fn step_args(pm: &PodMigration, f: &Facts) -> StepArgs {
             })
             .map_or(0, |m| u64::try_from(m / 1000).unwrap_or(0)),
         resume_after_seconds: statemachine::source_deadline(f).as_secs(),
+        keep_checkpoint: statemachine::keeps_checkpoint(f),
         expected: s
             .checkpoint
             .iter()

@@ -33,6 +33,9 @@ pub mod condition {
     pub const CLEANED_SOURCE: &str = "CleanedSource";
     /// After the PodMigration was deleted: the target agent dropped its data (or could not).
     pub const CLEANED_TARGET: &str = "CleanedTarget";
+    /// Failed or deleted past the commit point: the target agent released the pod's IP block and
+    /// reservation and its rxe counters, keeping the checkpoint (or could not).
+    pub const TARGET_RELEASED: &str = "TargetReleased";
 }
 
 /// Why a migration failed or rolled back; the `reason` of its conditions.
@@ -178,6 +181,9 @@ pub const RETRY: Duration = Duration::from_secs(2);
 pub fn next(f: &Facts) -> Action {
     let phase = f.status.phase.unwrap_or_default();
     if phase.is_final() {
+        if keeps_checkpoint(f) && !recorded(f, condition::TARGET_RELEASED) {
+            return Action::Call(Step::Cleanup(Role::Target));
+        }
         return if f.deleting {
             cleanup_or_done(f)
         } else {
@@ -207,7 +213,10 @@ pub fn next(f: &Facts) -> Action {
         }
     } else if f.deleting {
         // The source is gone; the checkpoint on the target is the only copy. Let go of the object
-        // and keep the data for a manual restore.
+        // and keep the data for a manual restore, but not the pod's IP and counters.
+        if !recorded(f, condition::TARGET_RELEASED) {
+            return Action::Call(Step::Cleanup(Role::Target));
+        }
         return Action::Done;
     } else if timed_out(f) {
         let msg = if has(f, condition::SOURCE_STOPPED) {
@@ -436,6 +445,15 @@ fn source_resumed(f: &Facts, message: &str) -> PodMigrationStatus {
     s
 }
 
+/// Whether the target keeps its checkpoint for a manual restore: past the commit point, the restore
+/// did not finish, and the source was stopped (a source resumed at its deadline runs; its stale
+/// checkpoint is not kept). A cleanup of the target then only releases what it holds for the pod.
+pub fn keeps_checkpoint(f: &Facts) -> bool {
+    f.status.committed
+        && f.status.phase != Some(Phase::Succeeded)
+        && !has(f, condition::SOURCE_RESUMED)
+}
+
 fn abort_step(f: &Facts) -> Action {
     if !has(f, condition::SOURCE_RESUMED) {
         return Action::Call(Step::Abort(Role::Source));
@@ -529,6 +547,14 @@ fn succeeded(f: &Facts, call: Step, op: &agent_api::Operation) -> PodMigrationSt
             true,
             "Cleaned",
             "source agent data removed",
+        ),
+        Step::Cleanup(Role::Target) if keeps_checkpoint(f) => set_condition(
+            &mut s,
+            f.now,
+            condition::TARGET_RELEASED,
+            true,
+            "Released",
+            "the target released the pod's IP and rxe counters; the checkpoint is kept",
         ),
         Step::Cleanup(Role::Target) => set_condition(
             &mut s,
@@ -656,16 +682,15 @@ fn failed(f: &Facts, call: Step, message: &str) -> (PodMigrationStatus, Duration
             );
             (s, Duration::ZERO)
         }
+        // One attempt: the agent's garbage collection releases it after the retention time.
         Step::Cleanup(Role::Target) => {
             let mut s = f.status.clone();
-            set_condition(
-                &mut s,
-                f.now,
-                condition::CLEANED_TARGET,
-                false,
-                "CleanupFailed",
-                message,
-            );
+            let type_ = if keeps_checkpoint(f) {
+                condition::TARGET_RELEASED
+            } else {
+                condition::CLEANED_TARGET
+            };
+            set_condition(&mut s, f.now, type_, false, "CleanupFailed", message);
             (s, Duration::ZERO)
         }
     }
@@ -1410,9 +1435,23 @@ mod tests {
         let Action::Write(s) = next(&f) else { panic!() };
         assert_eq!(s.phase, Some(Phase::Failed));
         assert!(
-            s.checkpoint.unwrap().location.is_some(),
+            s.checkpoint.as_ref().unwrap().location.is_some(),
             "a failed restore says where the checkpoint is"
         );
+        // Failed past the commit point: the target releases the pod's IP and counters at once,
+        // keeping the checkpoint; a failed release is not retried (the agent's retention is).
+        f.status = *s;
+        assert_eq!(next(&f), Action::Call(Step::Cleanup(Role::Target)));
+        let failed = answer(
+            f.clone(),
+            Step::Cleanup(Role::Target),
+            Answer::Unreachable("down".into()),
+        );
+        assert_eq!(next(&failed), Action::Done);
+        f = answer(f, Step::Cleanup(Role::Target), ok());
+        assert_eq!(next(&f), Action::Done);
+        f.deleting = true;
+        assert_eq!(next(&f), Action::Done, "the checkpoint is kept");
     }
 
     #[test]
@@ -1517,6 +1556,12 @@ mod tests {
 
         let mut f = advance_to(Phase::Restoring);
         f.deleting = true;
+        // The target lets go of the pod's IP and counters, keeping the checkpoint, once.
+        assert_eq!(next(&f), Action::Call(Step::Cleanup(Role::Target)));
+        assert!(keeps_checkpoint(&f));
+        f = answer(f, Step::Cleanup(Role::Target), ok());
+        assert!(has(&f, condition::TARGET_RELEASED));
+        assert!(!recorded(&f, condition::CLEANED_TARGET));
         assert_eq!(next(&f), Action::Done);
     }
 

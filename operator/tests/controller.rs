@@ -649,6 +649,18 @@ async fn a_replacement_template_changed_by_someone_else_is_never_used() {
         let (reason, message) = Scenario::reason(&pm);
         assert_eq!(reason, "TemplateChanged", "{message}");
         assert!(message.contains("checkpoint is kept"), "{message}");
+        // The target lets go of the pod's IP and counters at once, keeping the checkpoint, and
+        // the status says so.
+        let released = support::eventually(PHASE_TIMEOUT, || async {
+            let pm = s.migrations().get("late").await.unwrap();
+            pm.status?
+                .conditions
+                .into_iter()
+                .find(|c| c.type_ == "TargetReleased")
+        })
+        .await;
+        assert_eq!(released.status, "True", "{released:?}");
+        assert_eq!(s.agent(2).count(Step::Cleanup(Role::Target)).executions, 1);
         assert!(
             s.pods().get_opt("db").await.unwrap().is_none_or(|p| p
                 .spec

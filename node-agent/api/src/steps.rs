@@ -123,6 +123,8 @@ pub struct StepArgs {
     /// StageRestore: the archives the checkpoint answered (names, digests, sizes), which the
     /// target must have received exactly.
     pub expected: Vec<v1::ContainerArchive>,
+    /// Cleanup of a target: release what it holds for the pod, keep the checkpoint.
+    pub keep_checkpoint: bool,
 }
 
 /// The request of one step, as the API carries it.
@@ -154,6 +156,7 @@ impl StepArgs {
         let plain = |role: Role| v1::StepRequest {
             migration_uid: uid.clone(),
             role: role.to_api().into(),
+            keep_checkpoint: false,
         };
         match step {
             Step::PrepareTarget => StepRequest::PrepareTarget(v1::PrepareTargetRequest {
@@ -184,7 +187,10 @@ impl StepArgs {
             Step::FinishRestore => StepRequest::FinishRestore(plain(Role::Target)),
             Step::Commit(role) => StepRequest::Commit(plain(role)),
             Step::Abort(role) => StepRequest::Abort(plain(role)),
-            Step::Cleanup(role) => StepRequest::Cleanup(plain(role)),
+            Step::Cleanup(role) => StepRequest::Cleanup(v1::StepRequest {
+                keep_checkpoint: self.keep_checkpoint,
+                ..plain(role)
+            }),
         }
     }
 }
@@ -254,6 +260,7 @@ mod tests {
         let request = StepRequest::Commit(v1::StepRequest {
             migration_uid: "m".into(),
             role: v1::Role::Unspecified.into(),
+            ..Default::default()
         });
         assert_eq!(request.step(), None);
     }

@@ -394,7 +394,32 @@ pub fn rxe_lock(w: &World) -> Result<()> {
             "last_mrn {}",
             w.rxe_file(1, "last_mrn")
         );
-        for uid in [&first, &second] {
+        // The second restore fails past its commit point: the target releases what it holds for
+        // the pod (the counters, here) and keeps the checkpoint for a manual restore.
+        done(
+            &mut target,
+            Step::Cleanup(Role::Target),
+            &StepArgs {
+                migration_uid: second.clone(),
+                keep_checkpoint: true,
+                ..Default::default()
+            },
+        )
+        .await?;
+        ensure!(
+            w.stored(1)?.contains(&second),
+            "the kept checkpoint was removed"
+        );
+        let third = unique("rxe-c");
+        let pod_c = prepared_with_archive(w, &third, "rxe-c").await?;
+        done(
+            &mut target,
+            Step::StageRestore,
+            &stage(&third, &pod_c, rxe_block()),
+        )
+        .await
+        .map_err(|e| format!("the released counters were still held: {e}"))?;
+        for uid in [&first, &second, &third] {
             done(&mut target, Step::Cleanup(Role::Target), &StepArgs::of(uid)).await?;
         }
         Ok(())
