@@ -921,7 +921,9 @@ async fn execute(pm: &PodMigration, f: &Facts, action: Action, ctx: &Context) ->
             let status = match ctx.rxe.ensure(&ns, &pm.spec.pod_name).await {
                 Ok(_) => return Ok(Next::Continue(pm.clone())),
                 Err(
-                    e @ (rxe_blocks::Error::Exhausted(_) | rxe_blocks::Error::InvalidRanges(_)),
+                    e @ (rxe_blocks::Error::Exhausted(_)
+                    | rxe_blocks::Error::NamespaceFull { .. }
+                    | rxe_blocks::Error::InvalidRanges(_)),
                 ) => statemachine::allocation_failed(f, &e.to_string()),
                 Err(e) => return Err(e.into()),
             };

@@ -83,6 +83,9 @@ struct Args {
     /// Number of blocks.
     #[arg(long, default_value_t = rxe_blocks::Ranges::default().blocks)]
     rxe_blocks: u32,
+    /// Blocks one namespace's RDMA pods may hold at most (0: no cap).
+    #[arg(long, default_value_t = 0)]
+    rxe_blocks_per_namespace: u32,
     /// The RuntimeClass of replacement pods the runtime wrapper restores (its handler runs
     /// `migros-runc` on the nodes).
     #[arg(long, env = "KUBE_MIGROS_RUNTIME_CLASS", default_value = "kube-migros")]
@@ -285,7 +288,8 @@ async fn lead(
             instance: Some(identity.to_string()),
         },
     );
-    let allocator = rxe_blocks::Allocator::new(client.clone(), args.ranges());
+    let allocator = rxe_blocks::Allocator::new(client.clone(), args.ranges())
+        .with_namespace_cap(args.rxe_blocks_per_namespace);
     let agents = Agents::new(client.clone(), &args.namespace, tls);
     let ctx = Arc::new(
         Context::new(

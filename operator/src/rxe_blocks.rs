@@ -50,6 +50,10 @@ pub enum Error {
     InvalidRanges(String),
     #[error("all {0} rxe blocks are taken; raise --rxe-blocks or shrink the blocks")]
     Exhausted(u32),
+    #[error(
+        "namespace {namespace} holds its {cap} rxe blocks (--rxe-blocks-per-namespace): one of its RDMA pods must go first"
+    )]
+    NamespaceFull { namespace: String, cap: u32 },
     #[error("allocating an rxe block kept racing with other allocations; retrying")]
     Contended,
     #[error("rxe block API: {0}")]
@@ -105,6 +109,8 @@ impl Ranges {
 pub struct Allocator {
     api: Api<RxeBlock>,
     ranges: Ranges,
+    /// Blocks one namespace may hold at most (`None`: all of them).
+    per_namespace: Option<u32>,
 }
 
 impl std::fmt::Debug for Allocator {
@@ -123,7 +129,14 @@ impl Allocator {
         Self {
             api: Api::all(client),
             ranges,
+            per_namespace: None,
         }
+    }
+
+    /// Lets one namespace hold at most `cap` blocks (0: no cap), so that no tenant takes them all.
+    pub fn with_namespace_cap(mut self, cap: u32) -> Self {
+        self.per_namespace = (cap > 0).then_some(cap);
+        self
     }
 
     /// The block of pod `namespace/name`, allocating one if it has none. Idempotent.
@@ -132,27 +145,68 @@ impl Allocator {
             return Ok(block.spec.ranges());
         }
         for _ in 0..ATTEMPTS {
-            let taken: BTreeSet<u32> = self
-                .api
-                .list_metadata(&ListParams::default())
-                .await?
-                .items
-                .iter()
-                .filter_map(index_of)
-                .collect();
+            let blocks = self.api.list_metadata(&ListParams::default()).await?.items;
+            self.check_cap(namespace, &blocks)?;
+            let taken: BTreeSet<u32> = blocks.iter().filter_map(index_of).collect();
             let index = self
                 .ranges
                 .lowest_free(&taken)
                 .ok_or(Error::Exhausted(self.ranges.blocks))?;
             let block = self.object(index, namespace, name);
             match self.api.create(&PostParams::default(), &block).await {
-                Ok(_) => return self.settle(namespace, name).await,
+                Ok(created) => {
+                    // Allocations of one namespace that raced may have passed the cap together:
+                    // the blocks created first keep their place, and a later one that finds the
+                    // cap taken by earlier ones gives its own back (every allocation sees those
+                    // created before it, so they all agree).
+                    if self.per_namespace.is_some() {
+                        let blocks = self.api.list_metadata(&ListParams::default()).await?.items;
+                        let mine = created_at(&created.metadata);
+                        let earlier: Vec<_> = blocks
+                            .into_iter()
+                            .filter(|b| match (created_at(&b.metadata), mine) {
+                                (Some(theirs), Some(mine)) => theirs < mine,
+                                // An order it cannot read: counted, to stay under the cap.
+                                _ => b.metadata.uid != created.metadata.uid,
+                            })
+                            .collect();
+                        if let Err(full) = self.check_cap(namespace, &earlier) {
+                            self.delete(&created).await?;
+                            return Err(full);
+                        }
+                    }
+                    return self.settle(namespace, name).await;
+                }
                 // Another allocation took this index first: look again.
                 Err(kube::Error::Api(status)) if status.code == 409 => continue,
                 Err(e) => return Err(e.into()),
             }
         }
         Err(Error::Contended)
+    }
+
+    /// Fails when `namespace` holds its cap of `blocks` already.
+    fn check_cap(
+        &self,
+        namespace: &str,
+        blocks: &[kube::core::PartialObjectMeta<RxeBlock>],
+    ) -> Result<(), Error> {
+        let Some(cap) = self.per_namespace else {
+            return Ok(());
+        };
+        let held = blocks
+            .iter()
+            .filter(|b| {
+                b.labels().get(RXE_POD_NAMESPACE_LABEL).map(String::as_str) == Some(namespace)
+            })
+            .count();
+        if u32::try_from(held).unwrap_or(u32::MAX) >= cap {
+            return Err(Error::NamespaceFull {
+                namespace: namespace.into(),
+                cap,
+            });
+        }
+        Ok(())
     }
 
     /// The pod's block, if it has one.
@@ -283,9 +337,15 @@ async fn sweep(
         .await?;
     for pod in &rdma.items {
         if pod.metadata.deletion_timestamp.is_none() {
-            allocator
-                .ensure(&pod.namespace().unwrap_or_default(), &pod.name_any())
-                .await?;
+            let (ns, name) = (pod.namespace().unwrap_or_default(), pod.name_any());
+            match allocator.ensure(&ns, &name).await {
+                Ok(_) => {}
+                // This pod waits; the others are still looked after.
+                Err(e @ (Error::Exhausted(_) | Error::NamespaceFull { .. })) => {
+                    tracing::warn!(pod = %format!("{ns}/{name}"), error = %e, "no rxe block for an RDMA pod");
+                }
+                Err(e) => return Err(e),
+            }
         }
     }
     for ((ns, name), blocks) in allocator.all().await? {
@@ -319,6 +379,12 @@ async fn migration_active(client: &Client, ns: &str, name: &str) -> Result<bool,
             .and_then(|s| s.phase)
             .is_some_and(crds::Phase::is_final)
     }))
+}
+
+/// The order in which blocks were created: their resourceVersion at creation, which etcd makes
+/// an increasing number (a block is never updated, so its resourceVersion stays that one).
+fn created_at(meta: &kube::core::ObjectMeta) -> Option<u64> {
+    meta.resource_version.as_deref()?.parse().ok()
 }
 
 fn index_of(meta: &kube::core::PartialObjectMeta<RxeBlock>) -> Option<u32> {

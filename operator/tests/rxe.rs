@@ -84,3 +84,74 @@ async fn fifty_racing_allocations_get_fifty_disjoint_blocks() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_namespace_holds_no_more_blocks_than_its_cap_even_when_allocations_race() {
+    with_namespace("rxe-cap", |client, ns| async move {
+        harness::install_crds(&client).await;
+        let ranges = Ranges::default();
+        let replicas = [
+            Allocator::new(client.clone(), ranges).with_namespace_cap(3),
+            Allocator::new(harness::client().await, ranges).with_namespace_cap(3),
+        ];
+        let outcomes = join_all((0..8).map(|i| {
+            let allocator = replicas[i % 2].clone();
+            let ns = ns.clone();
+            async move { allocator.ensure(&ns, &format!("pod-{i}")).await }
+        }))
+        .await;
+        let api: Api<RxeBlock> = Api::all(client.clone());
+        let selector = format!("{}={ns}", crds::RXE_POD_NAMESPACE_LABEL);
+        let held = || async {
+            api.list(&ListParams::default().labels(&selector))
+                .await
+                .unwrap()
+                .items
+        };
+        let objects = held().await;
+        // The first three created keep their blocks; the cap is never passed.
+        assert_eq!(objects.len(), 3, "{outcomes:?}");
+        let refused: Vec<String> = outcomes
+            .iter()
+            .filter_map(|o| o.as_ref().err().map(|e| e.to_string()))
+            .collect();
+        assert_eq!(refused.len(), 8 - objects.len(), "{outcomes:?}");
+        assert!(
+            refused.iter().all(|e| e.contains("holds its 3 rxe blocks")),
+            "{refused:?}"
+        );
+        // Not a tenant's race lost for good: once the namespace is below its cap, one more fits;
+        // another namespace is not held back meanwhile.
+        let other = Allocator::new(client.clone(), ranges).with_namespace_cap(3);
+        let elsewhere = format!("{ns}-other");
+        let block = other
+            .ensure(&elsewhere, "pod-x")
+            .await
+            .expect("another namespace");
+        for b in objects {
+            replicas[0].delete(&b).await.unwrap();
+        }
+        replicas[0]
+            .ensure(&ns, "pod-late")
+            .await
+            .expect("room again");
+        assert_eq!(held().await.len(), 1);
+        for b in held().await {
+            replicas[0].delete(&b).await.unwrap();
+        }
+        let leftover: Api<RxeBlock> = Api::all(client.clone());
+        for b in leftover
+            .list(
+                &ListParams::default()
+                    .labels(&format!("{}={elsewhere}", crds::RXE_POD_NAMESPACE_LABEL)),
+            )
+            .await
+            .unwrap()
+            .items
+        {
+            assert_eq!(b.spec.ranges(), block);
+            other.delete(&b).await.unwrap();
+        }
+    })
+    .await;
+}
