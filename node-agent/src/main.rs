@@ -353,20 +353,6 @@ async fn on_signal(shutdown: CancellationToken) {
     shutdown.cancel();
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ranges_parse_and_reject_empty_or_malformed_input() {
-        assert_eq!(parse_range("1024-2048"), Ok(1024..2048));
-        assert!(parse_range("2048-1024").is_err());
-        assert!(parse_range("5-5").is_err());
-        assert!(parse_range("1024").is_err());
-        assert!(parse_range("a-b").is_err());
-    }
-}
-
 /// The control plane's addresses as this agent sees them: the API server of its Kubernetes
 /// configuration (resolved when named), the in-cluster service address, and `extra`.
 async fn control_plane(extra: &[std::net::Ipv4Addr]) -> Vec<std::net::Ipv4Addr> {
@@ -394,4 +380,18 @@ async fn control_plane(extra: &[std::net::Ipv4Addr]) -> Vec<std::net::Ipv4Addr> 
         }
     }
     addresses
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_parse_and_reject_empty_or_malformed_input() {
+        assert_eq!(parse_range("1024-2048"), Ok(1024..2048));
+        assert!(parse_range("2048-1024").is_err());
+        assert!(parse_range("5-5").is_err());
+        assert!(parse_range("1024").is_err());
+        assert!(parse_range("a-b").is_err());
+    }
 }
