@@ -97,6 +97,51 @@ pub fn apply(reader: impl Read, rootfs: &Path) -> Result<Applied, Error> {
     Ok(done)
 }
 
+/// Reads the layer `reader` through as [`apply`] would, writing nothing: every entry's path stays
+/// inside the root, whiteouts name something, hard links point inside, and only files,
+/// directories and links are there. The target checks the layers of a checkpoint it received
+/// before staging it, so that a hostile one is refused before the commit point rather than found
+/// at the restore. Answers the number of entries.
+pub fn check(reader: impl Read) -> Result<usize, Error> {
+    let mut archive = tar::Archive::new(reader);
+    let mut entries = 0;
+    for entry in archive.entries().map_err(Error::Format)? {
+        let entry = entry.map_err(Error::Format)?;
+        let path = relative(&entry.path().map_err(Error::Format)?)?;
+        entries += 1;
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        if let Some(hidden) = name.strip_prefix(WHITEOUT)
+            && name != OPAQUE
+            && matches!(hidden, "" | "." | "..")
+        {
+            return Err(Error::Escapes(path));
+        }
+        match entry.header().entry_type() {
+            tar::EntryType::Directory
+            | tar::EntryType::Regular
+            | tar::EntryType::Continuous
+            | tar::EntryType::Symlink => {}
+            tar::EntryType::Link => {
+                relative(
+                    &entry
+                        .link_name()
+                        .map_err(Error::Format)?
+                        .unwrap_or_default(),
+                )?;
+            }
+            other => {
+                return Err(Error::Kind {
+                    path,
+                    kind: format!("{other:?}").to_lowercase(),
+                });
+            }
+        }
+    }
+    Ok(entries)
+}
+
 /// `path` as a path inside the root: relative, no `..`.
 fn relative(path: &Path) -> Result<PathBuf, Error> {
     let mut clean = PathBuf::new();
@@ -441,6 +486,34 @@ mod tests {
             assert!(!dir.path().join("evil").exists());
         }
         assert!(dir.path().exists(), "a whiteout removed something outside");
+    }
+
+    #[test]
+    fn a_check_refuses_what_apply_would_and_passes_a_good_layer() {
+        let good = layer(&[
+            ("data/", tar::EntryType::Directory, b"", None),
+            ("data/f", FILE, b"x", None),
+            ("data/.wh.old", FILE, b"", None),
+            ("cache/.wh..wh..opq", FILE, b"", None),
+            ("data/l", tar::EntryType::Symlink, b"", Some("/anywhere")),
+            ("data/h", tar::EntryType::Link, b"", Some("data/f")),
+        ]);
+        assert_eq!(check(&good[..]).unwrap(), 6);
+        for (what, evil) in [
+            ("a parent path", layer(&[("../evil", FILE, b"x", None)])),
+            ("a whiteout of ..", layer(&[("a/.wh...", FILE, b"", None)])),
+            (
+                "a hard link out",
+                layer(&[("h", tar::EntryType::Link, b"", Some("../../etc/shadow"))]),
+            ),
+            (
+                "a device",
+                layer(&[("dev", tar::EntryType::Char, b"", None)]),
+            ),
+            ("garbage", b"not a tar file at all, just text".repeat(20)),
+        ] {
+            assert!(check(&evil[..]).is_err(), "{what} passed the check");
+        }
     }
 
     #[test]

@@ -87,12 +87,39 @@ impl RestoreBackend for RuntimeWrapper {
     fn stage<'a>(
         &'a self,
         _uid: &'a str,
-        _container: &'a str,
+        container: &'a str,
         unpacked: &'a Path,
         _work: &'a Path,
     ) -> BoxFuture<'a, Result<String>> {
-        Box::pin(std::future::ready(Ok(unpacked.display().to_string())))
+        Box::pin(async move {
+            // migros-runc applies the layers inside when it restores: look at them now, while a
+            // refusal still rolls the migration back.
+            let (dir, name) = (unpacked.to_path_buf(), container.to_string());
+            tokio::task::spawn_blocking(move || check_layers(&dir, &name)).await??;
+            Ok(unpacked.display().to_string())
+        })
     }
+}
+
+/// Checks the layers an unpacked checkpoint carries (`rootfs-diff.tar`, `empty-dirs/*.tar`) as
+/// applying them would, writing nothing.
+fn check_layers(dir: &Path, container: &str) -> Result<()> {
+    let mut layers = vec![dir.join("rootfs-diff.tar")];
+    if let Ok(entries) = std::fs::read_dir(dir.join(crate::empty_dirs::DIR)) {
+        layers.extend(entries.filter_map(|e| Some(e.ok()?.path())));
+    }
+    for path in layers.iter().filter(|p| p.exists()) {
+        let file = std::fs::File::open(path).map_err(Error::io(path))?;
+        let reader =
+            crate::layer::decompressed(std::io::BufReader::new(file)).map_err(Error::io(path))?;
+        crate::layer::check(reader).map_err(|e| {
+            Error::Invalid(format!(
+                "the checkpoint of container {container} carries a layer that is not safe to apply ({}): {e}",
+                path.file_name().unwrap_or_default().to_string_lossy()
+            ))
+        })?;
+    }
+    Ok(())
 }
 
 /// Whether a runtime restores a container created from a checkpoint image: containerd removed that

@@ -281,6 +281,10 @@ pub fn after(f: &Facts, call: Step, answer: Answer) -> (PodMigrationStatus, Dura
             }
             (s, POLL)
         }
+        Answer::Succeeded(op) if call == Step::StageRestore => match foreign_staging(f, &op) {
+            Some(why) => failed(f, call, &why),
+            None => (succeeded(f, call, &op), Duration::ZERO),
+        },
         Answer::Succeeded(op) => (succeeded(f, call, &op), Duration::ZERO),
         Answer::SourceResumed(message) if call == Step::Commit(Role::Source) => {
             (source_resumed(f, &message), Duration::ZERO)
@@ -566,6 +570,54 @@ fn succeeded(f: &Facts, call: Step, op: &agent_api::Operation) -> PodMigrationSt
         ),
     }
     s
+}
+
+/// Why what the target staged is not this migration's, if so: every container of the checkpoint
+/// must be staged once, where the target's backend stages this migration's containers (the
+/// store's `migrations/<uid>/staged/<container>` for the runtime wrapper, its `.tar` for an
+/// archive, an image tagged `<uid>-<container>` for checkpoint images). The operator makes the
+/// replacement from these; it takes no reference the target could have chosen freely.
+fn foreign_staging(f: &Facts, op: &agent_api::Operation) -> Option<String> {
+    let containers = f.status.checkpoint.as_ref().map(|c| &c.containers)?;
+    let backend = f.status.backend.as_deref().unwrap_or_default();
+    for c in containers {
+        let mut staged = op.staged.iter().filter(|s| s.name == c.name);
+        let (Some(s), None) = (staged.next(), staged.next()) else {
+            return Some(format!(
+                "the target staged container {} not exactly once",
+                c.name
+            ));
+        };
+        let tail = format!("{}/staged/{}", f.uid, c.name);
+        let plain = !s.image.is_empty()
+            && !s.image.contains(char::is_whitespace)
+            && !s.image.split('/').any(|part| part == "..");
+        let ours = plain
+            && match backend {
+                agent_api::backend::RUNTIME_WRAPPER => {
+                    s.image.starts_with('/') && s.image.ends_with(&tail)
+                }
+                agent_api::backend::CRI_CHECKPOINT_ARCHIVE => {
+                    s.image.starts_with('/') && s.image.ends_with(&format!("{tail}.tar"))
+                }
+                _ => {
+                    let name = s.image.split('@').next().unwrap_or_default();
+                    let tag = name
+                        .rsplit('/')
+                        .next()
+                        .and_then(|last| last.split_once(':'));
+                    tag.is_some_and(|(_, tag)| tag == format!("{}-{}", f.uid, c.name))
+                }
+            };
+        if !ours {
+            return Some(format!(
+                "the target staged container {} as {:?}, which is not where this migration's \
+                 checkpoint is staged: it is not used",
+                c.name, s.image
+            ));
+        }
+    }
+    None
 }
 
 /// The status once the source checkpointed: sizes and digests, then Transferring.
@@ -1039,7 +1091,7 @@ mod tests {
         let mut op = agent_api::Operation::succeeded(UID);
         op.staged = vec![agent_api::v1::StagedContainer {
             name: "app".into(),
-            image: "localhost/cp/app".into(),
+            image: format!("/var/lib/kube-migros/migrations/{UID}/staged/app"),
         }];
         Answer::Succeeded(op)
     }
@@ -1279,7 +1331,12 @@ mod tests {
             .iter()
             .map(|c| c.image.clone())
             .collect();
-        assert_eq!(images, vec![Some("localhost/cp/app".to_string())]);
+        assert_eq!(
+            images,
+            vec![Some(format!(
+                "/var/lib/kube-migros/migrations/{UID}/staged/app"
+            ))]
+        );
         assert_eq!(next(&f), Action::CreateReplacement);
         f.pod = Some(PodFacts {
             uid: "pod-2".into(),
@@ -1582,6 +1639,56 @@ mod tests {
         assert_eq!(next(&f), Action::Call(Step::Cleanup(Role::Target)));
         f = answer(f, Step::Cleanup(Role::Target), ok());
         assert_eq!(next(&f), Action::Done);
+    }
+
+    #[test]
+    fn a_staging_that_is_not_this_migrations_is_not_used() {
+        let mut f = advance_to(Phase::Restoring);
+        f = answer(f, Step::Commit(Role::Source), ok());
+        f.pod = None;
+        let staged_as = |backend: &str, image: &str| {
+            let mut f = f.clone();
+            f.status.backend = Some(backend.into());
+            let mut op = agent_api::Operation::succeeded(UID);
+            op.staged = vec![agent_api::v1::StagedContainer {
+                name: "app".into(),
+                image: image.into(),
+            }];
+            let (s, _) = after(&f, Step::StageRestore, Answer::Succeeded(op));
+            s.checkpoint.unwrap().containers[0].image.clone()
+        };
+        let wrapper = agent_api::backend::RUNTIME_WRAPPER;
+        let images = agent_api::backend::CRI_CHECKPOINT_IMAGE;
+        let archive = agent_api::backend::CRI_CHECKPOINT_ARCHIVE;
+        let ours = format!("/var/lib/kube-migros/migrations/{UID}/staged/app");
+        assert_eq!(staged_as(wrapper, &ours), Some(ours.clone()));
+        let tagged = format!("registry:5000/checkpoints:{UID}-app");
+        assert_eq!(staged_as(images, &tagged), Some(tagged.clone()));
+        let pinned = format!("{tagged}@sha256:ab");
+        assert_eq!(staged_as(images, &pinned), Some(pinned.clone()));
+        assert_eq!(
+            staged_as(archive, &format!("{ours}.tar")),
+            Some(format!("{ours}.tar"))
+        );
+        for (backend, foreign) in [
+            (
+                wrapper,
+                "/var/lib/kube-migros/migrations/other/staged/app".to_string(),
+            ),
+            (wrapper, format!("/x/../../{UID}/staged/app")),
+            (wrapper, "relative/m-1/staged/app".to_string()),
+            (images, "docker.io/evil/privileged:latest".to_string()),
+            (images, format!("registry:5000/checkpoints:other-app")),
+            (archive, ours.clone()),
+        ] {
+            assert_eq!(staged_as(backend, &foreign), None, "{backend}: {foreign}");
+        }
+        // Past the commit point, the step is retried.
+        let mut op = agent_api::Operation::succeeded(UID);
+        op.staged = vec![];
+        let (s, again) = after(&f, Step::StageRestore, Answer::Succeeded(op));
+        assert_eq!(again, RETRY);
+        assert!(s.message.unwrap().contains("not exactly once"));
     }
 
     #[test]

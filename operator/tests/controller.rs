@@ -74,7 +74,7 @@ async fn a_migration_goes_through_every_phase_to_succeeded() {
                 .image
                 .as_deref()
                 .unwrap()
-                .starts_with("localhost/checkpoint/")
+                .starts_with("localhost/checkpoint:")
         );
         assert_eq!(
             pod.metadata.annotations.unwrap()["migros.io/pod-ip"],

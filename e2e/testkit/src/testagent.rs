@@ -92,6 +92,8 @@ struct State {
     script: HashMap<Scripted, Behaviour>,
     counts: HashMap<Scripted, Count>,
     released: HashMap<Step, bool>,
+    /// The restore backend each migration was prepared with (it decides what staging answers).
+    prepared: HashMap<String, String>,
 }
 
 #[derive(Debug, Clone)]
@@ -292,6 +294,16 @@ impl Service {
             behaviour.unwrap_or(Behaviour::Succeed)
         });
         let uid = request.migration_uid().to_string();
+        let backend = self.with(|s| {
+            if let StepRequest::PrepareTarget(r) = &request {
+                let backend = match r.backend.as_str() {
+                    "" => agent_api::backend::CRI_CHECKPOINT_IMAGE,
+                    named => named,
+                };
+                s.prepared.insert(uid.clone(), backend.to_string());
+            }
+            s.prepared.get(&uid).cloned().unwrap_or_default()
+        });
         async move {
             match behaviour {
                 Behaviour::Fail { message, .. } => v1::Operation::failed(&uid, message),
@@ -322,6 +334,7 @@ impl Service {
                         tokio::time::sleep(CHECKPOINT_TIME).await;
                         succeeded(&uid, step)
                     }
+                    StepRequest::StageRestore(_) => staged(&uid, &backend),
                     _ => succeeded(&uid, step),
                 },
             }
@@ -410,14 +423,26 @@ fn succeeded(uid: &str, step: Step) -> v1::Operation {
             op.bytes_total = ARCHIVE_BYTES;
             op.location = format!("/var/lib/kube-migros/checkpoints/{uid}");
         }
-        Step::StageRestore => {
-            op.staged = vec![v1::StagedContainer {
-                name: "app".into(),
-                image: format!("localhost/checkpoint/{uid}/app"),
-            }];
-        }
+        Step::StageRestore => return staged(uid, ""),
         _ => {}
     }
+    op
+}
+
+/// StageRestore's answer, as a node agent stages for `backend`: a directory of its store for the
+/// runtime wrapper, an archive beside it, or an image tagged after the migration.
+fn staged(uid: &str, backend: &str) -> v1::Operation {
+    let store = format!("/var/lib/kube-migros/migrations/{uid}/staged/app");
+    let image = match backend {
+        agent_api::backend::RUNTIME_WRAPPER => store,
+        agent_api::backend::CRI_CHECKPOINT_ARCHIVE => format!("{store}.tar"),
+        _ => format!("localhost/checkpoint:{uid}-app"),
+    };
+    let mut op = v1::Operation::succeeded(uid);
+    op.staged = vec![v1::StagedContainer {
+        name: "app".into(),
+        image,
+    }];
     op
 }
 

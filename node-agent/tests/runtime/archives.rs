@@ -37,6 +37,36 @@ fn tar_archive(hostile: bool) -> Vec<u8> {
     b.into_inner().unwrap()
 }
 
+/// A checkpoint-shaped archive whose `rootfs-diff.tar` (the container's filesystem changes) has
+/// an entry that walks out of the root filesystem.
+fn nested_layer_archive() -> Vec<u8> {
+    let mut layer = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    let name = format!("{}etc/kube-migros-evil", "../".repeat(16));
+    h.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
+    h.set_size(5);
+    h.set_mode(0o644);
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_cksum();
+    layer.append(&h, &b"owned"[..]).unwrap();
+    let layer = layer.into_inner().unwrap();
+    let mut b = tar::Builder::new(Vec::new());
+    for (name, data) in [
+        ("config.dump", &b"{}"[..]),
+        ("checkpoint/pages-1.img", &[3u8; 8192][..]),
+        ("rootfs-diff.tar", &layer[..]),
+    ] {
+        let mut h = tar::Header::new_gnu();
+        h.set_path(name).unwrap();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_cksum();
+        b.append(&h, data).unwrap();
+    }
+    b.into_inner().unwrap()
+}
+
 fn digest(data: &[u8]) -> String {
     let hex: String = Sha256::digest(data)
         .iter()
@@ -139,6 +169,24 @@ pub fn bad_archives(w: &World) -> Result<()> {
                     "leaves the archive's directory",
                 ),
             ];
+            // The runtime wrapper applies the layer inside the checkpoint itself: a hostile one
+            // is refused at the stream, before the commit point (the runtime of checkpoint
+            // images applies its own).
+            let mut cases = cases;
+            if backend == backend::RUNTIME_WRAPPER {
+                let nested = nested_layer_archive();
+                cases.push((
+                    "hostile nested layer",
+                    vec![chunk(
+                        &uid,
+                        0,
+                        &nested,
+                        &digest(&nested),
+                        nested.len() as u64,
+                    )],
+                    "not safe to apply",
+                ));
+            }
             for (what, chunks, expect) in cases {
                 let mut peer = w.client(1, Some(peer_tls.clone()), None).await?;
                 let answer = peer.raw().receive(tokio_stream::iter(chunks)).await;
