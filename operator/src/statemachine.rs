@@ -1678,7 +1678,7 @@ mod tests {
             (wrapper, format!("/x/../../{UID}/staged/app")),
             (wrapper, "relative/m-1/staged/app".to_string()),
             (images, "docker.io/evil/privileged:latest".to_string()),
-            (images, format!("registry:5000/checkpoints:other-app")),
+            (images, "registry:5000/checkpoints:other-app".to_string()),
             (archive, ours.clone()),
         ] {
             assert_eq!(staged_as(backend, &foreign), None, "{backend}: {foreign}");
