@@ -56,6 +56,10 @@ struct Args {
     /// The checkpoint store: per-migration records, archives and staged images.
     #[arg(long, default_value = "/var/lib/kube-migros")]
     store_dir: PathBuf,
+    /// Refuse to start unless the store is on a file system of its own, not the node's root disk
+    /// (seen at /proc/1/root: the agent runs in the node's PID namespace).
+    #[arg(long)]
+    store_own_filesystem: bool,
     /// Where IP reservations for moved pods are written (read by the migros-ipam CNI plugin).
     #[arg(long, default_value = "/var/lib/kube-migros/ipam")]
     ipam_reservations: PathBuf,
@@ -239,6 +243,10 @@ async fn main() -> anyhow::Result<()> {
     let tls = TlsFiles::in_dir(&args.tls_dir)
         .load()
         .with_context(|| format!("loading TLS material from {}", args.tls_dir.display()))?;
+    if args.store_own_filesystem {
+        node_agent::store::Store::new(&args.store_dir)
+            .check_own_filesystem(std::path::Path::new("/proc/1/root"))?;
+    }
     let runtime = Runtime::new(&args.runtime_endpoint, &args.containerd_namespace)?;
     let net =
         NetBlock::new(args.nft.clone()).protecting(control_plane(&args.protect_address).await);

@@ -151,6 +151,12 @@ pub enum Error {
     BadUid(String),
     #[error("this node has no record of migration {0}")]
     NoRecord(String),
+    #[error(
+        "the checkpoint store {store} is on the file system of {root} (the node's root disk), and \
+         its own was asked for: mount a disk of its own there, or drop --store-own-filesystem \
+         (chart: agent.storeOwnFilesystem)"
+    )]
+    SharedFilesystem { store: PathBuf, root: PathBuf },
 }
 
 fn io_at(path: &Path) -> impl FnOnce(io::Error) -> Error + '_ {
@@ -306,6 +312,23 @@ impl Store {
         Ok(uids)
     }
 
+    /// Fails unless the store is on a file system of its own, not the one of `root` (the node's
+    /// root, `/proc/1/root` for an agent in the node's PID namespace): checkpoints that fill it
+    /// then cannot fill the node's root disk.
+    pub fn check_own_filesystem(&self, root: &Path) -> Result<(), Error> {
+        use std::os::unix::fs::MetadataExt;
+        fs::create_dir_all(&self.root).map_err(io_at(&self.root))?;
+        let store = fs::metadata(&self.root).map_err(io_at(&self.root))?.dev();
+        let node = fs::metadata(root).map_err(io_at(root))?.dev();
+        if store == node {
+            return Err(Error::SharedFilesystem {
+                store: self.root.clone(),
+                root: root.to_path_buf(),
+            });
+        }
+        Ok(())
+    }
+
     /// Free bytes on the store's file system.
     pub fn free_bytes(&self) -> Result<u64, Error> {
         fs::create_dir_all(&self.root).map_err(io_at(&self.root))?;
@@ -375,6 +398,20 @@ mod tests {
         store.remove("m1").unwrap();
         assert!(!dir.path().join("migrations/m1").exists());
         store.remove("m1").unwrap();
+    }
+
+    #[test]
+    fn a_store_asked_to_have_its_own_file_system_is_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path());
+        // The same file system as the temporary directory's parent: refused, saying why.
+        let shared = store.check_own_filesystem(dir.path().parent().unwrap());
+        assert!(
+            matches!(&shared, Err(Error::SharedFilesystem { .. })),
+            "{shared:?}"
+        );
+        // /proc is a file system of its own: the store is not on it.
+        store.check_own_filesystem(Path::new("/proc")).unwrap();
     }
 
     #[test]
