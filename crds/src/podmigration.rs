@@ -82,10 +82,12 @@ pub struct PodMigrationSpec {
     #[serde(default)]
     pub compression: Compression,
 
-    /// Upper bound of the transfer rate, in bytes per second, as a Kubernetes quantity (`100Mi`).
+    /// Upper bound of the transfer rate, in bytes per second, as a Kubernetes quantity (`100Mi`);
+    /// at least 64Ki (the stream sends 1 MiB chunks, and a receiving agent gives up a stream silent
+    /// for a minute).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 32))]
-    #[x_kube(validation = Rule::new("isQuantity(self) && quantity(self).isGreaterThan(quantity('0'))").message("bandwidthLimit must be a positive quantity of bytes per second, such as 100Mi"))]
+    #[x_kube(validation = Rule::new("isQuantity(self) && quantity(self).compareTo(quantity('64Ki')) >= 0").message("bandwidthLimit must be a quantity of at least 64Ki bytes per second, such as 100Mi"))]
     pub bandwidth_limit: Option<String>,
 }
 

@@ -175,12 +175,12 @@ async fn invalid_specs_are_rejected_by_the_api_server_with_their_messages() {
         (
             "bandwidthLimit that is not a quantity",
             json!({"podName": "p", "bandwidthLimit": "fast"}),
-            "bandwidthLimit must be a positive quantity",
+            "bandwidthLimit must be a quantity of at least 64Ki",
         ),
         (
-            "bandwidthLimit of zero",
-            json!({"podName": "p", "bandwidthLimit": "0"}),
-            "bandwidthLimit must be a positive quantity",
+            "bandwidthLimit too low for the stream's chunks",
+            json!({"podName": "p", "bandwidthLimit": "10Ki"}),
+            "bandwidthLimit must be a quantity of at least 64Ki",
         ),
     ];
     with_namespace("pm-invalid", |client, ns| async move {

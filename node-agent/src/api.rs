@@ -29,6 +29,8 @@ pub struct Service {
 
 /// Checkpoint streams one agent receives at once.
 pub const MAX_RECEIVING: usize = 8;
+/// How long a stream waits for one of them.
+const RECEIVE_SLOT_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl Service {
     pub fn new(agent: Agent) -> Self {
@@ -135,8 +137,8 @@ async fn dispatch(agent: Agent, request: StepRequest) -> Result<v1::Operation> {
             Some(role) => agent.abort(r.migration_uid, role).await,
             None => Err(Error::Invalid("role must be source or target".into())),
         },
-        StepRequest::Cleanup(r) if r.keep_checkpoint => agent.release(r.migration_uid).await,
         StepRequest::Cleanup(r) => agent.cleanup(r.migration_uid).await,
+        StepRequest::Release(r) => agent.release(r.migration_uid).await,
     }
 }
 
@@ -160,11 +162,17 @@ impl AgentApi for Service {
         request: Request<Streaming<v1::ReceiveChunk>>,
     ) -> Result<Response<v1::ReceiveResult>, Status> {
         identity::require(&request, &[Caller::Agent])?;
-        let _slot = self.receiving.clone().try_acquire_owned().map_err(|_| {
-            Status::resource_exhausted(format!(
-                "this node receives {MAX_RECEIVING} checkpoints already; try again later"
-            ))
-        })?;
+        // A stream waits a while for a slot; then the sender is told to try again (Unavailable
+        // is retried by a transfer, a refusal of the data is not).
+        let _slot = tokio::time::timeout(RECEIVE_SLOT_WAIT, self.receiving.clone().acquire_owned())
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .ok_or_else(|| {
+                Status::unavailable(format!(
+                    "this node receives {MAX_RECEIVING} checkpoints already; try again later"
+                ))
+            })?;
         let started = Instant::now();
         match self.agent.receive(request.into_inner()).await {
             Ok(got) => {
@@ -230,5 +238,12 @@ impl AgentApi for Service {
         r: Request<v1::StepRequest>,
     ) -> Result<Response<v1::Operation>, Status> {
         self.step(r, StepRequest::Cleanup).await
+    }
+
+    async fn release(
+        &self,
+        r: Request<v1::StepRequest>,
+    ) -> Result<Response<v1::Operation>, Status> {
+        self.step(r, StepRequest::Release).await
     }
 }

@@ -489,7 +489,19 @@ impl Agent {
             };
             let due = r.resume_at.is_some_and(|at| at <= now);
             let held = r.paused || r.blocked;
-            if r.role != Role::Source || r.committed || r.stopped || !due || !held {
+            if r.role != Role::Source || r.stopped || !due || !held {
+                continue;
+            }
+            // Committed, but the stop did not finish (it failed, or the agent restarted in it):
+            // the decision stands, so the agent finishes it rather than leave the pod frozen.
+            if r.committed {
+                match self.stop(&r).await {
+                    Ok(()) => {
+                        let _ = self.store.update(&uid, |r| r.stopped = true);
+                        warn!(migration = %uid, "a committed source whose stop had not finished was stopped at its deadline");
+                    }
+                    Err(e) => warn!(migration = %uid, error = %e, "cannot stop a committed source"),
+                }
                 continue;
             }
             // A checkpoint that is still running undoes its own work when it fails.

@@ -132,6 +132,16 @@ impl Record {
         }
     }
 
+    /// Target: every container's checkpoint arrived whole (and was staged).
+    pub fn received_whole(&self) -> bool {
+        self.role == Role::Target
+            && !self.containers.is_empty()
+            && self
+                .containers
+                .iter()
+                .all(|c| c.staged.is_some() && !c.digest.is_empty())
+    }
+
     pub fn container_mut(&mut self, name: &str) -> Option<&mut Container> {
         self.containers.iter_mut().find(|c| c.name == name)
     }
@@ -361,8 +371,14 @@ impl Store {
                 .and_then(|m| m.modified())
                 .map_err(io_at(&dir))?;
             let untouched = now.duration_since(modified).unwrap_or_default();
-            let committed = self.load(&uid).ok().flatten().is_some_and(|r| r.committed);
-            if untouched < if committed { retention } else { age } {
+            // A checkpoint received whole is kept as long as one past the commit point: the
+            // target may not have heard of the commit yet, and it may be the only copy.
+            let kept = self
+                .load(&uid)
+                .ok()
+                .flatten()
+                .is_some_and(|r| r.committed || r.received_whole());
+            if untouched < if kept { retention } else { age } {
                 continue;
             }
             stale.push(uid);
@@ -430,9 +446,18 @@ mod tests {
     fn collection_takes_old_idle_migrations_and_kept_checkpoints_after_their_retention() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::new(dir.path());
-        for uid in ["old", "active", "kept"] {
+        for uid in ["old", "active", "kept", "received"] {
             let mut r = Record::new(uid, Role::Target, "ns", "pod");
             r.committed = uid == "kept";
+            if uid == "received" {
+                // A whole checkpoint the target has not heard the commit of yet.
+                r.containers.push(Container {
+                    name: "app".into(),
+                    staged: Some("/store/staged/app".into()),
+                    digest: "sha256:ab".into(),
+                    ..Default::default()
+                });
+            }
             store.save(&r).unwrap();
         }
         let (hour, week) = (Duration::from_secs(3600), Duration::from_secs(7 * 86_400));
@@ -445,8 +470,8 @@ mod tests {
         let stale = store
             .stale(Duration::ZERO, Duration::ZERO, |uid| uid == "active")
             .unwrap();
-        assert_eq!(stale, vec!["kept".to_string(), "old".to_string()]);
+        assert_eq!(stale, ["kept", "old", "received"].map(String::from));
         // Naming them removes nothing: the caller undoes first.
-        assert_eq!(store.list().unwrap().len(), 3);
+        assert_eq!(store.list().unwrap().len(), 4);
     }
 }

@@ -93,7 +93,7 @@ impl Agent {
             agent: self,
             uid: None,
             backend: String::new(),
-            holds: Vec::new(),
+            hold: None,
         };
         let result = wire::receive(stream, &mut sink).await;
         match &result {
@@ -195,6 +195,9 @@ impl Agent {
             self.parts.net.block(ip).await?;
             self.store.update(&uid, |r| r.blocked = true)?;
         }
+        // Staged after the commit point (the operator asks only then): the checkpoint is the
+        // pod's only copy now, kept until the cleanup or the retention time.
+        self.store.update(&uid, |r| r.committed = true)?;
         tokio::spawn(self.clone().finish_when_running(uid.clone()));
         let mut op = self.done(&uid);
         op.staged = staged;
@@ -295,8 +298,9 @@ struct Staging<'a> {
     uid: Option<String>,
     /// The backend it stages with (its record says which).
     backend: String,
-    /// Disk room held for the archives admitted so far, given back when the stream ends.
-    holds: Vec<Hold>,
+    /// Disk room held for the archive being received, given back when the next one is admitted
+    /// (the finished one's bytes are on the disk then, counted as used) or the stream ends.
+    hold: Option<Hold>,
 }
 
 impl Staging<'_> {
@@ -318,12 +322,7 @@ impl wire::Sink for Staging<'_> {
             })?;
         // Once every archive arrived whole, no other stream replaces it (one from another node
         // would otherwise swap the checkpoint under the operator's feet).
-        let complete = !record.containers.is_empty()
-            && record
-                .containers
-                .iter()
-                .all(|c| c.staged.is_some() && !c.digest.is_empty());
-        if complete {
+        if record.received_whole() {
             return Err(Rejected::AlreadyReceived(uid.to_string()).into());
         }
         self.uid = Some(uid.to_string());
@@ -350,10 +349,12 @@ impl wire::Sink for Staging<'_> {
             .backend(&self.backend)
             .await?
             .unpacks_on_arrival();
+        // The archive before this one arrived whole: its bytes are on the disk now.
+        self.hold = None;
         let free = self.agent.store.free_bytes()?;
         // Unpacked on arrival: one copy. Received, then pulled into the runtime (the image
         // backend): two copies at the peak. And a margin. Held against other streams until this
-        // one ends.
+        // archive is in.
         let copies = if unpacks { 2 } else { 3 };
         let hold = self
             .agent
@@ -364,7 +365,7 @@ impl wire::Sink for Staging<'_> {
                 bytes,
                 free: short.free.saturating_sub(short.held),
             })?;
-        self.holds.push(hold);
+        self.hold = Some(hold);
         let uid = self.uid()?;
         Ok(if unpacks {
             Destination::Unpack {

@@ -1193,7 +1193,6 @@ fn step_args(pm: &PodMigration, f: &Facts) -> StepArgs {
             })
             .map_or(0, |m| u64::try_from(m / 1000).unwrap_or(0)),
         resume_after_seconds: statemachine::source_deadline(f).as_secs(),
-        keep_checkpoint: statemachine::keeps_checkpoint(f),
         expected: s
             .checkpoint
             .iter()

@@ -109,8 +109,11 @@ impl Elector {
                 .timing
                 .renew_deadline
                 .saturating_sub(last_renewal.elapsed());
+            // A renewal counts from before it was sent: the Lease's renewTime is taken then, and
+            // the other replicas count the Lease's duration from it.
+            let attempt = tokio::time::Instant::now();
             match tokio::time::timeout(left, self.try_acquire_or_renew()).await {
-                Ok(Ok(true)) => last_renewal = tokio::time::Instant::now(),
+                Ok(Ok(true)) => last_renewal = attempt,
                 Ok(Ok(false)) => {
                     warn!(lease = %self.name, "the Lease was taken over");
                     return;

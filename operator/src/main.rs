@@ -218,7 +218,8 @@ async fn main() -> anyhow::Result<()> {
         Duration::from_secs(args.lease_retry_seconds),
     );
     if let Some(deadline) = args.lease_renew_deadline_seconds {
-        timing.renew_deadline = Duration::from_secs_f64(deadline);
+        timing.renew_deadline = Duration::try_from_secs_f64(deadline)
+            .map_err(|e| anyhow::anyhow!("--lease-renew-deadline-seconds {deadline}: {e}"))?;
     }
     anyhow::ensure!(
         timing.fenced(),

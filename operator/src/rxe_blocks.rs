@@ -160,19 +160,31 @@ impl Allocator {
                     // cap taken by earlier ones gives its own back (every allocation sees those
                     // created before it, so they all agree).
                     if self.per_namespace.is_some() {
-                        let blocks = self.api.list_metadata(&ListParams::default()).await?.items;
-                        let mine = created_at(&created.metadata);
-                        let earlier: Vec<_> = blocks
-                            .into_iter()
-                            .filter(|b| match (created_at(&b.metadata), mine) {
-                                (Some(theirs), Some(mine)) => theirs < mine,
-                                // An order it cannot read: counted, to stay under the cap.
-                                _ => b.metadata.uid != created.metadata.uid,
-                            })
-                            .collect();
-                        if let Err(full) = self.check_cap(namespace, &earlier) {
+                        let over = match self.api.list_metadata(&ListParams::default()).await {
+                            Ok(list) => {
+                                let mine = created_at(&created.metadata);
+                                let earlier: Vec<_> = list
+                                    .items
+                                    .into_iter()
+                                    .filter(|b| match (created_at(&b.metadata), mine) {
+                                        (Some(theirs), Some(mine)) => theirs < mine,
+                                        // An order it cannot read: counted, to stay under the cap.
+                                        _ => b.metadata.uid != created.metadata.uid,
+                                    })
+                                    .collect();
+                                self.check_cap(namespace, &earlier).err()
+                            }
+                            // Unsure whether it fits: given back, like one over the cap.
+                            Err(e) => Some(e.into()),
+                        };
+                        if let Some(why) = over {
                             self.delete(&created).await?;
-                            return Err(full);
+                            // The pod may have a block of its own meanwhile (the sweep and a
+                            // migration allocating for it at once): that one is its block.
+                            if let Some(block) = self.find(namespace, name).await? {
+                                return Ok(block.spec.ranges());
+                            }
+                            return Err(why);
                         }
                     }
                     return self.settle(namespace, name).await;

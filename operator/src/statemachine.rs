@@ -181,8 +181,17 @@ pub const RETRY: Duration = Duration::from_secs(2);
 pub fn next(f: &Facts) -> Action {
     let phase = f.status.phase.unwrap_or_default();
     if phase.is_final() {
-        if keeps_checkpoint(f) && !recorded(f, condition::TARGET_RELEASED) {
-            return Action::Call(Step::Cleanup(Role::Target));
+        // Failed past the commit point: the target lets go of the pod's IP and counters, unless
+        // a replacement of this migration exists (it holds them) and the object stays.
+        let replacement = f
+            .pod
+            .as_ref()
+            .is_some_and(|p| p.created_by_migration.as_deref() == Some(f.uid.as_str()));
+        if keeps_checkpoint(f)
+            && !recorded(f, condition::TARGET_RELEASED)
+            && (f.deleting || !replacement)
+        {
+            return Action::Call(Step::Release);
         }
         return if f.deleting {
             cleanup_or_done(f)
@@ -211,30 +220,25 @@ pub fn next(f: &Facts) -> Action {
             );
             return Action::Write(Box::new(begin_abort(f, Reason::TimedOut, &msg)));
         }
+    } else if !has(f, condition::SOURCE_STOPPED) {
+        // Past the commit point the source's fate comes first, whatever the timeout or a
+        // deletion: its agent either stops it for good or says it resumed it at its own deadline
+        // (then the migration fails and the pod runs there). Until it answers, nothing else is
+        // done: restoring a pod whose source may still run could make two.
+        return Action::Call(Step::Commit(Role::Source));
     } else if f.deleting {
         // The source is gone; the checkpoint on the target is the only copy. Let go of the object
         // and keep the data for a manual restore, but not the pod's IP and counters.
         if !recorded(f, condition::TARGET_RELEASED) {
-            return Action::Call(Step::Cleanup(Role::Target));
+            return Action::Call(Step::Release);
         }
         return Action::Done;
     } else if timed_out(f) {
-        let msg = if has(f, condition::SOURCE_STOPPED) {
-            format!(
-                "timed out after {}s while restoring; the checkpoint is kept at {}",
-                f.spec.timeout_seconds,
-                location(f)
-            )
-        } else {
-            // The source was never stopped: its agent resumes it at its own deadline.
-            format!(
-                "timed out after {}s before the source was stopped; the agent of {} resumes the pod \
-                 there at its deadline, and the checkpoint is kept at {}",
-                f.spec.timeout_seconds,
-                source(f),
-                location(f)
-            )
-        };
+        let msg = format!(
+            "timed out after {}s while restoring; the checkpoint is kept at {}",
+            f.spec.timeout_seconds,
+            location(f)
+        );
         return Action::Write(Box::new(finish(
             f,
             Phase::Failed,
@@ -552,7 +556,7 @@ fn succeeded(f: &Facts, call: Step, op: &agent_api::Operation) -> PodMigrationSt
             "Cleaned",
             "source agent data removed",
         ),
-        Step::Cleanup(Role::Target) if keeps_checkpoint(f) => set_condition(
+        Step::Release => set_condition(
             &mut s,
             f.now,
             condition::TARGET_RELEASED,
@@ -588,7 +592,7 @@ fn foreign_staging(f: &Facts, op: &agent_api::Operation) -> Option<String> {
                 c.name
             ));
         };
-        let tail = format!("{}/staged/{}", f.uid, c.name);
+        let tail = format!("/migrations/{}/staged/{}", f.uid, c.name);
         let plain = !s.image.is_empty()
             && !s.image.contains(char::is_whitespace)
             && !s.image.split('/').any(|part| part == "..");
@@ -734,15 +738,29 @@ fn failed(f: &Facts, call: Step, message: &str) -> (PodMigrationStatus, Duration
             );
             (s, Duration::ZERO)
         }
-        // One attempt: the agent's garbage collection releases it after the retention time.
         Step::Cleanup(Role::Target) => {
             let mut s = f.status.clone();
-            let type_ = if keeps_checkpoint(f) {
-                condition::TARGET_RELEASED
-            } else {
-                condition::CLEANED_TARGET
-            };
-            set_condition(&mut s, f.now, type_, false, "CleanupFailed", message);
+            set_condition(
+                &mut s,
+                f.now,
+                condition::CLEANED_TARGET,
+                false,
+                "CleanupFailed",
+                message,
+            );
+            (s, Duration::ZERO)
+        }
+        // One attempt: the agent's garbage collection releases it after the retention time.
+        Step::Release => {
+            let mut s = f.status.clone();
+            set_condition(
+                &mut s,
+                f.now,
+                condition::TARGET_RELEASED,
+                false,
+                "ReleaseFailed",
+                message,
+            );
             (s, Duration::ZERO)
         }
     }
@@ -1294,6 +1312,7 @@ mod tests {
         assert_eq!(aborting.map(|c| c.reason.as_str()), Some("TemplateChanged"));
 
         let mut f = advance_to(Phase::Restoring);
+        f = answer(f, Step::Commit(Role::Source), ok());
         f.template_changed = true;
         let Action::Write(s) = next(&f) else {
             panic!("expected a status write")
@@ -1488,6 +1507,7 @@ mod tests {
         failed_with(&f, &next(&f), Reason::TimedOut);
 
         let mut f = advance_to(Phase::Restoring);
+        f = answer(f, Step::Commit(Role::Source), ok());
         f.now = f.created + SignedDuration::from_secs(620);
         let Action::Write(s) = next(&f) else { panic!() };
         assert_eq!(s.phase, Some(Phase::Failed));
@@ -1498,14 +1518,19 @@ mod tests {
         // Failed past the commit point: the target releases the pod's IP and counters at once,
         // keeping the checkpoint; a failed release is not retried (the agent's retention is).
         f.status = *s;
-        assert_eq!(next(&f), Action::Call(Step::Cleanup(Role::Target)));
-        let failed = answer(
-            f.clone(),
-            Step::Cleanup(Role::Target),
-            Answer::Unreachable("down".into()),
-        );
+        assert_eq!(next(&f), Action::Call(Step::Release));
+        let failed = answer(f.clone(), Step::Release, Answer::Unreachable("down".into()));
         assert_eq!(next(&failed), Action::Done);
-        f = answer(f, Step::Cleanup(Role::Target), ok());
+        // Not while a replacement of this migration exists (it holds the IP), unless deleted.
+        let mut waiting = f.clone();
+        waiting.pod = Some(PodFacts {
+            created_by_migration: Some(UID.into()),
+            ..Default::default()
+        });
+        assert_eq!(next(&waiting), Action::Done);
+        waiting.deleting = true;
+        assert_eq!(next(&waiting), Action::Call(Step::Release));
+        f = answer(f, Step::Release, ok());
         assert_eq!(next(&f), Action::Done);
         f.deleting = true;
         assert_eq!(next(&f), Action::Done, "the checkpoint is kept");
@@ -1568,13 +1593,21 @@ mod tests {
     }
 
     #[test]
-    fn a_timeout_after_the_commit_before_the_stop_says_the_source_resumes() {
+    fn past_the_commit_point_the_source_is_asked_until_it_answers_whatever_the_timeout() {
         let mut f = advance_to(Phase::Restoring);
-        f.now = f.created + SignedDuration::from_secs(620);
-        let Action::Write(s) = next(&f) else { panic!() };
-        assert_eq!(s.phase, Some(Phase::Failed));
-        let message = s.message.unwrap_or_default();
-        assert!(message.contains("resumes the pod"), "{message}");
+        f.now = f.created + SignedDuration::from_secs(3600);
+        f.template_changed = true;
+        f.deleting = true;
+        assert_eq!(next(&f), Action::Call(Step::Commit(Role::Source)));
+        let (s, again) = after(
+            &f,
+            Step::Commit(Role::Source),
+            Answer::Unreachable("node gone".into()),
+        );
+        assert_eq!((s.phase, again), (Some(Phase::Restoring), RETRY));
+        // Once it answered, the rest follows: deleted, the target lets go of the pod's IP.
+        f = answer(f, Step::Commit(Role::Source), ok());
+        assert_eq!(next(&f), Action::Call(Step::Release));
     }
 
     #[test]
@@ -1612,11 +1645,12 @@ mod tests {
         );
 
         let mut f = advance_to(Phase::Restoring);
+        f = answer(f, Step::Commit(Role::Source), ok());
         f.deleting = true;
         // The target lets go of the pod's IP and counters, keeping the checkpoint, once.
-        assert_eq!(next(&f), Action::Call(Step::Cleanup(Role::Target)));
+        assert_eq!(next(&f), Action::Call(Step::Release));
         assert!(keeps_checkpoint(&f));
-        f = answer(f, Step::Cleanup(Role::Target), ok());
+        f = answer(f, Step::Release, ok());
         assert!(has(&f, condition::TARGET_RELEASED));
         assert!(!recorded(&f, condition::CLEANED_TARGET));
         assert_eq!(next(&f), Action::Done);
@@ -1676,6 +1710,7 @@ mod tests {
                 "/var/lib/kube-migros/migrations/other/staged/app".to_string(),
             ),
             (wrapper, format!("/x/../../{UID}/staged/app")),
+            (wrapper, format!("/etc/x/{UID}/staged/app")),
             (wrapper, "relative/m-1/staged/app".to_string()),
             (images, "docker.io/evil/privileged:latest".to_string()),
             (images, "registry:5000/checkpoints:other-app".to_string()),

@@ -30,6 +30,16 @@ async fn dial(
     Ok(AgentClient::new(channel))
 }
 
+/// Whether a client with `tls` connects to `endpoint` and is answered a call.
+async fn served(endpoint: std::net::SocketAddr, tls: ClientTlsConfig) -> Result<(), String> {
+    dial(endpoint, tls)
+        .await?
+        .capabilities(CapabilitiesRequest {})
+        .await
+        .map(|_| ())
+        .map_err(|s| format!("{s:?}"))
+}
+
 #[tokio::test]
 async fn only_the_operator_and_peer_agents_get_in() {
     with_namespace("agent-tls", |client, ns| async move {
@@ -79,14 +89,7 @@ async fn only_the_operator_and_peer_agents_get_in() {
             ("no certificate", anonymous),
             ("another CA", foreign.client()),
         ] {
-            let outcome = match dial(agent.endpoint, tls).await {
-                Err(e) => Err(e),
-                Ok(mut c) => c
-                    .capabilities(CapabilitiesRequest {})
-                    .await
-                    .map(|_| ())
-                    .map_err(|s| format!("{s:?}")),
-            };
+            let outcome = served(agent.endpoint, tls).await;
             assert!(outcome.is_err(), "a client with {what} was served");
         }
 
@@ -101,14 +104,7 @@ async fn only_the_operator_and_peer_agents_get_in() {
             .capabilities(CapabilitiesRequest {})
             .await
             .expect("the impostor answers its own CA's clients");
-        let outcome = match dial(impostor.endpoint, certs.operator().client()).await {
-            Err(e) => Err(e),
-            Ok(mut c) => c
-                .capabilities(CapabilitiesRequest {})
-                .await
-                .map(|_| ())
-                .map_err(|s| format!("{s:?}")),
-        };
+        let outcome = served(impostor.endpoint, certs.operator().client()).await;
         assert!(outcome.is_err(), "the operator talked to an impostor agent");
     })
     .await;

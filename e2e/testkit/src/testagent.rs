@@ -541,4 +541,11 @@ impl v1::agent_server::Agent for Service {
     ) -> Result<Response<v1::Operation>, Status> {
         self.step(r, StepRequest::Cleanup).await
     }
+
+    async fn release(
+        &self,
+        r: Request<v1::StepRequest>,
+    ) -> Result<Response<v1::Operation>, Status> {
+        self.step(r, StepRequest::Release).await
+    }
 }

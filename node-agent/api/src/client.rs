@@ -49,6 +49,7 @@ impl Client {
             StepRequest::Commit(r) => c.commit(r).await,
             StepRequest::Abort(r) => c.abort(r).await,
             StepRequest::Cleanup(r) => c.cleanup(r).await,
+            StepRequest::Release(r) => c.release(r).await,
         }?;
         Ok(response.into_inner())
     }

@@ -49,11 +49,14 @@ pub enum Step {
     Abort(Role),
     /// Drop everything kept for the migration.
     Cleanup(Role),
+    /// Target, failed or deleted past the commit point: release the pod's IP and counters, keep
+    /// the checkpoint.
+    Release,
 }
 
 impl Step {
     /// Every step, in the order of a migration.
-    pub const ALL: [Step; 11] = [
+    pub const ALL: [Step; 12] = [
         Step::PrepareTarget,
         Step::Checkpoint,
         Step::Transfer,
@@ -65,6 +68,7 @@ impl Step {
         Step::Abort(Role::Target),
         Step::Cleanup(Role::Source),
         Step::Cleanup(Role::Target),
+        Step::Release,
     ];
 
     /// The step's name in logs, messages and the `step` label of both sides' metrics.
@@ -81,6 +85,7 @@ impl Step {
             Step::Abort(Role::Target) => "abort_target",
             Step::Cleanup(Role::Source) => "cleanup_source",
             Step::Cleanup(Role::Target) => "cleanup_target",
+            Step::Release => "release_target",
         }
     }
 
@@ -88,7 +93,9 @@ impl Step {
     pub fn role(self) -> Role {
         match self {
             Step::Checkpoint | Step::Transfer => Role::Source,
-            Step::PrepareTarget | Step::StageRestore | Step::FinishRestore => Role::Target,
+            Step::PrepareTarget | Step::StageRestore | Step::FinishRestore | Step::Release => {
+                Role::Target
+            }
             Step::Commit(role) | Step::Abort(role) | Step::Cleanup(role) => role,
         }
     }
@@ -123,8 +130,6 @@ pub struct StepArgs {
     /// StageRestore: the archives the checkpoint answered (names, digests, sizes), which the
     /// target must have received exactly.
     pub expected: Vec<v1::ContainerArchive>,
-    /// Cleanup of a target: release what it holds for the pod, keep the checkpoint.
-    pub keep_checkpoint: bool,
 }
 
 /// The request of one step, as the API carries it.
@@ -138,6 +143,7 @@ pub enum StepRequest {
     Commit(v1::StepRequest),
     Abort(v1::StepRequest),
     Cleanup(v1::StepRequest),
+    Release(v1::StepRequest),
 }
 
 impl StepArgs {
@@ -156,7 +162,6 @@ impl StepArgs {
         let plain = |role: Role| v1::StepRequest {
             migration_uid: uid.clone(),
             role: role.to_api().into(),
-            keep_checkpoint: false,
         };
         match step {
             Step::PrepareTarget => StepRequest::PrepareTarget(v1::PrepareTargetRequest {
@@ -187,10 +192,8 @@ impl StepArgs {
             Step::FinishRestore => StepRequest::FinishRestore(plain(Role::Target)),
             Step::Commit(role) => StepRequest::Commit(plain(role)),
             Step::Abort(role) => StepRequest::Abort(plain(role)),
-            Step::Cleanup(role) => StepRequest::Cleanup(v1::StepRequest {
-                keep_checkpoint: self.keep_checkpoint,
-                ..plain(role)
-            }),
+            Step::Cleanup(role) => StepRequest::Cleanup(plain(role)),
+            Step::Release => StepRequest::Release(plain(Role::Target)),
         }
     }
 }
@@ -206,7 +209,8 @@ impl StepRequest {
             StepRequest::FinishRestore(r)
             | StepRequest::Commit(r)
             | StepRequest::Abort(r)
-            | StepRequest::Cleanup(r) => &r.migration_uid,
+            | StepRequest::Cleanup(r)
+            | StepRequest::Release(r) => &r.migration_uid,
         }
     }
 
@@ -222,6 +226,7 @@ impl StepRequest {
             StepRequest::Commit(r) => Step::Commit(role(r)?),
             StepRequest::Abort(r) => Step::Abort(role(r)?),
             StepRequest::Cleanup(r) => Step::Cleanup(role(r)?),
+            StepRequest::Release(_) => Step::Release,
         })
     }
 }
@@ -260,7 +265,6 @@ mod tests {
         let request = StepRequest::Commit(v1::StepRequest {
             migration_uid: "m".into(),
             role: v1::Role::Unspecified.into(),
-            ..Default::default()
         });
         assert_eq!(request.step(), None);
     }

@@ -444,16 +444,7 @@ pub fn rxe_lock(w: &World) -> Result<()> {
         );
         // The second restore fails past its commit point: the target releases what it holds for
         // the pod (the counters, here) and keeps the checkpoint for a manual restore.
-        done(
-            &mut target,
-            Step::Cleanup(Role::Target),
-            &StepArgs {
-                migration_uid: second.clone(),
-                keep_checkpoint: true,
-                ..Default::default()
-            },
-        )
-        .await?;
+        done(&mut target, Step::Release, &StepArgs::of(&second)).await?;
         ensure!(
             w.stored(1)?.contains(&second),
             "the kept checkpoint was removed"

@@ -527,16 +527,39 @@ pub fn plain_pods_under_the_wrapper(w: &World) -> Result<()> {
     Ok(())
 }
 
-pub fn abort(w: &World) -> Result<()> {
-    let name = unique("abort");
-    let uid = unique("mig");
+/// The demo workload serving its status on node-1, a migration UID for it, and its image.
+fn counting_pod(w: &World, prefix: &str) -> Result<(world::Pod, String, String)> {
     let image = w.demo_image.clone();
-    let pod = w.run_pod(0, &name, &image, &["serve", "--status", ":8080"])?;
+    let pod = w.run_pod(0, &unique(prefix), &image, &["serve", "--status", ":8080"])?;
+    Ok((pod, unique("mig"), image))
+}
+
+/// The pod's status once it counted to 20.
+async fn counting(pod: &world::Pod) -> Result<world::Status> {
+    until("the workload to count", Duration::from_secs(30), || async {
+        status(pod.ip).await.ok().filter(|s| s.num("counter") >= 20)
+    })
+    .await
+}
+
+/// After a case on a pod of node-1: a failed case gives the pod back (the source's abort); the
+/// pod goes either way; a failure carries the agent's log.
+fn finish(w: &World, pod: &world::Pod, uid: &str, result: Result<()>) -> Result<()> {
+    if result.is_err() {
+        w.rt.block_on(async {
+            if let Ok(mut c) = w.operator(0).await {
+                let _ = c.step(Step::Abort(Role::Source), &StepArgs::of(uid)).await;
+            }
+        });
+    }
+    let _ = w.remove_pod(pod);
+    result.map_err(|e| format!("{e}\nagent:\n{}", w.agent_log(0)))
+}
+
+pub fn abort(w: &World) -> Result<()> {
+    let (pod, uid, image) = counting_pod(w, "abort")?;
     let result = w.rt.block_on(async {
-        let before = until("the workload to count", Duration::from_secs(30), || async {
-            status(pod.ip).await.ok().filter(|s| s.num("counter") >= 20)
-        })
-        .await?;
+        let before = counting(&pod).await?;
         let mut src = w.operator(0).await?;
         let mut target = w.operator(1).await?;
         let pod_ref = pod.pod_ref(&image);
@@ -650,30 +673,16 @@ pub fn abort(w: &World) -> Result<()> {
         );
         Ok(())
     });
-    if result.is_err() {
-        w.rt.block_on(async {
-            if let Ok(mut c) = w.operator(0).await {
-                let _ = c.step(Step::Abort(Role::Source), &StepArgs::of(&uid)).await;
-            }
-        });
-    }
-    let _ = w.remove_pod(&pod);
-    result.map_err(|e| format!("{e}\nagent:\n{}", w.agent_log(0)))
+    finish(w, &pod, &uid, result)
 }
 
 /// A source whose operator went away: checkpointed with a short deadline and then left alone, the
 /// agent resumes the pod by itself (the same process counts on, reachable), refuses the commit
 /// that comes too late (saying why) and the transfer of the stale checkpoint.
 pub fn deadline(w: &World) -> Result<()> {
-    let name = unique("deadline");
-    let uid = unique("mig");
-    let image = w.demo_image.clone();
-    let pod = w.run_pod(0, &name, &image, &["serve", "--status", ":8080"])?;
+    let (pod, uid, image) = counting_pod(w, "deadline")?;
     let result = w.rt.block_on(async {
-        let before = until("the workload to count", Duration::from_secs(30), || async {
-            status(pod.ip).await.ok().filter(|s| s.num("counter") >= 20)
-        })
-        .await?;
+        let before = counting(&pod).await?;
         let mut src = w.operator(0).await?;
         // A request naming the pod with another container's ID is refused, touching nothing.
         let mut foreign = pod.pod_ref(&image);
@@ -767,13 +776,5 @@ pub fn deadline(w: &World) -> Result<()> {
         ensure!(!w.stored(0)?.contains(&uid), "data left after the abort");
         Ok(())
     });
-    if result.is_err() {
-        w.rt.block_on(async {
-            if let Ok(mut c) = w.operator(0).await {
-                let _ = c.step(Step::Abort(Role::Source), &StepArgs::of(&uid)).await;
-            }
-        });
-    }
-    let _ = w.remove_pod(&pod);
-    result.map_err(|e| format!("{e}\nagent:\n{}", w.agent_log(0)))
+    finish(w, &pod, &uid, result)
 }

@@ -237,7 +237,6 @@ pub fn invalid_requests(w: &World) -> Result<()> {
             .send(StepRequest::Abort(v1::StepRequest {
                 migration_uid: uid.clone(),
                 role: v1::Role::Unspecified.into(),
-                ..Default::default()
             }))
             .await;
         ensure!(
