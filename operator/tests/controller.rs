@@ -660,7 +660,7 @@ async fn a_replacement_template_changed_by_someone_else_is_never_used() {
         })
         .await;
         assert_eq!(released.status, "True", "{released:?}");
-        assert_eq!(s.agent(2).count(Step::Cleanup(Role::Target)).executions, 1);
+        assert_eq!(s.agent(2).count(Step::Release).executions, 1);
         assert!(
             s.pods().get_opt("db").await.unwrap().is_none_or(|p| p
                 .spec

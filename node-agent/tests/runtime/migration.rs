@@ -719,14 +719,18 @@ pub fn deadline(w: &World) -> Result<()> {
             w.task_state(0, &pod.container_id)
         );
         ensure!(w.blocked(0)?.contains(&pod.ip), "not blocked");
-        // No operator asks anything now: the agent's own deadline resumes the pod.
+        // No operator asks anything now: the agent's own deadline resumes the pod and lifts its
+        // block (in that order: both are waited for).
         until(
-            "the agent to resume the source at its deadline",
+            "the agent to resume and unblock the source at its deadline",
             Duration::from_secs(30),
-            || async { (w.task_state(0, &pod.container_id) == "RUNNING").then_some(()) },
+            || async {
+                let running = w.task_state(0, &pod.container_id) == "RUNNING";
+                let blocked = w.blocked(0).map(|b| b.contains(&pod.ip));
+                (running && blocked == Ok(false)).then_some(())
+            },
         )
         .await?;
-        ensure!(!w.blocked(0)?.contains(&pod.ip), "still blocked");
         let after = until(
             "the resumed workload to answer and count on",
             Duration::from_secs(20),
