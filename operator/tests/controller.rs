@@ -23,6 +23,17 @@ use testkit::{
 
 const PHASE_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// The steps of a migration that succeeds, in their order, with the test agent (node) that takes
+/// each.
+const SUCCEEDING: [(usize, Step); 6] = [
+    (2, Step::PrepareTarget),
+    (1, Step::Checkpoint),
+    (1, Step::Transfer),
+    (1, Step::Commit(Role::Source)),
+    (2, Step::StageRestore),
+    (2, Step::FinishRestore),
+];
+
 #[tokio::test]
 async fn a_migration_goes_through_every_phase_to_succeeded() {
     with_namespace("op-happy", |client, ns| async move {
@@ -82,14 +93,7 @@ async fn a_migration_goes_through_every_phase_to_succeeded() {
         );
 
         // Each agent step ran exactly once on the right node.
-        for (agent, step) in [
-            (2, Step::PrepareTarget),
-            (1, Step::Checkpoint),
-            (1, Step::Transfer),
-            (1, Step::Commit(Role::Source)),
-            (2, Step::StageRestore),
-            (2, Step::FinishRestore),
-        ] {
+        for (agent, step) in SUCCEEDING {
             assert_eq!(
                 s.agent(agent).count(step).executions,
                 1,
@@ -705,15 +709,7 @@ async fn an_operator_killed_in_any_phase_resumes_without_repeating_a_step() {
     with_namespace("op-restart", |client, ns| async move {
         let s = Scenario::new(client, &ns).await;
         let mut operator = Operator::start(&ns, "op-a", &s.certs).await;
-        // The steps of a migration that succeeds, in their order, with the agent that takes each.
-        let forward = [
-            (2, Step::PrepareTarget),
-            (1, Step::Checkpoint),
-            (1, Step::Transfer),
-            (1, Step::Commit(Role::Source)),
-            (2, Step::StageRestore),
-            (2, Step::FinishRestore),
-        ];
+        let forward = SUCCEEDING;
         // Killed while each step runs: before the commit point, at it and during the restore.
         for (i, (agent, held)) in forward.into_iter().enumerate() {
             let name = format!("restart-{i}");

@@ -542,6 +542,23 @@ async fn counting(pod: &world::Pod) -> Result<world::Status> {
     .await
 }
 
+/// The same process answers again and goes on counting from where it was at `before`.
+async fn counts_on(pod: &world::Pod, before: &world::Status) -> Result<()> {
+    let after = until(
+        "the resumed workload to answer and count on",
+        Duration::from_secs(20),
+        || async {
+            status(pod.ip)
+                .await
+                .ok()
+                .filter(|s| s.num("counter") > before.num("counter") + 20)
+        },
+    )
+    .await?;
+    ensure!(after.get("id") == before.get("id"), "a new process");
+    Ok(())
+}
+
 /// After a case on a pod of node-1: a failed case gives the pod back (the source's abort); the
 /// pod goes either way; a failure carries the agent's log.
 fn finish(w: &World, pod: &world::Pod, uid: &str, result: Result<()>) -> Result<()> {
@@ -645,22 +662,7 @@ pub fn abort(w: &World) -> Result<()> {
             !w.blocked(0)?.contains(&pod.ip),
             "still blocked after abort"
         );
-        // The same process goes on counting from where it was.
-        let after = until(
-            "the resumed workload to count on",
-            Duration::from_secs(20),
-            || async {
-                status(pod.ip)
-                    .await
-                    .ok()
-                    .filter(|s| s.num("counter") > before.num("counter") + 20)
-            },
-        )
-        .await?;
-        ensure!(
-            after.get("id") == before.get("id"),
-            "a new process after abort"
-        );
+        counts_on(&pod, &before).await?;
         ensure!(
             !w.stored(0)?.contains(&uid) && !w.stored(1)?.contains(&uid),
             "data left after abort"
@@ -731,18 +733,7 @@ pub fn deadline(w: &World) -> Result<()> {
             },
         )
         .await?;
-        let after = until(
-            "the resumed workload to answer and count on",
-            Duration::from_secs(20),
-            || async {
-                status(pod.ip)
-                    .await
-                    .ok()
-                    .filter(|s| s.num("counter") > before.num("counter") + 20)
-            },
-        )
-        .await?;
-        ensure!(after.get("id") == before.get("id"), "a new process");
+        counts_on(&pod, &before).await?;
         // Too late: the commit is refused and says why; the pod is not stopped.
         let commit = src
             .step(Step::Commit(Role::Source), &StepArgs::of(&uid))
