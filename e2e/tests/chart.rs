@@ -11,7 +11,9 @@ use std::{collections::BTreeSet, time::Duration};
 
 use crds::{Phase, PodMigration};
 use k8s_openapi::api::{
+    admissionregistration::v1::{ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding},
     apps::v1::{DaemonSet, Deployment},
+    certificates::v1::CertificateSigningRequest,
     coordination::v1::Lease,
     core::v1::{ConfigMap, Pod, Secret, ServiceAccount},
     node::v1::RuntimeClass,
@@ -19,7 +21,7 @@ use k8s_openapi::api::{
 };
 use kube::{
     Api, Client, Resource, ResourceExt,
-    api::{DeleteParams, ListParams, PostParams},
+    api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},
 };
 use sandbox::{
     Dirs, install,
@@ -109,6 +111,7 @@ async fn the_chart_installs_kube_migros_that_migrates_pods_and_uninstalls_cleanl
     let registry = Registry::new(&dirs);
     let images = release::ensure_images(&dirs, &registry).expect("the kube-migros images");
     eprintln!("images {}:{}", images.repository, images.tag);
+    let installed_at = k8s_openapi::jiff::Timestamp::now();
     release::install(&dirs, &env, &images, &registry, &[]).expect("helm install");
     release::wait_rolled_out(&client, Duration::from_secs(300))
         .await
@@ -144,6 +147,9 @@ async fn the_chart_installs_kube_migros_that_migrates_pods_and_uninstalls_cleanl
             lease.name_any()
         );
     }
+
+    agents_have_their_own_nodes_certificates(&client, installed_at).await;
+    an_agent_writes_only_its_own_lease(&env).await;
 
     let (first_leader_ref, cluster_ref) = (&first_leader, &cluster);
     harness::with_namespace("chart", |client, ns| async move {
@@ -273,6 +279,16 @@ async fn the_chart_installs_kube_migros_that_migrates_pods_and_uninstalls_cleanl
                 names(&Api::<ClusterRole>::all(client.clone()), INSTANCE).await,
                 names(&Api::<RuntimeClass>::all(client.clone()), INSTANCE).await,
                 names(&Api::<ClusterRoleBinding>::all(client.clone()), INSTANCE).await,
+                names(
+                    &Api::<ValidatingAdmissionPolicy>::all(client.clone()),
+                    INSTANCE,
+                )
+                .await,
+                names(
+                    &Api::<ValidatingAdmissionPolicyBinding>::all(client.clone()),
+                    INSTANCE,
+                )
+                .await,
             ]
             .into_iter()
             .flatten()
@@ -299,4 +315,103 @@ async fn the_chart_installs_kube_migros_that_migrates_pods_and_uninstalls_cleanl
         assert_eq!(still.metadata.uid, current.metadata.uid);
     })
     .await;
+}
+
+/// Each agent serves with a certificate of its own node, which it requested (signer
+/// `migros.io/agent`) and the chart's operator approved and signed: every request issued since
+/// the install came from a token bound to a pod on the node its certificate names, and every
+/// node's agent has one.
+async fn agents_have_their_own_nodes_certificates(
+    client: &Client,
+    installed_at: k8s_openapi::jiff::Timestamp,
+) {
+    let requests: Api<CertificateSigningRequest> = Api::all(client.clone());
+    let issued = requests
+        .list(&ListParams::default().fields("spec.signerName=migros.io/agent"))
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|r| {
+            r.metadata.creation_timestamp.as_ref().is_some_and(|t| {
+                t.0 >= installed_at - k8s_openapi::jiff::SignedDuration::from_secs(1)
+            })
+        })
+        .filter_map(|r| {
+            let cert = r.status.as_ref()?.certificate.as_ref()?.0.clone();
+            let named = agent_api::tls::TlsMaterial::from_pem(vec![], cert, vec![])
+                .node()
+                .unwrap();
+            let requester =
+                r.spec.extra.as_ref()?["authentication.kubernetes.io/node-name"].clone();
+            assert_eq!(
+                requester,
+                std::slice::from_ref(&named),
+                "{}: a certificate of {named} for a requester on {requester:?}",
+                r.name_any()
+            );
+            Some(named)
+        })
+        .collect::<BTreeSet<String>>();
+    assert_eq!(
+        issued,
+        ["node-1", "node-2", "node-3"].map(String::from).into(),
+        "the nodes whose agents got a certificate"
+    );
+}
+
+/// The agents' service account may write Leases of the namespace (RBAC), but the chart's admission
+/// policy keeps each agent to its own node's Lease, held by its node: it cannot announce itself
+/// for another node or take the operator's leader Lease. Checked as the agent of node-1 would
+/// call (impersonated, with the node the API server sets for a pod-bound token), by dry runs.
+async fn an_agent_writes_only_its_own_lease(env: &sandbox::controlplane::Env) {
+    let agents = format!("system:serviceaccount:{NAMESPACE}:kube-migros-agent");
+    let node_1 = [("authentication.kubernetes.io/node-name", "node-1")];
+    let as_node_1: Api<Lease> =
+        Api::namespaced(env.client_as(&agents, &node_1).await.unwrap(), NAMESPACE);
+    let dry = PatchParams::default().dry_run();
+    let touch =
+        Patch::Merge(serde_json::json!({"metadata": {"annotations": {"migros.io/test": "x"}}}));
+    as_node_1
+        .patch("kube-migros-agent-node-1", &dry, &touch)
+        .await
+        .expect("an agent writes its own node's Lease");
+    let refused = |what: &str, outcome: Result<Lease, kube::Error>, says: &str| match outcome {
+        Err(kube::Error::Api(e)) if e.code == 403 || e.code == 422 => {
+            assert!(e.message.contains(says), "{what}: {}", e.message)
+        }
+        other => panic!("{what}: {other:?}"),
+    };
+    refused(
+        "another node's Lease",
+        as_node_1
+            .patch("kube-migros-agent-node-2", &dry, &touch)
+            .await,
+        "may write only the Lease kube-migros-agent-node-1",
+    );
+    refused(
+        "the leader Lease",
+        as_node_1.patch("kube-migros-operator", &dry, &touch).await,
+        "may write only the Lease kube-migros-agent-node-1",
+    );
+    refused(
+        "its own Lease held for another node",
+        as_node_1
+            .patch(
+                "kube-migros-agent-node-1",
+                &dry,
+                &Patch::Merge(serde_json::json!({"spec": {"holderIdentity": "node-2"}})),
+            )
+            .await,
+        "must hold its Lease itself",
+    );
+    let unbound: Api<Lease> =
+        Api::namespaced(env.client_as(&agents, &[]).await.unwrap(), NAMESPACE);
+    refused(
+        "a token bound to no node",
+        unbound
+            .patch("kube-migros-agent-node-1", &dry, &touch)
+            .await,
+        "bound to a pod on a node",
+    );
 }

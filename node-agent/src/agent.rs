@@ -11,7 +11,7 @@ use std::{
     time::Duration,
 };
 
-use agent_api::{Role, operations::Operations, tls::TlsMaterial, v1};
+use agent_api::{Role, operations::Operations, tls::Served, v1};
 
 use crate::{
     archive::Limits,
@@ -70,8 +70,8 @@ pub struct Parts {
     pub net: NetBlock,
     /// The restore backends the agent was configured with, the preferred one first.
     pub backends: Vec<Box<dyn RestoreBackend>>,
-    /// Dials peer agents with it.
-    pub tls: TlsMaterial,
+    /// What the agent serves with, and dials peer agents with (its current certificate).
+    pub tls: Arc<Served>,
     pub metrics: Arc<Metrics>,
 }
 

@@ -71,8 +71,24 @@ fn check(request: &StepRequest) -> Result<Step> {
         .step()
         .ok_or_else(|| Error::Invalid("role must be source or target".into()))?;
     match request {
-        StepRequest::PrepareTarget(v1::PrepareTargetRequest { pod, .. })
-        | StepRequest::Checkpoint(v1::CheckpointRequest { pod, .. }) => check_pod(pod.as_ref())?,
+        StepRequest::PrepareTarget(v1::PrepareTargetRequest {
+            pod, source_node, ..
+        }) => {
+            check_pod(pod.as_ref())?;
+            if source_node.is_empty() {
+                return Err(Error::Invalid(
+                    "source_node must name the node the checkpoint comes from".into(),
+                ));
+            }
+        }
+        StepRequest::Checkpoint(v1::CheckpointRequest { pod, .. }) => check_pod(pod.as_ref())?,
+        StepRequest::Transfer(v1::TransferRequest { target_node, .. })
+            if target_node.is_empty() =>
+        {
+            return Err(Error::Invalid(
+                "target_node must name the node the checkpoint goes to".into(),
+            ));
+        }
         _ => {}
     }
     Ok(step)
@@ -161,7 +177,9 @@ impl AgentApi for Service {
         &self,
         request: Request<Streaming<v1::ReceiveChunk>>,
     ) -> Result<Response<v1::ReceiveResult>, Status> {
-        identity::require(&request, &[Caller::Agent])?;
+        // Only an agent, and only the one of the node the migration's checkpoint comes from
+        // (checked against the PrepareTarget request once the stream names its migration).
+        let peer = identity::agent_node(&request)?;
         // A stream waits a while for a slot; then the sender is told to try again (Unavailable
         // is retried by a transfer, a refusal of the data is not).
         let _slot = tokio::time::timeout(RECEIVE_SLOT_WAIT, self.receiving.clone().acquire_owned())
@@ -174,7 +192,7 @@ impl AgentApi for Service {
                 ))
             })?;
         let started = Instant::now();
-        match self.agent.receive(request.into_inner()).await {
+        match self.agent.receive(&peer, request.into_inner()).await {
             Ok(got) => {
                 info!(migration = %got.uid, bytes = got.bytes, took_ms = started.elapsed().as_millis() as u64, "checkpoint received and staged");
                 Ok(Response::new(v1::ReceiveResult {

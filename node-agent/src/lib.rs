@@ -22,6 +22,7 @@ pub mod admin;
 pub mod agent;
 pub mod api;
 pub mod archive;
+pub mod certificate;
 pub mod empty_dirs;
 pub mod error;
 pub mod gc;

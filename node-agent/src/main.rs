@@ -4,7 +4,11 @@
 
 use std::{net::SocketAddr, ops::Range, path::PathBuf, sync::Arc, time::Duration};
 
-use agent_api::{client::MAX_MESSAGE_BYTES, tls::TlsFiles, v1::agent_server::AgentServer};
+use agent_api::{
+    client::MAX_MESSAGE_BYTES,
+    tls::{self, Served, TlsFiles},
+    v1::agent_server::AgentServer,
+};
 use anyhow::Context;
 use clap::Parser;
 use node_agent::{
@@ -12,6 +16,7 @@ use node_agent::{
     agent::{Agent, CheckpointVia, Parts, Settings},
     api::Service,
     archive::Limits,
+    certificate::{self, Requester},
     gc,
     lease::AgentLease,
     metrics::Metrics,
@@ -44,9 +49,19 @@ struct Args {
     /// host:port under which the operator and peers reach the API (announced in the Lease).
     #[arg(long, env = "AGENT_ENDPOINT")]
     advertise: Option<String>,
-    /// Directory with ca.crt, tls.crt and tls.key (certificate CN kube-migros-agent).
+    /// Directory with ca.crt, tls.crt and tls.key: the agent's certificate (CN kube-migros-agent,
+    /// DNS name <node>.kube-migros-agent), read again when it changes. With
+    /// --certificate-signer only ca.crt is read.
     #[arg(long, default_value = "/etc/kube-migros/tls")]
     tls_dir: PathBuf,
+    /// Request the agent's certificate through a CertificateSigningRequest with this signer name
+    /// (the operator signs `migros.io/agent`) instead of reading tls.crt and tls.key; the key is
+    /// made in memory and never leaves it.
+    #[arg(long)]
+    certificate_signer: Option<String>,
+    /// Lifetime asked for a requested certificate; it is renewed at two thirds of it.
+    #[arg(long, default_value_t = 86400, value_parser = clap::value_parser!(u64).range(600..))]
+    certificate_seconds: u64,
     /// Unix socket of containerd (CRI and Tasks API).
     #[arg(long, default_value = "/run/containerd/containerd.sock")]
     runtime_endpoint: PathBuf,
@@ -240,9 +255,27 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
-    let tls = TlsFiles::in_dir(&args.tls_dir)
-        .load()
-        .with_context(|| format!("loading TLS material from {}", args.tls_dir.display()))?;
+    let identity = match &args.certificate_signer {
+        None => certificate::Source::Files(TlsFiles::in_dir(&args.tls_dir)),
+        Some(signer) => certificate::Source::Request(Requester {
+            client: kube::Client::try_default()
+                .await
+                .context("connecting to the API server to request the agent's certificate")?,
+            signer: signer.clone(),
+            lifetime: Duration::from_secs(args.certificate_seconds),
+            ca: tls::read(&args.tls_dir.join("ca.crt"))?,
+        }),
+    };
+    let tls = Served::new(
+        certificate::first(&identity, &args.node_name)
+            .await
+            .with_context(|| {
+                format!(
+                    "the agent's certificate (TLS directory {})",
+                    args.tls_dir.display()
+                )
+            })?,
+    )?;
     if args.store_own_filesystem {
         node_agent::store::Store::new(&args.store_dir)
             .check_own_filesystem(std::path::Path::new("/proc/1/root"))?;
@@ -282,6 +315,15 @@ async fn main() -> anyhow::Result<()> {
 
     let shutdown = CancellationToken::new();
     tokio::spawn(on_signal(shutdown.clone()));
+    tokio::spawn(certificate::keep(
+        identity,
+        args.node_name.clone(),
+        tls.clone(),
+        shutdown.clone(),
+    ));
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
     let http = admin::serve(args.http_addr, agent.clone(), shutdown.clone())
         .await
         .with_context(|| format!("binding {}", args.http_addr))?;
@@ -318,12 +360,13 @@ async fn main() -> anyhow::Result<()> {
         .max_concurrent_streams(Some(MAX_CALLS_PER_CONNECTION as u32))
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-        .tls_config(tls.server())
-        .context("server TLS configuration")?
         .add_service(
             AgentServer::new(Service::new(agent)).max_decoding_message_size(MAX_MESSAGE_BYTES),
         )
-        .serve_with_shutdown(args.listen, shutdown.clone().cancelled_owned())
+        .serve_with_incoming_shutdown(
+            tls::incoming(listener, tls.server_config()?),
+            shutdown.clone().cancelled_owned(),
+        )
         .await
         .context("serving the agent API")?;
     // The API stopped (on a signal, or with an error that ends the process): stop the rest.

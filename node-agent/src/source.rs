@@ -361,7 +361,7 @@ impl Agent {
             let progress = move |done| {
                 operations.progress(&progress_uid, Step::Transfer, done, total);
             };
-            match wire::send(&self.parts.tls, &req, &archives, progress).await {
+            match wire::send(&self.parts.tls.material(), &req, &archives, progress).await {
                 Ok(sent) => {
                     self.parts.metrics.bytes("sent", sent.wire);
                     let mut op = self.done(&uid);

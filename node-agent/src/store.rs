@@ -89,6 +89,9 @@ pub struct Record {
     /// Source: the agent resumed the pod at `resume_at`; a commit is refused from then on.
     #[serde(default)]
     pub resumed: bool,
+    /// Target: the node the checkpoint comes from; only its agent may stream it here.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub source_node: String,
 }
 
 impl Record {
@@ -109,6 +112,7 @@ impl Record {
             stopped: false,
             resume_at: None,
             resumed: false,
+            source_node: String::new(),
         }
     }
 

@@ -65,6 +65,7 @@ impl Agent {
         let backend = self.backend(&req.backend).await?.name().to_string();
         let fresh = Record {
             backend,
+            source_node: req.source_node.clone(),
             ..Record::of_pod(&req.migration_uid, Role::Target, &pod)
         };
         // Asked again: what an earlier attempt did here stays recorded.
@@ -74,6 +75,7 @@ impl Agent {
                 pod_ip: fresh.pod_ip,
                 containers: fresh.containers,
                 backend: fresh.backend,
+                source_node: fresh.source_node,
                 ..r
             },
             _ => fresh,
@@ -87,10 +89,12 @@ impl Agent {
     /// Receives a checkpoint stream from the source agent; anything refused leaves nothing.
     pub async fn receive(
         &self,
+        peer: &str,
         stream: impl Stream<Item = Result<v1::ReceiveChunk, tonic::Status>> + Unpin,
     ) -> Result<Received> {
         let mut sink = Staging {
             agent: self,
+            peer,
             uid: None,
             backend: String::new(),
             hold: None,
@@ -294,6 +298,8 @@ impl Agent {
 /// by entry and staged by the restore backend as it completes.
 struct Staging<'a> {
     agent: &'a Agent,
+    /// The node of the sending agent, as its certificate names it.
+    peer: &'a str,
     /// The migration, once the first chunk named it.
     uid: Option<String>,
     /// The backend it stages with (its record says which).
@@ -320,6 +326,16 @@ impl wire::Sink for Staging<'_> {
             .ok_or_else(|| {
                 Error::NotReady(format!("migration {uid} was not prepared on this node"))
             })?;
+        // Only the agent of the node the checkpoint comes from may send it (another node's agent
+        // could otherwise put its own data in place of the pod's).
+        if record.source_node != self.peer {
+            return Err(Rejected::WrongSender {
+                uid: uid.to_string(),
+                peer: self.peer.to_string(),
+                from: record.source_node,
+            }
+            .into());
+        }
         // Once every archive arrived whole, no other stream replaces it (one from another node
         // would otherwise swap the checkpoint under the operator's feet).
         if record.received_whole() {

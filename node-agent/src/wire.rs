@@ -205,7 +205,7 @@ pub async fn send(
 ) -> Result<Sent> {
     let endpoint = &request.target_endpoint;
     let channel = tls
-        .endpoint(endpoint)
+        .endpoint(endpoint, &request.target_node)
         .map_err(|e| Error::Invalid(format!("bad target endpoint {endpoint:?}: {e}")))?
         .connect_timeout(CONNECT_TIMEOUT)
         .connect()
@@ -387,6 +387,14 @@ pub enum Rejected {
         "the checkpoint of migration {0} was received already: a second stream is refused (the operator starts a new migration instead)"
     )]
     AlreadyReceived(String),
+    #[error(
+        "the agent of node {peer:?} may not send the checkpoint of migration {uid}: it comes from node {from:?}"
+    )]
+    WrongSender {
+        uid: String,
+        peer: String,
+        from: String,
+    },
     #[error("the archive of container {container} is not a safe checkpoint archive: {source}")]
     Unsafe {
         container: String,
@@ -401,6 +409,7 @@ impl Rejected {
     pub fn code(&self) -> tonic::Code {
         match self {
             Rejected::TooLarge { .. } | Rejected::NoSpace { .. } => tonic::Code::ResourceExhausted,
+            Rejected::WrongSender { .. } => tonic::Code::PermissionDenied,
             _ => tonic::Code::InvalidArgument,
         }
     }

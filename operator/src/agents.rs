@@ -37,7 +37,8 @@ pub struct Agents {
     cache: Store<Lease>,
     watch: tokio::task::JoinHandle<()>,
     tls: TlsMaterial,
-    channels: Mutex<BTreeMap<String, Channel>>,
+    /// One channel per (node, endpoint): the node is the name the agent's certificate must carry.
+    channels: Mutex<BTreeMap<(String, String), Channel>>,
 }
 
 impl Drop for Agents {
@@ -126,9 +127,13 @@ impl Agents {
             })
     }
 
-    /// What the agent at `endpoint` reports about its node.
-    pub async fn capabilities(&self, endpoint: &str) -> Result<v1::NodeCapabilities, String> {
-        let mut client = self.client(endpoint)?;
+    /// What the agent of `node`, at `endpoint`, reports about its node.
+    pub async fn capabilities(
+        &self,
+        node: &str,
+        endpoint: &str,
+    ) -> Result<v1::NodeCapabilities, String> {
+        let mut client = self.client(node, endpoint)?;
         match tokio::time::timeout(CALL_TIMEOUT, client.capabilities()).await {
             Ok(Ok(capabilities)) => Ok(capabilities),
             Ok(Err(status)) => Err(format!("{}: {}", status.code(), status.message())),
@@ -136,9 +141,9 @@ impl Agents {
         }
     }
 
-    /// Asks the agent at `endpoint` for `step` of the migration in `args`.
-    pub async fn call(&self, endpoint: &str, step: Step, args: &StepArgs) -> Answer {
-        let mut client = match self.client(endpoint) {
+    /// Asks the agent of `node`, at `endpoint`, for `step` of the migration in `args`.
+    pub async fn call(&self, node: &str, endpoint: &str, step: Step, args: &StepArgs) -> Answer {
+        let mut client = match self.client(node, endpoint) {
             Ok(client) => client,
             Err(e) => return Answer::Unreachable(e),
         };
@@ -152,21 +157,24 @@ impl Agents {
         }
     }
 
-    fn client(&self, endpoint: &str) -> Result<AgentClient, String> {
+    /// A client of the agent of `node`: whatever answers at `endpoint` must present a certificate
+    /// naming that node.
+    fn client(&self, node: &str, endpoint: &str) -> Result<AgentClient, String> {
         let mut channels = self
             .channels
             .lock()
             .map_err(|_| "agent channel cache poisoned".to_string())?;
-        if let Some(channel) = channels.get(endpoint) {
+        let key = (node.to_string(), endpoint.to_string());
+        if let Some(channel) = channels.get(&key) {
             return Ok(AgentClient::new(channel.clone()));
         }
         let channel = self
             .tls
-            .endpoint(endpoint)
+            .endpoint(endpoint, node)
             .map_err(|e| format!("agent endpoint {endpoint}: {e}"))?
             .connect_timeout(Duration::from_secs(3))
             .connect_lazy();
-        channels.insert(endpoint.to_string(), channel.clone());
+        channels.insert(key, channel.clone());
         Ok(AgentClient::new(channel))
     }
 }
@@ -201,6 +209,10 @@ fn live_endpoint(lease: &Lease, now: Timestamp) -> Option<(String, String)> {
         .get(ENDPOINT_ANNOTATION)?
         .clone();
     let spec = lease.spec.as_ref()?;
+    // The agent holds its node's Lease (an admission policy keeps agents off other nodes' Leases).
+    if spec.holder_identity.as_deref() != Some(node.as_str()) {
+        return None;
+    }
     let renewed = spec.renew_time.as_ref()?.0;
     let duration = i64::from(spec.lease_duration_seconds.unwrap_or(15));
     let expires = renewed
@@ -211,6 +223,7 @@ fn live_endpoint(lease: &Lease, now: Timestamp) -> Option<(String, String)> {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
     use k8s_openapi::{
         api::coordination::v1::LeaseSpec, apimachinery::pkg::apis::meta::v1::MicroTime,
@@ -231,6 +244,7 @@ mod tests {
             spec: Some(LeaseSpec {
                 renew_time: Some(MicroTime(renewed)),
                 lease_duration_seconds: Some(10),
+                holder_identity: Some(node.into()),
                 ..Default::default()
             }),
         }
@@ -244,5 +258,14 @@ mod tests {
             Some(("node-1".into(), "10.0.0.1:7443".into()))
         );
         assert_eq!(live_endpoint(&lease("node-1", 30), now), None);
+    }
+
+    #[test]
+    fn a_lease_held_for_another_node_names_no_agent() {
+        let mut held = lease("node-1", 2);
+        held.spec.as_mut().unwrap().holder_identity = Some("node-2".into());
+        assert_eq!(live_endpoint(&held, Timestamp::now()), None);
+        held.spec.as_mut().unwrap().holder_identity = None;
+        assert_eq!(live_endpoint(&held, Timestamp::now()), None);
     }
 }

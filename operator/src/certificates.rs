@@ -1,14 +1,16 @@
 //! The mutual-TLS material of the operator and the agents when no `--tls-dir` is given: at its first
-//! start as leader the operator makes a CA, a certificate for itself and one for the agents, and
-//! keeps them in two Secrets of its namespace (the agents mount only theirs). The CA key is not kept:
-//! to rotate, delete both Secrets and restart the operator and the agents.
+//! start as leader the operator makes a CA and a certificate for itself, and keeps them in Secrets
+//! of its namespace: the CA with its key (read by the operator only: it signs the agents'
+//! certificate requests, `crate::signer`), its own certificate, and the CA certificate alone for
+//! the agents, which request certificates of their own nodes. To rotate the CA, delete the three
+//! Secrets and restart the operator and the agents.
 
 use std::collections::BTreeMap;
 
 use agent_api::{
-    identity::{AGENT_COMMON_NAME, OPERATOR_COMMON_NAME},
+    identity::OPERATOR_COMMON_NAME,
     pki::{Ca, Leaf, Pem, Usage},
-    tls::{AGENT_SERVER_NAME, TlsMaterial},
+    tls::TlsMaterial,
 };
 use k8s_openapi::{ByteString, api::core::v1::Secret};
 use kube::{
@@ -18,8 +20,11 @@ use kube::{
 
 /// Secret with the operator's client certificate (`ca.crt`, `tls.crt`, `tls.key`).
 pub const OPERATOR_SECRET: &str = "kube-migros-operator-tls";
-/// Secret with the agents' certificate (`ca.crt`, `tls.crt`, `tls.key`), mounted by the DaemonSet.
-pub const AGENT_SECRET: &str = "kube-migros-agent-tls";
+/// Secret with the CA certificate alone (`ca.crt`), mounted by the agents.
+pub const AGENT_SECRET: &str = "kube-migros-agent-ca";
+/// Secret with the CA's certificate and key (`tls.crt`, `tls.key`): the signer of the agents'
+/// certificates.
+pub const CA_SECRET: &str = "kube-migros-ca";
 
 /// Errors while making or reading the Secrets.
 #[derive(Debug, thiserror::Error)]
@@ -29,7 +34,7 @@ pub enum Error {
     #[error("Secret {0}: {1}")]
     Kube(String, #[source] kube::Error),
     #[error(
-        "Secret {0}/kube-migros-agent-tls exists without {0}/kube-migros-operator-tls; delete it to have both made again"
+        "Secrets of {0} from an earlier start are incomplete (kube-migros-ca, kube-migros-operator-tls, kube-migros-agent-ca); delete them to have all three made again"
     )]
     Orphan(String),
     #[error("Secret {namespace}/{name} lacks {key}; delete it to have it made again")]
@@ -40,11 +45,30 @@ pub enum Error {
     },
 }
 
-/// The operator's TLS material, from its Secret, made first if there is none.
-pub async fn ensure(client: &Client, namespace: &str) -> Result<TlsMaterial, Error> {
+/// The operator's TLS material and the CA that signs the agents' certificates, from their
+/// Secrets, made first if there are none.
+pub async fn ensure(client: &Client, namespace: &str) -> Result<(TlsMaterial, Ca), Error> {
     let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
     if let Some(secret) = get(&api, OPERATOR_SECRET).await? {
-        return material(namespace, &secret);
+        let ca = get(&api, CA_SECRET)
+            .await?
+            .ok_or_else(|| Error::Orphan(namespace.into()))?;
+        let field = |key: &str| {
+            ca.data
+                .as_ref()
+                .and_then(|d| d.get(key))
+                .map(|v| String::from_utf8_lossy(&v.0).into_owned())
+                .ok_or_else(|| Error::Incomplete {
+                    namespace: namespace.into(),
+                    name: CA_SECRET.into(),
+                    key: key.into(),
+                })
+        };
+        let ca = Ca::from_pem(Pem {
+            cert: field("tls.crt")?,
+            key: field("tls.key")?,
+        })?;
+        return Ok((material(namespace, &secret)?, ca));
     }
     let ca = Ca::new("kube-migros-ca")?;
     let operator = ca.issue(&Leaf {
@@ -52,36 +76,40 @@ pub async fn ensure(client: &Client, namespace: &str) -> Result<TlsMaterial, Err
         usage: Some(Usage::Client),
         ..Default::default()
     })?;
-    let agent = ca.issue(&Leaf {
-        common_name: AGENT_COMMON_NAME,
-        dns_names: &[AGENT_SERVER_NAME],
-        usage: Some(Usage::Both),
-        ..Default::default()
-    })?;
-    // The agents' Secret first: once the operator's exists, both do.
+    // The operator's Secret last: once it exists, all three do.
+    let ca_pem = ca.pem().cert.clone();
+    let secrets = [
+        secret(
+            CA_SECRET,
+            &[("tls.crt", &ca_pem), ("tls.key", &ca.pem().key)],
+        ),
+        secret(AGENT_SECRET, &[("ca.crt", &ca_pem)]),
+        secret(
+            OPERATOR_SECRET,
+            &[
+                ("ca.crt", &ca_pem),
+                ("tls.crt", &operator.cert),
+                ("tls.key", &operator.key),
+            ],
+        ),
+    ];
     let params = PostParams::default();
-    match api
-        .create(&params, &tls_secret(AGENT_SECRET, &ca.pem().cert, &agent))
-        .await
-    {
-        Ok(_) => {}
-        Err(kube::Error::Api(s)) if s.code == 409 => return Err(Error::Orphan(namespace.into())),
-        Err(e) => return Err(Error::Kube(AGENT_SECRET.into(), e)),
+    for s in &secrets {
+        let name = s.metadata.name.clone().unwrap_or_default();
+        match api.create(&params, s).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(status)) if status.code == 409 && name != OPERATOR_SECRET => {
+                return Err(Error::Orphan(namespace.into()));
+            }
+            Err(e) => return Err(Error::Kube(name, e)),
+        }
     }
-    match api
-        .create(
-            &params,
-            &tls_secret(OPERATOR_SECRET, &ca.pem().cert, &operator),
-        )
-        .await
-    {
-        Ok(_) => Ok(TlsMaterial::from_pem(
-            ca.pem().cert.clone().into(),
-            operator.cert.into(),
-            operator.key.into(),
-        )),
-        Err(e) => Err(Error::Kube(OPERATOR_SECRET.into(), e)),
-    }
+    let material = TlsMaterial::from_pem(
+        ca_pem.into_bytes(),
+        operator.cert.into_bytes(),
+        operator.key.into_bytes(),
+    );
+    Ok((material, ca))
 }
 
 async fn get(api: &Api<Secret>, name: &str) -> Result<Option<Secret>, Error> {
@@ -90,15 +118,11 @@ async fn get(api: &Api<Secret>, name: &str) -> Result<Option<Secret>, Error> {
         .map_err(|e| Error::Kube(name.into(), e))
 }
 
-fn tls_secret(name: &str, ca: &str, pem: &Pem) -> Secret {
-    let data: BTreeMap<String, ByteString> = [
-        ("ca.crt", ca),
-        ("tls.crt", &pem.cert),
-        ("tls.key", &pem.key),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), ByteString(v.as_bytes().to_vec())))
-    .collect();
+fn secret(name: &str, entries: &[(&str, &str)]) -> Secret {
+    let data: BTreeMap<String, ByteString> = entries
+        .iter()
+        .map(|(k, v)| (k.to_string(), ByteString(v.as_bytes().to_vec())))
+        .collect();
     Secret {
         metadata: ObjectMeta {
             name: Some(name.into()),
@@ -111,7 +135,6 @@ fn tls_secret(name: &str, ca: &str, pem: &Pem) -> Secret {
             ),
             ..Default::default()
         },
-        type_: Some("kubernetes.io/tls".into()),
         data: Some(data),
         ..Default::default()
     }

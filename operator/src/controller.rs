@@ -702,8 +702,9 @@ async fn choose_target(
     }
     let live = ctx.agents.live().await?;
     let capabilities = join_all(nodes.iter().map(|node| async {
-        let endpoint = live.get(&node.name_any())?;
-        ctx.agents.capabilities(endpoint).await.ok()
+        let name = node.name_any();
+        let endpoint = live.get(&name)?;
+        ctx.agents.capabilities(&name, endpoint).await.ok()
     }))
     .await;
     let all_pods: Api<Pod> = Api::all(ctx.client.clone());
@@ -1127,17 +1128,13 @@ async fn call_agent(pm: &PodMigration, f: &Facts, step: Step, ctx: &Context) -> 
     };
     let mut args = step_args(pm, f);
     if step == Step::Transfer {
-        match ctx
-            .agents
-            .endpoint(f.status.target_node.as_deref().unwrap_or_default())
-            .await
-        {
+        match ctx.agents.endpoint(&args.target_node).await {
             Ok(target) => args.target_endpoint = target,
             Err(e) => return Answer::Failed(e),
         }
     }
     let started = std::time::Instant::now();
-    let answer = ctx.agents.call(&endpoint, step, &args).await;
+    let answer = ctx.agents.call(node, &endpoint, step, &args).await;
     ctx.metrics.agent_call(step, &answer, started.elapsed());
     answer
 }
@@ -1177,7 +1174,9 @@ fn step_args(pm: &PodMigration, f: &Facts) -> StepArgs {
             .checkpoint
             .as_ref()
             .map_or(0, |c| u64::try_from(c.bytes).unwrap_or(0)),
+        source_node: s.source_node.clone().unwrap_or_default(),
         target_endpoint: String::new(),
+        target_node: s.target_node.clone().unwrap_or_default(),
         compression: match pm.spec.compression {
             Compression::None => v1::Compression::None,
             Compression::Zstd => v1::Compression::Zstd,

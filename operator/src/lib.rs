@@ -14,6 +14,7 @@ pub mod queue;
 pub mod replacement;
 pub mod rxe_blocks;
 pub mod server;
+pub mod signer;
 pub mod statemachine;
 pub mod targets;
 pub mod webhook;

@@ -26,7 +26,7 @@ use operator::{
     controller::{self, Backends, Context},
     leader::{Elector, Timing},
     metrics::Metrics,
-    queue, rxe_blocks, server,
+    queue, rxe_blocks, server, signer,
     webhook::{self, Webhooks},
 };
 use tokio_util::sync::CancellationToken;
@@ -68,6 +68,19 @@ struct Args {
     /// operator keeps a CA and the certificates in Secrets of its namespace, making them if missing.
     #[arg(long)]
     tls_dir: Option<PathBuf>,
+    /// Directory with the CA's tls.crt and tls.key: the operator signs the agents' certificate
+    /// requests (signer migros.io/agent) with it. Without --tls-dir the CA comes from the
+    /// operator's Secrets; with --tls-dir and without this, no request is signed (the agents'
+    /// certificates come from elsewhere).
+    #[arg(long)]
+    signer_ca_dir: Option<PathBuf>,
+    /// The only user whose certificate requests are signed: the agents' service account
+    /// (default: system:serviceaccount:<namespace>:kube-migros-agent).
+    #[arg(long)]
+    agent_username: Option<String>,
+    /// Longest lifetime of an agent certificate, in seconds.
+    #[arg(long, default_value_t = 7 * 86400, value_parser = clap::value_parser!(u64).range(600..))]
+    agent_certificate_max_seconds: u64,
     /// First QPN of the rxe blocks.
     #[arg(long, default_value_t = rxe_blocks::Ranges::default().qpn_base)]
     rxe_qpn_base: u32,
@@ -265,13 +278,33 @@ async fn lead(
     metrics: Arc<Metrics>,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<bool> {
-    let tls = match &args.tls_dir {
-        Some(dir) => TlsFiles::in_dir(dir)
-            .load()
-            .context("loading the agent TLS material")?,
-        None => certificates::ensure(&client, &args.namespace)
-            .await
-            .context("the agent TLS Secrets")?,
+    let (tls, ca) = match &args.tls_dir {
+        Some(dir) => {
+            let tls = TlsFiles::in_dir(dir)
+                .load()
+                .context("loading the agent TLS material")?;
+            let ca = match &args.signer_ca_dir {
+                Some(dir) => {
+                    let read = |name: &str| {
+                        std::fs::read_to_string(dir.join(name))
+                            .with_context(|| format!("reading {}", dir.join(name).display()))
+                    };
+                    let pem = agent_api::pki::Pem {
+                        cert: read("tls.crt")?,
+                        key: read("tls.key")?,
+                    };
+                    Some(agent_api::pki::Ca::from_pem(pem).context("the signer's CA")?)
+                }
+                None => None,
+            };
+            (tls, ca)
+        }
+        None => {
+            let (tls, ca) = certificates::ensure(&client, &args.namespace)
+                .await
+                .context("the agent TLS Secrets")?;
+            (tls, Some(ca))
+        }
     };
     let lost = CancellationToken::new();
     let holder = {
@@ -308,6 +341,21 @@ async fn lead(
         .with_policy(args.policy())
         .with_limits(args.limits()),
     );
+    let signer = ca.map(|ca| {
+        let username = args.agent_username.clone().unwrap_or_else(|| {
+            format!("system:serviceaccount:{}:kube-migros-agent", args.namespace)
+        });
+        info!(%username, "signing the agents' certificate requests");
+        tokio::spawn(signer::run(
+            client.clone(),
+            signer::Signer::new(
+                ca,
+                username,
+                Duration::from_secs(args.agent_certificate_max_seconds),
+            ),
+            stop.clone(),
+        ))
+    });
     let sweeper = tokio::spawn(rxe_blocks::maintain(
         allocator,
         client,
@@ -331,6 +379,9 @@ async fn lead(
     }
     stop.cancel();
     let _ = tokio::join!(controller, sweeper);
+    if let Some(signer) = signer {
+        let _ = signer.await;
+    }
     holder.abort();
     Ok(lost_leadership)
 }

@@ -1,12 +1,13 @@
 //! The agent API accepts only mutual-TLS clients that are the operator or a peer agent: no client
 //! certificate, a certificate of another CA, or a certificate of the right CA for another name are
 //! all refused by the agent, and a peer agent may only stream a checkpoint. The operator's side
-//! refuses an agent whose certificate another CA signed.
+//! refuses an agent whose certificate another CA signed, and an agent of the same CA that is not
+//! the one of the node it dials.
 
 #![allow(clippy::expect_used, clippy::unwrap_used)] // a test fails by panicking
 
 use agent_api::{
-    tls::{AGENT_SERVER_NAME, TlsMaterial},
+    tls::{TlsMaterial, agent_server_name},
     v1::{CapabilitiesRequest, StepRequest, agent_client::AgentClient},
 };
 use testkit::{
@@ -45,11 +46,11 @@ async fn only_the_operator_and_peer_agents_get_in() {
     with_namespace("agent-tls", |client, ns| async move {
         harness::wait_for_default_service_account(&client, &ns).await;
         let certs = Certificates::generate();
-        let agent =
-            TestAgent::start(client.clone(), &ns, &format!("{ns}-node"), &certs.agent()).await;
+        let node = format!("{ns}-node");
+        let agent = TestAgent::start(client.clone(), &ns, &node, &certs.agent(&node)).await;
 
         // The operator may ask for everything.
-        let mut operator = dial(agent.endpoint, certs.operator().client())
+        let mut operator = dial(agent.endpoint, certs.operator().client_for(&node))
             .await
             .expect("the operator connects");
         let caps = operator
@@ -59,14 +60,17 @@ async fn only_the_operator_and_peer_agents_get_in() {
         assert_eq!(caps.get_ref().node_name, agent.node);
 
         // A peer agent is authenticated but may not drive migration steps.
-        let mut peer = dial(agent.endpoint, certs.agent().client())
-            .await
-            .expect("a peer agent connects");
+        let mut peer = dial(
+            agent.endpoint,
+            certs.agent("another-node").client_for(&node),
+        )
+        .await
+        .expect("a peer agent connects");
         let refused = peer.abort(StepRequest::default()).await.unwrap_err();
         assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
 
         // Signed by the CA, but neither the operator nor an agent.
-        let mut stranger = dial(agent.endpoint, certs.stranger().client())
+        let mut stranger = dial(agent.endpoint, certs.stranger(&node).client_for(&node))
             .await
             .expect("TLS itself succeeds");
         let refused = stranger
@@ -81,13 +85,13 @@ async fn only_the_operator_and_peer_agents_get_in() {
         let ca = std::fs::read(certs.operator_dir().join("ca.crt")).unwrap();
         let anonymous = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(&ca))
-            .domain_name(AGENT_SERVER_NAME);
+            .domain_name(agent_server_name(&node));
         let other_ca = Certificates::generate();
         let read = |file: &str| std::fs::read(other_ca.operator_dir().join(file)).unwrap();
         let foreign = TlsMaterial::from_pem(ca.clone(), read("tls.crt"), read("tls.key"));
         for (what, tls) in [
             ("no certificate", anonymous),
-            ("another CA", foreign.client()),
+            ("another CA", foreign.client_for(&node)),
         ] {
             let outcome = served(agent.endpoint, tls).await;
             assert!(outcome.is_err(), "a client with {what} was served");
@@ -95,17 +99,48 @@ async fn only_the_operator_and_peer_agents_get_in() {
 
         // An impostor agent (its certificate signed by another CA) is up and serves clients
         // that trust its CA, but the operator, trusting only its own, refuses it.
-        let impostor =
-            TestAgent::start(client, &ns, &format!("{ns}-impostor"), &other_ca.agent()).await;
-        let mut fooled = dial(impostor.endpoint, other_ca.operator().client())
-            .await
-            .expect("the impostor serves its own CA's clients");
+        let impostor_node = format!("{ns}-impostor");
+        let impostor = TestAgent::start(
+            client.clone(),
+            &ns,
+            &impostor_node,
+            &other_ca.agent(&impostor_node),
+        )
+        .await;
+        let mut fooled = dial(
+            impostor.endpoint,
+            other_ca.operator().client_for(&impostor_node),
+        )
+        .await
+        .expect("the impostor serves its own CA's clients");
         fooled
             .capabilities(CapabilitiesRequest {})
             .await
             .expect("the impostor answers its own CA's clients");
-        let outcome = served(impostor.endpoint, certs.operator().client()).await;
+        let outcome = served(
+            impostor.endpoint,
+            certs.operator().client_for(&impostor_node),
+        )
+        .await;
         assert!(outcome.is_err(), "the operator talked to an impostor agent");
+
+        // An agent of the right CA, but of another node: reached at its address as this node's
+        // agent (a Lease that announces another node's endpoint), it is refused by the operator;
+        // dialled as its own node's, it is served.
+        let neighbour_node = format!("{ns}-neighbour");
+        let neighbour =
+            TestAgent::start(client, &ns, &neighbour_node, &certs.agent(&neighbour_node)).await;
+        let outcome = served(neighbour.endpoint, certs.operator().client_for(&node)).await;
+        assert!(
+            outcome.is_err(),
+            "the agent of {neighbour_node} was taken for the agent of {node}"
+        );
+        served(
+            neighbour.endpoint,
+            certs.operator().client_for(&neighbour_node),
+        )
+        .await
+        .expect("the neighbour serves as its own node's agent");
     })
     .await;
 }

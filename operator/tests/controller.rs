@@ -1170,20 +1170,42 @@ async fn without_a_tls_dir_the_operator_makes_the_ca_and_certificates_in_secrets
         let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(client.clone(), &ns);
         let made = kube::runtime::wait::await_condition(secrets.clone(), operator::certificates::OPERATOR_SECRET, |s: Option<&k8s_openapi::api::core::v1::Secret>| s.is_some());
         tokio::time::timeout(PHASE_TIMEOUT, made).await.expect("the operator makes its Secret").unwrap();
+        // The agents' Secret holds the CA certificate alone: no key an agent could serve with.
         let agent_secret = secrets.get(operator::certificates::AGENT_SECRET).await.expect("the agents' Secret");
-        let agent_tls = operator::certificates::material(&ns, &agent_secret).unwrap();
-        let operator_secret = secrets.get(operator::certificates::OPERATOR_SECRET).await.unwrap();
-        assert_ne!(agent_secret.data.as_ref().unwrap()["tls.key"], operator_secret.data.as_ref().unwrap()["tls.key"]);
-        assert!(!agent_secret.data.as_ref().unwrap().contains_key("ca.key"), "the CA key must not be kept");
+        let keys: Vec<&String> = agent_secret.data.as_ref().unwrap().keys().collect();
+        assert_eq!(keys, ["ca.crt"], "the agents' Secret holds only the CA certificate");
+        let ca = agent_secret.data.as_ref().unwrap()["ca.crt"].0.clone();
 
-        // Agents using the agents' Secret serve the operator, which uses its own.
+        // Each agent asks for a certificate of its node, as the agents' service account with a
+        // token bound to a pod on that node (impersonated here: the API server sets the node
+        // extra for a pod-bound token, the requester cannot); the operator signs it.
+        let agents_user = format!("system:serviceaccount:{ns}:kube-migros-agent");
+        let requester = |client: kube::Client| node_agent::certificate::Requester {
+            client,
+            signer: operator::signer::SIGNER_NAME.into(),
+            lifetime: Duration::from_secs(3600),
+            ca: ca.clone(),
+        };
         let mut nodes = Vec::new();
         let mut agents = Vec::new();
         for i in 1..=2 {
             let name = format!("{ns}-node-{i}");
             nodes.push(testkit::fixtures::ApiNode::create(&client, &name).await);
-            agents.push(testkit::testagent::TestAgent::start(client.clone(), &ns, &name, &agent_tls).await);
+            let as_agent = testkit::harness::client_as(&agents_user, &[(operator::signer::NODE_NAME_EXTRA, &name)]).await;
+            let tls = node_agent::certificate::request(&requester(as_agent), &name).await.expect("the operator signs the agent's own certificate");
+            assert_eq!(tls.node().unwrap(), name);
+            agents.push(testkit::testagent::TestAgent::start(client.clone(), &ns, &name, &tls).await);
         }
+        // Asking for another node's name, or as another user: denied, with the reason.
+        let node_1 = nodes[0].name.clone();
+        let as_node_1 = testkit::harness::client_as(&agents_user, &[(operator::signer::NODE_NAME_EXTRA, &node_1)]).await;
+        let denied = node_agent::certificate::request(&requester(as_node_1), &nodes[1].name).await.unwrap_err().to_string();
+        assert!(denied.contains("denied") && denied.contains(&format!("an agent on node {node_1} may have")), "{denied}");
+        let as_default = testkit::harness::client_as(&format!("system:serviceaccount:{ns}:default"), &[(operator::signer::NODE_NAME_EXTRA, &node_1)]).await;
+        let denied = node_agent::certificate::request(&requester(as_default), &node_1).await.unwrap_err().to_string();
+        assert!(denied.contains("only the agents' service account"), "{denied}");
+
+        // Agents serving with the signed certificates serve the operator, which uses its own.
         let _kubelet = tokio::spawn(testkit::fixtures::report_replacements_running(client.clone(), ns.clone()));
         let labels = [(crds::MIGRATABLE_LABEL, "true")];
         testkit::fixtures::run_pod(&client, &ns, &testkit::fixtures::pod("server", &nodes[0].name, &labels), "10.244.1.5").await;

@@ -406,7 +406,7 @@ async fn a_pod_moves_between_real_nodes_keeping_its_state_ip_and_tcp_peer() {
             let certs = Certificates::generate();
             let start_agent = |i: usize| {
                 let node = &wanted[i];
-                certs.write_agent(&nodes.host_dir(node).join("tls"));
+                certs.write_agent(&nodes.host_dir(node).join("tls"), &node.name);
                 let options = agents::AgentOptions {
                     // node-2 (Debian's containerd 2.1) offers only checkpoint images here, so that
                     // both backends restore through the kubelet.

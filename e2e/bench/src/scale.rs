@@ -133,7 +133,7 @@ async fn nodes_and_agents(
             }
         }
         nodes.push(ApiNode::create(client, &name).await);
-        agents.push(TestAgent::start(client.clone(), ns, &name, &certs.agent()).await);
+        agents.push(TestAgent::start(client.clone(), ns, &name, &certs.agent(&name)).await);
     }
     Ok((nodes, agents))
 }

@@ -93,6 +93,29 @@ impl Env {
         client_from(&self.kubeconfig).await
     }
 
+    /// A client of the admin impersonating `user` with `extra` user information (as the API
+    /// server sets it for a service-account token bound to a pod: its node in
+    /// `authentication.kubernetes.io/node-name`), for tests of what such a user may do.
+    pub async fn client_as(&self, user: &str, extra: &[(&str, &str)]) -> Result<Client> {
+        let wrap = |e: Box<dyn std::error::Error + Send + Sync>| Error::Client {
+            kubeconfig: self.kubeconfig.clone(),
+            source: e,
+        };
+        let file =
+            kube::config::Kubeconfig::read_from(&self.kubeconfig).map_err(|e| wrap(e.into()))?;
+        let mut config = kube::Config::from_custom_kubeconfig(file, &KubeConfigOptions::default())
+            .await
+            .map_err(|e| wrap(e.into()))?;
+        config.auth_info.impersonate = Some(user.into());
+        config.auth_info.impersonate_user_extra = Some(
+            extra
+                .iter()
+                .map(|(k, v)| (k.to_string(), vec![v.to_string()]))
+                .collect(),
+        );
+        Client::try_from(config).map_err(|e| wrap(e.into()))
+    }
+
     /// `kubectl` of the sandbox's Kubernetes version.
     pub fn kubectl(&self) -> PathBuf {
         self.bin_dir.join("kubectl")

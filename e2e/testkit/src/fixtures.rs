@@ -10,7 +10,7 @@ use std::{path::PathBuf, time::Duration};
 use agent_api::{
     identity::{AGENT_COMMON_NAME, OPERATOR_COMMON_NAME},
     pki::{Ca, Leaf, Pem, Usage},
-    tls::{AGENT_SERVER_NAME, TlsFiles, TlsMaterial},
+    tls::{TlsFiles, TlsMaterial, agent_server_name},
 };
 use k8s_openapi::{
     api::{
@@ -32,14 +32,14 @@ use tokio::task::JoinHandle;
 
 use sandbox::{Dirs, controlplane::ControlPlane, pki};
 
-/// Certificates of one test: a CA, the operator's client certificate, the agents' certificate and
-/// one of the same CA for a name that is neither.
+/// Certificates of one test: a CA, the operator's client certificate, each node's agent
+/// certificate (issued on first use) and one of the same CA for a name that is neither.
 #[derive(Debug)]
 pub struct Certificates {
     dir: tempfile::TempDir,
+    authority: Ca,
     ca: String,
-    agent: Pem,
-    stranger: Pem,
+    agents: std::sync::Mutex<std::collections::BTreeMap<String, Pem>>,
 }
 
 impl Certificates {
@@ -55,8 +55,6 @@ impl Certificates {
             .expect("certificate")
         };
         let operator = issue(OPERATOR_COMMON_NAME, &[], Usage::Client);
-        let agent = issue(AGENT_COMMON_NAME, &[AGENT_SERVER_NAME], Usage::Both);
-        let stranger = issue("somebody-else", &[AGENT_SERVER_NAME], Usage::Both);
         // The API server calls a test operator's webhooks at 127.0.0.1.
         let webhook = ca
             .issue(&Leaf {
@@ -76,8 +74,8 @@ impl Certificates {
         Self {
             dir,
             ca: ca.pem().cert.clone(),
-            agent,
-            stranger,
+            authority: ca,
+            agents: Default::default(),
         }
     }
 
@@ -96,21 +94,50 @@ impl Certificates {
         &self.ca
     }
 
-    /// The material an agent serves and dials peers with.
-    pub fn agent(&self) -> TlsMaterial {
-        self.material(&self.agent)
+    /// The material the agent of `node` serves and dials peers with (its certificate names the
+    /// node, as the operator's signer would issue it).
+    pub fn agent(&self, node: &str) -> TlsMaterial {
+        self.material(&self.agent_pem(node))
     }
 
-    /// Writes the agent's `ca.crt`, `tls.crt` and `tls.key` into `dir`, as a Secret mounts them.
-    pub fn write_agent(&self, dir: &std::path::Path) {
+    fn agent_pem(&self, node: &str) -> Pem {
+        let mut agents = self.agents.lock().unwrap_or_else(|e| e.into_inner());
+        agents
+            .entry(node.to_string())
+            .or_insert_with(|| {
+                self.authority
+                    .issue(&Leaf {
+                        common_name: AGENT_COMMON_NAME,
+                        dns_names: &[&agent_server_name(node)],
+                        usage: Some(Usage::Both),
+                        ..Default::default()
+                    })
+                    .expect("agent certificate")
+            })
+            .clone()
+    }
+
+    /// Writes the `ca.crt`, `tls.crt` and `tls.key` of the agent of `node` into `dir`, as a
+    /// Secret mounts them.
+    pub fn write_agent(&self, dir: &std::path::Path, node: &str) {
         std::fs::create_dir_all(dir).expect("the agent's TLS directory");
         pki::write(&dir.join("ca.crt"), &self.ca, 0o644).expect("write ca.crt");
-        pki::write_pem(dir, "tls", &self.agent).expect("write the agent's certificate");
+        pki::write_pem(dir, "tls", &self.agent_pem(node)).expect("write the agent's certificate");
     }
 
-    /// A certificate from the same CA for a name that is neither the operator nor an agent.
-    pub fn stranger(&self) -> TlsMaterial {
-        self.material(&self.stranger)
+    /// A certificate from the same CA, for the name of the agent of `node`, whose common name is
+    /// neither the operator's nor an agent's.
+    pub fn stranger(&self, node: &str) -> TlsMaterial {
+        let pem = self
+            .authority
+            .issue(&Leaf {
+                common_name: "somebody-else",
+                dns_names: &[&agent_server_name(node)],
+                usage: Some(Usage::Both),
+                ..Default::default()
+            })
+            .expect("certificate");
+        self.material(&pem)
     }
 
     /// The operator's material, loaded as the operator loads it.

@@ -44,6 +44,15 @@ pub async fn client() -> Client {
     env().await.client().await.unwrap_or_else(|e| panic!("{e}"))
 }
 
+/// A client impersonating `user` with `extra` user information (see `sandbox`'s `Env::client_as`).
+pub async fn client_as(user: &str, extra: &[(&str, &str)]) -> Client {
+    env()
+        .await
+        .client_as(user, extra)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
 /// Applies the chart's CRDs and waits until the API server serves them. The tests that use them
 /// play the operator or run their own, so a kube-migros release left by the demo (whose operator
 /// would reconcile their PodMigrations too) is uninstalled first, once per test process.

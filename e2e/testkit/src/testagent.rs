@@ -21,13 +21,12 @@ use agent_api::{
     identity::{self, Caller},
     operations::Operations,
     steps::StepRequest,
-    tls::TlsMaterial,
+    tls::{Served, TlsMaterial},
     v1::{self, agent_server::AgentServer},
 };
 use kube::Client;
 use node_agent::lease::AgentLease;
 use tokio::{net::TcpListener, sync::Notify, task::JoinHandle};
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status, Streaming};
 
 /// What a test scripts: a step of the agent API, or a peer streaming a checkpoint here.
@@ -94,6 +93,8 @@ struct State {
     released: HashMap<Step, bool>,
     /// The restore backend each migration was prepared with (it decides what staging answers).
     prepared: HashMap<String, String>,
+    /// The source node each migration was prepared with: only its agent may stream to this one.
+    sources: HashMap<String, String>,
 }
 
 #[derive(Debug, Clone)]
@@ -133,13 +134,14 @@ impl TestAgent {
             crash: Arc::default(),
             tls: tls.clone(),
         };
-        let server = tonic::transport::Server::builder()
-            .tls_config(tls.server())
-            .expect("server TLS configuration")
-            .add_service(AgentServer::new(service.clone()));
+        // Served as the node agent serves: its certificate must name `node`.
+        let served = Served::new(tls.clone()).expect("the test agent's certificate");
+        let config = served.server_config().expect("server TLS configuration");
+        let server =
+            tonic::transport::Server::builder().add_service(AgentServer::new(service.clone()));
         let stop = service.crash.clone();
         let server = tokio::spawn(async move {
-            let incoming = TcpListenerStream::new(listener);
+            let incoming = agent_api::tls::incoming(listener, config);
             let _ = server
                 .serve_with_incoming_shutdown(incoming, stop.notified())
                 .await;
@@ -301,6 +303,7 @@ impl Service {
                     named => named,
                 };
                 s.prepared.insert(uid.clone(), backend.to_string());
+                s.sources.insert(uid.clone(), r.source_node.clone());
             }
             s.prepared.get(&uid).cloned().unwrap_or_default()
         });
@@ -378,7 +381,7 @@ impl Service {
         let result = async {
             let channel = self
                 .tls
-                .endpoint(endpoint)
+                .endpoint(endpoint, &request.target_node)
                 .map_err(|e| e.to_string())?
                 .connect()
                 .await
@@ -472,7 +475,8 @@ impl v1::agent_server::Agent for Service {
         &self,
         request: Request<Streaming<v1::ReceiveChunk>>,
     ) -> Result<Response<v1::ReceiveResult>, Status> {
-        identity::require(&request, &[Caller::Agent])?;
+        // As the node agent: only the agent of the migration's source node may send.
+        let peer = identity::agent_node(&request)?;
         self.alive()?;
         self.with(|s| {
             let count = s.counts.entry(Scripted::Receive).or_default();
@@ -484,6 +488,13 @@ impl v1::agent_server::Agent for Service {
         while let Some(chunk) = stream.message().await? {
             // A crashed agent stops taking data in the middle of a stream.
             self.alive()?;
+            let source = self.with(|s| s.sources.get(&chunk.migration_uid).cloned());
+            if source.as_deref() != Some(peer.as_str()) {
+                return Err(Status::permission_denied(format!(
+                    "the agent of node {peer} may not send migration {}: it comes from {source:?}",
+                    chunk.migration_uid
+                )));
+            }
             bytes += chunk.data.len() as u64;
         }
         Ok(Response::new(v1::ReceiveResult {

@@ -112,39 +112,123 @@ impl Ca {
     pub fn issue(&self, leaf: &Leaf<'_>) -> Result<Pem, Error> {
         let name = leaf.common_name;
         let key = KeyPair::generate().map_err(err(name))?;
-        let mut params = CertificateParams::default();
-        params.distinguished_name.push(DnType::CommonName, name);
-        for org in leaf.organisations {
-            params
-                .distinguished_name
-                .push(DnType::OrganizationName, *org);
-        }
-        for dns in leaf.dns_names {
-            params
-                .subject_alt_names
-                .push(SanType::DnsName((*dns).try_into().map_err(err(name))?));
-        }
-        params
-            .subject_alt_names
-            .extend(leaf.ips.iter().map(|ip| SanType::IpAddress(*ip)));
-        params.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
-        params.extended_key_usages = match leaf.usage.unwrap_or(Usage::Client) {
-            Usage::Server => vec![ExtendedKeyUsagePurpose::ServerAuth],
-            Usage::Client => vec![ExtendedKeyUsagePurpose::ClientAuth],
-            Usage::Both => vec![
-                ExtendedKeyUsagePurpose::ServerAuth,
-                ExtendedKeyUsagePurpose::ClientAuth,
-            ],
-        };
+        let params = leaf_params(leaf)?;
         let cert = params.signed_by(&key, &self.issuer).map_err(err(name))?;
         Ok(Pem {
             cert: cert.pem(),
             key: key.serialize_pem(),
         })
     }
+
+    /// Signs `leaf` over the key of `request` (whose own names are not used), valid from five
+    /// minutes ago (clocks differ) for `lifetime`: answers the certificate (PEM).
+    pub fn sign(
+        &self,
+        request: &Request,
+        leaf: &Leaf<'_>,
+        lifetime: std::time::Duration,
+    ) -> Result<String, Error> {
+        let name = leaf.common_name;
+        let mut params = leaf_params(leaf)?;
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::minutes(5);
+        // At most ten years: a duration the calendar arithmetic cannot overflow on.
+        params.not_after =
+            now + time::Duration::seconds(lifetime.as_secs().min(315_360_000) as i64);
+        let cert = params
+            .signed_by(&request.0.public_key, &self.issuer)
+            .map_err(err(name))?;
+        Ok(cert.pem())
+    }
+}
+
+/// A PKCS#10 certificate request whose signature checked out (its sender holds the key).
+pub struct Request(rcgen::CertificateSigningRequestParams);
+
+impl std::fmt::Debug for Request {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Request")
+            .field("common_name", &self.common_name())
+            .field("names", &self.names())
+            .finish()
+    }
+}
+
+impl Request {
+    /// Parses a PEM request and checks its signature.
+    pub fn from_pem(pem: &str) -> Result<Self, Error> {
+        rcgen::CertificateSigningRequestParams::from_pem(pem)
+            .map(Self)
+            .map_err(err("certificate request"))
+    }
+
+    /// The subject's common name, if it has one.
+    pub fn common_name(&self) -> Option<String> {
+        match self.0.params.distinguished_name.get(&DnType::CommonName)? {
+            rcgen::DnValue::Utf8String(s) => Some(s.clone()),
+            rcgen::DnValue::PrintableString(s) => Some(s.as_str().to_string()),
+            _ => None,
+        }
+    }
+
+    /// The subject's other attributes (organisations, ...): how many.
+    pub fn other_subject_attributes(&self) -> usize {
+        self.0
+            .params
+            .distinguished_name
+            .iter()
+            .filter(|(t, _)| **t != DnType::CommonName)
+            .count()
+    }
+
+    /// The subject alternative names, as text: `DNS:name`, `IP:address`, `URI:...`, `email:...`.
+    pub fn names(&self) -> Vec<String> {
+        self.0
+            .params
+            .subject_alt_names
+            .iter()
+            .map(|san| match san {
+                SanType::DnsName(d) => format!("DNS:{}", d.as_str()),
+                SanType::IpAddress(ip) => format!("IP:{ip}"),
+                SanType::URI(u) => format!("URI:{}", u.as_str()),
+                SanType::Rfc822Name(e) => format!("email:{}", e.as_str()),
+                other => format!("{other:?}"),
+            })
+            .collect()
+    }
+}
+
+/// The parameters of a leaf certificate (its names and usages).
+fn leaf_params(leaf: &Leaf<'_>) -> Result<CertificateParams, Error> {
+    let name = leaf.common_name;
+    let mut params = CertificateParams::default();
+    params.distinguished_name.push(DnType::CommonName, name);
+    for org in leaf.organisations {
+        params
+            .distinguished_name
+            .push(DnType::OrganizationName, *org);
+    }
+    for dns in leaf.dns_names {
+        params
+            .subject_alt_names
+            .push(SanType::DnsName((*dns).try_into().map_err(err(name))?));
+    }
+    params
+        .subject_alt_names
+        .extend(leaf.ips.iter().map(|ip| SanType::IpAddress(*ip)));
+    params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
+    params.extended_key_usages = match leaf.usage.unwrap_or(Usage::Client) {
+        Usage::Server => vec![ExtendedKeyUsagePurpose::ServerAuth],
+        Usage::Client => vec![ExtendedKeyUsagePurpose::ClientAuth],
+        Usage::Both => vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ],
+    };
+    Ok(params)
 }
 
 /// A new key pair for signing (service-account tokens): (private key PEM, public key PEM).

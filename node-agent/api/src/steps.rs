@@ -119,8 +119,11 @@ pub struct StepArgs {
     pub expected_bytes: u64,
     /// PrepareTarget: the restore backend the target stages with (empty: its preferred one).
     pub backend: String,
-    /// Transfer: `host:port` of the target agent.
+    /// PrepareTarget: the source's node (only its agent may stream the checkpoint).
+    pub source_node: String,
+    /// Transfer: `host:port` of the target agent, and its node (which its certificate names).
     pub target_endpoint: String,
+    pub target_node: String,
     pub compression: v1::Compression,
     /// Transfer: bytes per second, 0 for unlimited.
     pub bandwidth_limit: u64,
@@ -170,6 +173,7 @@ impl StepArgs {
                 expected_bytes: self.expected_bytes,
                 rxe: self.rxe,
                 backend: self.backend.clone(),
+                source_node: self.source_node.clone(),
             }),
             Step::Checkpoint => StepRequest::Checkpoint(v1::CheckpointRequest {
                 migration_uid: uid.clone(),
@@ -182,6 +186,7 @@ impl StepArgs {
                 target_endpoint: self.target_endpoint.clone(),
                 compression: self.compression.into(),
                 bandwidth_limit: self.bandwidth_limit,
+                target_node: self.target_node.clone(),
             }),
             Step::StageRestore => StepRequest::StageRestore(v1::StageRestoreRequest {
                 migration_uid: uid.clone(),

@@ -115,7 +115,9 @@ pub fn bad_archives(w: &World) -> Result<()> {
         let good = tar_archive(false);
         let hostile = tar_archive(true);
         let n = good.len() as u64;
-        let peer_tls = w.certs.agent();
+        // The checkpoint comes from node 0: only its agent may send it.
+        let source = w.nodes[0].name.clone();
+        let peer_tls = w.certs.agent(&source);
         let mut uids = Vec::new();
         for backend in [backend::CRI_CHECKPOINT_IMAGE, backend::RUNTIME_WRAPPER] {
             let uid = unique("recv");
@@ -128,6 +130,7 @@ pub fn bad_archives(w: &World) -> Result<()> {
                     expected_bytes: 1 << 20,
                     rxe: None,
                     backend: backend.into(),
+                    source_node: source.clone(),
                     ..Default::default()
                 },
             )
@@ -187,8 +190,20 @@ pub fn bad_archives(w: &World) -> Result<()> {
                     "not safe to apply",
                 ));
             }
+            // A sound archive, from the agent of a node the checkpoint does not come from: its
+            // certificate is good, but it names node 2.
+            cases.push((
+                "from another node's agent",
+                vec![chunk(&uid, 0, &good, &digest(&good), n)],
+                "may not send the checkpoint",
+            ));
             for (what, chunks, expect) in cases {
-                let mut peer = w.client(1, Some(peer_tls.clone()), None).await?;
+                let tls = if what == "from another node's agent" {
+                    w.certs.agent(&w.nodes[2].name)
+                } else {
+                    peer_tls.clone()
+                };
+                let mut peer = w.client(1, Some(tls), None).await?;
                 let answer = peer.raw().receive(tokio_stream::iter(chunks)).await;
                 let message = match answer {
                     Ok(r) => {
@@ -303,7 +318,9 @@ pub fn bad_archives(w: &World) -> Result<()> {
         .await?;
 
         // A stream for a migration the node was never asked to prepare is refused.
-        let mut peer = w.client(1, Some(w.certs.agent()), None).await?;
+        let mut peer = w
+            .client(1, Some(w.certs.agent(&w.nodes[0].name)), None)
+            .await?;
         let stray = peer
             .raw()
             .receive(tokio_stream::iter(vec![chunk(
@@ -364,12 +381,15 @@ async fn prepared_with_archive(w: &World, uid: &str, name: &str) -> Result<v1::P
             pod: pod.clone(),
             expected_bytes: 1 << 20,
             rxe: Some(rxe_block()),
+            source_node: w.nodes[0].name.clone(),
             ..Default::default()
         },
     )
     .await?;
     let good = tar_archive(false);
-    let mut peer = w.client(1, Some(w.certs.agent()), None).await?;
+    let mut peer = w
+        .client(1, Some(w.certs.agent(&w.nodes[0].name)), None)
+        .await?;
     peer.raw()
         .receive(tokio_stream::iter(vec![chunk(
             uid,

@@ -111,6 +111,7 @@ fn migrate_by(
                 expected_bytes: 64 << 20,
                 rxe: Some(rxe_block()),
                 backend: backend.into(),
+                source_node: w.nodes[from].name.clone(),
                 ..Default::default()
             },
         )
@@ -182,6 +183,7 @@ fn migrate_by(
             &StepArgs {
                 migration_uid: uid.clone(),
                 target_endpoint: w.endpoint(to).to_string(),
+                target_node: w.nodes[to].name.clone(),
                 compression: Compression::Zstd,
                 bandwidth_limit: 0,
                 ..Default::default()
@@ -588,6 +590,7 @@ pub fn abort(w: &World) -> Result<()> {
                 pod: pod_ref.clone(),
                 expected_bytes: 1 << 20,
                 rxe: None,
+                source_node: w.nodes[0].name.clone(),
                 ..Default::default()
             },
         )
@@ -637,6 +640,7 @@ pub fn abort(w: &World) -> Result<()> {
             &StepArgs {
                 migration_uid: uid.clone(),
                 target_endpoint: format!("{}:1", w.nodes[2].ip()),
+                target_node: w.nodes[2].name.clone(),
                 compression: Compression::None,
                 bandwidth_limit: 0,
                 ..Default::default()
@@ -757,6 +761,7 @@ pub fn deadline(w: &World) -> Result<()> {
             &StepArgs {
                 migration_uid: uid.clone(),
                 target_endpoint: w.endpoint(1).to_string(),
+                target_node: w.nodes[1].name.clone(),
                 ..Default::default()
             },
         )

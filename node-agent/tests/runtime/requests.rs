@@ -1,6 +1,8 @@
 //! Who may call an agent and what it refuses: callers without a valid certificate, peers driving
 //! steps, invalid requests; and the capabilities it reports.
 
+use std::time::Duration;
+
 use agent_api::{Role, Step, StepArgs, backend, steps::StepRequest, v1};
 
 use crate::{
@@ -97,7 +99,9 @@ pub fn refusals(w: &World) -> Result<()> {
             "a certificate of another CA was accepted"
         );
         // The right CA but neither the operator nor an agent.
-        let mut stranger = w.client(0, Some(w.certs.stranger()), None).await?;
+        let mut stranger = w
+            .client(0, Some(w.certs.stranger(&w.nodes[0].name)), None)
+            .await?;
         let denied = stranger.capabilities().await;
         ensure!(
             denied
@@ -106,7 +110,9 @@ pub fn refusals(w: &World) -> Result<()> {
             "a stranger: {denied:?}"
         );
         // A peer agent may stream checkpoints but not drive steps.
-        let mut peer = w.client(0, Some(w.certs.agent()), None).await?;
+        let mut peer = w
+            .client(0, Some(w.certs.agent(&w.nodes[1].name)), None)
+            .await?;
         let denied = peer
             .step(Step::Abort(Role::Source), &StepArgs::of("some-migration"))
             .await;
@@ -122,6 +128,17 @@ pub fn refusals(w: &World) -> Result<()> {
             .capabilities()
             .await
             .map_err(|s| format!("the operator was refused: {s}"))?;
+        // Whoever answers at an address must be the agent of the node the caller means: node 0's
+        // agent, dialled as node 1's, presents a certificate of another node and is not trusted.
+        let mistaken = w
+            .certs
+            .operator()
+            .endpoint(&w.endpoint(0).to_string(), &w.nodes[1].name)
+            .map_err(|e| e.to_string())?
+            .connect_timeout(Duration::from_secs(3))
+            .connect()
+            .await;
+        ensure!(mistaken.is_err(), "node 0's agent was taken for node 1's");
         Ok(())
     })
 }
@@ -160,6 +177,7 @@ pub fn invalid_requests(w: &World) -> Result<()> {
                 pod: pod.clone(),
                 expected_bytes: 1,
                 rxe: Some(block),
+                source_node: w.nodes[1].name.clone(),
                 ..Default::default()
             },
         )
@@ -174,6 +192,7 @@ pub fn invalid_requests(w: &World) -> Result<()> {
                 pod: pod.clone(),
                 expected_bytes: MAX_ARCHIVE_BYTES * 2,
                 rxe: None,
+                source_node: w.nodes[1].name.clone(),
                 ..Default::default()
             },
         )

@@ -164,7 +164,7 @@ impl World {
         // (The rxe counter files are reset by the agent's start.)
         let tls = host.join("tls");
         std::fs::create_dir_all(&tls).map_err(|e| e.to_string())?;
-        self.certs.write_agent(&tls);
+        self.certs.write_agent(&tls, &node.name);
         Ok(())
     }
 
@@ -216,10 +216,11 @@ impl World {
         tls: Option<TlsMaterial>,
         ca: Option<&str>,
     ) -> Result<Client> {
+        let node = &self.nodes[i].name;
         let mut config = match tls {
-            Some(t) => t.client(),
+            Some(t) => t.client_for(node),
             None => tonic::transport::ClientTlsConfig::new()
-                .domain_name(agent_api::tls::AGENT_SERVER_NAME),
+                .domain_name(agent_api::tls::agent_server_name(node)),
         };
         if let Some(ca) = ca {
             config = config.ca_certificate(tonic::transport::Certificate::from_pem(ca));

@@ -243,7 +243,7 @@ impl Scenario {
         for i in 1..=3 {
             let name = format!("{ns}-node-{i}");
             nodes.push(ApiNode::create(&client, &name).await);
-            agents.push(TestAgent::start(client.clone(), ns, &name, &certs.agent()).await);
+            agents.push(TestAgent::start(client.clone(), ns, &name, &certs.agent(&name)).await);
         }
         let kubelet = tokio::spawn(fixtures::report_replacements_running(
             client.clone(),
