@@ -1161,6 +1161,46 @@ async fn an_rdma_pod_keeps_its_rxe_block_across_a_migration_and_frees_it_when_go
     .await;
 }
 
+/// A ClusterRole and its binding that let the service account `kube-migros-agent` of a test
+/// namespace create and read certificate requests (as the chart's agent ClusterRole does);
+/// removed when dropped (cluster-scoped objects outlive the namespace).
+struct AgentCsrRbac {
+    client: kube::Client,
+    name: String,
+}
+
+impl AgentCsrRbac {
+    async fn grant(client: &kube::Client, ns: &str) -> Self {
+        use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+        let name = format!("{ns}-agent-csr");
+        let role: ClusterRole = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name},
+            "rules": [{"apiGroups": ["certificates.k8s.io"], "resources": ["certificatesigningrequests"], "verbs": ["create", "get"]}],
+        }))
+        .unwrap();
+        let binding: ClusterRoleBinding = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": name},
+            "subjects": [{"kind": "ServiceAccount", "name": "kube-migros-agent", "namespace": ns}],
+        }))
+        .unwrap();
+        Api::<ClusterRole>::all(client.clone()).create(&Default::default(), &role).await.unwrap();
+        Api::<ClusterRoleBinding>::all(client.clone()).create(&Default::default(), &binding).await.unwrap();
+        Self { client: client.clone(), name }
+    }
+}
+
+impl Drop for AgentCsrRbac {
+    fn drop(&mut self) {
+        use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+        let (client, name) = (self.client.clone(), self.name.clone());
+        tokio::spawn(async move {
+            let _ = Api::<ClusterRoleBinding>::all(client.clone()).delete(&name, &Default::default()).await;
+            let _ = Api::<ClusterRole>::all(client).delete(&name, &Default::default()).await;
+        });
+    }
+}
+
 #[tokio::test]
 async fn without_a_tls_dir_the_operator_makes_the_ca_and_certificates_in_secrets() {
     with_namespace("op-secrets", |client, ns| async move {
@@ -1180,6 +1220,8 @@ async fn without_a_tls_dir_the_operator_makes_the_ca_and_certificates_in_secrets
         // token bound to a pod on that node (impersonated here: the API server sets the node
         // extra for a pod-bound token, the requester cannot); the operator signs it.
         let agents_user = format!("system:serviceaccount:{ns}:kube-migros-agent");
+        // The agents' RBAC, as the chart grants it: create and read certificate requests.
+        let _rbac = AgentCsrRbac::grant(&client, &ns).await;
         let requester = |client: kube::Client| node_agent::certificate::Requester {
             client,
             signer: operator::signer::SIGNER_NAME.into(),
@@ -1196,13 +1238,13 @@ async fn without_a_tls_dir_the_operator_makes_the_ca_and_certificates_in_secrets
             assert_eq!(tls.node().unwrap(), name);
             agents.push(testkit::testagent::TestAgent::start(client.clone(), &ns, &name, &tls).await);
         }
-        // Asking for another node's name, or as another user: denied, with the reason.
+        // Asking for another node's name, or as another user (the admin here): denied, with the
+        // reason.
         let node_1 = nodes[0].name.clone();
         let as_node_1 = testkit::harness::client_as(&agents_user, &[(operator::signer::NODE_NAME_EXTRA, &node_1)]).await;
         let denied = node_agent::certificate::request(&requester(as_node_1), &nodes[1].name).await.unwrap_err().to_string();
         assert!(denied.contains("denied") && denied.contains(&format!("an agent on node {node_1} may have")), "{denied}");
-        let as_default = testkit::harness::client_as(&format!("system:serviceaccount:{ns}:default"), &[(operator::signer::NODE_NAME_EXTRA, &node_1)]).await;
-        let denied = node_agent::certificate::request(&requester(as_default), &node_1).await.unwrap_err().to_string();
+        let denied = node_agent::certificate::request(&requester(client.clone()), &node_1).await.unwrap_err().to_string();
         assert!(denied.contains("only the agents' service account"), "{denied}");
 
         // Agents serving with the signed certificates serve the operator, which uses its own.
