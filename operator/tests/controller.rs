@@ -1184,9 +1184,18 @@ impl AgentCsrRbac {
             "subjects": [{"kind": "ServiceAccount", "name": "kube-migros-agent", "namespace": ns}],
         }))
         .unwrap();
-        Api::<ClusterRole>::all(client.clone()).create(&Default::default(), &role).await.unwrap();
-        Api::<ClusterRoleBinding>::all(client.clone()).create(&Default::default(), &binding).await.unwrap();
-        Self { client: client.clone(), name }
+        Api::<ClusterRole>::all(client.clone())
+            .create(&Default::default(), &role)
+            .await
+            .unwrap();
+        Api::<ClusterRoleBinding>::all(client.clone())
+            .create(&Default::default(), &binding)
+            .await
+            .unwrap();
+        Self {
+            client: client.clone(),
+            name,
+        }
     }
 }
 
@@ -1195,8 +1204,12 @@ impl Drop for AgentCsrRbac {
         use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
         let (client, name) = (self.client.clone(), self.name.clone());
         tokio::spawn(async move {
-            let _ = Api::<ClusterRoleBinding>::all(client.clone()).delete(&name, &Default::default()).await;
-            let _ = Api::<ClusterRole>::all(client).delete(&name, &Default::default()).await;
+            let _ = Api::<ClusterRoleBinding>::all(client.clone())
+                .delete(&name, &Default::default())
+                .await;
+            let _ = Api::<ClusterRole>::all(client)
+                .delete(&name, &Default::default())
+                .await;
         });
     }
 }

@@ -251,6 +251,30 @@ mod tests {
         leaf.verify_signature(Some(ca.public_key())).is_ok()
     }
 
+    /// The CA the Helm chart makes (`genCAWithKey` with an Ed25519 key, PKCS#8): the operator
+    /// signs the agents' certificates with it. (An RSA key as `genCA` makes, PKCS#1, is one ring
+    /// cannot load.)
+    #[test]
+    fn the_charts_ca_signs_agent_certificates() {
+        let ca = Ca::from_pem(Pem {
+            cert: include_str!("../testdata/helm-ca.crt").into(),
+            key: include_str!("../testdata/helm-ca.key").into(),
+        })
+        .unwrap();
+        let leaf = ca
+            .issue(&Leaf {
+                common_name: "kube-migros-agent",
+                dns_names: &["node-1.kube-migros-agent"],
+                usage: Some(Usage::Both),
+                ..Default::default()
+            })
+            .unwrap();
+        assert!(signed_by(
+            &leaf.cert,
+            include_str!("../testdata/helm-ca.crt")
+        ));
+    }
+
     #[test]
     fn a_reloaded_ca_signs_the_certificates_it_issues() {
         let ca = Ca::new("test-ca").unwrap();
