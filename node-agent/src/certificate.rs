@@ -70,6 +70,8 @@ pub enum Error {
     Tls(#[from] tls::Error),
     #[error("the certificate names node {named:?}, but this agent runs on {node:?}")]
     OtherNode { named: String, node: String },
+    #[error("the certificate is not signed by the CA in ca.crt (was the CA replaced?)")]
+    OtherCa,
     #[error("making a key and a certificate request: {0}")]
     Key(#[from] rcgen::Error),
     #[error("CertificateSigningRequest {name}: {source}")]
@@ -136,7 +138,8 @@ pub async fn keep(source: Source, node: String, served: Arc<Served>, shutdown: C
     }
 }
 
-/// The material must name this agent's node and no other.
+/// The material must name this agent's node and no other, and be signed by the CA its peers and
+/// the operator trust (a certificate of a replaced CA would be refused by all of them).
 fn check(material: &TlsMaterial, node: &str) -> Result<(), Error> {
     let named = material.node()?;
     if named != node {
@@ -144,6 +147,24 @@ fn check(material: &TlsMaterial, node: &str) -> Result<(), Error> {
             named,
             node: node.into(),
         });
+    }
+    let first = |pem: &[u8]| -> Option<Vec<u8>> {
+        Some(
+            x509_parser::pem::Pem::iter_from_buffer(pem)
+                .next()?
+                .ok()?
+                .contents,
+        )
+    };
+    let (Some(leaf), Some(ca)) = (first(material.cert()), first(material.ca())) else {
+        return Err(Error::OtherCa);
+    };
+    let signed = X509Certificate::from_der(&leaf)
+        .ok()
+        .zip(X509Certificate::from_der(&ca).ok())
+        .is_some_and(|((_, leaf), (_, ca))| leaf.verify_signature(Some(ca.public_key())).is_ok());
+    if !signed {
+        return Err(Error::OtherCa);
     }
     Ok(())
 }
@@ -221,10 +242,21 @@ pub async fn request(requester: &Requester, node: &str) -> Result<TlsMaterial, E
     info!(csr = %name, signer = %signer, "certificate requested");
     let deadline = tokio::time::Instant::now() + SIGNING_WAIT;
     loop {
-        let got = api.get(&name).await.map_err(|source| Error::Kube {
-            name: name.clone(),
-            source,
-        })?;
+        let got = match api.get(&name).await {
+            Ok(got) => got,
+            // The API server away for a moment: asked again until the deadline.
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                warn!(csr = %name, error = %e, "reading the certificate request");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+            Err(source) => {
+                return Err(Error::Kube {
+                    name: name.clone(),
+                    source,
+                });
+            }
+        };
         let status = got.status.unwrap_or_default();
         if let Some(refusal) = status
             .conditions
@@ -250,5 +282,45 @@ pub async fn request(requester: &Requester, node: &str) -> Result<TlsMaterial, E
             return Err(Error::NotSigned(name));
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use agent_api::pki::{Ca, Leaf, Usage};
+
+    fn material(ca: &Ca, signer: &Ca, name: &str) -> TlsMaterial {
+        let leaf = signer
+            .issue(&Leaf {
+                common_name: AGENT_COMMON_NAME,
+                dns_names: &[name],
+                usage: Some(Usage::Both),
+                ..Default::default()
+            })
+            .unwrap();
+        TlsMaterial::from_pem(
+            ca.pem().cert.clone().into_bytes(),
+            leaf.cert.into_bytes(),
+            leaf.key.into_bytes(),
+        )
+    }
+
+    #[test]
+    fn an_agent_takes_only_a_certificate_of_its_node_from_its_ca() {
+        let (ca, replaced) = (Ca::new("ca").unwrap(), Ca::new("ca").unwrap());
+        check(&material(&ca, &ca, "node-1.kube-migros-agent"), "node-1").unwrap();
+        assert!(matches!(
+            check(&material(&ca, &ca, "node-2.kube-migros-agent"), "node-1"),
+            Err(Error::OtherNode { .. })
+        ));
+        assert!(matches!(
+            check(
+                &material(&ca, &replaced, "node-1.kube-migros-agent"),
+                "node-1"
+            ),
+            Err(Error::OtherCa)
+        ));
     }
 }

@@ -34,7 +34,7 @@ pub enum Error {
     #[error("Secret {0}: {1}")]
     Kube(String, #[source] kube::Error),
     #[error(
-        "Secrets of {0} from an earlier start are incomplete (kube-migros-ca, kube-migros-operator-tls, kube-migros-agent-ca); delete them to have all three made again"
+        "Secrets of {0} from an earlier start are incomplete or of an older layout (kube-migros-ca, kube-migros-operator-tls, kube-migros-agent-ca; an older operator made kube-migros-agent-tls instead of the first and last); delete them to have all three made again"
     )]
     Orphan(String),
     #[error("Secret {namespace}/{name} lacks {key}; delete it to have it made again")]

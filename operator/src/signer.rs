@@ -3,8 +3,9 @@
 //! only when the API server vouches that the request came from the agents' service account with
 //! a token bound to a pod on that very node (`spec.username` and the
 //! `authentication.kubernetes.io/node-name` extra, which the API server sets and the requester
-//! cannot), and the request asks for exactly that node's name and usages. Anything else is
-//! denied with the reason. So a compromised node can get a certificate of its own node only
+//! cannot), and the request asks for exactly that node's name and usages. Anything else our agents
+//! ask is denied with the reason; requests of other users are left alone (another installation's
+//! agents may use the same signer name). So a compromised node can get a certificate of its own node only
 //! (docs/node-agent.md, "Identity").
 
 use std::time::Duration;
@@ -27,7 +28,7 @@ use kube::{
     runtime::{WatchStreamExt, watcher},
 };
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 /// The signer name of agent certificate requests.
 pub const SIGNER_NAME: &str = "migros.io/agent";
@@ -200,6 +201,12 @@ async fn handle(
     if holds("Denied") || holds("Failed") {
         return Ok(());
     }
+    // Another user's request is not ours to answer (another installation's agents may use the same
+    // signer name): left for its own signer.
+    if csr.spec.username.as_deref() != Some(signer.username.as_str()) {
+        debug!(csr = %name, user = ?csr.spec.username, "not a request of our agents; left alone");
+        return Ok(());
+    }
     let grant = match signer.judge(csr) {
         Ok(grant) => grant,
         Err(why) => {
@@ -222,7 +229,18 @@ async fn handle(
             };
         }
     };
-    if !holds("Approved") {
+    if holds("Approved") {
+        // The watch may show our own approval before our certificate: read the request again
+        // rather than sign it twice.
+        let fresh = api.get(&name).await?;
+        if fresh
+            .status
+            .and_then(|s| s.certificate)
+            .is_some_and(|c| !c.0.is_empty())
+        {
+            return Ok(());
+        }
+    } else {
         let message = format!("the agent of node {} asks for its own name", grant.node);
         let patch = conditions_patch(&conditions, "Approved", "AgentOfThisNode", &message);
         api.patch_approval(&name, &PatchParams::default(), &patch)
