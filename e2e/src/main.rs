@@ -65,6 +65,24 @@ enum Command {
         #[arg(long, default_value = "runtime-wrapper")]
         backend: String,
     },
+    /// The fault matrix: migrations on the sandbox cluster (the chart installed) while agents and
+    /// the operator's leader are killed at each step, the nodes' link is cut, the target's store
+    /// fills up, the target node goes or the PodMigration is deleted; writes
+    /// docs/reliability.{md,json}.
+    Faults {
+        /// Runs per scenario.
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// Only the scenarios whose names contain one of these (e.g. `leader,delete@`).
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
+        /// Where the documents go.
+        #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs"))]
+        out_dir: std::path::PathBuf,
+        /// Print the outcomes only; write no document (e.g. for a partial run).
+        #[arg(long)]
+        no_write: bool,
+    },
     /// The Kubernetes control plane: etcd, kube-apiserver, kube-controller-manager, kube-scheduler.
     ControlPlane {
         #[command(subcommand)]
@@ -179,6 +197,20 @@ async fn main() -> anyhow::Result<()> {
                 );
             }
             bench::run(&dirs, &options).await?;
+        }
+        Command::Faults {
+            runs,
+            only,
+            out_dir,
+            no_write,
+        } => {
+            let outcomes =
+                bench::faults::run(&dirs, runs, &only, (!no_write).then_some(out_dir)).await?;
+            let violated = outcomes.iter().filter(|o| o.violated()).count();
+            eprintln!("faults: {} runs, {violated} violated", outcomes.len());
+            if violated > 0 {
+                std::process::exit(1);
+            }
         }
         Command::Uninstall => {
             release::uninstall(&dirs, &ControlPlane::new(&dirs).env())?;

@@ -29,8 +29,8 @@ pub struct Service {
 
 /// Checkpoint streams one agent receives at once.
 pub const MAX_RECEIVING: usize = 8;
-/// How long a stream waits for one of them.
-const RECEIVE_SLOT_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+/// How long a stream whose sender was checked waits for one of them.
+pub const RECEIVE_SLOT_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl Service {
     pub fn new(agent: Agent) -> Self {
@@ -180,19 +180,12 @@ impl AgentApi for Service {
         // Only an agent, and only the one of the node the migration's checkpoint comes from
         // (checked against the PrepareTarget request once the stream names its migration).
         let peer = identity::agent_node(&request)?;
-        // A stream waits a while for a slot; then the sender is told to try again (Unavailable
-        // is retried by a transfer, a refusal of the data is not).
-        let _slot = tokio::time::timeout(RECEIVE_SLOT_WAIT, self.receiving.clone().acquire_owned())
-            .await
-            .ok()
-            .and_then(Result::ok)
-            .ok_or_else(|| {
-                Status::unavailable(format!(
-                    "this node receives {MAX_RECEIVING} checkpoints already; try again later"
-                ))
-            })?;
         let started = Instant::now();
-        match self.agent.receive(&peer, request.into_inner()).await {
+        match self
+            .agent
+            .receive(&peer, &self.receiving, request.into_inner())
+            .await
+        {
             Ok(got) => {
                 info!(migration = %got.uid, bytes = got.bytes, took_ms = started.elapsed().as_millis() as u64, "checkpoint received and staged");
                 Ok(Response::new(v1::ReceiveResult {

@@ -5,6 +5,7 @@
 
 use std::{
     path::{Path, PathBuf},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -15,6 +16,7 @@ use tracing::{info, warn};
 use crate::{
     address,
     agent::{Agent, pod_ip},
+    api::{MAX_RECEIVING, RECEIVE_SLOT_WAIT},
     archive,
     error::{Error, Result},
     ipam::Reservation,
@@ -87,14 +89,20 @@ impl Agent {
     }
 
     /// Receives a checkpoint stream from the source agent; anything refused leaves nothing.
+    /// A stream takes one of `slots` once its first chunk named a migration this node prepared
+    /// for the sending node (so that no other node's agent can hold the slots), and waits
+    /// [`RECEIVE_SLOT_WAIT`] for one at most.
     pub async fn receive(
         &self,
         peer: &str,
+        slots: &Arc<tokio::sync::Semaphore>,
         stream: impl Stream<Item = Result<v1::ReceiveChunk, tonic::Status>> + Unpin,
     ) -> Result<Received> {
         let mut sink = Staging {
             agent: self,
             peer,
+            slots,
+            slot: None,
             uid: None,
             backend: String::new(),
             hold: None,
@@ -300,6 +308,9 @@ struct Staging<'a> {
     agent: &'a Agent,
     /// The node of the sending agent, as its certificate names it.
     peer: &'a str,
+    /// The node's receive slots, and the one this stream holds once its sender was checked.
+    slots: &'a Arc<tokio::sync::Semaphore>,
+    slot: Option<tokio::sync::OwnedSemaphorePermit>,
     /// The migration, once the first chunk named it.
     uid: Option<String>,
     /// The backend it stages with (its record says which).
@@ -341,6 +352,12 @@ impl wire::Sink for Staging<'_> {
         if record.received_whole() {
             return Err(Rejected::AlreadyReceived(uid.to_string()).into());
         }
+        let slot = tokio::time::timeout(RECEIVE_SLOT_WAIT, self.slots.clone().acquire_owned())
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .ok_or(Rejected::Busy(MAX_RECEIVING))?;
+        self.slot = Some(slot);
         self.uid = Some(uid.to_string());
         self.backend = record.backend.clone();
         // A new stream replaces whatever an earlier, broken one left.

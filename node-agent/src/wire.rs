@@ -395,6 +395,9 @@ pub enum Rejected {
         peer: String,
         from: String,
     },
+    /// Every receive slot of this node is taken (by streams whose senders were checked).
+    #[error("this node receives {0} checkpoints already; try again later")]
+    Busy(usize),
     #[error("the archive of container {container} is not a safe checkpoint archive: {source}")]
     Unsafe {
         container: String,
@@ -405,11 +408,13 @@ pub enum Rejected {
 
 impl Rejected {
     /// The gRPC code of the refusal: no room is `ResourceExhausted`, anything else about the data
-    /// `InvalidArgument`. Neither is worth sending again as it is.
+    /// `InvalidArgument`. Neither is worth sending again as it is; a busy node is `Unavailable`,
+    /// which the sender retries.
     pub fn code(&self) -> tonic::Code {
         match self {
             Rejected::TooLarge { .. } | Rejected::NoSpace { .. } => tonic::Code::ResourceExhausted,
             Rejected::WrongSender { .. } => tonic::Code::PermissionDenied,
+            Rejected::Busy(_) => tonic::Code::Unavailable,
             _ => tonic::Code::InvalidArgument,
         }
     }

@@ -33,7 +33,7 @@ pub mod condition {
     pub const CLEANED_SOURCE: &str = "CleanedSource";
     /// After the PodMigration was deleted: the target agent dropped its data (or could not).
     pub const CLEANED_TARGET: &str = "CleanedTarget";
-    /// Failed or deleted past the commit point: the target agent released the pod's IP block and
+    /// Failed past the commit point: the target agent released the pod's IP block and
     /// reservation and its rxe counters, keeping the checkpoint (or could not).
     pub const TARGET_RELEASED: &str = "TargetReleased";
 }
@@ -226,14 +226,10 @@ pub fn next(f: &Facts) -> Action {
         // (then the migration fails and the pod runs there). Until it answers, nothing else is
         // done: restoring a pod whose source may still run could make two.
         return Action::Call(Step::Commit(Role::Source));
-    } else if f.deleting {
-        // The source is gone; the checkpoint on the target is the only copy. Let go of the object
-        // and keep the data for a manual restore, but not the pod's IP and counters.
-        if !recorded(f, condition::TARGET_RELEASED) {
-            return Action::Call(Step::Release);
-        }
-        return Action::Done;
     } else if timed_out(f) {
+        // (A deletion past the commit point does not abandon the pod: the source is gone and the
+        // checkpoint on the target is its only copy, so the restore goes on until the pod runs
+        // or the timeout; the object goes after that.)
         let msg = format!(
             "timed out after {}s while restoring; the checkpoint is kept at {}",
             f.spec.timeout_seconds,
@@ -1605,8 +1601,13 @@ mod tests {
             Answer::Unreachable("node gone".into()),
         );
         assert_eq!((s.phase, again), (Some(Phase::Restoring), RETRY));
-        // Once it answered, the rest follows: deleted, the target lets go of the pod's IP.
+        // Once it answered, the rest follows: timed out, the migration fails keeping the
+        // checkpoint (deleted, the target then lets go of the pod's IP).
+        f.template_changed = false;
         f = answer(f, Step::Commit(Role::Source), ok());
+        let Action::Write(s) = next(&f) else { panic!() };
+        assert_eq!(s.phase, Some(Phase::Failed));
+        f.status = *s;
         assert_eq!(next(&f), Action::Call(Step::Release));
     }
 
@@ -1644,10 +1645,17 @@ mod tests {
                 .any(|c| c.type_ == condition::ABORTING && c.reason == "Deleted")
         );
 
+        // Past the commit point the restore goes on: the checkpoint is the pod's only copy.
         let mut f = advance_to(Phase::Restoring);
         f = answer(f, Step::Commit(Role::Source), ok());
         f.deleting = true;
-        // The target lets go of the pod's IP and counters, keeping the checkpoint, once.
+        assert_eq!(next(&f), Action::DeleteSourcePod);
+        // ...until the timeout; then the target lets go of the pod's IP and counters, keeping the
+        // checkpoint, once, and the object goes.
+        f.now = f.created + SignedDuration::from_secs(3600);
+        let Action::Write(s) = next(&f) else { panic!() };
+        assert_eq!(s.phase, Some(Phase::Failed));
+        f.status = *s;
         assert_eq!(next(&f), Action::Call(Step::Release));
         assert!(keeps_checkpoint(&f));
         f = answer(f, Step::Release, ok());

@@ -14,6 +14,7 @@
 
 pub mod baseline;
 pub mod demo;
+pub mod faults;
 pub mod migration;
 pub mod report;
 pub mod scale;

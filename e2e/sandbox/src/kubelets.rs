@@ -78,6 +78,13 @@ evictionHard:
   imagefs.available: "1%"
   nodefs.inodesFree: "1%"
 nodeStatusUpdateFrequency: 4s
+# The fault matrix kills the agents and the operator dozens of times: a crashed container comes
+# back within a few seconds instead of after CrashLoopBackOff's five minutes (KEP-4603, alpha in
+# 1.34).
+featureGates:
+  KubeletCrashLoopBackOffMax: true
+crashLoopBackOff:
+  maxContainerRestartPeriod: 2s
 "#,
         ip = node.ip()
     )

@@ -123,12 +123,24 @@ pub async fn until<T, F: Future<Output = Option<T>>>(
 pub async fn start_with_peer(
     pods: &Api<Pod>,
     image: &str,
+    names: (&str, &str),
+    touch: Option<&str>,
+) -> anyhow::Result<(Pod, State)> {
+    start_with_peer_env(pods, image, names, touch, &[]).await
+}
+
+/// [`start_with_peer`], the workload's container with these environment variables (a mark its
+/// process carries wherever it is restored: `/proc/<pid>/environ`).
+pub async fn start_with_peer_env(
+    pods: &Api<Pod>,
+    image: &str,
     (app, peer): (&str, &str),
     touch: Option<&str>,
+    env: &[(&str, &str)],
 ) -> anyhow::Result<(Pod, State)> {
     let mut args = vec!["serve", "--status", ":8080", "--listen", ":9000"];
     args.extend(touch.iter().flat_map(|t| ["--touch", t]));
-    let workload = pod(
+    let mut workload = pod(
         image,
         app,
         "node-1",
@@ -136,6 +148,21 @@ pub async fn start_with_peer(
         serde_json::json!({"migros.io/migratable": "true", "migros.io/rdma": "true"}),
         serde_json::json!({"rdma/rxe": "1"}),
     );
+    if let Some(container) = workload
+        .spec
+        .as_mut()
+        .and_then(|s| s.containers.first_mut())
+    {
+        container.env = Some(
+            env.iter()
+                .map(|(name, value)| k8s_openapi::api::core::v1::EnvVar {
+                    name: (*name).to_string(),
+                    value: Some((*value).to_string()),
+                    ..Default::default()
+                })
+                .collect(),
+        );
+    }
     pods.create(&PostParams::default(), &workload).await?;
     let source = until(
         &format!("pod {app} to run"),

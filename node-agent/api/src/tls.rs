@@ -211,12 +211,22 @@ impl Served {
                 "the new certificate comes with another CA; restart the agent to change CAs".into(),
             ));
         }
-        if let (Ok(was), Ok(is)) = (old.node(), material.node())
-            && was != is
-        {
-            return Err(Error::Invalid(format!(
-                "the new certificate names node {is}, not {was}"
-            )));
+        // An agent's certificate names its node; its successor must name the same one, not
+        // another and not none.
+        if let Ok(was) = old.node() {
+            match material.node() {
+                Ok(is) if is == was => {}
+                Ok(is) => {
+                    return Err(Error::Invalid(format!(
+                        "the new certificate names node {is}, not {was}"
+                    )));
+                }
+                Err(e) => {
+                    return Err(Error::Invalid(format!(
+                        "the new certificate names no node, the one in use names {was}: {e}"
+                    )));
+                }
+            }
         }
         let key = material.certified_key()?;
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = (material, key);
@@ -319,5 +329,48 @@ mod tests {
         assert_eq!(node_of_server_name(".kube-migros-agent"), None);
         assert_eq!(node_of_server_name("node-1kube-migros-agent"), None);
         assert_eq!(node_of_server_name("node-1.kube-migros-agent.evil"), None);
+    }
+
+    /// Material of `ca` for a certificate with these DNS names.
+    fn material(ca: &crate::pki::Ca, names: &[&str]) -> TlsMaterial {
+        let pem = ca
+            .issue(&crate::pki::Leaf {
+                common_name: AGENT_SERVER_NAME,
+                dns_names: names,
+                usage: Some(crate::pki::Usage::Both),
+                ..Default::default()
+            })
+            .unwrap();
+        TlsMaterial::from_pem(
+            ca.pem().cert.clone().into_bytes(),
+            pem.cert.into_bytes(),
+            pem.key.into_bytes(),
+        )
+    }
+
+    #[test]
+    fn a_served_certificate_is_replaced_only_by_one_of_the_same_node_and_ca() {
+        let ca = crate::pki::Ca::new("kube-migros test CA").unwrap();
+        let own = agent_server_name("node-1");
+        let served = Served::new(material(&ca, &[&own])).unwrap();
+        assert!(!served.replace(served.material()).unwrap());
+
+        let renewed = material(&ca, &[&own]);
+        assert!(served.replace(renewed.clone()).unwrap());
+        assert!(served.material() == renewed);
+
+        let other = agent_server_name("node-2");
+        let err = served.replace(material(&ca, &[&other])).unwrap_err();
+        assert!(
+            err.to_string().contains("names node node-2, not node-1"),
+            "{err}"
+        );
+        let err = served.replace(material(&ca, &["elsewhere"])).unwrap_err();
+        assert!(err.to_string().contains("names no node"), "{err}");
+        let foreign = crate::pki::Ca::new("another CA").unwrap();
+        let err = served.replace(material(&foreign, &[&own])).unwrap_err();
+        assert!(err.to_string().contains("another CA"), "{err}");
+        // What was refused left the renewed certificate in use.
+        assert!(served.material() == renewed);
     }
 }

@@ -403,6 +403,48 @@ async fn prepared_with_archive(w: &World, uid: &str, name: &str) -> Result<v1::P
     Ok(pod)
 }
 
+/// Streams that never name their migration hold none of the node's receive slots: with more of
+/// them open (from another node's agent) than the node has slots, the source's stream is still
+/// taken rather than told to try again later.
+pub fn quiet_streams_take_no_slot(w: &World) -> Result<()> {
+    w.rt.block_on(async {
+        let mut quiet = Vec::new();
+        for _ in 0..=node_agent::api::MAX_RECEIVING {
+            let mut peer = w
+                .client(1, Some(w.certs.agent(&w.nodes[2].name)), None)
+                .await?;
+            let (tx, rx) = tokio::sync::mpsc::channel::<v1::ReceiveChunk>(1);
+            let call = tokio::spawn(async move {
+                peer.raw()
+                    .receive(tokio_stream::wrappers::ReceiverStream::new(rx))
+                    .await
+            });
+            quiet.push((tx, call));
+        }
+        // The agent serves each call as its headers arrive; nothing it does is visible from
+        // here until the call ends, so the quiet streams get a moment to be served first.
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        // Before this rule, the source's stream waited for a slot and was told to try again.
+        let uid = unique("quiet");
+        prepared_with_archive(w, &uid, "quiet").await?;
+        for (tx, call) in quiet {
+            ensure!(
+                !call.is_finished(),
+                "a quiet stream ended before its sender did"
+            );
+            drop(tx);
+            let answer = call.await.map_err(|e| e.to_string())?;
+            ensure!(
+                answer
+                    .as_ref()
+                    .is_err_and(|s| s.message().contains("no data")),
+                "a stream that carried nothing: {answer:?}"
+            );
+        }
+        Ok(())
+    })
+}
+
 pub fn rxe_lock(w: &World) -> Result<()> {
     w.rt.block_on(async {
         let (first, second) = (unique("rxe-a"), unique("rxe-b"));

@@ -64,6 +64,10 @@ fn main() {
             requests::refusals,
         ),
         (
+            "streams_that_name_no_migration_hold_no_receive_slot",
+            archives::quiet_streams_take_no_slot,
+        ),
+        (
             "one_restore_at_a_time_holds_the_rxe_counters",
             archives::rxe_lock,
         ),

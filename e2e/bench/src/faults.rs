@@ -1,0 +1,1030 @@
+//! The fault matrix (`cargo run -p e2e -- faults`, docs/reliability.md): kube-migros installed with
+//! its chart on the sandbox cluster moves the demo workload from node-1 to node-2 (a peer on
+//! node-3 streams to it) while something goes wrong at a chosen step: an agent or the operator's
+//! leader is killed with SIGKILL, the link between the two nodes is cut, the target's store fills
+//! up, the target node loses its kubelet and agent, or the PodMigration is deleted.
+//!
+//! Each run is judged by what runs afterwards, not by what the operator says: exactly one process
+//! of the workload (found by a mark in its environment, which a restored process carries too),
+//! not frozen, answering at the pod's IP with the same process identity and its counter going on,
+//! on the target ("moved") or on the source as before ("stayed"). Anything else (no copy, two
+//! copies, a copy left paused, a changed IP or process) is a violation.
+//!
+//! A fault lands where the watch of the PodMigration sees the step it waits for; a step that
+//! passes faster than the watch is reported as not landed, never counted as a success of it.
+
+use std::{
+    collections::BTreeMap,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use crds::{Phase, PodMigration};
+use k8s_openapi::api::{coordination::v1::Lease, core::v1::Pod};
+use kube::{
+    Api, Client, ResourceExt,
+    api::{DeleteParams, ListParams, Patch, PatchParams},
+};
+use serde::{Deserialize, Serialize};
+
+use sandbox::{
+    Dirs,
+    controlplane::Env,
+    kubelets::{self, Kubelets},
+    nodes::{Node, Nodes},
+    release,
+};
+use testkit::workload::{self, State, num};
+
+/// Where the scenarios' pods and PodMigrations live.
+pub const NAMESPACE: &str = "kube-migros-faults";
+const SOURCE: &str = "node-1";
+const TARGET: &str = "node-2";
+/// The workload's memory: small, so that a run is quick; the transfer is slowed instead (below).
+const TOUCH: &str = "16Mi";
+/// Each migration's bandwidth limit: the transfer lasts a few seconds, long enough for a fault to
+/// land in it.
+const BANDWIDTH: &str = "4Mi";
+/// Each migration's timeout: a fault that keeps it from finishing ends it within a minute.
+const TIMEOUT_SECONDS: u64 = 60;
+/// How long a run may take until its migration is final (or, deleted, gone).
+const RUN_DEADLINE: Duration = Duration::from_secs(300);
+/// The store directory of the chart's agents (`agent.storeDir`).
+const STORE_DIR: &str = "/var/lib/kube-migros";
+/// The environment variable that marks the workload's process of one run.
+const MARK: &str = "MIGROS_FAULT_MARK";
+
+/// Whom a kill hits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Who {
+    SourceAgent,
+    TargetAgent,
+    Leader,
+}
+
+/// The step of a migration a fault waits for, as its status shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum At {
+    /// Preparing: the target agent reserves room.
+    Prepare,
+    /// Checkpointing: the source agent pauses and checkpoints the pod.
+    Checkpoint,
+    /// Transferring, the checkpoint not yet whole on the target.
+    Transfer,
+    /// The commit point: the checkpoint is on the target, the source is being stopped for good.
+    Commit,
+    /// Past the commit, the source stopped: the target stages the restore.
+    Stage,
+    /// Staged: the replacement pod is created and restored.
+    Restore,
+    /// A rollback (the migration timed out during a transfer too slow to finish).
+    Rollback,
+}
+
+impl At {
+    pub const ALL: [At; 7] = [
+        At::Prepare,
+        At::Checkpoint,
+        At::Transfer,
+        At::Commit,
+        At::Stage,
+        At::Restore,
+        At::Rollback,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            At::Prepare => "prepare",
+            At::Checkpoint => "checkpoint",
+            At::Transfer => "transfer",
+            At::Commit => "commit",
+            At::Stage => "stage",
+            At::Restore => "restore",
+            At::Rollback => "rollback",
+        }
+    }
+}
+
+/// What goes wrong.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// SIGKILL of every process of that pod's containers (the kubelet restarts them).
+    Kill(Who, At),
+    /// The nodes' link cut (both directions, on the target) during the transfer, until the end.
+    LinkCut,
+    /// The target's store (a small file system of its own here) filled up during the transfer.
+    StoreFull,
+    /// The target node's kubelet stopped and its agent killed after the commit, until the end.
+    TargetGone,
+    /// The PodMigration deleted when it is in this phase.
+    Delete(Phase),
+}
+
+impl Fault {
+    /// The scenario's name in the table and in `--only`.
+    pub fn name(self) -> String {
+        match self {
+            Fault::Kill(who, at) => {
+                let who = match who {
+                    Who::SourceAgent => "source-agent",
+                    Who::TargetAgent => "target-agent",
+                    Who::Leader => "leader",
+                };
+                format!("kill-{who}@{}", at.name())
+            }
+            Fault::LinkCut => "link-cut@transfer".into(),
+            Fault::StoreFull => "store-full@transfer".into(),
+            Fault::TargetGone => "target-node-gone@stage".into(),
+            Fault::Delete(phase) => format!("delete@{}", format!("{phase:?}").to_lowercase()),
+        }
+    }
+
+    /// In words, for the document.
+    pub fn describe(self) -> String {
+        match self {
+            Fault::Kill(who, at) => {
+                let who = match who {
+                    Who::SourceAgent => "the source agent",
+                    Who::TargetAgent => "the target agent",
+                    Who::Leader => "the operator's leader",
+                };
+                format!("SIGKILL of {who} at the {} step", at.name())
+            }
+            Fault::LinkCut => "the link between source and target node cut during the transfer, \
+                               for the rest of the run"
+                .into(),
+            Fault::StoreFull => "the target's store file system filled during the transfer".into(),
+            Fault::TargetGone => "the target node's kubelet stopped and its agent killed right \
+                                  after the commit, for the rest of the run"
+                .into(),
+            Fault::Delete(phase) => format!("the PodMigration deleted in phase {phase:?}"),
+        }
+    }
+
+    /// The step the fault waits for.
+    fn at(self) -> At {
+        match self {
+            Fault::Kill(_, at) => at,
+            Fault::LinkCut | Fault::StoreFull => At::Transfer,
+            Fault::TargetGone => At::Stage,
+            Fault::Delete(Phase::Preparing) => At::Prepare,
+            Fault::Delete(Phase::Checkpointing) => At::Checkpoint,
+            Fault::Delete(Phase::Transferring) => At::Transfer,
+            Fault::Delete(_) => At::Restore,
+        }
+    }
+}
+
+/// Every scenario of the matrix, in the order of the document.
+pub fn scenarios() -> Vec<Fault> {
+    let mut all = Vec::new();
+    for who in [Who::SourceAgent, Who::TargetAgent, Who::Leader] {
+        for at in At::ALL {
+            all.push(Fault::Kill(who, at));
+        }
+    }
+    all.extend([Fault::LinkCut, Fault::StoreFull, Fault::TargetGone]);
+    for phase in [
+        Phase::Preparing,
+        Phase::Checkpointing,
+        Phase::Transferring,
+        Phase::Restoring,
+    ] {
+        all.push(Fault::Delete(phase));
+    }
+    all
+}
+
+/// What one run came to.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Outcome {
+    pub scenario: String,
+    pub run: usize,
+    /// Where the fault hit (the status the watch saw), or why it did not.
+    pub landed: String,
+    /// Whether it hit at the step it waited for.
+    pub on_step: bool,
+    /// `moved`, `stayed` or `violated`.
+    pub result: String,
+    /// What was found (for a violation: what is wrong).
+    pub detail: String,
+    /// The migration's last phase (`deleted` once gone).
+    pub phase: String,
+    /// From the fault until the outcome held (the migration final or gone, the workload
+    /// answering as before).
+    pub seconds: f64,
+}
+
+impl Outcome {
+    pub fn violated(&self) -> bool {
+        self.result == "violated"
+    }
+}
+
+/// The sandbox with the chart installed, as the runs need it.
+#[derive(Clone)]
+pub struct Matrix {
+    pub dirs: Dirs,
+    pub env: Env,
+    pub client: Client,
+    pub nodes: Vec<Node>,
+    pub demo: String,
+}
+
+impl std::fmt::Debug for Matrix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Matrix")
+            .field("nodes", &self.nodes)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Matrix {
+    /// Brings up the sandbox and installs the chart (release images built here) unless it runs.
+    pub async fn install(dirs: &Dirs) -> anyhow::Result<Self> {
+        let cluster = sandbox::cluster::up(dirs).await?;
+        let env = cluster.env.clone();
+        let client = env.client().await?;
+        if !release::installed(dirs, &env)? {
+            // Agents that tests ran as processes in the nodes would hold the agent's ports.
+            for node in &cluster.nodes {
+                Nodes::new(dirs).stop_all(node, "node-agent")?;
+            }
+        }
+        sandbox::install::apply_chart_crds(&client).await?;
+        // An interrupted earlier run may have left agent pods terminating on kubelet-less nodes,
+        // and namespaces terminating with migrations that the chart's operator would take up.
+        release::clear_stuck_pods(&client).await?;
+        testkit::harness::release_stale_namespaces(&client).await;
+        let registry = sandbox::registry::Registry::new(dirs);
+        let images = release::ensure_images(dirs, &registry)?;
+        release::install(dirs, &env, &images, &registry, &[])?;
+        release::wait_rolled_out(&client, Duration::from_secs(300)).await?;
+        Ok(Self {
+            dirs: dirs.clone(),
+            env,
+            client,
+            nodes: cluster.nodes.clone(),
+            demo: cluster.images.get("demo").context("no demo image")?.clone(),
+        })
+    }
+
+    fn node(&self, name: &str) -> anyhow::Result<&Node> {
+        self.nodes
+            .iter()
+            .find(|n| n.name == name)
+            .with_context(|| format!("no node {name}"))
+    }
+
+    /// Runs `faults` `runs` times each; answers every outcome (runs that could not be carried
+    /// out are errors).
+    pub async fn run(&self, faults: &[Fault], runs: usize) -> anyhow::Result<Vec<Outcome>> {
+        workload::fresh_namespace(&self.client, NAMESPACE).await?;
+        let mut outcomes = Vec::new();
+        for fault in faults {
+            for run in 1..=runs {
+                let outcome = self
+                    .one(*fault, run)
+                    .await
+                    .with_context(|| format!("{} run {run}", fault.name()))?;
+                eprintln!(
+                    "faults: {} #{run}: {} in {:.1} s ({}; landed: {}){}",
+                    outcome.scenario,
+                    outcome.result,
+                    outcome.seconds,
+                    outcome.phase,
+                    outcome.landed,
+                    if outcome.violated() {
+                        format!(": {}", outcome.detail)
+                    } else {
+                        String::new()
+                    }
+                );
+                outcomes.push(outcome);
+            }
+        }
+        Ok(outcomes)
+    }
+
+    async fn one(&self, fault: Fault, run: usize) -> anyhow::Result<Outcome> {
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), NAMESPACE);
+        let pms: Api<PodMigration> = Api::namespaced(self.client.clone(), NAMESPACE);
+        let id = format!("{}-{run}", short(fault));
+        let (app, peer, pm_name) = (format!("app-{id}"), format!("peer-{id}"), format!("m-{id}"));
+        let mark = format!(
+            "{id}-{}",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_nanos()
+        );
+        let target = self.node(TARGET)?.clone();
+        if fault == Fault::StoreFull {
+            self.small_store(&target).await?;
+        }
+        let (source_pod, before) = workload::start_with_peer_env(
+            &pods,
+            &self.demo,
+            (&app, &peer),
+            Some(TOUCH),
+            &[(MARK, &mark)],
+        )
+        .await?;
+        let ip = workload::ip_of(&source_pod).context("no pod IP")?;
+        // A rollback is had by a timeout during a transfer that cannot finish in time.
+        let extra = if fault.at() == At::Rollback {
+            "  timeoutSeconds: 10\n  bandwidthLimit: 64Ki\n".to_string()
+        } else {
+            format!("  timeoutSeconds: {TIMEOUT_SECONDS}\n  bandwidthLimit: {BANDWIDTH}\n")
+        };
+        let manifest =
+            workload::migration_manifest(NAMESPACE, &pm_name, &app, Some(TARGET), &extra);
+        let path = std::env::temp_dir().join(format!("kube-migros-faults-{pm_name}.yaml"));
+        workload::kubectl_apply(&self.env, &path, &manifest)?;
+
+        // Watch for the step; strike there.
+        let started = Instant::now();
+        let mut landed: Option<(String, bool, Instant)> = None;
+        let mut last_phase = String::from("none");
+        let mut healing = Heal::default();
+        let ended = loop {
+            if started.elapsed() > RUN_DEADLINE {
+                break None;
+            }
+            let pm = pms.get_opt(&pm_name).await?;
+            let Some(pm) = pm else {
+                break Some("deleted".to_string());
+            };
+            let status = pm.status.clone().unwrap_or_default();
+            let phase = status.phase.unwrap_or_default();
+            last_phase = format!("{phase:?}");
+            if landed.is_none() {
+                let hit = match fault {
+                    Fault::Delete(want) => hit_phase(phase, want),
+                    _ => hit_step(step(&pm), fault.at(), phase),
+                };
+                match hit {
+                    Hit::Now => {
+                        let what = format!("{phase:?}: {}", status.message.unwrap_or_default());
+                        healing = self.strike(fault, &pms, &pm_name).await?;
+                        landed = Some((what, true, Instant::now()));
+                    }
+                    // Past it (a step the watch did not see), or over: the fault goes in late,
+                    // and the run says so.
+                    Hit::Late => {
+                        let what = format!("late, in {phase:?}");
+                        healing = self.strike(fault, &pms, &pm_name).await?;
+                        landed = Some((what, false, Instant::now()));
+                    }
+                    Hit::NotYet => {}
+                }
+            }
+            if landed.is_some() && phase.is_final() && !matches!(fault, Fault::Delete(_)) {
+                break Some(last_phase.clone());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let (landed, on_step, struck) = landed.unwrap_or(("never".into(), false, started));
+        let end = match ended {
+            Some(phase) => phase,
+            None => format!("still {last_phase} after {}s", RUN_DEADLINE.as_secs()),
+        };
+        // The workload answers as before, wherever it runs (or the outcome is no answer).
+        let answered = answer(ip, &before).await;
+        let seconds = struck.elapsed().as_secs_f64();
+        self.heal(healing).await?;
+        let found = self.judge(&pods, &app, &mark, ip, &before, answered).await;
+        let (result, detail) = match found {
+            Ok((result, detail)) => (result, detail),
+            Err(why) => ("violated".to_string(), why),
+        };
+        self.clear(&pods, &pms, &[&app, &peer], &pm_name).await?;
+        Ok(Outcome {
+            scenario: fault.name(),
+            run,
+            landed,
+            on_step,
+            result,
+            detail,
+            phase: end,
+            seconds,
+        })
+    }
+
+    /// Does the fault; answers what undoes it after the run.
+    async fn strike(
+        &self,
+        fault: Fault,
+        pms: &Api<PodMigration>,
+        pm_name: &str,
+    ) -> anyhow::Result<Heal> {
+        let mut heal = Heal::default();
+        match fault {
+            Fault::Kill(who, _) => {
+                let pod = match who {
+                    Who::SourceAgent => self.agent_pod(SOURCE).await?,
+                    Who::TargetAgent => self.agent_pod(TARGET).await?,
+                    Who::Leader => self.leader_pod().await?,
+                };
+                let killed = kill_pod(&pod.uid().unwrap_or_default());
+                if killed == 0 {
+                    bail!("no process of pod {} to kill", pod.name_any());
+                }
+                heal.restarted = Some(pod);
+            }
+            Fault::LinkCut => {
+                let (source, target) = (self.node(SOURCE)?, self.node(TARGET)?);
+                let rules = format!(
+                    "table inet migros-fault {{ chain input {{ type filter hook input priority -10; ip saddr {s} drop; }} chain output {{ type filter hook output priority -10; ip daddr {s} drop; }} }}",
+                    s = source.ip()
+                );
+                run_in(target, &["nft", &rules])?;
+                heal.link = true;
+            }
+            Fault::StoreFull => {
+                // Whatever room is left goes to one file; dd ends with "No space left".
+                let target = self.node(TARGET)?;
+                let _ = target.exec(&[
+                    "dd",
+                    "if=/dev/zero",
+                    &format!("of={STORE_DIR}/filler"),
+                    "bs=1M",
+                ]);
+                heal.store = true;
+            }
+            Fault::TargetGone => {
+                let target = self.node(TARGET)?;
+                let agent = self.agent_pod(TARGET).await?;
+                Nodes::new(&self.dirs).stop_all(target, "kubelet")?;
+                kill_pod(&agent.uid().unwrap_or_default());
+                heal.kubelet = true;
+            }
+            Fault::Delete(_) => {
+                pms.delete(pm_name, &DeleteParams::default()).await?;
+            }
+        }
+        Ok(heal)
+    }
+
+    /// Undoes what [`Self::strike`] did and waits until the cluster is whole again: every node
+    /// Ready, every agent and operator replica running and ready, a leader.
+    async fn heal(&self, heal: Heal) -> anyhow::Result<()> {
+        let target = self.node(TARGET)?;
+        if heal.link {
+            run_in(target, &["nft", "delete table inet migros-fault"])?;
+        }
+        if heal.kubelet {
+            Kubelets::new(&self.dirs).start(target)?;
+            kubelets::wait_ready(
+                &self.client,
+                std::slice::from_ref(target),
+                Duration::from_secs(120),
+            )
+            .await
+            .map_err(anyhow::Error::msg)?;
+            kubelets::advertise_rxe(&self.client, target, sandbox::cluster::RXE_DEVICES).await?;
+        }
+        if heal.store {
+            self.whole_store(target).await?;
+        }
+        if let Some(pod) = heal.restarted {
+            // The killed container restarted (the kubelet saw it die).
+            let pods: Api<Pod> = Api::namespaced(self.client.clone(), release::NAMESPACE);
+            let before = restarts(&pod);
+            let name = pod.name_any();
+            workload::until(
+                &format!("pod {name} to restart its container"),
+                Duration::from_secs(120),
+                || async {
+                    let now = pods.get_opt(&name).await.ok()??;
+                    (restarts(&now) > before || now.metadata.deletion_timestamp.is_some())
+                        .then_some(())
+                },
+            )
+            .await?;
+        }
+        release::wait_rolled_out(&self.client, Duration::from_secs(180)).await?;
+        workload::until("a leader", Duration::from_secs(120), || self.leader()).await?;
+        Ok(())
+    }
+
+    /// The verdict on what runs now: `moved` or `stayed` with what was found, or why not.
+    async fn judge(
+        &self,
+        pods: &Api<Pod>,
+        app: &str,
+        mark: &str,
+        ip: std::net::Ipv4Addr,
+        before: &State,
+        answered: Option<State>,
+    ) -> Result<(String, String), String> {
+        let copies = marked(mark);
+        let running: Vec<&Copy> = copies.iter().filter(|c| !c.frozen).collect();
+        if let Some(frozen) = copies.iter().find(|c| c.frozen) {
+            return Err(format!(
+                "a copy is left paused on {} (pid {})",
+                frozen.node, frozen.pid
+            ));
+        }
+        let copy = match running.as_slice() {
+            [] => return Err("no copy of the workload runs".into()),
+            [one] => *one,
+            many => {
+                let nodes: Vec<&str> = many.iter().map(|c| c.node.as_str()).collect();
+                return Err(format!(
+                    "{} copies run, on {}",
+                    many.len(),
+                    nodes.join(", ")
+                ));
+            }
+        };
+        let Some(after) = answered else {
+            return Err(format!(
+                "one copy runs on {}, but it does not answer at {ip} as the same process",
+                copy.node
+            ));
+        };
+        let pod = pods
+            .get_opt(app)
+            .await
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("the copy on {} has no pod object", copy.node))?;
+        let node = workload::node_of(&pod);
+        if node != copy.node || workload::ip_of(&pod) != Some(ip) {
+            return Err(format!(
+                "the pod says {node} {:?}, the copy runs on {} at {ip}",
+                workload::ip_of(&pod),
+                copy.node
+            ));
+        }
+        let detail = format!(
+            "counter {} -> {}, received {} -> {}",
+            num(before, "counter"),
+            num(&after, "counter"),
+            num(before, "received"),
+            num(&after, "received")
+        );
+        match node.as_str() {
+            TARGET => Ok(("moved".into(), detail)),
+            SOURCE => Ok(("stayed".into(), detail)),
+            other => Err(format!("the workload runs on {other}")),
+        }
+    }
+
+    /// Deletes the run's PodMigration and pods and waits until they are gone.
+    async fn clear(
+        &self,
+        pods: &Api<Pod>,
+        pms: &Api<PodMigration>,
+        names: &[&str],
+        pm_name: &str,
+    ) -> anyhow::Result<()> {
+        let _ = pms.delete(pm_name, &DeleteParams::default()).await;
+        for name in names {
+            let _ = pods
+                .delete(name, &DeleteParams::default().grace_period(0))
+                .await;
+        }
+        let gone = || async {
+            let pm_gone = pms.get_opt(pm_name).await.ok()?.is_none();
+            for name in names {
+                if pods.get_opt(name).await.ok()?.is_some() {
+                    return None;
+                }
+            }
+            pm_gone.then_some(())
+        };
+        let what = "the run's objects to go";
+        if workload::until(what, Duration::from_secs(120), &gone)
+            .await
+            .is_err()
+        {
+            // A PodMigration the operator could not finish (the run reports it): its finalizer
+            // goes so that the next run starts clean.
+            eprintln!("faults: {pm_name} is not gone after 120 s; lifting its finalizer");
+            let patch = serde_json::json!({"metadata": {"finalizers": null}});
+            let _ = pms
+                .patch(pm_name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await;
+            workload::until(what, Duration::from_secs(60), &gone).await?;
+        }
+        Ok(())
+    }
+
+    /// Makes the target's store a 256 MiB file system of its own and restarts its agent on it.
+    async fn small_store(&self, target: &Node) -> anyhow::Result<()> {
+        run_in(
+            target,
+            &[
+                "mount",
+                "-t",
+                "tmpfs",
+                "-o",
+                "size=256m",
+                "migros-fault",
+                STORE_DIR,
+            ],
+        )?;
+        self.restart_agent(target).await
+    }
+
+    /// Removes the small store and restarts the target's agent on the node's own.
+    async fn whole_store(&self, target: &Node) -> anyhow::Result<()> {
+        run_in(target, &["umount", "-l", STORE_DIR])?;
+        self.restart_agent(target).await
+    }
+
+    /// Deletes the agent pod of `node`; waits until its successor is ready.
+    async fn restart_agent(&self, node: &Node) -> anyhow::Result<()> {
+        let old = self.agent_pod(&node.name).await?;
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), release::NAMESPACE);
+        pods.delete(&old.name_any(), &DeleteParams::default())
+            .await?;
+        let old_uid = old.uid();
+        workload::until(
+            &format!("a new agent on {}", node.name),
+            Duration::from_secs(120),
+            || async {
+                let now = self.agent_pod(&node.name).await.ok()?;
+                (now.uid() != old_uid && ready(&now)).then_some(())
+            },
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// The agent pod on `node`.
+    async fn agent_pod(&self, node: &str) -> anyhow::Result<Pod> {
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), release::NAMESPACE);
+        let list = pods
+            .list(
+                &ListParams::default()
+                    .labels("app.kubernetes.io/component=agent")
+                    .fields(&format!("spec.nodeName={node}")),
+            )
+            .await?;
+        list.items
+            .into_iter()
+            .find(|p| p.metadata.deletion_timestamp.is_none())
+            .with_context(|| format!("no agent pod on {node}"))
+    }
+
+    /// The operator pod that holds the leader Lease.
+    async fn leader_pod(&self) -> anyhow::Result<Pod> {
+        let name = self.leader().await.context("no leader")?;
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), release::NAMESPACE);
+        Ok(pods.get(&name).await?)
+    }
+
+    /// The holder of the leader Lease when it is a running, ready operator pod.
+    async fn leader(&self) -> Option<String> {
+        let leases: Api<Lease> = Api::namespaced(self.client.clone(), release::NAMESPACE);
+        let holder = leases
+            .get(&format!("{}-operator", release::RELEASE))
+            .await
+            .ok()?
+            .spec?
+            .holder_identity?;
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), release::NAMESPACE);
+        let pod = pods.get_opt(&holder).await.ok()??;
+        ready(&pod).then_some(holder)
+    }
+}
+
+/// What a strike left to undo.
+#[derive(Debug, Default)]
+struct Heal {
+    /// The pod whose containers were killed (it restarts them).
+    restarted: Option<Pod>,
+    link: bool,
+    store: bool,
+    kubelet: bool,
+}
+
+/// A short name of the scenario for object names (DNS labels).
+fn short(fault: Fault) -> String {
+    fault
+        .name()
+        .replace("kill-", "k-")
+        .replace("source-agent", "src")
+        .replace("target-agent", "tgt")
+        .replace("target-node-gone", "gone")
+        .replace(['@', '_'], "-")
+}
+
+/// The step a migration is at, from its status.
+fn step(pm: &PodMigration) -> Option<At> {
+    let status = pm.status.as_ref()?;
+    let has = |t: &str| {
+        status
+            .conditions
+            .iter()
+            .any(|c| c.type_ == t && c.status == "True")
+    };
+    let phase = status.phase?;
+    if phase.is_final() {
+        return None;
+    }
+    if has("Aborting") {
+        return Some(At::Rollback);
+    }
+    let staged = status.checkpoint.as_ref().is_some_and(|c| {
+        !c.containers.is_empty() && c.containers.iter().all(|c| c.image.is_some())
+    });
+    Some(match phase {
+        Phase::Pending | Phase::Preparing => At::Prepare,
+        Phase::Checkpointing => At::Checkpoint,
+        Phase::Transferring if has("Transferred") => At::Commit,
+        Phase::Transferring => At::Transfer,
+        Phase::Restoring if !has("SourceStopped") => At::Commit,
+        Phase::Restoring if !staged => At::Stage,
+        Phase::Restoring => At::Restore,
+        _ => return None,
+    })
+}
+
+/// Whether a fault strikes now, late or not yet.
+#[derive(Debug, PartialEq, Eq)]
+enum Hit {
+    Now,
+    Late,
+    NotYet,
+}
+
+/// At step `at` now; or past it without the watch seeing it (or over).
+fn hit_step(now: Option<At>, at: At, phase: Phase) -> Hit {
+    match now {
+        Some(now) if now == at => Hit::Now,
+        // A rollback step is only reached through its own cause.
+        Some(now) if at != At::Rollback && now != At::Rollback && now > at => Hit::Late,
+        None if phase.is_final() => Hit::Late,
+        _ => Hit::NotYet,
+    }
+}
+
+/// In phase `want` now; or past it.
+fn hit_phase(phase: Phase, want: Phase) -> Hit {
+    let rank = |p: Phase| match p {
+        Phase::Pending => 0,
+        Phase::Preparing => 1,
+        Phase::Checkpointing => 2,
+        Phase::Transferring => 3,
+        Phase::Restoring => 4,
+        Phase::Succeeded | Phase::Failed | Phase::RolledBack => 5,
+    };
+    match rank(phase).cmp(&rank(want)) {
+        std::cmp::Ordering::Equal => Hit::Now,
+        std::cmp::Ordering::Greater => Hit::Late,
+        std::cmp::Ordering::Less => Hit::NotYet,
+    }
+}
+
+/// The workload's state at `ip` once it answers as the same process with its counter gone on,
+/// within 30 s.
+async fn answer(ip: std::net::Ipv4Addr, before: &State) -> Option<State> {
+    let counter = num(before, "counter");
+    let id = before.get("id").cloned();
+    workload::until("the workload to answer", Duration::from_secs(30), || {
+        let id = id.clone();
+        async move {
+            workload::state(ip)
+                .await
+                .filter(|s| s.get("id") == id.as_ref() && num(s, "counter") > counter)
+        }
+    })
+    .await
+    .ok()
+}
+
+/// A process of the workload, found by its mark.
+#[derive(Debug)]
+struct Copy {
+    pid: i32,
+    node: String,
+    frozen: bool,
+}
+
+/// Every process on this machine whose environment holds `MARK=<mark>`: the workload of one run
+/// (the container's process and its restored copies carry it), with its node (from its cgroup,
+/// `/kube-migros-nodes/<node>/...`) and whether its freezer cgroup is frozen.
+fn marked(mark: &str) -> Vec<Copy> {
+    let want = format!("{MARK}={mark}");
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut copies = Vec::new();
+    for pid in entries.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok()) {
+        let Ok(environ) = std::fs::read(format!("/proc/{pid}/environ")) else {
+            continue;
+        };
+        if !environ.split(|b| *b == 0).any(|kv| kv == want.as_bytes()) {
+            continue;
+        }
+        let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+        let path_of = |controller: &str| {
+            cgroups.lines().find_map(|l| {
+                let mut parts = l.splitn(3, ':');
+                let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+                controllers
+                    .split(',')
+                    .any(|c| c == controller)
+                    .then(|| path.to_string())
+            })
+        };
+        let node = path_of("freezer")
+            .or_else(|| path_of("memory"))
+            .and_then(|p| {
+                p.strip_prefix(&format!("/{}/", sandbox::nodes::NODE_CGROUP_PARENT))
+                    .and_then(|rest| rest.split('/').next().map(str::to_string))
+            })
+            .unwrap_or_else(|| "?".into());
+        let frozen = path_of("freezer").is_some_and(|p| {
+            std::fs::read_to_string(format!("/sys/fs/cgroup/freezer{p}/freezer.state"))
+                .is_ok_and(|s| s.trim() != "THAWED")
+        });
+        copies.push(Copy { pid, node, frozen });
+    }
+    copies
+}
+
+/// SIGKILL of every process of pod `uid`'s containers (not its sandbox's pause process); answers
+/// how many. A frozen one is thawed first (it would not die otherwise).
+fn kill_pod(uid: &str) -> usize {
+    let want = format!("pod{uid}/");
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    let mut killed = 0;
+    for pid in entries.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok()) {
+        let in_pod =
+            std::fs::read_to_string(format!("/proc/{pid}/cgroup")).is_ok_and(|c| c.contains(&want));
+        let pause =
+            std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "pause");
+        if in_pod && !pause {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            killed += 1;
+        }
+    }
+    killed
+}
+
+fn restarts(pod: &Pod) -> i32 {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_ref())
+        .map_or(0, |cs| cs.iter().map(|c| c.restart_count).sum())
+}
+
+fn ready(pod: &Pod) -> bool {
+    pod.metadata.deletion_timestamp.is_none()
+        && pod
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// Runs `command` in `node`; an error with its output unless it succeeds.
+fn run_in(node: &Node, command: &[&str]) -> anyhow::Result<()> {
+    let out = node.exec(command)?;
+    if !out.status.success() {
+        bail!(
+            "{} on {}: {}",
+            command.join(" "),
+            node.name,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// One row of the table per scenario.
+#[derive(Debug, Default)]
+struct Row {
+    runs: usize,
+    moved: usize,
+    stayed: usize,
+    violated: usize,
+    on_step: usize,
+    seconds: Vec<f64>,
+    violations: Vec<String>,
+}
+
+/// docs/reliability.md from the outcomes of a run.
+pub fn report(outcomes: &[Outcome], runs: usize) -> String {
+    let mut rows: BTreeMap<String, Row> = BTreeMap::new();
+    let order: Vec<String> = scenarios().into_iter().map(Fault::name).collect();
+    for o in outcomes {
+        let row = rows.entry(o.scenario.clone()).or_default();
+        row.runs += 1;
+        match o.result.as_str() {
+            "moved" => row.moved += 1,
+            "stayed" => row.stayed += 1,
+            _ => {
+                row.violated += 1;
+                row.violations
+                    .push(format!("run {}: {} ({})", o.run, o.detail, o.phase));
+            }
+        }
+        row.on_step += usize::from(o.on_step);
+        row.seconds.push(o.seconds);
+    }
+    let describe: BTreeMap<String, String> = scenarios()
+        .into_iter()
+        .map(|f| (f.name(), f.describe()))
+        .collect();
+    let mut md = String::new();
+    md.push_str(&format!(
+        "# Reliability: the fault matrix\n\n\
+         Regenerate with `cargo run --release -p e2e -- faults` (about an hour; `--runs 1` for one \
+         of each, as CI does in `e2e/tests/chart.rs`). Written by the last full run, {runs} runs per \
+         scenario.\n\n\
+         kube-migros is installed with its chart on the sandbox cluster (real kubelets, containerd, \
+         runc and CRIU; see docs/sandbox.md). Each run starts the demo workload on {SOURCE} \
+         ({TOUCH} of memory written, a peer on node-3 streaming to it) and moves it to {TARGET} \
+         with `timeoutSeconds: {TIMEOUT_SECONDS}` and `bandwidthLimit: {BANDWIDTH}` (so that the \
+         transfer lasts long enough to be hit), while the fault strikes at a step the watch of the \
+         PodMigration sees. The rollback scenarios get a rollback by a 10 s timeout during a \
+         transfer limited to 64Ki/s.\n\n\
+         A run is judged by what runs afterwards, found on the machine rather than asked of the \
+         operator: the processes carrying the run's mark in their environment (a restored process \
+         carries it too), their node (cgroup) and whether they are frozen; the workload must \
+         answer at its pod IP as the same process with its counter gone on.\n\n\
+         - **moved**: exactly one copy, running on the target, same process, counter going on, IP \
+           kept.\n\
+         - **stayed**: exactly one copy, the source pod, running as before.\n\
+         - **violated**: anything else: no copy, two, one left paused, a changed IP or process.\n\n\
+         *On step* counts the runs where the fault hit the step it waited for; otherwise it \
+         struck at the first status seen after it (the step was over before the watch saw it). \
+         *Time* runs from the fault until the outcome held (median and maximum).\n\n\
+         | Scenario | Fault | Runs | On step | Moved | Stayed | Violated | Time (median / max) |\n\
+         |---|---|---|---|---|---|---|---|\n"
+    ));
+    for name in order.iter().filter(|n| rows.contains_key(*n)) {
+        let row = &rows[name];
+        let mut s = row.seconds.clone();
+        s.sort_by(f64::total_cmp);
+        let median = s.get(s.len() / 2).copied().unwrap_or(f64::NAN);
+        let max = s.last().copied().unwrap_or(f64::NAN);
+        md.push_str(&format!(
+            "| `{name}` | {} | {} | {} | {} | {} | {} | {median:.1} s / {max:.1} s |\n",
+            describe.get(name).map_or("", String::as_str),
+            row.runs,
+            row.on_step,
+            row.moved,
+            row.stayed,
+            if row.violated > 0 {
+                format!("**{}**", row.violated)
+            } else {
+                "0".into()
+            },
+        ));
+    }
+    let violations: Vec<(&String, &Row)> = order
+        .iter()
+        .filter_map(|n| rows.get(n).map(|r| (n, r)))
+        .filter(|(_, r)| r.violated > 0)
+        .collect();
+    md.push_str("\n## Violations\n\n");
+    if violations.is_empty() {
+        md.push_str("None: every run ended with exactly one running copy.\n");
+    }
+    for (name, row) in violations {
+        md.push_str(&format!("- `{name}`:\n"));
+        for v in &row.violations {
+            md.push_str(&format!("  - {v}\n"));
+        }
+    }
+    md
+}
+
+/// `cargo run -p e2e -- faults`: runs the matrix and writes `out_dir/reliability.md` and
+/// `out_dir/reliability.json`.
+pub async fn run(
+    dirs: &Dirs,
+    runs: usize,
+    only: &[String],
+    out_dir: Option<PathBuf>,
+) -> anyhow::Result<Vec<Outcome>> {
+    let faults: Vec<Fault> = scenarios()
+        .into_iter()
+        .filter(|f| only.is_empty() || only.iter().any(|o| f.name().contains(o.as_str())))
+        .collect();
+    if faults.is_empty() {
+        bail!("no scenario matches {only:?}");
+    }
+    let matrix = Matrix::install(dirs).await?;
+    let outcomes = matrix.run(&faults, runs).await?;
+    if let Some(dir) = out_dir {
+        std::fs::write(dir.join("reliability.md"), report(&outcomes, runs))?;
+        std::fs::write(
+            dir.join("reliability.json"),
+            serde_json::to_string_pretty(&outcomes)?,
+        )?;
+    }
+    Ok(outcomes)
+}
