@@ -13,11 +13,7 @@ use sandbox::{Dirs, release};
 
 /// Scenarios whose promise is not kept yet, with the reason; docs/reliability.md lists their
 /// violations. They run all the same, and the test says how they ended.
-const KNOWN_OPEN: &[(&str, &str)] = &[(
-    "target-node-gone@stage",
-    "a restore on another node after the commit is not built: the checkpoint is kept on the \
-     target and the migration fails at its timeout (docs/operator.md)",
-)];
+const KNOWN_OPEN: &[(&str, &str)] = &[];
 
 #[tokio::test]
 async fn no_fault_leaves_the_workload_lost_doubled_or_paused() {

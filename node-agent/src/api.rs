@@ -51,11 +51,16 @@ impl Service {
         let request = wrap(request.into_inner());
         let step = check(&request)?;
         let uid = request.migration_uid().to_string();
+        // A transfer to another node (the first target went after the commit) is another step.
+        let to = match &request {
+            StepRequest::Transfer(t) => t.target_node.clone(),
+            _ => String::new(),
+        };
         let agent = self.agent.clone();
         let op = self
             .agent
             .operations()
-            .run(&uid, step, || perform(agent, step, request))
+            .run_to(&uid, step, &to, || perform(agent, step, request))
             .await;
         Ok(Response::new(op))
     }

@@ -594,6 +594,7 @@ async fn observe(pm: &PodMigration, ctx: &Context) -> Result<Facts> {
         target: None,
         rxe: None,
         template_changed: false,
+        target_gone: None,
     };
     if let Some(recorded) = facts.status.template_digest.as_deref() {
         facts.template_changed = replacement::template_digest(pm).as_deref() != Some(recorded);
@@ -608,7 +609,13 @@ async fn observe(pm: &PodMigration, ctx: &Context) -> Result<Facts> {
             pf.unmovable = movable::why_not(pod, &claims_of(pod, &ns, ctx).await?);
         }
         if let (Some(pod), Some(pf)) = (&pod, &facts.pod) {
-            facts.target = Some(choose_target(pm, pod, pf, ctx).await?);
+            let choice = Choice {
+                source: pf.node.as_deref().unwrap_or_default(),
+                rdma: pf.rdma,
+                named: pm.spec.target_node.as_deref(),
+                avoid: None,
+            };
+            facts.target = Some(choose_target(pod, choice, ctx).await?);
             if pf.rdma {
                 facts.rxe = ctx
                     .rxe
@@ -618,8 +625,54 @@ async fn observe(pm: &PodMigration, ctx: &Context) -> Result<Facts> {
             }
         }
     }
+    let restoring = facts.status.phase == Some(Phase::Restoring) && facts.status.committed;
+    if restoring
+        && !facts.deleting
+        && let Some(target) = facts.status.target_node.clone()
+        && let Some(why) = target_gone(&target, ctx).await?
+    {
+        // Another node, chosen for the pod as the source had it (its template).
+        let template = template_of(pm)?;
+        let choice = Choice {
+            source: facts.status.source_node.as_deref().unwrap_or_default(),
+            rdma: template
+                .labels()
+                .get(crds::RDMA_LABEL)
+                .is_some_and(|v| v == "true"),
+            named: None,
+            avoid: Some(&target),
+        };
+        facts.target = Some(choose_target(&template, choice, ctx).await?);
+        facts.target_gone = Some(why);
+    }
     Ok(facts)
 }
+
+/// Why node `name` is gone for good, if it is: its Node object was deleted, or it carries the
+/// `node.kubernetes.io/out-of-service` taint, which says that whoever shut it down made sure that
+/// nothing of it runs any more (Kubernetes' non-graceful node shutdown). A node that is only
+/// NotReady or unreachable may still run the pod: it is waited for.
+async fn target_gone(name: &str, ctx: &Context) -> Result<Option<String>> {
+    let nodes: Api<Node> = Api::all(ctx.client.clone());
+    Ok(match nodes.get_opt(name).await? {
+        None => Some(format!("target node {name} was deleted")),
+        Some(node)
+            if node
+                .spec
+                .as_ref()
+                .and_then(|s| s.taints.as_ref())
+                .is_some_and(|taints| taints.iter().any(|t| t.key == OUT_OF_SERVICE_TAINT)) =>
+        {
+            Some(format!(
+                "target node {name} is out of service ({OUT_OF_SERVICE_TAINT})"
+            ))
+        }
+        Some(_) => None,
+    })
+}
+
+/// The taint that marks a node shut down for good (Kubernetes' non-graceful node shutdown).
+pub const OUT_OF_SERVICE_TAINT: &str = "node.kubernetes.io/out-of-service";
 
 fn pod_facts(pod: &Pod, policy: &Policy) -> PodFacts {
     let label = |key: &str| pod.labels().get(key).is_some_and(|v| v == "true");
@@ -650,15 +703,25 @@ async fn claims_of(pod: &Pod, ns: &str, ctx: &Context) -> Result<Vec<PersistentV
     Ok(claims)
 }
 
+/// Where a migration may go.
+struct Choice<'a> {
+    /// The node the pod comes from.
+    source: &'a str,
+    rdma: bool,
+    /// This node only (`spec.targetNode`), or any.
+    named: Option<&'a str>,
+    /// Never this one (a target that went after the commit).
+    avoid: Option<&'a str>,
+}
+
 async fn choose_target(
-    pm: &PodMigration,
     pod: &Pod,
-    pf: &PodFacts,
+    choice: Choice<'_>,
     ctx: &Context,
 ) -> Result<Result<Target, String>> {
-    let source = pf.node.clone().unwrap_or_default();
+    let source = choice.source.to_string();
     let nodes_api: Api<Node> = Api::all(ctx.client.clone());
-    let nodes = match &pm.spec.target_node {
+    let nodes = match choice.named {
         Some(name) => match nodes_api.get_opt(name).await? {
             Some(node) => vec![node],
             None => return Ok(Err(format!("target node {name} does not exist"))),
@@ -669,11 +732,14 @@ async fn choose_target(
                 tokio::time::timeout(Duration::from_secs(2), ctx.nodes.wait_until_ready())
                     .await
                     .is_ok_and(|ready| ready.is_ok());
-            if watched {
+            let all = if watched {
                 ctx.nodes.state().iter().map(|n| (**n).clone()).collect()
             } else {
                 nodes_api.list(&ListParams::default()).await?.items
-            }
+            };
+            all.into_iter()
+                .filter(|n| choice.avoid.is_none_or(|avoid| n.name_any() != avoid))
+                .collect()
         }
     };
     let runtime_class =
@@ -788,11 +854,11 @@ async fn choose_target(
             backends: &backends,
         })
         .collect();
-    let node = match &pm.spec.target_node {
-        Some(name) => targets::check(pod, &source, &candidates[0], pf.rdma)
-            .map(|()| name.clone())
+    let node = match choice.named {
+        Some(name) => targets::check(pod, &source, &candidates[0], choice.rdma)
+            .map(|()| name.to_string())
             .map_err(|why| format!("target node {name} {why}")),
-        None => targets::choose(pod, &source, &candidates, pf.rdma),
+        None => targets::choose(pod, &source, &candidates, choice.rdma),
     };
     // A node fits only with a backend (`targets::check`).
     Ok(node.map(|node| {
@@ -1032,6 +1098,28 @@ async fn execute(pm: &PodMigration, f: &Facts, action: Action, ctx: &Context) ->
             };
             if let Some(created) = created {
                 ctx.expect(&f.uid, Expected::Created(Box::new(created)));
+            }
+            Ok(Next::Continue(pm.clone()))
+        }
+        Action::DeleteStrandedReplacement(uid) => {
+            let params = DeleteParams {
+                grace_period_seconds: Some(0),
+                preconditions: Some(Preconditions {
+                    uid: Some(uid.clone()),
+                    resource_version: None,
+                }),
+                ..Default::default()
+            };
+            let deleted = match pods.delete(&pm.spec.pod_name, &params).await {
+                Ok(_) => true,
+                Err(kube::Error::Api(s)) if s.code == 404 => true,
+                // The pod of that name is another one now: the state machine sees which.
+                Err(kube::Error::Api(s)) if s.code == 409 => false,
+                Err(e) => return Err(e.into()),
+            };
+            if deleted {
+                info!(pod = %pm.spec.pod_name, %uid, "deleted the replacement bound to the gone target");
+                ctx.expect(&f.uid, Expected::Gone(uid));
             }
             Ok(Next::Continue(pm.clone()))
         }

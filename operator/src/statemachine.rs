@@ -33,6 +33,11 @@ pub mod condition {
     pub const CLEANED_SOURCE: &str = "CleanedSource";
     /// After the PodMigration was deleted: the target agent dropped its data (or could not).
     pub const CLEANED_TARGET: &str = "CleanedTarget";
+    /// Past the commit point the target node went (deleted, or declared shut down with the
+    /// `node.kubernetes.io/out-of-service` taint): the source's checkpoint goes to another node.
+    pub const RETARGETED: &str = "Retargeted";
+    /// After a retarget: the new target agent reserved room for the checkpoint.
+    pub const TARGET_PREPARED: &str = "TargetPrepared";
     /// Failed past the commit point: the target agent released the pod's IP block and
     /// reservation and its rxe counters, keeping the checkpoint (or could not).
     pub const TARGET_RELEASED: &str = "TargetReleased";
@@ -122,6 +127,10 @@ pub struct Facts {
     pub rxe: Option<RxeRanges>,
     /// The replacement template annotation no longer matches `status.templateDigest`.
     pub template_changed: bool,
+    /// Restoring only: why the target node is gone for good (deleted, or tainted
+    /// `node.kubernetes.io/out-of-service` by whoever shut it down), if so. With it, `target` is
+    /// the choice of another node.
+    pub target_gone: Option<String>,
 }
 
 /// Where a migration goes, and how the pod is restored there.
@@ -150,6 +159,9 @@ pub enum Action {
     DeleteSourcePod,
     /// Create the replacement pod on the target node.
     CreateReplacement,
+    /// Delete this migration's replacement pod bound to a target node that is gone (force: no
+    /// kubelet is left to confirm it; precondition: its UID).
+    DeleteStrandedReplacement(String),
     /// Nothing to do until the world changes; look again after this long at the latest.
     Wait(Duration),
     /// The migration is over (final phase, or deleted and settled).
@@ -391,6 +403,19 @@ fn restore_step(f: &Facts) -> Action {
             Action::DeleteSourcePod
         };
     }
+    let ours = pod.filter(|p| p.created_by_migration.as_deref() == Some(f.uid.as_str()));
+    if let Some(why) = &f.target_gone {
+        return retarget_step(f, ours, why);
+    }
+    if has(f, condition::RETARGETED) {
+        // On a new target: room there, then the checkpoint again from the source, which keeps it.
+        if !has(f, condition::TARGET_PREPARED) {
+            return Action::Call(Step::PrepareTarget);
+        }
+        if !has(f, condition::TRANSFERRED) {
+            return Action::Call(Step::Transfer);
+        }
+    }
     let staged = f.status.checkpoint.as_ref().is_some_and(|c| {
         !c.containers.is_empty() && c.containers.iter().all(|c| c.image.is_some())
     });
@@ -412,6 +437,66 @@ fn restore_step(f: &Facts) -> Action {
         Some(p) if p.running() => Action::Call(Step::FinishRestore),
         Some(_) => Action::Wait(POLL),
     }
+}
+
+/// The target node is gone for good past the commit point, and the source keeps the checkpoint:
+/// this migration's replacement bound to the gone node goes, then another node is chosen and the
+/// restore starts over there (prepare, transfer from the source, stage, create). The pod keeps its
+/// IP and rxe block.
+fn retarget_step(f: &Facts, ours: Option<&PodFacts>, why: &str) -> Action {
+    let gone = target(f);
+    if let Some(p) = ours.filter(|p| p.node.as_deref() == Some(gone)) {
+        return Action::DeleteStrandedReplacement(p.uid.clone());
+    }
+    match &f.target {
+        Some(Ok(next)) => Action::Write(Box::new(retarget(f, next, why))),
+        Some(Err(none)) => {
+            let msg = format!(
+                "{why}; the checkpoint is kept on {} and no other node can take the pod yet: {none}",
+                source(f)
+            );
+            if f.status.message.as_deref() == Some(msg.as_str()) {
+                Action::Wait(RETRY)
+            } else {
+                Action::Write(Box::new(retry_message(f, &msg)))
+            }
+        }
+        None => Action::Wait(POLL),
+    }
+}
+
+/// The status that sends the migration to `next` after its target went: what the old target
+/// did (received, staged, prepared) is forgotten; the checkpoint's digests stay (the new target
+/// stages only archives with exactly those).
+fn retarget(f: &Facts, next: &Target, why: &str) -> PodMigrationStatus {
+    let mut s = f.status.clone();
+    let msg = format!(
+        "{why}: restoring on {} from the checkpoint kept on {}",
+        next.node,
+        source(f)
+    );
+    s.target_node = Some(next.node.clone());
+    s.backend = Some(next.backend.clone());
+    s.target_pod_uid = None;
+    s.progress = None;
+    if let Some(c) = s.checkpoint.as_mut() {
+        c.location = None;
+        for container in &mut c.containers {
+            container.image = None;
+        }
+    }
+    s.conditions
+        .retain(|c| c.type_ != condition::TRANSFERRED && c.type_ != condition::TARGET_PREPARED);
+    set_condition(
+        &mut s,
+        f.now,
+        condition::RETARGETED,
+        true,
+        "TargetGone",
+        &msg,
+    );
+    s.message = Some(msg);
+    s
 }
 
 /// The status when the source's agent refused the stop because it had resumed the pod at its own
@@ -489,6 +574,14 @@ fn cleanup_or_done(f: &Facts) -> Action {
 fn succeeded(f: &Facts, call: Step, op: &agent_api::Operation) -> PodMigrationStatus {
     let mut s = f.status.clone();
     match call {
+        Step::PrepareTarget if f.status.committed => set_condition(
+            &mut s,
+            f.now,
+            condition::TARGET_PREPARED,
+            true,
+            "Prepared",
+            "the new target reserved room for the checkpoint",
+        ),
         Step::PrepareTarget => {
             return enter(f, s, Phase::Checkpointing, "checkpointing the source pod");
         }
@@ -697,6 +790,11 @@ fn failed(f: &Facts, call: Step, message: &str) -> (PodMigrationStatus, Duration
         _ => Reason::RestoreFailed,
     };
     match call {
+        // A new target after the commit point: only the restore can go on.
+        Step::PrepareTarget | Step::Transfer if f.status.committed => (
+            retry_message(f, &format!("{call} failed, retrying: {message}")),
+            RETRY,
+        ),
         Step::PrepareTarget | Step::Checkpoint | Step::Transfer => (
             begin_abort(f, reason, &format!("{call} failed: {message}")),
             Duration::ZERO,
@@ -1050,6 +1148,7 @@ mod tests {
             })),
             rxe: None,
             template_changed: false,
+            target_gone: None,
         }
     }
 
@@ -1586,6 +1685,108 @@ mod tests {
         );
         f.now = started + SignedDuration::from_secs(900);
         assert_eq!(source_deadline(&f), SOURCE_DEADLINE_MARGIN);
+    }
+
+    #[test]
+    fn a_target_gone_past_the_commit_point_is_replaced_and_the_checkpoint_sent_again() {
+        // Committed, the source stopped and its pod gone, the replacement made on node-2.
+        let mut f = advance_to(Phase::Restoring);
+        f = answer(f, Step::Commit(Role::Source), ok());
+        f.pod = None;
+        assert_eq!(next(&f), Action::Call(Step::StageRestore));
+        f = answer(f, Step::StageRestore, staged());
+        f.pod = Some(PodFacts {
+            uid: "replacement-1".into(),
+            node: Some("node-2".into()),
+            phase: Some("Pending".into()),
+            created_by_migration: Some(UID.into()),
+            ..Default::default()
+        });
+        assert_eq!(next(&f), Action::Wait(POLL));
+
+        // node-2 goes: the replacement bound to it goes first (forced: no kubelet is left).
+        f.target_gone = Some("target node node-2 was deleted".into());
+        f.target = Some(Ok(Target {
+            node: "node-3".into(),
+            backend: "runtime-wrapper".into(),
+        }));
+        assert_eq!(
+            next(&f),
+            Action::DeleteStrandedReplacement("replacement-1".into())
+        );
+        f.pod = None;
+        let digest = f.status.checkpoint.as_ref().unwrap().containers[0]
+            .digest
+            .clone();
+        let Action::Write(s) = next(&f) else { panic!() };
+        f = apply(f, &Action::Write(s));
+        assert_eq!(f.status.target_node.as_deref(), Some("node-3"));
+        assert_eq!(f.status.phase, Some(Phase::Restoring));
+        assert!(f.status.committed);
+        let retargeted = condition(&f, condition::RETARGETED).unwrap();
+        assert_eq!(retargeted.reason, "TargetGone");
+        assert!(retargeted.message.contains("node-2 was deleted"));
+        assert!(!has(&f, condition::TRANSFERRED));
+        let c = f.status.checkpoint.as_ref().unwrap();
+        assert!(c.containers.iter().all(|c| c.image.is_none()));
+        assert_eq!(c.containers[0].digest, digest, "the digests stay");
+
+        // Then node-3 as a target: prepared, the checkpoint sent again, staged, the pod made.
+        f.target_gone = None;
+        f.target = None;
+        assert_eq!(next(&f), Action::Call(Step::PrepareTarget));
+        // A failure there is retried: never a rollback past the commit point.
+        let (s, again) = after(&f, Step::PrepareTarget, Answer::Failed("busy".into()));
+        assert_eq!((s.phase, again), (Some(Phase::Restoring), RETRY));
+        assert!(!has(
+            &Facts {
+                status: s,
+                ..f.clone()
+            },
+            condition::ABORTING
+        ));
+        f = answer(f, Step::PrepareTarget, ok());
+        assert_eq!(f.status.phase, Some(Phase::Restoring));
+        assert_eq!(next(&f), Action::Call(Step::Transfer));
+        let (s, again) = after(&f, Step::Transfer, Answer::Unreachable("reset".into()));
+        assert_eq!((s.phase, again), (Some(Phase::Restoring), RETRY));
+        f = answer(f, Step::Transfer, transferred());
+        assert_eq!(next(&f), Action::Call(Step::StageRestore));
+        f = answer(f, Step::StageRestore, staged());
+        assert_eq!(next(&f), Action::CreateReplacement);
+        f.pod = Some(PodFacts {
+            uid: "replacement-2".into(),
+            node: Some("node-3".into()),
+            phase: Some("Running".into()),
+            created_by_migration: Some(UID.into()),
+            ..Default::default()
+        });
+        assert_eq!(next(&f), Action::Call(Step::FinishRestore));
+        f = answer(f, Step::FinishRestore, ok());
+        assert_eq!(f.status.phase, Some(Phase::Succeeded));
+        assert_eq!(f.status.target_pod_uid.as_deref(), Some("replacement-2"));
+    }
+
+    #[test]
+    fn with_no_other_node_for_a_gone_target_the_migration_waits_saying_why() {
+        let mut f = advance_to(Phase::Restoring);
+        f = answer(f, Step::Commit(Role::Source), ok());
+        f.pod = None;
+        f.target_gone = Some("target node node-2 is out of service".into());
+        f.target = Some(Err("no node can take the pod: node-3 is cordoned".into()));
+        let Action::Write(s) = next(&f) else { panic!() };
+        let msg = s.message.clone().unwrap();
+        assert!(
+            msg.contains("out of service") && msg.contains("node-3 is cordoned"),
+            "{msg}"
+        );
+        f = apply(f, &Action::Write(s));
+        assert_eq!(next(&f), Action::Wait(RETRY));
+        assert_eq!(f.status.target_node.as_deref(), Some("node-2"));
+        // The timeout still ends it, keeping the checkpoint.
+        f.now = f.created + SignedDuration::from_secs(3600);
+        let Action::Write(s) = next(&f) else { panic!() };
+        assert_eq!(s.phase, Some(Phase::Failed));
     }
 
     #[test]

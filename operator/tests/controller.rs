@@ -506,6 +506,87 @@ async fn a_failure_after_the_commit_point_is_retried_until_the_restore_succeeds(
 }
 
 #[tokio::test]
+async fn a_target_gone_after_the_commit_point_is_replaced_by_another_node() {
+    with_namespace("op-retarget", |client, ns| async move {
+        let s = Scenario::new(client, &ns).await;
+        s.pod("server", 1, "10.244.1.5").await;
+        // The replacement is made on node 2 and runs; then node 2 goes before the restore is
+        // finished: its agent dies and whoever shut it down marks it out of service.
+        s.agent(2).script(Step::FinishRestore, Behaviour::Hold);
+        let _operator = Operator::start(&ns, "op-a", &s.certs).await;
+        s.migrate("move", "server", Some(2)).await;
+        let stranded = eventually(PHASE_TIMEOUT, || async {
+            let pod = s.pods().get_opt("server").await.ok()??;
+            let on_2 = pod.spec.as_ref()?.node_name.as_deref() == Some(s.node(2).as_str());
+            (on_2 && s.agent(2).count(Step::FinishRestore).calls > 0).then_some(pod)
+        })
+        .await;
+        // Not yet gone: NotReady alone is waited for (the node may still run the pod). Nothing
+        // is to happen here, so there is no condition to wait for: the operator gets a few of its
+        // 2-second retries.
+        s.agent(2).crash();
+        s.nodes[1].set_ready(false).await;
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let waiting = s.migrations().get("move").await.unwrap();
+        let status = waiting.status.unwrap();
+        assert_eq!(status.target_node, Some(s.node(2)), "{:?}", status.message);
+        assert_eq!(s.agent(3).count(Step::PrepareTarget).calls, 0);
+
+        let taint = serde_json::json!({"spec": {"taints": [{
+            "key": operator::controller::OUT_OF_SERVICE_TAINT,
+            "value": "nodeshutdown",
+            "effect": "NoExecute",
+        }]}});
+        kube::Api::<k8s_openapi::api::core::v1::Node>::all(s.client.clone())
+            .patch(
+                &s.node(2),
+                &kube::api::PatchParams::default(),
+                &kube::api::Patch::Merge(&taint),
+            )
+            .await
+            .unwrap();
+        let pm = s.wait_phase("move", Phase::Succeeded, PHASE_TIMEOUT).await;
+        let status = pm.status.unwrap();
+        assert_eq!(status.target_node, Some(s.node(3)));
+        let retargeted = status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Retargeted")
+            .expect("a Retargeted condition");
+        assert_eq!(retargeted.reason, "TargetGone");
+        assert!(
+            retargeted.message.contains("out of service")
+                && retargeted.message.contains(&s.node(3)),
+            "{}",
+            retargeted.message
+        );
+        // The stranded replacement went; the new one runs on node 3 with the pod's IP.
+        let pod = s.pods().get("server").await.unwrap();
+        assert_ne!(pod.uid(), stranded.uid());
+        assert_eq!(status.target_pod_uid, pod.uid());
+        assert_eq!(pod.spec.unwrap().node_name, Some(s.node(3)));
+        assert_eq!(
+            pod.metadata.annotations.unwrap()["migros.io/pod-ip"],
+            "10.244.1.5"
+        );
+        // The checkpoint went again from the source, which kept it, to node 3 only; node 3 did
+        // each target step once.
+        assert_eq!(s.agent(1).count(Step::Transfer).executions, 2);
+        assert_eq!(s.agent(1).count(Step::Checkpoint).executions, 1);
+        for step in [Step::PrepareTarget, Step::StageRestore, Step::FinishRestore] {
+            assert_eq!(s.agent(3).count(step).executions, 1, "{step:?} on node 3");
+        }
+        assert_eq!(s.agent(3).count(Scripted::Receive).executions, 1);
+        assert_eq!(
+            s.agent(1).count(Step::Abort(Role::Source)).calls,
+            0,
+            "a committed migration must not roll back"
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn a_migration_that_times_out_before_the_commit_point_rolls_back() {
     with_namespace("op-timeout", |client, ns| async move {
         let s = Scenario::new(client, &ns).await;

@@ -155,9 +155,12 @@ impl Fault {
                                for the rest of the run"
                 .into(),
             Fault::StoreFull => "the target's store file system filled during the transfer".into(),
-            Fault::TargetGone => "the target node's kubelet stopped and its agent killed right \
-                                  after the commit, for the rest of the run"
-                .into(),
+            Fault::TargetGone => {
+                "the target node's kubelet stopped, its agent killed and the node \
+                                  tainted out-of-service right after the commit, for the rest of \
+                                  the run"
+                    .into()
+            }
             Fault::Delete(phase) => format!("the PodMigration deleted in phase {phase:?}"),
         }
     }
@@ -394,7 +397,15 @@ impl Matrix {
         let answered = answer(ip, &before).await;
         let seconds = struck.elapsed().as_secs_f64();
         self.heal(healing).await?;
-        let found = self.judge(&pods, &app, &mark, ip, &before, answered).await;
+        let source_uid = source_pod.uid();
+        let started_run = Started {
+            app: &app,
+            mark: &mark,
+            ip,
+            before: &before,
+            source_uid: source_uid.as_deref(),
+        };
+        let found = self.judge(&pods, &started_run, answered).await;
         let (result, detail) = match found {
             Ok((result, detail)) => (result, detail),
             Err(why) => ("violated".to_string(), why),
@@ -454,11 +465,15 @@ impl Matrix {
                 heal.store = true;
             }
             Fault::TargetGone => {
+                // The node dies (its kubelet and agent, not its containerd: what ran there would
+                // show as a second copy), and whoever looks after the nodes says so with the
+                // out-of-service taint, as for Kubernetes' non-graceful node shutdown.
                 let target = self.node(TARGET)?;
                 let agent = self.agent_pod(TARGET).await?;
                 Nodes::new(&self.dirs).stop_all(target, "kubelet")?;
                 kill_pod(&agent.uid().unwrap_or_default());
                 heal.kubelet = true;
+                self.out_of_service(true).await?;
             }
             Fault::Delete(_) => {
                 pms.delete(pm_name, &DeleteParams::default()).await?;
@@ -475,6 +490,7 @@ impl Matrix {
             run_in(target, &["nft", "delete table inet migros-fault"])?;
         }
         if heal.kubelet {
+            self.out_of_service(false).await?;
             Kubelets::new(&self.dirs).start(target)?;
             kubelets::wait_ready(
                 &self.client,
@@ -513,12 +529,16 @@ impl Matrix {
     async fn judge(
         &self,
         pods: &Api<Pod>,
-        app: &str,
-        mark: &str,
-        ip: std::net::Ipv4Addr,
-        before: &State,
+        run: &Started<'_>,
         answered: Option<State>,
     ) -> Result<(String, String), String> {
+        let Started {
+            app,
+            mark,
+            ip,
+            before,
+            source_uid: before_uid,
+        } = *run;
         let copies = marked(mark);
         let running: Vec<&Copy> = copies.iter().filter(|c| !c.frozen).collect();
         if let Some(frozen) = copies.iter().find(|c| c.frozen) {
@@ -565,10 +585,13 @@ impl Matrix {
             num(before, "received"),
             num(&after, "received")
         );
-        match node.as_str() {
-            TARGET => Ok(("moved".into(), detail)),
-            SOURCE => Ok(("stayed".into(), detail)),
-            other => Err(format!("the workload runs on {other}")),
+        if node == SOURCE {
+            if pod.uid().as_deref() != before_uid {
+                return Err(format!("a new pod runs on the source ({node})"));
+            }
+            Ok(("stayed".into(), detail))
+        } else {
+            Ok(("moved".into(), format!("to {node}, {detail}")))
         }
     }
 
@@ -609,6 +632,28 @@ impl Matrix {
                 .await;
             workload::until(what, Duration::from_secs(60), &gone).await?;
         }
+        Ok(())
+    }
+
+    /// Puts the `node.kubernetes.io/out-of-service` taint on the target node, or takes it off.
+    async fn out_of_service(&self, on: bool) -> anyhow::Result<()> {
+        let taints = if on {
+            serde_json::json!([{
+                "key": "node.kubernetes.io/out-of-service",
+                "value": "nodeshutdown",
+                "effect": "NoExecute",
+            }])
+        } else {
+            serde_json::json!(null)
+        };
+        let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(self.client.clone());
+        nodes
+            .patch(
+                TARGET,
+                &PatchParams::default(),
+                &Patch::Merge(serde_json::json!({"spec": {"taints": taints}})),
+            )
+            .await?;
         Ok(())
     }
 
@@ -690,6 +735,16 @@ impl Matrix {
         let pod = pods.get_opt(&holder).await.ok()??;
         ready(&pod).then_some(holder)
     }
+}
+
+/// The workload of one run as it started.
+#[derive(Debug, Clone, Copy)]
+struct Started<'a> {
+    app: &'a str,
+    mark: &'a str,
+    ip: std::net::Ipv4Addr,
+    before: &'a State,
+    source_uid: Option<&'a str>,
 }
 
 /// What a strike left to undo.

@@ -265,10 +265,15 @@ impl Service {
             )));
         }
         let uid = request.migration_uid().to_string();
+        // As the node agent does: a transfer to another node is another step.
+        let to = match &request {
+            StepRequest::Transfer(t) => t.target_node.clone(),
+            _ => String::new(),
+        };
         let this = self.clone();
         let op = self
             .operations
-            .run(&uid, step, || this.work(step, request))
+            .run_to(&uid, step, &to, || this.work(step, request))
             .await;
         Ok(Response::new(op))
     }

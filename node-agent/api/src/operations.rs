@@ -18,7 +18,9 @@ use tokio::sync::{Notify, oneshot};
 
 use crate::{steps::Step, v1};
 
-type Key = (String, Step);
+/// A migration, a step, and where the step goes (a transfer's target node; empty for the others):
+/// a transfer to another node, after the first target went, is a step of its own.
+type Key = (String, Step, String);
 
 /// What the table knows of a step when it is asked for.
 enum Known {
@@ -65,7 +67,22 @@ impl Operations {
     where
         W: Future<Output = v1::Operation> + Send + 'static,
     {
-        let key = (uid.to_string(), step);
+        self.run_to(uid, step, "", start).await
+    }
+
+    /// [`Self::run`] of a step that goes to node `to` (a transfer): one to another node is
+    /// another step.
+    pub async fn run_to<W>(
+        self: &Arc<Self>,
+        uid: &str,
+        step: Step,
+        to: &str,
+        start: impl FnOnce() -> W,
+    ) -> v1::Operation
+    where
+        W: Future<Output = v1::Operation> + Send + 'static,
+    {
+        let key = (uid.to_string(), step, to.to_string());
         // Decided under the lock, acted on after it (it is not held across an await).
         let known = {
             let mut table = self.table();
@@ -141,11 +158,11 @@ impl Operations {
 
     /// Records the progress of a running step.
     pub fn progress(&self, uid: &str, step: Step, done: u64, total: u64) {
-        if let Some(op) = self.table().get_mut(&(uid.to_string(), step))
-            && op.state() == v1::State::Running
-        {
-            op.bytes_done = done;
-            op.bytes_total = total;
+        for ((u, s, _), op) in self.table().iter_mut() {
+            if u == uid && *s == step && op.state() == v1::State::Running {
+                op.bytes_done = done;
+                op.bytes_total = total;
+            }
         }
     }
 
@@ -153,13 +170,13 @@ impl Operations {
     pub fn active(&self, uid: &str) -> bool {
         self.table()
             .iter()
-            .any(|((u, _), op)| u == uid && op.state() == v1::State::Running)
+            .any(|((u, _, _), op)| u == uid && op.state() == v1::State::Running)
     }
 
     /// Forgets the ended steps of migration `uid` (after its cleanup).
     pub fn forget(&self, uid: &str) {
         self.table()
-            .retain(|(u, _), op| u != uid || op.state() == v1::State::Running);
+            .retain(|(u, _, _), op| u != uid || op.state() == v1::State::Running);
     }
 }
 
@@ -206,6 +223,24 @@ mod tests {
             )
             .await;
         assert_eq!(other.migration_uid, "n");
+        assert_eq!(starts.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_transfer_to_another_node_is_another_step() {
+        let ops = Operations::new(Duration::from_secs(1));
+        let starts = Arc::new(AtomicU32::new(0));
+        for to in ["node-2", "node-2", "node-3", "node-3"] {
+            let op = ops
+                .run_to(
+                    "m",
+                    Step::Transfer,
+                    to,
+                    counted(&starts, v1::Operation::succeeded("")),
+                )
+                .await;
+            assert_eq!(op.state(), v1::State::Succeeded);
+        }
         assert_eq!(starts.load(Ordering::SeqCst), 2);
     }
 
