@@ -350,7 +350,11 @@ impl Matrix {
         let started = Instant::now();
         let mut landed: Option<(String, bool, Instant)> = None;
         let mut last_phase = String::from("none");
-        let mut healing = Heal::default();
+        // The small store goes after the run whether or not the fault struck.
+        let mut healing = Heal {
+            store: fault == Fault::StoreFull,
+            ..Heal::default()
+        };
         let ended = loop {
             if started.elapsed() > RUN_DEADLINE {
                 break None;
@@ -370,14 +374,14 @@ impl Matrix {
                 match hit {
                     Hit::Now => {
                         let what = format!("{phase:?}: {}", status.message.unwrap_or_default());
-                        healing = self.strike(fault, &pms, &pm_name).await?;
+                        self.strike(fault, &pms, &pm_name, &mut healing).await?;
                         landed = Some((what, true, Instant::now()));
                     }
                     // Past it (a step the watch did not see), or over: the fault goes in late,
                     // and the run says so.
                     Hit::Late => {
                         let what = format!("late, in {phase:?}");
-                        healing = self.strike(fault, &pms, &pm_name).await?;
+                        self.strike(fault, &pms, &pm_name, &mut healing).await?;
                         landed = Some((what, false, Instant::now()));
                     }
                     Hit::NotYet => {}
@@ -423,14 +427,14 @@ impl Matrix {
         })
     }
 
-    /// Does the fault; answers what undoes it after the run.
+    /// Does the fault; notes in `heal` what undoes it after the run.
     async fn strike(
         &self,
         fault: Fault,
         pms: &Api<PodMigration>,
         pm_name: &str,
-    ) -> anyhow::Result<Heal> {
-        let mut heal = Heal::default();
+        heal: &mut Heal,
+    ) -> anyhow::Result<()> {
         match fault {
             Fault::Kill(who, _) => {
                 let pod = match who {
@@ -462,7 +466,6 @@ impl Matrix {
                     &format!("of={STORE_DIR}/filler"),
                     "bs=1M",
                 ]);
-                heal.store = true;
             }
             Fault::TargetGone => {
                 // The node dies (its kubelet and agent, not its containerd: what ran there would
@@ -479,7 +482,7 @@ impl Matrix {
                 pms.delete(pm_name, &DeleteParams::default()).await?;
             }
         }
-        Ok(heal)
+        Ok(())
     }
 
     /// Undoes what [`Self::strike`] did and waits until the cluster is whole again: every node
