@@ -614,6 +614,7 @@ async fn observe(pm: &PodMigration, ctx: &Context) -> Result<Facts> {
                 rdma: pf.rdma,
                 named: pm.spec.target_node.as_deref(),
                 avoid: None,
+                backend: None,
             };
             facts.target = Some(choose_target(pod, choice, ctx).await?);
             if pf.rdma {
@@ -627,7 +628,6 @@ async fn observe(pm: &PodMigration, ctx: &Context) -> Result<Facts> {
     }
     let restoring = facts.status.phase == Some(Phase::Restoring) && facts.status.committed;
     if restoring
-        && !facts.deleting
         && let Some(target) = facts.status.target_node.clone()
         && let Some(why) = target_gone(&target, ctx).await?
     {
@@ -641,6 +641,9 @@ async fn observe(pm: &PodMigration, ctx: &Context) -> Result<Facts> {
                 .is_some_and(|v| v == "true"),
             named: None,
             avoid: Some(&target),
+            // The checkpoint was taken for this backend (the runtime wrapper's is a task
+            // directory the CRI backends cannot restore).
+            backend: facts.status.backend.as_deref(),
         };
         facts.target = Some(choose_target(&template, choice, ctx).await?);
         facts.target_gone = Some(why);
@@ -653,22 +656,31 @@ async fn observe(pm: &PodMigration, ctx: &Context) -> Result<Facts> {
 /// nothing of it runs any more (Kubernetes' non-graceful node shutdown). A node that is only
 /// NotReady or unreachable may still run the pod: it is waited for.
 async fn target_gone(name: &str, ctx: &Context) -> Result<Option<String>> {
-    let nodes: Api<Node> = Api::all(ctx.client.clone());
-    Ok(match nodes.get_opt(name).await? {
+    // From the watch while it says the node is there and in service; read to be sure otherwise.
+    let watched = futures::FutureExt::now_or_never(ctx.nodes.wait_until_ready())
+        .is_some_and(|ready| ready.is_ok());
+    let cached = watched
+        .then(|| ctx.nodes.get(&ObjectRef::new(name)))
+        .flatten();
+    let node = match cached {
+        Some(node) if !out_of_service(&node) => return Ok(None),
+        _ => Api::<Node>::all(ctx.client.clone()).get_opt(name).await?,
+    };
+    Ok(match node {
         None => Some(format!("target node {name} was deleted")),
-        Some(node)
-            if node
-                .spec
-                .as_ref()
-                .and_then(|s| s.taints.as_ref())
-                .is_some_and(|taints| taints.iter().any(|t| t.key == OUT_OF_SERVICE_TAINT)) =>
-        {
-            Some(format!(
-                "target node {name} is out of service ({OUT_OF_SERVICE_TAINT})"
-            ))
-        }
+        Some(node) if out_of_service(&node) => Some(format!(
+            "target node {name} is out of service ({OUT_OF_SERVICE_TAINT})"
+        )),
         Some(_) => None,
     })
+}
+
+/// Whether `node` carries the out-of-service taint.
+fn out_of_service(node: &Node) -> bool {
+    node.spec
+        .as_ref()
+        .and_then(|s| s.taints.as_ref())
+        .is_some_and(|taints| taints.iter().any(|t| t.key == OUT_OF_SERVICE_TAINT))
 }
 
 /// The taint that marks a node shut down for good (Kubernetes' non-graceful node shutdown).
@@ -712,6 +724,8 @@ struct Choice<'a> {
     named: Option<&'a str>,
     /// Never this one (a target that went after the commit).
     avoid: Option<&'a str>,
+    /// Only with this restore backend (the one a checkpoint was taken for).
+    backend: Option<&'a str>,
 }
 
 async fn choose_target(
@@ -739,6 +753,7 @@ async fn choose_target(
             };
             all.into_iter()
                 .filter(|n| choice.avoid.is_none_or(|avoid| n.name_any() != avoid))
+                .filter(|n| !out_of_service(n))
                 .collect()
         }
     };
@@ -754,6 +769,9 @@ async fn choose_target(
                 .is_some(),
         };
     let mut backends = targets::usable_backends(runtime_class, ctx.backends.checkpoint_images);
+    if let Some(only) = choice.backend {
+        backends.retain(|b| *b == only);
+    }
     if movable::has_empty_dir(pod) {
         // Only the runtime wrapper carries emptyDir content (the checkpoint images do not).
         backends.retain(|b| *b == agent_api::backend::RUNTIME_WRAPPER);
@@ -1111,7 +1129,11 @@ async fn execute(pm: &PodMigration, f: &Facts, action: Action, ctx: &Context) ->
                 ..Default::default()
             };
             let deleted = match pods.delete(&pm.spec.pod_name, &params).await {
-                Ok(_) => true,
+                // Gone at once unless a finalizer keeps it (then the watch shows when it goes).
+                Ok(answer) => answer
+                    .as_ref()
+                    .left()
+                    .is_none_or(|pod| pod.finalizers().is_empty()),
                 Err(kube::Error::Api(s)) if s.code == 404 => true,
                 // The pod of that name is another one now: the state machine sees which.
                 Err(kube::Error::Api(s)) if s.code == 409 => false,

@@ -480,7 +480,8 @@ fn retarget(f: &Facts, next: &Target, why: &str) -> PodMigrationStatus {
     s.target_pod_uid = None;
     s.progress = None;
     if let Some(c) = s.checkpoint.as_mut() {
-        c.location = None;
+        // Until the new target has it, the checkpoint is only where the source keeps it.
+        c.location = Some(format!("{}:<agent store>/migrations/{}", source(f), f.uid));
         for container in &mut c.containers {
             container.image = None;
         }

@@ -1,5 +1,5 @@
 //! The fault matrix (`cargo run -p e2e -- faults`, docs/reliability.md): kube-migros installed with
-//! its chart on the sandbox cluster moves the demo workload from node-1 to node-2 (a peer on
+//! its chart on the sandbox cluster moves the demo workload between node-1 and node-2 (a peer on
 //! node-3 streams to it) while something goes wrong at a chosen step: an agent or the operator's
 //! leader is killed with SIGKILL, the link between the two nodes is cut, the target's store fills
 //! up, the target node loses its kubelet and agent, or the PodMigration is deleted.
@@ -39,8 +39,8 @@ use testkit::workload::{self, State, num};
 
 /// Where the scenarios' pods and PodMigrations live.
 pub const NAMESPACE: &str = "kube-migros-faults";
-const SOURCE: &str = "node-1";
-const TARGET: &str = "node-2";
+/// The nodes the workload moves between (the peer runs on node-3).
+const NODES: [&str; 2] = ["node-1", "node-2"];
 /// The workload's memory: small, so that a run is quick; the transfer is slowed instead (below).
 const TOUCH: &str = "16Mi";
 /// Each migration's bandwidth limit: the transfer lasts a few seconds, long enough for a fault to
@@ -281,52 +281,68 @@ impl Matrix {
     }
 
     /// Runs `faults` `runs` times each; answers every outcome (runs that could not be carried
-    /// out are errors).
+    /// out are errors). One workload goes from run to run, between node-1 and node-2, as long as
+    /// it comes through whole; after a violation a new one starts.
     pub async fn run(&self, faults: &[Fault], runs: usize) -> anyhow::Result<Vec<Outcome>> {
         workload::fresh_namespace(&self.client, NAMESPACE).await?;
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), NAMESPACE);
         let mut outcomes = Vec::new();
+        let mut current: Option<Workload> = None;
+        let mut started = 0;
         for fault in faults {
             for run in 1..=runs {
+                let mut w = match current.take() {
+                    Some(w) => w,
+                    None => {
+                        started += 1;
+                        self.start_workload(started).await?
+                    }
+                };
+                let began = Instant::now();
                 let outcome = self
-                    .one(*fault, run)
+                    .one(*fault, run, &mut w)
                     .await
                     .with_context(|| format!("{} run {run}", fault.name()))?;
                 eprintln!(
-                    "faults: {} #{run}: {} in {:.1} s ({}; landed: {}){}",
+                    "faults: {} #{run}: {} in {:.1} s ({}; landed: {}; the run took {:.0} s){}",
                     outcome.scenario,
                     outcome.result,
                     outcome.seconds,
                     outcome.phase,
                     outcome.landed,
+                    began.elapsed().as_secs_f64(),
                     if outcome.violated() {
                         format!(": {}", outcome.detail)
                     } else {
                         String::new()
                     }
                 );
+                if outcome.violated() {
+                    self.clear_pods(&pods, &[&w.app, &w.peer]).await?;
+                } else {
+                    current = Some(w);
+                }
                 outcomes.push(outcome);
             }
+        }
+        if let Some(w) = current {
+            self.clear_pods(&pods, &[&w.app, &w.peer]).await?;
         }
         Ok(outcomes)
     }
 
-    async fn one(&self, fault: Fault, run: usize) -> anyhow::Result<Outcome> {
+    /// A new workload on node-1 with its peer on node-3, its process marked.
+    async fn start_workload(&self, n: usize) -> anyhow::Result<Workload> {
         let pods: Api<Pod> = Api::namespaced(self.client.clone(), NAMESPACE);
-        let pms: Api<PodMigration> = Api::namespaced(self.client.clone(), NAMESPACE);
-        let id = format!("{}-{run}", short(fault));
-        let (app, peer, pm_name) = (format!("app-{id}"), format!("peer-{id}"), format!("m-{id}"));
+        let (app, peer) = (format!("app-{n}"), format!("peer-{n}"));
         let mark = format!(
-            "{id}-{}",
+            "{app}-{}",
             std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .unwrap_or_default()
                 .as_nanos()
         );
-        let target = self.node(TARGET)?.clone();
-        if fault == Fault::StoreFull {
-            self.small_store(&target).await?;
-        }
-        let (source_pod, before) = workload::start_with_peer_env(
+        let (pod, _) = workload::start_with_peer_env(
             &pods,
             &self.demo,
             (&app, &peer),
@@ -334,7 +350,40 @@ impl Matrix {
             &[(MARK, &mark)],
         )
         .await?;
-        let ip = workload::ip_of(&source_pod).context("no pod IP")?;
+        Ok(Workload {
+            ip: workload::ip_of(&pod).context("no pod IP")?,
+            uid: pod.uid().unwrap_or_default(),
+            node: workload::node_of(&pod),
+            app,
+            peer,
+            mark,
+        })
+    }
+
+    async fn one(&self, fault: Fault, run: usize, w: &mut Workload) -> anyhow::Result<Outcome> {
+        let pods: Api<Pod> = Api::namespaced(self.client.clone(), NAMESPACE);
+        let pms: Api<PodMigration> = Api::namespaced(self.client.clone(), NAMESPACE);
+        let pm_name = format!("m-{}-{run}", short(fault));
+        // Between node-1 and node-2 (node-3 runs the peer, and takes the pod when its target goes).
+        let route = Route {
+            source: w.node.clone(),
+            target: if w.node == NODES[0] {
+                NODES[1]
+            } else {
+                NODES[0]
+            }
+            .to_string(),
+        };
+        let target = self.node(&route.target)?.clone();
+        if fault == Fault::StoreFull {
+            self.small_store(&target).await?;
+        }
+        let ip = w.ip;
+        let before = workload::until("the workload's state", Duration::from_secs(30), || {
+            workload::state(ip)
+        })
+        .await?;
+        let source_pod = pods.get(&w.app).await?;
         // A rollback is had by a timeout during a transfer that cannot finish in time.
         let extra = if fault.at() == At::Rollback {
             "  timeoutSeconds: 10\n  bandwidthLimit: 64Ki\n".to_string()
@@ -342,7 +391,7 @@ impl Matrix {
             format!("  timeoutSeconds: {TIMEOUT_SECONDS}\n  bandwidthLimit: {BANDWIDTH}\n")
         };
         let manifest =
-            workload::migration_manifest(NAMESPACE, &pm_name, &app, Some(TARGET), &extra);
+            workload::migration_manifest(NAMESPACE, &pm_name, &w.app, Some(&route.target), &extra);
         let path = std::env::temp_dir().join(format!("kube-migros-faults-{pm_name}.yaml"));
         workload::kubectl_apply(&self.env, &path, &manifest)?;
 
@@ -367,32 +416,34 @@ impl Matrix {
             let phase = status.phase.unwrap_or_default();
             last_phase = format!("{phase:?}");
             if landed.is_none() {
+                let pod = pods.get_opt(&w.app).await?;
                 let hit = match fault {
                     Fault::Delete(want) => hit_phase(phase, want),
-                    _ => hit_step(step(&pm), fault.at(), phase),
+                    _ => hit_step(step(&pm, pod.as_ref(), &source_pod), fault.at(), phase),
                 };
-                match hit {
-                    Hit::Now => {
-                        let what = format!("{phase:?}: {}", status.message.unwrap_or_default());
-                        self.strike(fault, &pms, &pm_name, &mut healing).await?;
-                        landed = Some((what, true, Instant::now()));
-                    }
+                let what = match hit {
+                    Hit::Now => Some((
+                        format!("{phase:?}: {}", status.message.unwrap_or_default()),
+                        true,
+                    )),
                     // Past it (a step the watch did not see), or over: the fault goes in late,
                     // and the run says so.
-                    Hit::Late => {
-                        let what = format!("late, in {phase:?}");
-                        self.strike(fault, &pms, &pm_name, &mut healing).await?;
-                        landed = Some((what, false, Instant::now()));
-                    }
-                    Hit::NotYet => {}
+                    Hit::Late => Some((format!("late, in {phase:?}"), false)),
+                    Hit::NotYet => None,
+                };
+                if let Some((what, on_step)) = what {
+                    self.strike(fault, &route, &pms, &pm_name, &mut healing)
+                        .await?;
+                    landed = Some((what, on_step, Instant::now()));
                 }
             }
             if landed.is_some() && phase.is_final() && !matches!(fault, Fault::Delete(_)) {
                 break Some(last_phase.clone());
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            tokio::time::sleep(Duration::from_millis(25)).await;
         };
         let (landed, on_step, struck) = landed.unwrap_or(("never".into(), false, started));
+        let over = ended.is_some();
         let end = match ended {
             Some(phase) => phase,
             None => format!("still {last_phase} after {}s", RUN_DEADLINE.as_secs()),
@@ -400,21 +451,36 @@ impl Matrix {
         // The workload answers as before, wherever it runs (or the outcome is no answer).
         let answered = answer(ip, &before).await;
         let seconds = struck.elapsed().as_secs_f64();
-        self.heal(healing).await?;
         let source_uid = source_pod.uid();
         let started_run = Started {
-            app: &app,
-            mark: &mark,
+            app: &w.app,
+            mark: &w.mark,
             ip,
             before: &before,
+            source: &route.source,
             source_uid: source_uid.as_deref(),
         };
-        let found = self.judge(&pods, &started_run, answered).await;
-        let (result, detail) = match found {
-            Ok((result, detail)) => (result, detail),
-            Err(why) => ("violated".to_string(), why),
+        // Judged as the fault left it, and again once the cluster is whole (a node that comes
+        // back must not bring a second copy): the first violation counts.
+        let at_outcome = if over {
+            self.judge(&pods, &started_run, answered).await
+        } else {
+            Err(format!("the migration did not end: {end}"))
         };
-        self.clear(&pods, &pms, &[&app, &peer], &pm_name).await?;
+        self.heal(healing, &route).await?;
+        let answered = answer(ip, &before).await;
+        let healed = self.judge(&pods, &started_run, answered).await;
+        let (result, detail) = match (at_outcome, healed) {
+            (Err(why), _) => ("violated".to_string(), why),
+            (Ok(_), Err(why)) => ("violated".to_string(), format!("after the heal: {why}")),
+            (Ok((result, detail)), Ok(_)) => (result, detail),
+        };
+        if result != "violated" {
+            let now = pods.get(&w.app).await?;
+            w.uid = now.uid().unwrap_or_default();
+            w.node = workload::node_of(&now);
+        }
+        self.clear_migration(&pms, &pm_name).await?;
         Ok(Outcome {
             scenario: fault.name(),
             run,
@@ -431,6 +497,7 @@ impl Matrix {
     async fn strike(
         &self,
         fault: Fault,
+        route: &Route,
         pms: &Api<PodMigration>,
         pm_name: &str,
         heal: &mut Heal,
@@ -438,8 +505,8 @@ impl Matrix {
         match fault {
             Fault::Kill(who, _) => {
                 let pod = match who {
-                    Who::SourceAgent => self.agent_pod(SOURCE).await?,
-                    Who::TargetAgent => self.agent_pod(TARGET).await?,
+                    Who::SourceAgent => self.agent_pod(&route.source).await?,
+                    Who::TargetAgent => self.agent_pod(&route.target).await?,
                     Who::Leader => self.leader_pod().await?,
                 };
                 let killed = kill_pod(&pod.uid().unwrap_or_default());
@@ -449,7 +516,7 @@ impl Matrix {
                 heal.restarted = Some(pod);
             }
             Fault::LinkCut => {
-                let (source, target) = (self.node(SOURCE)?, self.node(TARGET)?);
+                let (source, target) = (self.node(&route.source)?, self.node(&route.target)?);
                 let rules = format!(
                     "table inet migros-fault {{ chain input {{ type filter hook input priority -10; ip saddr {s} drop; }} chain output {{ type filter hook output priority -10; ip daddr {s} drop; }} }}",
                     s = source.ip()
@@ -459,7 +526,7 @@ impl Matrix {
             }
             Fault::StoreFull => {
                 // Whatever room is left goes to one file; dd ends with "No space left".
-                let target = self.node(TARGET)?;
+                let target = self.node(&route.target)?;
                 let _ = target.exec(&[
                     "dd",
                     "if=/dev/zero",
@@ -471,12 +538,12 @@ impl Matrix {
                 // The node dies (its kubelet and agent, not its containerd: what ran there would
                 // show as a second copy), and whoever looks after the nodes says so with the
                 // out-of-service taint, as for Kubernetes' non-graceful node shutdown.
-                let target = self.node(TARGET)?;
-                let agent = self.agent_pod(TARGET).await?;
+                let target = self.node(&route.target)?;
+                let agent = self.agent_pod(&route.target).await?;
                 Nodes::new(&self.dirs).stop_all(target, "kubelet")?;
                 kill_pod(&agent.uid().unwrap_or_default());
                 heal.kubelet = true;
-                self.out_of_service(true).await?;
+                self.out_of_service(&route.target, true).await?;
             }
             Fault::Delete(_) => {
                 pms.delete(pm_name, &DeleteParams::default()).await?;
@@ -487,13 +554,13 @@ impl Matrix {
 
     /// Undoes what [`Self::strike`] did and waits until the cluster is whole again: every node
     /// Ready, every agent and operator replica running and ready, a leader.
-    async fn heal(&self, heal: Heal) -> anyhow::Result<()> {
-        let target = self.node(TARGET)?;
+    async fn heal(&self, heal: Heal, route: &Route) -> anyhow::Result<()> {
+        let target = self.node(&route.target)?;
         if heal.link {
             run_in(target, &["nft", "delete table inet migros-fault"])?;
         }
         if heal.kubelet {
-            self.out_of_service(false).await?;
+            self.out_of_service(&route.target, false).await?;
             Kubelets::new(&self.dirs).start(target)?;
             kubelets::wait_ready(
                 &self.client,
@@ -540,6 +607,7 @@ impl Matrix {
             mark,
             ip,
             before,
+            source,
             source_uid: before_uid,
         } = *run;
         let copies = marked(mark);
@@ -588,7 +656,7 @@ impl Matrix {
             num(before, "received"),
             num(&after, "received")
         );
-        if node == SOURCE {
+        if node == source {
             if pod.uid().as_deref() != before_uid {
                 return Err(format!("a new pod runs on the source ({node})"));
             }
@@ -598,48 +666,52 @@ impl Matrix {
         }
     }
 
-    /// Deletes the run's PodMigration and pods and waits until they are gone.
-    async fn clear(
-        &self,
-        pods: &Api<Pod>,
-        pms: &Api<PodMigration>,
-        names: &[&str],
-        pm_name: &str,
-    ) -> anyhow::Result<()> {
+    /// Deletes the run's PodMigration and waits until it is gone (the operator lifts its
+    /// finalizer after the cleanup; one it could not finish, which the run reports, has it lifted
+    /// here so that the next run starts clean).
+    async fn clear_migration(&self, pms: &Api<PodMigration>, pm_name: &str) -> anyhow::Result<()> {
         let _ = pms.delete(pm_name, &DeleteParams::default()).await;
-        for name in names {
-            let _ = pods
-                .delete(name, &DeleteParams::default().grace_period(0))
-                .await;
-        }
-        let gone = || async {
-            let pm_gone = pms.get_opt(pm_name).await.ok()?.is_none();
-            for name in names {
-                if pods.get_opt(name).await.ok()?.is_some() {
-                    return None;
-                }
-            }
-            pm_gone.then_some(())
-        };
-        let what = "the run's objects to go";
-        if workload::until(what, Duration::from_secs(120), &gone)
+        let gone = || async { pms.get_opt(pm_name).await.ok()?.is_none().then_some(()) };
+        let what = format!("PodMigration {pm_name} to go");
+        if workload::until(&what, Duration::from_secs(120), &gone)
             .await
             .is_err()
         {
-            // A PodMigration the operator could not finish (the run reports it): its finalizer
-            // goes so that the next run starts clean.
             eprintln!("faults: {pm_name} is not gone after 120 s; lifting its finalizer");
             let patch = serde_json::json!({"metadata": {"finalizers": null}});
             let _ = pms
                 .patch(pm_name, &PatchParams::default(), &Patch::Merge(&patch))
                 .await;
-            workload::until(what, Duration::from_secs(60), &gone).await?;
+            workload::until(&what, Duration::from_secs(60), &gone).await?;
         }
         Ok(())
     }
 
+    /// Deletes pods `names` and waits until they are gone.
+    async fn clear_pods(&self, pods: &Api<Pod>, names: &[&str]) -> anyhow::Result<()> {
+        for name in names {
+            let _ = pods
+                .delete(name, &DeleteParams::default().grace_period(0))
+                .await;
+        }
+        workload::until(
+            "the workload's pods to go",
+            Duration::from_secs(120),
+            || async {
+                for name in names {
+                    if pods.get_opt(name).await.ok()?.is_some() {
+                        return None;
+                    }
+                }
+                Some(())
+            },
+        )
+        .await?;
+        Ok(())
+    }
+
     /// Puts the `node.kubernetes.io/out-of-service` taint on the target node, or takes it off.
-    async fn out_of_service(&self, on: bool) -> anyhow::Result<()> {
+    async fn out_of_service(&self, node: &str, on: bool) -> anyhow::Result<()> {
         let taints = if on {
             serde_json::json!([{
                 "key": "node.kubernetes.io/out-of-service",
@@ -652,7 +724,7 @@ impl Matrix {
         let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(self.client.clone());
         nodes
             .patch(
-                TARGET,
+                node,
                 &PatchParams::default(),
                 &Patch::Merge(serde_json::json!({"spec": {"taints": taints}})),
             )
@@ -740,6 +812,26 @@ impl Matrix {
     }
 }
 
+/// The demo workload and its peer, from run to run.
+#[derive(Debug)]
+struct Workload {
+    app: String,
+    peer: String,
+    /// The mark in its process's environment.
+    mark: String,
+    ip: std::net::Ipv4Addr,
+    /// Its pod now, and where it runs.
+    uid: String,
+    node: String,
+}
+
+/// Where one run moves the workload.
+#[derive(Debug)]
+struct Route {
+    source: String,
+    target: String,
+}
+
 /// The workload of one run as it started.
 #[derive(Debug, Clone, Copy)]
 struct Started<'a> {
@@ -747,6 +839,7 @@ struct Started<'a> {
     mark: &'a str,
     ip: std::net::Ipv4Addr,
     before: &'a State,
+    source: &'a str,
     source_uid: Option<&'a str>,
 }
 
@@ -771,8 +864,9 @@ fn short(fault: Fault) -> String {
         .replace(['@', '_'], "-")
 }
 
-/// The step a migration is at, from its status.
-fn step(pm: &PodMigration) -> Option<At> {
+/// The step a migration is at, from its status and the pods: what the operator keeps in memory
+/// until its next write (a step done without a change of phase) shows in what it does to the pods.
+fn step(pm: &PodMigration, pod: Option<&Pod>, source: &Pod) -> Option<At> {
     let status = pm.status.as_ref()?;
     let has = |t: &str| {
         status
@@ -787,16 +881,22 @@ fn step(pm: &PodMigration) -> Option<At> {
     if has("Aborting") {
         return Some(At::Rollback);
     }
-    let staged = status.checkpoint.as_ref().is_some_and(|c| {
-        !c.containers.is_empty() && c.containers.iter().all(|c| c.image.is_some())
+    let source_there = pod.is_some_and(|p| p.uid() == source.uid());
+    let replacement = pod.is_some_and(|p| {
+        p.annotations()
+            .get("migros.io/migration-uid")
+            .map(String::as_str)
+            == pm.uid().as_deref()
     });
     Some(match phase {
         Phase::Pending | Phase::Preparing => At::Prepare,
         Phase::Checkpointing => At::Checkpoint,
         Phase::Transferring if has("Transferred") => At::Commit,
         Phase::Transferring => At::Transfer,
-        Phase::Restoring if !has("SourceStopped") => At::Commit,
-        Phase::Restoring if !staged => At::Stage,
+        // Past the commit point: the source pod goes once its containers are stopped for good,
+        // then the target stages and the replacement is made.
+        Phase::Restoring if source_there => At::Commit,
+        Phase::Restoring if !replacement => At::Stage,
         Phase::Restoring => At::Restore,
         _ => return None,
     })
@@ -907,7 +1007,7 @@ fn marked(mark: &str) -> Vec<Copy> {
 }
 
 /// SIGKILL of every process of pod `uid`'s containers (not its sandbox's pause process); answers
-/// how many. A frozen one is thawed first (it would not die otherwise).
+/// how many (the pods killed here, agents and operators, are never frozen).
 fn kill_pod(uid: &str) -> usize {
     let want = format!("pod{uid}/");
     let Ok(entries) = std::fs::read_dir("/proc") else {
@@ -998,20 +1098,23 @@ pub fn report(outcomes: &[Outcome], runs: usize) -> String {
     let mut md = String::new();
     md.push_str(&format!(
         "# Reliability: the fault matrix\n\n\
-         Regenerate with `cargo run --release -p e2e -- faults` (about an hour; `--runs 1` for one \
-         of each, as CI does in `e2e/tests/chart.rs`). Written by the last full run, {runs} runs per \
+         Regenerate with `cargo run --release -p e2e -- faults` (`--runs 1` for one of each, as \
+         CI does in `e2e/tests/faults.rs`). Written by the last run: {runs} run(s) per \
          scenario.\n\n\
          kube-migros is installed with its chart on the sandbox cluster (real kubelets, containerd, \
-         runc and CRIU; see docs/sandbox.md). Each run starts the demo workload on {SOURCE} \
-         ({TOUCH} of memory written, a peer on node-3 streaming to it) and moves it to {TARGET} \
-         with `timeoutSeconds: {TIMEOUT_SECONDS}` and `bandwidthLimit: {BANDWIDTH}` (so that the \
-         transfer lasts long enough to be hit), while the fault strikes at a step the watch of the \
-         PodMigration sees. The rollback scenarios get a rollback by a 10 s timeout during a \
-         transfer limited to 64Ki/s.\n\n\
+         runc and CRIU; see docs/sandbox.md). The demo workload ({TOUCH} of memory written, an \
+         RDMA pod with its rxe block, a peer on node-3 streaming to it over TCP) moves between \
+         node-1 and node-2, one migration per run, with `timeoutSeconds: {TIMEOUT_SECONDS}` and \
+         `bandwidthLimit: {BANDWIDTH}` (so that the transfer lasts long enough to be hit), while \
+         the fault strikes at the step it waits for, as the PodMigration and the pods show it. The \
+         rollback scenarios get a rollback by a 10 s timeout during a transfer limited to 64Ki/s. \
+         A workload goes on to the next run as long as it came through whole.\n\n\
          A run is judged by what runs afterwards, found on the machine rather than asked of the \
-         operator: the processes carrying the run's mark in their environment (a restored process \
-         carries it too), their node (cgroup) and whether they are frozen; the workload must \
-         answer at its pod IP as the same process with its counter gone on.\n\n\
+         operator: the processes carrying the workload's mark in their environment (a restored \
+         process carries it too), their node (cgroup) and whether they are frozen; the workload \
+         must answer at its pod IP as the same process with its counter gone on. It is judged \
+         once the migration ended, and again after the fault was undone (a node that comes back \
+         must not bring a second copy).\n\n\
          - **moved**: exactly one copy, running on the target, same process, counter going on, IP \
            kept.\n\
          - **stayed**: exactly one copy, the source pod, running as before.\n\

@@ -107,12 +107,19 @@ impl Kubelets {
             let path = crate::binaries::ensure("node-agent", bin)?;
             self.nodes.install(node, &path)?;
         }
-        if self.nodes.running(node, "kubelet") {
-            return Ok(());
-        }
-        let kubelet = self.nodes.install(node, &self.bin_dir.join("kubelet"))?;
         let dir = self.nodes.host_dir(node).join("kubelet");
         let cgroup_root = nodes::prepare_cgroup_root(node)?;
+        let wanted = config(node, &cgroup_root);
+        if self.nodes.running(node, "kubelet") {
+            // One started with another configuration (an older version of this code) is
+            // restarted with this one; the pods it runs go on.
+            let current = std::fs::read_to_string(dir.join("config.yaml")).unwrap_or_default();
+            if current == wanted {
+                return Ok(());
+            }
+            self.nodes.stop_all(node, "kubelet")?;
+        }
+        let kubelet = self.nodes.install(node, &self.bin_dir.join("kubelet"))?;
         std::fs::create_dir_all(&dir).map_err(|e| Error::Start {
             node: node.name.clone(),
             source: e,
@@ -123,7 +130,7 @@ impl Kubelets {
             &self.control_plane.kubelet_kubeconfig(&node.name)?,
             0o600,
         )?;
-        pki::write(&dir.join("config.yaml"), &config(node, &cgroup_root), 0o644)?;
+        pki::write(&dir.join("config.yaml"), &wanted, 0o644)?;
         let pid = node.containerd_pid().ok_or_else(|| {
             nodes::Error::Command(crate::error::CommandFailed {
                 command: "kubelet".into(),
