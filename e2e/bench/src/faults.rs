@@ -517,11 +517,32 @@ impl Matrix {
             }
             Fault::LinkCut => {
                 let (source, target) = (self.node(&route.source)?, self.node(&route.target)?);
-                let rules = format!(
-                    "table inet migros-fault {{ chain input {{ type filter hook input priority -10; ip saddr {s} drop; }} chain output {{ type filter hook output priority -10; ip daddr {s} drop; }} }}",
-                    s = source.ip()
-                );
-                run_in(target, &["nft", &rules])?;
+                let s = source.ip().to_string();
+                run_in(target, &["nft", "add", "table", "inet", "migros-fault"])?;
+                for (chain, hook, dir) in
+                    [("input", "input", "saddr"), ("output", "output", "daddr")]
+                {
+                    let base = format!("{{ type filter hook {hook} priority -10 ; }}");
+                    run_in(
+                        target,
+                        &["nft", "add", "chain", "inet", "migros-fault", chain, &base],
+                    )?;
+                    run_in(
+                        target,
+                        &[
+                            "nft",
+                            "add",
+                            "rule",
+                            "inet",
+                            "migros-fault",
+                            chain,
+                            "ip",
+                            dir,
+                            &s,
+                            "drop",
+                        ],
+                    )?;
+                }
                 heal.link = true;
             }
             Fault::StoreFull => {
