@@ -58,7 +58,8 @@ pub struct PodMigrationSpec {
     pub pod_name: String,
 
     /// Node to move the pod to. When empty the operator picks a ready, schedulable node that can
-    /// host the pod.
+    /// host the pod. Should this node go for good after the commit point (its Node deleted, or
+    /// tainted `node.kubernetes.io/out-of-service`), the operator restores the pod on another.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 253))]
     #[x_kube(validation = Rule::new(DNS_SUBDOMAIN_RULE).message("targetNode must be a valid node name (a DNS-1123 subdomain: lowercase letters, digits, '-' and '.')"))]

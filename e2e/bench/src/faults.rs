@@ -1119,7 +1119,7 @@ pub fn report(outcomes: &[Outcome], runs: usize) -> String {
     let mut md = String::new();
     md.push_str(&format!(
         "# Reliability: the fault matrix\n\n\
-         Regenerate with `cargo run --release -p e2e -- faults` (`--runs 1` for one of each, as \
+         Regenerate with `cargo run -p e2e -- faults` (`--runs 1` for one of each, as \
          CI does in `e2e/tests/faults.rs`). Written by the last run: {runs} run(s) per \
          scenario.\n\n\
          kube-migros is installed with its chart on the sandbox cluster (real kubelets, containerd, \
