@@ -262,6 +262,11 @@ pub struct PodMigrationStatus {
     )]
     pub target_pod_uid: Option<String>,
 
+    /// Target nodes that went for good after the commit point and were replaced (oldest first):
+    /// their agents are asked to drop what they kept of this migration when it is deleted.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub former_targets: Vec<String>,
+
     /// SHA-256 (`sha256:<hex>`) of the replacement template annotation as the operator stored it
     /// at the start. A migration whose annotation no longer matches stops with reason
     /// `TemplateChanged`: the operator never creates a pod from a template someone else wrote.

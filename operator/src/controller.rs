@@ -1145,6 +1145,36 @@ async fn execute(pm: &PodMigration, f: &Facts, action: Action, ctx: &Context) ->
             }
             Ok(Next::Continue(pm.clone()))
         }
+        Action::CleanFormerTargets(status) => {
+            // Best effort, once: a node that is still gone is left to its agent's garbage
+            // collection (the retention time).
+            for node in &f.status.former_targets {
+                let answer = match ctx.agents.endpoint(node).await {
+                    Ok(endpoint) => {
+                        ctx.agents
+                            .call(
+                                node,
+                                &endpoint,
+                                Step::Cleanup(Role::Target),
+                                &step_args(pm, f),
+                            )
+                            .await
+                    }
+                    Err(e) => Answer::Unreachable(e),
+                };
+                match answer {
+                    Answer::Succeeded(_) => {
+                        info!(%node, "the former target dropped what it kept of the migration");
+                    }
+                    other => {
+                        warn!(%node, answer = ?other, "the former target could not be cleaned up");
+                    }
+                }
+            }
+            Ok(Next::Continue(
+                write_status(pm, f.status.phase, *status, None, ctx).await?,
+            ))
+        }
         Action::Wait(after) => Ok(Next::Requeue(pm.clone(), after)),
         Action::Done => {
             if f.deleting {

@@ -33,6 +33,9 @@ pub mod condition {
     pub const CLEANED_SOURCE: &str = "CleanedSource";
     /// After the PodMigration was deleted: the target agent dropped its data (or could not).
     pub const CLEANED_TARGET: &str = "CleanedTarget";
+    /// After the PodMigration was deleted: the agents of the targets it left after the commit
+    /// (`status.formerTargets`) dropped what they kept (or some could not).
+    pub const CLEANED_FORMER_TARGETS: &str = "CleanedFormerTargets";
     /// Past the commit point the target node went (deleted, or declared shut down with the
     /// `node.kubernetes.io/out-of-service` taint): the source's checkpoint goes to another node.
     pub const RETARGETED: &str = "Retargeted";
@@ -162,6 +165,9 @@ pub enum Action {
     /// Delete this migration's replacement pod bound to a target node that is gone (force: no
     /// kubelet is left to confirm it; precondition: its UID).
     DeleteStrandedReplacement(String),
+    /// Ask the agents of `status.formerTargets` once each to drop what they kept of the
+    /// migration (its IP block and reservation, counters, checkpoint); then write this status.
+    CleanFormerTargets(Box<PodMigrationStatus>),
     /// Nothing to do until the world changes; look again after this long at the latest.
     Wait(Duration),
     /// The migration is over (final phase, or deleted and settled).
@@ -475,7 +481,9 @@ fn retarget(f: &Facts, next: &Target, why: &str) -> PodMigrationStatus {
         next.node,
         source(f)
     );
-    s.target_node = Some(next.node.clone());
+    if let Some(gone) = s.target_node.replace(next.node.clone()) {
+        s.former_targets.push(gone);
+    }
     s.backend = Some(next.backend.clone());
     s.target_pod_uid = None;
     s.progress = None;
@@ -559,6 +567,23 @@ fn cleanup_or_done(f: &Facts) -> Action {
     let failed_after_commit = f.status.committed
         && f.status.phase != Some(Phase::Succeeded)
         && !has(f, condition::SOURCE_RESUMED);
+    // The targets a migration left after the commit point keep nothing it needs (the checkpoint
+    // is on the source and the current target): once each, whatever the outcome.
+    if !f.status.former_targets.is_empty() && !recorded(f, condition::CLEANED_FORMER_TARGETS) {
+        let mut s = f.status.clone();
+        set_condition(
+            &mut s,
+            f.now,
+            condition::CLEANED_FORMER_TARGETS,
+            true,
+            "Cleaned",
+            &format!(
+                "asked the agents of {} to drop what they kept",
+                f.status.former_targets.join(", ")
+            ),
+        );
+        return Action::CleanFormerTargets(Box::new(s));
+    }
     if !started || failed_after_commit {
         return Action::Done;
     }
@@ -1766,6 +1791,20 @@ mod tests {
         f = answer(f, Step::FinishRestore, ok());
         assert_eq!(f.status.phase, Some(Phase::Succeeded));
         assert_eq!(f.status.target_pod_uid.as_deref(), Some("replacement-2"));
+        assert_eq!(f.status.former_targets, ["node-2"]);
+        // Deleted, the target it left is asked once to drop what it kept, then both agents
+        // clean up.
+        f.deleting = true;
+        let Action::CleanFormerTargets(s) = next(&f) else {
+            panic!("the former target is not cleaned up")
+        };
+        f.status = *s;
+        assert!(recorded(&f, condition::CLEANED_FORMER_TARGETS));
+        assert_eq!(next(&f), Action::Call(Step::Cleanup(Role::Source)));
+        f = answer(f, Step::Cleanup(Role::Source), ok());
+        assert_eq!(next(&f), Action::Call(Step::Cleanup(Role::Target)));
+        f = answer(f, Step::Cleanup(Role::Target), ok());
+        assert_eq!(next(&f), Action::Done);
     }
 
     #[test]

@@ -399,6 +399,7 @@ impl Matrix {
         let started = Instant::now();
         let mut landed: Option<(String, bool, Instant)> = None;
         let mut last_phase = String::from("none");
+        let mut last_message = String::new();
         // The small store goes after the run whether or not the fault struck.
         let mut healing = Heal {
             store: fault == Fault::StoreFull,
@@ -415,6 +416,7 @@ impl Matrix {
             let status = pm.status.clone().unwrap_or_default();
             let phase = status.phase.unwrap_or_default();
             last_phase = format!("{phase:?}");
+            last_message = status.message.clone().unwrap_or_default();
             if landed.is_none() {
                 let pod = pods.get_opt(&w.app).await?;
                 let hit = match fault {
@@ -474,6 +476,12 @@ impl Matrix {
             (Err(why), _) => ("violated".to_string(), why),
             (Ok(_), Err(why)) => ("violated".to_string(), format!("after the heal: {why}")),
             (Ok((result, detail)), Ok(_)) => (result, detail),
+        };
+        // Why it ended where it did, in the operator's words.
+        let detail = if last_message.is_empty() {
+            detail
+        } else {
+            format!("{detail}; {last_message}")
         };
         if result != "violated" {
             let now = pods.get(&w.app).await?;
@@ -591,6 +599,19 @@ impl Matrix {
             .await
             .map_err(anyhow::Error::msg)?;
             kubelets::advertise_rxe(&self.client, target, sandbox::cluster::RXE_DEVICES).await?;
+            // The node lifecycle controller tainted the node while its kubelet was away; a
+            // migration to it would be refused until the taints are gone.
+            let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(self.client.clone());
+            workload::until(
+                &format!("node {} to lose its taints", target.name),
+                Duration::from_secs(120),
+                || async {
+                    let node = nodes.get(&target.name).await.ok()?;
+                    let spec = node.spec?;
+                    spec.taints.is_none_or(|t| t.is_empty()).then_some(())
+                },
+            )
+            .await?;
         }
         if heal.store {
             self.whole_store(target).await?;
@@ -1136,8 +1157,8 @@ pub fn report(outcomes: &[Outcome], runs: usize) -> String {
          must answer at its pod IP as the same process with its counter gone on. It is judged \
          once the migration ended, and again after the fault was undone (a node that comes back \
          must not bring a second copy).\n\n\
-         - **moved**: exactly one copy, running on the target, same process, counter going on, IP \
-           kept.\n\
+         - **moved**: exactly one copy, running on the target (or the node that replaced a \
+           target that went), same process, counter going on, IP kept.\n\
          - **stayed**: exactly one copy, the source pod, running as before.\n\
          - **violated**: anything else: no copy, two, one left paused, a changed IP or process.\n\n\
          *On step* counts the runs where the fault hit the step it waited for; otherwise it \
