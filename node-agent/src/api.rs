@@ -192,11 +192,16 @@ impl AgentApi for Service {
             .await
         {
             Ok(got) => {
-                info!(migration = %got.uid, bytes = got.bytes, took_ms = started.elapsed().as_millis() as u64, "checkpoint received and staged");
+                if got.before {
+                    info!(migration = %got.uid, "checkpoint received before: the stream's data is not taken");
+                } else {
+                    info!(migration = %got.uid, bytes = got.bytes, took_ms = started.elapsed().as_millis() as u64, "checkpoint received and staged");
+                }
                 Ok(Response::new(v1::ReceiveResult {
                     bytes: got.bytes,
                     archives: got.archives,
                     stream_ms: got.stream.as_millis() as u64,
+                    received_before: got.before,
                 }))
             }
             Err(e) => {

@@ -91,6 +91,7 @@ impl Error {
                     | tonic::Code::PermissionDenied
                     | tonic::Code::Unauthenticated
                     | tonic::Code::ResourceExhausted
+                    | tonic::Code::AlreadyExists
             ),
             Error::Step { source, .. } => source.retryable(),
             Error::Rejected(reason) => reason.retryable(),

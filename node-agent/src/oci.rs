@@ -6,7 +6,6 @@
 //! store and unpacked), and `CreateContainer` with it restores instead of starting fresh.
 
 use std::{
-    collections::BTreeMap,
     path::{Path, PathBuf},
     sync::Arc,
 };
@@ -15,8 +14,6 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
 use hyper::{Method, Request, StatusCode, body::Frame};
 use hyper_util::{client::legacy::Client, rt::TokioExecutor};
-use serde_json::json;
-use sha2::{Digest, Sha256};
 
 use crate::archive;
 
@@ -44,93 +41,28 @@ pub enum Error {
 
 type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// The manifest annotations that mark a checkpoint image (containerd and CRI-O read the first;
-/// checkpointctl writes both).
-pub const CHECKPOINT_NAME_ANNOTATIONS: [&str; 2] = [
-    "io.kubernetes.cri-o.annotations.checkpoint.name",
-    "org.criu.checkpoint.container.name",
-];
+use agent_api::checkpoint_image::{MANIFEST_TYPE, Parts};
 
-pub const MANIFEST_TYPE: &str = "application/vnd.oci.image.manifest.v1+json";
-pub const CONFIG_TYPE: &str = "application/vnd.oci.image.config.v1+json";
-pub const LAYER_TYPE: &str = "application/vnd.oci.image.layer.v1.tar";
-
-/// A content-addressed blob.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Descriptor {
-    pub media_type: String,
-    pub digest: String,
-    pub size: u64,
-}
-
-impl Descriptor {
-    fn json(&self) -> serde_json::Value {
-        json!({"mediaType": self.media_type, "digest": self.digest, "size": self.size})
-    }
-}
-
-fn digest_of(bytes: &[u8]) -> String {
-    let mut h = Sha256::new();
-    h.update(bytes);
-    archive::format_digest(h)
-}
-
-/// A checkpoint image: the layer (a tar file on disk), its config and manifest.
+/// A checkpoint image: the layer (a tar file on disk) with its digest and size, and the config
+/// and manifest derived from them (`agent_api::checkpoint_image`, which the operator derives too).
 #[derive(Debug, Clone)]
 pub struct Image {
     pub layer_path: PathBuf,
-    pub layer: Descriptor,
-    pub config: Bytes,
-    pub manifest: Bytes,
+    pub layer_digest: String,
+    pub layer_size: u64,
+    pub parts: Parts,
 }
 
 impl Image {
     /// The image of container `name` whose layer is the tar file `layer_path`.
     pub fn new(name: &str, layer_path: &Path) -> Result<Self, archive::Error> {
-        let (digest, size) = archive::digest_file(layer_path)?;
-        let layer = Descriptor {
-            media_type: LAYER_TYPE.into(),
-            digest: digest.clone(),
-            size,
-        };
-        let config = serde_json::to_vec(&json!({
-            "architecture": "amd64",
-            "os": "linux",
-            "config": {},
-            "rootfs": {"type": "layers", "diff_ids": [digest]},
-        }))
-        .unwrap_or_default();
-        let config_desc = Descriptor {
-            media_type: CONFIG_TYPE.into(),
-            digest: digest_of(&config),
-            size: config.len() as u64,
-        };
-        let annotations: BTreeMap<&str, &str> = CHECKPOINT_NAME_ANNOTATIONS
-            .iter()
-            .map(|a| (*a, name))
-            .collect();
-        let manifest = serde_json::to_vec(&json!({
-            "schemaVersion": 2,
-            "mediaType": MANIFEST_TYPE,
-            "config": config_desc.json(),
-            "layers": [layer.json()],
-            "annotations": annotations,
-        }))
-        .unwrap_or_default();
+        let (layer_digest, layer_size) = archive::digest_file(layer_path)?;
         Ok(Self {
+            parts: Parts::new(name, &layer_digest, layer_size),
             layer_path: layer_path.to_path_buf(),
-            layer,
-            config: config.into(),
-            manifest: manifest.into(),
+            layer_digest,
+            layer_size,
         })
-    }
-
-    pub fn config_descriptor(&self) -> Descriptor {
-        Descriptor {
-            media_type: CONFIG_TYPE.into(),
-            digest: digest_of(&self.config),
-            size: self.config.len() as u64,
-        }
     }
 }
 
@@ -287,7 +219,8 @@ impl Registry {
         Ok(())
     }
 
-    /// Pushes `image` as `tag`; returns the reference `host/path:tag`.
+    /// Pushes `image` as `tag`; returns the reference pinned by the manifest's digest,
+    /// `host/path:tag@sha256:<hex>`.
     pub async fn push(&self, image: &Image, tag: &str) -> Result<String> {
         let path = image.layer_path.clone();
         let file = tokio::fs::File::open(&path)
@@ -297,26 +230,43 @@ impl Registry {
             r.map(Frame::data)
         });
         let mut layer_body = Some(BodyExt::boxed(StreamBody::new(stream)));
-        self.blob(&image.layer.digest, image.layer.size, || {
+        self.blob(&image.layer_digest, image.layer_size, || {
             layer_body.take().unwrap_or_else(|| full(Bytes::new()))
         })
         .await?;
-        let config = image.config_descriptor();
-        self.blob(&config.digest, config.size, || full(image.config.clone()))
-            .await?;
+        let config = Bytes::from(image.parts.config.clone());
+        self.blob(&image.parts.config_digest(), config.len() as u64, || {
+            full(config)
+        })
+        .await?;
+        let manifest = Bytes::from(image.parts.manifest.clone());
         let put = self
             .send(
                 Method::PUT,
                 &self.url(&format!("manifests/{tag}")),
                 Some(MANIFEST_TYPE),
-                Some(image.manifest.len() as u64),
-                full(image.manifest.clone()),
+                Some(manifest.len() as u64),
+                full(manifest),
             )
             .await?;
         if put.status() != StatusCode::CREATED {
             return Err(refused("pushing the manifest", put).await);
         }
-        Ok(format!("{}/{}:{tag}", self.host, self.path))
+        // The registry addresses the manifest by the digest of the bytes it stored; one that
+        // says another digest did not store these bytes.
+        let digest = image.parts.manifest_digest();
+        let stored = put
+            .headers()
+            .get("docker-content-digest")
+            .and_then(|d| d.to_str().ok());
+        if stored.is_some_and(|d| d != digest) {
+            return Err(Error::Refused {
+                what: "pushing the manifest".into(),
+                status: put.status(),
+                body: format!("it stored {stored:?}, not {digest}"),
+            });
+        }
+        Ok(format!("{}/{}:{tag}@{digest}", self.host, self.path))
     }
 }
 
@@ -350,24 +300,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_checkpoint_image_names_its_container_and_addresses_its_parts() {
+    fn a_checkpoint_image_is_the_one_the_operator_derives_from_the_archive() {
         let dir = tempfile::tempdir().unwrap();
         let layer = dir.path().join("layer.tar");
         std::fs::write(&layer, b"tar bytes").unwrap();
         let image = Image::new("app", &layer).unwrap();
-        let manifest: serde_json::Value = serde_json::from_slice(&image.manifest).unwrap();
-        assert_eq!(manifest["mediaType"], MANIFEST_TYPE);
-        for a in CHECKPOINT_NAME_ANNOTATIONS {
-            assert_eq!(manifest["annotations"][a], "app");
-        }
-        assert_eq!(manifest["layers"][0]["digest"], image.layer.digest);
-        assert_eq!(manifest["layers"][0]["size"], 9);
+        let (digest, size) = archive::digest_file(&layer).unwrap();
+        assert_eq!(size, 9);
         assert_eq!(
-            manifest["config"]["digest"],
-            image.config_descriptor().digest
+            (image.layer_digest.as_str(), image.layer_size),
+            (digest.as_str(), size)
         );
-        let config: serde_json::Value = serde_json::from_slice(&image.config).unwrap();
-        assert_eq!(config["rootfs"]["diff_ids"][0], image.layer.digest);
+        assert_eq!(image.parts, Parts::new("app", &digest, 9));
     }
 
     #[test]

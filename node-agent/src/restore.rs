@@ -161,7 +161,8 @@ impl RestoreBackend for CriCheckpointArchive {
 }
 
 /// Restore through the CRI from a checkpoint OCI image: packed, pushed to a registry the node
-/// pulls from, and pulled into the node's runtime at once (so the kubelet finds it present).
+/// pulls from, and pulled into the node's runtime at once (so the kubelet finds it present). The
+/// reference it answers is pinned by the manifest's digest, which the operator checks.
 #[derive(Debug, Clone)]
 pub struct CriCheckpointImage {
     pub registry: oci::Registry,
@@ -196,7 +197,7 @@ impl RestoreBackend for CriCheckpointImage {
             };
             let reference = self
                 .registry
-                .push(&image, &format!("{uid}-{container}"))
+                .push(&image, &agent_api::checkpoint_image::tag(uid, container))
                 .await
                 .map_err(|e| Error::from(e).during("pushing the checkpoint image"))?;
             self.runtime

@@ -377,10 +377,16 @@ impl Agent {
                         }
                     })?;
                     op.archives = sent.archives.clone();
-                    op.message = format!(
-                        "{} bytes on the wire; the stream took {} ms",
-                        sent.wire, op.stream_ms
-                    );
+                    op.message = if sent.before {
+                        "the target had received the checkpoint from an earlier stream whose \
+                         answer was lost: nothing was sent again"
+                            .into()
+                    } else {
+                        format!(
+                            "{} bytes on the wire; the stream took {} ms",
+                            sent.wire, op.stream_ms
+                        )
+                    };
                     return Ok(op);
                 }
                 // The target refused the data: sending it again would not help.
@@ -483,13 +489,11 @@ impl Agent {
     pub async fn resume_expired(&self) -> Vec<String> {
         let now = unix_now();
         let mut resumed = Vec::new();
-        for uid in self.store.list().unwrap_or_default() {
+        for uid in self.store.due(now).unwrap_or_default() {
             let Ok(Some(r)) = self.store.load(&uid) else {
                 continue;
             };
-            let due = r.resume_at.is_some_and(|at| at <= now);
-            let held = r.paused || r.blocked;
-            if r.role != Role::Source || r.stopped || !due || !held {
+            if !r.deadline().is_some_and(|at| at <= now) {
                 continue;
             }
             // Committed, but the stop did not finish (it failed, or the agent restarted in it):

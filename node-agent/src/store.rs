@@ -13,6 +13,7 @@
 //! undo it (resume the paused source, lift the network block) when the operator asks again.
 
 use std::{
+    collections::BTreeMap,
     fs, io,
     path::{Path, PathBuf},
     sync::{Arc, Mutex, PoisonError},
@@ -146,6 +147,15 @@ impl Record {
                 .all(|c| c.staged.is_some() && !c.digest.is_empty())
     }
 
+    /// Source: the time (Unix seconds) at which the agent must resume the pod by itself, while it
+    /// holds the pod paused or blocked and has not stopped it.
+    pub fn deadline(&self) -> Option<u64> {
+        let held = self.paused || self.blocked;
+        (self.role == Role::Source && held && !self.stopped)
+            .then_some(self.resume_at)
+            .flatten()
+    }
+
     pub fn container_mut(&mut self, name: &str) -> Option<&mut Container> {
         self.containers.iter_mut().find(|c| c.name == name)
     }
@@ -186,6 +196,10 @@ pub struct Store {
     root: PathBuf,
     /// Serialises read-modify-write of records.
     records: Arc<Mutex<()>>,
+    /// The deadlines of the records that have one ([`Record::deadline`]), by UID: read from the
+    /// disk once, at the first [`Store::due`], and kept current by every write since, so that
+    /// looking for due sources every second reads no record that is not due.
+    deadlines: Arc<Mutex<Option<BTreeMap<String, u64>>>>,
 }
 
 /// A migration UID is used as a directory name: it must be a plain name.
@@ -211,6 +225,7 @@ impl Store {
         Self {
             root: root.to_path_buf(),
             records: Arc::default(),
+            deadlines: Arc::default(),
         }
     }
 
@@ -219,7 +234,7 @@ impl Store {
     }
 
     fn migrations(&self) -> PathBuf {
-        self.root.join("migrations")
+        self.root.join(agent_api::layout::MIGRATIONS)
     }
 
     /// The directory of migration `uid`.
@@ -279,7 +294,46 @@ impl Store {
             source,
         })?;
         fs::write(&tmp, bytes).map_err(io_at(&tmp))?;
-        fs::rename(&tmp, &path).map_err(io_at(&path))
+        fs::rename(&tmp, &path).map_err(io_at(&path))?;
+        self.note_deadline(&record.uid, record.deadline());
+        Ok(())
+    }
+
+    fn note_deadline(&self, uid: &str, deadline: Option<u64>) {
+        let mut index = self
+            .deadlines
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(index) = index.as_mut() {
+            match deadline {
+                Some(at) => index.insert(uid.to_string(), at),
+                None => index.remove(uid),
+            };
+        }
+    }
+
+    /// The migrations whose deadline ([`Record::deadline`]) is at or before `now`.
+    pub fn due(&self, now: u64) -> Result<Vec<String>, Error> {
+        let _guard = self.records.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut index = self
+            .deadlines
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if index.is_none() {
+            let mut read = BTreeMap::new();
+            for uid in self.list()? {
+                if let Ok(Some(at)) = self.load(&uid).map(|r| r.and_then(|r| r.deadline())) {
+                    read.insert(uid, at);
+                }
+            }
+            *index = Some(read);
+        }
+        Ok(index
+            .iter()
+            .flatten()
+            .filter(|(_, at)| **at <= now)
+            .map(|(uid, _)| uid.clone())
+            .collect())
     }
 
     /// Where the data of migration `uid` is kept (for a manual restore); empty for a bad UID.
@@ -292,6 +346,7 @@ impl Store {
     /// Deletes everything of migration `uid`.
     pub fn remove(&self, uid: &str) -> Result<(), Error> {
         let dir = self.dir(uid)?;
+        self.note_deadline(uid, None);
         match fs::remove_dir_all(&dir) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
@@ -418,6 +473,34 @@ mod tests {
         store.remove("m1").unwrap();
         assert!(!dir.path().join("migrations/m1").exists());
         store.remove("m1").unwrap();
+    }
+
+    #[test]
+    fn due_sources_are_found_from_the_disk_once_and_then_kept_current() {
+        let dir = tempfile::tempdir().unwrap();
+        let held = |uid: &str, at: u64| {
+            let mut r = Record::new(uid, Role::Source, "ns", "pod");
+            (r.paused, r.resume_at) = (true, Some(at));
+            r
+        };
+        // Written before the index exists (an earlier run of the agent): found by the first look.
+        let earlier = Store::new(dir.path());
+        earlier.save(&held("old", 10)).unwrap();
+        let mut target = held("target", 10);
+        target.role = Role::Target;
+        earlier.save(&target).unwrap();
+        let store = Store::new(dir.path());
+        assert_eq!(store.due(9).unwrap(), Vec::<String>::new());
+        assert_eq!(store.due(10).unwrap(), vec!["old".to_string()]);
+        // Written since: a new held source, one that was let go, one removed.
+        store.save(&held("new", 20)).unwrap();
+        store.update("old", |r| r.paused = false).unwrap();
+        assert_eq!(store.due(100).unwrap(), vec!["new".to_string()]);
+        store.update("new", |r| r.stopped = true).unwrap();
+        assert_eq!(store.due(100).unwrap(), Vec::<String>::new());
+        store.save(&held("gone", 5)).unwrap();
+        store.remove("gone").unwrap();
+        assert_eq!(store.due(100).unwrap(), Vec::<String>::new());
     }
 
     #[test]

@@ -23,11 +23,11 @@ use crate::{
     room::Hold,
     rxe_counters::{self, Block},
     store::{Record, Role},
-    wire::{self, Destination, Received, Rejected},
+    wire::{self, Destination, Opened, Received, Rejected},
 };
 
 /// What a stream leaves in a migration's directory, removed when it is refused or replaced.
-const RECEIVED_DIRS: [&str; 2] = ["incoming", "staged"];
+const RECEIVED_DIRS: [&str; 2] = ["incoming", agent_api::layout::STAGED];
 /// How long, and how often, a target looks for its restored pod to run.
 const WATCH_RESTORE_FOR: Duration = Duration::from_secs(600);
 const WATCH_RESTORE_EVERY: Duration = Duration::from_millis(20);
@@ -109,6 +109,7 @@ impl Agent {
         };
         let result = wire::receive(stream, &mut sink).await;
         match &result {
+            Ok(got) if got.before => {}
             Ok(got) => self.parts.metrics.bytes("received", got.bytes),
             Err(_) => {
                 if let Some(uid) = &sink.uid {
@@ -329,7 +330,7 @@ impl Staging<'_> {
 }
 
 impl wire::Sink for Staging<'_> {
-    async fn open(&mut self, uid: &str) -> Result<Vec<String>> {
+    async fn open(&mut self, uid: &str) -> Result<Opened> {
         let store = &self.agent.store;
         let record = store
             .load(uid)?
@@ -347,10 +348,21 @@ impl wire::Sink for Staging<'_> {
             }
             .into());
         }
-        // Once every archive arrived whole, no other stream replaces it (one from another node
-        // would otherwise swap the checkpoint under the operator's feet).
+        // Once every archive arrived whole, no other stream replaces it: the source's stream
+        // again (its answer to the first was lost) takes none of its data and is answered what
+        // arrived then, which the operator checks against its record at StageRestore.
         if record.received_whole() {
-            return Err(Rejected::AlreadyReceived(uid.to_string()).into());
+            return Ok(Opened::Had(
+                record
+                    .containers
+                    .into_iter()
+                    .map(|c| v1::ContainerArchive {
+                        name: c.name,
+                        bytes: c.bytes,
+                        digest: c.digest,
+                    })
+                    .collect(),
+            ));
         }
         let slot = tokio::time::timeout(RECEIVE_SLOT_WAIT, self.slots.clone().acquire_owned())
             .await
@@ -364,7 +376,9 @@ impl wire::Sink for Staging<'_> {
         for sub in RECEIVED_DIRS {
             store.remove_subdir(uid, sub)?;
         }
-        Ok(record.containers.into_iter().map(|c| c.name).collect())
+        Ok(Opened::Receive(
+            record.containers.into_iter().map(|c| c.name).collect(),
+        ))
     }
 
     async fn admit(&mut self, container: &str, bytes: u64) -> Result<Destination> {
@@ -402,7 +416,11 @@ impl wire::Sink for Staging<'_> {
         let uid = self.uid()?;
         Ok(if unpacks {
             Destination::Unpack {
-                dir: self.agent.store.subdir(uid, "staged")?.join(container),
+                dir: self
+                    .agent
+                    .store
+                    .subdir(uid, agent_api::layout::STAGED)?
+                    .join(container),
                 limits: self.agent.settings.limits,
             }
         } else {
@@ -414,7 +432,7 @@ impl wire::Sink for Staging<'_> {
         let uid = self.uid()?.to_string();
         let backend = self.agent.backend(&self.backend).await?;
         let image = if backend.unpacks_on_arrival() {
-            let work = self.agent.store.subdir(&uid, "staged")?;
+            let work = self.agent.store.subdir(&uid, agent_api::layout::STAGED)?;
             backend.stage(&uid, &got.name, at, &work).await?
         } else {
             let staged = self.stage_archive(&uid, &got.name, at).await;
@@ -451,7 +469,7 @@ impl Staging<'_> {
                 })
         })
         .await??;
-        let work = self.agent.store.subdir(uid, "staged")?;
+        let work = self.agent.store.subdir(uid, agent_api::layout::STAGED)?;
         let backend = self.agent.backend(&self.backend).await?;
         backend.stage(uid, container, part, &work).await
     }

@@ -192,6 +192,8 @@ pub struct Sent {
     pub archives: Vec<v1::ContainerArchive>,
     /// The stream alone, as the target measured it.
     pub stream: Duration,
+    /// The target had the archives from an earlier stream: nothing went this time.
+    pub before: bool,
 }
 
 /// Sends `archives` of the migration in `request` to the target agent at its endpoint, once:
@@ -235,6 +237,9 @@ pub async fn send(
             source,
         })?
         .into_inner();
+    if received.received_before {
+        return had_before(archives, received);
+    }
     if received.bytes != total {
         return Err(Error::Peer {
             what: "the checkpoint stream".into(),
@@ -249,6 +254,35 @@ pub async fn send(
         wire,
         archives,
         stream: Duration::from_millis(received.stream_ms),
+        before: false,
+    })
+}
+
+/// The target had the checkpoint from an earlier stream of this transfer (whose answer was lost):
+/// done, if it holds the same archives (by digest where the source knows it before sending; a
+/// directory's digest is the target's, as after a first answer, and the operator checks it at
+/// StageRestore like any other).
+fn had_before(outgoing: &[Outgoing], received: v1::ReceiveResult) -> Result<Sent> {
+    let same = outgoing.len() == received.archives.len()
+        && outgoing.iter().all(|o| {
+            received.archives.iter().any(|a| {
+                a.name == o.container && a.bytes == o.bytes && (o.directory || a.digest == o.digest)
+            })
+        });
+    if !same {
+        return Err(Error::Peer {
+            what: "the checkpoint stream".into(),
+            source: tonic::Status::already_exists(format!(
+                "the target holds other archives of this migration: {:?}",
+                received.archives
+            )),
+        });
+    }
+    Ok(Sent {
+        wire: 0,
+        archives: received.archives,
+        stream: Duration::ZERO,
+        before: true,
     })
 }
 
@@ -383,10 +417,6 @@ pub enum Rejected {
     Empty,
     #[error("no chunk came for {0}s: the stream is given up")]
     Idle(u64),
-    #[error(
-        "the checkpoint of migration {0} was received already: a second stream is refused (the operator starts a new migration instead)"
-    )]
-    AlreadyReceived(String),
     #[error(
         "the agent of node {peer:?} may not send the checkpoint of migration {uid}: it comes from node {from:?}"
     )]
@@ -655,10 +685,20 @@ impl Incoming {
     }
 }
 
+/// How a receiving node takes a stream, once its first chunk named the migration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Opened {
+    /// The stream must carry the archives of these containers, once each.
+    Receive(Vec<String>),
+    /// The node had the checkpoint whole before (an earlier stream delivered it): the stream's
+    /// data is not taken, and these archives are the answer.
+    Had(Vec<v1::ContainerArchive>),
+}
+
 /// What the receiving node does with a stream's archives.
 pub trait Sink {
-    /// The stream is for migration `uid`: answers the containers it must carry, once each.
-    fn open(&mut self, uid: &str) -> impl Future<Output = Result<Vec<String>>> + Send;
+    /// The stream is for migration `uid`: answers how it is taken.
+    fn open(&mut self, uid: &str) -> impl Future<Output = Result<Opened>> + Send;
     /// The archive of `container`, `bytes` long, is about to come: answers where it goes, or
     /// refuses (too large, no room).
     fn admit(
@@ -686,6 +726,8 @@ pub struct Received {
     /// or handed to the unpacking, which overlaps it); what follows the last byte (the sync, the
     /// backend's staging) is not in it.
     pub stream: Duration,
+    /// An earlier stream had delivered the checkpoint; this one's data was not taken.
+    pub before: bool,
 }
 
 /// Receives one stream into `sink`, checking its framing chunk by chunk; what was received before
@@ -729,7 +771,15 @@ async fn receive_into(
                 return Err(Rejected::BadUid(chunk.migration_uid).into());
             }
             got.uid = chunk.migration_uid.clone();
-            expected = Some(sink.open(&got.uid).await?);
+            match sink.open(&got.uid).await? {
+                Opened::Receive(containers) => expected = Some(containers),
+                Opened::Had(archives) => {
+                    got.bytes = archives.iter().map(|a| a.bytes).sum();
+                    got.archives = archives;
+                    got.before = true;
+                    return Ok(got);
+                }
+            }
         }
         let Some(containers) = expected.as_ref() else {
             continue;
@@ -808,19 +858,24 @@ mod tests {
     }
 
     /// A sink that keeps archives in a directory (as files, or unpacked into
-    /// `<dir>/<container>`) and refuses nothing.
+    /// `<dir>/<container>`) and refuses nothing; or one that `had` them before.
     struct Keep {
         dir: PathBuf,
         containers: Vec<String>,
         unpack: bool,
         kept: Vec<(v1::ContainerArchive, PathBuf)>,
+        had: Option<Vec<v1::ContainerArchive>>,
     }
 
     impl Sink for Keep {
-        async fn open(&mut self, _uid: &str) -> Result<Vec<String>> {
-            Ok(self.containers.clone())
+        async fn open(&mut self, _uid: &str) -> Result<Opened> {
+            Ok(match &self.had {
+                Some(had) => Opened::Had(had.clone()),
+                None => Opened::Receive(self.containers.clone()),
+            })
         }
         async fn admit(&mut self, container: &str, _bytes: u64) -> Result<Destination> {
+            assert!(self.had.is_none(), "an archive admitted after all arrived");
             Ok(if self.unpack {
                 Destination::Unpack {
                     dir: self.dir.join(container),
@@ -842,6 +897,7 @@ mod tests {
             containers: containers.iter().map(|c| c.to_string()).collect(),
             unpack: false,
             kept: Vec::new(),
+            had: None,
         }
     }
 
@@ -919,6 +975,63 @@ mod tests {
                 got.archives,
                 vec![sink.kept[0].0.clone(), sink.kept[1].0.clone()]
             );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stream_for_a_checkpoint_received_before_takes_nothing_and_answers_the_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = chunks_of(dir.path(), &[("app", b"first")], Compression::None).await;
+        let mut sink = keep(dir.path(), &["app"]);
+        let got = deliver(first, &mut sink).await.unwrap();
+        assert!(!got.before);
+        // Other data for the same migration: none of it is taken.
+        let other = chunks_of(dir.path(), &[("app", b"other data")], Compression::None).await;
+        let mut had = Keep {
+            had: Some(got.archives.clone()),
+            ..keep(dir.path(), &["app"])
+        };
+        let again = deliver(other, &mut had).await.unwrap();
+        assert!(again.before && had.kept.is_empty(), "{again:?}");
+        assert_eq!((again.bytes, again.archives), (5, got.archives));
+    }
+
+    #[test]
+    fn a_source_takes_a_receipt_from_before_only_for_its_own_archives() {
+        let outgoing = |name: &str, digest: &str, directory: bool| Outgoing {
+            container: name.into(),
+            path: PathBuf::from("/unused"),
+            directory,
+            bytes: 5,
+            digest: digest.into(),
+        };
+        let archive = |name: &str, digest: &str| v1::ContainerArchive {
+            name: name.into(),
+            bytes: 5,
+            digest: digest.into(),
+        };
+        let receipt = |archives: Vec<v1::ContainerArchive>| v1::ReceiveResult {
+            bytes: 5 * archives.len() as u64,
+            archives,
+            stream_ms: 0,
+            received_before: true,
+        };
+        let ours = [
+            outgoing("app", "sha256:a", false),
+            outgoing("dir", "", true),
+        ];
+        let theirs = vec![archive("app", "sha256:a"), archive("dir", "sha256:d")];
+        let sent = had_before(&ours, receipt(theirs.clone())).unwrap();
+        assert!(sent.before && sent.wire == 0);
+        // A directory's digest is the one the target took as it arrived.
+        assert_eq!(sent.archives, theirs);
+        for other in [
+            vec![archive("app", "sha256:b"), archive("dir", "sha256:d")],
+            vec![archive("app", "sha256:a")],
+            vec![archive("app", "sha256:a"), archive("side", "sha256:d")],
+        ] {
+            let err = had_before(&ours, receipt(other)).unwrap_err();
+            assert!(!err.retryable(), "{err}");
         }
     }
 

@@ -208,7 +208,13 @@ impl Restores {
 
     /// The staged checkpoint of `container` in migration `uid`.
     pub fn staged_dir(&self, uid: &str, container: &str) -> Option<PathBuf> {
-        Some(self.store.dir(uid).ok()?.join("staged").join(container))
+        Some(
+            self.store
+                .dir(uid)
+                .ok()?
+                .join(agent_api::layout::STAGED)
+                .join(container),
+        )
     }
 
     /// What to do with the `create` of `container`.

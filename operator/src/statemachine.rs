@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use agent_api::{Role, Step};
+use agent_api::{Role, Step, checkpoint_image};
 
 use crds::{
     CheckpointStatus, ContainerCheckpoint, Phase, PhaseTransition, PodMigrationSpec,
@@ -694,8 +694,10 @@ fn succeeded(f: &Facts, call: Step, op: &agent_api::Operation) -> PodMigrationSt
 /// Why what the target staged is not this migration's, if so: every container of the checkpoint
 /// must be staged once, where the target's backend stages this migration's containers (the
 /// store's `migrations/<uid>/staged/<container>` for the runtime wrapper, its `.tar` for an
-/// archive, an image tagged `<uid>-<container>` for checkpoint images). The operator makes the
-/// replacement from these; it takes no reference the target could have chosen freely.
+/// archive; for checkpoint images, the image tagged `<uid>-<container>` and pinned by the digest
+/// of the manifest derived from the archive's recorded digest and size, see
+/// `agent_api::checkpoint_image`). The operator makes the replacement from these; it takes no
+/// reference the target could have chosen freely.
 fn foreign_staging(f: &Facts, op: &agent_api::Operation) -> Option<String> {
     let containers = f.status.checkpoint.as_ref().map(|c| &c.containers)?;
     let backend = f.status.backend.as_deref().unwrap_or_default();
@@ -707,7 +709,7 @@ fn foreign_staging(f: &Facts, op: &agent_api::Operation) -> Option<String> {
                 c.name
             ));
         };
-        let tail = format!("/migrations/{}/staged/{}", f.uid, c.name);
+        let tail = agent_api::layout::staged_tail(&f.uid, &c.name);
         let plain = !s.image.is_empty()
             && !s.image.contains(char::is_whitespace)
             && !s.image.split('/').any(|part| part == "..");
@@ -720,12 +722,9 @@ fn foreign_staging(f: &Facts, op: &agent_api::Operation) -> Option<String> {
                     s.image.starts_with('/') && s.image.ends_with(&format!("{tail}.tar"))
                 }
                 _ => {
-                    let name = s.image.split('@').next().unwrap_or_default();
-                    let tag = name
-                        .rsplit('/')
-                        .next()
-                        .and_then(|last| last.split_once(':'));
-                    tag.is_some_and(|(_, tag)| tag == format!("{}-{}", f.uid, c.name))
+                    let layer_size = u64::try_from(c.bytes).unwrap_or_default();
+                    let image = checkpoint_image::Parts::new(&c.name, &c.digest, layer_size);
+                    checkpoint_image::names(&s.image, &f.uid, &c.name, &image.manifest_digest())
                 }
             };
         if !ours {
@@ -1945,10 +1944,14 @@ mod tests {
         let archive = agent_api::backend::CRI_CHECKPOINT_ARCHIVE;
         let ours = format!("/var/lib/kube-migros/migrations/{UID}/staged/app");
         assert_eq!(staged_as(wrapper, &ours), Some(ours.clone()));
+        // Checkpoint images: only the image derived from the recorded archive, pinned by digest.
+        let recorded = &f.status.checkpoint.as_ref().unwrap().containers[0];
+        let layer_size = u64::try_from(recorded.bytes).unwrap();
+        let image = checkpoint_image::Parts::new("app", &recorded.digest, layer_size);
         let tagged = format!("registry:5000/checkpoints:{UID}-app");
-        assert_eq!(staged_as(images, &tagged), Some(tagged.clone()));
-        let pinned = format!("{tagged}@sha256:ab");
+        let pinned = format!("{tagged}@{}", image.manifest_digest());
         assert_eq!(staged_as(images, &pinned), Some(pinned.clone()));
+        let other_layer = checkpoint_image::Parts::new("app", "sha256:other", layer_size);
         assert_eq!(
             staged_as(archive, &format!("{ours}.tar")),
             Some(format!("{ours}.tar"))
@@ -1963,6 +1966,20 @@ mod tests {
             (wrapper, "relative/m-1/staged/app".to_string()),
             (images, "docker.io/evil/privileged:latest".to_string()),
             (images, "registry:5000/checkpoints:other-app".to_string()),
+            // Unpinned: whatever the tag names when the kubelet pulls.
+            (images, tagged.clone()),
+            // Pinned, but not the image of the checkpoint recorded.
+            (
+                images,
+                format!("{tagged}@{}", other_layer.manifest_digest()),
+            ),
+            (
+                images,
+                format!(
+                    "registry:5000/checkpoints:other-app@{}",
+                    image.manifest_digest()
+                ),
+            ),
             (archive, ours.clone()),
         ] {
             assert_eq!(staged_as(backend, &foreign), None, "{backend}: {foreign}");

@@ -80,12 +80,23 @@ async fn a_migration_goes_through_every_phase_to_succeeded() {
         let spec = pod.spec.unwrap();
         assert_eq!(spec.node_name, Some(s.node(2)));
         assert_eq!(spec.init_containers, None);
-        assert!(
-            spec.containers[0]
-                .image
-                .as_deref()
-                .unwrap()
-                .starts_with("localhost/checkpoint:")
+        // The checkpoint image of the archive the source recorded, pinned by digest.
+        let recorded = &status.checkpoint.as_ref().unwrap().containers[0];
+        let image = agent_api::checkpoint_image::Parts::new(
+            "app",
+            &recorded.digest,
+            u64::try_from(recorded.bytes).unwrap(),
+        );
+        assert_eq!(
+            spec.containers[0].image.as_deref(),
+            Some(
+                format!(
+                    "localhost/checkpoint:{}-app@{}",
+                    pm.uid().unwrap(),
+                    image.manifest_digest()
+                )
+                .as_str()
+            )
         );
         assert_eq!(
             pod.metadata.annotations.unwrap()["migros.io/pod-ip"],

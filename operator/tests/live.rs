@@ -497,6 +497,18 @@ async fn a_pod_moves_between_real_nodes_keeping_its_state_ip_and_tcp_peer() {
                         "{hop}: {message}"
                     );
                     assert_eq!(spec.runtime_class_name, None);
+                    // The image of the archive the source recorded, pinned by its digest.
+                    let recorded = &status.checkpoint.as_ref().expect("checkpoint").containers[0];
+                    let image = agent_api::checkpoint_image::Parts::new(
+                        &recorded.name,
+                        &recorded.digest,
+                        u64::try_from(recorded.bytes).unwrap(),
+                    );
+                    let pinned = spec.containers[0].image.clone().unwrap_or_default();
+                    assert!(
+                        pinned.ends_with(&format!("@{}", image.manifest_digest())),
+                        "{hop}: {pinned}"
+                    );
                 } else {
                     assert_eq!(status.backend.as_deref(), Some("runtime-wrapper"), "{hop}");
                     assert_eq!(

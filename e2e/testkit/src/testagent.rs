@@ -438,13 +438,26 @@ fn succeeded(uid: &str, step: Step) -> v1::Operation {
 }
 
 /// StageRestore's answer, as a node agent stages for `backend`: a directory of its store for the
-/// runtime wrapper, an archive beside it, or an image tagged after the migration.
+/// runtime wrapper, an archive beside it, or the image of the checkpoint's archive tagged after
+/// the migration and pinned by digest.
 fn staged(uid: &str, backend: &str) -> v1::Operation {
     let store = format!("/var/lib/kube-migros/migrations/{uid}/staged/app");
     let image = match backend {
         agent_api::backend::RUNTIME_WRAPPER => store,
         agent_api::backend::CRI_CHECKPOINT_ARCHIVE => format!("{store}.tar"),
-        _ => format!("localhost/checkpoint:{uid}-app"),
+        _ => {
+            let archive = &succeeded(uid, Step::Checkpoint).archives[0];
+            let image = agent_api::checkpoint_image::Parts::new(
+                &archive.name,
+                &archive.digest,
+                archive.bytes,
+            );
+            format!(
+                "localhost/checkpoint:{}@{}",
+                agent_api::checkpoint_image::tag(uid, &archive.name),
+                image.manifest_digest()
+            )
+        }
     };
     let mut op = v1::Operation::succeeded(uid);
     op.staged = vec![v1::StagedContainer {

@@ -1,9 +1,10 @@
 //! The node-agent gRPC API shared by the operator and the agents: the generated protobuf types,
 //! client and server (`v1`); the step protocol (`steps`), its typed client (`client`) and the
 //! operations table that makes every step idempotent (`operations`); mutual-TLS configuration
-//! (`tls`), certificates for it (`pki`), who may call what (`identity`) and how the operator finds
-//! the agents (`discovery`).
+//! (`tls`), certificates for it (`pki`), who may call what (`identity`), how the operator finds
+//! the agents (`discovery`) and the checkpoint image both sides derive (`checkpoint_image`).
 
+pub mod checkpoint_image;
 pub mod client;
 pub mod discovery;
 pub mod identity;
@@ -29,6 +30,20 @@ pub mod backend {
     pub const CRI_CHECKPOINT_IMAGE: &str = "cri-checkpoint-image";
     /// The runtime gets the archive's path (CRI clients that create containers themselves).
     pub const CRI_CHECKPOINT_ARCHIVE: &str = "cri-checkpoint-archive";
+}
+
+/// Where an agent's store keeps a migration's data: `<store>/migrations/<uid>/`, with what a
+/// target staged for the runtime in `staged/` (the unpacked checkpoint of a container for the
+/// runtime wrapper, `<container>.tar` for an archive). Both sides use these names: the agent to
+/// lay its store out, the operator to take from a target no staged path but these.
+pub mod layout {
+    pub const MIGRATIONS: &str = "migrations";
+    pub const STAGED: &str = "staged";
+
+    /// The end of the path a container of migration `uid` is staged at, below the store.
+    pub fn staged_tail(uid: &str, container: &str) -> String {
+        format!("/{MIGRATIONS}/{uid}/{STAGED}/{container}")
+    }
 }
 pub use v1::{Operation, State};
 

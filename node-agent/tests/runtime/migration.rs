@@ -226,7 +226,7 @@ fn migrate_by(
         .await?;
         ensure!(staged.staged.len() == 1, "staged {:?}", staged.staged);
         let staged_ref = staged.staged[0].image.clone();
-        check_staged(w, to, backend, &uid, &staged_ref)?;
+        check_staged(w, to, backend, &uid, &transfer.archives[0], &staged_ref)?;
         // The counters hold the pod's block when the restore starts, and the IP is blocked on
         // the target until the restored sockets exist.
         ensure!(
@@ -360,8 +360,16 @@ fn migrate_by(
 }
 
 /// What the target staged for the restore: a checkpoint image in the registry, already in node-2's
-/// runtime; or, for the wrapper, the unpacked checkpoint in the agent's store.
-fn check_staged(w: &World, to: usize, backend: &str, uid: &str, staged: &str) -> Result<()> {
+/// runtime and named by the digest the operator derives from the recorded archive; or, for the
+/// wrapper, the unpacked checkpoint in the agent's store.
+fn check_staged(
+    w: &World,
+    to: usize,
+    backend: &str,
+    uid: &str,
+    archive: &agent_api::v1::ContainerArchive,
+    staged: &str,
+) -> Result<()> {
     if backend == backend::RUNTIME_WRAPPER {
         let images = w.written(to, &format!("{staged}/checkpoint/inventory.img"));
         ensure!(
@@ -370,9 +378,15 @@ fn check_staged(w: &World, to: usize, backend: &str, uid: &str, staged: &str) ->
         );
         return Ok(());
     }
+    let image = agent_api::checkpoint_image::Parts::new("app", &archive.digest, archive.bytes);
     ensure!(
-        staged.starts_with(&format!("{}:{uid}-app", world::CHECKPOINT_REPOSITORY)),
-        "staged image {staged}"
+        staged
+            == format!(
+                "{}:{uid}-app@{}",
+                world::CHECKPOINT_REPOSITORY,
+                image.manifest_digest()
+            ),
+        "staged image {staged}, not the one of archive {archive:?}"
     );
     let present = w.exec(to, &["crictl", "inspecti", staged]);
     ensure!(
