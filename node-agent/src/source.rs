@@ -493,7 +493,7 @@ impl Agent {
             let Ok(Some(r)) = self.store.load(&uid) else {
                 continue;
             };
-            if !r.deadline().is_some_and(|at| at <= now) {
+            if r.deadline().is_none_or(|at| at > now) {
                 continue;
             }
             // Committed, but the stop did not finish (it failed, or the agent restarted in it):
