@@ -143,6 +143,7 @@ impl Agent {
                 .saturating_sub(self.room.held()),
             restore_backends,
             notes,
+            strategies: crate::strategies::requirements().await,
         })
     }
 

@@ -38,6 +38,7 @@ pub mod runtime;
 pub mod rxe_counters;
 pub mod source;
 pub mod store;
+pub mod strategies;
 pub mod target;
 pub mod wire;
 pub mod wrapper;

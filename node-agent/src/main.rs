@@ -137,6 +137,12 @@ struct Args {
     /// server's as the agent reaches it and the in-cluster service's); repeatable.
     #[arg(long)]
     protect_address: Vec<std::net::Ipv4Addr>,
+    /// An uplink interface of the node (where peers' traffic arrives); repeatable. Segments of
+    /// established TCP connections to a blocked pod IP that arrive on it are answered with an
+    /// ICMP host-unreachable, so that the peers keep retrying often and resume soon after the
+    /// move (docs/node-agent.md#blocking-a-pod-ip). None: they are dropped silently.
+    #[arg(long)]
+    answer_device: Vec<String>,
     /// Seconds between garbage collections of the checkpoint store.
     #[arg(long, default_value_t = 60)]
     gc_interval_seconds: u64,
@@ -281,12 +287,33 @@ async fn main() -> anyhow::Result<()> {
             .check_own_filesystem(std::path::Path::new("/proc/1/root"))?;
     }
     let runtime = Runtime::new(&args.runtime_endpoint, &args.containerd_namespace)?;
-    let net =
-        NetBlock::new(args.nft.clone()).protecting(control_plane(&args.protect_address).await);
+    let (net, missing) = NetBlock::new(args.nft.clone())
+        .protecting(control_plane(&args.protect_address).await)
+        .answering_on(&args.answer_device);
     info!(protected = ?net.protected(), "addresses never blocked besides the node's own");
-    if let Err(e) = net.ensure().await {
-        warn!(error = %e, "cannot set up the network block table; pod IPs cannot be silenced");
+    if !missing.is_empty() {
+        warn!(
+            ?missing,
+            "no such interfaces here: segments arriving there are not answered"
+        );
     }
+    let net = match net.ensure().await {
+        Ok(()) => net,
+        // A kernel without netdev reject must not cost the blocks themselves.
+        Err(e) if !net.answer_devices().is_empty() => {
+            warn!(error = %e, "cannot answer on the uplinks: segments to blocked pod IPs are dropped silently");
+            let (plain, _) = net.answering_on(&[]);
+            if let Err(e) = plain.ensure().await {
+                warn!(error = %e, "cannot set up the network block table; pod IPs cannot be silenced");
+            }
+            plain
+        }
+        Err(e) => {
+            warn!(error = %e, "cannot set up the network block table; pod IPs cannot be silenced");
+            net
+        }
+    };
+    info!(devices = ?net.answer_devices(), "segments to blocked pod IPs are answered on");
     let counters = Counters::new(
         &args.rxe_dir,
         args.rxe_qpn_range.clone(),

@@ -8,8 +8,22 @@
 //! blocking it would take the node off the network), one of the cluster's control plane (the API
 //! server as the agent reaches it, the in-cluster service address, and what `--protect-address`
 //! names), nor one that is not a unicast address.
+//!
+//! Segments of established TCP connections to a blocked address that arrive on the node's uplink
+//! interfaces (`--answer-device`, the chart's `agent.answerDevices`) are not dropped silently but
+//! answered with an ICMP host-unreachable, by a table of the `netdev` family whose ingress chains
+//! on those devices share the set (it acts before the node bridges or routes the segment, and the
+//! kernel sends the answer itself, without the node's ICMP rate limit). A peer's TCP takes it as a
+//! connectivity disruption (RFC 6069, which Linux implements): each one that answers a
+//! retransmission undoes one doubling of the peer's retransmission timeout, so the peer keeps
+//! retrying every few hundred milliseconds instead of every few seconds, and resumes soon after the pod runs again (measured in
+//! docs/node-agent.md#blocking-a-pod-ip). Nothing is acknowledged and no connection is reset;
+//! connection attempts (SYN) are still dropped, so a new client waits as before rather than failing.
 
-use std::{net::Ipv4Addr, path::PathBuf};
+use std::{
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
 
 use tokio::process::Command;
 
@@ -36,8 +50,11 @@ pub struct NetBlock {
     nft: PathBuf,
     /// Addresses never blocked besides the node's own: the control plane's.
     protected: Vec<Ipv4Addr>,
+    /// The node's uplink interfaces, where segments to a blocked address are answered.
+    answer_devices: Vec<String>,
 }
 
+/// The bridge table: every frame from or to a blocked address is dropped.
 fn ruleset() -> String {
     let rules = "ip saddr @blocked drop\n    ip daddr @blocked drop\n    \
                  arp saddr ip @blocked drop\n    arp daddr ip @blocked drop";
@@ -54,12 +71,72 @@ fn ruleset() -> String {
     )
 }
 
+/// The rule that answers a segment of an established connection to a blocked address.
+const ANSWER: &str =
+    "ip daddr @blocked tcp flags & syn == 0 counter reject with icmp type host-unreachable";
+
+/// The netdev table: segments of established connections to a blocked address that arrive on
+/// one of `devices` are answered (the rest is dropped further on by the bridge table).
+fn answer_ruleset(devices: &[String]) -> String {
+    let chains: String = devices
+        .iter()
+        .enumerate()
+        .map(|(i, device)| {
+            format!(
+                "  chain ingress{i} {{\n    type filter hook ingress device \"{device}\" priority -10; \
+                 policy accept;\n    {ANSWER}\n  }}\n"
+            )
+        })
+        .collect();
+    format!("table netdev {TABLE} {{\n  set blocked {{ type ipv4_addr; }}\n{chains}}}\n")
+}
+
+/// One nft transaction that adds `ip` to the sets (the netdev one with `answering`), and with
+/// `remove` takes it out again (adding first makes the removal succeed whether or not it was
+/// there).
+fn set_change(ip: Ipv4Addr, remove: bool, answering: bool) -> String {
+    let mut script = String::new();
+    let families: &[&str] = if answering {
+        &["bridge", "netdev"]
+    } else {
+        &["bridge"]
+    };
+    for family in families {
+        script.push_str(&format!(
+            "add element {family} {TABLE} blocked {{ {ip} }}\n"
+        ));
+        if remove {
+            script.push_str(&format!(
+                "delete element {family} {TABLE} blocked {{ {ip} }}\n"
+            ));
+        }
+    }
+    script
+}
+
 impl NetBlock {
     pub fn new(nft: PathBuf) -> Self {
         Self {
             nft,
             protected: Vec::new(),
+            answer_devices: Vec::new(),
         }
+    }
+
+    /// Answers segments of established connections to a blocked address that arrive on `devices`
+    /// (those this network namespace has; the others are returned, to be reported).
+    pub fn answering_on(mut self, devices: &[String]) -> (Self, Vec<String>) {
+        let (present, missing) = devices
+            .iter()
+            .cloned()
+            .partition(|d| Path::new("/sys/class/net").join(d).exists());
+        self.answer_devices = present;
+        (self, missing)
+    }
+
+    /// The devices where blocked addresses' segments are answered.
+    pub fn answer_devices(&self) -> &[String] {
+        &self.answer_devices
     }
 
     /// Also never blocks `addresses` (the control plane's).
@@ -109,16 +186,22 @@ impl NetBlock {
         }
     }
 
-    /// Creates the table unless it exists (a restarted agent keeps the blocks in force).
+    /// Creates the tables unless they exist (a restarted agent keeps the blocks in force).
     pub async fn ensure(&self) -> Result<(), Error> {
-        if self
-            .nft(&["list", "table", "bridge", TABLE], None)
-            .await
-            .is_ok()
-        {
-            return Ok(());
+        let mut tables = vec![("bridge", ruleset())];
+        if !self.answer_devices.is_empty() {
+            tables.push(("netdev", answer_ruleset(&self.answer_devices)));
         }
-        self.nft(&["-f", "-"], Some(&ruleset())).await.map(drop)
+        for (family, rules) in tables {
+            if self
+                .nft(&["list", "table", family, TABLE], None)
+                .await
+                .is_err()
+            {
+                self.nft(&["-f", "-"], Some(&rules)).await?;
+            }
+        }
+        Ok(())
     }
 
     /// Drops all traffic of `ip` on this node's bridge (idempotent); refuses an address of the
@@ -128,13 +211,8 @@ impl NetBlock {
             return Err(Error::Guarded(ip));
         }
         self.ensure().await?;
-        let element = format!("{{ {ip} }}");
-        self.nft(
-            &["add", "element", "bridge", TABLE, "blocked", &element],
-            None,
-        )
-        .await
-        .map(drop)
+        let script = set_change(ip, false, !self.answer_devices.is_empty());
+        self.nft(&["-f", "-"], Some(&script)).await.map(drop)
     }
 
     /// Lets `ip` through again (idempotent: an address not blocked is fine).
@@ -142,13 +220,10 @@ impl NetBlock {
         if !self.blocked().await?.contains(&ip) {
             return Ok(());
         }
-        let element = format!("{{ {ip} }}");
-        self.nft(
-            &["delete", "element", "bridge", TABLE, "blocked", &element],
-            None,
-        )
-        .await
-        .map(drop)
+        // The tables exist: the agent made them at its start (an answer table that cannot be
+        // made turns answering off there) and `blocked` listed the bridge one.
+        let script = set_change(ip, true, !self.answer_devices.is_empty());
+        self.nft(&["-f", "-"], Some(&script)).await.map(drop)
     }
 
     /// The addresses blocked now.
@@ -201,6 +276,24 @@ pub fn parse_set(json: &str) -> Vec<Ipv4Addr> {
         }
     }
     ips
+}
+
+/// The packets the agent's reject rules answered, from `nft -j list ruleset` output (0 when the
+/// listing has none).
+pub fn parse_answered(json: &str) -> u64 {
+    let value: serde_json::Value = serde_json::from_str(json).unwrap_or_default();
+    let items = value["nftables"].as_array().cloned().unwrap_or_default();
+    items
+        .iter()
+        .filter(|item| item["rule"]["table"] == TABLE)
+        .filter_map(|item| item["rule"]["expr"].as_array())
+        .filter(|exprs| exprs.iter().any(|e| e.get("reject").is_some()))
+        .flat_map(|exprs| {
+            exprs
+                .iter()
+                .filter_map(|e| e["counter"]["packets"].as_u64())
+        })
+        .sum()
 }
 
 #[cfg(test)]
@@ -258,6 +351,60 @@ mod tests {
         ] {
             assert_eq!(r.matches(rule).count(), 3, "{rule} in {r}");
         }
+    }
+
+    #[test]
+    fn segments_of_connections_arriving_on_the_uplinks_are_answered_and_connection_attempts_not() {
+        let r = answer_ruleset(&["eth0".into(), "bond0".into()]);
+        assert!(r.starts_with(&format!("table netdev {TABLE} ")), "{r}");
+        for (i, device) in ["eth0", "bond0"].iter().enumerate() {
+            assert!(
+                r.contains(&format!(
+                    "chain ingress{i} {{\n    type filter hook ingress device \"{device}\" \
+                     priority -10; policy accept;\n    ip daddr @blocked tcp flags & syn == 0 \
+                     counter reject with icmp type host-unreachable\n  }}"
+                )),
+                "{r}"
+            );
+        }
+        assert_eq!(r.matches("reject").count(), 2, "{r}");
+        assert!(!ruleset().contains("reject"), "the bridge table only drops");
+    }
+
+    #[test]
+    fn the_sets_change_in_one_transaction_and_a_removal_cannot_fail_on_a_missing_element() {
+        let ip = Ipv4Addr::new(10, 88, 1, 5);
+        assert_eq!(
+            set_change(ip, false, true),
+            "add element bridge kube_migros blocked { 10.88.1.5 }\n\
+             add element netdev kube_migros blocked { 10.88.1.5 }\n"
+        );
+        assert!(!set_change(ip, true, false).contains("netdev"));
+        let remove = set_change(ip, true, true);
+        for family in ["bridge", "netdev"] {
+            let add = remove
+                .find(&format!("add element {family} "))
+                .unwrap_or(usize::MAX);
+            let delete = remove
+                .find(&format!("delete element {family} "))
+                .unwrap_or(0);
+            assert!(add < delete, "{remove}");
+        }
+    }
+
+    #[test]
+    fn the_reject_rules_counter_is_parsed() {
+        let json = r#"{"nftables": [{"metainfo": {"version": "1.1.3"}},
+            {"table": {"family": "ip", "name": "kube_migros"}},
+            {"rule": {"family": "netdev", "table": "kube_migros", "chain": "ingress0", "expr": [
+                {"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "daddr"}},
+                           "right": "@blocked"}},
+                {"counter": {"packets": 42, "bytes": 4200}},
+                {"reject": {"type": "icmp", "expr": "host-unreachable"}}]}},
+            {"rule": {"family": "netdev", "table": "kube_migros", "chain": "ingress0", "expr": [
+                {"counter": {"packets": 7, "bytes": 70}}, {"accept": null}]}}]}"#;
+        assert_eq!(parse_answered(json), 42);
+        assert_eq!(parse_answered("not json"), 0);
     }
 
     #[test]

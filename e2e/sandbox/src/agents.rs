@@ -68,6 +68,8 @@ pub fn start(
         .args(["--rxe-dir", "/opt/kube-migros/rxe"])
         .args(["--checkpoint-registry", CHECKPOINT_REPOSITORY])
         .args(["--registry-ca", "/etc/kube-migros/registry-ca.crt"])
+        // The node's uplink to the other nodes: peers' segments to a blocked pod arrive there.
+        .args(["--answer-device", "eth0"])
         .args(&options.args)
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())

@@ -282,6 +282,8 @@ pub fn install(
             agents::CHECKPOINT_REPOSITORY.to_string(),
         ),
         ("agent.port", agents::AGENT_PORT.to_string()),
+        // The nodes' uplink to each other (a port of their pod bridge).
+        ("agent.answerDevices", "{eth0}".to_string()),
         // Only the nodes with kubelets (test suites add Node objects without any).
         (selector.as_str(), "true".to_string()),
     ];

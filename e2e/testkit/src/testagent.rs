@@ -486,6 +486,7 @@ impl v1::agent_server::Agent for Service {
                 .with(|s| s.backends.clone())
                 .unwrap_or_else(|| vec![agent_api::backend::CRI_CHECKPOINT_IMAGE.into()]),
             notes: Vec::new(),
+            strategies: Vec::new(),
         }))
     }
 

@@ -97,6 +97,7 @@ fn migrate_by(
         .await?;
         ensure!(before.num("conns") == 1, "conns before: {before:?}");
 
+        let answered_before = w.answered(from)?;
         let mut target = w.operator(to).await?;
         let mut src = w.operator(from).await?;
         // As the operator sends it: no runtime IDs; the agent finds the container by the pod.
@@ -176,6 +177,14 @@ fn migrate_by(
             w.blocked(from)?
         );
         ensure!(status(ip).await.is_err(), "the paused source still answers");
+        // The peer's segments to the silenced pod are answered host-unreachable (its TCP then
+        // keeps retrying often instead of backing off), not acknowledged.
+        let answered = w.answered(from)?;
+        ensure!(
+            answered > answered_before,
+            "node {from} answered none of the peer's segments while blocking {ip} \
+             ({answered_before} -> {answered})"
+        );
 
         let transfer = done(
             &mut src,
@@ -311,10 +320,28 @@ fn migrate_by(
             streaming.num("gaps") == 0,
             "records lost or repeated: {streaming:?}"
         );
-        let peer_status = status(peer.ip).await?;
-        ensure!(peer_status.num("counter") > 0, "peer {peer_status:?}");
+        // The peer is the judge: every record it sent is answered, in order, on one connection.
+        let sent = status(peer.ip).await?.num("counter");
+        let peer_status = until(
+            "the peer's records to be answered",
+            Duration::from_secs(30),
+            || async {
+                status(peer.ip)
+                    .await
+                    .ok()
+                    .filter(|s| s.num("answered") >= sent)
+            },
+        )
+        .await?;
+        ensure!(
+            peer_status.num("gaps") == 0,
+            "answers lost or out of order at the peer: {peer_status:?}"
+        );
         eprintln!(
-            "peer's stream: same connection, longest pause {} ms, counter {} -> {}",
+            "peer: same connection, longest gap between answers {} ms (round trip {} ms); \
+             the workload's clock saw {} ms; counter {} -> {}",
+            peer_status.get("maxgap_ms"),
+            peer_status.get("maxrtt_ms"),
             streaming.get("maxgap_ms"),
             before.num("counter"),
             streaming.num("counter")

@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use agent_api::{Role, Step, StepArgs, backend, steps::StepRequest, v1};
+use node_agent::strategies;
 
 use crate::{
     rxe_block, unique,
@@ -60,7 +61,42 @@ pub fn capabilities(w: &World) -> Result<()> {
                 caps.restore_backends,
                 caps.notes
             );
+            // These kernels have userfaultfd but no soft-dirty bits; fs.pipe-max-size is the
+            // host's, read here as the agent reads it.
+            let strategy = |name: &str| {
+                caps.strategies
+                    .iter()
+                    .find(|s| s.name == name)
+                    .cloned()
+                    .ok_or_else(|| format!("{node}: no {name} in {:?}", caps.strategies))
+            };
+            // The agents here run in the node's mounts but not its PID namespace, so their
+            // /proc is not their own: they cannot try soft-dirty and say so; the check itself
+            // runs in this process below.
+            let pre = strategy(strategies::PRE_COPY)?;
+            ensure!(
+                !pre.met && pre.missing.contains("cannot tell"),
+                "{node}: PreCopy {pre:?}"
+            );
+            let post = strategy(strategies::POST_COPY)?;
+            let pipe =
+                std::fs::read_to_string("/proc/sys/fs/pipe-max-size").map_err(|e| e.to_string())?;
+            let big_pipe = strategies::pipe_room(&pipe).is_ok();
+            ensure!(
+                post.met == big_pipe
+                    && !post.missing.contains("userfaultfd")
+                    && post.missing.contains("fs.pipe-max-size") != big_pipe,
+                "{node}: PostCopy {post:?} with fs.pipe-max-size {}",
+                pipe.trim()
+            );
         }
+        // The soft-dirty check on this kernel (which has none), from a process with its own /proc.
+        let here = strategies::requirements().await;
+        let pre = here.iter().find(|s| s.name == strategies::PRE_COPY);
+        ensure!(
+            pre.is_some_and(|p| !p.met && p.missing.contains("no soft-dirty bits")),
+            "PreCopy here: {pre:?}"
+        );
         Ok(())
     })
 }

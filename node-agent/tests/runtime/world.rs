@@ -284,6 +284,13 @@ impl World {
         Ok(node_agent::netblock::parse_set(&out))
     }
 
+    /// The segments node `i` answered host-unreachable for blocked addresses so far (0 before
+    /// any block made the table).
+    pub fn answered(&self, i: usize) -> Result<u64> {
+        let out = self.exec(i, &["nft", "-j", "list", "ruleset"])?;
+        Ok(node_agent::netblock::parse_answered(&out))
+    }
+
     /// The migrations with data in node `i`'s store (none while the store has no migrations
     /// directory); an error when it cannot be read.
     pub fn stored(&self, i: usize) -> Result<Vec<String>> {

@@ -8,12 +8,16 @@
 // serve counts ticks (every 10 ms) and keeps a SHA-256 over every tick and every byte it receives on
 // --listen; GET-like connections to --status get one line:
 //
-//	id=<hex> counter=<ticks> hash=<hex> received=<bytes> gaps=<count> maxgap_ms=<ms> conns=<n>
+//	id=<hex> counter=<ticks> hash=<hex> received=<bytes> gaps=<count> maxgap_ms=<ms> conns=<n> answered=<n> maxrtt_ms=<ms>
 //
 // id is random per process start: a restored process keeps it, a restarted one does not.
-// stream connects to --to and sends a numbered 64-byte record every 10 ms; serve checks the
-// numbering (a skipped or repeated number counts as a gap in the data) and the longest pause
-// between records (maxgap_ms), which is what a peer of a migrated pod observes. --touch keeps that
+// stream connects to --to and sends a numbered, timestamped 64-byte record every 10 ms; serve
+// checks the numbering (a skipped or repeated number counts as a gap in the data), keeps the
+// longest pause between records as its own clock saw it (maxgap_ms), and sends every record
+// back. The stream is the judge of a migration's pause: its status line counts the records sent
+// (counter) and answered, the answers out of order (gaps), the longest time between two answers
+// (maxgap_ms) and the longest round trip of a record (maxrtt_ms), all on its own clock, which a
+// migration of the workload does not touch. --touch keeps that
 // much memory written, so that checkpoints have a known size. --note writes the process id into a
 // file of the container's own filesystem at the start (a restored container must still have it);
 // cat prints a file (the image has no shell), for `kubectl exec`. --verbose logs every status
@@ -51,6 +55,8 @@ type state struct {
 	gaps     uint64
 	maxGap   time.Duration
 	conns    uint64
+	answered uint64
+	maxRTT   time.Duration
 }
 
 func (s *state) mix(data []byte) {
@@ -63,8 +69,9 @@ func (s *state) mix(data []byte) {
 func (s *state) line() string {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return fmt.Sprintf("id=%s counter=%d hash=%s received=%d gaps=%d maxgap_ms=%d conns=%d\n",
-		s.id, s.counter, hex.EncodeToString(s.hash[:]), s.received, s.gaps, s.maxGap.Milliseconds(), s.conns)
+	return fmt.Sprintf("id=%s counter=%d hash=%s received=%d gaps=%d maxgap_ms=%d conns=%d answered=%d maxrtt_ms=%d\n",
+		s.id, s.counter, hex.EncodeToString(s.hash[:]), s.received, s.gaps, s.maxGap.Milliseconds(), s.conns,
+		s.answered, s.maxRTT.Milliseconds())
 }
 
 func parseSize(v string) (int, error) {
@@ -218,6 +225,39 @@ func receive(c net.Conn, s *state) {
 		s.received += uint64(len(record))
 		s.mix(record)
 		s.mu.Unlock()
+		if _, err := c.Write(record); err != nil {
+			return
+		}
+	}
+}
+
+// answers reads the records c sends back and keeps, on the stream's own clock, the longest time
+// between two answers and the longest round trip.
+func answers(c net.Conn, s *state) {
+	record := make([]byte, 64)
+	expected := uint64(1)
+	var last time.Time
+	for {
+		if _, err := io.ReadFull(c, record); err != nil {
+			return
+		}
+		now := time.Now()
+		seq := binary.BigEndian.Uint64(record[:8])
+		sent := time.Unix(0, int64(binary.BigEndian.Uint64(record[8:16])))
+		s.mu.Lock()
+		if seq != expected {
+			s.gaps++
+		}
+		expected = seq + 1
+		s.answered++
+		if !last.IsZero() && now.Sub(last) > s.maxGap {
+			s.maxGap = now.Sub(last)
+		}
+		if rtt := now.Sub(sent); rtt > s.maxRTT {
+			s.maxRTT = rtt
+		}
+		last = now
+		s.mu.Unlock()
 	}
 }
 
@@ -238,9 +278,11 @@ func stream(args []string) {
 			time.Sleep(100 * time.Millisecond)
 		}
 	}
+	go answers(c, s)
 	record := make([]byte, 64)
 	for seq := uint64(1); ; seq++ {
 		binary.BigEndian.PutUint64(record[:8], seq)
+		binary.BigEndian.PutUint64(record[8:16], uint64(time.Now().UnixNano()))
 		if _, err := c.Write(record); err != nil {
 			fmt.Fprintf(os.Stderr, "demo: stream to %s broke after %d records: %v\n", *to, seq-1, err)
 			os.Exit(1)
