@@ -111,13 +111,36 @@ fn default_timeout_seconds() -> i64 {
     DEFAULT_TIMEOUT_SECONDS
 }
 
-/// Migration strategy. Only stop-and-copy exists today; lazy (post-copy) and iterative (pre-copy)
-/// strategies are planned and will be added to this enum when implemented.
+/// Migration strategy.
+///
+/// Only `StopAndCopy` moves pods today. `PostCopy` (the process restored before its memory has
+/// arrived, pages served by the source) and `PreCopy` (memory copied while the process runs, then
+/// only what changed) are accepted so that a request for them gets an exact answer: the migration
+/// fails in Pending, before anything is touched, with what the nodes lack (userfaultfd and
+/// `fs.pipe-max-size` for PostCopy, soft-dirty page tracking for PreCopy) or, where the nodes have
+/// all of it, that this release does not move pods that way yet (docs/api.md#strategies).
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Strategy {
     /// Freeze the pod, checkpoint it, copy the checkpoint, restore it on the target.
     #[default]
     StopAndCopy,
+    /// Restore the pod on the target before its memory has arrived; the source serves pages.
+    /// Refused in Pending today (not built).
+    PostCopy,
+    /// Copy memory while the pod runs, then freeze it and copy what changed. Refused in Pending
+    /// today (not built).
+    PreCopy,
+}
+
+impl Strategy {
+    /// The name `spec.strategy` uses, which the agents' capabilities use too.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Strategy::StopAndCopy => "StopAndCopy",
+            Strategy::PostCopy => "PostCopy",
+            Strategy::PreCopy => "PreCopy",
+        }
+    }
 }
 
 /// Network handling of a migration.
@@ -402,6 +425,16 @@ mod tests {
         assert_eq!(spec.timeout_seconds, DEFAULT_TIMEOUT_SECONDS);
         assert_eq!(spec.compression, Compression::None);
         assert_eq!(spec.target_node, None);
+    }
+
+    #[test]
+    fn strategy_names_are_the_wire_names() {
+        for s in [Strategy::StopAndCopy, Strategy::PostCopy, Strategy::PreCopy] {
+            assert_eq!(
+                serde_json::to_value(s).unwrap(),
+                serde_json::Value::String(s.as_str().into())
+            );
+        }
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::{
 };
 
 use agent_api::{Role, Step, StepArgs, v1};
-use crds::{Compression, Phase, PodMigration, PodMigrationStatus};
+use crds::{Compression, Phase, PodMigration, PodMigrationStatus, Strategy};
 use futures::{StreamExt, future::join_all};
 use k8s_openapi::{
     api::core::v1::{Node, PersistentVolumeClaim, Pod},
@@ -41,6 +41,7 @@ use crate::{
     replacement::{self, Restore},
     rxe_blocks,
     statemachine::{self, Action, Answer, Facts, PodFacts, Target},
+    strategy,
     targets::{self, Candidate},
 };
 
@@ -592,6 +593,7 @@ async fn observe(pm: &PodMigration, ctx: &Context) -> Result<Facts> {
         status,
         pod: pod.as_ref().map(|p| pod_facts(p, &ctx.policy)),
         target: None,
+        strategy: None,
         rxe: None,
         template_changed: false,
         target_gone: None,
@@ -617,6 +619,12 @@ async fn observe(pm: &PodMigration, ctx: &Context) -> Result<Facts> {
                 backend: None,
             };
             facts.target = Some(choose_target(pod, choice, ctx).await?);
+            if pm.spec.strategy != Strategy::StopAndCopy {
+                let source = pf.node.as_deref().unwrap_or_default();
+                let named = pm.spec.target_node.as_deref();
+                facts.strategy =
+                    Some(strategy_support(pm.spec.strategy, source, named, ctx).await?);
+            }
             if pf.rdma {
                 facts.rxe = ctx
                     .rxe
@@ -713,6 +721,43 @@ async fn claims_of(pod: &Pod, ns: &str, ctx: &Context) -> Result<Vec<PersistentV
         claims.extend(api.get_opt(&name).await?);
     }
     Ok(claims)
+}
+
+/// Whether `strategy` can run from `source` to `named` (or to any node with a live agent), as
+/// the agents report their nodes.
+async fn strategy_support(
+    strategy: Strategy,
+    source: &str,
+    named: Option<&str>,
+    ctx: &Context,
+) -> Result<Result<(), String>> {
+    let live = ctx.agents.live().await?;
+    let targets: Vec<&str> = match named {
+        Some(node) => vec![node],
+        None => live
+            .keys()
+            .map(String::as_str)
+            .filter(|n| *n != source)
+            .collect(),
+    };
+    let ask = |node: &str| {
+        let endpoint = live.get(node).cloned();
+        let node = node.to_string();
+        async move {
+            match endpoint {
+                Some(endpoint) => ctx.agents.capabilities(&node, &endpoint).await.ok(),
+                None => None,
+            }
+        }
+    };
+    let from = ask(source).await;
+    let to = join_all(targets.iter().map(|node| ask(node))).await;
+    let to: Vec<strategy::Node<'_>> = targets
+        .iter()
+        .copied()
+        .zip(to.iter().map(Option::as_ref))
+        .collect();
+    Ok(strategy::support(strategy, (source, from.as_ref()), &to))
 }
 
 /// Where a migration may go.

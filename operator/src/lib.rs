@@ -16,6 +16,7 @@ pub mod rxe_blocks;
 pub mod server;
 pub mod signer;
 pub mod statemachine;
+pub mod strategy;
 pub mod targets;
 pub mod webhook;
 

@@ -8,7 +8,7 @@ use agent_api::{Role, Step, checkpoint_image};
 
 use crds::{
     CheckpointStatus, ContainerCheckpoint, Phase, PhaseTransition, PodMigrationSpec,
-    PodMigrationStatus, Progress, RxeRanges,
+    PodMigrationStatus, Progress, RxeRanges, Strategy,
 };
 use k8s_openapi::{
     apimachinery::pkg::apis::meta::v1::{Condition, MicroTime, Time},
@@ -66,6 +66,8 @@ pub enum Reason {
     /// The source's agent resumed the pod at its own deadline before it was stopped: the
     /// migration could not complete, and the pod runs on the source as before.
     SourceResumed,
+    /// The nodes lack what `spec.strategy` needs, or this release does not move pods that way.
+    StrategyUnavailable,
 }
 
 impl Reason {
@@ -86,6 +88,7 @@ impl Reason {
             Reason::Deleted => "Deleted",
             Reason::TemplateChanged => "TemplateChanged",
             Reason::SourceResumed => "SourceResumed",
+            Reason::StrategyUnavailable => "StrategyUnavailable",
         }
     }
 }
@@ -126,6 +129,9 @@ pub struct Facts {
     /// Pending only: the chosen target node and the backend it restores with, or why there is
     /// none.
     pub target: Option<Result<Target, String>>,
+    /// Pending only, a strategy other than stop-and-copy: whether the source and a target node
+    /// have what it needs, or why not (`strategy::support`).
+    pub strategy: Option<Result<(), String>>,
     /// Pending only, RDMA pods: the pod's rxe block, if it has one.
     pub rxe: Option<RxeRanges>,
     /// The replacement template annotation no longer matches `status.templateDigest`.
@@ -345,6 +351,20 @@ fn start(f: &Facts) -> Action {
             format!("pod {pod_name} is not Running (phase {phase})"),
         );
     };
+    if f.spec.strategy != Strategy::StopAndCopy {
+        let name = f.spec.strategy.as_str();
+        return match &f.strategy {
+            None => Action::Wait(POLL),
+            Some(Err(why)) => fail(Reason::StrategyUnavailable, why.clone()),
+            Some(Ok(())) => fail(
+                Reason::StrategyUnavailable,
+                format!(
+                    "the nodes have what {name} needs, but this release of kube-migros moves pods \
+                     only with StopAndCopy"
+                ),
+            ),
+        };
+    }
     let target = match &f.target {
         Some(Ok(target)) => target.clone(),
         Some(Err(why)) => return fail(Reason::TargetUnavailable, why.clone()),
@@ -1127,7 +1147,7 @@ fn to_i64(v: u64) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crds::{Compression, NetworkSpec, Strategy};
+    use crds::{Compression, NetworkSpec};
 
     const UID: &str = "m-1";
 
@@ -1171,6 +1191,7 @@ mod tests {
                 node: "node-2".into(),
                 backend: "runtime-wrapper".into(),
             })),
+            strategy: None,
             rxe: None,
             template_changed: false,
             target_gone: None,
@@ -1382,6 +1403,36 @@ mod tests {
             mutate(&mut f);
             failed_with(&f, &next(&f), reason);
         }
+    }
+
+    #[test]
+    fn a_strategy_other_than_stop_and_copy_is_refused_before_anything_started() {
+        for strategy in [Strategy::PostCopy, Strategy::PreCopy] {
+            let mut f = pending();
+            f.spec.strategy = strategy;
+            // Not judged yet: nothing is done meanwhile.
+            assert_eq!(next(&f), Action::Wait(POLL));
+            let lacking = "source node node-1 cannot do it: soft-dirty: no bits";
+            f.strategy = Some(Err(lacking.into()));
+            let action = next(&f);
+            failed_with(&f, &action, Reason::StrategyUnavailable);
+            let Action::Write(s) = action else {
+                unreachable!()
+            };
+            assert_eq!(s.message.as_deref(), Some(lacking));
+            assert_eq!(s.source_node, None, "nothing was started");
+            // Nodes that have what it needs: refused all the same, saying it is not built.
+            f.strategy = Some(Ok(()));
+            let action = next(&f);
+            failed_with(&f, &action, Reason::StrategyUnavailable);
+            let Action::Write(s) = action else {
+                unreachable!()
+            };
+            assert!(s.message.unwrap().contains("only with StopAndCopy"));
+        }
+        // StopAndCopy does not wait for a judgement.
+        let f = pending();
+        assert!(matches!(next(&f), Action::Start(_)));
     }
 
     #[test]

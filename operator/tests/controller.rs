@@ -350,15 +350,58 @@ async fn unmet_preconditions_fail_with_a_reason_and_touch_nothing() {
             ),
         ];
         assert_eq!(unmovable, ["host-net", "scratch", "database"]);
+        // Strategies beyond stop-and-copy: node 2 lacks what PostCopy needs, node 3 has it (it
+        // is cordoned, which the strategy's judgement does not look at); the agents report
+        // nothing about PreCopy, as an older agent would.
+        s.agent(1).with_strategy("PostCopy", None);
+        s.agent(2)
+            .with_strategy("PostCopy", Some("fs.pipe-max-size is 1048576 bytes"));
+        s.agent(3).with_strategy("PostCopy", None);
+        let mut cases: Vec<_> = cases
+            .into_iter()
+            .map(|(name, pod, target, reason, message)| {
+                let spec = serde_json::json!({"targetNode": target});
+                (name, pod, spec, reason, message.to_string())
+            })
+            .collect();
+        cases.extend([
+            (
+                "post-copy-lacking",
+                "server",
+                serde_json::json!({"targetNode": s.node(2), "strategy": "PostCopy"}),
+                "StrategyUnavailable",
+                format!(
+                    "target node {} cannot do PostCopy: fs.pipe-max-size is 1048576 bytes",
+                    s.node(2)
+                ),
+            ),
+            (
+                "pre-copy-unreported",
+                "server",
+                serde_json::json!({"targetNode": s.node(2), "strategy": "PreCopy"}),
+                "StrategyUnavailable",
+                format!(
+                    "source node {} cannot do PreCopy: its agent does not report",
+                    s.node(1)
+                ),
+            ),
+            (
+                // Any node: node 3 has what PostCopy needs, but this release does not do it.
+                "post-copy-unbuilt",
+                "server",
+                serde_json::json!({"strategy": "PostCopy"}),
+                "StrategyUnavailable",
+                "moves pods only with StopAndCopy".to_string(),
+            ),
+        ]);
         // One at a time: a second active migration of the same pod would be refused as PodBusy.
-        for (name, pod, target, reason, message) in cases {
-            s.migrate_with(name, pod, None, serde_json::json!({"targetNode": target}))
-                .await;
+        for (name, pod, spec, reason, message) in cases {
+            s.migrate_with(name, pod, None, spec).await;
             let pm = s.wait_phase(name, Phase::Failed, PHASE_TIMEOUT).await;
             let (got_reason, got_message) = Scenario::reason(&pm);
             assert_eq!(got_reason, reason, "{name}: {got_message}");
             assert!(
-                got_message.contains(message),
+                got_message.contains(&message),
                 "{name}: {got_message:?} lacks {message:?}"
             );
             let phases: Vec<Phase> = pm

@@ -86,6 +86,8 @@ struct State {
     no_rxe: bool,
     /// Reported in the capabilities: the restore backends (`None`: the checkpoint-image one).
     backends: Option<Vec<String>>,
+    /// Reported in the capabilities: what the node offers the strategies beyond stop-and-copy.
+    strategies: Vec<v1::StrategyRequirements>,
     /// Time between two chunks of a transfer this agent sends (`None`: [`CHUNK_INTERVAL`]).
     chunk_interval: Option<Duration>,
     script: HashMap<Scripted, Behaviour>,
@@ -190,6 +192,19 @@ impl TestAgent {
     pub fn with_backends(&self, backends: &[&str]) {
         let backends = backends.iter().map(|b| b.to_string()).collect();
         self.service.with(|s| s.backends = Some(backends));
+    }
+
+    /// Makes the agent report that its node has what `strategy` needs, or lacks `missing`.
+    pub fn with_strategy(&self, strategy: &str, missing: Option<&str>) {
+        let requirements = v1::StrategyRequirements {
+            name: strategy.into(),
+            met: missing.is_none(),
+            missing: missing.unwrap_or_default().into(),
+        };
+        self.service.with(|s| {
+            s.strategies.retain(|r| r.name != strategy);
+            s.strategies.push(requirements);
+        });
     }
 
     /// Makes the transfers this agent sends take [`CHUNKS`] times `interval`.
@@ -486,7 +501,7 @@ impl v1::agent_server::Agent for Service {
                 .with(|s| s.backends.clone())
                 .unwrap_or_else(|| vec![agent_api::backend::CRI_CHECKPOINT_IMAGE.into()]),
             notes: Vec::new(),
-            strategies: Vec::new(),
+            strategies: self.with(|s| s.strategies.clone()),
         }))
     }
 
