@@ -116,6 +116,20 @@ impl Live {
         );
         after
     }
+
+    /// The peer is the judge: waits until every record it sent is answered, checks that the
+    /// answers came in order on its one connection, and answers what it judged (its pauses, on
+    /// its own clock: one per move).
+    async fn peer(&self, step: &str) -> workload::PeerJudgement {
+        let judged = workload::peer_judgement(&self.pods, "peer")
+            .await
+            .unwrap_or_else(|e| panic!("{step}: {e:#}"));
+        assert_eq!(
+            judged.gaps, 0,
+            "{step}: answers lost or out of order at the peer: {judged:?}"
+        );
+        judged
+    }
 }
 
 /// Stops the container of `pod` (as a crash would) and waits for the kubelet's restart: a fresh
@@ -446,6 +460,8 @@ async fn a_pod_moves_between_real_nodes_keeping_its_state_ip_and_tcp_peer() {
                     .await
                     .unwrap();
             let ip = ip_of(&current);
+            // The peer's judgement so far (its start may show a pause).
+            let mut peer = live.peer("start").await;
 
             // node-1 -> node-2 -> node-3, then with no target node.
             for (hop, target) in [
@@ -527,9 +543,24 @@ async fn a_pod_moves_between_real_nodes_keeping_its_state_ip_and_tcp_peer() {
                     block.qpn_start.to_string(),
                     "{hop}: last_qpn on {to}"
                 );
+                // Every move pauses the peer once (its records are answered again after it).
+                let now = live.peer(hop).await;
+                // A peer that started again (its workload restarted fresh) saw none before.
+                let seen = if now.id == peer.id {
+                    peer.pauses_ms.len()
+                } else {
+                    0
+                };
+                assert!(
+                    now.pauses_ms.len() > seen,
+                    "{hop}: the peer saw no pause, though the pod moved: {now:?}"
+                );
+                peer = now;
                 eprintln!(
-                    "{hop}: {from} -> {to}, timings {:?}, peer's longest pause so far {} ms",
+                    "{hop}: {from} -> {to}, timings {:?}, the peer's pause {} ms (the workload's \
+                     own clock: longest {} ms)",
                     status.timings,
+                    peer.pauses_ms.last().copied().unwrap_or_default(),
                     after.get("maxgap_ms").cloned().unwrap_or_default()
                 );
                 current = moved;
@@ -539,6 +570,11 @@ async fn a_pod_moves_between_real_nodes_keeping_its_state_ip_and_tcp_peer() {
                     // restart of the container is a fresh start of its image, as it would have
                     // been on the source node.
                     before = restarted_fresh(&current, &wanted, ip, &before).await;
+                    // Its peer's connection broke with it: the peer starts again and connects
+                    // to the fresh process.
+                    let again = live.peer("hop-2 restart").await;
+                    assert_ne!(again.id, peer.id, "the peer kept a connection that broke");
+                    peer = again;
                 }
             }
 

@@ -137,7 +137,8 @@ pub async fn run(dirs: &Dirs) -> anyhow::Result<()> {
             },
         )
         .await?;
-        report_move(&status, (&from, ip, &before), (&moved, &after))?;
+        let peer = workload::peer_judgement(&pods, "peer").await?;
+        report_move(&status, (&from, ip, &before), (&moved, &after), &peer)?;
         current = moved;
         before = after;
     }
@@ -242,6 +243,7 @@ fn report_move(
     status: &crds::PodMigrationStatus,
     (from, ip, before): (&str, Ipv4Addr, &State),
     (moved, after): (&Pod, &State),
+    peer: &workload::PeerJudgement,
 ) -> anyhow::Result<()> {
     let t = status.timings.unwrap_or_default();
     let ms = |v: Option<i64>| v.map(|v| format!("{v} ms")).unwrap_or_else(|| "-".into());
@@ -265,11 +267,16 @@ fn report_move(
         show(after)
     ));
     let yes = |same: bool| if same { "yes" } else { "NO" };
+    let pause = peer
+        .pauses_ms
+        .last()
+        .map_or_else(|| "none".into(), |ms| format!("{ms} ms"));
     say(format!(
-        "    same process: {}; IP kept: {}; the peer's longest pause so far: {} ms",
+        "    same process: {}; IP kept: {}; the peer's pause (on its own clock): {pause}; \
+         its records answered in order: {}",
         yes(after.get("id") == before.get("id")),
         yes(moved_ip == ip),
-        after.get("maxgap_ms").cloned().unwrap_or_default()
+        yes(peer.gaps == 0)
     ));
     Ok(())
 }

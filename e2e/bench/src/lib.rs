@@ -65,8 +65,10 @@ pub struct MigrationRun {
     /// The longest time an outside client (on the host, polling the status port every few ms)
     /// got no answer from the workload.
     pub client_gap_ms: f64,
-    /// The longest pause between two records of the peer's stream, as the workload's clock saw it.
-    pub stream_gap_ms: f64,
+    /// The peer's pause: the longest time between two answers to its stream, on its own clock
+    /// (0: not measured, a run from before the peer judged).
+    #[serde(default)]
+    pub peer_pause_ms: f64,
     /// Phase durations (see [`migration::PHASES`]).
     pub phases: BTreeMap<String, f64>,
 }

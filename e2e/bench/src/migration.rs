@@ -249,7 +249,7 @@ async fn one(
     }
     // The workload answers again and the stream went on.
     let (counter, received) = (num(&before, "counter"), num(&before, "received"));
-    let after = workload::until(
+    workload::until(
         "the workload after the move",
         Duration::from_secs(120),
         || async move {
@@ -259,6 +259,11 @@ async fn one(
         },
     )
     .await?;
+    // The peer is the judge of the pause: every record it sent is answered, in order.
+    let peer = workload::peer_judgement(&pods, &peer_name).await?;
+    if peer.gaps != 0 {
+        bail!("{pm_name}: the peer's answers came out of order: {peer:?}");
+    }
     // The prober gets a few more answers after the move.
     tokio::time::sleep(Duration::from_millis(200)).await;
     stop.store(true, Ordering::Relaxed);
@@ -277,7 +282,7 @@ async fn one(
             .and_then(|t| t.stream_ms)
             .map_or(0.0, |d| d as f64),
         client_gap_ms,
-        stream_gap_ms: num(&after, "maxgap_ms") as f64,
+        peer_pause_ms: peer.longest_pause_ms as f64,
         phases: seen.durations(),
     };
     // Clean up: the PodMigration (the operator lifts its finalizer), the pods.

@@ -116,6 +116,72 @@ pub async fn until<T, F: Future<Output = Option<T>>>(
     }
 }
 
+/// What the peer of a workload (the demo's `stream`) judged: read when every record it had sent
+/// when asked is answered.
+#[derive(Debug, Clone)]
+pub struct PeerJudgement {
+    /// The peer process (random per start).
+    pub id: String,
+    /// Answers that came out of order (lost or repeated records).
+    pub gaps: u64,
+    /// The longest time between two answers, ms.
+    pub longest_pause_ms: u64,
+    /// Every time between two answers longer than 100 ms, ms, the latest last (the last 32).
+    pub pauses_ms: Vec<u64>,
+}
+
+/// Waits until the peer pod `peer` has every record it sent so far answered, and answers what it
+/// judged on its own clock. A status without the fields is an error, not a zero.
+pub async fn peer_judgement(pods: &Api<Pod>, peer: &str) -> anyhow::Result<PeerJudgement> {
+    // The kubelet reports the pod's IP up to a status period after the peer runs.
+    let ip = until(
+        &format!("peer {peer}'s IP"),
+        Duration::from_secs(60),
+        || async { pods.get(peer).await.ok().as_ref().and_then(ip_of) },
+    )
+    .await?;
+    let field = |s: &State, key: &str| -> anyhow::Result<u64> {
+        s.get(key)
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| anyhow::anyhow!("peer {peer}'s status has no {key}: {s:?}"))
+    };
+    let now = until(
+        &format!("peer {peer}'s status"),
+        Duration::from_secs(30),
+        || state(ip),
+    )
+    .await?;
+    let sent = field(&now, "counter")?;
+    let judged = until(
+        &format!("peer {peer}'s {sent} records to be answered"),
+        Duration::from_secs(90),
+        || async move {
+            state(ip).await.filter(|s| {
+                s.get("answered")
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .is_some_and(|answered| answered >= sent)
+            })
+        },
+    )
+    .await?;
+    let pauses = judged
+        .get("pauses_ms")
+        .ok_or_else(|| anyhow::anyhow!("peer {peer}'s status has no pauses_ms: {judged:?}"))?;
+    Ok(PeerJudgement {
+        id: judged
+            .get("id")
+            .cloned()
+            .ok_or_else(|| anyhow::anyhow!("peer {peer}'s status has no id: {judged:?}"))?,
+        gaps: field(&judged, "gaps")?,
+        longest_pause_ms: field(&judged, "maxgap_ms")?,
+        pauses_ms: pauses
+            .split(',')
+            .filter(|p| !p.is_empty())
+            .map(str::parse)
+            .collect::<Result<_, _>>()?,
+    })
+}
+
 /// Starts the demo workload as an RDMA pod `app` on node-1 (it asks for an `rdma/rxe` device and
 /// keeps `touch` of memory written, e.g. `16Mi`) and a peer `peer` on node-3 that streams numbered
 /// records to it over one TCP connection; answers the workload's pod and its state once the

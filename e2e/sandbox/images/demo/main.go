@@ -8,7 +8,7 @@
 // serve counts ticks (every 10 ms) and keeps a SHA-256 over every tick and every byte it receives on
 // --listen; GET-like connections to --status get one line:
 //
-//	id=<hex> counter=<ticks> hash=<hex> received=<bytes> gaps=<count> maxgap_ms=<ms> conns=<n> answered=<n> maxrtt_ms=<ms>
+//	id=<hex> counter=<ticks> hash=<hex> received=<bytes> gaps=<count> maxgap_ms=<ms> conns=<n> answered=<n> maxrtt_ms=<ms> pauses_ms=<ms>,<ms>,...
 //
 // id is random per process start: a restored process keeps it, a restarted one does not.
 // stream connects to --to and sends a numbered, timestamped 64-byte record every 10 ms; serve
@@ -16,8 +16,9 @@
 // longest pause between records as its own clock saw it (maxgap_ms), and sends every record
 // back. The stream is the judge of a migration's pause: its status line counts the records sent
 // (counter) and answered, the answers out of order (gaps), the longest time between two answers
-// (maxgap_ms) and the longest round trip of a record (maxrtt_ms), all on its own clock, which a
-// migration of the workload does not touch. --touch keeps that
+// (maxgap_ms), each time between two answers longer than 100 ms (pauses_ms, the last 32: one per
+// move of the workload) and the longest round trip of a record (maxrtt_ms), all on its own clock,
+// which a migration of the workload does not touch. --touch keeps that
 // much memory written, so that checkpoints have a known size. --note writes the process id into a
 // file of the container's own filesystem at the start (a restored container must still have it);
 // cat prints a file (the image has no shell), for `kubectl exec`. --verbose logs every status
@@ -46,6 +47,12 @@ import (
 
 const tick = 10 * time.Millisecond
 
+// A time between two answers longer than this is a pause of the workload (a tick is 10 ms).
+const pauseAbove = 100 * time.Millisecond
+
+// The pauses a stream keeps, the latest.
+const keptPauses = 32
+
 type state struct {
 	id       string
 	mu       sync.Mutex
@@ -57,6 +64,7 @@ type state struct {
 	conns    uint64
 	answered uint64
 	maxRTT   time.Duration
+	pauses   []time.Duration
 }
 
 func (s *state) mix(data []byte) {
@@ -69,9 +77,13 @@ func (s *state) mix(data []byte) {
 func (s *state) line() string {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return fmt.Sprintf("id=%s counter=%d hash=%s received=%d gaps=%d maxgap_ms=%d conns=%d answered=%d maxrtt_ms=%d\n",
+	pauses := make([]string, len(s.pauses))
+	for i, p := range s.pauses {
+		pauses[i] = strconv.FormatInt(p.Milliseconds(), 10)
+	}
+	return fmt.Sprintf("id=%s counter=%d hash=%s received=%d gaps=%d maxgap_ms=%d conns=%d answered=%d maxrtt_ms=%d pauses_ms=%s\n",
 		s.id, s.counter, hex.EncodeToString(s.hash[:]), s.received, s.gaps, s.maxGap.Milliseconds(), s.conns,
-		s.answered, s.maxRTT.Milliseconds())
+		s.answered, s.maxRTT.Milliseconds(), strings.Join(pauses, ","))
 }
 
 func parseSize(v string) (int, error) {
@@ -252,6 +264,12 @@ func answers(c net.Conn, s *state) {
 		s.answered++
 		if !last.IsZero() && now.Sub(last) > s.maxGap {
 			s.maxGap = now.Sub(last)
+		}
+		if !last.IsZero() && now.Sub(last) > pauseAbove {
+			s.pauses = append(s.pauses, now.Sub(last))
+			if len(s.pauses) > keptPauses {
+				s.pauses = s.pauses[1:]
+			}
 		}
 		if rtt := now.Sub(sent); rtt > s.maxRTT {
 			s.maxRTT = rtt
