@@ -276,14 +276,31 @@ impl Agent {
             return;
         };
         let path = PathBuf::from(&netns);
-        match tokio::task::spawn_blocking(move || address::announce(&path)).await {
-            Ok(Ok(())) => info!(migration = %record.uid, %netns, "announced the pod's address"),
-            Ok(Err(e)) => {
-                warn!(migration = %record.uid, error = %e, "cannot announce the pod's address")
+        let done = tokio::task::spawn_blocking(move || {
+            // First what the restored sockets wait for (their window probes), then the rest.
+            (address::resolve_waiting(&path), address::announce(&path))
+        })
+        .await;
+        let uid = &record.uid;
+        match done {
+            Ok((resolved, announced)) => {
+                match resolved {
+                    Ok(asked) if asked.is_empty() => {}
+                    Ok(asked) => {
+                        info!(migration = %uid, ?asked, "asked the pod's kernel to resolve its waiting neighbours now")
+                    }
+                    Err(e) => {
+                        warn!(migration = %uid, error = %e, "cannot have the pod's waiting neighbours resolved now")
+                    }
+                }
+                match announced {
+                    Ok(()) => info!(migration = %uid, %netns, "announced the pod's address"),
+                    Err(e) => {
+                        warn!(migration = %uid, error = %e, "cannot announce the pod's address")
+                    }
+                }
             }
-            Err(e) => {
-                warn!(migration = %record.uid, error = %e, "cannot announce the pod's address")
-            }
+            Err(e) => warn!(migration = %uid, error = %e, "cannot announce the pod's address"),
         }
     }
 
