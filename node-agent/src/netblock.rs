@@ -1,8 +1,9 @@
 //! Silencing a pod IP on this node: an nftables table of the `bridge` family whose rules drop every
 //! IPv4 packet and ARP frame from or to the addresses in its set, on the node's pod bridge. The
 //! source node blocks a pod from just before its checkpoint (a peer's TCP stack then sees a pause,
-//! not a reset, and nothing the checkpoint did not see is acknowledged); the target node blocks the
-//! pod IP until the restored sockets exist. The set lives in the node's network namespace, so a
+//! not a reset, and nothing the checkpoint did not see is acknowledged); the target node holds the
+//! pod IP until the restored sockets exist: its IPv4 packets are dropped, its ARP goes through, so
+//! that the network learns where the address lives now before the restore (set `held`). The set lives in the node's network namespace, so a
 //! restarted agent finds its blocks where it left them. Whatever it is asked, the agent never
 //! blocks an address of its own node (a pod on the node's network has the node's address:
 //! blocking it would take the node off the network), one of the cluster's control plane (the API
@@ -54,21 +55,49 @@ pub struct NetBlock {
     answer_devices: Vec<String>,
 }
 
-/// The bridge table: every frame from or to a blocked address is dropped.
+/// The set of addresses whose IPv4 packets and ARP frames are dropped (a source's pod).
+const BLOCKED: &str = "blocked";
+/// The set of addresses whose IPv4 packets are dropped and whose ARP goes through (a target's
+/// pod waiting for its restore: the network learns where it lives from its new sandbox, so that
+/// peers send to this node, whose uplinks answer them).
+const HELD: &str = "held";
+
+/// The bridge hooks the table filters on.
+const HOOKS: [&str; 3] = ["forward", "input", "output"];
+
+/// The rules of the held set (also added to an older table that lacks them).
+const HELD_RULES: [&str; 2] = ["ip saddr @held drop", "ip daddr @held drop"];
+
+/// The bridge table: every frame from or to a blocked address is dropped; only IPv4 packets of a
+/// held one.
 fn ruleset() -> String {
-    let rules = "ip saddr @blocked drop\n    ip daddr @blocked drop\n    \
-                 arp saddr ip @blocked drop\n    arp daddr ip @blocked drop";
-    let chain = |name: &str| {
-        format!(
-            "  chain {name} {{\n    type filter hook {name} priority -10; policy accept;\n    {rules}\n  }}\n"
-        )
-    };
+    let rules = format!(
+        "ip saddr @{BLOCKED} drop\n    ip daddr @{BLOCKED} drop\n    \
+         arp saddr ip @{BLOCKED} drop\n    arp daddr ip @{BLOCKED} drop\n    {}",
+        HELD_RULES.join("\n    ")
+    );
+    let chains: String = HOOKS
+        .iter()
+        .map(|name| {
+            format!(
+                "  chain {name} {{\n    type filter hook {name} priority -10; policy accept;\n    {rules}\n  }}\n"
+            )
+        })
+        .collect();
     format!(
-        "table bridge {TABLE} {{\n  set blocked {{ type ipv4_addr; }}\n{}{}{}}}\n",
-        chain("forward"),
-        chain("input"),
-        chain("output")
+        "table bridge {TABLE} {{\n  set {BLOCKED} {{ type ipv4_addr; }}\n  set {HELD} {{ type ipv4_addr; }}\n{chains}}}\n"
     )
+}
+
+/// What makes a bridge table of an older agent (without the held set) the current one.
+fn held_upgrade() -> String {
+    let mut script = format!("add set bridge {TABLE} {HELD} {{ type ipv4_addr; }}\n");
+    for hook in HOOKS {
+        for rule in HELD_RULES {
+            script.push_str(&format!("add rule bridge {TABLE} {hook} {rule}\n"));
+        }
+    }
+    script
 }
 
 /// The rule that answers a segment of an established connection to a blocked address.
@@ -91,23 +120,34 @@ fn answer_ruleset(devices: &[String]) -> String {
     format!("table netdev {TABLE} {{\n  set blocked {{ type ipv4_addr; }}\n{chains}}}\n")
 }
 
-/// One nft transaction that adds `ip` to the sets (the netdev one with `answering`), and with
-/// `remove` takes it out again (adding first makes the removal succeed whether or not it was
-/// there).
-fn set_change(ip: Ipv4Addr, remove: bool, answering: bool) -> String {
-    let mut script = String::new();
-    let families: &[&str] = if answering {
-        &["bridge", "netdev"]
-    } else {
-        &["bridge"]
+/// How an address is silenced on the node's bridge.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Silence {
+    /// IPv4 and ARP dropped: the source's pod, which must not answer for its address again.
+    Blocked,
+    /// IPv4 dropped, ARP let through: the target's pod, whose new sandbox tells the network
+    /// where the address lives now.
+    Held,
+}
+
+/// One nft transaction that puts `ip` into the bridge set of `silence` (and the netdev set with
+/// `answering`), or with `remove` takes it out of every set (adding first makes the removal
+/// succeed whether or not it was there).
+fn set_change(ip: Ipv4Addr, silence: Option<Silence>, answering: bool) -> String {
+    let mut sets: Vec<(&str, &str)> = match silence {
+        Some(Silence::Blocked) => vec![("bridge", BLOCKED)],
+        Some(Silence::Held) => vec![("bridge", HELD)],
+        None => vec![("bridge", BLOCKED), ("bridge", HELD)],
     };
-    for family in families {
-        script.push_str(&format!(
-            "add element {family} {TABLE} blocked {{ {ip} }}\n"
-        ));
-        if remove {
+    if answering {
+        sets.push(("netdev", BLOCKED));
+    }
+    let mut script = String::new();
+    for (family, set) in sets {
+        script.push_str(&format!("add element {family} {TABLE} {set} {{ {ip} }}\n"));
+        if silence.is_none() {
             script.push_str(&format!(
-                "delete element {family} {TABLE} blocked {{ {ip} }}\n"
+                "delete element {family} {TABLE} {set} {{ {ip} }}\n"
             ));
         }
     }
@@ -201,17 +241,35 @@ impl NetBlock {
                 self.nft(&["-f", "-"], Some(&rules)).await?;
             }
         }
+        // A table an older agent made has no held set yet.
+        if self
+            .nft(&["list", "set", "bridge", TABLE, HELD], None)
+            .await
+            .is_err()
+        {
+            self.nft(&["-f", "-"], Some(&held_upgrade())).await?;
+        }
         Ok(())
     }
 
     /// Drops all traffic of `ip` on this node's bridge (idempotent); refuses an address of the
     /// node itself or of the control plane.
     pub async fn block(&self, ip: Ipv4Addr) -> Result<(), Error> {
+        self.silence(ip, Silence::Blocked).await
+    }
+
+    /// Drops the IPv4 traffic of `ip` on this node's bridge and lets its ARP through (idempotent),
+    /// for a pod about to be restored here; refuses what [`NetBlock::block`] refuses.
+    pub async fn hold(&self, ip: Ipv4Addr) -> Result<(), Error> {
+        self.silence(ip, Silence::Held).await
+    }
+
+    async fn silence(&self, ip: Ipv4Addr, how: Silence) -> Result<(), Error> {
         if self.protected.contains(&ip) || guarded(ip, &own_addresses()?) {
             return Err(Error::Guarded(ip));
         }
         self.ensure().await?;
-        let script = set_change(ip, false, !self.answer_devices.is_empty());
+        let script = set_change(ip, Some(how), !self.answer_devices.is_empty());
         self.nft(&["-f", "-"], Some(&script)).await.map(drop)
     }
 
@@ -222,14 +280,14 @@ impl NetBlock {
         }
         // The tables exist: the agent made them at its start (an answer table that cannot be
         // made turns answering off there) and `blocked` listed the bridge one.
-        let script = set_change(ip, true, !self.answer_devices.is_empty());
+        let script = set_change(ip, None, !self.answer_devices.is_empty());
         self.nft(&["-f", "-"], Some(&script)).await.map(drop)
     }
 
-    /// The addresses blocked now.
+    /// The addresses blocked or held now.
     pub async fn blocked(&self) -> Result<Vec<Ipv4Addr>, Error> {
         match self
-            .nft(&["-j", "list", "set", "bridge", TABLE, "blocked"], None)
+            .nft(&["-j", "list", "table", "bridge", TABLE], None)
             .await
         {
             Ok(json) => Ok(parse_set(&json)),
@@ -348,8 +406,26 @@ mod tests {
             "ip saddr @blocked drop",
             "ip daddr @blocked drop",
             "arp saddr ip @blocked drop",
+            "ip saddr @held drop",
+            "ip daddr @held drop",
         ] {
             assert_eq!(r.matches(rule).count(), 3, "{rule} in {r}");
+        }
+        // A held address's ARP goes through.
+        assert!(!r.contains("arp saddr ip @held") && !r.contains("arp daddr ip @held"));
+        // An older table gets the same held rules.
+        let upgrade = held_upgrade();
+        assert!(
+            upgrade.starts_with("add set bridge kube_migros held"),
+            "{upgrade}"
+        );
+        for hook in HOOKS {
+            for rule in HELD_RULES {
+                assert!(
+                    upgrade.contains(&format!("add rule bridge kube_migros {hook} {rule}\n")),
+                    "{upgrade}"
+                );
+            }
         }
     }
 
@@ -375,20 +451,28 @@ mod tests {
     fn the_sets_change_in_one_transaction_and_a_removal_cannot_fail_on_a_missing_element() {
         let ip = Ipv4Addr::new(10, 88, 1, 5);
         assert_eq!(
-            set_change(ip, false, true),
+            set_change(ip, Some(Silence::Blocked), true),
             "add element bridge kube_migros blocked { 10.88.1.5 }\n\
              add element netdev kube_migros blocked { 10.88.1.5 }\n"
         );
-        assert!(!set_change(ip, true, false).contains("netdev"));
-        let remove = set_change(ip, true, true);
-        for family in ["bridge", "netdev"] {
+        // Held: the bridge's held set, and answered on the uplinks all the same.
+        assert_eq!(
+            set_change(ip, Some(Silence::Held), true),
+            "add element bridge kube_migros held { 10.88.1.5 }\n\
+             add element netdev kube_migros blocked { 10.88.1.5 }\n"
+        );
+        assert!(!set_change(ip, None, false).contains("netdev"));
+        let remove = set_change(ip, None, true);
+        for set in [
+            "bridge kube_migros blocked",
+            "bridge kube_migros held",
+            "netdev kube_migros blocked",
+        ] {
             let add = remove
-                .find(&format!("add element {family} "))
+                .find(&format!("add element {set} "))
                 .unwrap_or(usize::MAX);
-            let delete = remove
-                .find(&format!("delete element {family} "))
-                .unwrap_or(0);
-            assert!(add < delete, "{remove}");
+            let delete = remove.find(&format!("delete element {set} ")).unwrap_or(0);
+            assert!(add < delete, "{set}: {remove}");
         }
     }
 

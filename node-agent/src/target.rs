@@ -205,7 +205,9 @@ impl Agent {
                     source,
                 })?;
             self.store.update(&uid, |r| r.reserved = true)?;
-            self.parts.net.block(ip).await?;
+            // Held, not blocked: the new sandbox's ARP goes out, so that peers send here, where
+            // the uplinks answer them until the restored sockets exist.
+            self.parts.net.hold(ip).await?;
             self.store.update(&uid, |r| r.blocked = true)?;
         }
         // Staged after the commit point (the operator asks only then): the checkpoint is the

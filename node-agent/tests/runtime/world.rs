@@ -267,20 +267,9 @@ impl World {
             .to_string()
     }
 
-    /// The addresses node `i` blocks now; an error when they cannot be read (never "none").
+    /// The addresses node `i` blocks or holds now (both sets of its bridge table); an error when they cannot be read (never "none").
     pub fn blocked(&self, i: usize) -> Result<Vec<Ipv4Addr>> {
-        let out = self.exec(
-            i,
-            &[
-                "nft",
-                "-j",
-                "list",
-                "set",
-                "bridge",
-                "kube_migros",
-                "blocked",
-            ],
-        )?;
+        let out = self.exec(i, &["nft", "-j", "list", "table", "bridge", "kube_migros"])?;
         Ok(node_agent::netblock::parse_set(&out))
     }
 
