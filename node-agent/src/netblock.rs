@@ -3,8 +3,8 @@
 //! source node blocks a pod from just before its checkpoint (a peer's TCP stack then sees a pause,
 //! not a reset, and nothing the checkpoint did not see is acknowledged); the target node holds the
 //! pod IP until the restored sockets exist: its IPv4 packets are dropped, its ARP goes through, so
-//! that the network learns where the address lives now before the restore (set `held`). The set lives in the node's network namespace, so a
-//! restarted agent finds its blocks where it left them. Whatever it is asked, the agent never
+//! that the network learns where the address lives now before the restore (set `held`). The sets
+//! live in the node's network namespace, so a restarted agent finds its blocks where it left them. Whatever it is asked, the agent never
 //! blocks an address of its own node (a pod on the node's network has the node's address:
 //! blocking it would take the node off the network), one of the cluster's control plane (the API
 //! server as the agent reaches it, the in-cluster service address, and what `--protect-address`
@@ -17,8 +17,8 @@
 //! kernel sends the answer itself, without the node's ICMP rate limit). A peer's TCP takes it as a
 //! connectivity disruption (RFC 6069, which Linux implements): each one that answers a
 //! retransmission undoes one doubling of the peer's retransmission timeout, so the peer keeps
-//! retrying every few hundred milliseconds instead of every few seconds, and resumes soon after the pod runs again (measured in
-//! docs/node-agent.md#blocking-a-pod-ip). Nothing is acknowledged and no connection is reset;
+//! retrying every few hundred milliseconds instead of every few seconds, and resumes soon after the
+//! pod runs again (measured in docs/node-agent.md#blocking-a-pod-ip). Nothing is acknowledged and no connection is reset;
 //! connection attempts (SYN) are still dropped, so a new client waits as before rather than failing.
 
 use std::{
@@ -131,7 +131,7 @@ pub enum Silence {
 }
 
 /// One nft transaction that puts `ip` into the bridge set of `silence` (and the netdev set with
-/// `answering`), or with `remove` takes it out of every set (adding first makes the removal
+/// `answering`), or with no `silence` takes it out of every set (adding first makes the removal
 /// succeed whether or not it was there).
 fn set_change(ip: Ipv4Addr, silence: Option<Silence>, answering: bool) -> String {
     let mut sets: Vec<(&str, &str)> = match silence {
@@ -226,8 +226,23 @@ impl NetBlock {
         }
     }
 
-    /// Creates the tables unless they exist (a restarted agent keeps the blocks in force).
+    /// Creates the tables unless they exist (a restarted agent keeps the blocks in force), and
+    /// gives a table an older agent made the sets it lacks; at the agent's start.
     pub async fn ensure(&self) -> Result<(), Error> {
+        self.ensure_tables().await?;
+        // A table an older agent made has no held set yet.
+        if self
+            .nft(&["list", "set", "bridge", TABLE, HELD], None)
+            .await
+            .is_err()
+        {
+            self.nft(&["-f", "-"], Some(&held_upgrade())).await?;
+        }
+        Ok(())
+    }
+
+    /// Creates the tables unless they exist (someone may have deleted them since the start).
+    async fn ensure_tables(&self) -> Result<(), Error> {
         let mut tables = vec![("bridge", ruleset())];
         if !self.answer_devices.is_empty() {
             tables.push(("netdev", answer_ruleset(&self.answer_devices)));
@@ -240,14 +255,6 @@ impl NetBlock {
             {
                 self.nft(&["-f", "-"], Some(&rules)).await?;
             }
-        }
-        // A table an older agent made has no held set yet.
-        if self
-            .nft(&["list", "set", "bridge", TABLE, HELD], None)
-            .await
-            .is_err()
-        {
-            self.nft(&["-f", "-"], Some(&held_upgrade())).await?;
         }
         Ok(())
     }
@@ -268,7 +275,7 @@ impl NetBlock {
         if self.protected.contains(&ip) || guarded(ip, &own_addresses()?) {
             return Err(Error::Guarded(ip));
         }
-        self.ensure().await?;
+        self.ensure_tables().await?;
         let script = set_change(ip, Some(how), !self.answer_devices.is_empty());
         self.nft(&["-f", "-"], Some(&script)).await.map(drop)
     }
