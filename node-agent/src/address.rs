@@ -137,6 +137,32 @@ fn neighbour_message(ip: Ipv4Addr, ifindex: u32, change: NeighbourChange, seq: u
     m
 }
 
+const RTM_NEWLINK: u16 = 16;
+const IFF_UP: u32 = 0x1;
+/// The loopback device's index in every network namespace.
+const LOOPBACK_INDEX: i32 = 1;
+
+/// Brings the loopback device of the calling thread's network namespace up (`ip link set lo up`).
+pub fn loopback_up() -> std::io::Result<()> {
+    Rtnetlink::open()?.request(&link_up_message(LOOPBACK_INDEX, 1))
+}
+
+/// An `RTM_NEWLINK` request that sets `IFF_UP` on interface `index` (netlink header, `ifinfomsg`).
+fn link_up_message(index: i32, seq: u32) -> Vec<u8> {
+    let len: u32 = 16 + 16;
+    let mut m = Vec::with_capacity(len as usize);
+    m.extend_from_slice(&len.to_ne_bytes());
+    m.extend_from_slice(&RTM_NEWLINK.to_ne_bytes());
+    m.extend_from_slice(&(NLM_F_REQUEST | NLM_F_ACK).to_ne_bytes());
+    m.extend_from_slice(&seq.to_ne_bytes());
+    m.extend_from_slice(&0u32.to_ne_bytes());
+    m.extend_from_slice(&[0, 0, 0, 0]); // ifi_family AF_UNSPEC, pad, ifi_type
+    m.extend_from_slice(&index.to_ne_bytes());
+    m.extend_from_slice(&IFF_UP.to_ne_bytes()); // ifi_flags
+    m.extend_from_slice(&IFF_UP.to_ne_bytes()); // ifi_change: only this flag
+    m
+}
+
 /// A route netlink socket of the calling thread's network namespace.
 struct Rtnetlink(std::os::fd::OwnedFd);
 

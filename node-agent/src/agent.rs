@@ -19,6 +19,7 @@ use crate::{
     ipam::Reservations,
     metrics::Metrics,
     netblock::NetBlock,
+    post_copy::{LazyDaemons, PageServers},
     restore::RestoreBackend,
     room::Room,
     runtime::Runtime,
@@ -87,6 +88,10 @@ pub struct Agent {
     pub(crate) checkpointing: Arc<Mutex<BTreeSet<String>>>,
     /// Disk room held by the streams being received.
     pub(crate) room: Room,
+    /// Source: page servers of post-copy migrations.
+    pub(crate) page_servers: PageServers,
+    /// Target: lazy-pages daemons of post-copy migrations.
+    pub(crate) lazy: LazyDaemons,
 }
 
 impl Agent {
@@ -97,6 +102,8 @@ impl Agent {
             operations: Operations::new(settings.quick_answer),
             checkpointing: Arc::default(),
             room: Room::default(),
+            page_servers: PageServers::default(),
+            lazy: LazyDaemons::default(),
             settings: Arc::new(settings),
             parts: Arc::new(parts),
         }

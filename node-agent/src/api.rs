@@ -163,8 +163,62 @@ async fn dispatch(agent: Agent, request: StepRequest) -> Result<v1::Operation> {
     }
 }
 
+/// The frames of a page stream from this (source) agent.
+pub type PageStream = tokio_stream::wrappers::ReceiverStream<Result<v1::PageFrame, Status>>;
+
 #[tonic::async_trait]
 impl AgentApi for Service {
+    type PagesStream = PageStream;
+
+    async fn pages(
+        &self,
+        request: Request<Streaming<v1::PageFrame>>,
+    ) -> Result<Response<PageStream>, Status> {
+        // Only an agent, and only the one of the node the checkpoint went to.
+        let peer = identity::agent_node(&request)?;
+        let mut inbound = request.into_inner();
+        let first = inbound
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("the page stream named no migration"))?;
+        if !store::valid_uid(&first.migration_uid) || !store::valid_name(&first.container) {
+            return Err(Status::invalid_argument(
+                "the page stream's first frame must name a migration and a container",
+            ));
+        }
+        let (server, limit) = self
+            .agent
+            .page_server(&peer, &first.migration_uid, &first.container)
+            .map_err(|e| match e {
+                Error::Invalid(why) => Status::permission_denied(why),
+                e => e.status(),
+            })?;
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let (uid, container) = (first.migration_uid.clone(), first.container.clone());
+        info!(migration = %uid, %container, %peer, "serving pages");
+        tokio::spawn(async move {
+            if let Err(e) = crate::post_copy::serve(server, first, inbound, tx, limit).await {
+                warn!(migration = %uid, %container, error = %e, "the page stream failed");
+            }
+        });
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
+            rx,
+        )))
+    }
+
+    async fn memory(
+        &self,
+        request: Request<v1::StepRequest>,
+    ) -> Result<Response<v1::Operation>, Status> {
+        identity::require(&request, &[Caller::Operator])?;
+        let uid = request.into_inner().migration_uid;
+        if !store::valid_uid(&uid) {
+            return Err(Status::invalid_argument(format!(
+                "{uid:?} is not a migration UID"
+            )));
+        }
+        Ok(Response::new(self.agent.memory(&uid)?))
+    }
     async fn capabilities(
         &self,
         request: Request<v1::CapabilitiesRequest>,

@@ -26,6 +26,9 @@ pub async fn run(
     retention: Duration,
     shutdown: CancellationToken,
 ) {
+    // What a post-copy migration left when the agent's last run ended.
+    agent.recover_post_copy_sources().await;
+    agent.recover_post_copy_targets().await;
     let mut deadlines = tokio::time::interval(DEADLINES_EVERY);
     let mut collections = tokio::time::interval(every);
     loop {

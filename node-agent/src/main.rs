@@ -143,6 +143,10 @@ struct Args {
     /// move (docs/node-agent.md#blocking-a-pod-ip). None: they are dropped silently.
     #[arg(long)]
     answer_device: Vec<String>,
+    /// Raise the node's `fs.pipe-max-size` to the 4 MiB that CRIU's lazy pages need (PostCopy)
+    /// when it is lower. A node-wide sysctl: off unless the admin allows it.
+    #[arg(long)]
+    raise_pipe_max_size: bool,
     /// Seconds between garbage collections of the checkpoint store.
     #[arg(long, default_value_t = 60)]
     gc_interval_seconds: u64,
@@ -285,6 +289,19 @@ async fn main() -> anyhow::Result<()> {
     if args.store_own_filesystem {
         node_agent::store::Store::new(&args.store_dir)
             .check_own_filesystem(std::path::Path::new("/proc/1/root"))?;
+    }
+    if args.raise_pipe_max_size {
+        match node_agent::strategies::raise_pipe_max_size() {
+            Ok(Some(before)) => info!(
+                before,
+                after = node_agent::strategies::LAZY_PAGES_PIPE_BYTES,
+                "raised fs.pipe-max-size for post-copy"
+            ),
+            Ok(None) => {}
+            Err(e) => {
+                warn!(error = %e, "cannot raise fs.pipe-max-size: post-copy stays unavailable")
+            }
+        }
     }
     let runtime = Runtime::new(&args.runtime_endpoint, &args.containerd_namespace)?;
     let (net, missing) = NetBlock::new(args.nft.clone())

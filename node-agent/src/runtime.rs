@@ -117,6 +117,11 @@ impl Runtime {
         Ok(request)
     }
 
+    /// The runtime's namespace of the node's containers (`k8s.io` for the CRI's).
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
     /// Runtime name and version, as the CRI reports them.
     pub async fn version(&self) -> Result<(String, String)> {
         let v = self

@@ -36,7 +36,12 @@ use crate::{
 enum Dump {
     Cri,
     Task,
+    /// The task without its memory, which a page server serves after the restore (post-copy).
+    Lazy,
 }
+
+/// How long a source serves the pages of a post-copy migration at most.
+const SERVE_PAGES_FOR: Duration = Duration::from_secs(30 * 60);
 
 /// How often a stopping or waiting step looks at the runtime again.
 const RECHECK: Duration = Duration::from_millis(20);
@@ -79,9 +84,17 @@ impl Agent {
         // One migration at a time moves a pod: refused before anything is touched.
         let _hold = self.hold(&record)?;
         let via = match self.settings.checkpoint_via {
+            _ if req.post_copy && req.backend != RUNTIME_WRAPPER => {
+                return Err(Error::Invalid(format!(
+                    "post-copy restores through the {RUNTIME_WRAPPER} backend, not {:?}",
+                    req.backend
+                )));
+            }
+            _ if req.post_copy => Dump::Lazy,
             CheckpointVia::Auto if req.backend == RUNTIME_WRAPPER => Dump::Task,
             _ => Dump::Cri,
         };
+        record.post_copy = via == Dump::Lazy;
         match self.freeze_and_dump(&mut record, via).await {
             Ok(op) => Ok(op),
             Err(cause) => {
@@ -160,9 +173,12 @@ impl Agent {
                         .await?;
                     tokio::task::spawn_blocking(move || archive::digest_file(&path)).await??
                 }
-                Dump::Task => {
+                Dump::Task | Dump::Lazy => {
                     c.directory = true;
-                    (String::new(), self.dump_task(c, &dir).await?)
+                    (
+                        String::new(),
+                        self.dump_task(&uid, c, &dir, via == Dump::Lazy).await?,
+                    )
                 }
             };
             info!(container = %c.name, bytes, ?via, took_ms = started.elapsed().as_millis() as u64, "checkpointed");
@@ -178,7 +194,7 @@ impl Agent {
         // The pod's emptyDir volumes travel with its first container (the runtime wrapper applies
         // them before restoring it); checkpoint images cannot carry them, and the operator sends
         // pods with emptyDir volumes only to targets with the wrapper.
-        if via == Dump::Task
+        if via != Dump::Cri
             && let Some(first) = record.containers.first_mut()
         {
             let (kubelet, pod_uid) = (self.settings.kubelet_dir.clone(), record.pod_uid.clone());
@@ -224,8 +240,9 @@ impl Agent {
 
     /// Checkpoints the (paused) task of `c` through containerd into `<dir>/<name>/checkpoint` and
     /// writes its writable layer next to it (`rootfs-diff.tar`): the layout of a CRI checkpoint
-    /// archive, kept as a directory; answers the size of the archive it streams as.
-    async fn dump_task(&self, c: &Container, dir: &Path) -> Result<u64> {
+    /// archive, kept as a directory; answers the size of the archive it streams as. `lazy`: the
+    /// memory stays behind, served by a page server after the restore (`post_copy`).
+    async fn dump_task(&self, uid: &str, c: &Container, dir: &Path, lazy: bool) -> Result<u64> {
         let rt = self.runtime();
         let pid = rt.task_pid(&c.id).await?;
         // The writable layer, found before anything is written: a root filesystem that is not
@@ -241,17 +258,24 @@ impl Agent {
         for d in [&images, &criu] {
             std::fs::create_dir_all(d).map_err(Error::io(d))?;
         }
-        tokio::time::timeout(
-            self.settings.checkpoint_timeout,
-            rt.checkpoint_task(&c.id, &images, &criu),
-        )
-        .await
-        .map_err(|_| {
-            Error::NotReady(format!(
-                "the checkpoint of container {} took longer than {:?}",
-                c.name, self.settings.checkpoint_timeout
-            ))
-        })??;
+        let dump = async {
+            if lazy {
+                let runc_root = Path::new("/run/containerd/runc").join(rt.namespace());
+                self.page_servers
+                    .dump(uid, &c.name, &c.id, &runc_root, &images, &criu)
+                    .await
+            } else {
+                Ok(rt.checkpoint_task(&c.id, &images, &criu).await?)
+            }
+        };
+        tokio::time::timeout(self.settings.checkpoint_timeout, dump)
+            .await
+            .map_err(|_| {
+                Error::NotReady(format!(
+                    "the checkpoint of container {} took longer than {:?}",
+                    c.name, self.settings.checkpoint_timeout
+                ))
+            })??;
         tokio::task::spawn_blocking(move || -> Result<u64> {
             let diff = root.join("rootfs-diff.tar");
             let file = std::fs::File::create(&diff).map_err(Error::io(&diff))?;
@@ -263,7 +287,10 @@ impl Agent {
                     "sockets, FIFOs or device nodes of the writable layer are not carried"
                 );
             }
-            let _ = std::fs::remove_dir_all(&criu);
+            // A lazy dump's CRIU still runs (and logs) there.
+            if !lazy {
+                let _ = std::fs::remove_dir_all(&criu);
+            }
             Ok(archive::Layout::of(&root)?.bytes())
         })
         .await?
@@ -299,6 +326,9 @@ impl Agent {
         let Some(record) = self.store.load(&record.uid)? else {
             return Ok(());
         };
+        // A page server holds the paused containers (whole: nothing was taken from them) until
+        // it ends.
+        self.page_servers.stop(&record.uid).await;
         if record.paused && !record.stopped {
             for c in &record.containers {
                 match self.runtime().task_status(&c.id).await {
@@ -336,6 +366,11 @@ impl Agent {
                 record.namespace, record.pod
             )));
         }
+        // Where the checkpoint goes is where its pages may go (post-copy), at the same pace.
+        self.store.update(&uid, |r| {
+            r.target_node = req.target_node.clone();
+            r.bandwidth_limit = req.bandwidth_limit;
+        })?;
         let dir = self.store.dir(&uid)?.join("checkpoint");
         let archives: Vec<Outgoing> = record
             .containers
@@ -405,6 +440,34 @@ impl Agent {
         }
     }
 
+    /// Post-copy: the page server of one container, for the agent of `peer`, which must be the
+    /// node the checkpoint went to; with the pace of the migration's transfer.
+    pub fn page_server(
+        &self,
+        peer: &str,
+        uid: &str,
+        container: &str,
+    ) -> Result<(Arc<crate::post_copy::PageServer>, u64)> {
+        let record = self
+            .store
+            .load(uid)?
+            .filter(|r| r.role == Role::Source && r.post_copy)
+            .ok_or_else(|| {
+                Error::NotReady(format!("migration {uid} serves no pages on this node"))
+            })?;
+        if record.target_node.is_empty() || record.target_node != peer {
+            return Err(Error::Invalid(format!(
+                "the pages of migration {uid} go to the node its checkpoint went to, not {peer}"
+            )));
+        }
+        let server = self.page_servers.get(uid, container).ok_or_else(|| {
+            Error::NotReady(format!(
+                "container {container} of migration {uid} has no page server on this node"
+            ))
+        })?;
+        Ok((server, record.bandwidth_limit))
+    }
+
     /// Past the commit point: the paused containers are killed for good (they never run another
     /// instruction). The pod IP stays blocked here until the old sandbox is gone.
     ///
@@ -424,6 +487,12 @@ impl Agent {
                 record.namespace, record.pod
             )));
         }
+        if source && record.post_copy && !record.stopped {
+            // The page servers hold the frozen containers until the target has every page, and
+            // end them then: the pod is stopped for good once its memory left.
+            tokio::spawn(self.clone().stop_when_served(record));
+            return Ok(self.done(&uid));
+        }
         if source && !record.stopped {
             self.stop(&record).await?;
         }
@@ -435,6 +504,46 @@ impl Agent {
             tokio::spawn(self.clone().unblock_when_sandbox_gone(record));
         }
         Ok(self.done(&uid))
+    }
+
+    /// Post-copy, past the commit point: once the page servers end (every page served, or the
+    /// target gone: the pod cannot come back here either way), the containers are stopped for
+    /// good and the IP follows as after any commit.
+    async fn stop_when_served(self, record: Record) {
+        let uid = record.uid.clone();
+        match self.page_servers.finished(&uid, SERVE_PAGES_FOR).await {
+            Ok(()) => info!(migration = %uid, "every page was served"),
+            Err(e) => warn!(migration = %uid, error = %e, "the page servers ended early"),
+        }
+        self.page_servers.stop(&uid).await;
+        if let Err(e) = self.stop(&record).await {
+            warn!(migration = %uid, error = %e, "stopping the source after its pages were served");
+            return;
+        }
+        if let Err(e) = self.store.update(&uid, |r| r.stopped = true) {
+            warn!(migration = %uid, error = %e, "recording the stop");
+        }
+        if record.blocked {
+            self.unblock_when_sandbox_gone(record).await;
+        }
+    }
+
+    /// After a restart of the agent: a committed post-copy source whose page servers went with the
+    /// earlier run cannot serve its pages any more, and can never run here again: it is stopped.
+    pub async fn recover_post_copy_sources(&self) {
+        let Ok(uids) = self.store.list() else {
+            return;
+        };
+        for uid in uids {
+            let Ok(Some(r)) = self.store.load(&uid) else {
+                continue;
+            };
+            if r.role != Role::Source || !r.post_copy || !r.committed || r.stopped {
+                continue;
+            }
+            warn!(migration = %uid, "the page servers of a committed post-copy source went with the agent's last run: stopping the pod");
+            tokio::spawn(self.clone().stop_when_served(r));
+        }
     }
 
     /// Kills the record's paused containers and waits for their end.

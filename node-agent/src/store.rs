@@ -93,6 +93,22 @@ pub struct Record {
     /// Target: the node the checkpoint comes from; only its agent may stream it here.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub source_node: String,
+    /// Post-copy: the memory stays on the source and streams to the target after the restore.
+    #[serde(default)]
+    pub post_copy: bool,
+    /// Source: the node the checkpoint was sent to; only its agent may fetch the pages.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub target_node: String,
+    /// Source: the transfer's bandwidth limit (bytes per second, 0: none), which pages follow too.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub bandwidth_limit: u64,
+    /// Target, post-copy: every page of the restored containers is in.
+    #[serde(default)]
+    pub memory_in: bool,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl Record {
@@ -114,6 +130,10 @@ impl Record {
             resume_at: None,
             resumed: false,
             source_node: String::new(),
+            post_copy: false,
+            target_node: String::new(),
+            bandwidth_limit: 0,
+            memory_in: false,
         }
     }
 

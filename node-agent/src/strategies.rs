@@ -63,6 +63,18 @@ fn entry<const N: usize>(name: &str, checks: [Result<(), String>; N]) -> v1::Str
     }
 }
 
+/// Raises the node's `fs.pipe-max-size` to what CRIU's lazy pages need when it is lower (what an
+/// admin allows with the agent's `--raise-pipe-max-size`); answers the value before, if it was
+/// raised. The sysctl is the node's (not namespaced): it applies to every process there.
+pub fn raise_pipe_max_size() -> std::io::Result<Option<u64>> {
+    let text = std::fs::read_to_string(PIPE_MAX_SIZE)?;
+    if pipe_room(&text).is_ok() {
+        return Ok(None);
+    }
+    std::fs::write(PIPE_MAX_SIZE, LAZY_PAGES_PIPE_BYTES.to_string())?;
+    Ok(Some(text.trim().parse().unwrap_or(0)))
+}
+
 /// Whether `fs.pipe-max-size` (its file's text) lets CRIU's lazy pages have their pipe.
 pub fn pipe_room(text: &str) -> Result<(), String> {
     let bytes: u64 = text

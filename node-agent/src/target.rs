@@ -20,6 +20,7 @@ use crate::{
     archive,
     error::{Error, Result},
     ipam::Reservation,
+    post_copy,
     room::Hold,
     rxe_counters::{self, Block},
     store::{Record, Role},
@@ -213,10 +214,132 @@ impl Agent {
         // Staged after the commit point (the operator asks only then): the checkpoint is the
         // pod's only copy now, kept until the cleanup or the retention time.
         self.store.update(&uid, |r| r.committed = true)?;
+        if let Some(source) = &req.post_copy {
+            self.fetch_memory(&record, source).await?;
+        }
         tokio::spawn(self.clone().finish_when_running(uid.clone()));
         let mut op = self.done(&uid);
         op.staged = staged;
         Ok(op)
+    }
+
+    /// Post-copy: starts a lazy-pages daemon for each container, fetching its memory from the
+    /// source's agent, before the runtime wrapper restores it (docs/node-agent.md#post-copy).
+    async fn fetch_memory(&self, record: &Record, source: &v1::PostCopySource) -> Result<()> {
+        if source.node != record.source_node {
+            return Err(Error::Invalid(format!(
+                "the memory must come from the node the checkpoint came from ({}), not {}",
+                record.source_node, source.node
+            )));
+        }
+        if self.lazy.of(&record.uid).is_some() {
+            return Ok(());
+        }
+        self.store.update(&record.uid, |r| r.post_copy = true)?;
+        for c in &record.containers {
+            let dir =
+                c.staged.clone().map(PathBuf::from).ok_or_else(|| {
+                    Error::NotReady(format!("container {} is not staged", c.name))
+                })?;
+            let fetch = post_copy::Fetch {
+                uid: record.uid.clone(),
+                container: c.name.clone(),
+                dir,
+                source: source.clone(),
+                tls: self.parts.tls.material(),
+            };
+            let (agent, namespace, pod, name) = (
+                self.clone(),
+                record.namespace.clone(),
+                record.pod.clone(),
+                c.name.clone(),
+            );
+            let kill = move || -> futures::future::BoxFuture<'static, ()> {
+                Box::pin(async move { agent.kill_restored(&namespace, &pod, &name).await })
+            };
+            self.lazy.start(fetch, kill).await?;
+        }
+        tokio::spawn(self.clone().record_memory_in(record.uid.clone()));
+        Ok(())
+    }
+
+    /// Records when every page of migration `uid` is in, so that a restarted agent knows its
+    /// restored pod is whole.
+    async fn record_memory_in(self, uid: String) {
+        loop {
+            let Some(daemons) = self.lazy.of(&uid) else {
+                return;
+            };
+            let op = post_copy::operation(&uid, &daemons);
+            if op.state == v1::State::Succeeded as i32 {
+                if let Err(e) = self.store.update(&uid, |r| r.memory_in = true) {
+                    warn!(migration = %uid, error = %e, "cannot record that all memory is in");
+                }
+                return;
+            }
+            if op.state == v1::State::Failed as i32 {
+                return;
+            }
+            tokio::time::sleep(WATCH_RESTORE_EVERY * 5).await;
+        }
+    }
+
+    /// After a restart of the agent: the restored containers of a post-copy migration whose
+    /// memory was not all in when the earlier run ended are killed (their lazy-pages daemons went
+    /// with it, and the kernel serves zeroes for pages never copied).
+    pub async fn recover_post_copy_targets(&self) {
+        let Ok(uids) = self.store.list() else {
+            return;
+        };
+        for uid in uids {
+            let Ok(Some(r)) = self.store.load(&uid) else {
+                continue;
+            };
+            if r.role != Role::Target || !r.post_copy || r.memory_in {
+                continue;
+            }
+            warn!(migration = %uid, "the memory of a post-copy restore was still coming when the agent stopped: killing the restored pod");
+            for c in &r.containers {
+                self.kill_restored(&r.namespace, &r.pod, &c.name).await;
+            }
+        }
+    }
+
+    /// Freezes and kills a restored container whose memory cannot all come: it never runs on
+    /// with pages missing.
+    async fn kill_restored(&self, namespace: &str, pod: &str, container: &str) {
+        let rt = self.runtime();
+        let Ok(Some(id)) = rt.find_container(namespace, pod, "", container).await else {
+            return;
+        };
+        if let Err(e) = rt.pause(&id).await {
+            warn!(%container, error = %e, "cannot freeze the restored container");
+        }
+        if let Err(e) = rt.kill(&id).await {
+            warn!(%container, error = %e, "cannot kill the restored container");
+        }
+        let _ = rt.resume(&id).await;
+    }
+
+    /// Post-copy: where the memory of migration `uid` stands on this target.
+    pub fn memory(&self, uid: &str) -> Result<v1::Operation> {
+        if let Some(daemons) = self.lazy.of(uid) {
+            return Ok(post_copy::operation(uid, &daemons));
+        }
+        match self.store.load(uid)? {
+            Some(r) if r.role == Role::Target && r.memory_in => {
+                let mut op = v1::Operation::succeeded(uid);
+                op.message = "all memory is in".into();
+                Ok(op)
+            }
+            Some(r) if r.role == Role::Target && r.post_copy => Err(Error::NotReady(format!(
+                "the memory of migration {uid} was being fetched by an earlier run of this agent: \
+                 the restored pod cannot be trusted"
+            ))),
+            _ => Err(Error::NotReady(format!(
+                "migration {uid} fetches no memory on this node"
+            ))),
+        }
     }
 
     /// Finishes the restore as soon as the node's runtime runs every container of the replacement:

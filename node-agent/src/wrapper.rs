@@ -303,6 +303,10 @@ pub fn restore_args(call: &Call, bundle: &Path, dir: &Path) -> Vec<OsString> {
     args.push(dir.join("checkpoint").into());
     args.push("--work-path".into());
     args.push(dir.join("work").into());
+    // Post-copy: the memory comes through the lazy-pages daemon the agent started for it.
+    if dir.join(crate::post_copy::LAZY_MARKER).exists() {
+        args.push("--lazy-pages".into());
+    }
     args.extend(call.restore_options());
     args.extend(call.id.clone().map(OsString::from));
     args

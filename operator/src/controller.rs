@@ -1387,6 +1387,8 @@ fn step_args(pm: &PodMigration, f: &Facts) -> StepArgs {
                 digest: c.digest.clone(),
             })
             .collect(),
+        // The operator moves pods with StopAndCopy only (spec.strategy is checked in Pending).
+        post_copy: None,
     }
 }
 

@@ -1,11 +1,11 @@
 //! The real node agent on the sandbox nodes: installed into a node and run inside it (the node's
-//! mount, network, UTS and IPC namespaces, as a DaemonSet pod with host mounts and host network
-//! would), with the test's certificates, a per-node rxe counter directory of plain files (no RDMA
+//! mount, network, PID, UTS and IPC namespaces, as the chart's DaemonSet pod with host mounts, host
+//! network and host PID would), with the test's certificates, a per-node rxe counter directory of plain files (no RDMA
 //! device exists here), and checkpoint images pushed to the sandbox registry.
 
 use std::{
     path::Path,
-    process::{Child, Command, Stdio},
+    process::{Child, Command, ExitStatus, Stdio},
 };
 
 use crate::nodes::{Node, Nodes};
@@ -37,7 +37,7 @@ pub fn start(
     node: &Node,
     binary: &Path,
     options: &AgentOptions,
-) -> std::io::Result<Child> {
+) -> std::io::Result<AgentProcess> {
     let err = |e: crate::nodes::Error| std::io::Error::other(e.to_string());
     // One agent per node: an earlier one (of an interrupted run) would hold the port.
     nodes.stop_all(node, "node-agent").map_err(err)?;
@@ -59,7 +59,9 @@ pub fn start(
     let ip = node.ip();
     let mut command = Command::new("nsenter");
     command
-        .args(["-t", &pid.to_string(), "-m", "-n", "-u", "-i", "--"])
+        // The node's PID namespace too (nsenter forks the agent into it): the agent's `/proc/self`
+        // is its own, as with the chart's hostPID.
+        .args(["-t", &pid.to_string(), "-m", "-n", "-p", "-u", "-i", "--"])
         .arg(agent)
         .args(["--node-name", &node.name])
         .args(["--listen", &format!("{ip}:{AGENT_PORT}")])
@@ -85,7 +87,40 @@ pub fn start(
             .args(["--advertise", &format!("{ip}:{AGENT_PORT}")])
             .env("KUBECONFIG", "/opt/kube-migros/agent.kubeconfig");
     }
-    command.spawn()
+    let nsenter = command.spawn()?;
+    Ok(AgentProcess {
+        nsenter,
+        netns: node.netns(),
+    })
+}
+
+/// A running agent: `nsenter` and the agent it forked into the node's PID namespace.
+#[derive(Debug)]
+pub struct AgentProcess {
+    nsenter: Child,
+    netns: String,
+}
+
+impl AgentProcess {
+    /// Kills the agent at once (SIGKILL: no clean-up of its own), and `nsenter` with it.
+    pub fn kill(&mut self) -> std::io::Result<()> {
+        for pid in crate::nodes::netns_pids(&self.netns) {
+            if std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|c| c.trim() == "node-agent")
+            {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+        self.nsenter.kill()
+    }
+
+    /// Waits for the agent's end (`nsenter` ends with it).
+    pub fn wait(&mut self) -> std::io::Result<ExitStatus> {
+        self.nsenter.wait()
+    }
 }
 
 /// The last lines of the agent's log on `node`.

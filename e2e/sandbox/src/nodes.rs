@@ -635,7 +635,7 @@ fn remove_cgroups(mut dirs: Vec<PathBuf>) {
 }
 
 /// Processes in network namespace `netns` (by comparing namespace inodes).
-fn netns_pids(netns: &str) -> Vec<i32> {
+pub(crate) fn netns_pids(netns: &str) -> Vec<i32> {
     let Ok(target) = std::fs::metadata(format!("/run/netns/{netns}")) else {
         return Vec::new();
     };

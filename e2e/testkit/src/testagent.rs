@@ -593,4 +593,18 @@ impl v1::agent_server::Agent for Service {
     ) -> Result<Response<v1::Operation>, Status> {
         self.step(r, StepRequest::Release).await
     }
+
+    type PagesStream = futures::stream::Empty<Result<v1::PageFrame, Status>>;
+
+    /// The operator never moves pods with post-copy yet: a test agent serves no pages.
+    async fn pages(
+        &self,
+        _: Request<tonic::Streaming<v1::PageFrame>>,
+    ) -> Result<Response<Self::PagesStream>, Status> {
+        Err(Status::unimplemented("the test agent serves no pages"))
+    }
+
+    async fn memory(&self, _: Request<v1::StepRequest>) -> Result<Response<v1::Operation>, Status> {
+        Err(Status::unimplemented("the test agent fetches no memory"))
+    }
 }

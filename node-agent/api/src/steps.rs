@@ -133,6 +133,9 @@ pub struct StepArgs {
     /// StageRestore: the archives the checkpoint answered (names, digests, sizes), which the
     /// target must have received exactly.
     pub expected: Vec<v1::ContainerArchive>,
+    /// Post-copy. Checkpoint: leave the memory to a page server; StageRestore: fetch it from
+    /// this source (its node and agent endpoint).
+    pub post_copy: Option<v1::PostCopySource>,
 }
 
 /// The request of one step, as the API carries it.
@@ -180,6 +183,7 @@ impl StepArgs {
                 pod: Some(self.pod.clone()),
                 backend: self.backend.clone(),
                 resume_after_seconds: self.resume_after_seconds,
+                post_copy: self.post_copy.is_some(),
             }),
             Step::Transfer => StepRequest::Transfer(v1::TransferRequest {
                 migration_uid: uid.clone(),
@@ -193,6 +197,7 @@ impl StepArgs {
                 pod: Some(self.pod.clone()),
                 rxe: self.rxe,
                 expected: self.expected.clone(),
+                post_copy: self.post_copy.clone(),
             }),
             Step::FinishRestore => StepRequest::FinishRestore(plain(Role::Target)),
             Step::Commit(role) => StepRequest::Commit(plain(role)),

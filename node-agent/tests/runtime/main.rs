@@ -11,6 +11,7 @@
 mod world;
 mod archives;
 mod migration;
+mod post_copy;
 mod requests;
 
 use std::sync::Arc;
@@ -46,6 +47,14 @@ fn main() {
         (
             "a_plain_pod_runs_under_the_wrapper_as_under_runc_and_a_restore_it_cannot_do_fails",
             migration::plain_pods_under_the_wrapper,
+        ),
+        (
+            "post_copy_restores_at_once_and_every_page_comes_from_the_source",
+            post_copy::post_copy,
+        ),
+        (
+            "a_source_agent_that_dies_during_post_copy_takes_the_restored_pod_with_it",
+            post_copy::source_agent_dies_during_post_copy,
         ),
         (
             "abort_resumes_the_paused_source_and_it_continues",

@@ -317,7 +317,7 @@ fn migrate_by(
             "the peer reconnected: {streaming:?}"
         );
         ensure!(
-            streaming.num("gaps") == 0,
+            streaming.exact("gaps")? == 0,
             "records lost or repeated: {streaming:?}"
         );
         // The peer is the judge: every record it sent is answered, in order, on one connection.
@@ -334,7 +334,7 @@ fn migrate_by(
         )
         .await?;
         ensure!(
-            peer_status.num("gaps") == 0,
+            peer_status.exact("gaps")? == 0,
             "answers lost or out of order at the peer: {peer_status:?}"
         );
         eprintln!(

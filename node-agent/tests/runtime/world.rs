@@ -6,7 +6,6 @@ use std::{
     collections::BTreeMap,
     net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
-    process::Child,
     time::{Duration, Instant},
 };
 
@@ -59,7 +58,7 @@ pub struct World {
     pub nodes: Vec<Node>,
     handle: Nodes,
     pub certs: Certificates,
-    agents: Vec<Child>,
+    agents: std::sync::Mutex<Vec<sandbox::agents::AgentProcess>>,
     pub demo_image: String,
     pub rt: tokio::runtime::Runtime,
 }
@@ -84,18 +83,18 @@ impl World {
             .enable_all()
             .build()
             .map_err(|e| e.to_string())?;
-        let mut world = Self {
+        let world = Self {
             nodes,
             handle,
             certs: Certificates::generate(),
-            agents: Vec::new(),
+            agents: std::sync::Mutex::default(),
             demo_image,
             rt,
         };
         for i in 0..world.nodes.len() {
             world.clear_node(i)?;
             let agent = world.start_agent(i)?;
-            world.agents.push(agent);
+            world.agents.lock().unwrap().push(agent);
         }
         for i in 0..world.nodes.len() {
             let deadline = Instant::now() + Duration::from_secs(30);
@@ -126,7 +125,7 @@ impl World {
 
     /// Stops the agents; with `KUBE_MIGROS_KEEP_NODES` unset, also the nodes and the registry.
     pub fn down(mut self) -> Result<()> {
-        for agent in &mut self.agents {
+        for agent in self.agents.get_mut().unwrap().iter_mut() {
             let _ = agent.kill();
             let _ = agent.wait();
         }
@@ -168,7 +167,28 @@ impl World {
         Ok(())
     }
 
-    fn start_agent(&self, i: usize) -> Result<Child> {
+    /// Kills node `i`'s agent (SIGKILL: no clean-up of its own) and starts it again; answers
+    /// once it serves.
+    pub async fn restart_agent(&self, i: usize) -> Result<()> {
+        {
+            let mut agents = self.agents.lock().unwrap();
+            let _ = agents[i].kill();
+            let _ = agents[i].wait();
+            agents[i] = self.start_agent(i)?;
+        }
+        until(
+            "the restarted agent to serve",
+            Duration::from_secs(30),
+            || async {
+                let mut agent = self.operator(i).await.ok()?;
+                agent.capabilities().await.ok()
+            },
+        )
+        .await
+        .map(drop)
+    }
+
+    fn start_agent(&self, i: usize) -> Result<sandbox::agents::AgentProcess> {
         let node = &self.nodes[i];
         self.handle
             .install(node, Path::new(env!("CARGO_BIN_EXE_migros-ipam")))
@@ -183,6 +203,8 @@ impl World {
                 "2",
                 "--max-archive-bytes",
                 &MAX_ARCHIVE_BYTES.to_string(),
+                // As an admin allows it for PostCopy (the chart's agent.raisePipeMaxSize).
+                "--raise-pipe-max-size",
             ]
             .map(String::from)
             .to_vec(),
@@ -485,6 +507,14 @@ impl Status {
 
     pub fn num(&self, key: &str) -> u64 {
         self.get(key).parse().unwrap_or(0)
+    }
+
+    /// A number the status must carry: a missing or malformed field fails (a check of it must
+    /// not pass on a status that does not report it).
+    pub fn exact(&self, key: &str) -> Result<u64> {
+        self.get(key)
+            .parse()
+            .map_err(|_| format!("the status has no number {key}: {self:?}"))
     }
 }
 

@@ -135,6 +135,7 @@ func serve(args []string) {
 	touch := flags.String("touch", "0", "memory to keep written (e.g. 256Mi)")
 	note := flags.String("note", "", "file to write the process id into at the start")
 	verbose := flags.Bool("verbose", false, "log every status request on stdout")
+	verify := flags.String("verify", "", "address that answers whether every touched page holds what was written (reads them all)")
 	flags.Parse(args)
 	size, err := parseSize(*touch)
 	if err != nil {
@@ -150,9 +151,12 @@ func serve(args []string) {
 	}
 	memory := make([]byte, size)
 	for i := 0; i < len(memory); i += 4096 {
-		memory[i] = byte(i)
+		memory[i] = pageSeed(i / 4096)
 	}
 	go statusLoop(*status, s, *verbose)
+	if *verify != "" {
+		go verifyLoop(*verify, s, memory)
+	}
 	if *listen != "" {
 		go acceptStreams(*listen, s)
 	}
@@ -174,6 +178,48 @@ func listen(addr string) (net.Listener, error) {
 	var lc net.ListenConfig
 	lc.SetMultipathTCP(false)
 	return lc.Listen(context.Background(), "tcp", addr)
+}
+
+// pageSeed is what the first byte of page p holds before the ticks count on it (not zero for most
+// pages, so that a page that came back empty shows).
+func pageSeed(p int) byte {
+	return byte(p*7 + 1)
+}
+
+// verifyLoop answers each connection with "memok=<bool> pages=<n> bad=<n>": whether the first
+// byte of every page is its seed plus the ticks that landed on it (tick c adds one to page
+// c mod pages).
+func verifyLoop(addr string, s *state, memory []byte) {
+	l, err := listen(addr)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "demo: verify %s: %v\n", addr, err)
+		os.Exit(1)
+	}
+	for {
+		c, err := l.Accept()
+		if err != nil {
+			continue
+		}
+		s.mu.Lock()
+		pages := uint64(len(memory) / 4096)
+		bad := 0
+		for p := uint64(0); p < pages; p++ {
+			ticks := uint64(0)
+			if pages > 0 {
+				// The c in [1, counter] with c mod pages == p.
+				ticks = s.counter / pages
+				if p != 0 && p <= s.counter%pages {
+					ticks++
+				}
+			}
+			if memory[p*4096] != pageSeed(int(p))+byte(ticks) {
+				bad++
+			}
+		}
+		s.mu.Unlock()
+		fmt.Fprintf(c, "memok=%t pages=%d bad=%d\n", bad == 0, pages, bad)
+		c.Close()
+	}
 }
 
 func statusLoop(addr string, s *state, verbose bool) {

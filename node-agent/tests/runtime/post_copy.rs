@@ -1,0 +1,321 @@
+//! Post-copy through the real agents: the source dumps the pod without its memory and serves the
+//! pages; the target restores it at once under the runtime wrapper with a lazy-pages daemon that
+//! fetches them through the two agents (mutual TLS); and when the source's agent dies midway, the
+//! restored pod is killed rather than left running with memory missing.
+
+use std::time::Duration;
+
+use agent_api::{Role, Step, StepArgs, backend, v1};
+use tokio::io::AsyncReadExt;
+
+use crate::{
+    unique,
+    world::{self, PodOptions, Result, World, done, status, until},
+};
+
+/// The workload: 256 MiB of touched memory it can check page by page on :8081.
+const SERVE: [&str; 10] = [
+    "serve",
+    "--status",
+    ":8080",
+    "--listen",
+    ":9000",
+    "--touch",
+    "256Mi",
+    "--verify",
+    ":8081",
+    "--verbose",
+];
+const TOUCHED: u64 = 256 << 20;
+
+/// What the workload's check of its memory answers.
+async fn verify(ip: std::net::Ipv4Addr) -> Result<String> {
+    let read = async {
+        let mut c = tokio::net::TcpStream::connect((ip, 8081)).await?;
+        let mut line = String::new();
+        c.read_to_string(&mut line).await?;
+        Ok::<_, std::io::Error>(line.trim().to_string())
+    };
+    tokio::time::timeout(Duration::from_secs(20), read)
+        .await
+        .map_err(|_| format!("{ip}:8081 did not answer"))?
+        .map_err(|e| format!("{ip}:8081: {e}"))
+}
+
+/// The target agent's account of the memory still on the source.
+async fn memory(w: &World, i: usize, uid: &str) -> Result<v1::Operation> {
+    let mut agent = w.operator(i).await?;
+    agent
+        .raw()
+        .memory(v1::StepRequest {
+            migration_uid: uid.into(),
+            role: agent_api::Role::Target.to_api().into(),
+        })
+        .await
+        .map(tonic::Response::into_inner)
+        .map_err(|s| s.message().to_string())
+}
+
+/// One post-copy move of a fresh workload from node `from` to node `to`, up to the restored pod
+/// running; answers the pods, the migration and the workload's status before the move.
+struct Moved {
+    source: world::Pod,
+    restored: world::Pod,
+    uid: String,
+    before: world::Status,
+    checkpoint: v1::Operation,
+}
+
+async fn move_lazily(w: &World, from: usize, to: usize, bandwidth_limit: u64) -> Result<Moved> {
+    let name = unique("lazy");
+    let uid = unique("mig");
+    let image = w.demo_image.clone();
+    let source = w.run_pod(from, &name, &image, &SERVE)?;
+    let ip = source.ip;
+    let before = until("the workload to count", Duration::from_secs(30), || async {
+        status(ip).await.ok().filter(|s| s.num("counter") >= 20)
+    })
+    .await?;
+    let checked = verify(ip).await?;
+    ensure!(
+        checked.starts_with("memok=true"),
+        "before the move: {checked}"
+    );
+    let mut target = w.operator(to).await?;
+    let mut src = w.operator(from).await?;
+    let mut pod = source.pod_ref(&image);
+    pod.containers[0].container_id.clear();
+    let post_copy = Some(v1::PostCopySource {
+        node: w.nodes[from].name.clone(),
+        endpoint: w.endpoint(from).to_string(),
+    });
+    done(
+        &mut target,
+        Step::PrepareTarget,
+        &StepArgs {
+            migration_uid: uid.clone(),
+            pod: pod.clone(),
+            expected_bytes: 64 << 20,
+            backend: backend::RUNTIME_WRAPPER.into(),
+            source_node: w.nodes[from].name.clone(),
+            ..Default::default()
+        },
+    )
+    .await?;
+    let checkpoint = done(
+        &mut src,
+        Step::Checkpoint,
+        &StepArgs {
+            migration_uid: uid.clone(),
+            pod: pod.clone(),
+            backend: backend::RUNTIME_WRAPPER.into(),
+            post_copy: post_copy.clone(),
+            ..Default::default()
+        },
+    )
+    .await?;
+    let transfer = done(
+        &mut src,
+        Step::Transfer,
+        &StepArgs {
+            migration_uid: uid.clone(),
+            target_endpoint: w.endpoint(to).to_string(),
+            target_node: w.nodes[to].name.clone(),
+            compression: v1::Compression::Zstd,
+            bandwidth_limit,
+            ..Default::default()
+        },
+    )
+    .await?;
+    // The commit point: the source is not stopped, its page server holds it frozen.
+    done(&mut src, Step::Commit(Role::Source), &StepArgs::of(&uid)).await?;
+    ensure!(
+        w.task_state(from, &source.container_id) == "PAUSED",
+        "the source after the commit is {}, not held paused by its page server",
+        w.task_state(from, &source.container_id)
+    );
+    done(
+        &mut target,
+        Step::StageRestore,
+        &StepArgs {
+            migration_uid: uid.clone(),
+            pod: pod.clone(),
+            expected: transfer.archives.clone(),
+            post_copy,
+            ..Default::default()
+        },
+    )
+    .await?;
+    let started = std::time::Instant::now();
+    let restored = w.run_pod_with(to, &name, &image, &SERVE, &PodOptions::restore_of(&uid))?;
+    ensure!(restored.ip == ip, "restored with {}, not {ip}", restored.ip);
+    eprintln!(
+        "post-copy: checkpoint {} bytes in {} ms; restore (sandbox + create + start) {} ms",
+        checkpoint.bytes_total,
+        checkpoint.duration_ms,
+        started.elapsed().as_millis()
+    );
+    Ok(Moved {
+        source,
+        restored,
+        uid,
+        before,
+        checkpoint,
+    })
+}
+
+/// The workload moves with its memory left behind: the checkpoint is a fraction of it, the
+/// restored process answers before its pages are all in, and once they are, every page holds what
+/// was written; the source is stopped only then.
+pub fn post_copy(w: &World) -> Result<()> {
+    let (from, to) = (0, 2);
+    w.rt.block_on(async {
+        let m = move_lazily(w, from, to, 0).await?;
+        let ip = m.restored.ip;
+        let result = async {
+            ensure!(
+                m.checkpoint.bytes_total < TOUCHED / 8,
+                "the checkpoint carries the memory: {} bytes",
+                m.checkpoint.bytes_total
+            );
+            let after = until(
+                "the restored workload to answer",
+                Duration::from_secs(20),
+                || async { status(ip).await.ok() },
+            )
+            .await?;
+            ensure!(
+                after.get("id") == m.before.get("id"),
+                "a new process: {after:?}"
+            );
+            ensure!(
+                after.num("counter") >= m.before.num("counter"),
+                "the counter went back: {:?} -> {after:?}",
+                m.before
+            );
+            let all_in = until("all memory to be in", Duration::from_secs(60), || async {
+                memory(w, to, &m.uid)
+                    .await
+                    .ok()
+                    .filter(|op| op.state != v1::State::Running as i32)
+            })
+            .await?;
+            ensure!(
+                all_in.state == v1::State::Succeeded as i32,
+                "memory: {all_in:?}"
+            );
+            ensure!(
+                all_in.bytes_total >= TOUCHED && all_in.bytes_done >= all_in.bytes_total,
+                "memory counted {} of {} bytes, {TOUCHED} touched",
+                all_in.bytes_done,
+                all_in.bytes_total
+            );
+            let checked = verify(ip).await?;
+            ensure!(
+                checked.starts_with("memok=true"),
+                "after the move: {checked}"
+            );
+            let later = status(ip).await?;
+            ensure!(
+                later.num("counter") > after.num("counter")
+                    && later.get("id") == m.before.get("id"),
+                "not counting on: {after:?} -> {later:?}"
+            );
+            // Every page served: the source's page server ends and the agent stops the pod.
+            until(
+                "the source to be stopped",
+                Duration::from_secs(30),
+                || async {
+                    let state = w.task_state(from, &m.source.container_id);
+                    (state == "STOPPED" || state == "GONE").then_some(())
+                },
+            )
+            .await?;
+            Ok(())
+        }
+        .await;
+        finish(w, (from, to), &m, result).await
+    })
+}
+
+/// The source's agent dies while pages stream (paced slowly): the target kills the restored pod
+/// instead of letting it run with pages missing, reports why, and nothing hangs.
+pub fn source_agent_dies_during_post_copy(w: &World) -> Result<()> {
+    let (from, to) = (0, 2);
+    w.rt.block_on(async {
+        // 256 MiB at 16 MiB/s: some fifteen seconds of streaming.
+        let m = move_lazily(w, from, to, 16 << 20).await?;
+        let ip = m.restored.ip;
+        let result = async {
+            until(
+                "the restored workload to answer",
+                Duration::from_secs(20),
+                || async { status(ip).await.ok() },
+            )
+            .await?;
+            let streaming = memory(w, to, &m.uid).await?;
+            ensure!(
+                streaming.state == v1::State::Running as i32 && streaming.bytes_done < TOUCHED,
+                "the pages are not streaming: {streaming:?}"
+            );
+            w.restart_agent(from).await?;
+            let failed = until(
+                "the memory to be given up",
+                Duration::from_secs(30),
+                || async {
+                    memory(w, to, &m.uid)
+                        .await
+                        .ok()
+                        .filter(|op| op.state != v1::State::Running as i32)
+                },
+            )
+            .await?;
+            ensure!(
+                failed.state == v1::State::Failed as i32 && !failed.message.is_empty(),
+                "memory after the source agent died: {failed:?}"
+            );
+            eprintln!("memory given up: {}", failed.message);
+            let state = w.task_state(to, &m.restored.container_id);
+            ensure!(
+                state == "STOPPED" || state == "GONE",
+                "the restored container is {state} with its memory incomplete"
+            );
+            ensure!(status(ip).await.is_err(), "the restored pod still answers");
+            // Past its commit point the source never runs again: the restarted agent stops it.
+            until(
+                "the source to be stopped",
+                Duration::from_secs(30),
+                || async {
+                    let state = w.task_state(from, &m.source.container_id);
+                    (state == "STOPPED" || state == "GONE").then_some(())
+                },
+            )
+            .await?;
+            Ok(())
+        }
+        .await;
+        finish(w, (from, to), &m, result).await
+    })
+}
+
+async fn finish(
+    w: &World,
+    (from, to): (usize, usize),
+    m: &Moved,
+    result: Result<()>,
+) -> Result<()> {
+    for (i, role) in [(from, Role::Source), (to, Role::Target)] {
+        if let Ok(mut c) = w.operator(i).await {
+            let _ = c.step(Step::Cleanup(role), &StepArgs::of(&m.uid)).await;
+        }
+    }
+    let _ = w.remove_pod(&m.restored);
+    let _ = w.remove_pod(&m.source);
+    result.map_err(|e| {
+        format!(
+            "{e}\nsource agent:\n{}\ntarget agent:\n{}",
+            w.agent_log(from),
+            w.agent_log(to)
+        )
+    })
+}
