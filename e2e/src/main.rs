@@ -154,6 +154,14 @@ async fn main() -> anyhow::Result<()> {
             println!("Helm {} in {}", sandbox::helm::HELM.1, helm.display());
         }
         Command::Install => {
+            // Installing needs the running sandbox (its registry and API server): say so rather
+            // than fail on what a stopped sandbox left behind.
+            if !ControlPlane::new(&dirs).is_ready().await {
+                anyhow::bail!(
+                    "the sandbox cluster is not running: bring it up first \
+                     (`cargo run -p e2e -- cluster up`, or `cargo run -p e2e -- demo`, which also installs)"
+                );
+            }
             let env = ControlPlane::new(&dirs).env();
             let registry = sandbox::registry::Registry::new(&dirs);
             let images = release::ensure_images(&dirs, &registry)?;

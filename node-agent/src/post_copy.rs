@@ -198,29 +198,24 @@ impl PageServers {
                 "cannot run runc checkpoint in a namespace of its own: {e}"
             ))
         })?;
-        let ready = async {
-            loop {
-                if std::fs::metadata(&status).is_ok_and(|m| m.len() > 0) {
-                    return Ok(());
+        match ready(&mut child, || {
+            std::fs::metadata(&status).is_ok_and(|m| m.len() > 0)
+        })
+        .await
+        {
+            Ok(()) => {}
+            Err(Some(exit)) => {
+                let mut err = String::new();
+                if let Some(mut e) = child.stderr.take() {
+                    let _ = e.read_to_string(&mut err).await;
                 }
-                if let Some(exit) = child.try_wait().map_err(Error::io("runc checkpoint"))? {
-                    let mut err = String::new();
-                    if let Some(mut e) = child.stderr.take() {
-                        let _ = e.read_to_string(&mut err).await;
-                    }
-                    return Err(Error::Invalid(format!(
-                        "the lazy checkpoint of container {container} failed ({exit}): {}; CRIU's log is {}",
-                        err.trim(),
-                        work.join("dump.log").display()
-                    )));
-                }
-                tokio::time::sleep(Duration::from_millis(5)).await;
+                return Err(Error::Invalid(format!(
+                    "the lazy checkpoint of container {container} failed ({exit}): {}; CRIU's log is {}",
+                    err.trim(),
+                    work.join("dump.log").display()
+                )));
             }
-        };
-        match tokio::time::timeout(READY_WITHIN, ready).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(e),
-            Err(_) => {
+            Err(None) => {
                 kill_group(&child);
                 return Err(Error::NotReady(format!(
                     "the lazy checkpoint of container {container} was not ready within {READY_WITHIN:?}"
@@ -293,6 +288,29 @@ fn in_node_pids(program: &str) -> Command {
     let mut command = Command::new("nsenter");
     command.args(["--pid=/proc/1/ns/pid", "--", program]);
     command
+}
+
+/// Waits until `is_ready` (CRIU said so), at most [`READY_WITHIN`]; `Err` with the exit status
+/// when `child` ended first, or with none when the time ran out.
+async fn ready(
+    child: &mut Child,
+    is_ready: impl Fn() -> bool,
+) -> std::result::Result<(), Option<std::process::ExitStatus>> {
+    let deadline = tokio::time::Instant::now() + READY_WITHIN;
+    loop {
+        if is_ready() {
+            return Ok(());
+        }
+        match child.try_wait() {
+            Ok(Some(exit)) => return Err(Some(exit)),
+            Ok(None) => {}
+            Err(_) => return Err(None),
+        }
+        if tokio::time::Instant::now() > deadline {
+            return Err(None);
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 /// Kills a child's process group (runc and the CRIU it runs).
@@ -466,25 +484,16 @@ impl LazyDaemons {
                 "cannot run criu lazy-pages in a namespace of its own: {e}"
             ))
         })?;
-        let ready = async {
-            loop {
-                if socket.exists() {
-                    return Ok(());
-                }
-                if let Some(exit) = child.try_wait().map_err(Error::io("criu lazy-pages"))? {
-                    return Err(Error::Invalid(format!(
-                        "criu lazy-pages for container {} ended ({exit}); its log is {}",
-                        fetch.container,
-                        work.join("lazy-pages.log").display()
-                    )));
-                }
-                tokio::time::sleep(Duration::from_millis(5)).await;
+        match ready(&mut child, || socket.exists()).await {
+            Ok(()) => {}
+            Err(Some(exit)) => {
+                return Err(Error::Invalid(format!(
+                    "criu lazy-pages for container {} ended ({exit}); its log is {}",
+                    fetch.container,
+                    work.join("lazy-pages.log").display()
+                )));
             }
-        };
-        match tokio::time::timeout(READY_WITHIN, ready).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(e),
-            Err(_) => {
+            Err(None) => {
                 let _ = child.start_kill();
                 return Err(Error::NotReady(format!(
                     "criu lazy-pages for container {} was not ready within {READY_WITHIN:?}",

@@ -66,7 +66,7 @@ struct Moved {
     checkpoint: v1::Operation,
 }
 
-async fn move_lazily(w: &World, from: usize, to: usize, bandwidth_limit: u64) -> Result<Moved> {
+async fn move_lazily(w: &World, (from, to): (usize, usize), bandwidth_limit: u64) -> Result<Moved> {
     let name = unique("lazy");
     let uid = unique("mig");
     let image = w.demo_image.clone();
@@ -134,6 +134,7 @@ async fn move_lazily(w: &World, from: usize, to: usize, bandwidth_limit: u64) ->
         "the source after the commit is {}, not held paused by its page server",
         w.task_state(from, &source.container_id)
     );
+
     done(
         &mut target,
         Step::StageRestore,
@@ -170,7 +171,7 @@ async fn move_lazily(w: &World, from: usize, to: usize, bandwidth_limit: u64) ->
 pub fn post_copy(w: &World) -> Result<()> {
     let (from, to) = (0, 2);
     w.rt.block_on(async {
-        let m = move_lazily(w, from, to, 0).await?;
+        let m = move_lazily(w, (from, to), 0).await?;
         let ip = m.restored.ip;
         let result = async {
             ensure!(
@@ -221,16 +222,20 @@ pub fn post_copy(w: &World) -> Result<()> {
                     && later.get("id") == m.before.get("id"),
                 "not counting on: {after:?} -> {later:?}"
             );
-            // Every page served: the source's page server ends and the agent stops the pod.
+            // Every page served: the source's page server ended, and the agent says so and stops
+            // the pod.
             until(
-                "the source to be stopped",
+                "the source's page server to end",
                 Duration::from_secs(30),
                 || async {
-                    let state = w.task_state(from, &m.source.container_id);
-                    (state == "STOPPED" || state == "GONE").then_some(())
+                    w.agent_log(from)
+                        .lines()
+                        .any(|l| l.contains("every page was served") && l.contains(&m.uid))
+                        .then_some(())
                 },
             )
             .await?;
+            stopped(w, from, &m.source).await?;
             Ok(())
         }
         .await;
@@ -244,7 +249,7 @@ pub fn source_agent_dies_during_post_copy(w: &World) -> Result<()> {
     let (from, to) = (0, 2);
     w.rt.block_on(async {
         // 256 MiB at 16 MiB/s: some fifteen seconds of streaming.
-        let m = move_lazily(w, from, to, 16 << 20).await?;
+        let m = move_lazily(w, (from, to), 16 << 20).await?;
         let ip = m.restored.ip;
         let result = async {
             until(
@@ -282,20 +287,26 @@ pub fn source_agent_dies_during_post_copy(w: &World) -> Result<()> {
             );
             ensure!(status(ip).await.is_err(), "the restored pod still answers");
             // Past its commit point the source never runs again: the restarted agent stops it.
-            until(
-                "the source to be stopped",
-                Duration::from_secs(30),
-                || async {
-                    let state = w.task_state(from, &m.source.container_id);
-                    (state == "STOPPED" || state == "GONE").then_some(())
-                },
-            )
-            .await?;
+            stopped(w, from, &m.source).await?;
             Ok(())
         }
         .await;
         finish(w, (from, to), &m, result).await
     })
+}
+
+/// Waits for the container of `pod` on node `i` to be stopped or gone.
+async fn stopped(w: &World, i: usize, pod: &world::Pod) -> Result<()> {
+    until(
+        "the source to be stopped",
+        Duration::from_secs(30),
+        || async {
+            let state = w.task_state(i, &pod.container_id);
+            (state == "STOPPED" || state == "GONE").then_some(())
+        },
+    )
+    .await
+    .map(drop)
 }
 
 async fn finish(

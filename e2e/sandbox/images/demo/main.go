@@ -190,42 +190,40 @@ func pageSeed(p int) byte {
 // byte of every page is its seed plus the ticks that landed on it (tick c adds one to page
 // c mod pages).
 func verifyLoop(addr string, s *state, memory []byte) {
-	l, err := listen(addr)
-	if err != nil {
-		fmt.Fprintf(os.Stderr, "demo: verify %s: %v\n", addr, err)
-		os.Exit(1)
-	}
-	for {
-		c, err := l.Accept()
-		if err != nil {
-			continue
-		}
+	serveLines("verify", addr, func() string {
 		s.mu.Lock()
+		defer s.mu.Unlock()
 		pages := uint64(len(memory) / 4096)
 		bad := 0
 		for p := uint64(0); p < pages; p++ {
-			ticks := uint64(0)
-			if pages > 0 {
-				// The c in [1, counter] with c mod pages == p.
-				ticks = s.counter / pages
-				if p != 0 && p <= s.counter%pages {
-					ticks++
-				}
+			// The ticks c in [1, counter] with c mod pages == p.
+			ticks := s.counter / pages
+			if p != 0 && p <= s.counter%pages {
+				ticks++
 			}
 			if memory[p*4096] != pageSeed(int(p))+byte(ticks) {
 				bad++
 			}
 		}
-		s.mu.Unlock()
-		fmt.Fprintf(c, "memok=%t pages=%d bad=%d\n", bad == 0, pages, bad)
-		c.Close()
-	}
+		return fmt.Sprintf("memok=%t pages=%d bad=%d\n", bad == 0, pages, bad)
+	})
 }
 
 func statusLoop(addr string, s *state, verbose bool) {
+	serveLines("status", addr, func() string {
+		line := s.line()
+		if verbose {
+			fmt.Print("demo: status ", line)
+		}
+		return line
+	})
+}
+
+// serveLines answers every connection to addr with one line of answer() and closes it.
+func serveLines(what, addr string, answer func() string) {
 	l, err := listen(addr)
 	if err != nil {
-		fmt.Fprintf(os.Stderr, "demo: status %s: %v\n", addr, err)
+		fmt.Fprintf(os.Stderr, "demo: %s %s: %v\n", what, addr, err)
 		os.Exit(1)
 	}
 	for {
@@ -233,12 +231,8 @@ func statusLoop(addr string, s *state, verbose bool) {
 		if err != nil {
 			continue
 		}
-		line := s.line()
-		io.WriteString(c, line)
+		io.WriteString(c, answer())
 		c.Close()
-		if verbose {
-			fmt.Print("demo: status ", line)
-		}
 	}
 }
 
