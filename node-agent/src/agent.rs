@@ -214,6 +214,9 @@ impl Agent {
         self.store.remove(&uid)?;
         self.operations.forget(&uid);
         self.parts.rxe.release(&uid);
+        // Post-copy: a daemon still streaming decides on its own (and kills the restored pod if
+        // its pages cannot all come); only the account of it goes.
+        self.lazy.forget(&uid);
         Ok(v1::Operation::succeeded(&uid))
     }
 

@@ -44,6 +44,8 @@ pub const LAZY_MARKER: &str = "lazy-pages";
 const DAEMON_SOCKET: &str = "lazy-pages.socket";
 /// Waiting for CRIU to be ready (the dump's status, the daemon's socket) at most this long.
 const READY_WITHIN: Duration = Duration::from_secs(60);
+/// How long a lazy-pages daemon waits for its restore to connect.
+const CONNECT_WITHIN: Duration = Duration::from_secs(600);
 /// How long the daemon may take to end after the source closed a complete stream.
 const DAEMON_ENDS: Duration = Duration::from_secs(5);
 /// Bytes per frame of the page stream.
@@ -198,6 +200,9 @@ impl PageServers {
                 "cannot run runc checkpoint in a namespace of its own: {e}"
             ))
         })?;
+        // Until the server is registered, a failure or a cancelled dump (the checkpoint's time
+        // ran out) must not leave CRIU holding the pod: the source then resumes it.
+        let guard = KillGroupOnDrop(child.id());
         match ready(&mut child, || {
             std::fs::metadata(&status).is_ok_and(|m| m.len() > 0)
         })
@@ -216,12 +221,12 @@ impl PageServers {
                 )));
             }
             Err(None) => {
-                kill_group(&child);
                 return Err(Error::NotReady(format!(
                     "the lazy checkpoint of container {container} was not ready within {READY_WITHIN:?}"
                 )));
             }
         }
+        guard.disarm();
         self.lock().insert(
             (uid.to_string(), container.to_string()),
             Arc::new(PageServer {
@@ -242,9 +247,11 @@ impl PageServers {
                 "no page server of migration {uid} runs under this agent"
             )));
         }
+        // One deadline for all: the pod stays frozen until the last one ends.
+        let deadline = tokio::time::Instant::now() + within;
         for server in servers {
             let mut child = server.child.lock().await;
-            let exit = tokio::time::timeout(within, child.wait())
+            let exit = tokio::time::timeout_at(deadline, child.wait())
                 .await
                 .map_err(|_| {
                     Error::NotReady(format!("the pages were not all served within {within:?}"))
@@ -313,13 +320,34 @@ async fn ready(
     }
 }
 
-/// Kills a child's process group (runc and the CRIU it runs).
+/// Kills a child's process group (nsenter, and runc or CRIU under it).
 fn kill_group(child: &Child) {
     if let Some(pid) = child.id() {
-        let _ = nix::sys::signal::killpg(
-            nix::unistd::Pid::from_raw(pid as i32),
-            nix::sys::signal::Signal::SIGKILL,
-        );
+        killpg(pid);
+    }
+}
+
+fn killpg(pid: u32) {
+    let _ = nix::sys::signal::killpg(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+}
+
+/// Kills a process group when dropped, unless disarmed.
+struct KillGroupOnDrop(Option<u32>);
+
+impl KillGroupOnDrop {
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for KillGroupOnDrop {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0 {
+            killpg(pid);
+        }
     }
 }
 
@@ -351,7 +379,8 @@ pub async fn serve(
         }
         let _ = to_server.shutdown().await;
     };
-    let pages = async {
+    // Owns the answer stream: when the page server ends, the target's stream ends too.
+    let pages = async move {
         let mut pace = Pace::new(limit);
         let mut buf = vec![0u8; FRAME];
         loop {
@@ -370,7 +399,11 @@ pub async fn serve(
             }
         }
     };
-    tokio::join!(requests, pages);
+    // Either end closing ends the stream.
+    tokio::select! {
+        () = requests => {}
+        () = pages => {}
+    }
     Ok(())
 }
 
@@ -442,6 +475,13 @@ impl LazyDaemons {
         self.lock().get(uid).cloned()
     }
 
+    /// Whether container `container` of migration `uid` has its daemon here.
+    pub fn has(&self, uid: &str, container: &str) -> bool {
+        self.lock()
+            .get(uid)
+            .is_some_and(|d| d.iter().any(|d| d.container == container))
+    }
+
     pub fn forget(&self, uid: &str) {
         self.lock().remove(uid);
     }
@@ -471,6 +511,7 @@ impl LazyDaemons {
             .args(["--log-file", "lazy-pages.log", "-v4"])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
+            .process_group(0)
             .kill_on_drop(false);
         // The listener first: the daemon connects to it as soon as the restore hands it over.
         let ((listener, mut child), net) = PrivateNet::start(|| {
@@ -484,6 +525,7 @@ impl LazyDaemons {
                 "cannot run criu lazy-pages in a namespace of its own: {e}"
             ))
         })?;
+        let guard = KillGroupOnDrop(child.id());
         match ready(&mut child, || socket.exists()).await {
             Ok(()) => {}
             Err(Some(exit)) => {
@@ -494,7 +536,6 @@ impl LazyDaemons {
                 )));
             }
             Err(None) => {
-                let _ = child.start_kill();
                 return Err(Error::NotReady(format!(
                     "criu lazy-pages for container {} was not ready within {READY_WITHIN:?}",
                     fetch.container
@@ -503,6 +544,7 @@ impl LazyDaemons {
         }
         let marker = fetch.dir.join(LAZY_MARKER);
         std::fs::write(&marker, b"").map_err(Error::io(&marker))?;
+        guard.disarm();
         let daemon = Arc::new(LazyDaemon {
             container: fetch.container.clone(),
             total,
@@ -519,7 +561,8 @@ impl LazyDaemons {
 }
 
 /// Target: carries the daemon's page requests to the source and the pages back, until the daemon
-/// ends; decides the container's memory state.
+/// ends; decides the container's memory state. The daemon's connection is this function's until
+/// the end: closing it would end the daemon, and with it the userfaultfd of the restored process.
 async fn run<K>(
     fetch: Fetch,
     daemon: Arc<LazyDaemon>,
@@ -531,36 +574,38 @@ async fn run<K>(
     K: FnOnce() -> futures::future::BoxFuture<'static, ()> + Send + 'static,
 {
     let uid = fetch.uid.clone();
-    // A second descriptor of the daemon's connection: the connection stays open, whatever the
-    // tunnel drops, until the restored container can no longer run.
-    let held: Mutex<Option<std::os::fd::OwnedFd>> = Mutex::new(None);
-    let stream = async {
-        let (conn, _) = listener
-            .accept()
-            .await
-            .map_err(|e| format!("the daemon did not connect: {e}"))?;
-        conn.set_nodelay(true).ok();
-        let copy = std::os::fd::AsFd::as_fd(&conn)
-            .try_clone_to_owned()
-            .map_err(|e| format!("the daemon's connection: {e}"))?;
-        *held
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(copy);
-        tunnel(&fetch, &daemon, conn).await
-    };
     enum Ended {
         Daemon(std::io::Result<std::process::ExitStatus>),
         Stream(std::result::Result<(), String>),
     }
-    let ended = tokio::select! {
-        exit = child.wait() => Ended::Daemon(exit),
-        broken = stream => Ended::Stream(broken),
+    // The daemon connects once the restore handed it the process (or never, if no restore comes).
+    let accepted = tokio::select! {
+        exit = child.wait() => Err(Ended::Daemon(exit)),
+        conn = tokio::time::timeout(CONNECT_WITHIN, listener.accept()) => match conn {
+            Ok(Ok((conn, _))) => Ok(conn),
+            Ok(Err(e)) => Err(Ended::Stream(Err(format!("the daemon did not connect: {e}")))),
+            Err(_) => Err(Ended::Stream(Err(format!(
+                "no restore used the lazy-pages daemon within {CONNECT_WITHIN:?}"
+            )))),
+        },
+    };
+    let (ended, mut conn) = match accepted {
+        Err(ended) => (ended, None),
+        Ok(mut conn) => {
+            conn.set_nodelay(true).ok();
+            let ended = tokio::select! {
+                exit = child.wait() => Ended::Daemon(exit),
+                streamed = tunnel(&fetch, &daemon, &mut conn) => Ended::Stream(streamed),
+            };
+            (ended, Some(conn))
+        }
     };
     let outcome = match ended {
         Ended::Daemon(Ok(exit)) if exit.success() => Memory::Complete,
         Ended::Daemon(Ok(exit)) => Memory::Failed(format!("criu lazy-pages ended with {exit}")),
         Ended::Daemon(Err(e)) => Memory::Failed(format!("criu lazy-pages: {e}")),
-        // The source closes the stream once it served every page; the daemon ends right after.
+        // The source closes the stream once it served every page; the daemon, whose connection
+        // is still open, ends right after.
         Ended::Stream(Ok(())) => match tokio::time::timeout(DAEMON_ENDS, child.wait()).await {
             Ok(Ok(exit)) if exit.success() => Memory::Complete,
             _ => {
@@ -576,22 +621,23 @@ async fn run<K>(
         Memory::Failed(why) => {
             warn!(migration = %uid, container = %daemon.container, %why, "the memory cannot all come: killing the restored container");
             kill().await;
-            let _ = child.start_kill();
+            kill_group(&child);
             let _ = child.wait().await;
         }
         Memory::Streaming => {}
     }
-    drop(held);
     daemon.set(outcome);
+    // Only now may the daemon's connection close.
+    drop(conn.take());
 }
 
 /// One page stream: the daemon's connection on one side, the source agent's `Pages` on the other.
-/// Ends with an error when either breaks, holding the daemon's connection open until its caller
-/// drops the future.
+/// Ends when the source closes its side (Ok) or either breaks (Err); never closes the daemon's
+/// connection (its halves are borrowed).
 async fn tunnel(
     fetch: &Fetch,
     daemon: &LazyDaemon,
-    conn: tokio::net::TcpStream,
+    conn: &mut tokio::net::TcpStream,
 ) -> std::result::Result<(), String> {
     let endpoint = &fetch.source.endpoint;
     let channel = fetch
@@ -602,7 +648,7 @@ async fn tunnel(
         .connect()
         .await
         .map_err(|e| format!("connecting to the source agent {endpoint}: {e}"))?;
-    let (mut from_daemon, mut to_daemon) = conn.into_split();
+    let (mut from_daemon, mut to_daemon) = conn.split();
     let (tx, rx) = tokio::sync::mpsc::channel(16);
     tx.send(v1::PageFrame {
         migration_uid: fetch.uid.clone(),
@@ -627,7 +673,7 @@ async fn tunnel(
                 }
             }
         }
-        // Kept open (the daemon's side stays readable) until the stream ends.
+        // The daemon said all it had to say; its answers may still be coming.
         std::future::pending::<()>().await;
     };
     let pages = async {
@@ -664,9 +710,10 @@ async fn tunnel(
 pub fn operation(uid: &str, daemons: &[Arc<LazyDaemon>]) -> v1::Operation {
     let mut op = v1::Operation::succeeded(uid);
     op.bytes_total = daemons.iter().map(|d| d.total).sum();
+    // What came counts the protocol's headers too: never more than the pages.
     op.bytes_done = daemons
         .iter()
-        .map(|d| d.received.load(Ordering::Relaxed))
+        .map(|d| d.received.load(Ordering::Relaxed).min(d.total))
         .sum();
     let failed: Vec<String> = daemons
         .iter()

@@ -341,18 +341,53 @@ impl Runtime {
         pod_uid: &str,
         container: &str,
     ) -> Result<Option<String>> {
+        self.find_container_in(
+            namespace,
+            pod,
+            pod_uid,
+            container,
+            &[cri::ContainerState::ContainerRunning],
+        )
+        .await
+    }
+
+    /// The ID of a container of the pod that was created or runs: a restore runs the container's
+    /// processes while the CRI still reports it created.
+    pub async fn find_live_container(
+        &self,
+        namespace: &str,
+        pod: &str,
+        container: &str,
+    ) -> Result<Option<String>> {
+        self.find_container_in(
+            namespace,
+            pod,
+            "",
+            container,
+            &[
+                cri::ContainerState::ContainerCreated,
+                cri::ContainerState::ContainerRunning,
+            ],
+        )
+        .await
+    }
+
+    async fn find_container_in(
+        &self,
+        namespace: &str,
+        pod: &str,
+        pod_uid: &str,
+        container: &str,
+        states: &[cri::ContainerState],
+    ) -> Result<Option<String>> {
         let Some(sandbox_id) = self.find_sandbox(namespace, pod, pod_uid).await? else {
             return Ok(None);
-        };
-        let running = cri::ContainerStateValue {
-            state: cri::ContainerState::ContainerRunning.into(),
         };
         let containers = self
             .cri()
             .list_containers(cri::ListContainersRequest {
                 filter: Some(cri::ContainerFilter {
                     pod_sandbox_id: sandbox_id,
-                    state: Some(running),
                     ..Default::default()
                 }),
             })
@@ -362,6 +397,7 @@ impl Runtime {
             .containers;
         Ok(containers
             .into_iter()
+            .filter(|c| states.iter().any(|s| *s as i32 == c.state))
             .find(|c| c.metadata.as_ref().is_some_and(|m| m.name == container))
             .map(|c| c.id))
     }

@@ -32,6 +32,8 @@ const RECEIVED_DIRS: [&str; 2] = ["incoming", agent_api::layout::STAGED];
 /// How long, and how often, a target looks for its restored pod to run.
 const WATCH_RESTORE_FOR: Duration = Duration::from_secs(600);
 const WATCH_RESTORE_EVERY: Duration = Duration::from_millis(20);
+/// How long a target looks for a restored container to kill when its memory cannot all come.
+const KILL_RESTORED_WITHIN: Duration = Duration::from_secs(10);
 
 impl Agent {
     /// Checks that the pod can be restored here and records the migration.
@@ -232,11 +234,12 @@ impl Agent {
                 record.source_node, source.node
             )));
         }
-        if self.lazy.of(&record.uid).is_some() {
-            return Ok(());
-        }
         self.store.update(&record.uid, |r| r.post_copy = true)?;
         for c in &record.containers {
+            // A retried request: the daemons started before stay.
+            if self.lazy.has(&record.uid, &c.name) {
+                continue;
+            }
             let dir =
                 c.staged.clone().map(PathBuf::from).ok_or_else(|| {
                     Error::NotReady(format!("container {} is not staged", c.name))
@@ -300,25 +303,40 @@ impl Agent {
             }
             warn!(migration = %uid, "the memory of a post-copy restore was still coming when the agent stopped: killing the restored pod");
             for c in &r.containers {
+                // A restore that comes now finds no daemon to serve it: without the marker it
+                // fails (its images hold no pages) instead of running with none.
+                if let Some(dir) = &c.staged {
+                    let _ = std::fs::remove_file(Path::new(dir).join(post_copy::LAZY_MARKER));
+                }
                 self.kill_restored(&r.namespace, &r.pod, &c.name).await;
             }
         }
     }
 
     /// Freezes and kills a restored container whose memory cannot all come: it never runs on
-    /// with pages missing.
+    /// with pages missing. Its lazy-pages daemon's connection stays open until this returns. A
+    /// restore still under way when it is called is looked for a while (its processes run before
+    /// the runtime reports the container); one that never shows up fails by itself once the
+    /// daemon is gone.
     async fn kill_restored(&self, namespace: &str, pod: &str, container: &str) {
         let rt = self.runtime();
-        let Ok(Some(id)) = rt.find_container(namespace, pod, "", container).await else {
-            return;
-        };
-        if let Err(e) = rt.pause(&id).await {
-            warn!(%container, error = %e, "cannot freeze the restored container");
+        let deadline = Instant::now() + KILL_RESTORED_WITHIN;
+        while Instant::now() < deadline {
+            if let Ok(Some(id)) = rt.find_live_container(namespace, pod, container).await {
+                let _ = rt.pause(&id).await;
+                let _ = rt.kill(&id).await;
+                let _ = rt.resume(&id).await;
+                if matches!(
+                    rt.task_status(&id).await,
+                    Ok(crate::runtime::TaskStatus::Stopped) | Err(_)
+                ) {
+                    info!(%container, "the restored container was killed");
+                    return;
+                }
+            }
+            tokio::time::sleep(WATCH_RESTORE_EVERY * 5).await;
         }
-        if let Err(e) = rt.kill(&id).await {
-            warn!(%container, error = %e, "cannot kill the restored container");
-        }
-        let _ = rt.resume(&id).await;
+        warn!(%container, "no restored container to kill was found in time");
     }
 
     /// Post-copy: where the memory of migration `uid` stands on this target.
