@@ -155,6 +155,11 @@ fn set_change(ip: Ipv4Addr, silence: Option<Silence>, answering: bool) -> String
 }
 
 impl NetBlock {
+    /// The `nft` program the agent runs.
+    pub fn nft_binary(&self) -> PathBuf {
+        self.nft.clone()
+    }
+
     pub fn new(nft: PathBuf) -> Self {
         Self {
             nft,

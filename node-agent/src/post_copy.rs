@@ -281,9 +281,9 @@ impl PageServers {
         }
     }
 
-    /// Forgets the page servers of migration `uid` (they ended).
-    pub fn forget(&self, uid: &str) {
-        self.lock().retain(|(u, _), _| u != uid);
+    /// Whether migration `uid` has page servers under this agent.
+    pub fn serving(&self, uid: &str) -> bool {
+        !self.of(uid).is_empty()
     }
 }
 
@@ -332,6 +332,86 @@ fn killpg(pid: u32) {
         nix::unistd::Pid::from_raw(pid as i32),
         nix::sys::signal::Signal::SIGKILL,
     );
+}
+
+/// Kills what an earlier run of the agent left of a migration's CRIU ends (page servers,
+/// lazy-pages daemons): every process whose command line has a lazy-pages argument and a path
+/// under the migration's directory `dir`, with its process group. Answers how many were found.
+pub fn kill_leftovers(dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    let dir = dir.to_string_lossy().into_owned();
+    let mut found = 0;
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|p| p.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        if !leftover(&cmdline, &dir) {
+            continue;
+        }
+        found += 1;
+        let pid = nix::unistd::Pid::from_raw(pid);
+        let group = nix::unistd::getpgid(Some(pid)).unwrap_or(pid);
+        let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+    }
+    found
+}
+
+/// Whether a command line (NUL-separated) is a CRIU end of the migration whose directory is `dir`.
+fn leftover(cmdline: &[u8], dir: &str) -> bool {
+    let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+    let lazy = args
+        .iter()
+        .any(|a| *a == b"--lazy-pages" || *a == b"lazy-pages");
+    let prefix = format!("{dir}/");
+    lazy && args
+        .iter()
+        .any(|a| String::from_utf8_lossy(a).starts_with(&prefix))
+}
+
+/// Removes the network lock CRIU put into a pod's network namespace for a dump (its `inet
+/// CRIU-...` nftables tables, which drop everything but CRIU's own packets). CRIU lifts it when
+/// the dump ends; a page server killed before (an abort) leaves it. Answers the tables removed.
+pub fn unlock_network(netns: &Path, nft: &Path) -> std::io::Result<usize> {
+    let (netns, nft) = (netns.to_path_buf(), nft.to_path_buf());
+    std::thread::spawn(move || -> std::io::Result<usize> {
+        let ns = std::fs::File::open(&netns)?;
+        nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET)?;
+        // Spawned from this thread, nft runs in the pod's namespace.
+        let out = std::process::Command::new(&nft)
+            .args(["list", "tables"])
+            .output()?;
+        let mut removed = 0;
+        for table in criu_locks(&String::from_utf8_lossy(&out.stdout)) {
+            let done = std::process::Command::new(&nft)
+                .args(["delete", "table", "inet", table])
+                .status()?;
+            if done.success() {
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    })
+    .join()
+    .map_err(|_| std::io::Error::other("the unlocking thread panicked"))?
+}
+
+/// The names of CRIU's network-lock tables in `nft list tables` output.
+fn criu_locks(tables: &str) -> Vec<&str> {
+    tables
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("table inet "))
+        .filter(|name| name.starts_with("CRIU"))
+        .collect()
 }
 
 /// Kills a process group when dropped, unless disarmed.
@@ -810,6 +890,52 @@ mod tests {
         assert!(failed.message.contains("gone"), "{}", failed.message);
         let done = operation("u", &[daemon(100, 100, Memory::Complete)]);
         assert_eq!(done.state, v1::State::Succeeded as i32);
+    }
+
+    #[test]
+    fn only_criu_network_locks_are_lifted() {
+        let tables =
+            "table inet CRIU-c3500aa2-5ba4-4b0d-b6\ntable bridge kube-migros\ntable inet filter\n";
+        assert_eq!(criu_locks(tables), ["CRIU-c3500aa2-5ba4-4b0d-b6"]);
+    }
+
+    #[test]
+    fn leftovers_are_the_lazy_criu_ends_of_that_migration_only() {
+        let dir = "/var/lib/kube-migros/migrations/mig-1";
+        let cmd = |args: &[&str]| args.join("\0").into_bytes();
+        let source = cmd(&[
+            "nsenter",
+            "--pid=/proc/1/ns/pid",
+            "--",
+            "sh",
+            "-c",
+            "...",
+            "sh",
+            "/var/lib/kube-migros/migrations/mig-1/checkpoint/app.criu/status",
+            "runc",
+            "checkpoint",
+            "--lazy-pages",
+            "--image-path",
+            "/var/lib/kube-migros/migrations/mig-1/checkpoint/app/checkpoint",
+        ]);
+        let daemon = cmd(&[
+            "criu",
+            "lazy-pages",
+            "--images-dir",
+            "/var/lib/kube-migros/migrations/mig-1/staged/app/checkpoint",
+        ]);
+        assert!(leftover(&source, dir));
+        assert!(leftover(&daemon, dir));
+        // Another migration's, one whose name begins the same, and a plain checkpoint.
+        assert!(!leftover(&daemon, "/var/lib/kube-migros/migrations/mig-2"));
+        assert!(!leftover(&daemon, "/var/lib/kube-migros/migrations/mig"));
+        let plain = cmd(&[
+            "runc",
+            "checkpoint",
+            "--image-path",
+            "/var/lib/kube-migros/migrations/mig-1/x",
+        ]);
+        assert!(!leftover(&plain, dir));
     }
 
     #[test]

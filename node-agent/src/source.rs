@@ -12,7 +12,7 @@
 
 use std::{
     collections::BTreeSet,
-    path::Path,
+    path::{Path, PathBuf},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
@@ -24,7 +24,7 @@ use crate::{
     agent::{Agent, CheckpointVia, pod_ip},
     archive, empty_dirs,
     error::{Error, Result},
-    layer,
+    layer, post_copy,
     restore::RUNTIME_WRAPPER,
     runtime::TaskStatus,
     store::{Container, Record, Role},
@@ -327,13 +327,29 @@ impl Agent {
             return Ok(());
         };
         // A page server holds the paused containers (whole: nothing was taken from them) until
-        // it ends.
+        // it ends; one an earlier run of the agent started is found by its command line.
         self.page_servers.stop(&record.uid).await;
+        if record.post_copy {
+            let dir = self.store.dir(&record.uid)?;
+            if post_copy::kill_leftovers(&dir) > 0 {
+                warn!(migration = %record.uid, "stopped the page servers an earlier run of the agent left");
+            }
+            // A killed page server leaves CRIU's network lock in the pod's namespace.
+            self.unlock_pod_network(&record).await;
+        }
         if record.paused && !record.stopped {
             for c in &record.containers {
                 match self.runtime().task_status(&c.id).await {
                     Ok(TaskStatus::Paused | TaskStatus::Pausing) => {
-                        self.runtime().resume(&c.id).await?;
+                        match self.runtime().resume(&c.id).await {
+                            Ok(()) => {}
+                            // A lazy dump's CRIU thaws the cgroup and holds the processes
+                            // stopped itself; killed above, it let them go: they run again.
+                            Err(e) if record.post_copy && e.to_string().contains("not paused") => {
+                                info!(container = %c.name, "running again since its page server was stopped");
+                            }
+                            Err(e) => return Err(e.into()),
+                        }
                     }
                     Ok(_) => {}
                     // A container that is gone has nothing to resume.
@@ -343,6 +359,31 @@ impl Agent {
             self.store.update(&record.uid, |r| r.paused = false)?;
         }
         self.unblock(&record).await
+    }
+
+    /// Lifts a network lock CRIU left in the pod's namespace (post-copy abort).
+    async fn unlock_pod_network(&self, record: &Record) {
+        let rt = self.runtime();
+        let netns = match rt
+            .find_sandbox(&record.namespace, &record.pod, &record.pod_uid)
+            .await
+        {
+            Ok(Some(sandbox)) => rt.sandbox_netns(&sandbox).await.ok().flatten(),
+            _ => None,
+        };
+        let Some(netns) = netns else {
+            warn!(migration = %record.uid, "no network namespace of the pod to lift CRIU's lock in");
+            return;
+        };
+        let (path, nft) = (PathBuf::from(&netns), self.parts.net.nft_binary());
+        match tokio::task::spawn_blocking(move || post_copy::unlock_network(&path, &nft)).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(n)) => info!(migration = %record.uid, tables = n, "lifted CRIU's network lock"),
+            Ok(Err(e)) => {
+                warn!(migration = %record.uid, error = %e, "cannot lift CRIU's network lock")
+            }
+            Err(e) => warn!(migration = %record.uid, error = %e, "cannot lift CRIU's network lock"),
+        }
     }
 
     /// Streams the checkpoint to the target agent, trying again while the stream breaks.
@@ -516,6 +557,9 @@ impl Agent {
             Err(e) => warn!(migration = %uid, error = %e, "the page servers ended early"),
         }
         self.page_servers.stop(&uid).await;
+        if let Ok(dir) = self.store.dir(&uid) {
+            post_copy::kill_leftovers(&dir);
+        }
         if let Err(e) = self.stop(&record).await {
             warn!(migration = %uid, error = %e, "stopping the source after its pages were served");
             return;
@@ -603,6 +647,10 @@ impl Agent {
                 continue;
             };
             if r.deadline().is_none_or(|at| at > now) {
+                continue;
+            }
+            // Post-copy past the commit: the page servers hold the pod until they served it.
+            if r.committed && r.post_copy && self.page_servers.serving(&uid) {
                 continue;
             }
             // Committed, but the stop did not finish (it failed, or the agent restarted in it):

@@ -310,6 +310,10 @@ impl Agent {
                 }
                 self.kill_restored(&r.namespace, &r.pod, &c.name).await;
             }
+            // The daemons the earlier run started, now without their agent.
+            if let Ok(dir) = self.store.dir(&uid) {
+                post_copy::kill_leftovers(&dir);
+            }
         }
     }
 

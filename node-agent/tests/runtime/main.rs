@@ -57,6 +57,10 @@ fn main() {
             post_copy::source_agent_dies_during_post_copy,
         ),
         (
+            "a_source_agent_restarted_before_the_commit_gives_the_pod_back_on_abort",
+            post_copy::source_agent_restarted_before_the_commit,
+        ),
+        (
             "abort_resumes_the_paused_source_and_it_continues",
             migration::abort,
         ),

@@ -295,6 +295,85 @@ pub fn source_agent_dies_during_post_copy(w: &World) -> Result<()> {
     })
 }
 
+/// The source's agent restarts between the lazy checkpoint and the commit (its page server, held
+/// by no agent now, still holds the pod): an abort gives the pod back, whole and running, and
+/// leaves no CRIU of the migration behind.
+pub fn source_agent_restarted_before_the_commit(w: &World) -> Result<()> {
+    let from = 0;
+    w.rt.block_on(async {
+        let name = unique("lazy");
+        let uid = unique("mig");
+        let image = w.demo_image.clone();
+        let pod = w.run_pod(from, &name, &image, &SERVE)?;
+        let result = async {
+            let before = until("the workload to count", Duration::from_secs(30), || async {
+                status(pod.ip).await.ok().filter(|s| s.num("counter") >= 20)
+            })
+            .await?;
+            let mut pod_ref = pod.pod_ref(&image);
+            pod_ref.containers[0].container_id.clear();
+            let mut src = w.operator(from).await?;
+            done(
+                &mut src,
+                Step::Checkpoint,
+                &StepArgs {
+                    migration_uid: uid.clone(),
+                    pod: pod_ref,
+                    backend: backend::RUNTIME_WRAPPER.into(),
+                    post_copy: Some(v1::PostCopySource::default()),
+                    ..Default::default()
+                },
+            )
+            .await?;
+            ensure!(
+                criu_of(&uid) > 0,
+                "no page server of {uid} runs after the lazy checkpoint"
+            );
+            w.restart_agent(from).await?;
+            let mut src = w.operator(from).await?;
+            done(&mut src, Step::Abort(Role::Source), &StepArgs::of(&uid)).await?;
+            ensure!(
+                criu_of(&uid) == 0,
+                "a page server of {uid} is left after the abort"
+            );
+            let after = until("the pod to run again", Duration::from_secs(20), || async {
+                status(pod.ip)
+                    .await
+                    .ok()
+                    .filter(|s| s.num("counter") > before.num("counter") + 5)
+            })
+            .await?;
+            ensure!(
+                after.get("id") == before.get("id"),
+                "a new process: {after:?}"
+            );
+            let checked = verify(pod.ip).await?;
+            ensure!(
+                checked.starts_with("memok=true"),
+                "after the abort: {checked}"
+            );
+            Ok(())
+        }
+        .await;
+        let _ = w.remove_pod(&pod);
+        result.map_err(|e| format!("{e}\nsource agent:\n{}", w.agent_log(from)))
+    })
+}
+
+/// How many processes (of any node: the host sees them all) are lazy CRIU ends of migration
+/// `uid`.
+fn criu_of(uid: &str) -> usize {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+        .filter(|l| l.contains("lazy-pages") && l.contains(&format!("/{uid}/")))
+        .count()
+}
+
 /// Waits for the container of `pod` on node `i` to be stopped or gone.
 async fn stopped(w: &World, i: usize, pod: &world::Pod) -> Result<()> {
     until(
