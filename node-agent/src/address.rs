@@ -18,12 +18,7 @@ use std::net::Ipv4Addr;
 /// MAC address and port from it, and every host that has an entry for the pod's address (a peer in
 /// the middle of a connection) updates it to the pod's new MAC. Blocking; run off the async runtime.
 pub fn announce(netns: &std::path::Path) -> std::io::Result<()> {
-    let path = netns.to_path_buf();
-    // setns changes the calling thread's namespace only: a thread of its own, ended right after.
-    std::thread::spawn(move || -> std::io::Result<()> {
-        let ns = std::fs::File::open(&path)?;
-        nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET)
-            .map_err(std::io::Error::from)?;
+    in_netns(netns, || {
         let routes = std::fs::read_to_string("/proc/thread-self/net/route")?;
         let gateway = default_gateway(&routes)
             .ok_or_else(|| std::io::Error::other("the pod has no default gateway"))?;
@@ -31,8 +26,24 @@ pub fn announce(netns: &std::path::Path) -> std::io::Result<()> {
         socket.send_to(b"kube-migros", (gateway, 9))?;
         Ok(())
     })
-    .join()
-    .map_err(|_| std::io::Error::other("the announcing thread panicked"))?
+}
+
+/// Runs `f` in the network namespace at `netns` (a path such as `/var/run/netns/...`): sockets it
+/// opens and processes it spawns are in that namespace. setns changes the calling thread's
+/// namespace only, so `f` runs on a thread of its own, ended right after.
+pub fn in_netns<T: Send>(
+    netns: &std::path::Path,
+    f: impl FnOnce() -> std::io::Result<T> + Send,
+) -> std::io::Result<T> {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let ns = std::fs::File::open(netns)?;
+            nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET)?;
+            f()
+        })
+        .join()
+        .unwrap_or_else(|_| Err(std::io::Error::other("the namespace thread panicked")))
+    })
 }
 
 /// Asks the kernel of the pod's network namespace to resolve again, now, every neighbour whose
@@ -41,11 +52,7 @@ pub fn announce(netns: &std::path::Path) -> std::io::Result<()> {
 /// retry timer and keeps its queue) and then it is marked in use (which starts a resolution at once
 /// from the none state). Answers the addresses asked for. Blocking; run off the async runtime.
 pub fn resolve_waiting(netns: &std::path::Path) -> std::io::Result<Vec<Ipv4Addr>> {
-    let path = netns.to_path_buf();
-    std::thread::spawn(move || -> std::io::Result<Vec<Ipv4Addr>> {
-        let ns = std::fs::File::open(&path)?;
-        nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET)
-            .map_err(std::io::Error::from)?;
+    in_netns(netns, || {
         let table = std::fs::read_to_string("/proc/thread-self/net/arp")?;
         let waiting = incomplete(&table);
         if waiting.is_empty() {
@@ -70,8 +77,6 @@ pub fn resolve_waiting(netns: &std::path::Path) -> std::io::Result<Vec<Ipv4Addr>
         }
         Ok(waiting.into_iter().map(|(ip, _)| ip).collect())
     })
-    .join()
-    .map_err(|_| std::io::Error::other("the resolving thread panicked"))?
 }
 
 /// The entries of `/proc/net/arp` whose resolution is pending (flags 0: not complete), with

@@ -382,17 +382,14 @@ fn leftover(cmdline: &[u8], dir: &str) -> bool {
 /// CRIU-...` nftables tables, which drop everything but CRIU's own packets). CRIU lifts it when
 /// the dump ends; a page server killed before (an abort) leaves it. Answers the tables removed.
 pub fn unlock_network(netns: &Path, nft: &Path) -> std::io::Result<usize> {
-    let (netns, nft) = (netns.to_path_buf(), nft.to_path_buf());
-    std::thread::spawn(move || -> std::io::Result<usize> {
-        let ns = std::fs::File::open(&netns)?;
-        nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET)?;
-        // Spawned from this thread, nft runs in the pod's namespace.
-        let out = std::process::Command::new(&nft)
+    crate::address::in_netns(netns, || {
+        // Spawned from the namespace's thread, nft runs in the pod's namespace.
+        let out = std::process::Command::new(nft)
             .args(["list", "tables"])
             .output()?;
         let mut removed = 0;
         for table in criu_locks(&String::from_utf8_lossy(&out.stdout)) {
-            let done = std::process::Command::new(&nft)
+            let done = std::process::Command::new(nft)
                 .args(["delete", "table", "inet", table])
                 .status()?;
             if done.success() {
@@ -401,8 +398,6 @@ pub fn unlock_network(netns: &Path, nft: &Path) -> std::io::Result<usize> {
         }
         Ok(removed)
     })
-    .join()
-    .map_err(|_| std::io::Error::other("the unlocking thread panicked"))?
 }
 
 /// The names of CRIU's network-lock tables in `nft list tables` output.

@@ -305,6 +305,12 @@ impl Runtime {
 
     /// The network namespace of a sandbox: containerd's `NetNSPath` where the agent sees it, else
     /// `/proc/<sandbox pid>/ns/net` (both from the verbose status).
+    /// The network namespace of a pod's ready sandbox, when it has one and the runtime names it.
+    pub async fn pod_netns(&self, namespace: &str, pod: &str, pod_uid: &str) -> Option<String> {
+        let sandbox = self.find_sandbox(namespace, pod, pod_uid).await.ok()??;
+        self.sandbox_netns(&sandbox).await.ok().flatten()
+    }
+
     pub async fn sandbox_netns(&self, sandbox_id: &str) -> Result<Option<String>> {
         let status = self
             .cri()

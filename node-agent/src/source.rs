@@ -363,14 +363,10 @@ impl Agent {
 
     /// Lifts a network lock CRIU left in the pod's namespace (post-copy abort).
     async fn unlock_pod_network(&self, record: &Record) {
-        let rt = self.runtime();
-        let netns = match rt
-            .find_sandbox(&record.namespace, &record.pod, &record.pod_uid)
-            .await
-        {
-            Ok(Some(sandbox)) => rt.sandbox_netns(&sandbox).await.ok().flatten(),
-            _ => None,
-        };
+        let netns = self
+            .runtime()
+            .pod_netns(&record.namespace, &record.pod, &record.pod_uid)
+            .await;
         let Some(netns) = netns else {
             warn!(migration = %record.uid, "no network namespace of the pod to lift CRIU's lock in");
             return;

@@ -413,11 +413,10 @@ impl Agent {
     /// Announces the replacement pod's address from its network namespace (best effort: a peer
     /// that misses it finds the pod when its ARP entry expires).
     async fn announce(&self, record: &Record) {
-        let rt = self.runtime();
-        let netns = match rt.find_sandbox(&record.namespace, &record.pod, "").await {
-            Ok(Some(sandbox)) => rt.sandbox_netns(&sandbox).await.ok().flatten(),
-            _ => None,
-        };
+        let netns = self
+            .runtime()
+            .pod_netns(&record.namespace, &record.pod, "")
+            .await;
         let Some(netns) = netns else {
             warn!(migration = %record.uid, "no sandbox of the restored pod to announce its address from");
             return;
