@@ -19,6 +19,8 @@ pub const DEFAULT_TIMEOUT_SECONDS: i64 = 600;
 pub const MIN_TIMEOUT_SECONDS: i64 = 10;
 /// Largest accepted `spec.timeoutSeconds` (one day).
 pub const MAX_TIMEOUT_SECONDS: i64 = 86_400;
+/// Default for `spec.progressTimeoutSeconds` (KubeVirt's `progressTimeout` is 150 s too).
+pub const DEFAULT_PROGRESS_TIMEOUT_SECONDS: i64 = 150;
 
 // CEL has no DNS helpers that every supported API server version knows, so the rules spell the
 // regular expressions of k8s.io/apimachinery's IsDNS1123Label and IsDNS1123Subdomain.
@@ -90,6 +92,13 @@ pub struct PodMigrationSpec {
     #[schemars(length(min = 1, max = 32))]
     #[x_kube(validation = Rule::new("isQuantity(self) && quantity(self).compareTo(quantity('64Ki')) >= 0").message("bandwidthLimit must be a quantity of at least 64Ki bytes per second, such as 100Mi"))]
     pub bandwidth_limit: Option<String>,
+
+    /// `PostCopy` only: seconds the pod may run on the target with no byte of its remaining memory
+    /// arriving before the migration fails (the pod cannot be whole then; docs/api.md#post-copy).
+    /// While the memory arrives, this takes the place of `timeoutSeconds`.
+    #[serde(default = "default_progress_timeout_seconds")]
+    #[schemars(range(min = MIN_TIMEOUT_SECONDS, max = MAX_TIMEOUT_SECONDS))]
+    pub progress_timeout_seconds: i64,
 }
 
 impl PodMigrationSpec {
@@ -103,6 +112,7 @@ impl PodMigrationSpec {
             timeout_seconds: DEFAULT_TIMEOUT_SECONDS,
             compression: Compression::default(),
             bandwidth_limit: None,
+            progress_timeout_seconds: DEFAULT_PROGRESS_TIMEOUT_SECONDS,
         }
     }
 }
@@ -111,21 +121,25 @@ fn default_timeout_seconds() -> i64 {
     DEFAULT_TIMEOUT_SECONDS
 }
 
-/// Migration strategy.
+fn default_progress_timeout_seconds() -> i64 {
+    DEFAULT_PROGRESS_TIMEOUT_SECONDS
+}
+
+/// Migration strategy (docs/api.md#strategies).
 ///
-/// Only `StopAndCopy` moves pods today. `PostCopy` (the process restored before its memory has
-/// arrived, pages served by the source) and `PreCopy` (memory copied while the process runs, then
-/// only what changed) are accepted so that a request for them gets an exact answer: the migration
-/// fails in Pending, before anything is touched, with what the nodes lack (userfaultfd and
-/// `fs.pipe-max-size` for PostCopy, soft-dirty page tracking for PreCopy) or, where the nodes have
-/// all of it, that this release does not move pods that way yet (docs/api.md#strategies).
+/// `StopAndCopy` works everywhere. `PostCopy` needs userfaultfd and a large enough
+/// `fs.pipe-max-size` on both nodes and the runtime-wrapper restore backend on the target;
+/// `PreCopy` is not built. A request the nodes cannot do fails in Pending, before anything is
+/// touched, with what they lack (soft-dirty page tracking for PreCopy) or, where they have all of
+/// it, that this release does not move pods that way.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Strategy {
     /// Freeze the pod, checkpoint it, copy the checkpoint, restore it on the target.
     #[default]
     StopAndCopy,
-    /// Restore the pod on the target before its memory has arrived; the source serves pages.
-    /// Refused in Pending today (not built).
+    /// Restore the pod on the target before its memory has arrived; the source serves the pages
+    /// until all are in. The pause no longer grows with the pod's memory, but until the memory is
+    /// in, the running pod depends on the source node too (docs/api.md#post-copy).
     PostCopy,
     /// Copy memory while the pod runs, then freeze it and copy what changed. Refused in Pending
     /// today (not built).
@@ -196,7 +210,8 @@ pub enum Compression {
 }
 
 /// Where a migration stands. The happy path is Pending, Preparing, Checkpointing, Transferring,
-/// Restoring, Succeeded; `Failed` and `RolledBack` are the other final phases.
+/// Restoring, Succeeded (`PostCopy`: Restoring, CopyingMemory, Succeeded); `Failed` and
+/// `RolledBack` are the other final phases.
 #[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum Phase {
     /// Accepted, preconditions not checked yet.
@@ -210,6 +225,9 @@ pub enum Phase {
     Transferring,
     /// Past the commit point: the source is gone and the target restores the pod.
     Restoring,
+    /// `PostCopy` only: the pod runs on the target while the rest of its memory comes from the
+    /// source node, which it depends on until this ends (`status.memory`).
+    CopyingMemory,
     /// The pod runs on the target node.
     Succeeded,
     /// The migration could not be done; see `status.message` and the conditions.
@@ -308,6 +326,11 @@ pub struct PodMigrationStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<Progress>,
 
+    /// `PostCopy`: the memory left on the source when the pod resumed on the target, and how much
+    /// of it has arrived.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<MemoryProgress>,
+
     /// How long each part took.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timings: Option<Timings>,
@@ -386,6 +409,24 @@ pub struct Progress {
     pub bytes_total: i64,
 }
 
+/// The memory of a `PostCopy` migration that arrives after the pod resumed on the target.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct MemoryProgress {
+    /// Bytes of memory that stayed on the source at the checkpoint.
+    pub bytes_total: i64,
+    /// Bytes of it that have arrived on the target.
+    pub bytes_transferred: i64,
+    /// Bytes still on the source.
+    pub bytes_remaining: i64,
+    /// Average rate since the pod resumed on the target, in bytes per second.
+    pub bytes_per_second: i64,
+    /// When the last bytes arrived (or, before any, when the copy began): the progress timeout
+    /// counts from here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_progress_time: Option<MicroTime>,
+}
+
 /// Durations of a migration's parts, in milliseconds.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
@@ -405,6 +446,9 @@ pub struct Timings {
     /// From the source freezing until the target runs: the pause the application sees.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub downtime_ms: Option<i64>,
+    /// `PostCopy`: from the pod running on the target until all its memory is in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_ms: Option<i64>,
     /// From creation of the PodMigration to its final phase.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub total_ms: Option<i64>,
@@ -423,6 +467,7 @@ mod tests {
         assert!(spec.network.keep_ip);
         assert_eq!(spec.network.mechanism, NetworkMechanism::Auto);
         assert_eq!(spec.timeout_seconds, DEFAULT_TIMEOUT_SECONDS);
+        assert_eq!(spec.progress_timeout_seconds, 150);
         assert_eq!(spec.compression, Compression::None);
         assert_eq!(spec.target_node, None);
     }

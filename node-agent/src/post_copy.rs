@@ -44,6 +44,9 @@ pub const LAZY_MARKER: &str = "lazy-pages";
 const DAEMON_SOCKET: &str = "lazy-pages.socket";
 /// Waiting for CRIU to be ready (the dump's status, the daemon's socket) at most this long.
 const READY_WITHIN: Duration = Duration::from_secs(60);
+/// How often the target pings the source agent while pages stream; two unanswered pings break
+/// the stream (and the restored containers are killed, never left waiting on a page).
+const PAGE_STREAM_PING: Duration = Duration::from_secs(5);
 /// How long a lazy-pages daemon waits for its restore to connect.
 const CONNECT_WITHIN: Duration = Duration::from_secs(600);
 /// How long the daemon may take to end after the source closed a complete stream.
@@ -720,6 +723,11 @@ async fn tunnel(
         .endpoint(endpoint, &fetch.source.node)
         .map_err(|e| format!("bad source endpoint {endpoint:?}: {e}"))?
         .connect_timeout(Duration::from_secs(5))
+        // A source node that goes silent (powered off, cut off) sends no reset: without pings
+        // the stream, and the restored process waiting on a page, would wait forever.
+        .http2_keep_alive_interval(PAGE_STREAM_PING)
+        .keep_alive_timeout(PAGE_STREAM_PING * 2)
+        .keep_alive_while_idle(true)
         .connect()
         .await
         .map_err(|e| format!("connecting to the source agent {endpoint}: {e}"))?;

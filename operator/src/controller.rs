@@ -461,8 +461,13 @@ async fn drive(watched: Arc<PodMigration>, ctx: &Context, cleanup: bool) -> Resu
         ctx.remember(&uid, &pm, unwritten_since);
         return Err(Error::CleanupPending(pm.name_any()));
     }
-    // A transfer's progress kept while it runs long is written, so that its status shows it.
-    let progress = |pm: &PodMigration| pm.status.as_ref().and_then(|s| s.progress);
+    // A transfer's progress (or a post-copy's memory) kept while it runs long is written, so
+    // that its status shows it.
+    let progress = |pm: &PodMigration| {
+        pm.status
+            .as_ref()
+            .map(|s| (s.progress, s.memory.as_ref().map(|m| m.bytes_transferred)))
+    };
     if unwritten_since.is_some_and(|since| since.elapsed() >= UNWRITTEN_AT_MOST)
         && progress(&pm) != progress(&watched)
         && let Some(status) = pm.status.clone()
@@ -611,12 +616,15 @@ async fn observe(pm: &PodMigration, ctx: &Context) -> Result<Facts> {
             pf.unmovable = movable::why_not(pod, &claims_of(pod, &ns, ctx).await?);
         }
         if let (Some(pod), Some(pf)) = (&pod, &facts.pod) {
+            let post_copy = pm.spec.strategy == Strategy::PostCopy;
             let choice = Choice {
                 source: pf.node.as_deref().unwrap_or_default(),
                 rdma: pf.rdma,
                 named: pm.spec.target_node.as_deref(),
                 avoid: None,
-                backend: None,
+                // Only the runtime wrapper restores a process whose memory is still to come.
+                backend: post_copy.then_some(agent_api::backend::RUNTIME_WRAPPER),
+                strategy: pm.spec.strategy,
             };
             facts.target = Some(choose_target(pod, choice, ctx).await?);
             if pm.spec.strategy != Strategy::StopAndCopy {
@@ -634,11 +642,19 @@ async fn observe(pm: &PodMigration, ctx: &Context) -> Result<Facts> {
             }
         }
     }
-    let restoring = facts.status.phase == Some(Phase::Restoring) && facts.status.committed;
+    let restoring = matches!(
+        facts.status.phase,
+        Some(Phase::Restoring | Phase::CopyingMemory)
+    ) && facts.status.committed;
     if restoring
         && let Some(target) = facts.status.target_node.clone()
         && let Some(why) = target_gone(&target, ctx).await?
     {
+        if pm.spec.strategy == Strategy::PostCopy {
+            // The memory left on the source goes to that target only: no other node is chosen.
+            facts.target_gone = Some(why);
+            return Ok(facts);
+        }
         // Another node, chosen for the pod as the source had it (its template).
         let template = template_of(pm)?;
         let choice = Choice {
@@ -652,6 +668,7 @@ async fn observe(pm: &PodMigration, ctx: &Context) -> Result<Facts> {
             // The checkpoint was taken for this backend (the runtime wrapper's is a task
             // directory the CRI backends cannot restore).
             backend: facts.status.backend.as_deref(),
+            strategy: Strategy::StopAndCopy,
         };
         facts.target = Some(choose_target(&template, choice, ctx).await?);
         facts.target_gone = Some(why);
@@ -769,8 +786,11 @@ struct Choice<'a> {
     named: Option<&'a str>,
     /// Never this one (a target that went after the commit).
     avoid: Option<&'a str>,
-    /// Only with this restore backend (the one a checkpoint was taken for).
+    /// Only with this restore backend (the one a checkpoint was taken for, or the one a strategy
+    /// needs).
     backend: Option<&'a str>,
+    /// Only a node whose agent reports what this strategy needs (`strategy::lacks`).
+    strategy: Strategy,
 }
 
 async fn choose_target(
@@ -817,6 +837,13 @@ async fn choose_target(
     if let Some(only) = choice.backend {
         backends.retain(|b| *b == only);
     }
+    if backends.is_empty() && choice.strategy == Strategy::PostCopy {
+        return Ok(Err(format!(
+            "PostCopy restores only with the runtime-wrapper backend, and the cluster has no \
+             RuntimeClass {} for it",
+            ctx.backends.runtime_class
+        )));
+    }
     if movable::has_empty_dir(pod) {
         // Only the runtime wrapper carries emptyDir content (the checkpoint images do not).
         backends.retain(|b| *b == agent_api::backend::RUNTIME_WRAPPER);
@@ -836,6 +863,24 @@ async fn choose_target(
         ctx.agents.capabilities(&name, endpoint).await.ok()
     }))
     .await;
+    // A strategy beyond stop-and-copy: only the nodes that can do it (whether any can, and why
+    // not, is the strategy check's to say).
+    let (nodes, capabilities): (Vec<Node>, Vec<Option<v1::NodeCapabilities>>) = nodes
+        .into_iter()
+        .zip(capabilities)
+        .filter(|(_, agent)| {
+            agent
+                .as_ref()
+                .is_some_and(|a| strategy::lacks(choice.strategy, a).is_none())
+                || choice.strategy == Strategy::StopAndCopy
+        })
+        .unzip();
+    if nodes.is_empty() && choice.strategy != Strategy::StopAndCopy {
+        return Ok(Err(format!(
+            "no node that can take the pod can do {}",
+            choice.strategy.as_str()
+        )));
+    }
     let all_pods: Api<Pod> = Api::all(ctx.client.clone());
     let mut used = Vec::with_capacity(nodes.len());
     // Pods on their way to a node take room there already (until their replacement is watched).
@@ -1318,6 +1363,15 @@ async fn call_agent(pm: &PodMigration, f: &Facts, step: Step, ctx: &Context) -> 
             Err(e) => return Answer::Failed(e),
         }
     }
+    // Post-copy: the target fetches the memory from the source's agent.
+    if step == Step::StageRestore
+        && let Some(from) = args.post_copy.as_mut()
+    {
+        match ctx.agents.endpoint(&from.node).await {
+            Ok(source) => from.endpoint = source,
+            Err(e) => return Answer::Unreachable(e),
+        }
+    }
     let started = std::time::Instant::now();
     let answer = ctx.agents.call(node, &endpoint, step, &args).await;
     ctx.metrics.agent_call(step, &answer, started.elapsed());
@@ -1387,8 +1441,11 @@ fn step_args(pm: &PodMigration, f: &Facts) -> StepArgs {
                 digest: c.digest.clone(),
             })
             .collect(),
-        // The operator moves pods with StopAndCopy only (spec.strategy is checked in Pending).
-        post_copy: None,
+        // The endpoint of the source's agent is looked up when the target needs it (StageRestore).
+        post_copy: (pm.spec.strategy == Strategy::PostCopy).then(|| v1::PostCopySource {
+            node: s.source_node.clone().unwrap_or_default(),
+            endpoint: String::new(),
+        }),
     }
 }
 
@@ -1479,8 +1536,13 @@ async fn record_phase_change(
     let message = status.message.clone().unwrap_or_default();
     info!(from = ?before, to = ?phase, %message, "phase changed");
     ctx.metrics.phase_changed(before, status);
-    // Events mark the start, the commit point and the end; the phases between are in the status.
-    if !matches!(phase, Phase::Preparing | Phase::Restoring) && !phase.is_final() {
+    // Events mark the start, the commit point, a post-copy pod resuming and the end; the phases
+    // between are in the status.
+    if !matches!(
+        phase,
+        Phase::Preparing | Phase::Restoring | Phase::CopyingMemory
+    ) && !phase.is_final()
+    {
         return;
     }
     let (type_, reason) = match phase {

@@ -7,8 +7,8 @@ use std::time::Duration;
 use agent_api::{Role, Step, checkpoint_image};
 
 use crds::{
-    CheckpointStatus, ContainerCheckpoint, Phase, PhaseTransition, PodMigrationSpec,
-    PodMigrationStatus, Progress, RxeRanges, Strategy,
+    CheckpointStatus, ContainerCheckpoint, MemoryProgress, Phase, PhaseTransition,
+    PodMigrationSpec, PodMigrationStatus, Progress, RxeRanges, Strategy,
 };
 use k8s_openapi::{
     apimachinery::pkg::apis::meta::v1::{Condition, MicroTime, Time},
@@ -44,6 +44,9 @@ pub mod condition {
     /// Failed past the commit point: the target agent released the pod's IP block and
     /// reservation and its rxe counters, keeping the checkpoint (or could not).
     pub const TARGET_RELEASED: &str = "TargetReleased";
+    /// `PostCopy`: all the memory the pod left on the source is in on the target (False with
+    /// the reason while it arrives, or when it cannot).
+    pub const MEMORY_COMPLETE: &str = "MemoryComplete";
 }
 
 /// Why a migration failed or rolled back; the `reason` of its conditions.
@@ -68,6 +71,10 @@ pub enum Reason {
     SourceResumed,
     /// The nodes lack what `spec.strategy` needs, or this release does not move pods that way.
     StrategyUnavailable,
+    /// `PostCopy`: the pod ran on the target, but the memory it left on the source could not all
+    /// come (the source's agent or node went, the page stream broke, the target went): the
+    /// restored process was stopped, and the pod's state is lost.
+    PostCopyFailed,
 }
 
 impl Reason {
@@ -89,6 +96,7 @@ impl Reason {
             Reason::TemplateChanged => "TemplateChanged",
             Reason::SourceResumed => "SourceResumed",
             Reason::StrategyUnavailable => "StrategyUnavailable",
+            Reason::PostCopyFailed => "PostCopyFailed",
         }
     }
 }
@@ -250,15 +258,23 @@ pub fn next(f: &Facts) -> Action {
         // (then the migration fails and the pod runs there). Until it answers, nothing else is
         // done: restoring a pod whose source may still run could make two.
         return Action::Call(Step::Commit(Role::Source));
-    } else if timed_out(f) {
+    } else if phase != Phase::CopyingMemory && timed_out(f) {
         // (A deletion past the commit point does not abandon the pod: the source is gone and the
         // checkpoint on the target is its only copy, so the restore goes on until the pod runs
         // or the timeout; the object goes after that.)
-        let msg = format!(
-            "timed out after {}s while restoring; the checkpoint is kept at {}",
-            f.spec.timeout_seconds,
-            location(f)
-        );
+        let msg = if post_copy(f) {
+            format!(
+                "timed out after {}s while restoring; with PostCopy the checkpoint holds no \
+                 memory, so the pod is lost",
+                f.spec.timeout_seconds
+            )
+        } else {
+            format!(
+                "timed out after {}s while restoring; the checkpoint is kept at {}",
+                f.spec.timeout_seconds,
+                location(f)
+            )
+        };
         return Action::Write(Box::new(finish(
             f,
             Phase::Failed,
@@ -266,7 +282,7 @@ pub fn next(f: &Facts) -> Action {
             &msg,
         )));
     }
-    if f.template_changed {
+    if f.template_changed && phase != Phase::CopyingMemory {
         let msg = "the replacement template annotation changed after the start: no pod is made \
                    from a template the operator did not write";
         return Action::Write(Box::new(if f.status.committed {
@@ -285,6 +301,7 @@ pub fn next(f: &Facts) -> Action {
         }
         Phase::Transferring => Action::Call(Step::Transfer),
         Phase::Restoring => restore_step(f),
+        Phase::CopyingMemory => memory_step(f),
         Phase::Succeeded | Phase::Failed | Phase::RolledBack => Action::Done,
     }
 }
@@ -292,6 +309,10 @@ pub fn next(f: &Facts) -> Action {
 /// The status after step `call` answered `answer`.
 pub fn after(f: &Facts, call: Step, answer: Answer) -> (PodMigrationStatus, Duration) {
     match answer {
+        Answer::Running {
+            bytes_done,
+            bytes_total,
+        } if call == Step::Memory => (memory_arriving(f, bytes_done, bytes_total), POLL),
         Answer::Running {
             bytes_done,
             bytes_total,
@@ -314,6 +335,14 @@ pub fn after(f: &Facts, call: Step, answer: Answer) -> (PodMigrationStatus, Dura
             (source_resumed(f, &message), Duration::ZERO)
         }
         Answer::Failed(message) | Answer::SourceResumed(message) => failed(f, call, &message),
+        // The target's agent may be restarting: the progress timeout decides.
+        Answer::Unreachable(message) if call == Step::Memory => (
+            retry_message(
+                f,
+                &format!("asking how much memory is in failed, retrying: {message}"),
+            ),
+            RETRY,
+        ),
         Answer::Unreachable(message) => failed(f, call, &format!("agent unreachable: {message}")),
     }
 }
@@ -351,19 +380,21 @@ fn start(f: &Facts) -> Action {
             format!("pod {pod_name} is not Running (phase {phase})"),
         );
     };
-    if f.spec.strategy != Strategy::StopAndCopy {
-        let name = f.spec.strategy.as_str();
-        return match &f.strategy {
-            None => Action::Wait(POLL),
-            Some(Err(why)) => fail(Reason::StrategyUnavailable, why.clone()),
-            Some(Ok(())) => fail(
+    match (f.spec.strategy, &f.strategy) {
+        (Strategy::StopAndCopy, _) => {}
+        (_, None) => return Action::Wait(POLL),
+        (_, Some(Err(why))) => return fail(Reason::StrategyUnavailable, why.clone()),
+        (Strategy::PostCopy, Some(Ok(()))) => {}
+        (other, Some(Ok(()))) => {
+            return fail(
                 Reason::StrategyUnavailable,
                 format!(
-                    "the nodes have what {name} needs, but this release of kube-migros moves pods \
-                     only with StopAndCopy"
+                    "the nodes have what {} needs, but this release of kube-migros moves pods \
+                     only with StopAndCopy and PostCopy",
+                    other.as_str()
                 ),
-            ),
-        };
+            );
+        }
     }
     let target = match &f.target {
         Some(Ok(target)) => target.clone(),
@@ -431,6 +462,9 @@ fn restore_step(f: &Facts) -> Action {
     }
     let ours = pod.filter(|p| p.created_by_migration.as_deref() == Some(f.uid.as_str()));
     if let Some(why) = &f.target_gone {
+        if post_copy(f) {
+            return Action::Write(Box::new(target_lost(f, why)));
+        }
         return retarget_step(f, ours, why);
     }
     if has(f, condition::RETARGETED) {
@@ -463,6 +497,115 @@ fn restore_step(f: &Facts) -> Action {
         Some(p) if p.running() => Action::Call(Step::FinishRestore),
         Some(_) => Action::Wait(POLL),
     }
+}
+
+/// `PostCopy`, the pod running on the target: ask how much of its memory is in until all is, and
+/// fail when none arrived for `spec.progressTimeoutSeconds` (the overall timeout does not end a
+/// pod that runs and receives its memory) or the target went.
+fn memory_step(f: &Facts) -> Action {
+    if let Some(why) = &f.target_gone {
+        return Action::Write(Box::new(target_lost(f, why)));
+    }
+    let since = f
+        .status
+        .memory
+        .as_ref()
+        .and_then(|m| m.last_progress_time.as_ref())
+        .map(|t| t.0)
+        .or_else(|| entered(f, Phase::CopyingMemory))
+        .unwrap_or(f.now);
+    let limit = f.spec.progress_timeout_seconds;
+    if f.now.duration_since(since) > SignedDuration::from_secs(limit) {
+        let msg = format!(
+            "no memory of pod {} arrived from {} for {limit}s (spec.progressTimeoutSeconds): the \
+             pod cannot be whole; its target agent stops the restored process when its page \
+             stream breaks",
+            f.spec.pod_name,
+            source(f)
+        );
+        return Action::Write(Box::new(memory_failed(f, Reason::TimedOut, &msg)));
+    }
+    Action::Call(Step::Memory)
+}
+
+/// Whether the migration moves the pod's memory after the pod resumes (`PostCopy`).
+fn post_copy(f: &Facts) -> bool {
+    f.spec.strategy == Strategy::PostCopy
+}
+
+/// The status while the memory arrives: bytes in, left and the average rate since the pod
+/// resumed; the progress timeout counts from the last time more came.
+fn memory_arriving(f: &Facts, done: u64, total: u64) -> PodMigrationStatus {
+    let mut s = f.status.clone();
+    let (done, total) = (to_i64(done.min(total)), to_i64(total));
+    let since = entered(f, Phase::CopyingMemory).unwrap_or(f.now);
+    let secs = f.now.duration_since(since).as_secs_f64();
+    let rate = if secs > 0.0 {
+        (done as f64 / secs) as i64
+    } else {
+        0
+    };
+    let before = f.status.memory.as_ref();
+    let last_progress_time = match before {
+        Some(m) if done <= m.bytes_transferred => m.last_progress_time.clone(),
+        _ => Some(MicroTime(f.now)),
+    };
+    s.memory = Some(MemoryProgress {
+        bytes_total: total,
+        bytes_transferred: done,
+        bytes_remaining: total - done,
+        bytes_per_second: rate,
+        last_progress_time,
+    });
+    let msg = format!(
+        "pod {} runs on {}; {} of {} of its memory in from {} ({}/s)",
+        f.spec.pod_name,
+        target(f),
+        mib(done),
+        mib(total),
+        source(f),
+        mib(rate)
+    );
+    set_condition(
+        &mut s,
+        f.now,
+        condition::MEMORY_COMPLETE,
+        false,
+        "Arriving",
+        &msg,
+    );
+    s.message = Some(msg);
+    s
+}
+
+/// `PostCopy`: the pod cannot be whole any more (its memory cannot all come): Failed, with why.
+fn memory_failed(f: &Facts, reason: Reason, message: &str) -> PodMigrationStatus {
+    let mut s = f.status.clone();
+    set_condition(
+        &mut s,
+        f.now,
+        condition::MEMORY_COMPLETE,
+        false,
+        reason.as_str(),
+        message,
+    );
+    finish_with(f, s, Phase::Failed, Some(reason.as_str()), message)
+}
+
+/// `PostCopy`, the target gone past the commit point: the memory left on the source goes to that
+/// target only, so the pod cannot be restored elsewhere.
+fn target_lost(f: &Facts, why: &str) -> PodMigrationStatus {
+    let msg = format!(
+        "{why}: with PostCopy the pod's memory stayed on {} for that node only, so the pod \
+         cannot be restored elsewhere and is lost; the source's agent stops what it kept",
+        source(f)
+    );
+    memory_failed(f, Reason::PostCopyFailed, &msg)
+}
+
+/// Bytes in MiB, for messages.
+fn mib(bytes: i64) -> String {
+    format!("{:.1} MiB", bytes as f64 / f64::from(1u32 << 20))
 }
 
 /// The target node is gone for good past the commit point, and the source keeps the checkpoint:
@@ -570,6 +713,8 @@ pub fn keeps_checkpoint(f: &Facts) -> bool {
     f.status.committed
         && f.status.phase != Some(Phase::Succeeded)
         && !has(f, condition::SOURCE_RESUMED)
+        // A post-copy checkpoint holds no memory: nothing could be restored from it.
+        && !post_copy(f)
 }
 
 fn abort_step(f: &Facts) -> Action {
@@ -583,10 +728,9 @@ fn cleanup_or_done(f: &Facts) -> Action {
     // Only a migration that started has agent state to clean; a kept checkpoint of a failed
     // restore is left for the operator to restore by hand.
     let started = f.status.source_node.is_some();
-    // ...unless the source runs (resumed at its deadline): then the checkpoint is stale.
-    let failed_after_commit = f.status.committed
-        && f.status.phase != Some(Phase::Succeeded)
-        && !has(f, condition::SOURCE_RESUMED);
+    // ...unless the source runs (resumed at its deadline): then the checkpoint is stale; or it
+    // holds no memory (post-copy).
+    let failed_after_commit = keeps_checkpoint(f);
     // The targets a migration left after the commit point keep nothing it needs (the checkpoint
     // is on the source and the current target): once each, whatever the outcome.
     if !f.status.former_targets.is_empty() && !recorded(f, condition::CLEANED_FORMER_TARGETS) {
@@ -635,6 +779,15 @@ fn succeeded(f: &Facts, call: Step, op: &agent_api::Operation) -> PodMigrationSt
         Step::Transfer => transferred(f, &mut s, op),
         // The operator never asks the target to commit; it keeps its data until the cleanup.
         Step::Commit(Role::Target) => {}
+        Step::Commit(Role::Source) if post_copy(f) => set_condition(
+            &mut s,
+            f.now,
+            condition::SOURCE_STOPPED,
+            true,
+            "ServingMemory",
+            "the source containers never run again: they stay frozen to serve their memory to \
+             the target, and their agent stops them once it is all served",
+        ),
         Step::Commit(Role::Source) => {
             set_condition(
                 &mut s,
@@ -664,11 +817,58 @@ fn succeeded(f: &Facts, call: Step, op: &agent_api::Operation) -> PodMigrationSt
             t.restore_ms = restore_started.map(|at| millis(f.now, at));
             t.downtime_ms = frozen.map(|at| millis(f.now, at));
             s.target_pod_uid = f.pod.as_ref().map(|p| p.uid.clone());
+            if post_copy(f) {
+                let msg = format!(
+                    "pod {} runs on {}; the rest of its memory comes from {}",
+                    f.spec.pod_name,
+                    target(f),
+                    source(f)
+                );
+                set_condition(
+                    &mut s,
+                    f.now,
+                    condition::MEMORY_COMPLETE,
+                    false,
+                    "Arriving",
+                    &msg,
+                );
+                return enter(f, s, Phase::CopyingMemory, &msg);
+            }
             let msg = format!(
                 "pod {} runs on {}{}",
                 f.spec.pod_name,
                 target(f),
                 caveat(s.backend.as_deref())
+            );
+            return finish_with(f, s, Phase::Succeeded, None, &msg);
+        }
+        Step::Memory => {
+            let total = to_i64(op.bytes_total);
+            let since = entered(f, Phase::CopyingMemory);
+            let took = since.map(|at| millis(f.now, at));
+            s.memory = Some(MemoryProgress {
+                bytes_total: total,
+                bytes_transferred: total,
+                bytes_remaining: 0,
+                bytes_per_second: took
+                    .filter(|ms| *ms > 0)
+                    .map_or(0, |ms| total.saturating_mul(1000) / ms),
+                last_progress_time: Some(MicroTime(f.now)),
+            });
+            timings(&mut s).memory_ms = took;
+            let msg = format!(
+                "pod {} runs on {} with all its memory ({} came after it resumed)",
+                f.spec.pod_name,
+                target(f),
+                mib(total)
+            );
+            set_condition(
+                &mut s,
+                f.now,
+                condition::MEMORY_COMPLETE,
+                true,
+                "AllIn",
+                &msg,
             );
             return finish_with(f, s, Phase::Succeeded, None, &msg);
         }
@@ -844,6 +1044,21 @@ fn failed(f: &Facts, call: Step, message: &str) -> (PodMigrationStatus, Duration
             begin_abort(f, reason, &format!("{call} failed: {message}")),
             Duration::ZERO,
         ),
+        // The target's agent says the memory cannot all come (and stopped the restored pod).
+        Step::Memory => (
+            memory_failed(
+                f,
+                Reason::PostCopyFailed,
+                &format!(
+                    "the memory of pod {} could not all come from {}: {message}; the restored \
+                     process was stopped on {} and the pod's state is lost",
+                    f.spec.pod_name,
+                    source(f),
+                    target(f)
+                ),
+            ),
+            Duration::ZERO,
+        ),
         // After the commit point only the restore can go on: retry until the timeout.
         Step::Commit(_) | Step::StageRestore | Step::FinishRestore => (
             retry_message(f, &format!("{call} failed, retrying: {message}")),
@@ -984,6 +1199,7 @@ fn finish_with(
     timings(&mut s).total_ms = Some(millis(f.now, f.created));
     if phase == Phase::Failed
         && f.status.committed
+        && !post_copy(f)
         && let Some(c) = s.checkpoint.as_mut()
     {
         c.location
@@ -1163,6 +1379,7 @@ mod tests {
             timeout_seconds: 600,
             compression: Compression::None,
             bandwidth_limit: None,
+            progress_timeout_seconds: 150,
         }
     }
 
@@ -1406,7 +1623,7 @@ mod tests {
     }
 
     #[test]
-    fn a_strategy_other_than_stop_and_copy_is_refused_before_anything_started() {
+    fn a_strategy_the_nodes_cannot_do_or_that_is_not_built_is_refused_before_anything_started() {
         for strategy in [Strategy::PostCopy, Strategy::PreCopy] {
             let mut f = pending();
             f.spec.strategy = strategy;
@@ -1421,14 +1638,23 @@ mod tests {
             };
             assert_eq!(s.message.as_deref(), Some(lacking));
             assert_eq!(s.source_node, None, "nothing was started");
-            // Nodes that have what it needs: refused all the same, saying it is not built.
+            // Nodes that have what it needs: PostCopy starts; PreCopy is refused all the same,
+            // saying it is not built.
             f.strategy = Some(Ok(()));
             let action = next(&f);
+            if strategy == Strategy::PostCopy {
+                assert!(matches!(action, Action::Start(_)), "{action:?}");
+                continue;
+            }
             failed_with(&f, &action, Reason::StrategyUnavailable);
             let Action::Write(s) = action else {
                 unreachable!()
             };
-            assert!(s.message.unwrap().contains("only with StopAndCopy"));
+            assert!(
+                s.message
+                    .unwrap()
+                    .contains("only with StopAndCopy and PostCopy")
+            );
         }
         // StopAndCopy does not wait for a judgement.
         let f = pending();
@@ -2057,6 +2283,184 @@ mod tests {
         let Action::Write(s) = next(&f) else { panic!() };
         assert!(s.message.unwrap().contains("not created by this migration"));
         assert_eq!(s.target_pod_uid, None);
+    }
+
+    /// A PostCopy migration run on the happy path up to the pod running on the target (Restoring
+    /// done, CopyingMemory entered).
+    fn post_copy_running() -> Facts {
+        let mut f = pending();
+        f.spec.strategy = Strategy::PostCopy;
+        f.strategy = Some(Ok(()));
+        loop {
+            f = match next(&f) {
+                a @ (Action::Start(_) | Action::Write(_) | Action::Commit(_)) => apply(f, &a),
+                Action::Call(Step::Checkpoint) => answer(f, Step::Checkpoint, checkpointed()),
+                Action::Call(Step::StageRestore) => answer(f, Step::StageRestore, staged()),
+                Action::Call(Step::Transfer) => answer(f, Step::Transfer, transferred()),
+                Action::DeleteSourcePod => {
+                    f.pod = None;
+                    f
+                }
+                Action::CreateReplacement => {
+                    f.pod = Some(PodFacts {
+                        uid: "pod-2".into(),
+                        node: Some("node-2".into()),
+                        created_by_migration: Some(UID.into()),
+                        ..running_pod()
+                    });
+                    f
+                }
+                Action::Call(Step::FinishRestore) => {
+                    return answer(f, Step::FinishRestore, ok());
+                }
+                Action::Call(call) => answer(f, call, ok()),
+                other => panic!("unexpected {other:?} on the way to the restore"),
+            };
+        }
+    }
+
+    fn memory(done: u64, total: u64) -> Answer {
+        Answer::Running {
+            bytes_done: done,
+            bytes_total: total,
+        }
+    }
+
+    #[test]
+    fn post_copy_runs_the_pod_first_then_waits_for_its_memory_before_it_succeeds() {
+        let mut f = post_copy_running();
+        assert_eq!(f.status.phase, Some(Phase::CopyingMemory));
+        // The pause ends when the pod runs on the target, not when its memory is in.
+        let t = f.status.timings.unwrap();
+        assert!(t.downtime_ms.is_some() && t.restore_ms.is_some());
+        assert_eq!(t.memory_ms, None);
+        assert_eq!(
+            condition(&f, condition::SOURCE_STOPPED).map(|c| c.reason.as_str()),
+            Some("ServingMemory")
+        );
+        assert_eq!(
+            condition(&f, condition::MEMORY_COMPLETE).map(|c| c.status.as_str()),
+            Some("False")
+        );
+        assert_eq!(next(&f), Action::Call(Step::Memory));
+        f = answer(f, Step::Memory, memory(1 << 20, 4 << 20));
+        let m = f.status.memory.clone().unwrap();
+        assert_eq!(
+            (m.bytes_transferred, m.bytes_remaining, m.bytes_total),
+            (1 << 20, 3 << 20, 4 << 20)
+        );
+        // One second in the phase: 1 MiB/s on average.
+        assert_eq!(m.bytes_per_second, 1 << 20);
+        assert!(
+            f.status
+                .message
+                .as_deref()
+                .unwrap()
+                .contains("1.0 MiB of 4.0 MiB")
+        );
+        assert_eq!(f.status.phase, Some(Phase::CopyingMemory));
+        // The overall timeout no longer ends a pod that runs and receives its memory.
+        f.now += SignedDuration::from_secs(f.spec.timeout_seconds);
+        f = answer(f, Step::Memory, memory(2 << 20, 4 << 20));
+        assert_eq!(next(&f), Action::Call(Step::Memory));
+        let mut op = agent_api::Operation::succeeded(UID);
+        op.bytes_total = 4 << 20;
+        op.bytes_done = 4 << 20;
+        f = answer(f, Step::Memory, Answer::Succeeded(op));
+        assert_eq!(f.status.phase, Some(Phase::Succeeded));
+        assert_eq!(
+            phases(&f),
+            [
+                Phase::Pending,
+                Phase::Preparing,
+                Phase::Checkpointing,
+                Phase::Transferring,
+                Phase::Restoring,
+                Phase::CopyingMemory,
+                Phase::Succeeded
+            ]
+        );
+        let m = f.status.memory.clone().unwrap();
+        assert_eq!((m.bytes_transferred, m.bytes_remaining), (4 << 20, 0));
+        assert!(f.status.timings.unwrap().memory_ms.unwrap() > 0);
+        assert_eq!(
+            condition(&f, condition::MEMORY_COMPLETE).map(|c| c.status.as_str()),
+            Some("True")
+        );
+        assert_eq!(next(&f), Action::Done);
+    }
+
+    #[test]
+    fn post_copy_memory_that_cannot_come_fails_the_migration_and_keeps_no_checkpoint() {
+        let f = post_copy_running();
+        let (s, _) = after(
+            &f,
+            Step::Memory,
+            Answer::Failed("container app: the source closed the page stream".into()),
+        );
+        assert_eq!(s.phase, Some(Phase::Failed));
+        let f = Facts { status: s, ..f };
+        assert_eq!(
+            condition(&f, condition::READY).map(|c| c.reason.as_str()),
+            Some("PostCopyFailed")
+        );
+        let msg = f.status.message.clone().unwrap();
+        assert!(msg.contains("the source closed the page stream"), "{msg}");
+        assert!(msg.contains("state is lost"), "{msg}");
+        assert_eq!(
+            condition(&f, condition::MEMORY_COMPLETE).map(|c| c.status.as_str()),
+            Some("False")
+        );
+        // Nothing to restore by hand: no release that keeps a checkpoint, and a deletion cleans
+        // up both agents.
+        assert!(!keeps_checkpoint(&f));
+        assert_eq!(f.status.checkpoint.as_ref().unwrap().location, None);
+        assert_eq!(next(&f), Action::Done);
+        let deleted = Facts {
+            deleting: true,
+            ..f
+        };
+        assert_eq!(next(&deleted), Action::Call(Step::Cleanup(Role::Source)));
+    }
+
+    #[test]
+    fn post_copy_with_no_memory_arriving_for_the_progress_timeout_fails() {
+        let mut f = post_copy_running();
+        f = answer(f, Step::Memory, memory(100, 1000));
+        // An unreachable target agent is asked again; the progress timeout decides.
+        let (s, again) = after(&f, Step::Memory, Answer::Unreachable("restarting".into()));
+        assert_eq!((s.phase, again), (Some(Phase::CopyingMemory), RETRY));
+        // No more bytes: the time of the last progress stays.
+        let last = f.status.memory.clone().unwrap().last_progress_time;
+        f.now += SignedDuration::from_secs(100);
+        f = answer(f, Step::Memory, memory(100, 1000));
+        assert_eq!(f.status.memory.clone().unwrap().last_progress_time, last);
+        assert_eq!(next(&f), Action::Call(Step::Memory));
+        f.now += SignedDuration::from_secs(f.spec.progress_timeout_seconds);
+        let action = next(&f);
+        failed_with(&f, &action, Reason::TimedOut);
+        let Action::Write(s) = action else {
+            unreachable!()
+        };
+        assert!(s.message.unwrap().contains("progressTimeoutSeconds"));
+    }
+
+    #[test]
+    fn post_copy_never_restores_on_another_node_when_the_target_goes() {
+        let mut f = advance_to(Phase::Restoring);
+        f.spec.strategy = Strategy::PostCopy;
+        f.target_gone = Some("target node node-2 was deleted".into());
+        f.target = Some(Ok(Target {
+            node: "node-3".into(),
+            backend: "runtime-wrapper".into(),
+        }));
+        f = answer(f, Step::Commit(Role::Source), ok());
+        f.pod = None;
+        let action = next(&f);
+        failed_with(&f, &action, Reason::PostCopyFailed);
+        let mut running = post_copy_running();
+        running.target_gone = Some("target node node-2 was deleted".into());
+        failed_with(&running, &next(&running), Reason::PostCopyFailed);
     }
 
     #[test]

@@ -18,7 +18,7 @@ use kube::{
 use support::{Operator, Options, Scenario};
 use testkit::{
     harness::{eventually, with_namespace},
-    testagent::{Behaviour, CHECKPOINT_TIME, Scripted},
+    testagent::{Behaviour, CHECKPOINT_TIME, MEMORY_BYTES, Scripted},
 };
 
 const PHASE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -225,6 +225,94 @@ async fn a_target_with_the_runtime_wrapper_restores_under_its_runtime_class_keep
 }
 
 #[tokio::test]
+async fn a_post_copy_pod_runs_on_the_target_before_its_memory_and_succeeds_once_it_is_in() {
+    with_namespace("op-postcopy", |client, ns| async move {
+        let s = Scenario::new(client.clone(), &ns).await;
+        for i in [1, 2] {
+            s.agent(i).with_strategy("PostCopy", None);
+            s.agent(i).with_backends(&["runtime-wrapper"]);
+        }
+        let classes: Api<RuntimeClass> = Api::all(client.clone());
+        let class: RuntimeClass = serde_json::from_value(serde_json::json!({
+            "apiVersion": "node.k8s.io/v1", "kind": "RuntimeClass",
+            "metadata": {"name": ns}, "handler": "kube-migros",
+        }))
+        .unwrap();
+        classes.create(&Default::default(), &class).await.unwrap();
+        let _operator = Operator::start(&ns, "op-a", &s.certs).await;
+        // The memory arrives until the test lets it all in.
+        s.agent(2).script(Step::Memory, Behaviour::Hold);
+        let source = s.pod("server", 1, "10.244.1.5").await;
+        let post_copy = serde_json::json!({"strategy": "PostCopy"});
+        s.migrate_with("move", "server", Some(2), post_copy.clone())
+            .await;
+        let pm = s
+            .wait_phase("move", Phase::CopyingMemory, PHASE_TIMEOUT)
+            .await;
+        // The pod runs on the target while the source serves its memory.
+        let status = pm.status.unwrap();
+        assert!(status.committed);
+        let timings = status.timings.unwrap();
+        assert!(timings.downtime_ms.is_some() && timings.memory_ms.is_none());
+        let replacement = s.pods().get("server").await.unwrap();
+        assert_ne!(replacement.uid(), source.uid());
+        assert_eq!(replacement.spec.unwrap().node_name, Some(s.node(2)));
+        assert!(s.agent(1).asked_post_copy(Step::Checkpoint));
+        assert!(s.agent(2).asked_post_copy(Step::StageRestore));
+        s.wait_event("move", "CopyingMemory").await;
+        // The status shows what came and what is left while it comes.
+        let quarter = i64::try_from(MEMORY_BYTES / 4).unwrap();
+        let total = i64::try_from(MEMORY_BYTES).unwrap();
+        let memory = eventually(Duration::from_secs(30), || async {
+            let pm = s.migrations().get("move").await.ok()?;
+            pm.status?.memory.filter(|m| m.bytes_transferred == quarter)
+        })
+        .await;
+        assert_eq!(
+            (memory.bytes_total, memory.bytes_remaining),
+            (total, total - quarter)
+        );
+        assert!(memory.last_progress_time.is_some());
+        s.agent(2).release(Step::Memory);
+        let pm = s.wait_phase("move", Phase::Succeeded, PHASE_TIMEOUT).await;
+        let status = pm.status.unwrap();
+        let memory = status.memory.unwrap();
+        assert_eq!(
+            (memory.bytes_transferred, memory.bytes_remaining),
+            (total, 0)
+        );
+        assert!(status.timings.unwrap().memory_ms.is_some());
+        let complete = status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "MemoryComplete")
+            .unwrap();
+        assert_eq!(complete.status, "True");
+
+        // Memory that cannot all come (the target's agent says why): Failed, with an Event.
+        s.agent(2).script(
+            Step::Memory,
+            Behaviour::Fail {
+                message: "container app: the source closed the page stream".into(),
+                times: 1,
+            },
+        );
+        s.pod("other", 1, "10.244.1.6").await;
+        s.migrate_with("lost", "other", Some(2), post_copy).await;
+        let pm = s.wait_phase("lost", Phase::Failed, PHASE_TIMEOUT).await;
+        let (reason, message) = Scenario::reason(&pm);
+        assert_eq!(reason, "PostCopyFailed", "{message}");
+        assert!(
+            message.contains("the source closed the page stream") && message.contains("lost"),
+            "{message}"
+        );
+        s.wait_event("lost", "PostCopyFailed").await;
+        classes.delete(&ns, &Default::default()).await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn unmet_preconditions_fail_with_a_reason_and_touch_nothing() {
     with_namespace("op-pre", |client, ns| async move {
         let s = Scenario::new(client, &ns).await;
@@ -386,12 +474,13 @@ async fn unmet_preconditions_fail_with_a_reason_and_touch_nothing() {
                 ),
             ),
             (
-                // Any node: node 3 has what PostCopy needs, but this release does not do it.
-                "post-copy-unbuilt",
+                // Node 3 has what PostCopy needs, but no node here restores with the runtime
+                // wrapper, which alone restores a process whose memory is still to come.
+                "post-copy-no-wrapper",
                 "server",
                 serde_json::json!({"strategy": "PostCopy"}),
-                "StrategyUnavailable",
-                "moves pods only with StopAndCopy".to_string(),
+                "TargetUnavailable",
+                "PostCopy restores only with the runtime-wrapper backend".to_string(),
             ),
         ]);
         // One at a time: a second active migration of the same pod would be refused as PodBusy.

@@ -971,7 +971,8 @@ fn hit_phase(phase: Phase, want: Phase) -> Hit {
         Phase::Checkpointing => 2,
         Phase::Transferring => 3,
         Phase::Restoring => 4,
-        Phase::Succeeded | Phase::Failed | Phase::RolledBack => 5,
+        Phase::CopyingMemory => 5,
+        Phase::Succeeded | Phase::Failed | Phase::RolledBack => 6,
     };
     match rank(phase).cmp(&rank(want)) {
         std::cmp::Ordering::Equal => Hit::Now,

@@ -53,6 +53,8 @@ const CHUNK_INTERVAL: Duration = Duration::from_millis(60);
 const QUICK_ANSWER: Duration = Duration::from_millis(100);
 /// How long the test agent's checkpoint takes (the operator records what the agent measured).
 pub const CHECKPOINT_TIME: Duration = Duration::from_millis(25);
+/// Post-copy: the memory a test agent's restored pod fetches from its source.
+pub const MEMORY_BYTES: u64 = 1 << 20;
 
 /// What a step does when first asked.
 #[derive(Debug, Clone)]
@@ -97,6 +99,8 @@ struct State {
     prepared: HashMap<String, String>,
     /// The source node each migration was prepared with: only its agent may stream to this one.
     sources: HashMap<String, String>,
+    /// The steps asked for with post-copy (a lazy checkpoint; a restore fetching its memory).
+    post_copy: Vec<Step>,
 }
 
 #[derive(Debug, Clone)]
@@ -212,6 +216,12 @@ impl TestAgent {
         self.service.with(|s| s.chunk_interval = Some(interval));
     }
 
+    /// Whether `step` was asked for with post-copy: a checkpoint leaving the memory to a page
+    /// server, a StageRestore naming where the memory comes from.
+    pub fn asked_post_copy(&self, step: Step) -> bool {
+        self.service.with(|s| s.post_copy.contains(&step))
+    }
+
     pub fn count(&self, step: impl Into<Scripted>) -> Count {
         let step = step.into();
         self.service
@@ -268,7 +278,15 @@ impl Service {
         let step = request
             .step()
             .ok_or_else(|| Status::invalid_argument("role must be source or target"))?;
+        let post_copy = match &request {
+            StepRequest::Checkpoint(r) => r.post_copy,
+            StepRequest::StageRestore(r) => r.post_copy.is_some(),
+            _ => false,
+        };
         let behaviour = self.with(|s| {
+            if post_copy {
+                s.post_copy.push(step);
+            }
             s.counts.entry(step.into()).or_default().calls += 1;
             s.script.get(&step.into()).cloned()
         });
@@ -316,7 +334,7 @@ impl Service {
             behaviour.unwrap_or(Behaviour::Succeed)
         });
         let uid = request.migration_uid().to_string();
-        let backend = self.with(|s| {
+        let (backend, sources) = self.with(|s| {
             if let StepRequest::PrepareTarget(r) = &request {
                 let backend = match r.backend.as_str() {
                     "" => agent_api::backend::CRI_CHECKPOINT_IMAGE,
@@ -325,11 +343,20 @@ impl Service {
                 s.prepared.insert(uid.clone(), backend.to_string());
                 s.sources.insert(uid.clone(), r.source_node.clone());
             }
-            s.prepared.get(&uid).cloned().unwrap_or_default()
+            (
+                s.prepared.get(&uid).cloned().unwrap_or_default(),
+                s.sources.get(&uid).cloned(),
+            )
         });
         async move {
             match behaviour {
                 Behaviour::Fail { message, .. } => v1::Operation::failed(&uid, message),
+                Behaviour::Hold if step == Step::Memory => {
+                    self.operations
+                        .progress(&uid, step, MEMORY_BYTES / 4, MEMORY_BYTES);
+                    self.held(step).await;
+                    succeeded(&uid, step)
+                }
                 Behaviour::Hold => {
                     self.operations.progress(&uid, step, 1, 4);
                     self.held(step).await;
@@ -341,6 +368,22 @@ impl Service {
                     // stages only the archives the operator recorded at the checkpoint.
                     StepRequest::Checkpoint(r) if r.resume_after_seconds == 0 => {
                         v1::Operation::failed(&uid, "the checkpoint request names no deadline")
+                    }
+                    StepRequest::Checkpoint(r)
+                        if r.post_copy && r.backend != agent_api::backend::RUNTIME_WRAPPER =>
+                    {
+                        v1::Operation::failed(&uid, "post-copy needs the runtime-wrapper backend")
+                    }
+                    StepRequest::StageRestore(v1::StageRestoreRequest {
+                        post_copy: Some(from),
+                        ..
+                    }) if from.endpoint.is_empty() || Some(&from.node) != sources.as_ref() => {
+                        v1::Operation::failed(
+                            &uid,
+                            format!(
+                                "the memory must come from the agent of {sources:?}, not {from:?}"
+                            ),
+                        )
                     }
                     StepRequest::StageRestore(r)
                         if r.expected != succeeded(&uid, Step::Checkpoint).archives =>
@@ -447,6 +490,10 @@ fn succeeded(uid: &str, step: Step) -> v1::Operation {
             op.location = format!("/var/lib/kube-migros/checkpoints/{uid}");
         }
         Step::StageRestore => return staged(uid, ""),
+        Step::Memory => {
+            op.bytes_done = MEMORY_BYTES;
+            op.bytes_total = MEMORY_BYTES;
+        }
         _ => {}
     }
     op
@@ -596,7 +643,8 @@ impl v1::agent_server::Agent for Service {
 
     type PagesStream = futures::stream::Empty<Result<v1::PageFrame, Status>>;
 
-    /// The operator never moves pods with post-copy yet: a test agent serves no pages.
+    /// Pages go agent to agent, never through the operator: a test agent serves none (the
+    /// runtime suite streams them between real agents).
     async fn pages(
         &self,
         _: Request<tonic::Streaming<v1::PageFrame>>,
@@ -604,7 +652,8 @@ impl v1::agent_server::Agent for Service {
         Err(Status::unimplemented("the test agent serves no pages"))
     }
 
-    async fn memory(&self, _: Request<v1::StepRequest>) -> Result<Response<v1::Operation>, Status> {
-        Err(Status::unimplemented("the test agent fetches no memory"))
+    /// Scripted as a step: held, it answers RUNNING with a quarter of [`MEMORY_BYTES`] in.
+    async fn memory(&self, r: Request<v1::StepRequest>) -> Result<Response<v1::Operation>, Status> {
+        self.step(r, StepRequest::Memory).await
     }
 }

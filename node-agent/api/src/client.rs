@@ -46,6 +46,7 @@ impl Client {
             StepRequest::Transfer(r) => c.transfer(r).await,
             StepRequest::StageRestore(r) => c.stage_restore(r).await,
             StepRequest::FinishRestore(r) => c.finish_restore(r).await,
+            StepRequest::Memory(r) => c.memory(r).await,
             StepRequest::Commit(r) => c.commit(r).await,
             StepRequest::Abort(r) => c.abort(r).await,
             StepRequest::Cleanup(r) => c.cleanup(r).await,

@@ -43,6 +43,9 @@ pub enum Step {
     StageRestore,
     /// Target: the replacement runs; lift the IP block and announce the address.
     FinishRestore,
+    /// Target, post-copy: how much of the memory left on the source has arrived (asked until it
+    /// all has, or it cannot).
+    Memory,
     /// Past the commit point. Source: stop the paused containers for good.
     Commit(Role),
     /// Before the commit point. Source: resume the pod as it was; target: discard.
@@ -56,12 +59,13 @@ pub enum Step {
 
 impl Step {
     /// Every step, in the order of a migration.
-    pub const ALL: [Step; 12] = [
+    pub const ALL: [Step; 13] = [
         Step::PrepareTarget,
         Step::Checkpoint,
         Step::Transfer,
         Step::StageRestore,
         Step::FinishRestore,
+        Step::Memory,
         Step::Commit(Role::Source),
         Step::Commit(Role::Target),
         Step::Abort(Role::Source),
@@ -79,6 +83,7 @@ impl Step {
             Step::Transfer => "transfer",
             Step::StageRestore => "stage_restore",
             Step::FinishRestore => "finish_restore",
+            Step::Memory => "memory",
             Step::Commit(Role::Source) => "commit_source",
             Step::Commit(Role::Target) => "commit_target",
             Step::Abort(Role::Source) => "abort_source",
@@ -93,9 +98,11 @@ impl Step {
     pub fn role(self) -> Role {
         match self {
             Step::Checkpoint | Step::Transfer => Role::Source,
-            Step::PrepareTarget | Step::StageRestore | Step::FinishRestore | Step::Release => {
-                Role::Target
-            }
+            Step::PrepareTarget
+            | Step::StageRestore
+            | Step::FinishRestore
+            | Step::Memory
+            | Step::Release => Role::Target,
             Step::Commit(role) | Step::Abort(role) | Step::Cleanup(role) => role,
         }
     }
@@ -146,6 +153,7 @@ pub enum StepRequest {
     Transfer(v1::TransferRequest),
     StageRestore(v1::StageRestoreRequest),
     FinishRestore(v1::StepRequest),
+    Memory(v1::StepRequest),
     Commit(v1::StepRequest),
     Abort(v1::StepRequest),
     Cleanup(v1::StepRequest),
@@ -200,6 +208,7 @@ impl StepArgs {
                 post_copy: self.post_copy.clone(),
             }),
             Step::FinishRestore => StepRequest::FinishRestore(plain(Role::Target)),
+            Step::Memory => StepRequest::Memory(plain(Role::Target)),
             Step::Commit(role) => StepRequest::Commit(plain(role)),
             Step::Abort(role) => StepRequest::Abort(plain(role)),
             Step::Cleanup(role) => StepRequest::Cleanup(plain(role)),
@@ -217,6 +226,7 @@ impl StepRequest {
             StepRequest::Transfer(r) => &r.migration_uid,
             StepRequest::StageRestore(r) => &r.migration_uid,
             StepRequest::FinishRestore(r)
+            | StepRequest::Memory(r)
             | StepRequest::Commit(r)
             | StepRequest::Abort(r)
             | StepRequest::Cleanup(r)
@@ -233,6 +243,7 @@ impl StepRequest {
             StepRequest::Transfer(_) => Step::Transfer,
             StepRequest::StageRestore(_) => Step::StageRestore,
             StepRequest::FinishRestore(_) => Step::FinishRestore,
+            StepRequest::Memory(_) => Step::Memory,
             StepRequest::Commit(r) => Step::Commit(role(r)?),
             StepRequest::Abort(r) => Step::Abort(role(r)?),
             StepRequest::Cleanup(r) => Step::Cleanup(role(r)?),
