@@ -132,6 +132,84 @@ impl Live {
     }
 }
 
+/// PostCopy: a fresh workload with 256 MiB written moves node-1 -> node-3; it runs there before
+/// its memory arrived, and once all is in it is the same process, every page as it wrote it, its
+/// peer's connection whole.
+async fn post_copy_moves_a_pod_before_its_memory(live: &Live, image: &str) {
+    let env = harness::env().await;
+    kubectl(
+        &env,
+        &[
+            "delete",
+            "pod",
+            "app",
+            "peer",
+            "-n",
+            &live.ns,
+            "--grace-period=0",
+            "--force",
+        ],
+    );
+    eventually(Duration::from_secs(60), || async {
+        let gone = live.pods.get_opt("app").await.ok()?.is_none()
+            && live.pods.get_opt("peer").await.ok()?.is_none();
+        gone.then_some(())
+    })
+    .await;
+    let args = ["--touch", "256Mi", "--verify", ":8081"];
+    let (source, before) =
+        workload::start_with_peer_args(&live.pods, image, ("app", "peer"), &args, &[])
+            .await
+            .unwrap();
+    let ip = ip_of(&source);
+    let peer = live.peer("post-copy start").await;
+    live.apply("postcopy-1", Some("node-3"), "  strategy: PostCopy\n")
+        .await;
+    let done = live.wait("postcopy-1", Phase::Succeeded).await;
+    let status = done.status.clone().unwrap_or_default();
+    let phases: Vec<Phase> = status.phase_transitions.iter().map(|t| t.phase).collect();
+    assert_eq!(
+        phases[phases.len() - 3..],
+        [Phase::Restoring, Phase::CopyingMemory, Phase::Succeeded],
+        "{phases:?}"
+    );
+    // The 256 MiB written came after the pod resumed, all of it.
+    let memory = status.memory.clone().expect("the memory's account");
+    assert!(
+        memory.bytes_total >= 256 << 20 && memory.bytes_remaining == 0,
+        "{memory:?}"
+    );
+    assert_eq!(memory.bytes_transferred, memory.bytes_total);
+    let complete = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "MemoryComplete")
+        .map(|c| c.status.as_str());
+    assert_eq!(complete, Some("True"));
+    let moved = running_pod(&live.pods, "app", source.metadata.uid.clone()).await;
+    assert_eq!(node_of(&moved), "node-3");
+    assert_eq!(ip_of(&moved), ip, "the pod IP changed");
+    let after = live.continued(ip, &before, "postcopy-1").await;
+    let checked = workload::verify_memory(ip).await.unwrap();
+    assert!(
+        checked.starts_with("memok=true"),
+        "postcopy-1: pages differ after the move: {checked}"
+    );
+    let now = live.peer("postcopy-1").await;
+    assert_eq!(now.id, peer.id, "the peer's connection broke");
+    assert!(
+        now.pauses_ms.len() > peer.pauses_ms.len(),
+        "postcopy-1: the peer saw no pause, though the pod moved: {now:?}"
+    );
+    eprintln!(
+        "postcopy-1: node-1 -> node-3, timings {:?}, memory {memory:?}, the peer's pause {} ms \
+         (the workload's own clock: longest {} ms); {checked}",
+        status.timings,
+        now.pauses_ms.last().copied().unwrap_or_default(),
+        after.get("maxgap_ms").cloned().unwrap_or_default()
+    );
+}
+
 /// Stops the container of `pod` (as a crash would) and waits for the kubelet's restart: a fresh
 /// process, not the checkpoint again; answers its state.
 async fn restarted_fresh(pod: &Pod, nodes: &[Node], ip: Ipv4Addr, last: &State) -> State {
@@ -425,7 +503,8 @@ async fn a_pod_moves_between_real_nodes_keeping_its_state_ip_and_tcp_peer() {
                     // node-2 (Debian's containerd 2.1) offers only checkpoint images here, so that
                     // both backends restore through the kubelet.
                     without_wrapper: node.containerd == Containerd::Debian,
-                    args: Vec::new(),
+                    // PostCopy needs pipes of 4 MiB (the chart's agent.raisePipeMaxSize).
+                    args: vec!["--raise-pipe-max-size".into()],
                     announce: Some((ns.clone(), kubeconfig.clone())),
                 };
                 agents::start(&nodes, node, &agent_binary, &options).unwrap()
@@ -626,6 +705,7 @@ async fn a_pod_moves_between_real_nodes_keeping_its_state_ip_and_tcp_peer() {
             );
             live.continued(ip, &before, "gone-1").await;
 
+            post_copy_moves_a_pod_before_its_memory(&live, &demo).await;
             drain_moves_live_pods(&live, &demo).await;
 
             operator.kill();

@@ -31,6 +31,21 @@ pub async fn state(ip: Ipv4Addr) -> Option<State> {
         .flatten()
 }
 
+/// The workload's check of every page of its touched memory (`serve --verify :8081`):
+/// `memok=<bool> pages=N bad=N`.
+pub async fn verify_memory(ip: Ipv4Addr) -> Result<String, String> {
+    let read = async {
+        let mut c = tokio::net::TcpStream::connect((ip, 8081)).await?;
+        let mut line = String::new();
+        c.read_to_string(&mut line).await?;
+        Ok::<_, std::io::Error>(line.trim().to_string())
+    };
+    tokio::time::timeout(Duration::from_secs(20), read)
+        .await
+        .map_err(|_| format!("{ip}:8081 did not answer"))?
+        .map_err(|e| format!("{ip}:8081: {e}"))
+}
+
 /// A number of the state (0 when missing).
 pub fn num(s: &State, key: &str) -> u64 {
     s.get(key).and_then(|v| v.parse().ok()).unwrap_or(0)
@@ -204,8 +219,21 @@ pub async fn start_with_peer_env(
     touch: Option<&str>,
     env: &[(&str, &str)],
 ) -> anyhow::Result<(Pod, State)> {
+    let touch: Vec<&str> = touch.iter().flat_map(|t| ["--touch", *t]).collect();
+    start_with_peer_args(pods, image, (app, peer), &touch, env).await
+}
+
+/// [`start_with_peer_env`], with these arguments of `serve` besides its status and listen ports
+/// (`--touch 256Mi --verify :8081`, ...).
+pub async fn start_with_peer_args(
+    pods: &Api<Pod>,
+    image: &str,
+    (app, peer): (&str, &str),
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> anyhow::Result<(Pod, State)> {
     let mut args = vec!["serve", "--status", ":8080", "--listen", ":9000"];
-    args.extend(touch.iter().flat_map(|t| ["--touch", t]));
+    args.extend(extra);
     let mut workload = pod(
         image,
         app,

@@ -6,7 +6,6 @@
 use std::time::Duration;
 
 use agent_api::{Role, Step, StepArgs, backend, v1};
-use tokio::io::AsyncReadExt;
 
 use crate::{
     unique,
@@ -30,16 +29,7 @@ const TOUCHED: u64 = 256 << 20;
 
 /// What the workload's check of its memory answers.
 async fn verify(ip: std::net::Ipv4Addr) -> Result<String> {
-    let read = async {
-        let mut c = tokio::net::TcpStream::connect((ip, 8081)).await?;
-        let mut line = String::new();
-        c.read_to_string(&mut line).await?;
-        Ok::<_, std::io::Error>(line.trim().to_string())
-    };
-    tokio::time::timeout(Duration::from_secs(20), read)
-        .await
-        .map_err(|_| format!("{ip}:8081 did not answer"))?
-        .map_err(|e| format!("{ip}:8081: {e}"))
+    testkit::workload::verify_memory(ip).await
 }
 
 /// The target agent's account of the memory still on the source.
