@@ -129,6 +129,7 @@ impl Agent {
     /// What this node can do.
     pub async fn capabilities(&self) -> Result<v1::NodeCapabilities> {
         let (runtime_name, runtime_version) = self.parts.runtime.version().await?;
+        let criu = criu_version().await;
         let (mut restore_backends, mut notes) = (Vec::new(), Vec::new());
         for backend in &self.parts.backends {
             match backend.unavailable(&self.parts.runtime).await {
@@ -140,7 +141,7 @@ impl Agent {
             node_name: self.settings.node_name.clone(),
             runtime_name,
             runtime_version,
-            criu_version: criu_version().await.unwrap_or_default(),
+            criu_version: criu.clone().unwrap_or_default(),
             rxe_present: self.parts.rxe.counters().present(),
             // Less what streams being received hold.
             free_bytes: self
@@ -150,7 +151,7 @@ impl Agent {
                 .saturating_sub(self.room.held()),
             restore_backends,
             notes,
-            strategies: crate::strategies::requirements().await,
+            strategies: crate::strategies::requirements(criu.is_some()).await,
         })
     }
 
@@ -277,13 +278,11 @@ pub(crate) fn pod_ip(ip: &str) -> Result<Option<Ipv4Addr>> {
         .map_err(|_| Error::Invalid(format!("pod IP {ip:?} is not an IPv4 address")))
 }
 
-/// `criu --version`'s version, if CRIU is installed.
+/// The version of the node's CRIU (the one its runtime uses, run as post-copy runs it:
+/// `post_copy::in_node`), if it has one.
 pub async fn criu_version() -> Option<String> {
-    let out = tokio::process::Command::new("criu")
-        .arg("--version")
-        .output()
-        .await
-        .ok()?;
+    let mut command = crate::post_copy::in_node("criu");
+    let out = command.arg("--version").output().await.ok()?;
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .find_map(|l| l.strip_prefix("Version: "))

@@ -174,7 +174,7 @@ impl PageServers {
         let status = work.join("status");
         let _ = std::fs::remove_file(&status);
         std::fs::write(&status, b"").map_err(Error::io(&status))?;
-        let mut command = in_node_pids("sh");
+        let mut command = in_node("sh");
         command
             .args(["-c", "s=$1; shift; exec \"$@\" 3>>\"$s\"", "sh"])
             .arg(&status)
@@ -290,13 +290,24 @@ impl PageServers {
     }
 }
 
-/// A command of `program` run in the PID namespace of the node's processes (that of `/proc`'s
-/// first process): runc and CRIU read `/proc/self`, which must be their own, also where the agent
-/// runs in another PID namespace than the `/proc` it sees (in a pod with `hostPID`, it is the same
-/// namespace and this changes nothing).
-fn in_node_pids(program: &str) -> Command {
+/// A command of the node's `program` run in the node's mount and PID namespaces (those of
+/// `/proc`'s first process, the node's init where the agent runs with `hostPID`):
+/// - the node's runc and CRIU are the ones its containerd and the runtime wrapper use (the
+///   MigrOS-patched CRIU on an RDMA node); the agent's image carries neither, only `nsenter`.
+///   The paths handed to them (the agent's store, the runtime's state under `/run/containerd`)
+///   are the node's own: the chart mounts them at the same paths;
+/// - runc and CRIU read `/proc/self`, which must be their own, also where the agent runs in another
+///   PID namespace than the `/proc` it sees.
+///
+/// The network namespace stays the caller's (the private one of [`PrivateNet`]).
+pub(crate) fn in_node(program: &str) -> Command {
     let mut command = Command::new("nsenter");
-    command.args(["--pid=/proc/1/ns/pid", "--", program]);
+    command.args([
+        "--mount=/proc/1/ns/mnt",
+        "--pid=/proc/1/ns/pid",
+        "--",
+        program,
+    ]);
     command
 }
 
@@ -577,7 +588,7 @@ impl LazyDaemons {
         let total = lazy_bytes(&images)?;
         let socket = work.join(DAEMON_SOCKET);
         let _ = std::fs::remove_file(&socket);
-        let mut command = in_node_pids("criu");
+        let mut command = in_node("criu");
         command
             .args(["lazy-pages", "--page-server", "--address", "127.0.0.1"])
             .arg("--port")
@@ -908,6 +919,7 @@ mod tests {
         let cmd = |args: &[&str]| args.join("\0").into_bytes();
         let source = cmd(&[
             "nsenter",
+            "--mount=/proc/1/ns/mnt",
             "--pid=/proc/1/ns/pid",
             "--",
             "sh",

@@ -27,8 +27,13 @@ const USERFAULTFD_SYSCTL: &str = "/proc/sys/vm/unprivileged_userfaultfd";
 /// Soft-dirty, as tried once (it does not change while the node runs).
 static SOFT_DIRTY: OnceCell<Result<(), String>> = OnceCell::const_new();
 
-/// What the node offers PostCopy and PreCopy now.
-pub async fn requirements() -> Vec<v1::StrategyRequirements> {
+/// What the node offers PostCopy and PreCopy now; `criu`: whether the node has CRIU.
+pub async fn requirements(criu: bool) -> Vec<v1::StrategyRequirements> {
+    let dumper = if criu {
+        Ok(())
+    } else {
+        Err("criu: the node has none (its runtime's checkpoints need it too)".to_string())
+    };
     let uffd = if tokio::fs::try_exists(USERFAULTFD_SYSCTL)
         .await
         .unwrap_or(false)
@@ -51,7 +56,10 @@ pub async fn requirements() -> Vec<v1::StrategyRequirements> {
         })
         .await
         .clone();
-    vec![entry(POST_COPY, [uffd, pipe]), entry(PRE_COPY, [dirty])]
+    vec![
+        entry(POST_COPY, [dumper, uffd, pipe]),
+        entry(PRE_COPY, [dirty]),
+    ]
 }
 
 fn entry<const N: usize>(name: &str, checks: [Result<(), String>; N]) -> v1::StrategyRequirements {

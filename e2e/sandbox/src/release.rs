@@ -35,8 +35,8 @@ pub enum Error {
     Rootfs(#[from] rootfs::Error),
     #[error("`cargo build` of the images failed:\n{0}")]
     Cargo(String),
-    #[error("`ldd /usr/sbin/nft` in the node rootfs printed no libraries:\n{0}")]
-    Ldd(String),
+    #[error("`ldd {0}` in the node rootfs printed no libraries:\n{1}")]
+    Ldd(String, String),
     #[error("`helm {args}` failed:\n{output}")]
     Helm { args: String, output: String },
     #[error("kube-migros did not roll out: {0}")]
@@ -105,7 +105,9 @@ pub fn ensure_images(dirs: &Dirs, registry: &registry::Registry) -> Result<Image
             gobuild::run(Command::new("strip").arg(&target))?;
         }
         if *image == "node-agent" {
-            add_nft(dirs, &root)?;
+            for tool in AGENT_TOOLS {
+                add_from_rootfs(dirs, &root, tool)?;
+            }
         }
         digest_tree(&root, &root, &mut digest)?;
         roots.push((*image, root));
@@ -120,24 +122,28 @@ pub fn ensure_images(dirs: &Dirs, registry: &registry::Registry) -> Result<Image
     })
 }
 
-/// Copies `nft` and the shared libraries it loads (as `ldd` in the node rootfs lists them) from the
-/// node rootfs into `root`: the agent drives nftables through it.
-fn add_nft(dirs: &Dirs, root: &Path) -> Result<(), Error> {
+/// The node rootfs's tools the agent's image carries: `nft` (the agent drives nftables through it)
+/// and `nsenter` (post-copy runs the node's own runc and CRIU in the node's namespaces).
+const AGENT_TOOLS: [&str; 2] = ["/usr/sbin/nft", "/usr/bin/nsenter"];
+
+/// Copies `tool` and the shared libraries it loads (as `ldd` in the node rootfs lists them) from
+/// the node rootfs into `root`.
+fn add_from_rootfs(dirs: &Dirs, root: &Path, tool: &str) -> Result<(), Error> {
     let rootfs = rootfs::ensure(&dirs.cache)?;
     let out = Command::new("chroot")
         .arg(&rootfs)
-        .args(["ldd", "/usr/sbin/nft"])
+        .args(["ldd", tool])
         .output()
         .map_err(io_at(&rootfs))?;
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     let libraries = ldd_paths(&text);
     if !out.status.success() || libraries.is_empty() {
-        return Err(Error::Ldd(format!(
-            "{text}{}",
-            String::from_utf8_lossy(&out.stderr)
-        )));
+        return Err(Error::Ldd(
+            tool.to_string(),
+            format!("{text}{}", String::from_utf8_lossy(&out.stderr)),
+        ));
     }
-    for path in std::iter::once("/usr/sbin/nft").chain(libraries.iter().map(String::as_str)) {
+    for path in std::iter::once(tool).chain(libraries.iter().map(String::as_str)) {
         let relative = path.trim_start_matches('/');
         let source = rootfs.join(relative);
         // Resolve links inside the rootfs (absolute targets would point at the host's files).
