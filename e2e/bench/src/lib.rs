@@ -71,6 +71,10 @@ pub struct MigrationRun {
     pub peer_pause_ms: f64,
     /// Phase durations (see [`migration::PHASES`]).
     pub phases: BTreeMap<String, f64>,
+    /// PostCopy: from the pod running on the target until all its memory is in, as the operator
+    /// recorded it (0: stop-and-copy).
+    #[serde(default)]
+    pub memory_ms: f64,
 }
 
 /// One run of the raw recipe.
@@ -151,6 +155,10 @@ pub struct Results {
     pub machine: String,
     /// Per size class.
     pub migrations: BTreeMap<String, Vec<MigrationRun>>,
+    /// The same workloads moved with `strategy: PostCopy`, per size class (runtime-wrapper runs
+    /// only).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub post_copy: BTreeMap<String, Vec<MigrationRun>>,
     pub raw: BTreeMap<String, Vec<RawRun>>,
     /// The CRIU floor per size class.
     #[serde(default)]
@@ -192,6 +200,7 @@ pub async fn run(dirs: &Dirs, options: &Options) -> anyhow::Result<()> {
         }
         if !wanted("migration") {
             results.migrations = earlier.migrations.clone();
+            results.post_copy = earlier.post_copy.clone();
         }
         // Sizes of the control-plane benchmark not measured now are kept too.
         results.scale = earlier
@@ -232,7 +241,7 @@ pub async fn run(dirs: &Dirs, options: &Options) -> anyhow::Result<()> {
         save(&document)?;
     }
     if wanted("migration") {
-        results.migrations = migration::run(dirs, options)
+        (results.migrations, results.post_copy) = migration::run(dirs, options)
             .await
             .context("the kube-migros migrations")?;
         if let Some(transfer) = results.transfer.as_mut() {

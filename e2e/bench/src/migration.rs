@@ -14,7 +14,7 @@ use std::{
 };
 
 use anyhow::{Context, bail};
-use crds::{Phase, PodMigration};
+use crds::{Phase, PodMigration, Strategy};
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::Pod;
 use kube::{Api, Client, ResourceExt, api::DeleteParams, runtime::watcher};
@@ -87,11 +87,12 @@ impl Seen {
     }
 }
 
-/// Runs `options.runs` migrations per size; returns the runs per size.
-pub async fn run(
-    dirs: &Dirs,
-    options: &Options,
-) -> anyhow::Result<BTreeMap<String, Vec<MigrationRun>>> {
+/// Runs per size class.
+pub type BySize = BTreeMap<String, Vec<MigrationRun>>;
+
+/// Runs `options.runs` migrations per size with StopAndCopy, then (with the runtime wrapper) as
+/// many with PostCopy; returns the runs per size of each.
+pub async fn run(dirs: &Dirs, options: &Options) -> anyhow::Result<(BySize, BySize)> {
     let cluster = cluster::up(dirs).await?;
     let env = cluster.env.clone();
     let client = env.client().await?;
@@ -116,31 +117,47 @@ pub async fn run(
         &[
             ("runtimeWrapper.enabled", wrapper.as_str()),
             ("operator.allowCheckpointImages", images_allowed.as_str()),
+            // PostCopy needs pipes of 4 MiB on the nodes.
+            ("agent.raisePipeMaxSize", "true"),
         ],
     )?;
     release::wait_rolled_out(&client, Duration::from_secs(300)).await?;
     workload::fresh_namespace(&client, NAMESPACE).await?;
     let demo = cluster.images.get("demo").context("no demo image")?.clone();
-    let mut all = BTreeMap::new();
-    for size in &options.sizes {
-        let mut runs = Vec::new();
-        for i in 0..options.runs {
-            let run = one(&client, &env, &demo, size, i)
-                .await
-                .with_context(|| format!("migration {} of the {size} workload", i + 1))?;
-            eprintln!(
-                "bench: {size} #{}: total {:.0} ms, downtime {:.0} ms, client gap {:.0} ms, {} bytes",
-                i + 1,
-                run.total_ms,
-                run.downtime_ms,
-                run.client_gap_ms,
-                run.checkpoint_bytes
-            );
-            runs.push(run);
-        }
-        all.insert(size.clone(), runs);
+    let mut strategies = vec![Strategy::StopAndCopy];
+    // Only the runtime wrapper restores a process whose memory is still to come.
+    if options.backend == "runtime-wrapper" && !options.skip.iter().any(|s| s == "post-copy") {
+        strategies.push(Strategy::PostCopy);
     }
-    Ok(all)
+    let (mut stop_and_copy, mut post_copy) = (BTreeMap::new(), BTreeMap::new());
+    for strategy in strategies {
+        for size in &options.sizes {
+            let mut runs = Vec::new();
+            for i in 0..options.runs {
+                let name = strategy.as_str();
+                let run = one(&client, &env, &demo, size, strategy, i)
+                    .await
+                    .with_context(|| format!("{name} {} of the {size} workload", i + 1))?;
+                eprintln!(
+                    "bench: {name} {size} #{}: total {:.0} ms, downtime {:.0} ms, client gap {:.0} ms, peer's pause {:.0} ms, memory after {:.0} ms, {} bytes",
+                    i + 1,
+                    run.total_ms,
+                    run.downtime_ms,
+                    run.client_gap_ms,
+                    run.peer_pause_ms,
+                    run.memory_ms,
+                    run.checkpoint_bytes
+                );
+                runs.push(run);
+            }
+            let all = match strategy {
+                Strategy::PostCopy => &mut post_copy,
+                _ => &mut stop_and_copy,
+            };
+            all.insert(size.clone(), runs);
+        }
+    }
+    Ok((stop_and_copy, post_copy))
 }
 
 /// The agents' throughput of the size whose archive is closest to the one the other methods
@@ -202,9 +219,14 @@ async fn one(
     env: &sandbox::controlplane::Env,
     demo: &str,
     size: &str,
+    strategy: Strategy,
     index: usize,
 ) -> anyhow::Result<MigrationRun> {
-    let suffix = format!("{}-{index}", size.to_lowercase());
+    let kind = match strategy {
+        Strategy::PostCopy => "pc-",
+        _ => "",
+    };
+    let suffix = format!("{kind}{}-{index}", size.to_lowercase());
     let (app_name, peer_name, pm_name) = (
         format!("app-{suffix}"),
         format!("peer-{suffix}"),
@@ -232,7 +254,7 @@ async fn one(
         &pm_name,
         &app_name,
         Some("node-2"),
-        "  compression: Zstd\n",
+        &format!("  compression: Zstd\n  strategy: {}\n", strategy.as_str()),
     );
     let path = std::env::temp_dir().join(format!("kube-migros-bench-{pm_name}.yaml"));
     workload::kubectl_apply(env, &path, &manifest)?;
@@ -284,6 +306,10 @@ async fn one(
         client_gap_ms,
         peer_pause_ms: peer.longest_pause_ms as f64,
         phases: seen.durations(),
+        memory_ms: status
+            .timings
+            .and_then(|t| t.memory_ms)
+            .map_or(0.0, |d| d as f64),
     };
     // Clean up: the PodMigration (the operator lifts its finalizer), the pods.
     pms.delete(&pm_name, &DeleteParams::default()).await?;

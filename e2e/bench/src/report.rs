@@ -234,6 +234,7 @@ pub fn markdown(doc: &Document, label: &str) -> String {
     let others: Vec<&Results> = doc.values().filter(|o| o.label != label).collect();
     let parts = [
         ("migrations", !r.migrations.is_empty(), migrations(&c)),
+        ("postcopy", !r.post_copy.is_empty(), post_copy(&c)),
         ("floor", !r.floor.is_empty(), floor(&c)),
         ("raw", !r.raw.is_empty(), raw(&c)),
         ("transfer", r.transfer.is_some(), transfer(&c)),
@@ -288,6 +289,21 @@ fn targets(c: &Context<'_>) -> Table {
                 times(x)
             ),
             met(x.map(|x| x <= 1.5)).into(),
+        ]);
+    }
+    // PostCopy at the largest size: the pause no longer grows with the memory.
+    if let Some((size, runs)) = ordered(&c.r.post_copy).last().copied() {
+        let down = summary(runs.iter().map(downtime));
+        t.row(vec![
+            format!("PostCopy downtime at {size}: at most 0.25 s"),
+            format!("{} s", show(down, 0.001, 2)),
+            met(down.map(|d| d.median <= 250.0)).into(),
+        ]);
+        let pause = summary(runs.iter().map(|m| m.peer_pause_ms));
+        t.row(vec![
+            format!("the pause a TCP peer sees with PostCopy at {size}: at most 0.3 s"),
+            format!("{} s", show(pause, 0.001, 2)),
+            met(pause.map(|p| p.median <= 300.0)).into(),
         ]);
     }
     let commit_to_running = summary(small.iter().filter_map(after_commit));
@@ -347,6 +363,46 @@ fn targets(c: &Context<'_>) -> Table {
         met(c.thousand.map(scale_met)).into(),
     ]);
     t
+}
+
+/// PostCopy beside StopAndCopy and the floor, per size.
+fn post_copy(c: &Context<'_>) -> Slots {
+    let seconds = |values: Vec<f64>| show(summary(values), 0.001, 2);
+    let mut t = Table::new(&[
+        "memory",
+        "runs",
+        "checkpoint MB",
+        "downtime s",
+        "StopAndCopy downtime s",
+        "floor downtime s",
+        "PostCopy / floor",
+        "client gap s",
+        "peer's pause s",
+        "StopAndCopy peer's pause s",
+        "memory after s",
+    ]);
+    for (size, runs) in ordered(&c.r.post_copy) {
+        let h = headline(c.r, size);
+        let post = summary(runs.iter().map(downtime));
+        t.row(vec![
+            size.clone(),
+            runs.len().to_string(),
+            show(
+                summary(runs.iter().map(|m| m.checkpoint_bytes as f64)),
+                1e-6,
+                2,
+            ),
+            show(post, 0.001, 2),
+            show(h.downtime, 0.001, 2),
+            show(h.floor_downtime, 0.001, 2),
+            times(ratio(post, h.floor_downtime)),
+            seconds(runs.iter().map(|m| m.client_gap_ms).collect()),
+            seconds(runs.iter().map(|m| m.peer_pause_ms).collect()),
+            seconds(c.runs(size).iter().map(|m| m.peer_pause_ms).collect()),
+            seconds(runs.iter().map(|m| m.memory_ms).collect()),
+        ]);
+    }
+    vec![("post_copy", t.to_string())]
 }
 
 fn migrations(c: &Context<'_>) -> Slots {
@@ -884,6 +940,7 @@ mod tests {
                     (p.to_string(), v)
                 })
                 .collect(),
+            memory_ms: 0.0,
         }
     }
 
@@ -992,6 +1049,31 @@ mod tests {
         assert!(md.find("| `CREATE events` | 3.0 |") > by_kind, "{md}");
         assert!(md.contains("the largest phase is **transfer**"), "{md}");
         assert!(!md.contains("Before and after"));
+        assert!(!md.contains("## PostCopy"), "no PostCopy run, no section");
+        // PostCopy at 256Mi: frozen phases of 0.02 s each (0.12 s), memory in 2 s later, beside
+        // StopAndCopy's 1.4 s and the floor's 0.8 s.
+        let mut with_post_copy = results();
+        let mut quick = run(3000.0, 150.0, 20.0);
+        for v in quick.phases.values_mut() {
+            *v = 20.0;
+        }
+        (quick.memory_ms, quick.peer_pause_ms) = (2000.0, 280.0);
+        with_post_copy.post_copy = [("256Mi".to_string(), vec![quick])].into();
+        let md = markdown(&[("now".to_string(), with_post_copy)].into(), "now");
+        assert!(md.contains("## PostCopy"), "{md}");
+        assert!(
+            md.contains("| 256Mi | 1 | 20.00 | 0.12 | 1.40 | 0.80 | 0.15x |"),
+            "{md}"
+        );
+        assert!(md.contains("| 0.25 | 0.28 | 0.05 | 2.00 |"), "{md}");
+        assert!(
+            md.contains("PostCopy downtime at 256Mi: at most 0.25 s | 0.12 s | yes |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("with PostCopy at 256Mi: at most 0.3 s | 0.28 s | yes |"),
+            "{md}"
+        );
         let mut before = results();
         before.label = "before".into();
         let doc: Document = [
