@@ -49,7 +49,8 @@ const DNS_SUBDOMAIN_RULE: &str =
     printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
     printcolumn = r#"{"name":"Downtime","type":"integer","jsonPath":".status.timings.downtimeMs","description":"Milliseconds from the source freezing until the target runs"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
-    printcolumn = r#"{"name":"Backend","type":"string","jsonPath":".status.backend","priority":1,"description":"How the target node restores the pod"}"#
+    printcolumn = r#"{"name":"Backend","type":"string","jsonPath":".status.backend","priority":1,"description":"How the target node restores the pod"}"#,
+    printcolumn = r#"{"name":"Memory Left","type":"integer","jsonPath":".status.memory.bytesRemaining","priority":1,"description":"PostCopy: bytes of the pod's memory still on the source node"}"#
 )]
 #[x_kube(validation = Rule::new("self == oldSelf").message("spec is immutable: delete this PodMigration and create a new one"))]
 #[serde(rename_all = "camelCase")]

@@ -285,6 +285,9 @@ async fn kubectl_applies_the_example_and_shows_the_printer_columns() {
             "sourceNode": "node-1",
             "targetNode": "node-2",
             "timings": {"downtimeMs": 412, "totalMs": 2900},
+            "backend": "runtime-wrapper",
+            "memory": {"bytesTotal": 100, "bytesTransferred": 40, "bytesRemaining": 60,
+                       "bytesPerSecond": 20},
         }});
         api.patch_status(
             "demo-to-node-2",
@@ -327,6 +330,28 @@ async fn kubectl_applies_the_example_and_shows_the_printer_columns() {
                 "412"
             ]
         );
+
+        // `-o wide` adds the backend and the memory still on the source (PostCopy).
+        let wide = harness::kubectl(&env, &["get", "pm", "-n", &ns, "-o", "wide"]);
+        let table = String::from_utf8_lossy(&wide.stdout).to_string();
+        let header: Vec<&str> = table
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .split_whitespace()
+            .collect();
+        assert_eq!(
+            header[header.len() - 3..],
+            ["BACKEND", "MEMORY", "LEFT"],
+            "{table}"
+        );
+        let row: Vec<&str> = table
+            .lines()
+            .nth(1)
+            .unwrap_or_default()
+            .split_whitespace()
+            .collect();
+        assert_eq!(row[row.len() - 2..], ["runtime-wrapper", "60"], "{table}");
 
         // The example's non-default fields survived the round trip.
         let got = harness::kubectl(

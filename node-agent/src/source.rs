@@ -571,17 +571,12 @@ impl Agent {
     /// After a restart of the agent: a committed post-copy source whose page servers went with the
     /// earlier run cannot serve its pages any more, and can never run here again: it is stopped.
     pub async fn recover_post_copy_sources(&self) {
-        let Ok(uids) = self.store.list() else {
-            return;
-        };
-        for uid in uids {
-            let Ok(Some(r)) = self.store.load(&uid) else {
-                continue;
-            };
-            if r.role != Role::Source || !r.post_copy || !r.committed || r.stopped {
-                continue;
-            }
-            warn!(migration = %uid, "the page servers of a committed post-copy source went with the agent's last run: stopping the pod");
+        let stranded = self
+            .store
+            .records()
+            .filter(|r| r.role == Role::Source && r.post_copy && r.committed && !r.stopped);
+        for r in stranded {
+            warn!(migration = %r.uid, "the page servers of a committed post-copy source went with the agent's last run: stopping the pod");
             tokio::spawn(self.clone().stop_when_served(r));
         }
     }

@@ -401,6 +401,15 @@ impl Store {
         Ok(uids)
     }
 
+    /// The records of the migrations with data on this node that can be read (one that cannot is
+    /// skipped: it holds nothing its reader could act on).
+    pub fn records(&self) -> impl Iterator<Item = Record> + '_ {
+        self.list()
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|uid| self.load(&uid).ok().flatten())
+    }
+
     /// Fails unless the store is on a file system of its own, not the one of `root` (the node's
     /// root, `/proc/1/root` for an agent in the node's PID namespace): checkpoints that fill it
     /// then cannot fill the node's root disk.

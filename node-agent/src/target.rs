@@ -291,16 +291,13 @@ impl Agent {
     /// memory was not all in when the earlier run ended are killed (their lazy-pages daemons went
     /// with it, and the kernel serves zeroes for pages never copied).
     pub async fn recover_post_copy_targets(&self) {
-        let Ok(uids) = self.store.list() else {
-            return;
-        };
-        for uid in uids {
-            let Ok(Some(r)) = self.store.load(&uid) else {
-                continue;
-            };
-            if r.role != Role::Target || !r.post_copy || r.memory_in {
-                continue;
-            }
+        let unfinished: Vec<Record> = self
+            .store
+            .records()
+            .filter(|r| r.role == Role::Target && r.post_copy && !r.memory_in)
+            .collect();
+        for r in unfinished {
+            let uid = r.uid.clone();
             warn!(migration = %uid, "the memory of a post-copy restore was still coming when the agent stopped: killing the restored pod");
             for c in &r.containers {
                 // A restore that comes now finds no daemon to serve it: without the marker it

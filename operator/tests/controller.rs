@@ -519,6 +519,10 @@ async fn unmet_preconditions_fail_with_a_reason_and_touch_nothing() {
             assert_eq!(agent.count(Step::Checkpoint).calls, 0);
             assert_eq!(agent.count(Step::PrepareTarget).calls, 0);
         }
+        // Node 2 cannot do PostCopy; StopAndCopy moves the pod there all the same.
+        s.migrate("stop-and-copy", "server", Some(2)).await;
+        s.wait_phase("stop-and-copy", Phase::Succeeded, PHASE_TIMEOUT)
+            .await;
     })
     .await;
 }

@@ -657,7 +657,7 @@ fn missed(c: &Context<'_>) -> Slots {
             .map(|f| f.image_bytes as f64 / 1e6 / (f.transfer_ms / 1000.0)),
     );
     let mut items = vec![format!(
-        "- **The peer's pause** ({}): kube-migros does stop-and-copy, so a peer sees the whole \
+        "- **The peer's pause** ({}): with stop-and-copy a peer sees the whole \
          downtime and then waits for its next retransmission (the agents answer its segments \
          while the pod's IP is blocked, so that its timer stays near 0.2 s): checkpoint {} s, transfer {} s, commit {} s and the restore phase {} s. The \
          restore phase is mostly the kubelet starting a pod (admission, the service account \
@@ -681,6 +681,21 @@ fn missed(c: &Context<'_>) -> Slots {
         )),
         c.smallest,
     )];
+    if let Some((size, runs)) = ordered(&c.r.post_copy).last().copied() {
+        items.push(format!(
+            "- **PostCopy** ({size}): the memory is out of the pause (the same downtime at every \
+             size, {} s here, against {} s with stop-and-copy), and what is left is the rest of \
+             the move: checkpoint {} s, transfer {} s, commit {} s and the restore phase {} s, \
+             the kubelet's start of the replacement pod as above. 0.25 s needs that sandbox made \
+             ready before the freeze.",
+            s(summary(runs.iter().map(downtime))),
+            s(headline(c.r, size).downtime),
+            s(phase(runs, "checkpoint")),
+            s(phase(runs, "transfer")),
+            s(phase(runs, "commit")),
+            s(phase(runs, "restore")),
+        ));
+    }
     if c.r.backend == "runtime-wrapper" {
         items.push(format!(
             "- **Downtime against the floor** ({}): the floor dumps to memory, moves the images \
