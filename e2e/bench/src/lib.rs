@@ -75,6 +75,10 @@ pub struct MigrationRun {
     /// recorded it (0: stop-and-copy).
     #[serde(default)]
     pub memory_ms: f64,
+    /// PostCopy: the workload's ticks per second while its memory came in, as the outside client
+    /// read its counter (100 unhindered; none where that took too short to tell, or stop-and-copy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_ticks_per_s: Option<f64>,
 }
 
 /// One run of the raw recipe.

@@ -199,19 +199,52 @@ async fn probe(ip: Ipv4Addr, timeout: Duration) -> Option<String> {
     .flatten()
 }
 
-/// Probes the workload until `stop`; returns the longest stretch without an answer, in ms.
-async fn client_gap(ip: Ipv4Addr, stop: Arc<AtomicBool>) -> f64 {
+/// What the outside client saw: its longest stretch without an answer (ms), and the workload's
+/// tick counter at each answer (ms since `started`, counter).
+#[derive(Debug, Default)]
+struct Probed {
+    longest_gap_ms: f64,
+    counters: Vec<(f64, u64)>,
+}
+
+impl Probed {
+    /// The workload's ticks per second between `from` and `to` (ms since the start), from the
+    /// first answer after `from` to the last before `to`; `None` under 200 ms of answers.
+    fn ticks_per_s(&self, from: f64, to: f64) -> Option<f64> {
+        let within = || {
+            self.counters
+                .iter()
+                .filter(|(at, _)| *at >= from && *at <= to)
+        };
+        let (first, last) = (within().next()?, within().next_back()?);
+        let span = last.0 - first.0;
+        (span >= 200.0).then(|| (last.1.saturating_sub(first.1)) as f64 / (span / 1000.0))
+    }
+}
+
+/// Probes the workload until `stop`.
+async fn client_gap(ip: Ipv4Addr, stop: Arc<AtomicBool>, started: Instant) -> Probed {
     let mut last_answer = Instant::now();
+    let mut probed = Probed::default();
     let mut longest = Duration::ZERO;
     while !stop.load(Ordering::Relaxed) {
-        if probe(ip, Duration::from_millis(50)).await.is_some() {
+        if let Some(line) = probe(ip, Duration::from_millis(50)).await {
             let now = Instant::now();
             longest = longest.max(now - last_answer);
             last_answer = now;
+            let counter = line
+                .split_whitespace()
+                .find_map(|kv| kv.strip_prefix("counter="))
+                .and_then(|c| c.parse().ok());
+            if let Some(counter) = counter {
+                let at = now.duration_since(started).as_secs_f64() * 1000.0;
+                probed.counters.push((at, counter));
+            }
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    longest.as_secs_f64() * 1000.0
+    probed.longest_gap_ms = longest.as_secs_f64() * 1000.0;
+    probed
 }
 
 async fn one(
@@ -238,10 +271,10 @@ async fn one(
     let ip = workload::ip_of(&source).context("no pod IP")?;
 
     let stop = Arc::new(AtomicBool::new(false));
-    let prober = tokio::spawn(client_gap(ip, stop.clone()));
+    let started = Instant::now();
+    let prober = tokio::spawn(client_gap(ip, stop.clone(), started));
     let seen = Arc::new(Mutex::new(Seen::default()));
     let pms: Api<PodMigration> = Api::namespaced(client.clone(), NAMESPACE);
-    let started = Instant::now();
     let pod_watch = tokio::spawn(watch_pod(
         pods.clone(),
         app_name.clone(),
@@ -289,9 +322,17 @@ async fn one(
     // The prober gets a few more answers after the move.
     tokio::time::sleep(Duration::from_millis(200)).await;
     stop.store(true, Ordering::Relaxed);
-    let client_gap_ms = prober.await.unwrap_or(f64::NAN);
+    let probed = prober.await.unwrap_or_default();
     pod_watch.abort();
     let seen = std::mem::take(&mut *seen.lock().unwrap_or_else(|e| e.into_inner()));
+    // PostCopy: how the workload ticks while its pages come in (100 per second unhindered).
+    let memory_ticks_per_s = match (
+        seen.phases.get("CopyingMemory"),
+        seen.phases.get("Succeeded"),
+    ) {
+        (Some(from), Some(to)) => probed.ticks_per_s(*from, *to),
+        _ => None,
+    };
     let run = MigrationRun {
         checkpoint_bytes: status.checkpoint.map(|c| c.bytes).unwrap_or_default() as u64,
         total_ms: seen.phases.get("Succeeded").copied().unwrap_or(f64::NAN),
@@ -303,13 +344,18 @@ async fn one(
             .timings
             .and_then(|t| t.stream_ms)
             .map_or(0.0, |d| d as f64),
-        client_gap_ms,
+        client_gap_ms: if probed.counters.is_empty() {
+            f64::NAN
+        } else {
+            probed.longest_gap_ms
+        },
         peer_pause_ms: peer.longest_pause_ms as f64,
         phases: seen.durations(),
         memory_ms: status
             .timings
             .and_then(|t| t.memory_ms)
             .map_or(0.0, |d| d as f64),
+        memory_ticks_per_s,
     };
     // Clean up: the PodMigration (the operator lifts its finalizer), the pods.
     pms.delete(&pm_name, &DeleteParams::default()).await?;
@@ -405,5 +451,29 @@ async fn follow(
         if phase.is_final() {
             return Ok(pm);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pace_is_read_between_the_first_and_last_answers_of_the_window() {
+        let probed = Probed {
+            longest_gap_ms: 0.0,
+            // 100 ticks a second until 1000 ms, then 50.
+            counters: (0..=20)
+                .map(|i| {
+                    let at = f64::from(i) * 100.0;
+                    let ticks = if i <= 10 { i * 10 } else { 100 + (i - 10) * 5 };
+                    (at, u64::try_from(ticks).unwrap_or_default())
+                })
+                .collect(),
+        };
+        assert_eq!(probed.ticks_per_s(0.0, 1000.0), Some(100.0));
+        assert_eq!(probed.ticks_per_s(1000.0, 2000.0), Some(50.0));
+        // Answers 50 ms apart within the window: too short to tell.
+        assert_eq!(probed.ticks_per_s(1050.0, 1150.0), None);
     }
 }

@@ -380,6 +380,7 @@ fn post_copy(c: &Context<'_>) -> Slots {
         "peer's pause s",
         "StopAndCopy peer's pause s",
         "memory after s",
+        "ticks/s meanwhile",
     ]);
     for (size, runs) in ordered(&c.r.post_copy) {
         let h = headline(c.r, size);
@@ -400,6 +401,11 @@ fn post_copy(c: &Context<'_>) -> Slots {
             seconds(runs.iter().map(|m| m.peer_pause_ms).collect()),
             seconds(c.runs(size).iter().map(|m| m.peer_pause_ms).collect()),
             seconds(runs.iter().map(|m| m.memory_ms).collect()),
+            show(
+                summary(runs.iter().filter_map(|m| m.memory_ticks_per_s)),
+                1.0,
+                0,
+            ),
         ]);
     }
     vec![("post_copy", t.to_string())]
@@ -956,6 +962,7 @@ mod tests {
                 })
                 .collect(),
             memory_ms: 0.0,
+            memory_ticks_per_s: None,
         }
     }
 
@@ -1073,6 +1080,7 @@ mod tests {
             *v = 20.0;
         }
         (quick.memory_ms, quick.peer_pause_ms) = (2000.0, 280.0);
+        quick.memory_ticks_per_s = Some(97.0);
         with_post_copy.post_copy = [("256Mi".to_string(), vec![quick])].into();
         let md = markdown(&[("now".to_string(), with_post_copy)].into(), "now");
         assert!(md.contains("## PostCopy"), "{md}");
@@ -1080,7 +1088,7 @@ mod tests {
             md.contains("| 256Mi | 1 | 20.00 | 0.12 | 1.40 | 0.80 | 0.15x |"),
             "{md}"
         );
-        assert!(md.contains("| 0.25 | 0.28 | 0.05 | 2.00 |"), "{md}");
+        assert!(md.contains("| 0.25 | 0.28 | 0.05 | 2.00 | 97 |"), "{md}");
         assert!(
             md.contains("PostCopy downtime at 256Mi: at most 0.25 s | 0.12 s | yes |"),
             "{md}"
