@@ -515,25 +515,40 @@ pub struct LazyDaemon {
     pub total: u64,
     /// Bytes received from the source.
     pub received: AtomicU64,
-    state: Mutex<Memory>,
+    /// Decided once: Streaming, then Complete or Failed.
+    state: tokio::sync::watch::Sender<Memory>,
 }
 
 impl LazyDaemon {
+    fn new(container: String, total: u64, received: u64, memory: Memory) -> Self {
+        Self {
+            container,
+            total,
+            received: AtomicU64::new(received),
+            state: tokio::sync::watch::Sender::new(memory),
+        }
+    }
+
     pub fn memory(&self) -> Memory {
-        self.state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
+        self.state.borrow().clone()
+    }
+
+    /// The container's memory once decided (Complete or Failed).
+    pub async fn decided(&self) -> Memory {
+        let mut state = self.state.subscribe();
+        let decided = state.wait_for(|m| *m != Memory::Streaming).await;
+        // The sender lives in `self`: it cannot have gone while this waits.
+        decided.map_or_else(|_| self.memory(), |m| m.clone())
     }
 
     fn set(&self, memory: Memory) {
-        let mut state = self
-            .state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if *state == Memory::Streaming {
-            *state = memory;
-        }
+        self.state.send_if_modified(|state| {
+            let streaming = *state == Memory::Streaming;
+            if streaming {
+                *state = memory;
+            }
+            streaming
+        });
     }
 }
 
@@ -634,12 +649,12 @@ impl LazyDaemons {
         let marker = fetch.dir.join(LAZY_MARKER);
         std::fs::write(&marker, b"").map_err(Error::io(&marker))?;
         guard.disarm();
-        let daemon = Arc::new(LazyDaemon {
-            container: fetch.container.clone(),
+        let daemon = Arc::new(LazyDaemon::new(
+            fetch.container.clone(),
             total,
-            received: AtomicU64::new(0),
-            state: Mutex::new(Memory::Streaming),
-        });
+            0,
+            Memory::Streaming,
+        ));
         self.lock()
             .entry(fetch.uid.clone())
             .or_default()
@@ -874,12 +889,7 @@ mod tests {
     }
 
     fn daemon(total: u64, received: u64, memory: Memory) -> Arc<LazyDaemon> {
-        Arc::new(LazyDaemon {
-            container: "app".into(),
-            total,
-            received: AtomicU64::new(received),
-            state: Mutex::new(memory),
-        })
+        Arc::new(LazyDaemon::new("app".into(), total, received, memory))
     }
 
     #[test]
@@ -959,5 +969,26 @@ mod tests {
         d.set(Memory::Complete);
         d.set(Memory::Failed("late".into()));
         assert_eq!(d.memory(), Memory::Complete);
+    }
+
+    #[tokio::test]
+    async fn a_waiter_learns_the_decision_when_it_is_made() {
+        let d = daemon(1, 0, Memory::Streaming);
+        let waiter = tokio::spawn({
+            let d = d.clone();
+            async move { d.decided().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished(), "decided while still streaming");
+        d.set(Memory::Failed("the stream broke".into()));
+        assert_eq!(
+            waiter.await.unwrap(),
+            Memory::Failed("the stream broke".into())
+        );
+        // Decided before anyone waits: answered at once.
+        assert_eq!(
+            daemon(1, 1, Memory::Complete).decided().await,
+            Memory::Complete
+        );
     }
 }

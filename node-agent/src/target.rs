@@ -262,28 +262,22 @@ impl Agent {
             };
             self.lazy.start(fetch, kill).await?;
         }
-        tokio::spawn(self.clone().record_memory_in(record.uid.clone()));
+        if let Some(daemons) = self.lazy.of(&record.uid) {
+            tokio::spawn(self.clone().record_memory_in(record.uid.clone(), daemons));
+        }
         Ok(())
     }
 
-    /// Records when every page of migration `uid` is in, so that a restarted agent knows its
-    /// restored pod is whole.
-    async fn record_memory_in(self, uid: String) {
-        loop {
-            let Some(daemons) = self.lazy.of(&uid) else {
-                return;
-            };
-            let op = post_copy::operation(&uid, &daemons);
-            if op.state == v1::State::Succeeded as i32 {
-                if let Err(e) = self.store.update(&uid, |r| r.memory_in = true) {
-                    warn!(migration = %uid, error = %e, "cannot record that all memory is in");
-                }
+    /// Records when every page of migration `uid` is in (every container's daemon decided so),
+    /// so that a restarted agent knows its restored pod is whole.
+    async fn record_memory_in(self, uid: String, daemons: Vec<Arc<post_copy::LazyDaemon>>) {
+        for daemon in daemons {
+            if daemon.decided().await != post_copy::Memory::Complete {
                 return;
             }
-            if op.state == v1::State::Failed as i32 {
-                return;
-            }
-            tokio::time::sleep(WATCH_RESTORE_EVERY * 5).await;
+        }
+        if let Err(e) = self.store.update(&uid, |r| r.memory_in = true) {
+            warn!(migration = %uid, error = %e, "cannot record that all memory is in");
         }
     }
 
