@@ -201,7 +201,12 @@ impl Agent {
         if let Some(r) = self.store.load(&uid)? {
             match r.role {
                 store::Role::Source if !r.committed => self.thaw(&r).await?,
-                store::Role::Source => self.unblock(&r).await?,
+                store::Role::Source => {
+                    if r.post_copy && !r.stopped {
+                        self.stop_unserved(&r).await?;
+                    }
+                    self.unblock(&r).await?;
+                }
                 store::Role::Target => {
                     self.release_target(&r).await?;
                     // Images no pod was made from; a replacement's own image stays for its

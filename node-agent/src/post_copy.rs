@@ -125,8 +125,11 @@ fn lazy_pages(data: &[u8]) -> std::result::Result<u64, String> {
 #[derive(Debug)]
 pub struct PageServer {
     net: PrivateNet,
-    /// `runc checkpoint --lazy-pages`, which ends once every page was served.
+    /// `runc checkpoint --lazy-pages`, which ends once every page was served (its waiter holds
+    /// the lock for as long as that takes).
     child: tokio::sync::Mutex<Child>,
+    /// Its process group (its PID), to kill it while someone waits for it.
+    group: Option<u32>,
     /// Bytes of pages sent to the target.
     pub served: AtomicU64,
 }
@@ -234,6 +237,7 @@ impl PageServers {
             (uid.to_string(), container.to_string()),
             Arc::new(PageServer {
                 net,
+                group: child.id(),
                 child: tokio::sync::Mutex::new(child),
                 served: AtomicU64::new(0),
             }),
@@ -278,9 +282,11 @@ impl PageServers {
             keys.into_iter().filter_map(|k| all.remove(&k)).collect()
         };
         for server in servers {
-            let mut child = server.child.lock().await;
-            kill_group(&child);
-            let _ = child.wait().await;
+            // Killed first: a waiter for its end (`finished`) holds the child until it ends.
+            if let Some(group) = server.group {
+                killpg(group);
+            }
+            let _ = server.child.lock().await.wait().await;
         }
     }
 

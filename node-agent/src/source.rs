@@ -568,6 +568,17 @@ impl Agent {
         }
     }
 
+    /// Cleanup of a committed post-copy source still holding its pod for the page servers (the
+    /// migration failed, its target gone): the servers go and the containers stop now rather than
+    /// at the servers' deadline.
+    pub(crate) async fn stop_unserved(&self, record: &Record) -> Result<()> {
+        self.page_servers.stop(&record.uid).await;
+        if let Ok(dir) = self.store.dir(&record.uid) {
+            post_copy::kill_leftovers(&dir);
+        }
+        self.stop(record).await
+    }
+
     /// After a restart of the agent: a committed post-copy source whose page servers went with the
     /// earlier run cannot serve its pages any more, and can never run here again: it is stopped.
     pub async fn recover_post_copy_sources(&self) {

@@ -61,6 +61,10 @@ fn main() {
             post_copy::source_agent_restarted_before_the_commit,
         ),
         (
+            "post_copy_cleanup_stops_a_committed_source_nobody_fetches_from",
+            post_copy::cleanup_stops_a_committed_source_nobody_fetches_from,
+        ),
+        (
             "abort_resumes_the_paused_source_and_it_continues",
             migration::abort,
         ),

@@ -350,6 +350,55 @@ pub fn source_agent_restarted_before_the_commit(w: &World) -> Result<()> {
     })
 }
 
+/// A committed post-copy source whose memory no target will fetch (the migration failed, its
+/// target gone): the cleanup ends its page servers and stops it at once, not at their deadline.
+pub fn cleanup_stops_a_committed_source_nobody_fetches_from(w: &World) -> Result<()> {
+    let from = 0;
+    w.rt.block_on(async {
+        let name = unique("lazy");
+        let uid = unique("mig");
+        let image = w.demo_image.clone();
+        let pod = w.run_pod(from, &name, &image, &SERVE)?;
+        let result = async {
+            until("the workload to count", Duration::from_secs(30), || async {
+                status(pod.ip).await.ok().filter(|s| s.num("counter") >= 20)
+            })
+            .await?;
+            let mut pod_ref = pod.pod_ref(&image);
+            pod_ref.containers[0].container_id.clear();
+            let mut src = w.operator(from).await?;
+            done(
+                &mut src,
+                Step::Checkpoint,
+                &StepArgs {
+                    migration_uid: uid.clone(),
+                    pod: pod_ref,
+                    backend: backend::RUNTIME_WRAPPER.into(),
+                    post_copy: Some(v1::PostCopySource::default()),
+                    ..Default::default()
+                },
+            )
+            .await?;
+            done(&mut src, Step::Commit(Role::Source), &StepArgs::of(&uid)).await?;
+            ensure!(
+                criu_of(&uid) > 0 && w.task_state(from, &pod.container_id) == "PAUSED",
+                "the committed source is not held by its page server"
+            );
+            done(&mut src, Step::Cleanup(Role::Source), &StepArgs::of(&uid)).await?;
+            ensure!(
+                criu_of(&uid) == 0,
+                "a page server of {uid} is left after the cleanup"
+            );
+            stopped(w, from, &pod).await?;
+            ensure!(status(pod.ip).await.is_err(), "the source still answers");
+            Ok(())
+        }
+        .await;
+        let _ = w.remove_pod(&pod);
+        result.map_err(|e| format!("{e}\nsource agent:\n{}", w.agent_log(from)))
+    })
+}
+
 /// How many processes (of any node: the host sees them all) are lazy CRIU ends of migration
 /// `uid`.
 fn criu_of(uid: &str) -> usize {
