@@ -150,7 +150,8 @@ async fn dispatch(agent: Agent, request: StepRequest) -> Result<v1::Operation> {
         StepRequest::Transfer(r) => agent.transfer(r).await,
         StepRequest::StageRestore(r) => agent.stage_restore(r).await,
         StepRequest::FinishRestore(r) => agent.finish_restore(r.migration_uid).await,
-        // Asked through its own RPC, which answers the state without the operations table.
+        // Not reached: the Memory RPC answers the state itself, without the operations table (it
+        // is a question, asked until the memory is in); here for a complete dispatch.
         StepRequest::Memory(r) => agent.memory(&r.migration_uid),
         StepRequest::Commit(r) => match role(&r) {
             Some(role) => agent.commit(r.migration_uid, role).await,

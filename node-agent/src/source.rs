@@ -552,11 +552,7 @@ impl Agent {
             Ok(()) => info!(migration = %uid, "every page was served"),
             Err(e) => warn!(migration = %uid, error = %e, "the page servers ended early"),
         }
-        self.page_servers.stop(&uid).await;
-        if let Ok(dir) = self.store.dir(&uid) {
-            post_copy::kill_leftovers(&dir);
-        }
-        if let Err(e) = self.stop(&record).await {
+        if let Err(e) = self.stop_unserved(&record).await {
             warn!(migration = %uid, error = %e, "stopping the source after its pages were served");
             return;
         }
@@ -568,9 +564,8 @@ impl Agent {
         }
     }
 
-    /// Cleanup of a committed post-copy source still holding its pod for the page servers (the
-    /// migration failed, its target gone): the servers go and the containers stop now rather than
-    /// at the servers' deadline.
+    /// Stops a committed post-copy source: its page servers (ended, or still holding the pod for a
+    /// target that will never fetch the rest: a failed migration's cleanup) and the containers.
     pub(crate) async fn stop_unserved(&self, record: &Record) -> Result<()> {
         self.page_servers.stop(&record.uid).await;
         if let Ok(dir) = self.store.dir(&record.uid) {

@@ -1,6 +1,6 @@
 //! What this node offers the migration strategies beyond stop-and-copy, checked rather than
-//! assumed, for the agent's capabilities (the operator offers only stop-and-copy today; see
-//! docs/node-agent.md#strategy-requirements).
+//! assumed, for the agent's capabilities (the operator chooses a PostCopy target only among the
+//! nodes that report it met; see docs/node-agent.md#strategy-requirements).
 //!
 //! - **PostCopy** restores the process before its memory has arrived: CRIU's lazy pages, which
 //!   need userfaultfd (the kernel has it when `vm.unprivileged_userfaultfd` exists, kernel 5.2 and
@@ -27,7 +27,8 @@ const USERFAULTFD_SYSCTL: &str = "/proc/sys/vm/unprivileged_userfaultfd";
 /// Soft-dirty, as tried once (it does not change while the node runs).
 static SOFT_DIRTY: OnceCell<Result<(), String>> = OnceCell::const_new();
 
-/// What the node offers PostCopy and PreCopy now; `criu`: whether the node has CRIU.
+/// What the node offers PostCopy and PreCopy now; `criu`: whether the node has CRIU (the agent
+/// asks it in the node's namespaces, as post-copy runs it).
 pub async fn requirements(criu: bool) -> Vec<v1::StrategyRequirements> {
     let dumper = if criu {
         Ok(())

@@ -345,10 +345,13 @@ impl Agent {
                 op.message = "all memory is in".into();
                 Ok(op)
             }
-            Some(r) if r.role == Role::Target && r.post_copy => Err(Error::NotReady(format!(
-                "the memory of migration {uid} was being fetched by an earlier run of this agent: \
-                 the restored pod cannot be trusted"
-            ))),
+            Some(r) if r.role == Role::Target && r.post_copy => Ok(v1::Operation::failed(
+                uid,
+                format!(
+                    "the memory of migration {uid} was being fetched by an earlier run of this \
+                     agent: the restored pod was killed"
+                ),
+            )),
             _ => Err(Error::NotReady(format!(
                 "migration {uid} fetches no memory on this node"
             ))),

@@ -152,6 +152,11 @@ impl Agents {
             Ok(Err(status)) if status.code() == tonic::Code::Unavailable => {
                 Answer::Unreachable(status.message().to_string())
             }
+            // Memory is a question: only its answer FAILED says the memory cannot come; a call
+            // that fails says nothing of it and is asked again.
+            Ok(Err(status)) if step == Step::Memory => {
+                Answer::Unreachable(format!("{}: {}", status.code(), status.message()))
+            }
             Ok(Err(status)) => Answer::Failed(format!("{}: {}", status.code(), status.message())),
             Err(_) => Answer::Unreachable(format!("no answer within {}s", CALL_TIMEOUT.as_secs())),
         }

@@ -144,7 +144,7 @@ pub struct Facts {
     pub rxe: Option<RxeRanges>,
     /// The replacement template annotation no longer matches `status.templateDigest`.
     pub template_changed: bool,
-    /// Restoring only: why the target node is gone for good (deleted, or tainted
+    /// Restoring and CopyingMemory only: why the target node is gone for good (deleted, or tainted
     /// `node.kubernetes.io/out-of-service` by whoever shut it down), if so. With it, `target` is
     /// the choice of another node.
     pub target_gone: Option<String>,
@@ -219,11 +219,16 @@ pub fn next(f: &Facts) -> Action {
             .pod
             .as_ref()
             .is_some_and(|p| p.created_by_migration.as_deref() == Some(f.uid.as_str()));
-        if keeps_checkpoint(f)
+        if failed_past_commit(f)
             && !recorded(f, condition::TARGET_RELEASED)
             && (f.deleting || !replacement)
         {
             return Action::Call(Step::Release);
+        }
+        // A failed post-copy: the source's frozen pod serves no one any more; it stops now, not
+        // at its page servers' deadline.
+        if failed_past_commit(f) && post_copy(f) && !recorded(f, condition::CLEANED_SOURCE) {
+            return Action::Call(Step::Cleanup(Role::Source));
         }
         return if f.deleting {
             cleanup_or_done(f)
@@ -286,7 +291,11 @@ pub fn next(f: &Facts) -> Action {
         let msg = "the replacement template annotation changed after the start: no pod is made \
                    from a template the operator did not write";
         return Action::Write(Box::new(if f.status.committed {
-            let msg = format!("{msg}; the checkpoint is kept at {}", location(f));
+            let msg = if post_copy(f) {
+                format!("{msg}; with PostCopy the checkpoint holds no memory, so the pod is lost")
+            } else {
+                format!("{msg}; the checkpoint is kept at {}", location(f))
+            };
             finish(f, Phase::Failed, Some(Reason::TemplateChanged), &msg)
         } else {
             begin_abort(f, Reason::TemplateChanged, msg)
@@ -312,7 +321,13 @@ pub fn after(f: &Facts, call: Step, answer: Answer) -> (PodMigrationStatus, Dura
         Answer::Running {
             bytes_done,
             bytes_total,
-        } if call == Step::Memory => (memory_arriving(f, bytes_done, bytes_total), POLL),
+        } if call == Step::Memory => {
+            let s = memory_arriving(f, bytes_done, bytes_total);
+            match memory_stalled(f, &s) {
+                Some(failed) => (failed, Duration::ZERO),
+                None => (s, POLL),
+            }
+        }
         Answer::Running {
             bytes_done,
             bytes_total,
@@ -335,14 +350,20 @@ pub fn after(f: &Facts, call: Step, answer: Answer) -> (PodMigrationStatus, Dura
             (source_resumed(f, &message), Duration::ZERO)
         }
         Answer::Failed(message) | Answer::SourceResumed(message) => failed(f, call, &message),
-        // The target's agent may be restarting: the progress timeout decides.
-        Answer::Unreachable(message) if call == Step::Memory => (
-            retry_message(
-                f,
-                &format!("asking how much memory is in failed, retrying: {message}"),
-            ),
-            RETRY,
-        ),
+        // Memory is a question: a call that fails (the target's agent restarting, a network
+        // error) says nothing of the memory; the progress timeout decides.
+        Answer::Unreachable(message) if call == Step::Memory => {
+            match memory_stalled(f, &f.status) {
+                Some(failed) => (failed, Duration::ZERO),
+                None => (
+                    retry_message(
+                        f,
+                        &format!("asking how much memory is in failed, retrying: {message}"),
+                    ),
+                    RETRY,
+                ),
+            }
+        }
         Answer::Unreachable(message) => failed(f, call, &format!("agent unreachable: {message}")),
     }
 }
@@ -506,26 +527,34 @@ fn memory_step(f: &Facts) -> Action {
     if let Some(why) = &f.target_gone {
         return Action::Write(Box::new(target_lost(f, why)));
     }
-    let since = f
-        .status
+    Action::Call(Step::Memory)
+}
+
+/// Whether no memory has arrived for `spec.progressTimeoutSeconds`, judged when the target's
+/// agent has just answered (or failed to): a stored time alone, old after an operator restart,
+/// never ends a migration whose memory may have gone on arriving meanwhile.
+fn memory_stalled(f: &Facts, s: &PodMigrationStatus) -> Option<PodMigrationStatus> {
+    let since = s
         .memory
         .as_ref()
         .and_then(|m| m.last_progress_time.as_ref())
         .map(|t| t.0)
-        .or_else(|| entered(f, Phase::CopyingMemory))
-        .unwrap_or(f.now);
+        .or_else(|| entered(f, Phase::CopyingMemory))?;
     let limit = f.spec.progress_timeout_seconds;
-    if f.now.duration_since(since) > SignedDuration::from_secs(limit) {
-        let msg = format!(
-            "no memory of pod {} arrived from {} for {limit}s (spec.progressTimeoutSeconds): the \
-             pod cannot be whole; its target agent stops the restored process when its page \
-             stream breaks",
-            f.spec.pod_name,
-            source(f)
-        );
-        return Action::Write(Box::new(memory_failed(f, Reason::TimedOut, &msg)));
+    if f.now.duration_since(since) <= SignedDuration::from_secs(limit) {
+        return None;
     }
-    Action::Call(Step::Memory)
+    let msg = format!(
+        "no memory of pod {} arrived from {} for {limit}s (spec.progressTimeoutSeconds): the pod \
+         cannot be whole",
+        f.spec.pod_name,
+        source(f)
+    );
+    let f = Facts {
+        status: s.clone(),
+        ..f.clone()
+    };
+    Some(memory_failed(&f, Reason::TimedOut, &msg))
 }
 
 /// Whether the migration moves the pod's memory after the pod resumes (`PostCopy`).
@@ -579,8 +608,12 @@ fn memory_arriving(f: &Facts, done: u64, total: u64) -> PodMigrationStatus {
 }
 
 /// `PostCopy`: the pod cannot be whole any more (its memory cannot all come): Failed, with why.
+/// Its checkpoint, without the memory, could not be restored: no location is named.
 fn memory_failed(f: &Facts, reason: Reason, message: &str) -> PodMigrationStatus {
     let mut s = f.status.clone();
+    if let Some(c) = s.checkpoint.as_mut() {
+        c.location = None;
+    }
     set_condition(
         &mut s,
         f.now,
@@ -710,11 +743,16 @@ fn source_resumed(f: &Facts, message: &str) -> PodMigrationStatus {
 /// did not finish, and the source was stopped (a source resumed at its deadline runs; its stale
 /// checkpoint is not kept). A cleanup of the target then only releases what it holds for the pod.
 pub fn keeps_checkpoint(f: &Facts) -> bool {
+    // A post-copy checkpoint holds no memory: nothing could be restored from it.
+    failed_past_commit(f) && !post_copy(f)
+}
+
+/// Past the commit point and not succeeded, the source stopped (not resumed at its deadline):
+/// the target lets go of what it holds for the pod once no replacement holds it.
+fn failed_past_commit(f: &Facts) -> bool {
     f.status.committed
         && f.status.phase != Some(Phase::Succeeded)
         && !has(f, condition::SOURCE_RESUMED)
-        // A post-copy checkpoint holds no memory: nothing could be restored from it.
-        && !post_copy(f)
 }
 
 fn abort_step(f: &Facts) -> Action {
@@ -843,7 +881,9 @@ fn succeeded(f: &Facts, call: Step, op: &agent_api::Operation) -> PodMigrationSt
             return finish_with(f, s, Phase::Succeeded, None, &msg);
         }
         Step::Memory => {
-            let total = to_i64(op.bytes_total);
+            // An agent restarted since answers success from its record, without the sizes.
+            let before = f.status.memory.as_ref().map_or(0, |m| m.bytes_total);
+            let total = to_i64(op.bytes_total).max(before);
             let since = entered(f, Phase::CopyingMemory);
             let took = since.map(|at| millis(f.now, at));
             s.memory = Some(MemoryProgress {
@@ -2392,7 +2432,9 @@ mod tests {
 
     #[test]
     fn post_copy_memory_that_cannot_come_fails_the_migration_and_keeps_no_checkpoint() {
-        let f = post_copy_running();
+        let mut f = post_copy_running();
+        // Where the target keeps the archive (as a real agent's Transfer answers it).
+        f.status.checkpoint.as_mut().unwrap().location = Some(format!("node-2:/m/{UID}"));
         let (s, _) = after(
             &f,
             Step::Memory,
@@ -2411,38 +2453,66 @@ mod tests {
             condition(&f, condition::MEMORY_COMPLETE).map(|c| c.status.as_str()),
             Some("False")
         );
-        // Nothing to restore by hand: no release that keeps a checkpoint, and a deletion cleans
-        // up both agents.
+        // Nothing to restore by hand: no location, no checkpoint kept.
         assert!(!keeps_checkpoint(&f));
         assert_eq!(f.status.checkpoint.as_ref().unwrap().location, None);
+        // The source, frozen for page servers nobody fetches from, is stopped now (the
+        // replacement holds the IP, so the target releases nothing yet).
+        assert_eq!(next(&f), Action::Call(Step::Cleanup(Role::Source)));
+        let f = answer(f, Step::Cleanup(Role::Source), ok());
         assert_eq!(next(&f), Action::Done);
+        // A deletion releases the target and cleans it up.
         let deleted = Facts {
             deleting: true,
             ..f
         };
-        assert_eq!(next(&deleted), Action::Call(Step::Cleanup(Role::Source)));
+        assert_eq!(next(&deleted), Action::Call(Step::Release));
+        let deleted = answer(deleted, Step::Release, ok());
+        assert_eq!(next(&deleted), Action::Call(Step::Cleanup(Role::Target)));
+    }
+
+    #[test]
+    fn a_call_that_fails_says_nothing_of_the_memory_and_is_asked_again() {
+        let f = post_copy_running();
+        let (s, again) = after(&f, Step::Memory, Answer::Unreachable("restarting".into()));
+        assert_eq!((s.phase, again), (Some(Phase::CopyingMemory), RETRY));
     }
 
     #[test]
     fn post_copy_with_no_memory_arriving_for_the_progress_timeout_fails() {
         let mut f = post_copy_running();
         f = answer(f, Step::Memory, memory(100, 1000));
-        // An unreachable target agent is asked again; the progress timeout decides.
-        let (s, again) = after(&f, Step::Memory, Answer::Unreachable("restarting".into()));
-        assert_eq!((s.phase, again), (Some(Phase::CopyingMemory), RETRY));
         // No more bytes: the time of the last progress stays.
         let last = f.status.memory.clone().unwrap().last_progress_time;
         f.now += SignedDuration::from_secs(100);
         f = answer(f, Step::Memory, memory(100, 1000));
         assert_eq!(f.status.memory.clone().unwrap().last_progress_time, last);
-        assert_eq!(next(&f), Action::Call(Step::Memory));
+        assert_eq!(f.status.phase, Some(Phase::CopyingMemory));
+        // Decided on an answer, never on the stored time alone (an operator back after a while
+        // asks first).
         f.now += SignedDuration::from_secs(f.spec.progress_timeout_seconds);
-        let action = next(&f);
-        failed_with(&f, &action, Reason::TimedOut);
-        let Action::Write(s) = action else {
-            unreachable!()
-        };
-        assert!(s.message.unwrap().contains("progressTimeoutSeconds"));
+        assert_eq!(next(&f), Action::Call(Step::Memory));
+        // The memory went on meanwhile: no timeout.
+        let (s, _) = after(&f, Step::Memory, memory(500, 1000));
+        assert_eq!(s.phase, Some(Phase::CopyingMemory));
+        // It did not: the migration fails, also when the agent cannot be asked.
+        for stalled in [memory(100, 1000), Answer::Unreachable("gone".into())] {
+            let (s, again) = after(&f, Step::Memory, stalled);
+            assert_eq!((s.phase, again), (Some(Phase::Failed), Duration::ZERO));
+            let ready = s.conditions.iter().find(|c| c.type_ == condition::READY);
+            assert_eq!(ready.map(|c| c.reason.as_str()), Some("TimedOut"));
+            assert!(s.message.unwrap().contains("progressTimeoutSeconds"));
+        }
+    }
+
+    #[test]
+    fn an_agent_back_from_a_restart_keeps_the_memory_total_it_reported() {
+        let f = post_copy_running();
+        let f = answer(f, Step::Memory, memory(100, 1000));
+        // A restarted target agent answers success from its record, without the sizes.
+        let f = answer(f, Step::Memory, ok());
+        let m = f.status.memory.clone().unwrap();
+        assert_eq!((m.bytes_total, m.bytes_transferred), (1000, 1000));
     }
 
     #[test]

@@ -307,6 +307,11 @@ async fn a_post_copy_pod_runs_on_the_target_before_its_memory_and_succeeds_once_
             "{message}"
         );
         s.wait_event("lost", "PostCopyFailed").await;
+        // The source's frozen pod serves no one any more: its agent is asked to stop it now.
+        eventually(Duration::from_secs(30), || async {
+            (s.agent(1).count(Step::Cleanup(Role::Source)).executions >= 1).then_some(())
+        })
+        .await;
         classes.delete(&ns, &Default::default()).await.unwrap();
     })
     .await;
