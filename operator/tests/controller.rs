@@ -140,6 +140,19 @@ async fn a_migration_goes_through_every_phase_to_succeeded() {
     .await;
 }
 
+/// Makes the runtime wrapper's RuntimeClass, named `ns` (the operator of the test is told that
+/// name); answers the API to delete it with.
+async fn runtime_class(client: &kube::Client, ns: &str) -> Api<RuntimeClass> {
+    let classes: Api<RuntimeClass> = Api::all(client.clone());
+    let class: RuntimeClass = serde_json::from_value(serde_json::json!({
+        "apiVersion": "node.k8s.io/v1", "kind": "RuntimeClass",
+        "metadata": {"name": ns}, "handler": "kube-migros",
+    }))
+    .unwrap();
+    classes.create(&Default::default(), &class).await.unwrap();
+    classes
+}
+
 #[tokio::test]
 async fn a_target_with_the_runtime_wrapper_restores_under_its_runtime_class_keeping_the_images() {
     with_namespace("op-wrapper", |client, ns| async move {
@@ -170,13 +183,7 @@ async fn a_target_with_the_runtime_wrapper_restores_under_its_runtime_class_keep
         let still = s.pods().get("early").await.unwrap();
         assert_eq!(still.metadata.uid, early.metadata.uid);
 
-        let classes: Api<RuntimeClass> = Api::all(client.clone());
-        let class: RuntimeClass = serde_json::from_value(serde_json::json!({
-            "apiVersion": "node.k8s.io/v1", "kind": "RuntimeClass",
-            "metadata": {"name": ns}, "handler": "kube-migros",
-        }))
-        .unwrap();
-        classes.create(&Default::default(), &class).await.unwrap();
+        let classes = runtime_class(&client, &ns).await;
         let source = s.pod("server", 1, "10.244.1.5").await;
         s.migrate("move", "server", Some(2)).await;
         let pm = s.wait_phase("move", Phase::Succeeded, PHASE_TIMEOUT).await;
@@ -232,13 +239,7 @@ async fn a_post_copy_pod_runs_on_the_target_before_its_memory_and_succeeds_once_
             s.agent(i).with_strategy("PostCopy", None);
             s.agent(i).with_backends(&["runtime-wrapper"]);
         }
-        let classes: Api<RuntimeClass> = Api::all(client.clone());
-        let class: RuntimeClass = serde_json::from_value(serde_json::json!({
-            "apiVersion": "node.k8s.io/v1", "kind": "RuntimeClass",
-            "metadata": {"name": ns}, "handler": "kube-migros",
-        }))
-        .unwrap();
-        classes.create(&Default::default(), &class).await.unwrap();
+        let classes = runtime_class(&client, &ns).await;
         let _operator = Operator::start(&ns, "op-a", &s.certs).await;
         // The memory arrives until the test lets it all in.
         s.agent(2).script(Step::Memory, Behaviour::Hold);

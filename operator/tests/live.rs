@@ -132,24 +132,29 @@ impl Live {
     }
 }
 
-/// PostCopy: a fresh workload with 256 MiB written moves node-1 -> node-3; it runs there before
-/// its memory arrived, and once all is in it is the same process, every page as it wrote it, its
-/// peer's connection whole.
-async fn post_copy_moves_a_pod_before_its_memory(live: &Live, image: &str) {
-    let env = harness::env().await;
+/// Deletes the workload `app` and its peer at once (a test's move is over).
+fn delete_workload(env: &sandbox::controlplane::Env, ns: &str) {
     kubectl(
-        &env,
+        env,
         &[
             "delete",
             "pod",
             "app",
             "peer",
             "-n",
-            &live.ns,
+            ns,
             "--grace-period=0",
             "--force",
         ],
     );
+}
+
+/// PostCopy: a fresh workload with 256 MiB written moves node-1 -> node-3; it runs there before
+/// its memory arrived, and once all is in it is the same process, every page as it wrote it, its
+/// peer's connection whole.
+async fn post_copy_moves_a_pod_before_its_memory(live: &Live, image: &str) {
+    let env = harness::env().await;
+    delete_workload(&env, &live.ns);
     eventually(Duration::from_secs(60), || async {
         let gone = live.pods.get_opt("app").await.ok()?.is_none()
             && live.pods.get_opt("peer").await.ok()?.is_none();
@@ -308,19 +313,7 @@ async fn drain_moves_live_pods(live: &Live, image: &str) {
     let (client, ns, pods) = (&live.client, live.ns.as_str(), &live.pods);
     let env = harness::env().await;
     // The earlier workload goes; the drain's start on node-1.
-    kubectl(
-        &env,
-        &[
-            "delete",
-            "pod",
-            "app",
-            "peer",
-            "-n",
-            ns,
-            "--grace-period=0",
-            "--force",
-        ],
-    );
+    delete_workload(&env, ns);
     kubectl(&env, &["cordon", "node-2", "node-3"]);
     let none = serde_json::json!({"mounts": [], "volumes": []});
     let selector = |app: &str| serde_json::json!({"matchLabels": {"app": app}});

@@ -296,25 +296,7 @@ pub fn source_agent_restarted_before_the_commit(w: &World) -> Result<()> {
         let image = w.demo_image.clone();
         let pod = w.run_pod(from, &name, &image, &SERVE)?;
         let result = async {
-            let before = until("the workload to count", Duration::from_secs(30), || async {
-                status(pod.ip).await.ok().filter(|s| s.num("counter") >= 20)
-            })
-            .await?;
-            let mut pod_ref = pod.pod_ref(&image);
-            pod_ref.containers[0].container_id.clear();
-            let mut src = w.operator(from).await?;
-            done(
-                &mut src,
-                Step::Checkpoint,
-                &StepArgs {
-                    migration_uid: uid.clone(),
-                    pod: pod_ref,
-                    backend: backend::RUNTIME_WRAPPER.into(),
-                    post_copy: Some(v1::PostCopySource::default()),
-                    ..Default::default()
-                },
-            )
-            .await?;
+            let (before, _) = checkpoint_lazily(w, from, &pod, &uid).await?;
             ensure!(
                 criu_of(&uid) > 0,
                 "no page server of {uid} runs after the lazy checkpoint"
@@ -360,25 +342,7 @@ pub fn cleanup_stops_a_committed_source_nobody_fetches_from(w: &World) -> Result
         let image = w.demo_image.clone();
         let pod = w.run_pod(from, &name, &image, &SERVE)?;
         let result = async {
-            until("the workload to count", Duration::from_secs(30), || async {
-                status(pod.ip).await.ok().filter(|s| s.num("counter") >= 20)
-            })
-            .await?;
-            let mut pod_ref = pod.pod_ref(&image);
-            pod_ref.containers[0].container_id.clear();
-            let mut src = w.operator(from).await?;
-            done(
-                &mut src,
-                Step::Checkpoint,
-                &StepArgs {
-                    migration_uid: uid.clone(),
-                    pod: pod_ref,
-                    backend: backend::RUNTIME_WRAPPER.into(),
-                    post_copy: Some(v1::PostCopySource::default()),
-                    ..Default::default()
-                },
-            )
-            .await?;
+            let (_, mut src) = checkpoint_lazily(w, from, &pod, &uid).await?;
             done(&mut src, Step::Commit(Role::Source), &StepArgs::of(&uid)).await?;
             ensure!(
                 criu_of(&uid) > 0 && w.task_state(from, &pod.container_id) == "PAUSED",
@@ -397,6 +361,37 @@ pub fn cleanup_stops_a_committed_source_nobody_fetches_from(w: &World) -> Result
         let _ = w.remove_pod(&pod);
         result.map_err(|e| format!("{e}\nsource agent:\n{}", w.agent_log(from)))
     })
+}
+
+/// Once the workload `pod` on node `from` counts: its lazy checkpoint for migration `uid` (no
+/// target prepared: the page server waits). Answers the workload's status before it and the
+/// source agent's client.
+async fn checkpoint_lazily(
+    w: &World,
+    from: usize,
+    pod: &world::Pod,
+    uid: &str,
+) -> Result<(world::Status, agent_api::client::Client)> {
+    let before = until("the workload to count", Duration::from_secs(30), || async {
+        status(pod.ip).await.ok().filter(|s| s.num("counter") >= 20)
+    })
+    .await?;
+    let mut pod_ref = pod.pod_ref(&w.demo_image);
+    pod_ref.containers[0].container_id.clear();
+    let mut src = w.operator(from).await?;
+    done(
+        &mut src,
+        Step::Checkpoint,
+        &StepArgs {
+            migration_uid: uid.into(),
+            pod: pod_ref,
+            backend: backend::RUNTIME_WRAPPER.into(),
+            post_copy: Some(v1::PostCopySource::default()),
+            ..Default::default()
+        },
+    )
+    .await?;
+    Ok((before, src))
 }
 
 /// How many processes (of any node: the host sees them all) are lazy CRIU ends of migration
