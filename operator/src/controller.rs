@@ -626,12 +626,14 @@ async fn observe(pm: &PodMigration, ctx: &Context) -> Result<Facts> {
                 backend: post_copy.then_some(agent_api::backend::RUNTIME_WRAPPER),
                 strategy: pm.spec.strategy,
             };
-            facts.target = Some(choose_target(pod, choice, ctx).await?);
+            // Each agent is asked once for both judgements.
+            let asked = Asked::default();
+            facts.target = Some(choose_target(pod, choice, &asked, ctx).await?);
             if pm.spec.strategy != Strategy::StopAndCopy {
                 let source = pf.node.as_deref().unwrap_or_default();
                 let named = pm.spec.target_node.as_deref();
                 facts.strategy =
-                    Some(strategy_support(pm.spec.strategy, source, named, ctx).await?);
+                    Some(strategy_support(pm.spec.strategy, source, named, &asked, ctx).await?);
             }
             if pf.rdma {
                 facts.rxe = ctx
@@ -670,7 +672,7 @@ async fn observe(pm: &PodMigration, ctx: &Context) -> Result<Facts> {
             backend: facts.status.backend.as_deref(),
             strategy: Strategy::StopAndCopy,
         };
-        facts.target = Some(choose_target(&template, choice, ctx).await?);
+        facts.target = Some(choose_target(&template, choice, &Asked::default(), ctx).await?);
         facts.target_gone = Some(why);
     }
     Ok(facts)
@@ -746,6 +748,7 @@ async fn strategy_support(
     strategy: Strategy,
     source: &str,
     named: Option<&str>,
+    asked: &Asked,
     ctx: &Context,
 ) -> Result<Result<(), String>> {
     let live = ctx.agents.live().await?;
@@ -757,24 +760,39 @@ async fn strategy_support(
             .filter(|n| *n != source)
             .collect(),
     };
-    let ask = |node: &str| {
-        let endpoint = live.get(node).cloned();
-        let node = node.to_string();
-        async move {
-            match endpoint {
-                Some(endpoint) => ctx.agents.capabilities(&node, &endpoint).await.ok(),
-                None => None,
-            }
-        }
-    };
-    let from = ask(source).await;
-    let to = join_all(targets.iter().map(|node| ask(node))).await;
+    let from = asked.of(source, &live, ctx).await;
+    let to = join_all(targets.iter().map(|node| asked.of(node, &live, ctx))).await;
     let to: Vec<strategy::Node<'_>> = targets
         .iter()
         .copied()
         .zip(to.iter().map(Option::as_ref))
         .collect();
     Ok(strategy::support(strategy, (source, from.as_ref()), &to))
+}
+
+/// What the agents reported of their nodes during one look at a migration: each agent is asked
+/// once, whoever needs its answer (the target's choice, the strategy's judgement).
+#[derive(Default)]
+struct Asked(tokio::sync::Mutex<BTreeMap<String, Option<v1::NodeCapabilities>>>);
+
+impl Asked {
+    /// What the agent of `node` reports (`None`: no live agent in `live`, or no answer).
+    async fn of(
+        &self,
+        node: &str,
+        live: &BTreeMap<String, String>,
+        ctx: &Context,
+    ) -> Option<v1::NodeCapabilities> {
+        if let Some(known) = self.0.lock().await.get(node) {
+            return known.clone();
+        }
+        let got = match live.get(node) {
+            Some(endpoint) => ctx.agents.capabilities(node, endpoint).await.ok(),
+            None => None,
+        };
+        self.0.lock().await.insert(node.to_string(), got.clone());
+        got
+    }
 }
 
 /// Where a migration may go.
@@ -796,6 +814,7 @@ struct Choice<'a> {
 async fn choose_target(
     pod: &Pod,
     choice: Choice<'_>,
+    asked: &Asked,
     ctx: &Context,
 ) -> Result<Result<Target, String>> {
     let source = choice.source.to_string();
@@ -857,12 +876,8 @@ async fn choose_target(
         }
     }
     let live = ctx.agents.live().await?;
-    let capabilities = join_all(nodes.iter().map(|node| async {
-        let name = node.name_any();
-        let endpoint = live.get(&name)?;
-        ctx.agents.capabilities(&name, endpoint).await.ok()
-    }))
-    .await;
+    let names: Vec<String> = nodes.iter().map(ResourceExt::name_any).collect();
+    let capabilities = join_all(names.iter().map(|name| asked.of(name, &live, ctx))).await;
     // A strategy beyond stop-and-copy: only the nodes that can do it (whether any can, and why
     // not, is the strategy check's to say).
     let (nodes, capabilities): (Vec<Node>, Vec<Option<v1::NodeCapabilities>>) = nodes

@@ -290,45 +290,35 @@ pub fn source_agent_dies_during_post_copy(w: &World) -> Result<()> {
 /// leaves no CRIU of the migration behind.
 pub fn source_agent_restarted_before_the_commit(w: &World) -> Result<()> {
     let from = 0;
-    w.rt.block_on(async {
-        let name = unique("lazy");
-        let uid = unique("mig");
-        let image = w.demo_image.clone();
-        let pod = w.run_pod(from, &name, &image, &SERVE)?;
-        let result = async {
-            let (before, _) = checkpoint_lazily(w, from, &pod, &uid).await?;
-            ensure!(
-                criu_of(&uid) > 0,
-                "no page server of {uid} runs after the lazy checkpoint"
-            );
-            w.restart_agent(from).await?;
-            let mut src = w.operator(from).await?;
-            done(&mut src, Step::Abort(Role::Source), &StepArgs::of(&uid)).await?;
-            ensure!(
-                criu_of(&uid) == 0,
-                "a page server of {uid} is left after the abort"
-            );
-            let after = until("the pod to run again", Duration::from_secs(20), || async {
-                status(pod.ip)
-                    .await
-                    .ok()
-                    .filter(|s| s.num("counter") > before.num("counter") + 5)
-            })
-            .await?;
-            ensure!(
-                after.get("id") == before.get("id"),
-                "a new process: {after:?}"
-            );
-            let checked = verify(pod.ip).await?;
-            ensure!(
-                checked.starts_with("memok=true"),
-                "after the abort: {checked}"
-            );
-            Ok(())
-        }
-        .await;
-        let _ = w.remove_pod(&pod);
-        result.map_err(|e| format!("{e}\nsource agent:\n{}", w.agent_log(from)))
+    lazily_checkpointed(w, from, async |pod, uid, before, _| {
+        ensure!(
+            criu_of(uid) > 0,
+            "no page server of {uid} runs after the lazy checkpoint"
+        );
+        w.restart_agent(from).await?;
+        let mut src = w.operator(from).await?;
+        done(&mut src, Step::Abort(Role::Source), &StepArgs::of(uid)).await?;
+        ensure!(
+            criu_of(uid) == 0,
+            "a page server of {uid} is left after the abort"
+        );
+        let after = until("the pod to run again", Duration::from_secs(20), || async {
+            status(pod.ip)
+                .await
+                .ok()
+                .filter(|s| s.num("counter") > before.num("counter") + 5)
+        })
+        .await?;
+        ensure!(
+            after.get("id") == before.get("id"),
+            "a new process: {after:?}"
+        );
+        let checked = verify(pod.ip).await?;
+        ensure!(
+            checked.starts_with("memok=true"),
+            "after the abort: {checked}"
+        );
+        Ok(())
     })
 }
 
@@ -336,26 +326,38 @@ pub fn source_agent_restarted_before_the_commit(w: &World) -> Result<()> {
 /// target gone): the cleanup ends its page servers and stops it at once, not at their deadline.
 pub fn cleanup_stops_a_committed_source_nobody_fetches_from(w: &World) -> Result<()> {
     let from = 0;
+    lazily_checkpointed(w, from, async |pod, uid, _, mut src| {
+        done(&mut src, Step::Commit(Role::Source), &StepArgs::of(uid)).await?;
+        ensure!(
+            criu_of(uid) > 0 && w.task_state(from, &pod.container_id) == "PAUSED",
+            "the committed source is not held by its page server"
+        );
+        done(&mut src, Step::Cleanup(Role::Source), &StepArgs::of(uid)).await?;
+        ensure!(
+            criu_of(uid) == 0,
+            "a page server of {uid} is left after the cleanup"
+        );
+        stopped(w, from, pod).await?;
+        ensure!(status(pod.ip).await.is_err(), "the source still answers");
+        Ok(())
+    })
+}
+
+/// Runs a fresh workload on node `from`, checkpoints it lazily for a new migration (no target
+/// prepared: the page server waits) once it counts, and hands `check` the pod, the migration,
+/// the workload's status before the checkpoint and the source agent's client; the pod goes
+/// afterwards, and a failure carries the source agent's log.
+fn lazily_checkpointed(
+    w: &World,
+    from: usize,
+    check: impl AsyncFnOnce(&world::Pod, &str, world::Status, agent_api::client::Client) -> Result<()>,
+) -> Result<()> {
     w.rt.block_on(async {
-        let name = unique("lazy");
         let uid = unique("mig");
-        let image = w.demo_image.clone();
-        let pod = w.run_pod(from, &name, &image, &SERVE)?;
+        let pod = w.run_pod(from, &unique("lazy"), &w.demo_image, &SERVE)?;
         let result = async {
-            let (_, mut src) = checkpoint_lazily(w, from, &pod, &uid).await?;
-            done(&mut src, Step::Commit(Role::Source), &StepArgs::of(&uid)).await?;
-            ensure!(
-                criu_of(&uid) > 0 && w.task_state(from, &pod.container_id) == "PAUSED",
-                "the committed source is not held by its page server"
-            );
-            done(&mut src, Step::Cleanup(Role::Source), &StepArgs::of(&uid)).await?;
-            ensure!(
-                criu_of(&uid) == 0,
-                "a page server of {uid} is left after the cleanup"
-            );
-            stopped(w, from, &pod).await?;
-            ensure!(status(pod.ip).await.is_err(), "the source still answers");
-            Ok(())
+            let (before, src) = checkpoint_lazily(w, from, &pod, &uid).await?;
+            check(&pod, &uid, before, src).await
         }
         .await;
         let _ = w.remove_pod(&pod);
@@ -363,9 +365,8 @@ pub fn cleanup_stops_a_committed_source_nobody_fetches_from(w: &World) -> Result
     })
 }
 
-/// Once the workload `pod` on node `from` counts: its lazy checkpoint for migration `uid` (no
-/// target prepared: the page server waits). Answers the workload's status before it and the
-/// source agent's client.
+/// Once the workload `pod` on node `from` counts: its lazy checkpoint for migration `uid`.
+/// Answers the workload's status before it and the source agent's client.
 async fn checkpoint_lazily(
     w: &World,
     from: usize,
