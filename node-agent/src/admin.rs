@@ -1,6 +1,7 @@
 //! The agent's HTTP endpoints: `/live` (the process serves), `/ready` (the node's runtime answers
 //! and the checkpoint store is usable: the agent can take a migration), `/metrics` (Prometheus
-//! text format). Served until the shutdown token is cancelled.
+//! text format), `/rxe/starts` (the device plugin's records of RDMA pods' starts, JSON; see
+//! `rxe_starts`). Served until the shutdown token is cancelled.
 
 use std::{net::SocketAddr, time::Duration};
 
@@ -22,6 +23,7 @@ pub async fn serve(
         .route("/live", get(|| async { "ok" }))
         .route("/ready", get(ready))
         .route("/metrics", get(encode))
+        .route("/rxe/starts", get(rxe_starts))
         .with_state(agent);
     let listener = tokio::net::TcpListener::bind(addr).await?;
     Ok(async move {
@@ -60,4 +62,10 @@ async fn encode(State(agent): State<Agent>) -> ([(&'static str, &'static str); 1
         "application/openmetrics-text; version=1.0.0; charset=utf-8",
     )];
     (content_type, agent.parts.metrics.encode())
+}
+
+async fn rxe_starts(State(agent): State<Agent>) -> ([(&'static str, &'static str); 1], String) {
+    let json = serde_json::to_string_pretty(&agent.parts.rxe_starts.all())
+        .unwrap_or_else(|e| format!("{{\"error\": {:?}}}", e.to_string()));
+    ([("content-type", "application/json")], json)
 }

@@ -24,6 +24,7 @@ use crate::{
     room::Room,
     runtime::Runtime,
     rxe_counters::Holds,
+    rxe_starts::Starts,
     store::{self, Record, Store},
 };
 
@@ -68,6 +69,8 @@ pub enum CheckpointVia {
 pub struct Parts {
     pub runtime: Runtime,
     pub rxe: Holds,
+    /// What the rxe counters did at the starts of RDMA pods here (the device plugin's records).
+    pub rxe_starts: Starts,
     pub net: NetBlock,
     /// The restore backends the agent was configured with, the preferred one first.
     pub backends: Vec<Box<dyn RestoreBackend>>,

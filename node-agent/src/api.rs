@@ -134,6 +134,7 @@ async fn perform(agent: Agent, step: Step, request: StepRequest) -> v1::Operatio
                 warn!(error = %e, "step failed");
                 let mut op = v1::Operation::failed(&uid, e.to_string());
                 op.source_resumed = matches!(e, Error::SourceResumed(_));
+                op.rxe_outside_block = matches!(e, Error::RxeOutsideBlock(_));
                 op
             }
         }

@@ -53,6 +53,10 @@ pub enum Error {
     /// checkpoint is stale, and the migration cannot pass its commit point any more.
     #[error("{0}")]
     SourceResumed(String),
+    /// Checkpoint of an RDMA pod that got rxe numbers outside its block at a start on this node
+    /// (docs/rxe-blocks.md#checked-not-assumed): moving it could collide on the target.
+    #[error("{0}")]
+    RxeOutsideBlock(String),
     /// Undoing a failed step failed too: the node may need a hand (both are said).
     #[error("{cause}; undoing it failed too: {undo}")]
     Undo { cause: Box<Error>, undo: Box<Error> },

@@ -13,7 +13,9 @@
 //! - `runtime`: the CRI and containerd's Tasks API (pause, checkpoint, kill);
 //! - `netblock`: silencing a pod IP on the node's bridge; `address`: announcing where a pod's
 //!   address lives after a move; `ipam`: IP reservations and the `migros-ipam` CNI plugin;
-//! - `rxe_counters`: the node's rxe ID counters, their lock and holds;
+//! - `rxe_counters`: the node's rxe ID counters, their lock and holds; `device_plugin`: the
+//!   kubelet's device plugin for `rdma/rxe`, which applies a pod's rxe block before its
+//!   containers start; `rxe_starts`: what the counters did at those starts;
 //! - process parts: `lease` (how the operator finds the agent), `admin` (`/live`, `/ready`,
 //!   `/metrics`), `gc`, `metrics`; `error`: the one error of the steps.
 
@@ -23,6 +25,7 @@ pub mod agent;
 pub mod api;
 pub mod archive;
 pub mod certificate;
+pub mod device_plugin;
 pub mod empty_dirs;
 pub mod error;
 pub mod gc;
@@ -38,6 +41,7 @@ pub mod restore;
 pub mod room;
 pub mod runtime;
 pub mod rxe_counters;
+pub mod rxe_starts;
 pub mod source;
 pub mod store;
 pub mod strategies;

@@ -11,13 +11,14 @@ use agent_api::{
 };
 use anyhow::Context;
 use clap::Parser;
+use kube::runtime::events::{Recorder, Reporter};
 use node_agent::{
     admin,
     agent::{Agent, CheckpointVia, Parts, Settings},
     api::Service,
     archive::Limits,
     certificate::{self, Requester},
-    gc,
+    device_plugin, gc,
     lease::AgentLease,
     metrics::Metrics,
     netblock::NetBlock,
@@ -25,6 +26,7 @@ use node_agent::{
     restore::{CriCheckpointArchive, CriCheckpointImage, RestoreBackend, RuntimeWrapper},
     runtime::Runtime,
     rxe_counters::{Counters, Holds},
+    rxe_starts::Starts,
 };
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -93,6 +95,49 @@ struct Args {
     /// Seconds after which a restore that never finished lets go of the rxe counters.
     #[arg(long, default_value_t = 300)]
     rxe_hold_seconds: u64,
+    /// Serve the kubelet's device plugin for rxe (--rxe-resource): advertise the devices and set
+    /// each RDMA pod's rxe block before its containers start (docs/node-agent.md#device-plugin).
+    #[arg(long)]
+    device_plugin: bool,
+    /// The kubelet's device plugin directory (its registration socket and the plugins').
+    #[arg(long, default_value = "/var/lib/kubelet/device-plugins")]
+    device_plugin_dir: PathBuf,
+    /// The kubelet's pod resources socket (which pod holds which devices).
+    #[arg(long, default_value = "/var/lib/kubelet/pod-resources/kubelet.sock")]
+    pod_resources_socket: PathBuf,
+    /// The extended resource the device plugin advertises.
+    #[arg(long, default_value = "rdma/rxe")]
+    rxe_resource: String,
+    /// Devices the plugin advertises: RDMA pods that may run on the node at once.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    rxe_devices: u32,
+    /// Where the node's /dev/infiniband is seen (its device nodes are handed to RDMA containers);
+    /// through PID 1's root, since the agent's pod has its own /dev.
+    #[arg(long, default_value = "/proc/1/root/dev/infiniband")]
+    infiniband_dir: PathBuf,
+    /// The rxe device named in RDMA containers' environment (default: the first rxe device in
+    /// /sys/class/infiniband, none when there is none).
+    #[arg(long)]
+    rdma_device: Option<String>,
+    /// Simulated rxe counters only (a --rxe-dir of plain files, on machines without RDMA): mount
+    /// that directory into RDMA containers at this path, as the kernel's /proc/sys/net/rdma_rxe is
+    /// seen in every container (test workloads take their numbers from it).
+    #[arg(long)]
+    rxe_counters_mount: Option<PathBuf>,
+    /// Seconds a container start waits for its pod's rxe block to be allocated.
+    #[arg(long, default_value_t = 10)]
+    rxe_block_wait_seconds: u64,
+    /// Seconds a container start waits for the rxe counters while another start or restore holds
+    /// them (the kubelet gives up on the plugin after 30 s and tries again later).
+    #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..=25))]
+    rxe_start_lock_seconds: u64,
+    /// Seconds the counters stay held for a container that does not run.
+    #[arg(long, default_value_t = 30)]
+    rxe_start_wait_seconds: u64,
+    /// Milliseconds the counters stay held after a container runs, for the queue pairs and memory
+    /// regions its application makes as it starts.
+    #[arg(long, default_value_t = 2000)]
+    rxe_settle_ms: u64,
     /// The nft binary (network blocks of pod IPs).
     #[arg(long, default_value = "nft")]
     nft: PathBuf,
@@ -240,6 +285,22 @@ impl Args {
         Ok(backends)
     }
 
+    fn device_plugin(&self) -> device_plugin::Settings {
+        device_plugin::Settings {
+            dir: self.device_plugin_dir.clone(),
+            pod_resources: self.pod_resources_socket.clone(),
+            resource: self.rxe_resource.clone(),
+            devices: self.rxe_devices,
+            infiniband_dir: self.infiniband_dir.clone(),
+            rdma_device: self.rdma_device.clone(),
+            counters_mount: self.rxe_counters_mount.clone(),
+            block_wait: Duration::from_secs(self.rxe_block_wait_seconds),
+            lock_wait: Duration::from_secs(self.rxe_start_lock_seconds),
+            start_wait: Duration::from_secs(self.rxe_start_wait_seconds),
+            settle: Duration::from_millis(self.rxe_settle_ms),
+        }
+    }
+
     fn lease(&self) -> Option<AgentLease> {
         Some(AgentLease {
             namespace: self.lease_namespace.clone()?,
@@ -336,17 +397,45 @@ async fn main() -> anyhow::Result<()> {
         args.rxe_qpn_range.clone(),
         args.rxe_mrn_range.clone(),
     );
+    let holds = Holds::new(
+        counters,
+        Duration::from_secs(args.rxe_wait_seconds),
+        Duration::from_secs(args.rxe_hold_seconds),
+    );
+    let rxe_starts = Starts::load(&args.store_dir.join("rxe-starts.json"));
+    let metrics = Arc::new(Metrics::default());
+    let plugin = if args.device_plugin {
+        let client = kube::Client::try_default()
+            .await
+            .context("connecting to the API server for the device plugin (it reads rxe blocks)")?;
+        let recorder = Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: "kube-migros-agent".into(),
+                instance: Some(args.node_name.clone()),
+            },
+        );
+        Some(device_plugin::Plugin::new(
+            args.device_plugin(),
+            &args.node_name,
+            holds.clone(),
+            runtime.clone(),
+            client,
+            recorder,
+            rxe_starts.clone(),
+            metrics.clone(),
+        ))
+    } else {
+        None
+    };
     let parts = Parts {
         backends: args.backends(&runtime)?,
         runtime,
-        rxe: Holds::new(
-            counters,
-            Duration::from_secs(args.rxe_wait_seconds),
-            Duration::from_secs(args.rxe_hold_seconds),
-        ),
+        rxe: holds,
+        rxe_starts,
         net,
         tls: tls.clone(),
-        metrics: Arc::new(Metrics::default()),
+        metrics,
     };
     let agent = Agent::new(args.settings(), parts);
     info!(
@@ -379,6 +468,7 @@ async fn main() -> anyhow::Result<()> {
         Duration::from_secs(args.retention_seconds),
         shutdown.clone(),
     ));
+    let plugin = plugin.map(|plugin| tokio::spawn(plugin.run(shutdown.clone())));
     let lease = match args.lease() {
         Some(lease) => {
             let client = kube::Client::try_default()
@@ -422,6 +512,9 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     let (http, _) = tokio::join!(http, gc);
+    if let Some(plugin) = plugin {
+        let _ = plugin.await;
+    }
     if let Ok(Err(e)) = http {
         warn!(error = %e, "the HTTP endpoints failed");
     }

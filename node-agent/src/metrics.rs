@@ -18,6 +18,12 @@ struct StepLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RxeStartLabels {
+    how: String,
+    result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct DirectionLabels {
     direction: String,
 }
@@ -31,6 +37,7 @@ pub struct Metrics {
     migrations: Gauge,
     resumed: Counter,
     collected: Counter,
+    rxe_starts: Family<RxeStartLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -68,6 +75,12 @@ impl Default for Metrics {
             "Migrations whose data garbage collection removed after undoing what they held",
             collected.clone(),
         );
+        let rxe_starts = Family::<RxeStartLabels, Counter>::default();
+        registry.register(
+            "rxe_starts",
+            "Container starts of RDMA pods by who set the rxe counters (plugin, restore) and whether the numbers stayed in the pod's block (inside, outside)",
+            rxe_starts.clone(),
+        );
         Self {
             registry,
             steps,
@@ -75,6 +88,7 @@ impl Default for Metrics {
             migrations,
             resumed,
             collected,
+            rxe_starts,
         }
     }
 }
@@ -113,6 +127,20 @@ impl Metrics {
 
     pub fn collected(&self) {
         self.collected.inc();
+    }
+
+    /// A container start of an RDMA pod was recorded.
+    pub fn rxe_start(&self, how: crate::rxe_starts::How, inside: bool) {
+        self.rxe_starts
+            .get_or_create(&RxeStartLabels {
+                how: match how {
+                    crate::rxe_starts::How::Plugin => "plugin",
+                    crate::rxe_starts::How::Restore => "restore",
+                }
+                .into(),
+                result: if inside { "inside" } else { "outside" }.into(),
+            })
+            .inc();
     }
 
     pub fn stored(&self, n: usize) {

@@ -276,6 +276,27 @@ impl Runtime {
         pod: &str,
         pod_uid: &str,
     ) -> Result<Option<String>> {
+        Ok(self
+            .ready_sandbox(namespace, pod, pod_uid)
+            .await?
+            .map(|s| s.id))
+    }
+
+    /// The UID of pod `namespace/pod` as its ready sandbox names it.
+    pub async fn pod_uid(&self, namespace: &str, pod: &str) -> Result<Option<String>> {
+        Ok(self
+            .ready_sandbox(namespace, pod, "")
+            .await?
+            .and_then(|s| s.metadata)
+            .map(|m| m.uid))
+    }
+
+    async fn ready_sandbox(
+        &self,
+        namespace: &str,
+        pod: &str,
+        pod_uid: &str,
+    ) -> Result<Option<cri::PodSandbox>> {
         let ready = cri::PodSandboxStateValue {
             state: cri::PodSandboxState::SandboxReady.into(),
         };
@@ -291,16 +312,45 @@ impl Runtime {
             .map_err(call("listing pod sandboxes"))?
             .into_inner()
             .items;
-        Ok(sandboxes
-            .into_iter()
-            .find(|s| {
-                s.metadata.as_ref().is_some_and(|m| {
-                    m.namespace == namespace
-                        && m.name == pod
-                        && (pod_uid.is_empty() || m.uid == pod_uid)
-                })
+        Ok(sandboxes.into_iter().find(|s| {
+            s.metadata.as_ref().is_some_and(|m| {
+                m.namespace == namespace
+                    && m.name == pod
+                    && (pod_uid.is_empty() || m.uid == pod_uid)
             })
-            .map(|s| s.id))
+        }))
+    }
+
+    /// Whether container `container` of the pod runs in a container created at `since_ns`
+    /// (nanoseconds since the epoch) or later: the start that followed a given moment.
+    pub async fn runs_since(
+        &self,
+        namespace: &str,
+        pod: &str,
+        pod_uid: &str,
+        container: &str,
+        since_ns: i64,
+    ) -> Result<bool> {
+        let Some(sandbox_id) = self.find_sandbox(namespace, pod, pod_uid).await? else {
+            return Ok(false);
+        };
+        let containers = self
+            .cri()
+            .list_containers(cri::ListContainersRequest {
+                filter: Some(cri::ContainerFilter {
+                    pod_sandbox_id: sandbox_id,
+                    ..Default::default()
+                }),
+            })
+            .await
+            .map_err(call("listing containers"))?
+            .into_inner()
+            .containers;
+        Ok(containers.iter().any(|c| {
+            c.state == cri::ContainerState::ContainerRunning as i32
+                && c.created_at >= since_ns
+                && c.metadata.as_ref().is_some_and(|m| m.name == container)
+        }))
     }
 
     /// The network namespace of a sandbox: containerd's `NetNSPath` where the agent sees it, else

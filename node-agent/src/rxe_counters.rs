@@ -28,7 +28,8 @@ pub const QPN_FILE: &str = "last_qpn";
 pub const MRN_FILE: &str = "last_mrn";
 
 /// A pod's block of rxe numbers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Block {
     pub qpn_start: u32,
     pub qpn_count: u32,
@@ -47,15 +48,36 @@ impl From<&agent_api::v1::RxeBlock> for Block {
     }
 }
 
+impl Block {
+    /// The first QPN past the block.
+    pub fn qpn_end(&self) -> u64 {
+        u64::from(self.qpn_start) + u64::from(self.qpn_count)
+    }
+
+    /// The first MRN past the block.
+    pub fn mrn_end(&self) -> u64 {
+        u64::from(self.mrn_start) + u64::from(self.mrn_count)
+    }
+
+    /// Whether counters at `(qpn, mrn)` lie in the block: each from its start to its last number
+    /// (a counter holds the last number handed out).
+    pub fn contains(&self, (qpn, mrn): (u32, u32)) -> bool {
+        qpn >= self.qpn_start
+            && u64::from(qpn) < self.qpn_end()
+            && mrn >= self.mrn_start
+            && u64::from(mrn) < self.mrn_end()
+    }
+}
+
 impl fmt::Display for Block {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
             "QPNs {}..{}, MRNs {}..{}",
             self.qpn_start,
-            u64::from(self.qpn_start) + u64::from(self.qpn_count),
+            self.qpn_end(),
             self.mrn_start,
-            u64::from(self.mrn_start) + u64::from(self.mrn_count)
+            self.mrn_end()
         )
     }
 }
@@ -151,7 +173,27 @@ impl Counters {
     /// Takes the node's lock for migration `owner` (waiting at most `wait` for another holder),
     /// then sets both counters to the start of `block` and reads them back.
     pub async fn hold(&self, owner: &str, block: Block, wait: Duration) -> Result<Hold, Error> {
+        self.hold_at(owner, block, (block.qpn_start, block.mrn_start), wait)
+            .await
+    }
+
+    /// Like [`Counters::hold`], with the counters set to `at` (QPN, MRN), which must lie in
+    /// `block`: a pod's second container continues where its first one's numbers end.
+    pub async fn hold_at(
+        &self,
+        owner: &str,
+        block: Block,
+        at: (u32, u32),
+        wait: Duration,
+    ) -> Result<Hold, Error> {
         self.check(block)?;
+        if !block.contains(at) {
+            return Err(Error::OutOfRange {
+                block,
+                qpn: at.0..at.0,
+                mrn: at.1..at.1,
+            });
+        }
         if !self.present() {
             return Err(Error::Absent(self.dir.clone()));
         }
@@ -172,12 +214,29 @@ impl Counters {
         if let Ok(mut holder) = self.holder.lock() {
             *holder = owner.to_string();
         }
-        self.write(QPN_FILE, block.qpn_start)?;
-        self.write(MRN_FILE, block.mrn_start)?;
+        self.write(QPN_FILE, at.0)?;
+        self.write(MRN_FILE, at.1)?;
         Ok(Hold {
             _guard: guard,
             block,
         })
+    }
+
+    /// The counters' values now (QPN, MRN): the last numbers rxe handed out.
+    pub fn read(&self) -> Result<(u32, u32), Error> {
+        let read = |file: &str| {
+            let path = self.dir.join(file);
+            let text = std::fs::read_to_string(&path).map_err(|source| Error::Io {
+                path: path.clone(),
+                source,
+            })?;
+            text.trim().parse::<u32>().map_err(|_| Error::NotTaken {
+                path,
+                wrote: 0,
+                read: text,
+            })
+        };
+        Ok((read(QPN_FILE)?, read(MRN_FILE)?))
     }
 
     fn write(&self, file: &str, value: u32) -> Result<(), Error> {
@@ -209,11 +268,20 @@ pub struct Holds {
     counters: Counters,
     /// Holds by migration, with a serial number so that an expiry only ends the hold it was set
     /// for.
-    held: Arc<std::sync::Mutex<HashMap<String, (u64, Hold)>>>,
+    held: Arc<std::sync::Mutex<HashMap<String, Held>>>,
     serial: Arc<AtomicU64>,
     /// How long a restore waits while another one holds the counters.
     wait: Duration,
     max: Duration,
+}
+
+/// One migration's hold: its serial number, the hold, and the pod it restores
+/// (`namespace/name`).
+#[derive(Debug)]
+struct Held {
+    serial: u64,
+    hold: Hold,
+    pod: String,
 }
 
 impl Holds {
@@ -231,26 +299,34 @@ impl Holds {
         &self.counters
     }
 
-    fn held(&self) -> std::sync::MutexGuard<'_, HashMap<String, (u64, Hold)>> {
+    fn held(&self) -> std::sync::MutexGuard<'_, HashMap<String, Held>> {
         self.held.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Sets the counters to `block` for migration `uid` and holds them until [`Holds::release`]
-    /// (or the maximum hold). A retry with the same block keeps its hold; a retry with another
-    /// block lets go of the old one first. Answers whether the counters were set now.
-    pub async fn take(&self, uid: &str, block: Block) -> Result<bool, Error> {
-        if self.held().get(uid).map(|(_, h)| h.block) == Some(block) {
+    /// Sets the counters to `block` for migration `uid`, which restores pod `pod`
+    /// (`namespace/name`), and holds them until [`Holds::release`] (or the maximum hold). A retry
+    /// with the same block keeps its hold; a retry with another block lets go of the old one
+    /// first. Answers whether the counters were set now.
+    pub async fn take(&self, uid: &str, pod: &str, block: Block) -> Result<bool, Error> {
+        if self.held().get(uid).map(|h| h.hold.block) == Some(block) {
             return Ok(false);
         }
         self.release(uid);
         let hold = self.counters.hold(uid, block, self.wait).await?;
         let serial = self.serial.fetch_add(1, Ordering::Relaxed);
-        self.held().insert(uid.to_string(), (serial, hold));
+        self.held().insert(
+            uid.to_string(),
+            Held {
+                serial,
+                hold,
+                pod: pod.to_string(),
+            },
+        );
         let (this, uid) = (self.clone(), uid.to_string());
         tokio::spawn(async move {
             tokio::time::sleep(this.max).await;
             let mut held = this.held();
-            if held.get(&uid).is_some_and(|(s, _)| *s == serial) {
+            if held.get(&uid).is_some_and(|h| h.serial == serial) {
                 tracing::warn!(migration = %uid, "rxe counters held too long; released");
                 held.remove(&uid);
             }
@@ -261,6 +337,15 @@ impl Holds {
     /// Lets go of the counters migration `uid` holds, if any.
     pub fn release(&self, uid: &str) {
         self.held().remove(uid);
+    }
+
+    /// The block of the migration that holds the counters to restore pod `pod`
+    /// (`namespace/name`), if one does: its containers start with the counters already set.
+    pub fn restoring(&self, pod: &str) -> Option<Block> {
+        self.held()
+            .values()
+            .find(|h| h.pod == pod)
+            .map(|h| h.hold.block)
     }
 }
 
@@ -340,16 +425,20 @@ mod tests {
             Duration::from_millis(50),
             Duration::from_millis(300),
         );
-        assert!(holds.take("m1", block(1280, 1280)).await.unwrap());
+        assert!(holds.take("m1", "ns/a", block(1280, 1280)).await.unwrap());
+        assert_eq!(holds.restoring("ns/a"), Some(block(1280, 1280)));
+        assert_eq!(holds.restoring("ns/b"), None);
         // Asked again with the same block: the hold stays, nothing is written again.
-        assert!(!holds.take("m1", block(1280, 1280)).await.unwrap());
-        let busy = holds.take("m2", block(1024, 1024)).await;
+        assert!(!holds.take("m1", "ns/a", block(1280, 1280)).await.unwrap());
+        let busy = holds.take("m2", "ns/b", block(1024, 1024)).await;
         assert!(matches!(busy, Err(Error::Busy { .. })), "{busy:?}");
         holds.release("m1");
-        assert!(holds.take("m2", block(1024, 1024)).await.unwrap());
+        assert_eq!(holds.restoring("ns/a"), None);
+        assert!(holds.take("m2", "ns/b", block(1024, 1024)).await.unwrap());
         // Never released: it ends by itself.
         tokio::time::sleep(Duration::from_millis(400)).await;
-        assert!(holds.take("m3", block(1536, 1536)).await.unwrap());
+        assert_eq!(holds.restoring("ns/b"), None);
+        assert!(holds.take("m3", "ns/c", block(1536, 1536)).await.unwrap());
     }
 
     #[tokio::test]

@@ -52,6 +52,13 @@ impl Agent {
     pub async fn checkpoint(self, req: v1::CheckpointRequest) -> Result<v1::Operation> {
         let uid = req.migration_uid.clone();
         let pod = req.pod.unwrap_or_default();
+        // A pod whose numbers left its block at a start here cannot keep them elsewhere.
+        if let Some(start) = self.parts.rxe_starts.outside(&pod.uid) {
+            return Err(Error::RxeOutsideBlock(format!(
+                "{}; it is refused as a migration source (docs/rxe-blocks.md)",
+                start.outside().unwrap_or_default()
+            )));
+        }
         let mut record = Record::of_pod(&uid, Role::Source, &pod);
         // The source's own deadline, kept in the record so that a restarted agent keeps it too.
         let resume_after = match req.resume_after_seconds {

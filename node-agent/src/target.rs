@@ -192,7 +192,11 @@ impl Agent {
             });
         }
         if let Some(block) = req.rxe.as_ref().map(Block::from)
-            && self.parts.rxe.take(&uid, block).await?
+            && self
+                .parts
+                .rxe
+                .take(&uid, &format!("{}/{}", record.namespace, record.pod), block)
+                .await?
         {
             info!(%block, "rxe counters set and held until the pod runs");
         }

@@ -192,6 +192,7 @@ fn answer(op: v1::Operation) -> Answer {
             bytes_total: op.bytes_total,
         },
         v1::State::Failed if op.source_resumed => Answer::SourceResumed(op.message),
+        v1::State::Failed if op.rxe_outside_block => Answer::RxeOutsideBlock(op.message),
         v1::State::Failed => Answer::Failed(op.message),
         v1::State::Unspecified => {
             Answer::Failed(format!("the agent answered no state: {}", op.message))

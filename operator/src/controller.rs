@@ -1128,7 +1128,10 @@ async fn execute(pm: &PodMigration, f: &Facts, action: Action, ctx: &Context) ->
             let quiet = match answer {
                 Answer::Succeeded(_) => true,
                 Answer::Running { .. } => true,
-                Answer::Failed(_) | Answer::SourceResumed(_) | Answer::Unreachable(_) => false,
+                Answer::Failed(_)
+                | Answer::SourceResumed(_)
+                | Answer::RxeOutsideBlock(_)
+                | Answer::Unreachable(_) => false,
             };
             let (status, after) = statemachine::after(f, step, answer);
             if quiet && status.phase == f.status.phase {

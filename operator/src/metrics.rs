@@ -153,7 +153,7 @@ impl Metrics {
         let answer = match answer {
             Answer::Running { .. } => "running",
             Answer::Succeeded(_) => "succeeded",
-            Answer::Failed(_) | Answer::SourceResumed(_) => "failed",
+            Answer::Failed(_) | Answer::SourceResumed(_) | Answer::RxeOutsideBlock(_) => "failed",
             Answer::Unreachable(_) => "unreachable",
         };
         let labels = CallLabels {

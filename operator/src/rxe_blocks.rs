@@ -316,7 +316,10 @@ impl Allocator {
 
 /// Keeps blocks in step with the RDMA pods of `namespace` (all when `None`): every pod labelled
 /// `migros.io/rdma: "true"` gets a block, and a block whose pod is gone, with no active migration
-/// of that pod, is released. Runs until `shutdown` is cancelled.
+/// of that pod, is released. It sweeps every `interval` and as soon as an RDMA pod comes or goes
+/// (a watch): a new pod's containers wait for its block before they start (the agents' device
+/// plugin), and a block released is one another pod may be waiting for. Runs until `shutdown` is
+/// cancelled.
 pub async fn maintain(
     allocator: Allocator,
     client: Client,
@@ -324,6 +327,23 @@ pub async fn maintain(
     interval: std::time::Duration,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
+    use futures::StreamExt;
+    use kube::runtime::{WatchStreamExt, watcher};
+    // Metadata only: the watch needs no more than that a pod came or went.
+    let pods: Api<kube::core::PartialObjectMeta<Pod>> = match namespace.as_deref() {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    let selector = format!("{}=true", crds::RDMA_LABEL);
+    let changes = watcher::watcher(pods, watcher::Config::default().labels(&selector))
+        .default_backoff()
+        .filter(|event| {
+            std::future::ready(matches!(
+                event,
+                Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_))
+            ))
+        });
+    let mut changes = std::pin::pin!(changes);
     loop {
         if let Err(e) = sweep(&allocator, &client, namespace.as_deref()).await {
             tracing::warn!(error = %e, "rxe block maintenance failed; retrying");
@@ -331,6 +351,12 @@ pub async fn maintain(
         tokio::select! {
             () = shutdown.cancelled() => return,
             () = tokio::time::sleep(interval) => {}
+            Some(_) = changes.next() => {
+                // Pods that come together are looked after by one sweep.
+                while let Ok(Some(_)) =
+                    tokio::time::timeout(std::time::Duration::from_millis(200), changes.next()).await
+                {}
+            }
         }
     }
 }

@@ -75,6 +75,9 @@ pub enum Reason {
     /// come (the source's agent or node went, the page stream broke, the target went): the
     /// restored process was stopped, and the pod's state is lost.
     PostCopyFailed,
+    /// The pod got rxe numbers outside its block when it started (the source agent's record):
+    /// they may be taken on any other node, so it is not moved.
+    RxeOutsideBlock,
 }
 
 impl Reason {
@@ -97,6 +100,7 @@ impl Reason {
             Reason::SourceResumed => "SourceResumed",
             Reason::StrategyUnavailable => "StrategyUnavailable",
             Reason::PostCopyFailed => "PostCopyFailed",
+            Reason::RxeOutsideBlock => "RxeOutsideBlock",
         }
     }
 }
@@ -200,6 +204,9 @@ pub enum Answer {
     /// The source's agent refused because it resumed the pod at its deadline
     /// (`Operation.source_resumed`).
     SourceResumed(String),
+    /// The source's agent refused the checkpoint: the pod got rxe numbers outside its block
+    /// when it started there (`Operation.rxe_outside_block`).
+    RxeOutsideBlock(String),
     /// The agent could not be reached or did not answer.
     Unreachable(String),
 }
@@ -349,7 +356,17 @@ pub fn after(f: &Facts, call: Step, answer: Answer) -> (PodMigrationStatus, Dura
         Answer::SourceResumed(message) if call == Step::Commit(Role::Source) => {
             (source_resumed(f, &message), Duration::ZERO)
         }
-        Answer::Failed(message) | Answer::SourceResumed(message) => failed(f, call, &message),
+        Answer::RxeOutsideBlock(message) if call == Step::Checkpoint => (
+            begin_abort(
+                f,
+                Reason::RxeOutsideBlock,
+                &format!("{call} refused: {message}"),
+            ),
+            Duration::ZERO,
+        ),
+        Answer::Failed(message)
+        | Answer::SourceResumed(message)
+        | Answer::RxeOutsideBlock(message) => failed(f, call, &message),
         // Memory is a question: a call that fails (the target's agent restarting, a network
         // error) says nothing of the memory; the progress timeout decides.
         Answer::Unreachable(message) if call == Step::Memory => {
@@ -1854,6 +1871,35 @@ mod tests {
             })
         );
         assert_eq!(s.phase, Some(Phase::Transferring));
+    }
+
+    #[test]
+    fn a_source_whose_pod_left_its_rxe_block_is_refused_and_the_pod_stays() {
+        let f = advance_to(Phase::Checkpointing);
+        assert_eq!(next(&f), Action::Call(Step::Checkpoint));
+        let mut f = answer(
+            f,
+            Step::Checkpoint,
+            Answer::RxeOutsideBlock(
+                "container app of pod ns/p got rxe numbers outside its block".into(),
+            ),
+        );
+        assert!(!f.status.committed);
+        assert_eq!(next(&f), Action::Call(Step::Abort(Role::Source)));
+        f = answer(f, Step::Abort(Role::Source), ok());
+        f = answer(f, Step::Abort(Role::Target), ok());
+        assert_eq!(f.status.phase, Some(Phase::RolledBack));
+        let ready = condition(&f, condition::READY).unwrap();
+        assert_eq!(ready.reason, Reason::RxeOutsideBlock.as_str());
+        let message = f.status.message.clone().unwrap_or_default();
+        assert!(message.contains("outside its block"), "{message}");
+        // The same answer to another step is a failure of that step.
+        let f = advance_to(Phase::Transferring);
+        let f = answer(f, Step::Transfer, Answer::RxeOutsideBlock("odd".into()));
+        assert_eq!(
+            condition(&f, condition::ABORTING).map(|c| c.reason.as_str()),
+            Some(Reason::TransferFailed.as_str())
+        );
     }
 
     #[test]

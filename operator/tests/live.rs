@@ -499,6 +499,8 @@ async fn a_pod_moves_between_real_nodes_keeping_its_state_ip_and_tcp_peer() {
                     // PostCopy needs pipes of 4 MiB (the chart's agent.raisePipeMaxSize).
                     args: vec!["--raise-pipe-max-size".into()],
                     announce: Some((ns.clone(), kubeconfig.clone())),
+                    // The RDMA workload's devices and its block at every start.
+                    device_plugin: true,
                 };
                 agents::start(&nodes, node, &agent_binary, &options).unwrap()
             };

@@ -598,7 +598,10 @@ impl Matrix {
             )
             .await
             .map_err(anyhow::Error::msg)?;
-            kubelets::advertise_rxe(&self.client, target, sandbox::cluster::RXE_DEVICES).await?;
+            // The agent's device plugin registers with the new kubelet.
+            kubelets::wait_rxe(&self.client, &[&target.name], Duration::from_secs(60))
+                .await
+                .map_err(anyhow::Error::msg)?;
             // The node lifecycle controller tainted the node while its kubelet was away; a
             // migration to it would be refused until the taints are gone.
             let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(self.client.clone());

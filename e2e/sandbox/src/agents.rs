@@ -17,6 +17,10 @@ pub const RUNTIME_HANDLER: &str = "kube-migros";
 /// Where agents push checkpoint images (the sandbox registry, which every node trusts).
 pub const CHECKPOINT_REPOSITORY: &str = "10.88.0.1:5000/kube-migros/checkpoints";
 
+/// Where RDMA containers see their node's simulated rxe counters (the device plugin mounts the
+/// counter directory there, as the kernel's `/proc/sys/net/rdma_rxe` is seen in every container).
+pub const RXE_COUNTERS_MOUNT: &str = "/run/migros-rxe";
+
 /// How to run an agent.
 #[derive(Debug, Clone, Default)]
 pub struct AgentOptions {
@@ -26,6 +30,9 @@ pub struct AgentOptions {
     pub announce: Option<(String, String)>,
     /// Do not offer the runtime-wrapper backend (the node then restores from checkpoint images).
     pub without_wrapper: bool,
+    /// Serve the kubelet's device plugin for `rdma/rxe` (needs `announce`'s kubeconfig: it reads
+    /// rxe blocks and publishes Events), as the chart's agents do.
+    pub device_plugin: bool,
 }
 
 /// Installs the agent binary `binary` and the runtime wrapper (`migros-runc`, which the node's
@@ -86,6 +93,16 @@ pub fn start(
             .args(["--lease-namespace", namespace])
             .args(["--advertise", &format!("{ip}:{AGENT_PORT}")])
             .env("KUBECONFIG", "/opt/kube-migros/agent.kubeconfig");
+    }
+    if options.device_plugin {
+        if options.announce.is_none() {
+            return Err(std::io::Error::other(
+                "the device plugin needs a kubeconfig (AgentOptions::announce)",
+            ));
+        }
+        command
+            .arg("--device-plugin")
+            .args(["--rxe-counters-mount", RXE_COUNTERS_MOUNT]);
     }
     let nsenter = command.spawn()?;
     Ok(AgentProcess {

@@ -1,5 +1,6 @@
 //! The whole sandbox cluster in one call: the control plane, three nodes with kubelets, the
-//! registry with the test images, every node Ready and advertising its (simulated) rxe devices.
+//! registry with the test images, every node Ready with its (simulated) rxe counters; the agents'
+//! device plugin advertises the nodes' `rdma/rxe` devices once agents run.
 
 use std::{collections::BTreeMap, time::Duration};
 
@@ -16,8 +17,6 @@ use crate::{
 
 /// The sandbox's node names.
 pub const NODE_NAMES: [&str; 3] = ["node-1", "node-2", "node-3"];
-/// `rdma/rxe` devices each node advertises.
-pub const RXE_DEVICES: u32 = 16;
 
 /// What `up` brought up.
 #[derive(Debug, Clone)]
@@ -54,7 +53,8 @@ pub async fn up(dirs: &Dirs) -> anyhow::Result<Cluster> {
     }
     for node in &nodes {
         handle.ensure_rxe_counters(node)?;
-        kubelets::advertise_rxe(&client, node, RXE_DEVICES).await?;
+        // The agents' device plugin advertises `rdma/rxe`; nothing else may.
+        kubelets::forget_patched_rxe(&client, node).await?;
         kubelets::label_sandbox_node(&client, node).await?;
     }
     Ok(Cluster { env, nodes, images })

@@ -163,6 +163,13 @@ impl Kubelets {
         Ok(())
     }
 
+    /// Stops the kubelet of `node` and starts it again (its pods go on running; it finds them
+    /// again, and device plugins register anew).
+    pub fn restart(&self, node: &Node) -> Result<(), Error> {
+        self.nodes.stop_all(node, "kubelet")?;
+        self.start(node)
+    }
+
     /// The last lines of the kubelet's log on `node`.
     pub fn log_tail(&self, node: &Node, lines: usize) -> String {
         let text = std::fs::read_to_string(self.nodes.host_dir(node).join("kubelet.log"))
@@ -227,12 +234,10 @@ pub async fn forget(client: &kube::Client, nodes: &[Node]) -> Result<(), kube::E
     Ok(())
 }
 
-/// The extended resource by which RDMA pods ask for a node with SoftRoCE.
+/// The extended resource by which RDMA pods ask for a node with SoftRoCE (advertised by the
+/// agents' device plugin).
 pub const RXE_RESOURCE: &str = "rdma/rxe";
 
-/// Advertises `count` `rdma/rxe` devices in the node's status, as a device plugin would (the
-/// kubelet then reports them allocatable too). The sandbox nodes have no RDMA device: this is
-/// the simulated part, like the agents' rxe counter files.
 /// The label of the sandbox's real nodes (what DaemonSets of the sandbox select): test suites add
 /// Node objects without kubelets, which a DaemonSet would wait for forever.
 pub const SANDBOX_NODE_LABEL: &str = "migros.io/sandbox-node";
@@ -255,14 +260,58 @@ pub async fn label_sandbox_node(client: &kube::Client, node: &Node) -> Result<()
     Ok(())
 }
 
-pub async fn advertise_rxe(
-    client: &kube::Client,
-    node: &Node,
-    count: u32,
-) -> Result<(), kube::Error> {
+/// The `rdma/rxe` devices `node` reports allocatable (0 when none).
+pub async fn rxe_allocatable(client: &kube::Client, node: &str) -> Result<i64, kube::Error> {
     use k8s_openapi::api::core::v1::Node as NodeObject;
     let api: kube::Api<NodeObject> = kube::Api::all(client.clone());
-    let patch = serde_json::json!({"status": {"capacity": {RXE_RESOURCE: count.to_string()}}});
+    let node = api.get(node).await?;
+    Ok(node
+        .status
+        .and_then(|s| s.allocatable)
+        .and_then(|a| a.get(RXE_RESOURCE).cloned())
+        .and_then(|q| q.0.parse().ok())
+        .unwrap_or(0))
+}
+
+/// Waits until every node of `nodes` reports `rdma/rxe` devices allocatable (their agents'
+/// device plugin registered with their kubelet); the nodes still without them otherwise.
+pub async fn wait_rxe(
+    client: &kube::Client,
+    nodes: &[&str],
+    timeout: std::time::Duration,
+) -> Result<(), String> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let mut waiting = Vec::new();
+        for node in nodes {
+            if !rxe_allocatable(client, node).await.is_ok_and(|n| n > 0) {
+                waiting.push(node.to_string());
+            }
+        }
+        if waiting.is_empty() {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(format!(
+                "no {RXE_RESOURCE} allocatable after {timeout:?} on {} (is the agents' device plugin registered?)",
+                waiting.join(", ")
+            ));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+}
+
+/// Removes an `rdma/rxe` count that an earlier version of the sandbox patched into the node's
+/// status: the agents' device plugin alone advertises it now (a stale count would let the
+/// scheduler place RDMA pods where no plugin runs). While a plugin is registered, the kubelet
+/// writes its count back at its next status update.
+pub async fn forget_patched_rxe(client: &kube::Client, node: &Node) -> Result<(), kube::Error> {
+    use k8s_openapi::api::core::v1::Node as NodeObject;
+    let api: kube::Api<NodeObject> = kube::Api::all(client.clone());
+    let patch = serde_json::json!({"status": {
+        "capacity": {RXE_RESOURCE: null},
+        "allocatable": {RXE_RESOURCE: null},
+    }});
     api.patch_status(
         &node.name,
         &kube::api::PatchParams::default(),

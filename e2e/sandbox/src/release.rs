@@ -283,6 +283,11 @@ pub fn install(
         ("apiServer.host", host),
         ("apiServer.port", port.to_string()),
         ("agent.rxeDir", SANDBOX_RXE_DIR.to_string()),
+        // The simulated counters, seen in RDMA containers as the kernel's would be.
+        (
+            "agent.devicePlugin.countersMount",
+            agents::RXE_COUNTERS_MOUNT.to_string(),
+        ),
         (
             "agent.checkpointRegistry",
             agents::CHECKPOINT_REPOSITORY.to_string(),

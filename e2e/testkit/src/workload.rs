@@ -232,6 +232,15 @@ pub async fn start_with_peer_args(
     extra: &[&str],
     env: &[(&str, &str)],
 ) -> anyhow::Result<(Pod, State)> {
+    // The kubelet admits a pod bound to its node at once: the agent's device plugin must have
+    // registered its devices first, or the pod fails its admission.
+    sandbox::kubelets::wait_rxe(
+        &pods.clone().into_client(),
+        &["node-1"],
+        Duration::from_secs(60),
+    )
+    .await
+    .map_err(anyhow::Error::msg)?;
     let mut args = vec!["serve", "--status", ":8080", "--listen", ":9000"];
     args.extend(extra);
     let mut workload = pod(

@@ -210,6 +210,7 @@ impl World {
             .to_vec(),
             announce: None,
             without_wrapper: false,
+            device_plugin: false,
         };
         sandbox::agents::start(
             &self.handle,

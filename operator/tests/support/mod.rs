@@ -49,6 +49,8 @@ pub struct Options<'a> {
     /// Migrations in flight leaving a node, arriving on a node, in all; the operator's defaults
     /// when `None`.
     pub limits: Option<(usize, usize, usize)>,
+    /// More arguments, last.
+    pub args: &'a [&'a str],
 }
 
 impl Default for Options<'_> {
@@ -59,6 +61,7 @@ impl Default for Options<'_> {
             checkpoint_images: true,
             webhooks: false,
             limits: None,
+            args: &[],
         }
     }
 }
@@ -138,6 +141,7 @@ impl Operator {
                     format!("--max-in-flight={all}"),
                 ]
             }))
+            .args(options.args)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log"))
             .stderr(log)

@@ -1,7 +1,7 @@
 // Command demo is the stateful workload of the kube-migros tests: it keeps state only in memory and
 // reports it, so that a test can tell whether a migration kept it.
 //
-//	demo serve  --status :8080 [--listen :9000] [--touch 256Mi] [--note /path] [--verbose]
+//	demo serve  --status :8080 [--listen :9000] [--touch 256Mi] [--note /path] [--verbose] [--rxe /dir --qps N --mrs N]
 //	demo stream --to host:port [--status :8080]
 //	demo cat /path
 //
@@ -23,6 +23,12 @@
 // file of the container's own filesystem at the start (a restored container must still have it);
 // cat prints a file (the image has no shell), for `kubectl exec`. --verbose logs every status
 // request on stdout (the container's log).
+//
+// --rxe stands for the verbs an RDMA application calls at its start, on machines without RDMA: it
+// takes --qps queue-pair numbers and --mrs memory-region numbers from the simulated rxe counters
+// in that directory (last_qpn, last_mrn: each number is the counter plus one, written back, as
+// rxe hands them out) and adds them to the status line as qpns=<n>,<n>,... mrns=<n>,... (a
+// restored process keeps the numbers it got; a restarted one takes new ones).
 //
 // Sockets are plain TCP: Go uses multipath TCP for listeners by default, which CRIU cannot dump
 // ("inet: Unsupported proto 262").
@@ -65,6 +71,8 @@ type state struct {
 	answered uint64
 	maxRTT   time.Duration
 	pauses   []time.Duration
+	// The simulated rxe numbers (--rxe), when taken.
+	rxe string
 }
 
 func (s *state) mix(data []byte) {
@@ -81,9 +89,31 @@ func (s *state) line() string {
 	for i, p := range s.pauses {
 		pauses[i] = strconv.FormatInt(p.Milliseconds(), 10)
 	}
-	return fmt.Sprintf("id=%s counter=%d hash=%s received=%d gaps=%d maxgap_ms=%d conns=%d answered=%d maxrtt_ms=%d pauses_ms=%s\n",
+	return fmt.Sprintf("id=%s counter=%d hash=%s received=%d gaps=%d maxgap_ms=%d conns=%d answered=%d maxrtt_ms=%d pauses_ms=%s%s\n",
 		s.id, s.counter, hex.EncodeToString(s.hash[:]), s.received, s.gaps, s.maxGap.Milliseconds(), s.conns,
-		s.answered, s.maxRTT.Milliseconds(), strings.Join(pauses, ","))
+		s.answered, s.maxRTT.Milliseconds(), strings.Join(pauses, ","), s.rxe)
+}
+
+// takeNumbers takes n numbers from the rxe counter file path: each is the counter plus one,
+// written back (what rxe does for each queue pair or memory region it creates).
+func takeNumbers(path string, n int) ([]string, error) {
+	var got []string
+	for i := 0; i < n; i++ {
+		data, err := os.ReadFile(path)
+		if err != nil {
+			return nil, err
+		}
+		last, err := strconv.ParseUint(strings.TrimSpace(string(data)), 10, 32)
+		if err != nil {
+			return nil, fmt.Errorf("%s: %v", path, err)
+		}
+		next := last + 1
+		if err := os.WriteFile(path, []byte(strconv.FormatUint(next, 10)+"\n"), 0o644); err != nil {
+			return nil, err
+		}
+		got = append(got, strconv.FormatUint(next, 10))
+	}
+	return got, nil
 }
 
 func parseSize(v string) (int, error) {
@@ -136,6 +166,9 @@ func serve(args []string) {
 	note := flags.String("note", "", "file to write the process id into at the start")
 	verbose := flags.Bool("verbose", false, "log every status request on stdout")
 	verify := flags.String("verify", "", "address that answers whether every touched page holds what was written (reads them all)")
+	rxe := flags.String("rxe", "", "directory of the simulated rxe counters (last_qpn, last_mrn) to take numbers from at the start")
+	qps := flags.Int("qps", 0, "queue-pair numbers to take from --rxe")
+	mrs := flags.Int("mrs", 0, "memory-region numbers to take from --rxe")
 	flags.Parse(args)
 	size, err := parseSize(*touch)
 	if err != nil {
@@ -146,6 +179,18 @@ func serve(args []string) {
 	if *note != "" {
 		if err := os.WriteFile(*note, []byte(s.id+"\n"), 0o644); err != nil {
 			fmt.Fprintf(os.Stderr, "demo: --note: %v\n", err)
+			os.Exit(1)
+		}
+	}
+	if *rxe != "" {
+		qpns, err := takeNumbers(*rxe+"/last_qpn", *qps)
+		if err == nil {
+			var mrns []string
+			mrns, err = takeNumbers(*rxe+"/last_mrn", *mrs)
+			s.rxe = fmt.Sprintf(" qpns=%s mrns=%s", strings.Join(qpns, ","), strings.Join(mrns, ","))
+		}
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "demo: --rxe: %v\n", err)
 			os.Exit(1)
 		}
 	}

@@ -1,0 +1,268 @@
+//! What the node's rxe counters did while the agent held them for a container's start: the
+//! record that a pod's numbers lie in its block is kept, not assumed (docs/rxe-blocks.md).
+//!
+//! For every start of a container with an `rdma/rxe` device the agent records the block, the
+//! counters as it set them and as it found them when it let go of them. rxe counts up from
+//! the counters, so every number the container got while the agent held them lies between the
+//! two; a start whose counters ended outside the block (or went backwards: someone else wrote
+//! them) is outside, and its pod is refused as a migration source. The records are kept in one
+//! JSON file of the checkpoint store (`rxe-starts.json`), so that an agent restart does not
+//! forget them, and are served on `/rxe/starts`.
+
+use std::{
+    collections::HashSet,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, PoisonError},
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::rxe_counters::Block;
+
+/// Records kept per pod (its latest container starts).
+const KEPT_PER_POD: usize = 8;
+
+/// Who set the counters for a start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum How {
+    /// The device plugin, before the container's first start on this node (or a restart).
+    Plugin,
+    /// A migration's restore, which set them to the pod's block and held them.
+    Restore,
+}
+
+/// One container start of an RDMA pod.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Start {
+    pub namespace: String,
+    pub pod: String,
+    pub uid: String,
+    pub container: String,
+    pub how: How,
+    pub block: Block,
+    /// The counters (QPN, MRN) when the start began: as the plugin set them, or as a restore
+    /// had set them.
+    pub set: (u32, u32),
+    /// The counters when the agent let go of them (after the container ran and settled).
+    pub after: (u32, u32),
+    /// Whether the container was seen running before the agent let go.
+    pub ran: bool,
+    /// Every number the start handed out lies in the block.
+    pub inside: bool,
+    /// Seconds since the epoch, when the agent let go.
+    pub at: u64,
+}
+
+impl Start {
+    /// Why this start is outside its pod's block, for events and refusals; `None` when inside.
+    pub fn outside(&self) -> Option<String> {
+        (!self.inside).then(|| {
+            format!(
+                "container {} of pod {}/{} got rxe numbers outside its block ({}): the counters went from QPN {} / MRN {} to QPN {} / MRN {} while it started",
+                self.container,
+                self.namespace,
+                self.pod,
+                self.block,
+                self.set.0,
+                self.set.1,
+                self.after.0,
+                self.after.1
+            )
+        })
+    }
+}
+
+/// Whether counters that went from `set` to `after` handed out numbers of `block` only: both
+/// lie in the block and neither went backwards.
+pub fn inside(block: Block, set: (u32, u32), after: (u32, u32)) -> bool {
+    block.contains(set) && block.contains(after) && after.0 >= set.0 && after.1 >= set.1
+}
+
+/// The starts this node recorded, persisted in one file.
+#[derive(Debug, Clone)]
+pub struct Starts {
+    path: PathBuf,
+    all: Arc<Mutex<Vec<Start>>>,
+}
+
+impl Starts {
+    /// The records in `path` (none when it does not exist or cannot be read: the agent starts
+    /// with what it can, and says so).
+    pub fn load(path: &Path) -> Self {
+        let all = match std::fs::read(path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+                tracing::warn!(path = %path.display(), error = %e, "unreadable rxe start records; starting without them");
+                Vec::new()
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot read the rxe start records; starting without them");
+                Vec::new()
+            }
+        };
+        Self {
+            path: path.to_path_buf(),
+            all: Arc::new(Mutex::new(all)),
+        }
+    }
+
+    fn all_mut(&self) -> std::sync::MutexGuard<'_, Vec<Start>> {
+        self.all.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Every record, oldest first.
+    pub fn all(&self) -> Vec<Start> {
+        self.all_mut().clone()
+    }
+
+    /// Adds a record (keeping the latest few of its pod) and writes the file.
+    pub fn add(&self, start: Start) -> std::io::Result<()> {
+        let mut all = self.all_mut();
+        let uid = start.uid.clone();
+        all.push(start);
+        let of_pod = all.iter().filter(|s| s.uid == uid).count();
+        if of_pod > KEPT_PER_POD {
+            let mut drop = of_pod - KEPT_PER_POD;
+            all.retain(|s| {
+                if drop > 0 && s.uid == uid {
+                    drop -= 1;
+                    false
+                } else {
+                    true
+                }
+            });
+        }
+        self.write(&all)
+    }
+
+    /// Forgets the pods that are not in `live` (namespace and name of the pods on the node).
+    pub fn keep_only(&self, live: &HashSet<(String, String)>) -> std::io::Result<()> {
+        let mut all = self.all_mut();
+        let before = all.len();
+        all.retain(|s| live.contains(&(s.namespace.clone(), s.pod.clone())));
+        if all.len() == before {
+            return Ok(());
+        }
+        self.write(&all)
+    }
+
+    fn write(&self, all: &[Start]) -> std::io::Result<()> {
+        let tmp = self.path.with_extension("json.tmp");
+        if let Some(dir) = self.path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        std::fs::write(&tmp, serde_json::to_vec_pretty(all)?)?;
+        std::fs::rename(&tmp, &self.path)
+    }
+
+    /// Where the counters of the next start of pod `uid` begin: after the numbers its earlier
+    /// starts took (a pod's containers share its block), or at the block's start for its first
+    /// one, or when the earlier numbers fill the block.
+    pub fn next_at(&self, uid: &str, block: Block) -> (u32, u32) {
+        self.all_mut()
+            .iter()
+            .rev()
+            .find(|s| s.uid == uid && s.block == block && s.inside)
+            .map(|s| s.after)
+            .filter(|&(qpn, mrn)| {
+                u64::from(qpn) + 1 < block.qpn_end() && u64::from(mrn) + 1 < block.mrn_end()
+            })
+            .unwrap_or((block.qpn_start, block.mrn_start))
+    }
+
+    /// The first start of pod `uid` that went outside its block, if any.
+    pub fn outside(&self, uid: &str) -> Option<Start> {
+        self.all_mut()
+            .iter()
+            .find(|s| s.uid == uid && !s.inside)
+            .cloned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    const BLOCK: Block = Block {
+        qpn_start: 1024,
+        qpn_count: 256,
+        mrn_start: 2048,
+        mrn_count: 256,
+    };
+
+    fn start(uid: &str, set: (u32, u32), after: (u32, u32)) -> Start {
+        Start {
+            namespace: "ns".into(),
+            pod: format!("pod-{uid}"),
+            uid: uid.into(),
+            container: "c".into(),
+            how: How::Plugin,
+            block: BLOCK,
+            set,
+            after,
+            ran: true,
+            inside: inside(BLOCK, set, after),
+            at: 0,
+        }
+    }
+
+    #[test]
+    fn numbers_are_inside_only_when_both_counters_stay_in_the_block_and_go_forwards() {
+        assert!(inside(BLOCK, (1024, 2048), (1024, 2048)));
+        assert!(inside(BLOCK, (1024, 2048), (1279, 2303)));
+        // Past the last number of the block.
+        assert!(!inside(BLOCK, (1024, 2048), (1280, 2050)));
+        assert!(!inside(BLOCK, (1024, 2048), (1030, 2304)));
+        // Backwards: another writer set them.
+        assert!(!inside(BLOCK, (1100, 2048), (1050, 2048)));
+        // Set outside (a restore that found other counters).
+        assert!(!inside(BLOCK, (17, 2048), (1030, 2050)));
+    }
+
+    #[test]
+    fn a_pods_next_start_continues_after_its_earlier_numbers_and_restarts_when_the_block_is_full() {
+        let dir = tempfile::tempdir().unwrap();
+        let starts = Starts::load(&dir.path().join("rxe-starts.json"));
+        assert_eq!(starts.next_at("u1", BLOCK), (1024, 2048));
+        starts.add(start("u1", (1024, 2048), (1027, 2050))).unwrap();
+        assert_eq!(starts.next_at("u1", BLOCK), (1027, 2050));
+        assert_eq!(starts.next_at("u2", BLOCK), (1024, 2048));
+        starts.add(start("u1", (1027, 2050), (1279, 2051))).unwrap();
+        assert_eq!(starts.next_at("u1", BLOCK), (1024, 2048));
+    }
+
+    #[test]
+    fn records_survive_a_restart_name_what_went_outside_and_forget_gone_pods() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rxe-starts.json");
+        let starts = Starts::load(&path);
+        starts.add(start("u1", (1024, 2048), (1026, 2049))).unwrap();
+        starts.add(start("u2", (1024, 2048), (1300, 2049))).unwrap();
+        for _ in 0..KEPT_PER_POD + 3 {
+            starts.add(start("u3", (1024, 2048), (1024, 2048))).unwrap();
+        }
+        let again = Starts::load(&path);
+        assert_eq!(again.all(), starts.all());
+        assert_eq!(
+            again.all().iter().filter(|s| s.uid == "u3").count(),
+            KEPT_PER_POD
+        );
+        assert!(again.outside("u1").is_none());
+        let why = again.outside("u2").unwrap().outside().unwrap();
+        assert!(why.contains("QPN 1024 / MRN 2048 to QPN 1300"), "{why}");
+        again
+            .keep_only(&HashSet::from([("ns".to_string(), "pod-u2".to_string())]))
+            .unwrap();
+        assert_eq!(Starts::load(&path).all().len(), 1);
+    }
+
+    #[test]
+    fn an_unreadable_file_starts_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rxe-starts.json");
+        std::fs::write(&path, "{not json").unwrap();
+        assert!(Starts::load(&path).all().is_empty());
+    }
+}
