@@ -2,8 +2,8 @@
 //! in each node, kubelets, containerd, runc, CRIU, the CNI pod network and the registry. A demo
 //! pod with a TCP peer on another node is moved by `kubectl apply` of a PodMigration; its process,
 //! state, IP and the peer's connection survive. The one simulated part is the rxe device (counter
-//! files in a per-node directory, `rdma/rxe` advertised in the Node status). One test: it owns
-//! the nodes.
+//! files in a per-node directory; `rdma/rxe` is advertised by the agents' device plugin). One
+//! test: it owns the nodes.
 
 #![allow(clippy::expect_used, clippy::unwrap_used)] // a test fails by panicking
 
@@ -677,6 +677,10 @@ async fn a_pod_moves_between_real_nodes_keeping_its_state_ip_and_tcp_peer() {
             assert_eq!(node_of(&same), from);
             before = live.continued(ip, &before, "crash-1").await;
             children[target_index] = start_agent(target_index);
+            // Its device plugin registers again; until then the node has no rdma/rxe to offer.
+            sandbox::kubelets::wait_rxe(&client, &[target.as_str()], Duration::from_secs(60))
+                .await
+                .unwrap();
 
             // A PodMigration deleted in the middle of its transfer: aborted, nothing changes.
             live.apply(
