@@ -72,6 +72,25 @@ pub fn pod_label_value(name: &str) -> String {
     format!("{start}-{hash:016x}")
 }
 
+/// The label selector of the blocks of pod `namespace/name` (it may match more: see
+/// [`owned_by`]).
+pub fn owner_selector(namespace: &str, name: &str) -> String {
+    format!(
+        "{RXE_POD_NAMESPACE_LABEL}={},{RXE_POD_NAME_LABEL}={}",
+        pod_label_value(namespace),
+        pod_label_value(name)
+    )
+}
+
+/// The blocks of pod `namespace/name` among `blocks` (the answer to [`owner_selector`]: a long
+/// name's label value is shared with names that hash alike), lowest index first: more than one
+/// only after two allocations raced, and the lowest is the one kept.
+pub fn owned_by(mut blocks: Vec<RxeBlock>, namespace: &str, name: &str) -> Vec<RxeBlock> {
+    blocks.retain(|b| b.spec.pod.namespace == namespace && b.spec.pod.name == name);
+    blocks.sort_by_key(|b| b.spec.index);
+    blocks
+}
+
 impl RxeBlockSpec {
     /// The object name of the block with this index.
     pub fn object_name(index: u32) -> String {

@@ -21,32 +21,31 @@ use std::{
     collections::{HashMap, HashSet},
     path::{Path, PathBuf},
     pin::Pin,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::{Duration, Instant, SystemTime},
 };
 
 use futures::Stream;
-use hyper_util::rt::TokioIo;
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::{
     Api, Client,
     api::ListParams,
     runtime::events::{Event, EventType, Recorder},
 };
-use tokio::net::{UnixListener, UnixStream};
+use tokio::net::UnixListener;
 use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
 use tokio_util::sync::CancellationToken;
-use tonic::{
-    Request, Response, Status,
-    transport::{Endpoint, Uri},
-};
+use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
 use crate::{
     metrics::Metrics,
-    runtime::Runtime,
+    runtime::{Runtime, unix_channel},
     rxe_counters::{Block, Hold, Holds},
-    rxe_starts::{self, How, Start, Starts},
+    rxe_starts::{How, Start, Starts},
 };
 
 /// The kubelet's device plugin API v1beta1 (`proto/kubelet/deviceplugin/v1beta1`).
@@ -77,6 +76,9 @@ pub const SOCKET: &str = "kube-migros-rxe.sock";
 /// How long the kubelet waits for `PreStartContainer` (`KubeletPreStartContainerRPCTimeoutInSecs`):
 /// the plugin answers well within it.
 pub const KUBELET_PRE_START_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the plugin stays registered while the kubelet holds no device stream of it: the
+/// kubelet opens one right after a registration, and drops it only when it drops the plugin.
+pub const NO_STREAM_LIMIT: Duration = Duration::from_secs(20);
 
 /// What the plugin is configured with.
 #[derive(Debug, Clone)]
@@ -170,14 +172,17 @@ impl Plugin {
         }
     }
 
-    /// Serves the plugin and keeps it registered with the kubelet until `shutdown`.
+    /// Serves the plugin and keeps it registered with the kubelet until `shutdown`: again
+    /// whenever the kubelet restarted (its socket made anew, or the plugin's removed) or holds
+    /// no device stream for [`NO_STREAM_LIMIT`] (it dropped the registration).
     pub async fn run(self, shutdown: CancellationToken) {
         let settings = &self.inner.settings;
         let socket = settings.dir.join(SOCKET);
         let kubelet = settings.dir.join(KUBELET_SOCKET);
         loop {
             let served = shutdown.child_token();
-            let server = match self.serve(&socket, served.clone()) {
+            let streams = Arc::new(AtomicUsize::new(0));
+            let server = match self.serve(&socket, served.clone(), streams.clone()) {
                 Ok(server) => server,
                 Err(e) => {
                     warn!(socket = %socket.display(), error = %e, "cannot serve the device plugin; trying again");
@@ -187,29 +192,35 @@ impl Plugin {
                     continue;
                 }
             };
+            let stop = async |server: tokio::task::JoinHandle<()>| {
+                served.cancel();
+                let _ = server.await;
+            };
             let mut said = false;
             let registered = loop {
                 match self.register(&kubelet).await {
-                    Ok(()) => break identity(&kubelet),
+                    Ok(()) => break Some(identity(&kubelet)),
                     Err(e) => {
                         if !said {
-                            warn!(kubelet = %kubelet.display(), error = %e, "cannot register with the kubelet yet; retrying");
+                            warn!(error = %e, "cannot register with the kubelet yet; retrying");
                             said = true;
                         }
                         if pause(&shutdown, Duration::from_secs(2)).await {
-                            served.cancel();
-                            let _ = server.await;
-                            let _ = std::fs::remove_file(&socket);
-                            return;
+                            break None;
                         }
                     }
                 }
             };
+            let Some(registered) = registered else {
+                stop(server).await;
+                let _ = std::fs::remove_file(&socket);
+                return;
+            };
             info!(resource = %settings.resource, devices = settings.devices, "registered with the kubelet as a device plugin");
+            let mut streamless = Instant::now();
             loop {
                 if pause(&shutdown, Duration::from_secs(1)).await {
-                    served.cancel();
-                    let _ = server.await;
+                    stop(server).await;
                     let _ = std::fs::remove_file(&socket);
                     return;
                 }
@@ -217,9 +228,14 @@ impl Plugin {
                     info!("the kubelet restarted; registering again");
                     break;
                 }
+                if streams.load(Ordering::Relaxed) > 0 {
+                    streamless = Instant::now();
+                } else if streamless.elapsed() > NO_STREAM_LIMIT {
+                    info!("the kubelet holds no device stream; registering again");
+                    break;
+                }
             }
-            served.cancel();
-            let _ = server.await;
+            stop(server).await;
         }
     }
 
@@ -227,6 +243,7 @@ impl Plugin {
         &self,
         socket: &Path,
         stop: CancellationToken,
+        streams: Arc<AtomicUsize>,
     ) -> std::io::Result<tokio::task::JoinHandle<()>> {
         if let Some(dir) = socket.parent() {
             std::fs::create_dir_all(dir)?;
@@ -240,6 +257,7 @@ impl Plugin {
         let service = Service {
             plugin: self.clone(),
             stop: stop.clone(),
+            streams,
         };
         Ok(tokio::spawn(async move {
             if let Err(e) = tonic::transport::Server::builder()
@@ -256,10 +274,7 @@ impl Plugin {
     }
 
     async fn register(&self, kubelet: &Path) -> Result<(), String> {
-        let channel = unix_channel(kubelet)
-            .await
-            .map_err(|e| format!("connecting to {}: {e}", kubelet.display()))?;
-        RegistrationClient::new(channel)
+        RegistrationClient::new(unix_channel(kubelet))
             .register(api::RegisterRequest {
                 version: API_VERSION.into(),
                 endpoint: SOCKET.into(),
@@ -267,7 +282,7 @@ impl Plugin {
                 options: Some(options()),
             })
             .await
-            .map_err(|e| e.message().to_string())?;
+            .map_err(|e| format!("{}: {}", kubelet.display(), e.message()))?;
         Ok(())
     }
 
@@ -338,58 +353,68 @@ impl Plugin {
             // A migration restores this pod: its restore set the counters to the block and
             // holds them until the pod runs.
             let now = counters.read().map_err(|e| e.to_string())?;
-            self.record(Start {
-                namespace: who.namespace.clone(),
-                pod: who.name.clone(),
-                uid,
-                container: who.container.clone(),
-                how: How::Restore,
+            let start = Start::begun(
+                &who.namespace,
+                &who.name,
+                &uid,
+                &who.container,
+                How::Restore,
                 block,
-                set: now,
-                after: now,
-                ran: true,
-                inside: rxe_starts::inside(block, now, now),
-                at: epoch_seconds(),
-            })
-            .await;
+                now,
+            )
+            .ended(now, true);
+            self.record(start);
             info!(pod = %key, container = %who.container, %block, "a restore holds the rxe counters at the pod's block");
             return Ok(());
         }
         let block = self.block_of(&who.namespace, &who.name).await?;
-        let at = inner.starts.next_at(&uid, block);
         let since = epoch_nanos();
-        let hold = counters
+        // Where the pod's earlier starts left off, read once the lock is held: they recorded
+        // their end before they let go.
+        let (hold, at) = counters
             .hold_at(
                 &format!("the start of pod {key}"),
                 block,
-                at,
+                || inner.starts.next_at(&uid, block),
                 inner.settings.lock_wait,
             )
             .await
             .map_err(|e| format!("rxe counters for pod {key}: {e}"))?;
+        // Recorded before the container may run: a source whose start is not checked yet (or
+        // never will be: the agent stopped) is refused.
+        let start = Start::begun(
+            &who.namespace,
+            &who.name,
+            &uid,
+            &who.container,
+            How::Plugin,
+            block,
+            at,
+        );
+        if let Err(e) = inner.starts.put(start.clone()) {
+            return Err(format!("cannot record the start of pod {key}: {e}"));
+        }
         info!(pod = %key, container = %who.container, %block, qpn = at.0, mrn = at.1, "rxe counters set for the container's start");
-        tokio::spawn(self.clone().until_started(who, uid, block, at, hold, since));
+        tokio::spawn(self.clone().until_started(start, hold, since));
         Ok(())
     }
 
-    /// Keeps `hold` until the container runs (or the wait ends) and has settled, then records
-    /// what its start took.
-    async fn until_started(
-        self,
-        who: PodContainer,
-        uid: String,
-        block: Block,
-        set: (u32, u32),
-        hold: Hold,
-        since: i64,
-    ) {
+    /// Keeps `hold` until the container started (or the wait ends) and has settled, then records
+    /// what its start took and lets go.
+    async fn until_started(self, start: Start, hold: Hold, since: i64) {
         let inner = &self.inner;
         let deadline = Instant::now() + inner.settings.start_wait;
         let mut ran = false;
         while Instant::now() < deadline {
             match inner
                 .runtime
-                .runs_since(&who.namespace, &who.name, &uid, &who.container, since)
+                .runs_since(
+                    &start.namespace,
+                    &start.pod,
+                    &start.uid,
+                    &start.container,
+                    since,
+                )
                 .await
             {
                 Ok(true) => {
@@ -404,35 +429,27 @@ impl Plugin {
         if ran {
             tokio::time::sleep(inner.settings.settle).await;
         }
-        let after = inner.holds.counters().read();
-        drop(hold);
-        let after = match after {
+        let after = match inner.holds.counters().read() {
             Ok(after) => after,
             Err(e) => {
                 warn!(error = %e, "cannot read the rxe counters back; the start counts as outside its block");
                 (0, 0)
             }
         };
-        self.record(Start {
-            namespace: who.namespace,
-            pod: who.name,
-            uid,
-            container: who.container,
-            how: How::Plugin,
-            block,
-            set,
-            after,
-            ran,
-            inside: rxe_starts::inside(block, set, after),
-            at: epoch_seconds(),
-        })
-        .await;
+        // Recorded before the next start may take the counters (it continues after these
+        // numbers).
+        let start = start.ended(after, ran);
+        self.record(start);
+        drop(hold);
     }
 
-    /// Records a start, counts it, and tells the pod's events.
-    async fn record(&self, start: Start) {
+    /// Records a start (at once), counts it, and tells the pod's events (in the background).
+    fn record(&self, start: Start) {
         let inner = &self.inner;
-        inner.metrics.rxe_start(start.how, start.inside);
+        if let Err(e) = inner.starts.put(start.clone()) {
+            warn!(error = %e, "cannot write the rxe start records");
+        }
+        inner.metrics.rxe_start(start.how, start.verified());
         let pod = ObjectReference {
             api_version: Some("v1".into()),
             kind: Some("Pod".into()),
@@ -448,7 +465,7 @@ impl Plugin {
                     type_: EventType::Warning,
                     reason: "RxeOutsideBlock".into(),
                     note: Some(format!(
-                        "{why}; the pod cannot be migrated (its numbers may be taken on another node) until it is recreated (docs/rxe-blocks.md)"
+                        "{why}; the pod is not migrated (its numbers may be taken on another node) until it is recreated (docs/rxe-blocks.md)"
                     )),
                     action: "StartContainer".into(),
                     secondary: None,
@@ -474,12 +491,12 @@ impl Plugin {
                 secondary: None,
             },
         };
-        if let Err(e) = inner.starts.add(start) {
-            warn!(error = %e, "cannot write the rxe start records");
-        }
-        if let Err(e) = inner.recorder.publish(&event, &pod).await {
-            warn!(error = %e, "could not publish an Event");
-        }
+        let recorder = inner.recorder.clone();
+        tokio::spawn(async move {
+            if let Err(e) = recorder.publish(&event, &pod).await {
+                warn!(error = %e, "could not publish an Event");
+            }
+        });
     }
 
     /// The pod and container the kubelet allocated `ids` to (its pod resources API), and forgets
@@ -489,16 +506,16 @@ impl Plugin {
         let wanted: HashSet<&str> = ids.iter().map(String::as_str).collect();
         // The kubelet knows the allocation before it asks; a few tries cover a slow answer.
         for attempt in 0..5 {
-            let channel = unix_channel(&settings.pod_resources).await.map_err(|e| {
-                format!(
-                    "the kubelet's pod resources API ({}): {e}",
-                    settings.pod_resources.display()
-                )
-            })?;
-            let pods = PodResourcesListerClient::new(channel)
+            let pods = PodResourcesListerClient::new(unix_channel(&settings.pod_resources))
                 .list(pod_resources::ListPodResourcesRequest {})
                 .await
-                .map_err(|e| format!("the kubelet's pod resources API: {}", e.message()))?
+                .map_err(|e| {
+                    format!(
+                        "the kubelet's pod resources API ({}): {}",
+                        settings.pod_resources.display(),
+                        e.message()
+                    )
+                })?
                 .into_inner()
                 .pod_resources;
             let found = pods.iter().find_map(|pod| {
@@ -545,25 +562,12 @@ impl Plugin {
     /// The block of pod `namespace/name`, waiting for the operator to allocate it.
     async fn block_of(&self, namespace: &str, name: &str) -> Result<Block, String> {
         let api: Api<crds::RxeBlock> = Api::all(self.inner.client.clone());
-        let params = ListParams::default().labels(&format!(
-            "{}={},{}={}",
-            crds::RXE_POD_NAMESPACE_LABEL,
-            crds::pod_label_value(namespace),
-            crds::RXE_POD_NAME_LABEL,
-            crds::pod_label_value(name)
-        ));
+        let params = ListParams::default().labels(&crds::owner_selector(namespace, name));
         let deadline = Instant::now() + self.inner.settings.block_wait;
         loop {
             match api.list(&params).await {
                 Ok(list) => {
-                    // Two allocations that raced both exist until the allocator drops the
-                    // higher index: the lowest is the one kept.
-                    let owned = list
-                        .items
-                        .into_iter()
-                        .filter(|b| b.spec.pod.namespace == namespace && b.spec.pod.name == name)
-                        .min_by_key(|b| b.spec.index);
-                    if let Some(b) = owned {
+                    if let Some(b) = crds::owned_by(list.items, namespace, name).first() {
                         return Ok(Block {
                             qpn_start: b.spec.qpn_start,
                             qpn_count: b.spec.qpn_count,
@@ -590,6 +594,24 @@ impl Plugin {
 struct Service {
     plugin: Plugin,
     stop: CancellationToken,
+    /// Device streams the kubelet holds open.
+    streams: Arc<AtomicUsize>,
+}
+
+/// Counts an open device stream while it lives.
+struct Streaming(Arc<AtomicUsize>);
+
+impl Streaming {
+    fn new(streams: Arc<AtomicUsize>) -> Self {
+        streams.fetch_add(1, Ordering::Relaxed);
+        Self(streams)
+    }
+}
+
+impl Drop for Streaming {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 type DeviceStream = Pin<Box<dyn Stream<Item = Result<api::ListAndWatchResponse, Status>> + Send>>;
@@ -611,7 +633,9 @@ impl DevicePlugin for Service {
     ) -> Result<Response<Self::ListAndWatchStream>, Status> {
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         let (plugin, stop) = (self.plugin.clone(), self.stop.clone());
+        let streaming = Streaming::new(self.streams.clone());
         tokio::spawn(async move {
+            let _streaming = streaming;
             let mut last = None;
             loop {
                 let healthy = plugin.inner.holds.counters().present();
@@ -685,19 +709,6 @@ fn options() -> DevicePluginOptions {
     }
 }
 
-/// A gRPC channel over the unix socket `path`.
-async fn unix_channel(path: &Path) -> Result<tonic::transport::Channel, tonic::transport::Error> {
-    let path = path.to_path_buf();
-    // The URI is required by the API and ignored by the connector.
-    Endpoint::from_static("http://kubelet.invalid")
-        .connect_timeout(Duration::from_secs(5))
-        .connect_with_connector(tower::service_fn(move |_: Uri| {
-            let path = path.clone();
-            async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?)) }
-        }))
-        .await
-}
-
 /// The file's identity (device, inode), to tell a socket made anew from the old one.
 fn identity(path: &Path) -> Option<(u64, u64)> {
     use std::os::unix::fs::MetadataExt;
@@ -746,12 +757,6 @@ pub fn verbs_environment(device: &str) -> HashMap<String, String> {
         ("NCCL_IB_HCA".to_string(), device.to_string()),
         ("UCX_NET_DEVICES".to_string(), format!("{device}:1")),
     ])
-}
-
-fn epoch_seconds() -> u64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 fn epoch_nanos() -> i64 {

@@ -48,3 +48,11 @@ pub mod strategies;
 pub mod target;
 pub mod wire;
 pub mod wrapper;
+
+/// Seconds since the Unix epoch (what is kept on disk, as a source's deadline, must survive a
+/// restart of the agent).
+pub(crate) fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}

@@ -124,12 +124,14 @@ struct Args {
     /// seen in every container (test workloads take their numbers from it).
     #[arg(long)]
     rxe_counters_mount: Option<PathBuf>,
-    /// Seconds a container start waits for its pod's rxe block to be allocated.
-    #[arg(long, default_value_t = 10)]
+    /// Seconds a container start waits for its pod's rxe block to be allocated (with
+    /// --rxe-start-lock-seconds within the 30 s the kubelet gives the plugin; it tries the start
+    /// again later).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=10))]
     rxe_block_wait_seconds: u64,
     /// Seconds a container start waits for the rxe counters while another start or restore holds
-    /// them (the kubelet gives up on the plugin after 30 s and tries again later).
-    #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..=25))]
+    /// them.
+    #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..=15))]
     rxe_start_lock_seconds: u64,
     /// Seconds the counters stay held for a container that does not run.
     #[arg(long, default_value_t = 30)]

@@ -129,7 +129,7 @@ impl Metrics {
         self.collected.inc();
     }
 
-    /// A container start of an RDMA pod was recorded.
+    /// A container start of an RDMA pod was recorded; `inside`: verified inside its block.
     pub fn rxe_start(&self, how: crate::rxe_starts::How, inside: bool) {
         self.rxe_starts
             .get_or_create(&RxeStartLabels {

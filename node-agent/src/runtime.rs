@@ -76,24 +76,25 @@ pub fn container_id(reference: &str) -> &str {
     reference.split_once("://").map_or(reference, |(_, id)| id)
 }
 
+/// A gRPC channel to the unix socket `socket` (the runtime's, the kubelet's); it connects
+/// lazily, at the first call, so a server that starts later is found once it is up.
+pub fn unix_channel(socket: &Path) -> Channel {
+    let path = socket.to_path_buf();
+    // The URI is required by the API and ignored by the connector.
+    Endpoint::from_static("http://unix.invalid")
+        .connect_timeout(Duration::from_secs(5))
+        .connect_with_connector_lazy(tower::service_fn(move |_: Uri| {
+            let path = path.clone();
+            async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?)) }
+        }))
+}
+
 impl Runtime {
     /// A client of the runtime on `socket`; connects lazily, so a runtime that starts later is
     /// found once it is up.
     pub fn new(socket: &Path, namespace: &str) -> Result<Self> {
-        let path = socket.to_path_buf();
-        // The URI is required by the API and ignored by the connector.
-        let channel =
-            Endpoint::try_from("http://runtime.invalid")
-                .map_err(|e| Error::Endpoint(socket.display().to_string(), e.to_string()))?
-                .connect_timeout(Duration::from_secs(5))
-                .connect_with_connector_lazy(tower::service_fn(move |_: Uri| {
-                    let path = path.clone();
-                    async move {
-                        Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?))
-                    }
-                }));
         Ok(Self {
-            channel,
+            channel: unix_channel(socket),
             namespace: namespace.into(),
         })
     }
@@ -312,17 +313,22 @@ impl Runtime {
             .map_err(call("listing pod sandboxes"))?
             .into_inner()
             .items;
-        Ok(sandboxes.into_iter().find(|s| {
-            s.metadata.as_ref().is_some_and(|m| {
-                m.namespace == namespace
-                    && m.name == pod
-                    && (pod_uid.is_empty() || m.uid == pod_uid)
+        // The newest: a pod replaced under its name may leave its former sandbox for a moment.
+        Ok(sandboxes
+            .into_iter()
+            .filter(|s| {
+                s.metadata.as_ref().is_some_and(|m| {
+                    m.namespace == namespace
+                        && m.name == pod
+                        && (pod_uid.is_empty() || m.uid == pod_uid)
+                })
             })
-        }))
+            .max_by_key(|s| s.created_at))
     }
 
-    /// Whether container `container` of the pod runs in a container created at `since_ns`
-    /// (nanoseconds since the epoch) or later: the start that followed a given moment.
+    /// Whether container `container` of the pod was started in a container created at `since_ns`
+    /// (nanoseconds since the epoch) or later: the start that followed a given moment. It runs,
+    /// or it ran and exited already.
     pub async fn runs_since(
         &self,
         namespace: &str,
@@ -347,7 +353,8 @@ impl Runtime {
             .into_inner()
             .containers;
         Ok(containers.iter().any(|c| {
-            c.state == cri::ContainerState::ContainerRunning as i32
+            (c.state == cri::ContainerState::ContainerRunning as i32
+                || c.state == cri::ContainerState::ContainerExited as i32)
                 && c.created_at >= since_ns
                 && c.metadata.as_ref().is_some_and(|m| m.name == container)
         }))

@@ -173,27 +173,21 @@ impl Counters {
     /// Takes the node's lock for migration `owner` (waiting at most `wait` for another holder),
     /// then sets both counters to the start of `block` and reads them back.
     pub async fn hold(&self, owner: &str, block: Block, wait: Duration) -> Result<Hold, Error> {
-        self.hold_at(owner, block, (block.qpn_start, block.mrn_start), wait)
-            .await
+        let start = (block.qpn_start, block.mrn_start);
+        Ok(self.hold_at(owner, block, || start, wait).await?.0)
     }
 
-    /// Like [`Counters::hold`], with the counters set to `at` (QPN, MRN), which must lie in
-    /// `block`: a pod's second container continues where its first one's numbers end.
+    /// Like [`Counters::hold`], with the counters set to what `at` answers (QPN, MRN) once the
+    /// lock is taken, which must lie in `block`: a pod's second container continues where its
+    /// first one's numbers end, as recorded by the time the first one let go.
     pub async fn hold_at(
         &self,
         owner: &str,
         block: Block,
-        at: (u32, u32),
+        at: impl FnOnce() -> (u32, u32),
         wait: Duration,
-    ) -> Result<Hold, Error> {
+    ) -> Result<(Hold, (u32, u32)), Error> {
         self.check(block)?;
-        if !block.contains(at) {
-            return Err(Error::OutOfRange {
-                block,
-                qpn: at.0..at.0,
-                mrn: at.1..at.1,
-            });
-        }
         if !self.present() {
             return Err(Error::Absent(self.dir.clone()));
         }
@@ -214,12 +208,23 @@ impl Counters {
         if let Ok(mut holder) = self.holder.lock() {
             *holder = owner.to_string();
         }
+        let at = at();
+        if !block.contains(at) {
+            return Err(Error::OutOfRange {
+                block,
+                qpn: at.0..at.0,
+                mrn: at.1..at.1,
+            });
+        }
         self.write(QPN_FILE, at.0)?;
         self.write(MRN_FILE, at.1)?;
-        Ok(Hold {
-            _guard: guard,
-            block,
-        })
+        Ok((
+            Hold {
+                _guard: guard,
+                block,
+            },
+            at,
+        ))
     }
 
     /// The counters' values now (QPN, MRN): the last numbers rxe handed out.

@@ -46,30 +46,85 @@ pub struct Start {
     pub set: (u32, u32),
     /// The counters when the agent let go of them (after the container ran and settled).
     pub after: (u32, u32),
-    /// Whether the container was seen running before the agent let go.
+    /// Whether the agent let go and read the counters back: a record that is not done is a start
+    /// under way, or one whose agent stopped while it held the counters.
+    pub done: bool,
+    /// Whether the container was seen started before the agent let go.
     pub ran: bool,
-    /// Every number the start handed out lies in the block.
+    /// Every number the counters handed out while held lies in the block.
     pub inside: bool,
-    /// Seconds since the epoch, when the agent let go.
+    /// Seconds since the epoch, when the record was last written.
     pub at: u64,
 }
 
 impl Start {
-    /// Why this start is outside its pod's block, for events and refusals; `None` when inside.
+    /// A start under way: the counters were set to `set`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn begun(
+        namespace: &str,
+        pod: &str,
+        uid: &str,
+        container: &str,
+        how: How,
+        block: Block,
+        set: (u32, u32),
+    ) -> Self {
+        Self {
+            namespace: namespace.into(),
+            pod: pod.into(),
+            uid: uid.into(),
+            container: container.into(),
+            how,
+            block,
+            set,
+            after: set,
+            done: false,
+            ran: false,
+            inside: false,
+            at: crate::unix_now(),
+        }
+    }
+
+    /// The start ended: the counters read `after` when the agent let go; `ran`: the container
+    /// was seen started by then.
+    pub fn ended(mut self, after: (u32, u32), ran: bool) -> Self {
+        self.after = after;
+        self.ran = ran;
+        self.done = true;
+        self.inside = inside(self.block, self.set, after);
+        self.at = crate::unix_now();
+        self
+    }
+
+    /// Every number of the start is known to lie in the block.
+    pub fn verified(&self) -> bool {
+        self.done && self.ran && self.inside
+    }
+
+    /// Why this start cannot count as inside its pod's block, for events and refusals; `None`
+    /// when it does.
     pub fn outside(&self) -> Option<String> {
-        (!self.inside).then(|| {
-            format!(
-                "container {} of pod {}/{} got rxe numbers outside its block ({}): the counters went from QPN {} / MRN {} to QPN {} / MRN {} while it started",
-                self.container,
-                self.namespace,
-                self.pod,
-                self.block,
-                self.set.0,
-                self.set.1,
-                self.after.0,
-                self.after.1
-            )
-        })
+        let who = format!(
+            "container {} of pod {}/{}",
+            self.container, self.namespace, self.pod
+        );
+        if !self.done {
+            Some(format!(
+                "the start of {who} was not checked: it is under way, or the agent stopped while it held the rxe counters"
+            ))
+        } else if !self.inside {
+            Some(format!(
+                "{who} got rxe numbers outside its block ({}): the counters went from QPN {} / MRN {} to QPN {} / MRN {} while it started",
+                self.block, self.set.0, self.set.1, self.after.0, self.after.1
+            ))
+        } else if !self.ran {
+            Some(format!(
+                "{who} did not start while the agent held the rxe counters at its block ({}): the numbers it took afterwards are unknown",
+                self.block
+            ))
+        } else {
+            None
+        }
     }
 }
 
@@ -116,22 +171,35 @@ impl Starts {
         self.all_mut().clone()
     }
 
-    /// Adds a record (keeping the latest few of its pod) and writes the file.
-    pub fn add(&self, start: Start) -> std::io::Result<()> {
+    /// Writes `start`: it replaces the record of its container's start under way, if any, else
+    /// it is added. A pod keeps its latest few records, and always the latest of each container
+    /// (what the refusal of a source reads).
+    pub fn put(&self, start: Start) -> std::io::Result<()> {
         let mut all = self.all_mut();
-        let uid = start.uid.clone();
-        all.push(start);
-        let of_pod = all.iter().filter(|s| s.uid == uid).count();
+        let under_way = all
+            .iter()
+            .rposition(|s| !s.done && s.uid == start.uid && s.container == start.container);
+        match under_way {
+            Some(i) => all[i] = start.clone(),
+            None => all.push(start.clone()),
+        }
+        let of_pod = all.iter().filter(|s| s.uid == start.uid).count();
         if of_pod > KEPT_PER_POD {
+            // The oldest records that a later one of the same container supersedes go first.
             let mut drop = of_pod - KEPT_PER_POD;
-            all.retain(|s| {
-                if drop > 0 && s.uid == uid {
+            let mut i = 0;
+            while drop > 0 && i < all.len() {
+                let superseded = all[i].uid == start.uid
+                    && all[i + 1..]
+                        .iter()
+                        .any(|later| later.uid == start.uid && later.container == all[i].container);
+                if superseded {
+                    all.remove(i);
                     drop -= 1;
-                    false
                 } else {
-                    true
+                    i += 1;
                 }
-            });
+            }
         }
         self.write(&all)
     }
@@ -163,7 +231,7 @@ impl Starts {
         self.all_mut()
             .iter()
             .rev()
-            .find(|s| s.uid == uid && s.block == block && s.inside)
+            .find(|s| s.uid == uid && s.block == block && s.done && s.inside)
             .map(|s| s.after)
             .filter(|&(qpn, mrn)| {
                 u64::from(qpn) + 1 < block.qpn_end() && u64::from(mrn) + 1 < block.mrn_end()
@@ -171,12 +239,23 @@ impl Starts {
             .unwrap_or((block.qpn_start, block.mrn_start))
     }
 
-    /// The first start of pod `uid` that went outside its block, if any.
-    pub fn outside(&self, uid: &str) -> Option<Start> {
-        self.all_mut()
+    /// Why pod `uid` cannot count as inside its block (a container whose latest start here is
+    /// not verified), if so.
+    pub fn outside(&self, uid: &str) -> Option<String> {
+        let all = self.all_mut();
+        let mut containers: Vec<&str> = all
             .iter()
-            .find(|s| s.uid == uid && !s.inside)
-            .cloned()
+            .filter(|s| s.uid == uid)
+            .map(|s| s.container.as_str())
+            .collect();
+        containers.sort_unstable();
+        containers.dedup();
+        containers.into_iter().find_map(|c| {
+            all.iter()
+                .rev()
+                .find(|s| s.uid == uid && s.container == c)
+                .and_then(Start::outside)
+        })
     }
 }
 
@@ -192,20 +271,17 @@ mod tests {
         mrn_count: 256,
     };
 
-    fn start(uid: &str, set: (u32, u32), after: (u32, u32)) -> Start {
-        Start {
-            namespace: "ns".into(),
-            pod: format!("pod-{uid}"),
-            uid: uid.into(),
-            container: "c".into(),
-            how: How::Plugin,
-            block: BLOCK,
+    fn start(uid: &str, container: &str, set: (u32, u32), after: (u32, u32)) -> Start {
+        Start::begun(
+            "ns",
+            &format!("pod-{uid}"),
+            uid,
+            container,
+            How::Plugin,
+            BLOCK,
             set,
-            after,
-            ran: true,
-            inside: inside(BLOCK, set, after),
-            at: 0,
-        }
+        )
+        .ended(after, true)
     }
 
     #[test]
@@ -226,36 +302,77 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let starts = Starts::load(&dir.path().join("rxe-starts.json"));
         assert_eq!(starts.next_at("u1", BLOCK), (1024, 2048));
-        starts.add(start("u1", (1024, 2048), (1027, 2050))).unwrap();
+        starts
+            .put(start("u1", "a", (1024, 2048), (1027, 2050)))
+            .unwrap();
         assert_eq!(starts.next_at("u1", BLOCK), (1027, 2050));
         assert_eq!(starts.next_at("u2", BLOCK), (1024, 2048));
-        starts.add(start("u1", (1027, 2050), (1279, 2051))).unwrap();
+        starts
+            .put(start("u1", "b", (1027, 2050), (1279, 2051)))
+            .unwrap();
         assert_eq!(starts.next_at("u1", BLOCK), (1024, 2048));
     }
 
     #[test]
-    fn records_survive_a_restart_name_what_went_outside_and_forget_gone_pods() {
+    fn a_start_counts_only_once_checked_run_and_inside() {
+        let dir = tempfile::tempdir().unwrap();
+        let starts = Starts::load(&dir.path().join("rxe-starts.json"));
+        let begun = Start::begun("ns", "p", "u1", "a", How::Plugin, BLOCK, (1024, 2048));
+        starts.put(begun.clone()).unwrap();
+        let why = starts.outside("u1").unwrap();
+        assert!(why.contains("was not checked"), "{why}");
+        // The same start, ended without the container seen running.
+        starts
+            .put(begun.clone().ended((1024, 2048), false))
+            .unwrap();
+        assert_eq!(starts.all().len(), 1, "the start under way was replaced");
+        let why = starts.outside("u1").unwrap();
+        assert!(why.contains("did not start"), "{why}");
+        // Started again, inside: its latest start counts.
+        starts
+            .put(start("u1", "a", (1024, 2048), (1026, 2049)))
+            .unwrap();
+        assert_eq!(starts.outside("u1"), None);
+        // Another container of the pod went past the block.
+        starts
+            .put(start("u1", "b", (1026, 2049), (1300, 2049)))
+            .unwrap();
+        let why = starts.outside("u1").unwrap();
+        assert!(why.contains("QPN 1026 / MRN 2049 to QPN 1300"), "{why}");
+    }
+
+    #[test]
+    fn records_survive_a_restart_keep_each_containers_latest_and_forget_gone_pods() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("rxe-starts.json");
         let starts = Starts::load(&path);
-        starts.add(start("u1", (1024, 2048), (1026, 2049))).unwrap();
-        starts.add(start("u2", (1024, 2048), (1300, 2049))).unwrap();
+        starts
+            .put(start("u1", "a", (1024, 2048), (1026, 2049)))
+            .unwrap();
+        // One container went outside, then a sibling restarted many times.
+        starts
+            .put(start("u2", "bad", (1024, 2048), (1300, 2049)))
+            .unwrap();
         for _ in 0..KEPT_PER_POD + 3 {
-            starts.add(start("u3", (1024, 2048), (1024, 2048))).unwrap();
+            starts
+                .put(start("u2", "loop", (1024, 2048), (1024, 2048)))
+                .unwrap();
         }
         let again = Starts::load(&path);
         assert_eq!(again.all(), starts.all());
         assert_eq!(
-            again.all().iter().filter(|s| s.uid == "u3").count(),
+            again.all().iter().filter(|s| s.uid == "u2").count(),
             KEPT_PER_POD
         );
         assert!(again.outside("u1").is_none());
-        let why = again.outside("u2").unwrap().outside().unwrap();
-        assert!(why.contains("QPN 1024 / MRN 2048 to QPN 1300"), "{why}");
+        assert!(
+            again.outside("u2").is_some(),
+            "the outside start was pruned"
+        );
         again
             .keep_only(&HashSet::from([("ns".to_string(), "pod-u2".to_string())]))
             .unwrap();
-        assert_eq!(Starts::load(&path).all().len(), 1);
+        assert!(Starts::load(&path).all().iter().all(|s| s.uid == "u2"));
     }
 
     #[test]

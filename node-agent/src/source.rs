@@ -53,10 +53,9 @@ impl Agent {
         let uid = req.migration_uid.clone();
         let pod = req.pod.unwrap_or_default();
         // A pod whose numbers left its block at a start here cannot keep them elsewhere.
-        if let Some(start) = self.parts.rxe_starts.outside(&pod.uid) {
+        if let Some(why) = self.parts.rxe_starts.outside(&pod.uid) {
             return Err(Error::RxeOutsideBlock(format!(
-                "{}; it is refused as a migration source (docs/rxe-blocks.md)",
-                start.outside().unwrap_or_default()
+                "{why}; it is refused as a migration source (docs/rxe-blocks.md)"
             )));
         }
         let mut record = Record::of_pod(&uid, Role::Source, &pod);
@@ -65,7 +64,7 @@ impl Agent {
             0 => self.settings.source_deadline,
             s => Duration::from_secs(s),
         };
-        record.resume_at = Some(unix_now().saturating_add(resume_after.as_secs()));
+        record.resume_at = Some(crate::unix_now().saturating_add(resume_after.as_secs()));
         // The containers are found by the pod's sandbox. An ID the request names must be that
         // container's: whoever holds the operator's certificate pauses and dumps the pod it names,
         // never another container of the node.
@@ -644,7 +643,7 @@ impl Agent {
     /// point (the operator went away, or cannot reach this node): the pod runs again, reachable,
     /// and a commit is refused from then on. Returns the migrations resumed now.
     pub async fn resume_expired(&self) -> Vec<String> {
-        let now = unix_now();
+        let now = crate::unix_now();
         let mut resumed = Vec::new();
         for uid in self.store.due(now).unwrap_or_default() {
             let Ok(Some(r)) = self.store.load(&uid) else {
@@ -744,13 +743,6 @@ impl Drop for Checkpointing {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         table.remove(&self.uid);
     }
-}
-
-/// Seconds since the Unix epoch (a deadline kept on disk must survive a restart of the agent).
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 /// Whether the source migration `other` holds a container of `mine`'s pod: it is checkpointing

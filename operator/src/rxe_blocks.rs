@@ -228,19 +228,13 @@ impl Allocator {
 
     /// The blocks of a pod, lowest index first (more than one only after a race).
     async fn owned(&self, namespace: &str, name: &str) -> Result<Vec<RxeBlock>, Error> {
-        let selector = format!(
-            "{RXE_POD_NAMESPACE_LABEL}={namespace},{RXE_POD_NAME_LABEL}={}",
-            crds::pod_label_value(name)
-        );
-        let mut owned = self
+        let selector = crds::owner_selector(namespace, name);
+        let listed = self
             .api
             .list(&ListParams::default().labels(&selector))
             .await?
             .items;
-        // A long name's label value is shared with names that hash alike.
-        owned.retain(|b| b.spec.pod.namespace == namespace && b.spec.pod.name == name);
-        owned.sort_by_key(|b| b.spec.index);
-        Ok(owned)
+        Ok(crds::owned_by(listed, namespace, name))
     }
 
     /// Two allocations for the same pod that raced both succeed; keep the lowest index, free the
@@ -335,29 +329,69 @@ pub async fn maintain(
         None => Api::all(client.clone()),
     };
     let selector = format!("{}=true", crds::RDMA_LABEL);
-    let changes = watcher::watcher(pods, watcher::Config::default().labels(&selector))
-        .default_backoff()
-        .filter(|event| {
-            std::future::ready(matches!(
-                event,
-                Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_))
-            ))
-        });
+    let changes =
+        watcher::watcher(pods, watcher::Config::default().labels(&selector)).default_backoff();
     let mut changes = std::pin::pin!(changes);
+    // The RDMA pods seen: an update of one (its status) needs no sweep; a new one or a deletion
+    // does.
+    let mut seen = BTreeSet::new();
     loop {
         if let Err(e) = sweep(&allocator, &client, namespace.as_deref()).await {
             tracing::warn!(error = %e, "rxe block maintenance failed; retrying");
         }
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            () = tokio::time::sleep(interval) => {}
-            Some(_) = changes.next() => {
-                // Pods that come together are looked after by one sweep.
-                while let Ok(Some(_)) =
-                    tokio::time::timeout(std::time::Duration::from_millis(200), changes.next()).await
-                {}
+        let next_sweep = tokio::time::sleep(interval);
+        tokio::pin!(next_sweep);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = &mut next_sweep => break,
+                Some(event) = changes.next() => {
+                    if !came_or_went(event, &mut seen) {
+                        continue;
+                    }
+                    // Pods that come together are looked after by one sweep, within a second.
+                    let gather = tokio::time::sleep(std::time::Duration::from_secs(1));
+                    tokio::pin!(gather);
+                    loop {
+                        tokio::select! {
+                            () = &mut gather => break,
+                            more = tokio::time::timeout(std::time::Duration::from_millis(200), changes.next()) => match more {
+                                Ok(Some(event)) => { came_or_went(event, &mut seen); }
+                                _ => break,
+                            },
+                        }
+                    }
+                    break;
+                }
             }
         }
+    }
+}
+
+/// Whether a watch event is an RDMA pod that appeared or went (updating `seen`).
+fn came_or_went(
+    event: Result<
+        kube::runtime::watcher::Event<kube::core::PartialObjectMeta<Pod>>,
+        kube::runtime::watcher::Error,
+    >,
+    seen: &mut BTreeSet<(String, String)>,
+) -> bool {
+    use kube::runtime::watcher::Event;
+    let key = |pod: &kube::core::PartialObjectMeta<Pod>| {
+        (pod.namespace().unwrap_or_default(), pod.name_any())
+    };
+    match event {
+        Ok(Event::Apply(pod)) => seen.insert(key(&pod)),
+        // A (re)listing: the sweep that follows any change covers those pods.
+        Ok(Event::InitApply(pod)) => {
+            seen.insert(key(&pod));
+            false
+        }
+        Ok(Event::Delete(pod)) => {
+            seen.remove(&key(&pod));
+            true
+        }
+        Ok(Event::Init | Event::InitDone) | Err(_) => false,
     }
 }
 

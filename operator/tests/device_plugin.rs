@@ -14,7 +14,8 @@
 //! - a pod that took numbers past its block is reported (Event, metric) and refused as a
 //!   migration source, untouched;
 //! - a migration afterwards restores each of the three with its block;
-//! - the agent restarted, then the kubelet restarted: the plugin registers again and starts go on.
+//! - the agent restarted, then the kubelet restarted: the plugin registers again and starts go on;
+//! - the two RDMA containers of one pod share its block, the second after the first.
 
 #![allow(clippy::expect_used, clippy::unwrap_used)] // a test fails by panicking
 
@@ -111,6 +112,28 @@ impl Rdma {
         }
     }
 
+    /// An RDMA pod of two containers on `node`, each taking [`QPS`] numbers (status on 8080 and
+    /// 8081).
+    async fn two_containers(&self, name: &str, node: &str) {
+        let container = |c: &str, port: u16| {
+            serde_json::json!({"name": c, "image": self.demo,
+                "args": ["serve", "--status", format!(":{port}"),
+                         "--rxe", agents::RXE_COUNTERS_MOUNT,
+                         "--qps", QPS.to_string(), "--mrs", MRS.to_string()],
+                "resources": {"limits": {"rdma/rxe": "1"}}})
+        };
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "labels": {"migros.io/rdma": "true"}},
+            "spec": {"nodeName": node, "terminationGracePeriodSeconds": 1,
+                     "containers": [container("a", 8080), container("b", 8081)]}
+        }))
+        .unwrap();
+        self.pods
+            .create(&PostParams::default(), &pod)
+            .await
+            .unwrap();
+    }
+
     async fn delete(&self, name: &str) {
         self.pods
             .delete(name, &DeleteParams::default())
@@ -166,8 +189,9 @@ impl Rdma {
             .collect()
     }
 
-    /// The agent on node `i`'s latest start record of pod `name`, once it has one (the agent
-    /// writes it when it lets go of the counters, after the container settled).
+    /// The agent on node `i`'s latest start record of pod `name`, once it is done (the agent
+    /// records a start when it sets the counters, and again when it lets go of them, after the
+    /// container settled).
     async fn record(&self, i: usize, name: &str, how: &str) -> serde_json::Value {
         let found = until(
             &format!("a start record of {name} by {how}"),
@@ -178,7 +202,7 @@ impl Rdma {
                     .into_iter()
                     .rev()
                     .find(|s| s["pod"] == name)
-                    .filter(|s| s["how"] == how)
+                    .filter(|s| s["how"] == how && s["done"] == true)
             },
         )
         .await;
@@ -285,6 +309,20 @@ fn numbers(state: &State, key: &str) -> Vec<u32> {
         .get(key)
         .map(|v| v.split(',').filter_map(|n| n.parse().ok()).collect())
         .unwrap_or_default()
+}
+
+/// The demo workload's status line on `port`.
+async fn workload_status(ip: Ipv4Addr, port: u16) -> Option<State> {
+    use tokio::io::AsyncReadExt;
+    let mut stream = tokio::net::TcpStream::connect((ip, port)).await.ok()?;
+    let mut line = String::new();
+    stream.read_to_string(&mut line).await.ok()?;
+    let state: State = line
+        .split_whitespace()
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    (!state.is_empty()).then_some(state)
 }
 
 /// GET `path` over plain HTTP/1.1; the body.
@@ -628,6 +666,25 @@ async fn rdma_pods_get_their_rxe_block_from_their_first_start() {
             for name in ["r1", "r2", "r7"] {
                 t.running(name, None).await;
             }
+
+            // A pod of two RDMA containers: they share its block, the second one's numbers
+            // following the first one's.
+            t.delete("r10").await;
+            t.two_containers("r11", "node-2").await;
+            let (pod, a) = t.running("r11", None).await;
+            let b = until(
+                "r11's second container to report",
+                Duration::from_secs(60),
+                || workload_status(workload::ip_of(&pod).unwrap(), 8081),
+            )
+            .await
+            .unwrap();
+            let block = t.block("r11").await;
+            let mut qpns = numbers(&a, "qpns");
+            qpns.extend(numbers(&b, "qpns"));
+            qpns.sort_unstable();
+            let want: Vec<u32> = (1..=2 * QPS).map(|k| block.qpn_start + k).collect();
+            assert_eq!(qpns, want, "the two containers' QPNs, block {block:?}");
 
             for child in &mut children {
                 child.kill().unwrap();
