@@ -598,10 +598,6 @@ impl Matrix {
             )
             .await
             .map_err(anyhow::Error::msg)?;
-            // The agent's device plugin registers with the new kubelet.
-            kubelets::wait_rxe(&self.client, &[&target.name], Duration::from_secs(60))
-                .await
-                .map_err(anyhow::Error::msg)?;
             // The node lifecycle controller tainted the node while its kubelet was away; a
             // migration to it would be refused until the taints are gone.
             let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(self.client.clone());
@@ -637,6 +633,12 @@ impl Matrix {
         }
         release::wait_rolled_out(&self.client, Duration::from_secs(180)).await?;
         workload::until("a leader", Duration::from_secs(120), || self.leader()).await?;
+        // A restarted agent's device plugin registers again: until then its node offers no
+        // rdma/rxe, and a migration of the next (RDMA) workload there would be refused.
+        let nodes: Vec<&str> = self.nodes.iter().map(|n| n.name.as_str()).collect();
+        kubelets::wait_rxe(&self.client, &nodes, Duration::from_secs(60))
+            .await
+            .map_err(anyhow::Error::msg)?;
         Ok(())
     }
 
