@@ -337,21 +337,7 @@ impl Runtime {
         container: &str,
         since_ns: i64,
     ) -> Result<bool> {
-        let Some(sandbox_id) = self.find_sandbox(namespace, pod, pod_uid).await? else {
-            return Ok(false);
-        };
-        let containers = self
-            .cri()
-            .list_containers(cri::ListContainersRequest {
-                filter: Some(cri::ContainerFilter {
-                    pod_sandbox_id: sandbox_id,
-                    ..Default::default()
-                }),
-            })
-            .await
-            .map_err(call("listing containers"))?
-            .into_inner()
-            .containers;
+        let containers = self.pod_containers(namespace, pod, pod_uid).await?;
         Ok(containers.iter().any(|c| {
             (c.state == cri::ContainerState::ContainerRunning as i32
                 || c.state == cri::ContainerState::ContainerExited as i32)
@@ -435,18 +421,17 @@ impl Runtime {
         .await
     }
 
-    async fn find_container_in(
+    /// The containers of the pod's ready sandbox (none without one).
+    async fn pod_containers(
         &self,
         namespace: &str,
         pod: &str,
         pod_uid: &str,
-        container: &str,
-        states: &[cri::ContainerState],
-    ) -> Result<Option<String>> {
+    ) -> Result<Vec<cri::Container>> {
         let Some(sandbox_id) = self.find_sandbox(namespace, pod, pod_uid).await? else {
-            return Ok(None);
+            return Ok(Vec::new());
         };
-        let containers = self
+        Ok(self
             .cri()
             .list_containers(cri::ListContainersRequest {
                 filter: Some(cri::ContainerFilter {
@@ -457,7 +442,18 @@ impl Runtime {
             .await
             .map_err(call("listing containers"))?
             .into_inner()
-            .containers;
+            .containers)
+    }
+
+    async fn find_container_in(
+        &self,
+        namespace: &str,
+        pod: &str,
+        pod_uid: &str,
+        container: &str,
+        states: &[cri::ContainerState],
+    ) -> Result<Option<String>> {
+        let containers = self.pod_containers(namespace, pod, pod_uid).await?;
         Ok(containers
             .into_iter()
             .filter(|c| states.iter().any(|s| *s as i32 == c.state))

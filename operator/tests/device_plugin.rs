@@ -30,11 +30,11 @@ use kube::{
     api::{DeleteParams, ListParams, PostParams},
 };
 use sandbox::{
-    Dirs, agents, binaries,
+    Dirs, agents,
     kubelets::{self, Kubelets},
     nodes::{Node, Nodes},
 };
-use support::{Operator, Options};
+use support::{Operator, Options, RealNodes};
 use testkit::{
     fixtures::Certificates,
     harness,
@@ -345,19 +345,14 @@ fn pair(v: &serde_json::Value) -> (u64, u64) {
 
 #[tokio::test]
 async fn rdma_pods_get_their_rxe_block_from_their_first_start() {
-    let env = harness::env().await;
-    let client = harness::client().await;
-    harness::install_crds(&client).await;
-    let dirs = Dirs::from_env();
-    let cluster = sandbox::cluster::up(&dirs)
-        .await
-        .expect("the sandbox cluster");
-    let (nodes, wanted, images) = (Nodes::new(&dirs), cluster.nodes, cluster.images);
-    let agent_binary = binaries::ensure("node-agent", "node-agent").expect("agent built");
-    sandbox::release::ensure_runtime_class(&client)
-        .await
-        .expect("the RuntimeClass");
-    let kubeconfig = workload::node_kubeconfig(&env).unwrap();
+    let RealNodes {
+        nodes,
+        wanted,
+        images,
+        agent_binary,
+        kubeconfig,
+        ..
+    } = RealNodes::up().await;
 
     harness::with_namespace("rdma", |client, ns| {
         let (nodes, wanted, kubeconfig) = (nodes.clone(), wanted.clone(), kubeconfig.clone());

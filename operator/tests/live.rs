@@ -16,11 +16,11 @@ use futures::FutureExt;
 use k8s_openapi::api::core::v1::Pod;
 use kube::{Api, ResourceExt};
 use sandbox::{
-    Dirs, agents, binaries,
+    agents,
     containerd::Containerd,
     nodes::{Node, Nodes},
 };
-use support::{Operator, Options, Scenario};
+use support::{Operator, Options, RealNodes, Scenario};
 use testkit::{
     fixtures::Certificates,
     harness::{self, eventually},
@@ -468,21 +468,14 @@ async fn drain_moves_live_pods(live: &Live, image: &str) {
 
 #[tokio::test]
 async fn a_pod_moves_between_real_nodes_keeping_its_state_ip_and_tcp_peer() {
-    let env = harness::env().await;
-    let client = harness::client().await;
-    harness::install_crds(&client).await;
-    let dirs = Dirs::from_env();
-    let cluster = sandbox::cluster::up(&dirs)
-        .await
-        .expect("the sandbox cluster");
-    let (nodes, wanted, images) = (Nodes::new(&dirs), cluster.nodes, cluster.images);
-    let agent_binary = binaries::ensure("node-agent", "node-agent").expect("agent built");
-    // The nodes' containerd has the runtime wrapper's handler; replacements run under this class.
-    sandbox::release::ensure_runtime_class(&client)
-        .await
-        .expect("the RuntimeClass");
-    // The agents announce themselves with the admin's credentials.
-    let kubeconfig = workload::node_kubeconfig(&env).unwrap();
+    let RealNodes {
+        nodes,
+        wanted,
+        images,
+        agent_binary,
+        kubeconfig,
+        ..
+    } = RealNodes::up().await;
 
     harness::with_namespace("live", |client, ns| {
         let (nodes, wanted, kubeconfig) = (nodes.clone(), wanted.clone(), kubeconfig.clone());
@@ -717,7 +710,7 @@ async fn a_pod_moves_between_real_nodes_keeping_its_state_ip_and_tcp_peer() {
     .await;
 
     nodes.down().expect("nodes down");
-    sandbox::kubelets::forget(&client, &wanted)
+    sandbox::kubelets::forget(&harness::client().await, &wanted)
         .await
         .expect("nodes forgotten");
 }

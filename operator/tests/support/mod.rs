@@ -23,6 +23,45 @@ use testkit::{
     testagent::TestAgent,
 };
 
+/// The sandbox cluster with its real nodes, as the tests that run the real agent in each node
+/// need it: CRDs installed, the RuntimeClass of the runtime wrapper, the agent binary, and the
+/// kubeconfig the agents announce themselves with (the admin's).
+#[derive(Debug)]
+pub struct RealNodes {
+    pub nodes: sandbox::nodes::Nodes,
+    pub wanted: Vec<sandbox::nodes::Node>,
+    pub images: std::collections::BTreeMap<String, String>,
+    pub agent_binary: std::path::PathBuf,
+    pub kubeconfig: String,
+}
+
+impl RealNodes {
+    pub async fn up() -> Self {
+        let env = harness::env().await;
+        let client = harness::client().await;
+        harness::install_crds(&client).await;
+        let dirs = sandbox::Dirs::from_env();
+        let cluster = sandbox::cluster::up(&dirs)
+            .await
+            .expect("the sandbox cluster");
+        let agent_binary =
+            sandbox::binaries::ensure("node-agent", "node-agent").expect("agent built");
+        // The nodes' containerd has the runtime wrapper's handler; replacements run under this
+        // class.
+        sandbox::release::ensure_runtime_class(&client)
+            .await
+            .expect("the RuntimeClass");
+        let kubeconfig = testkit::workload::node_kubeconfig(&env).unwrap();
+        Self {
+            nodes: sandbox::nodes::Nodes::new(&dirs),
+            wanted: cluster.nodes,
+            images: cluster.images,
+            agent_binary,
+            kubeconfig,
+        }
+    }
+}
+
 /// The operator binary of this workspace.
 pub const OPERATOR: &str = env!("CARGO_BIN_EXE_operator");
 
