@@ -139,6 +139,9 @@ pub fn inside(block: Block, set: (u32, u32), after: (u32, u32)) -> bool {
 pub struct Starts {
     path: PathBuf,
     all: Arc<Mutex<Vec<Start>>>,
+    /// Pods (UIDs) with a start this process checks now: a record that is not done and whose
+    /// pod is not here was left by an agent that stopped.
+    checking: Arc<Mutex<HashSet<String>>>,
 }
 
 impl Starts {
@@ -159,7 +162,25 @@ impl Starts {
         Self {
             path: path.to_path_buf(),
             all: Arc::new(Mutex::new(all)),
+            checking: Arc::default(),
         }
+    }
+
+    fn checking(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.checking.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Waits (at most `limit`) until no start of pod `uid` is being checked by this process;
+    /// answers whether none is.
+    pub async fn settled(&self, uid: &str, limit: std::time::Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        while self.checking().contains(uid) {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        true
     }
 
     fn all_mut(&self) -> std::sync::MutexGuard<'_, Vec<Start>> {
@@ -175,6 +196,11 @@ impl Starts {
     /// it is added. A pod keeps its latest few records, and always the latest of each container
     /// (what the refusal of a source reads).
     pub fn put(&self, start: Start) -> std::io::Result<()> {
+        if start.done {
+            self.checking().remove(&start.uid);
+        } else {
+            self.checking().insert(start.uid.clone());
+        }
         let mut all = self.all_mut();
         let under_way = all
             .iter()
@@ -373,6 +399,42 @@ mod tests {
             .keep_only(&HashSet::from([("ns".to_string(), "pod-u2".to_string())]))
             .unwrap();
         assert!(Starts::load(&path).all().iter().all(|s| s.uid == "u2"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_start_under_way_is_waited_for_and_one_left_by_a_stopped_agent_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rxe-starts.json");
+        let starts = Starts::load(&path);
+        let begun = Start::begun("ns", "p", "u1", "a", How::Plugin, BLOCK, (1024, 2048));
+        starts.put(begun.clone()).unwrap();
+        let limit = std::time::Duration::from_secs(5);
+        assert!(!starts.settled("u1", limit).await, "under way");
+        let ends = {
+            let starts = starts.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                starts.put(begun.ended((1025, 2048), true)).unwrap();
+            })
+        };
+        assert!(starts.settled("u1", limit).await);
+        ends.await.unwrap();
+        assert_eq!(starts.outside("u1"), None);
+        // A start under way when the agent stopped: nothing to wait for, and refused.
+        starts
+            .put(Start::begun(
+                "ns",
+                "p",
+                "u2",
+                "a",
+                How::Plugin,
+                BLOCK,
+                (1024, 2048),
+            ))
+            .unwrap();
+        let after_restart = Starts::load(&path);
+        assert!(after_restart.settled("u2", limit).await);
+        assert!(after_restart.outside("u2").is_some());
     }
 
     #[test]

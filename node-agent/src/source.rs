@@ -46,13 +46,22 @@ const SERVE_PAGES_FOR: Duration = Duration::from_secs(30 * 60);
 /// How often a stopping or waiting step looks at the runtime again.
 const RECHECK: Duration = Duration::from_millis(20);
 
+/// How long a checkpoint waits for the device plugin to check a start of the pod that is under
+/// way (the plugin holds the counters at most its start wait and settle time).
+const RXE_START_SETTLE_LIMIT: Duration = Duration::from_secs(45);
+
 impl Agent {
     /// Pauses and checkpoints the pod's containers; on any failure the pod runs again, reachable,
     /// and nothing of the attempt is kept.
     pub async fn checkpoint(self, req: v1::CheckpointRequest) -> Result<v1::Operation> {
         let uid = req.migration_uid.clone();
         let pod = req.pod.unwrap_or_default();
-        // A pod whose numbers left its block at a start here cannot keep them elsewhere.
+        // A pod whose numbers left its block at a start here cannot keep them elsewhere. A start
+        // still under way (a pod moved right after it started) is waited for.
+        self.parts
+            .rxe_starts
+            .settled(&pod.uid, RXE_START_SETTLE_LIMIT)
+            .await;
         if let Some(why) = self.parts.rxe_starts.outside(&pod.uid) {
             return Err(Error::RxeOutsideBlock(format!(
                 "{why}; it is refused as a migration source (docs/rxe-blocks.md)"
