@@ -425,6 +425,7 @@ async fn rdma_pods_get_their_rxe_block_from_their_first_start() {
 
             // Three RDMA pods at the same moment on node-1: each takes its numbers from the
             // start of its own block.
+            let created = std::time::Instant::now();
             futures::future::join_all(
                 ["r1", "r2", "r3"].map(|name| t.create(name, On::Bound("node-1"), QPS)),
             )
@@ -446,6 +447,11 @@ async fn rdma_pods_get_their_rxe_block_from_their_first_start() {
                 }
                 first.push((name, state, block));
             }
+            eprintln!(
+                "three RDMA pods created at once ran within {:.1} s, one after another under \
+                 the node's counter lock",
+                created.elapsed().as_secs_f64()
+            );
             for (name, _, block) in &first {
                 let r = t.record(0, name, "Plugin").await;
                 assert_eq!(
@@ -552,6 +558,14 @@ async fn rdma_pods_get_their_rxe_block_from_their_first_start() {
             for (name, (_, before, block)) in &moved {
                 let (phase, _, message) = t.outcome(&format!("m-{name}")).await;
                 assert_eq!(phase, Phase::Succeeded, "{name}: {message}");
+                let pm = Api::<PodMigration>::namespaced(t.client.clone(), &t.ns)
+                    .get(&format!("m-{name}"))
+                    .await
+                    .unwrap();
+                eprintln!(
+                    "{name} moved to node-2: {:?}",
+                    pm.status.and_then(|s| s.timings)
+                );
                 let (pod, after) = t.running(name, None).await;
                 assert_eq!(workload::node_of(&pod), "node-2");
                 assert_eq!(
