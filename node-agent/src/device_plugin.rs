@@ -427,7 +427,12 @@ impl Plugin {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         if ran {
-            tokio::time::sleep(inner.settings.settle).await;
+            // A checkpoint of the pod ends the settle time: the pod is about to be frozen.
+            let hurry = inner.starts.hurry(&start.uid);
+            tokio::select! {
+                () = tokio::time::sleep(inner.settings.settle) => {}
+                () = hurry.notified() => {}
+            }
         }
         let after = match inner.holds.counters().read() {
             Ok(after) => after,

@@ -142,6 +142,9 @@ pub struct Starts {
     /// Pods (UIDs) with a start this process checks now: a record that is not done and whose
     /// pod is not here was left by an agent that stopped.
     checking: Arc<Mutex<HashSet<String>>>,
+    /// Per pod under check: told when a checkpoint of the pod waits for the check (its settle
+    /// time ends at once: the pod is about to be frozen).
+    hurry: Arc<Mutex<std::collections::HashMap<String, Arc<tokio::sync::Notify>>>>,
 }
 
 impl Starts {
@@ -163,16 +166,30 @@ impl Starts {
             path: path.to_path_buf(),
             all: Arc::new(Mutex::new(all)),
             checking: Arc::default(),
+            hurry: Arc::default(),
         }
+    }
+
+    /// What tells the check of pod `uid`'s start to end its settle time now.
+    pub fn hurry(&self, uid: &str) -> Arc<tokio::sync::Notify> {
+        self.hurry
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(uid.to_string())
+            .or_default()
+            .clone()
     }
 
     fn checking(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
         self.checking.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Waits (at most `limit`) until no start of pod `uid` is being checked by this process;
-    /// answers whether none is.
+    /// Waits (at most `limit`) until no start of pod `uid` is being checked by this process,
+    /// telling such a check to end its settle time now; answers whether none is.
     pub async fn settled(&self, uid: &str, limit: std::time::Duration) -> bool {
+        if self.checking().contains(uid) {
+            self.hurry(uid).notify_one();
+        }
         let deadline = tokio::time::Instant::now() + limit;
         while self.checking().contains(uid) {
             if tokio::time::Instant::now() >= deadline {
@@ -198,6 +215,10 @@ impl Starts {
     pub fn put(&self, start: Start) -> std::io::Result<()> {
         if start.done {
             self.checking().remove(&start.uid);
+            self.hurry
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(&start.uid);
         } else {
             self.checking().insert(start.uid.clone());
         }
