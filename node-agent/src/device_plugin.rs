@@ -120,7 +120,6 @@ pub struct Plugin {
 
 struct Inner {
     settings: Settings,
-    node: String,
     holds: Holds,
     runtime: Runtime,
     client: Client,
@@ -133,7 +132,6 @@ impl std::fmt::Debug for Plugin {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Plugin")
             .field("settings", &self.inner.settings)
-            .field("node", &self.inner.node)
             .finish_non_exhaustive()
     }
 }
@@ -147,10 +145,8 @@ struct PodContainer {
 }
 
 impl Plugin {
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
         settings: Settings,
-        node: &str,
         holds: Holds,
         runtime: Runtime,
         client: Client,
@@ -161,7 +157,6 @@ impl Plugin {
         Self {
             inner: Arc::new(Inner {
                 settings,
-                node: node.into(),
                 holds,
                 runtime,
                 client,

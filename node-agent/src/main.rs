@@ -419,7 +419,6 @@ async fn main() -> anyhow::Result<()> {
         );
         Some(device_plugin::Plugin::new(
             args.device_plugin(),
-            &args.node_name,
             holds.clone(),
             runtime.clone(),
             client,

@@ -10,7 +10,7 @@
 //! forget them, and are served on `/rxe/starts`.
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     path::{Path, PathBuf},
     sync::{Arc, Mutex, PoisonError},
 };
@@ -139,12 +139,11 @@ pub fn inside(block: Block, set: (u32, u32), after: (u32, u32)) -> bool {
 pub struct Starts {
     path: PathBuf,
     all: Arc<Mutex<Vec<Start>>>,
-    /// Pods (UIDs) with a start this process checks now: a record that is not done and whose
-    /// pod is not here was left by an agent that stopped.
-    checking: Arc<Mutex<HashSet<String>>>,
-    /// Per pod under check: told when a checkpoint of the pod waits for the check (its settle
-    /// time ends at once: the pod is about to be frozen).
-    hurry: Arc<Mutex<std::collections::HashMap<String, Arc<tokio::sync::Notify>>>>,
+    /// Pods (UIDs) with a start this process checks now (a record that is not done and whose
+    /// pod is not here was left by an agent that stopped), each with what tells its check to
+    /// end the settle time at once (a checkpoint of the pod waits for it: the pod is about to be
+    /// frozen).
+    checking: Arc<Mutex<HashMap<String, Arc<tokio::sync::Notify>>>>,
 }
 
 impl Starts {
@@ -166,32 +165,27 @@ impl Starts {
             path: path.to_path_buf(),
             all: Arc::new(Mutex::new(all)),
             checking: Arc::default(),
-            hurry: Arc::default(),
         }
     }
 
-    /// What tells the check of pod `uid`'s start to end its settle time now.
-    pub fn hurry(&self, uid: &str) -> Arc<tokio::sync::Notify> {
-        self.hurry
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .entry(uid.to_string())
-            .or_default()
-            .clone()
+    fn checking(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<tokio::sync::Notify>>> {
+        self.checking.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn checking(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
-        self.checking.lock().unwrap_or_else(PoisonError::into_inner)
+    /// What tells the check of pod `uid`'s start under way to end its settle time now.
+    pub fn hurry(&self, uid: &str) -> Arc<tokio::sync::Notify> {
+        // Never marks a pod under check: only `put` does.
+        self.checking().get(uid).cloned().unwrap_or_default()
     }
 
     /// Waits (at most `limit`) until no start of pod `uid` is being checked by this process,
     /// telling such a check to end its settle time now; answers whether none is.
     pub async fn settled(&self, uid: &str, limit: std::time::Duration) -> bool {
-        if self.checking().contains(uid) {
-            self.hurry(uid).notify_one();
+        if let Some(hurry) = self.checking().get(uid) {
+            hurry.notify_one();
         }
         let deadline = tokio::time::Instant::now() + limit;
-        while self.checking().contains(uid) {
+        while self.checking().contains_key(uid) {
             if tokio::time::Instant::now() >= deadline {
                 return false;
             }
@@ -215,12 +209,8 @@ impl Starts {
     pub fn put(&self, start: Start) -> std::io::Result<()> {
         if start.done {
             self.checking().remove(&start.uid);
-            self.hurry
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .remove(&start.uid);
         } else {
-            self.checking().insert(start.uid.clone());
+            self.checking().entry(start.uid.clone()).or_default();
         }
         let mut all = self.all_mut();
         let under_way = all
