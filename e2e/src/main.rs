@@ -167,11 +167,11 @@ async fn main() -> anyhow::Result<()> {
             let images = release::ensure_images(&dirs, &registry)?;
             let client = env.client().await?;
             sandbox::install::apply_chart_crds(&client).await?;
+            let timeout = std::time::Duration::from_secs(300);
             print!(
                 "{}",
-                release::install(&dirs, &env, &images, &registry, &[])?
+                release::install_rolled_out(&dirs, &env, &images, &registry, &[], timeout).await?
             );
-            release::wait_rolled_out(&client, std::time::Duration::from_secs(300)).await?;
             eprintln!("kube-migros {} is rolled out", images.tag);
         }
         Command::Bench {

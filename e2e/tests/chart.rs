@@ -112,10 +112,18 @@ async fn the_chart_installs_kube_migros_that_migrates_pods_and_uninstalls_cleanl
     let images = release::ensure_images(&dirs, &registry).expect("the kube-migros images");
     eprintln!("images {}:{}", images.repository, images.tag);
     let installed_at = k8s_openapi::jiff::Timestamp::now();
-    release::install(&dirs, &env, &images, &registry, &[]).expect("helm install");
-    release::wait_rolled_out(&client, Duration::from_secs(300))
-        .await
-        .expect("kube-migros rolled out");
+    if let Err(e) = release::install_rolled_out(
+        &dirs,
+        &env,
+        &images,
+        &registry,
+        &[],
+        Duration::from_secs(300),
+    )
+    .await
+    {
+        panic!("kube-migros installed and rolled out: {e}");
+    }
 
     // Two operator replicas and an agent on every node, ready.
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), NAMESPACE);

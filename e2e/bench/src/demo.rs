@@ -165,8 +165,15 @@ async fn install_release(
     let registry = Registry::new(dirs);
     let images = release::ensure_images(dirs, &registry)?;
     let installing = Instant::now();
-    release::install(dirs, &cluster.env, &images, &registry, &[])?;
-    release::wait_rolled_out(client, Duration::from_secs(300)).await?;
+    release::install_rolled_out(
+        dirs,
+        &cluster.env,
+        &images,
+        &registry,
+        &[],
+        Duration::from_secs(300),
+    )
+    .await?;
     workload::until(
         "the agents to announce themselves",
         Duration::from_secs(60),

@@ -262,8 +262,15 @@ impl Matrix {
         testkit::harness::release_stale_namespaces(&client).await;
         let registry = sandbox::registry::Registry::new(dirs);
         let images = release::ensure_images(dirs, &registry)?;
-        release::install(dirs, &env, &images, &registry, &[])?;
-        release::wait_rolled_out(&client, Duration::from_secs(300)).await?;
+        release::install_rolled_out(
+            dirs,
+            &env,
+            &images,
+            &registry,
+            &[],
+            Duration::from_secs(300),
+        )
+        .await?;
         Ok(Self {
             dirs: dirs.clone(),
             env,

@@ -109,7 +109,7 @@ pub async fn run(dirs: &Dirs, options: &Options) -> anyhow::Result<(BySize, BySi
     // checkpoint images only where the operator is allowed to choose them.
     let wrapper = options.backend == "runtime-wrapper";
     let (wrapper, images_allowed) = (wrapper.to_string(), (!wrapper).to_string());
-    release::install(
+    release::install_rolled_out(
         dirs,
         &env,
         &images,
@@ -120,8 +120,9 @@ pub async fn run(dirs: &Dirs, options: &Options) -> anyhow::Result<(BySize, BySi
             // PostCopy needs pipes of 4 MiB on the nodes.
             ("agent.raisePipeMaxSize", "true"),
         ],
-    )?;
-    release::wait_rolled_out(&client, Duration::from_secs(300)).await?;
+        Duration::from_secs(300),
+    )
+    .await?;
     workload::fresh_namespace(&client, NAMESPACE).await?;
     let demo = cluster.images.get("demo").context("no demo image")?.clone();
     let mut strategies = vec![Strategy::StopAndCopy];

@@ -9,7 +9,8 @@ use std::{
 };
 
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
-use kube::Api;
+use k8s_openapi::api::core::v1::{Event, Pod};
+use kube::{Api, api::ListParams};
 
 use sha2::{Digest, Sha256};
 
@@ -337,6 +338,34 @@ pub fn install(
     }
 }
 
+/// [`install`], then [`wait_rolled_out`] within `timeout`: Helm's output, or an error that shows what
+/// the release's pods were doing.
+pub async fn install_rolled_out(
+    dirs: &Dirs,
+    env: &Env,
+    images: &Images,
+    registry: &registry::Registry,
+    extra: &[(&str, &str)],
+    timeout: Duration,
+) -> Result<String, Error> {
+    let client = env
+        .client()
+        .await
+        .map_err(|e| Error::RollOut(format!("no client for the sandbox: {e}")))?;
+    let output = match install(dirs, env, images, registry, extra) {
+        Ok(output) => output,
+        Err(Error::Helm { args, output }) => {
+            return Err(Error::Helm {
+                args,
+                output: format!("{output}\n{}", diagnose(&client).await),
+            });
+        }
+        Err(e) => return Err(e),
+    };
+    wait_rolled_out(&client, timeout).await?;
+    Ok(output)
+}
+
 /// Waits until the operator Deployment and the agent DaemonSet run their current template on every
 /// replica and node, all ready (Helm's `--wait` can return before a rollout has started).
 pub async fn wait_rolled_out(client: &kube::Client, timeout: Duration) -> Result<(), Error> {
@@ -349,18 +378,180 @@ pub async fn wait_rolled_out(client: &kube::Client, timeout: Duration) -> Result
         let last = match (operator, agent) {
             (Ok(operator), Ok(agent)) => {
                 let (d, a) = (deployment_done(&operator), daemonset_done(&agent));
-                if d.is_none() && a.is_none() {
+                let devices = match (&d, &a) {
+                    (None, None) => devices_missing(client, &agent).await,
+                    _ => None,
+                };
+                if d.is_none() && a.is_none() && devices.is_none() {
                     return Ok(());
                 }
-                [d, a].into_iter().flatten().collect::<Vec<_>>().join("; ")
+                [d, a, devices]
+                    .into_iter()
+                    .flatten()
+                    .collect::<Vec<_>>()
+                    .join("; ")
             }
             (Err(e), _) | (_, Err(e)) => e.to_string(),
         };
         if tokio::time::Instant::now() > deadline {
-            return Err(Error::RollOut(last));
+            return Err(Error::RollOut(format!(
+                "{last}\n{}",
+                diagnose(client).await
+            )));
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+}
+
+/// With the agents' device plugin on (`--device-plugin` in the DaemonSet), `None` once every node an
+/// agent runs on reports `rdma/rxe` allocatable (the new agents registered with their kubelets; a
+/// migration to a node before that is refused for want of the device), else the nodes still without.
+async fn devices_missing(client: &kube::Client, agent: &DaemonSet) -> Option<String> {
+    let plugin = agent
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .is_some_and(|pod| {
+            pod.containers
+                .iter()
+                .flat_map(|c| c.args.iter().flatten())
+                .any(|a| a == "--device-plugin")
+        });
+    if !plugin {
+        return None;
+    }
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NAMESPACE);
+    let selector = agent_selector(agent);
+    let pods = match pods.list(&ListParams::default().labels(&selector)).await {
+        Ok(pods) => pods,
+        Err(e) => return Some(format!("agent pods: {e}")),
+    };
+    let mut missing = Vec::new();
+    for node in pods
+        .iter()
+        .filter_map(|p| p.spec.as_ref()?.node_name.clone())
+    {
+        if !crate::kubelets::rxe_allocatable(client, &node)
+            .await
+            .is_ok_and(|n| n > 0)
+        {
+            missing.push(node);
+        }
+    }
+    missing.sort();
+    (!missing.is_empty()).then(|| {
+        format!(
+            "no {} allocatable yet on {} (the agents' device plugin registers)",
+            crate::kubelets::RXE_RESOURCE,
+            missing.join(", ")
+        )
+    })
+}
+
+/// The label selector of a DaemonSet's pods.
+fn agent_selector(agent: &DaemonSet) -> String {
+    agent
+        .spec
+        .as_ref()
+        .and_then(|s| s.selector.match_labels.as_ref())
+        .map(|labels| {
+            labels
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+        .unwrap_or_default()
+}
+
+/// What the release's pods are doing, for an install or rollout that does not finish: each pod's
+/// node, phase, readiness and waiting or terminated reasons, then the namespace's latest Warning
+/// events.
+pub async fn diagnose(client: &kube::Client) -> String {
+    use std::fmt::Write;
+    let mut out = String::from("kube-migros pods:\n");
+    let pods: Api<Pod> = Api::namespaced(client.clone(), NAMESPACE);
+    match pods.list(&ListParams::default()).await {
+        Ok(pods) if pods.items.is_empty() => out.push_str("  (none)\n"),
+        Ok(pods) => {
+            for pod in &pods {
+                let status = pod.status.clone().unwrap_or_default();
+                let node = pod.spec.as_ref().and_then(|s| s.node_name.clone());
+                let _ = write!(
+                    out,
+                    "  {} on {}: {}",
+                    pod.metadata.name.as_deref().unwrap_or("?"),
+                    node.as_deref().unwrap_or("no node"),
+                    status.phase.as_deref().unwrap_or("?")
+                );
+                for c in status.conditions.iter().flatten() {
+                    if c.status != "True" {
+                        let _ = write!(
+                            out,
+                            ", {} {}{}",
+                            c.type_,
+                            c.reason.as_deref().unwrap_or("False"),
+                            c.message
+                                .as_deref()
+                                .map(|m| format!(" ({m})"))
+                                .unwrap_or_default()
+                        );
+                    }
+                }
+                for c in status.container_statuses.iter().flatten() {
+                    let state = c.state.clone().unwrap_or_default();
+                    if let Some(w) = state.waiting {
+                        let _ = write!(
+                            out,
+                            ", {} waiting: {} {}",
+                            c.name,
+                            w.reason.unwrap_or_default(),
+                            w.message.unwrap_or_default()
+                        );
+                    }
+                    if let Some(t) = c.last_state.clone().and_then(|s| s.terminated) {
+                        let _ = write!(
+                            out,
+                            ", {} last ended: {} (exit {}) {}",
+                            c.name,
+                            t.reason.unwrap_or_default(),
+                            t.exit_code,
+                            t.message.unwrap_or_default()
+                        );
+                    }
+                    if !c.ready {
+                        let _ =
+                            write!(out, ", {} not ready ({} restarts)", c.name, c.restart_count);
+                    }
+                }
+                out.push('\n');
+            }
+        }
+        Err(e) => {
+            let _ = writeln!(out, "  cannot list: {e}");
+        }
+    }
+    let events: Api<Event> = Api::namespaced(client.clone(), NAMESPACE);
+    if let Ok(events) = events
+        .list(&ListParams::default().fields("type=Warning"))
+        .await
+    {
+        let mut events = events.items;
+        events.sort_by_key(|e| e.last_timestamp.clone().map(|t| t.0));
+        out.push_str("warning events:\n");
+        for e in events.iter().rev().take(15).rev() {
+            let _ = writeln!(
+                out,
+                "  {}/{}: {} {} (x{})",
+                e.involved_object.kind.as_deref().unwrap_or("?"),
+                e.involved_object.name.as_deref().unwrap_or("?"),
+                e.reason.as_deref().unwrap_or(""),
+                e.message.as_deref().unwrap_or(""),
+                e.count.unwrap_or(1)
+            );
+        }
+    }
+    out
 }
 
 /// `None` when the Deployment's rollout is complete, else what it waits for.
