@@ -61,6 +61,16 @@ async fn encode(State(agent): State<Agent>) -> ([(&'static str, &'static str); 1
         "content-type",
         "application/openmetrics-text; version=1.0.0; charset=utf-8",
     )];
+    // What only a look at the node tells: the store's room, and the longest frozen source.
+    let store = agent.store().clone();
+    let observed = tokio::task::spawn_blocking(move || {
+        let (free, capacity) = store.space().unwrap_or_default();
+        (free, capacity, store.longest_pause(crate::unix_now()))
+    })
+    .await;
+    if let Ok((free, capacity, pause)) = observed {
+        agent.parts.metrics.observe_node(free, capacity, pause);
+    }
     (content_type, agent.parts.metrics.encode())
 }
 

@@ -405,7 +405,7 @@ async fn main() -> anyhow::Result<()> {
         Duration::from_secs(args.rxe_hold_seconds),
     );
     let rxe_starts = Starts::load(&args.store_dir.join("rxe-starts.json"));
-    let metrics = Arc::new(Metrics::default());
+    let metrics = Arc::new(Metrics::for_node(&args.node_name));
     let plugin = if args.device_plugin {
         let client = kube::Client::try_default()
             .await

@@ -1,7 +1,7 @@
 //! The agent's Prometheus metrics (served on `/metrics`): steps by result and duration, bytes
 //! checkpointed and transferred, and staged migrations on the node.
 
-use std::time::Duration;
+use std::{borrow::Cow, sync::atomic::AtomicU64, time::Duration};
 
 use agent_api::Step;
 
@@ -38,11 +38,29 @@ pub struct Metrics {
     resumed: Counter,
     collected: Counter,
     rxe_starts: Family<RxeStartLabels, Counter>,
+    store_free: Gauge,
+    store_capacity: Gauge,
+    longest_pause: Gauge<f64, AtomicU64>,
 }
 
 impl Default for Metrics {
     fn default() -> Self {
-        let mut registry = Registry::with_prefix("migros_agent");
+        Self::with_registry(Registry::with_prefix("migros_agent"))
+    }
+}
+
+impl Metrics {
+    /// The metrics of the agent of `node`, every series labelled `node` with it (the label the
+    /// chart's alerts and dashboard group by, whatever the scrape configuration adds).
+    pub fn for_node(node: &str) -> Self {
+        let labels = [(Cow::Borrowed("node"), Cow::Owned(node.to_string()))];
+        Self::with_registry(Registry::with_prefix_and_labels(
+            "migros_agent",
+            labels.into_iter(),
+        ))
+    }
+
+    fn with_registry(mut registry: Registry) -> Self {
         let steps = Family::<StepLabels, Histogram>::new_with_constructor(|| {
             Histogram::new([0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0])
         });
@@ -81,7 +99,28 @@ impl Default for Metrics {
             "Container starts of RDMA pods by who set the rxe counters (plugin, restore) and whether the numbers stayed in the pod's block (inside, outside)",
             rxe_starts.clone(),
         );
+        let store_free = Gauge::default();
+        registry.register(
+            "store_free_bytes",
+            "Free bytes on the file system of this node's checkpoint store",
+            store_free.clone(),
+        );
+        let store_capacity = Gauge::default();
+        registry.register(
+            "store_capacity_bytes",
+            "Size of the file system of this node's checkpoint store",
+            store_capacity.clone(),
+        );
+        let longest_pause = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "longest_pause_seconds",
+            "How long the longest-paused source pod on this node has been frozen for its migration (0: none is)",
+            longest_pause.clone(),
+        );
         Self {
+            store_free,
+            store_capacity,
+            longest_pause,
             registry,
             steps,
             bytes,
@@ -94,6 +133,15 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// The node's state as a scrape sees it: the checkpoint store's free and total bytes, and the
+    /// longest pause of a source frozen here.
+    pub fn observe_node(&self, free: u64, capacity: u64, longest_pause: Duration) {
+        self.store_free.set(i64::try_from(free).unwrap_or(i64::MAX));
+        self.store_capacity
+            .set(i64::try_from(capacity).unwrap_or(i64::MAX));
+        self.longest_pause.set(longest_pause.as_secs_f64());
+    }
+
     pub fn encode(&self) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.

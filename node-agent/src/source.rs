@@ -318,6 +318,7 @@ impl Agent {
                 TaskStatus::Paused => {}
                 TaskStatus::Running => {
                     record.paused = true;
+                    record.paused_at.get_or_insert_with(crate::unix_now);
                     self.store.save(record)?;
                     self.runtime().pause(&c.id).await?;
                 }
@@ -331,6 +332,7 @@ impl Agent {
             }
         }
         record.paused = true;
+        record.paused_at.get_or_insert_with(crate::unix_now);
         self.store.save(record)?;
         Ok(())
     }
@@ -371,7 +373,10 @@ impl Agent {
                     Err(e) => warn!(container = %c.name, error = %e, "not resumed"),
                 }
             }
-            self.store.update(&record.uid, |r| r.paused = false)?;
+            self.store.update(&record.uid, |r| {
+                r.paused = false;
+                r.paused_at = None;
+            })?;
         }
         self.unblock(&record).await
     }

@@ -71,6 +71,9 @@ pub struct Record {
     /// Source: the containers are paused by the agent.
     #[serde(default)]
     pub paused: bool,
+    /// Source: when (Unix seconds) the agent paused the containers, while they are.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paused_at: Option<u64>,
     /// The pod IP is blocked on this node by the agent.
     #[serde(default)]
     pub blocked: bool,
@@ -112,6 +115,15 @@ fn is_zero(n: &u64) -> bool {
 }
 
 impl Record {
+    /// How long a source's containers have been frozen by this agent at `now` (Unix seconds):
+    /// paused, and neither stopped for good nor resumed.
+    pub fn frozen_for(&self, now: u64) -> Option<Duration> {
+        let since = self
+            .paused_at
+            .filter(|_| self.paused && !self.stopped && !self.resumed)?;
+        Some(Duration::from_secs(now.saturating_sub(since)))
+    }
+
     pub fn new(uid: &str, role: Role, namespace: &str, pod: &str) -> Self {
         Self {
             uid: uid.into(),
@@ -123,6 +135,7 @@ impl Record {
             containers: Vec::new(),
             backend: String::new(),
             paused: false,
+            paused_at: None,
             blocked: false,
             reserved: false,
             committed: false,
@@ -429,12 +442,32 @@ impl Store {
 
     /// Free bytes on the store's file system.
     pub fn free_bytes(&self) -> Result<u64, Error> {
+        Ok(self.space()?.0)
+    }
+
+    /// Free and total bytes of the store's file system.
+    pub fn space(&self) -> Result<(u64, u64), Error> {
         fs::create_dir_all(&self.root).map_err(io_at(&self.root))?;
         let stat = nix::sys::statvfs::statvfs(&self.root).map_err(|e| Error::Io {
             path: self.root.clone(),
             source: e.into(),
         })?;
-        Ok(stat.blocks_available() * stat.fragment_size())
+        Ok((
+            stat.blocks_available() * stat.fragment_size(),
+            stat.blocks() * stat.fragment_size(),
+        ))
+    }
+
+    /// The longest a source whose record is here has been frozen at `now` (Unix seconds); zero
+    /// when none is.
+    pub fn longest_pause(&self, now: u64) -> Duration {
+        self.list()
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|uid| self.load(uid).ok().flatten())
+            .filter_map(|r| r.frozen_for(now))
+            .max()
+            .unwrap_or_default()
     }
 
     /// What garbage collection may take: migrations that were not touched for `age`, or for
@@ -556,6 +589,29 @@ mod tests {
         for bad in ["", "App", "a/b", "..", "a.b"] {
             assert!(!valid_name(bad), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn the_longest_pause_counts_only_sources_still_frozen() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path());
+        assert_eq!(store.longest_pause(1_000), Duration::ZERO);
+        for (uid, paused_at, stopped, resumed) in [
+            ("frozen", 900, false, false),
+            ("later", 990, false, false),
+            ("stopped", 100, true, false),
+            ("resumed", 100, false, true),
+        ] {
+            let mut r = Record::new(uid, Role::Source, "ns", "pod");
+            r.paused = true;
+            r.paused_at = Some(paused_at);
+            r.stopped = stopped;
+            r.resumed = resumed;
+            store.save(&r).unwrap();
+        }
+        assert_eq!(store.longest_pause(1_000), Duration::from_secs(100));
+        store.update("frozen", |r| r.paused = false).unwrap();
+        assert_eq!(store.longest_pause(1_000), Duration::from_secs(10));
     }
 
     #[test]

@@ -275,6 +275,7 @@ async fn forget_the_gone(ctx: Arc<Context>, store: reflector::Store<PodMigration
             active.retain(|uid| alive.contains(uid));
             ctx.metrics.set_active(active.len());
         }
+        ctx.metrics.forget_gone(&alive);
         ctx.claims.release_gone(&alive).await;
     }
 }
@@ -395,7 +396,7 @@ async fn drive(watched: Arc<PodMigration>, ctx: &Context, cleanup: bool) -> Resu
     for _ in 0..STEPS_PER_RECONCILE {
         let facts = observe(&pm, ctx).await?;
         let action = statemachine::next(&facts);
-        track_active(ctx, &facts);
+        track_active(ctx, &pm, &facts);
         if action == Action::DeleteSourcePod && unwritten_since.is_some() {
             // The source's stop is written before its pod goes: an operator that takes over
             // must not need the source's agent (its node may be going away) to go on.
@@ -543,9 +544,17 @@ impl Context {
     }
 }
 
-fn track_active(ctx: &Context, f: &Facts) {
+fn track_active(ctx: &Context, pm: &PodMigration, f: &Facts) {
+    let finished = f.status.phase.is_some_and(Phase::is_final);
+    let final_or_gone = finished || f.deleting;
+    // A deleted migration still in flight (rolling back, or restoring past its commit point)
+    // keeps its series until it ends: it can be stuck too.
+    let namespace = pm.namespace().unwrap_or_default();
+    ctx.metrics.in_phase(
+        &f.uid,
+        (!finished).then_some((namespace.as_str(), pm.name_any().as_str(), &f.status)),
+    );
     if let Ok(mut active) = ctx.active.lock() {
-        let final_or_gone = f.status.phase.is_some_and(Phase::is_final) || f.deleting;
         if final_or_gone {
             active.remove(&f.uid)
         } else {

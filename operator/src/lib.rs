@@ -8,7 +8,7 @@ pub mod claims;
 pub mod controller;
 pub mod leader;
 pub mod metrics;
-pub mod movable;
+pub use crds::movable;
 pub mod network;
 pub mod queue;
 pub mod replacement;

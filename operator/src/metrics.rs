@@ -2,12 +2,21 @@
 //! durations, downtime, agent calls, reconcile errors by kind, active migrations, and the requests
 //! the operator sends to the API server (by verb and resource: what a migration costs the cluster).
 
-use std::time::Duration;
+use std::{
+    collections::HashMap,
+    sync::{Mutex, atomic::AtomicU64},
+    time::Duration,
+};
 
 use crds::{Phase, PodMigrationStatus};
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
-    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
     registry::Registry,
 };
 
@@ -22,6 +31,13 @@ struct ResultLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PhaseLabels {
+    phase: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct InPhaseLabels {
+    migration_namespace: String,
+    migration: String,
     phase: String,
 }
 
@@ -53,10 +69,23 @@ pub struct Metrics {
     agent_calls: Family<CallLabels, Histogram>,
     active: Gauge,
     api_requests: Family<RequestLabels, Counter>,
+    checkpoint_seconds: Histogram,
+    checkpoint_bytes: Histogram,
+    transfer_seconds: Histogram,
+    restore_seconds: Histogram,
+    in_phase: Family<InPhaseLabels, Gauge<f64, AtomicU64>>,
+    /// The series of `in_phase` each migration (by UID) has, to remove it when the phase changes
+    /// or the migration ends.
+    in_phase_of: Mutex<HashMap<String, InPhaseLabels>>,
 }
 
 fn seconds_buckets() -> impl Iterator<Item = f64> {
     [0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0].into_iter()
+}
+
+/// 1 MiB to 64 GiB, by fours.
+fn byte_buckets() -> impl Iterator<Item = f64> {
+    exponential_buckets(1048576.0, 4.0, 9)
 }
 
 impl Default for Metrics {
@@ -108,8 +137,46 @@ impl Default for Metrics {
             "Requests sent to the Kubernetes API server, by verb and resource",
             api_requests.clone(),
         );
+        // Named as KEP-5823 (pod-level checkpoint/restore) plans them for the kubelet, where they
+        // mean the same: a pod's checkpoint, its size, its restore.
+        let checkpoint_seconds = Histogram::new(seconds_buckets());
+        registry.register(
+            "checkpoint_duration_seconds",
+            "Freezing and checkpointing a pod's containers on the source node, per migration",
+            checkpoint_seconds.clone(),
+        );
+        let checkpoint_bytes = Histogram::new(byte_buckets());
+        registry.register(
+            "checkpoint_size_bytes",
+            "Size of a pod's checkpoint (all its containers' archives), per migration",
+            checkpoint_bytes.clone(),
+        );
+        let transfer_seconds = Histogram::new(seconds_buckets());
+        registry.register(
+            "transfer_duration_seconds",
+            "Moving a checkpoint from the source node to the target node, staging included",
+            transfer_seconds.clone(),
+        );
+        let restore_seconds = Histogram::new(seconds_buckets());
+        registry.register(
+            "restore_duration_seconds",
+            "Restoring a pod on the target node until it runs, per migration",
+            restore_seconds.clone(),
+        );
+        let in_phase = Family::<InPhaseLabels, Gauge<f64, AtomicU64>>::default();
+        registry.register(
+            "migration_phase_entered_timestamp_seconds",
+            "When each migration in flight entered its current phase (Unix time); the series goes when it ends",
+            in_phase.clone(),
+        );
         Self {
             api_requests,
+            checkpoint_seconds,
+            checkpoint_bytes,
+            transfer_seconds,
+            restore_seconds,
+            in_phase,
+            in_phase_of: Mutex::default(),
             registry,
             migrations,
             phase_seconds,
@@ -184,9 +251,73 @@ impl Metrics {
                     result: format!("{phase:?}"),
                 })
                 .inc();
-            if let Some(ms) = status.timings.and_then(|t| t.downtime_ms) {
-                self.downtime_seconds.observe(ms as f64 / 1000.0);
+            let timings = status.timings.unwrap_or_default();
+            let seconds = |ms: Option<i64>| ms.map(|ms| ms as f64 / 1000.0);
+            for (histogram, took) in [
+                (&self.downtime_seconds, timings.downtime_ms),
+                (&self.checkpoint_seconds, timings.checkpoint_ms),
+                (&self.transfer_seconds, timings.transfer_ms),
+                (&self.restore_seconds, timings.restore_ms),
+            ] {
+                if let Some(s) = seconds(took) {
+                    histogram.observe(s);
+                }
             }
+            if let Some(checkpoint) = status.checkpoint.as_ref().filter(|c| c.bytes > 0) {
+                self.checkpoint_bytes.observe(checkpoint.bytes as f64);
+            }
+        }
+    }
+
+    /// Where migration `uid` (`namespace`/`name`) stands: its current phase and since when, or
+    /// `None` once it ended or is gone (its series is removed).
+    pub fn in_phase(&self, uid: &str, now: Option<(&str, &str, &PodMigrationStatus)>) {
+        let Ok(mut of) = self.in_phase_of.lock() else {
+            return;
+        };
+        let current = now.and_then(|(namespace, name, status)| {
+            let phase = status.phase.filter(|p| !p.is_final())?;
+            let entered = status
+                .phase_transitions
+                .iter()
+                .rev()
+                .find(|t| t.phase == phase)?
+                .time
+                .0;
+            let labels = InPhaseLabels {
+                migration_namespace: namespace.to_string(),
+                migration: name.to_string(),
+                phase: format!("{phase:?}"),
+            };
+            Some((labels, entered.as_millisecond() as f64 / 1000.0))
+        });
+        let before = of.remove(uid);
+        match current {
+            Some((labels, entered)) => {
+                if let Some(before) = before.filter(|b| *b != labels) {
+                    self.in_phase.remove(&before);
+                }
+                self.in_phase.get_or_create(&labels).set(entered);
+                of.insert(uid.to_string(), labels);
+            }
+            None => {
+                if let Some(before) = before {
+                    self.in_phase.remove(&before);
+                }
+            }
+        }
+    }
+
+    /// Removes the phase series of migrations whose UID is not in `alive`.
+    pub fn forget_gone(&self, alive: &std::collections::BTreeSet<String>) {
+        if let Ok(mut of) = self.in_phase_of.lock() {
+            of.retain(|uid, labels| {
+                let keep = alive.contains(uid);
+                if !keep {
+                    self.in_phase.remove(labels);
+                }
+                keep
+            });
         }
     }
 }
@@ -237,6 +368,72 @@ fn verb_of(method: &http::Method, named: bool, watch: bool) -> &'static str {
 
 #[cfg(test)]
 mod tests {
+    use super::Metrics;
+    use crds::{Phase, PhaseTransition, PodMigrationStatus};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+
+    fn at(phase: Phase, transitions: &[(Phase, &str)]) -> PodMigrationStatus {
+        PodMigrationStatus {
+            phase: Some(phase),
+            phase_transitions: transitions
+                .iter()
+                .map(|(phase, time)| PhaseTransition {
+                    phase: *phase,
+                    time: MicroTime(time.parse().unwrap()),
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_migration_in_flight_has_one_phase_series_until_it_ends() {
+        let metrics = Metrics::default();
+        let series = || -> Vec<String> {
+            metrics
+                .encode()
+                .lines()
+                .filter(|l| l.starts_with("migros_migration_phase_entered_timestamp_seconds{"))
+                .map(String::from)
+                .collect()
+        };
+        let preparing = at(
+            Phase::Preparing,
+            &[
+                (Phase::Pending, "2026-12-04T10:00:00Z"),
+                (Phase::Preparing, "2026-12-04T10:00:01Z"),
+            ],
+        );
+        metrics.in_phase("u1", Some(("apps", "web-1", &preparing)));
+        assert_eq!(
+            series(),
+            [
+                "migros_migration_phase_entered_timestamp_seconds{migration_namespace=\"apps\",migration=\"web-1\",phase=\"Preparing\"} 1796378401.0"
+            ]
+        );
+        let mut transferring = preparing.clone();
+        transferring.phase = Some(Phase::Transferring);
+        transferring.phase_transitions.push(PhaseTransition {
+            phase: Phase::Transferring,
+            time: MicroTime("2026-12-04T10:00:05Z".parse().unwrap()),
+        });
+        metrics.in_phase("u1", Some(("apps", "web-1", &transferring)));
+        let now = series();
+        assert_eq!(now.len(), 1, "{now:?}");
+        assert!(
+            now[0].contains("phase=\"Transferring\"} 1796378405.0"),
+            "{now:?}"
+        );
+        // Ended: the series goes; a gone migration's too.
+        let mut done = transferring.clone();
+        done.phase = Some(Phase::Succeeded);
+        metrics.in_phase("u1", Some(("apps", "web-1", &done)));
+        assert!(series().is_empty());
+        metrics.in_phase("u2", Some(("apps", "db-1", &preparing)));
+        metrics.forget_gone(&Default::default());
+        assert!(series().is_empty());
+    }
+
     use super::request_kind;
     use http::Method;
 

@@ -59,6 +59,7 @@ fn recipe(cache: &Path) -> Recipe<'static> {
         binaries: BINARIES,
         ldflags: format!("-X {module}/version.Version={version} -s -w"),
         fingerprint: format!("{module}@{version}"),
+        tags: "",
     }
 }
 

@@ -40,6 +40,8 @@ pub struct Recipe<'a> {
     pub binaries: &'a [(&'a str, &'a str)],
     /// `-ldflags` of every build.
     pub ldflags: String,
+    /// `-tags` of every build (none when empty).
+    pub tags: &'a str,
     /// A text that changes whenever the go.mod would (versions, replacements).
     pub fingerprint: String,
 }
@@ -51,7 +53,17 @@ impl Recipe<'_> {
 
     fn stamp(&self) -> String {
         let names: Vec<&str> = self.binaries.iter().map(|(name, _)| *name).collect();
-        format!("{} {} {}", self.fingerprint, names.join(","), self.ldflags)
+        let tags = if self.tags.is_empty() {
+            String::new()
+        } else {
+            format!(" tags={}", self.tags)
+        };
+        format!(
+            "{} {} {}{tags}",
+            self.fingerprint,
+            names.join(","),
+            self.ldflags
+        )
     }
 
     /// Whether every binary is built for this recipe.
@@ -107,7 +119,15 @@ impl Recipe<'_> {
             // Go's build cache makes rebuilding an already built binary a matter of linking it.
             let partial = bin.join(format!(".{name}.partial"));
             run(go_command(&src)
-                .args(["build", "-trimpath", "-ldflags", &self.ldflags, "-o"])
+                .args([
+                    "build",
+                    "-trimpath",
+                    "-tags",
+                    self.tags,
+                    "-ldflags",
+                    &self.ldflags,
+                    "-o",
+                ])
                 .arg(&partial)
                 .arg(package))?;
             let target = bin.join(name);

@@ -25,6 +25,7 @@ fn recipe(cache: &Path) -> Recipe<'static> {
              -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor=34 -s -w"
         ),
         fingerprint: format!("{module}@{version}"),
+        tags: "",
     }
 }
 

@@ -34,6 +34,7 @@ fn recipe(cache: &Path) -> Recipe<'static> {
         binaries: BINARIES,
         ldflags: ldflags(),
         // The release is the whole fingerprint: the staging versions follow from it.
+        tags: "",
         fingerprint: K8S_VERSION.to_string(),
     }
 }

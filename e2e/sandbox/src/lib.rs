@@ -26,6 +26,7 @@ pub mod kubelets;
 pub mod nodes;
 pub mod pki;
 pub mod process;
+pub mod promtool;
 pub mod registry;
 pub mod release;
 pub mod rootfs;

@@ -222,6 +222,38 @@ pub fn chart_dir() -> PathBuf {
     crate::repo_root().join("charts/kube-migros")
 }
 
+/// `helm template` of the chart in this checkout as release `kube-migros` in its namespace, with
+/// `sets` (typed, `--set`): the manifests a user's install would apply, without a cluster.
+pub fn render(dirs: &Dirs, sets: &[(&str, &str)]) -> Result<String, Error> {
+    let bin = helm::ensure(&dirs.cache)?;
+    let chart = chart_dir().display().to_string();
+    let mut args: Vec<String> = ["template", RELEASE, &chart, "--namespace", NAMESPACE]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    for (key, value) in sets {
+        args.push("--set".into());
+        args.push(format!("{key}={value}"));
+    }
+    let out = Command::new(bin)
+        .args(&args)
+        .env("HELM_CACHE_HOME", dirs.state.join("helm/cache"))
+        .env("HELM_CONFIG_HOME", dirs.state.join("helm/config"))
+        .env("HELM_DATA_HOME", dirs.state.join("helm/data"))
+        .output()
+        .map_err(|e| Error::Helm {
+            args: args.join(" "),
+            output: e.to_string(),
+        })?;
+    if !out.status.success() {
+        return Err(Error::Helm {
+            args: args.join(" "),
+            output: String::from_utf8_lossy(&out.stderr).into_owned(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 /// Runs Helm with the sandbox's kubeconfig.
 pub fn helm(dirs: &Dirs, env: &Env, args: &[&str]) -> Result<String, Error> {
     let bin = helm::ensure(&dirs.cache)?;

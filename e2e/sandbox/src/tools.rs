@@ -29,6 +29,7 @@ fn recipe(cache: &Path) -> Recipe<'static> {
         binaries: BINARIES,
         ldflags: "-s -w".into(),
         fingerprint: fingerprint.join(" "),
+        tags: "",
     }
 }
 
