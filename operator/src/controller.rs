@@ -623,6 +623,16 @@ async fn observe(pm: &PodMigration, ctx: &Context) -> Result<Facts> {
     if pending && !facts.deleting && startable {
         if let (Some(pod), Some(pf)) = (&pod, facts.pod.as_mut()) {
             pf.unmovable = movable::why_not(pod, &claims_of(pod, &ns, ctx).await?);
+            // A pod whose address could not be kept would fail only at its replacement, past
+            // the commit point: the reservation is tried on a copy now, before anything.
+            let ip = pod.status.as_ref().and_then(|s| s.pod_ip.as_deref());
+            if pf.unmovable.is_none()
+                && pm.spec.network.keep_ip
+                && let Some(ip) = ip
+            {
+                pf.unmovable = network::cannot_keep(pm.spec.network.mechanism, pod, ip)
+                    .map(|why| format!("its address cannot be kept on the target: {why}"));
+            }
         }
         if let (Some(pod), Some(pf)) = (&pod, &facts.pod) {
             let post_copy = pm.spec.strategy == Strategy::PostCopy;

@@ -480,6 +480,17 @@ async fn unmet_preconditions_fail_with_a_reason_and_touch_nothing() {
                 ),
             ),
             (
+                // Multus static IPAM keeps the addresses its entries pin; this pod has none:
+                // refused before anything, not when its replacement is made past the commit.
+                "multus-unpinned",
+                "server",
+                serde_json::json!({"targetNode": s.node(2), "network": {"mechanism": "MultusStatic"}}),
+                "PodNotMovable",
+                "its address cannot be kept on the target: the pod has no \
+                 k8s.v1.cni.cncf.io/networks annotation"
+                    .to_string(),
+            ),
+            (
                 // Node 3 has what PostCopy needs, but no node here restores with the runtime
                 // wrapper, which alone restores a process whose memory is still to come.
                 "post-copy-no-wrapper",
@@ -529,6 +540,38 @@ async fn unmet_preconditions_fail_with_a_reason_and_touch_nothing() {
         s.migrate("stop-and-copy", "server", Some(2)).await;
         s.wait_phase("stop-and-copy", Phase::Succeeded, PHASE_TIMEOUT)
             .await;
+
+        // A pod whose Multus attachment pins its address moves with MultusStatic: the
+        // replacement asks for the same address, and Multus's old record of it is gone.
+        let networks = r#"[{"name": "rdma-net", "interface": "net1", "ips": ["10.10.0.5/24"]}]"#;
+        let mut multus =
+            testkit::fixtures::pod("multus", &s.node(1), &[(crds::MIGRATABLE_LABEL, "true")]);
+        multus.metadata.annotations = Some(
+            [
+                ("k8s.v1.cni.cncf.io/networks", networks),
+                (
+                    "k8s.v1.cni.cncf.io/network-status",
+                    &format!(r#"[{{"name": "{ns}/rdma-net", "interface": "net1", "ips": ["10.10.0.5"]}}]"#),
+                ),
+            ]
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .into(),
+        );
+        testkit::fixtures::run_pod(&s.client, &ns, &multus, "10.244.1.9").await;
+        let spec = serde_json::json!({"targetNode": s.node(2), "network": {"mechanism": "MultusStatic"}});
+        s.migrate_with("multus", "multus", None, spec).await;
+        s.wait_phase("multus", Phase::Succeeded, PHASE_TIMEOUT).await;
+        let moved = s.pods().get("multus").await.unwrap();
+        let annotations = moved.annotations();
+        assert_eq!(
+            annotations.get("k8s.v1.cni.cncf.io/networks").map(String::as_str),
+            Some(networks)
+        );
+        assert!(!annotations.contains_key("k8s.v1.cni.cncf.io/network-status"));
+        assert_eq!(
+            moved.spec.as_ref().and_then(|s| s.node_name.as_deref()),
+            Some(s.node(2).as_str())
+        );
     })
     .await;
 }
