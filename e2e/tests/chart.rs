@@ -24,9 +24,7 @@ use kube::{
     api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},
 };
 use sandbox::{
-    Dirs, install,
-    nodes::Nodes,
-    registry::Registry,
+    Dirs,
     release::{self, NAMESPACE},
 };
 use serde::de::DeserializeOwned;
@@ -93,37 +91,13 @@ async fn migrate(client: &Client, ns: &str, name: &str, target: &str) -> PodMigr
 #[tokio::test]
 async fn the_chart_installs_kube_migros_that_migrates_pods_and_uninstalls_cleanly() {
     let dirs = Dirs::from_env();
-    let cluster = sandbox::cluster::up(&dirs)
+    let installed_at = k8s_openapi::jiff::Timestamp::now();
+    let (cluster, images) = harness::chart_installed(&dirs)
         .await
-        .expect("the sandbox cluster");
+        .unwrap_or_else(|e| panic!("kube-migros installed and rolled out: {e:#}"));
+    eprintln!("images {}:{}", images.repository, images.tag);
     let env = cluster.env.clone();
     let client = env.client().await.unwrap();
-    let nodes = Nodes::new(&dirs);
-    // Agents that other tests run as processes in the nodes would hold the agent's ports.
-    for node in &cluster.nodes {
-        nodes.stop_all(node, "node-agent").unwrap();
-    }
-    install::apply_chart_crds(&client).await.unwrap();
-    // An interrupted earlier run may have left agent pods terminating on kubelet-less nodes, and
-    // namespaces terminating with migrations that the chart's operator would take up.
-    release::clear_stuck_pods(&client).await.unwrap();
-    harness::release_stale_namespaces(&client).await;
-    let registry = Registry::new(&dirs);
-    let images = release::ensure_images(&dirs, &registry).expect("the kube-migros images");
-    eprintln!("images {}:{}", images.repository, images.tag);
-    let installed_at = k8s_openapi::jiff::Timestamp::now();
-    if let Err(e) = release::install_rolled_out(
-        &dirs,
-        &env,
-        &images,
-        &registry,
-        &[],
-        Duration::from_secs(300),
-    )
-    .await
-    {
-        panic!("kube-migros installed and rolled out: {e}");
-    }
 
     // Two operator replicas and an agent on every node, ready.
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), NAMESPACE);

@@ -19,7 +19,7 @@ use kube::{
     Api, ResourceExt,
     api::{Patch, PatchParams, PostParams},
 };
-use sandbox::{Dirs, controlplane::Env, install, nodes::Nodes, registry::Registry, release};
+use sandbox::{Dirs, controlplane::Env, release};
 use testkit::{
     harness::{self, eventually},
     workload::{self, node_of, num},
@@ -91,34 +91,14 @@ async fn set_unschedulable(client: &kube::Client, node: &str, cordoned: bool) {
 #[tokio::test]
 async fn kubectl_migros_moves_follows_aborts_and_drains() {
     let dirs = Dirs::from_env();
-    let cluster = sandbox::cluster::up(&dirs)
+    let (cluster, _) = harness::chart_installed(&dirs)
         .await
-        .expect("the sandbox cluster");
+        .unwrap_or_else(|e| panic!("kube-migros installed and rolled out: {e:#}"));
     let env = cluster.env.clone();
     let client = env.client().await.unwrap();
-    let nodes = Nodes::new(&dirs);
+    // A node an interrupted run left cordoned.
     for node in &cluster.nodes {
-        // Agents that other tests run as processes in the nodes would hold the agent's ports.
-        nodes.stop_all(node, "node-agent").unwrap();
-        // A node an interrupted run left cordoned.
         set_unschedulable(&client, &node.name, false).await;
-    }
-    install::apply_chart_crds(&client).await.unwrap();
-    release::clear_stuck_pods(&client).await.unwrap();
-    harness::release_stale_namespaces(&client).await;
-    let registry = Registry::new(&dirs);
-    let images = release::ensure_images(&dirs, &registry).expect("the kube-migros images");
-    if let Err(e) = release::install_rolled_out(
-        &dirs,
-        &env,
-        &images,
-        &registry,
-        &[],
-        Duration::from_secs(300),
-    )
-    .await
-    {
-        panic!("kube-migros installed and rolled out: {e}");
     }
     let dir = plugin_dir();
 
@@ -207,13 +187,13 @@ async fn kubectl_migros_moves_follows_aborts_and_drains() {
         );
         let failed = created(&out);
         // Input the API server refuses (a CEL rule): its message, exit code 1, nothing made.
-        let before: BTreeSet<String> = pms
-            .list(&Default::default())
-            .await
-            .unwrap()
-            .iter()
-            .map(|p| p.name_any())
-            .collect();
+        let names = || async {
+            let list = pms.list(&Default::default()).await.unwrap();
+            list.iter()
+                .map(|p| p.name_any())
+                .collect::<BTreeSet<String>>()
+        };
+        let before = names().await;
         let out = migros(
             env,
             dir,
@@ -231,13 +211,7 @@ async fn kubectl_migros_moves_follows_aborts_and_drains() {
             String::from_utf8_lossy(&out.stderr)
                 .contains("bandwidthLimit must be a quantity of at least 64Ki")
         );
-        let after: BTreeSet<String> = pms
-            .list(&Default::default())
-            .await
-            .unwrap()
-            .iter()
-            .map(|p| p.name_any())
-            .collect();
+        let after = names().await;
         assert_eq!(before, after);
         let out = migros(env, dir, &["-n", &ns, "move", "nothing"]).await;
         assert_eq!(out.status.code(), Some(1));

@@ -246,31 +246,9 @@ impl std::fmt::Debug for Matrix {
 impl Matrix {
     /// Brings up the sandbox and installs the chart (release images built here) unless it runs.
     pub async fn install(dirs: &Dirs) -> anyhow::Result<Self> {
-        let cluster = sandbox::cluster::up(dirs).await?;
+        let (cluster, _) = testkit::harness::chart_installed(dirs).await?;
         let env = cluster.env.clone();
         let client = env.client().await?;
-        if !release::installed(dirs, &env)? {
-            // Agents that tests ran as processes in the nodes would hold the agent's ports.
-            for node in &cluster.nodes {
-                Nodes::new(dirs).stop_all(node, "node-agent")?;
-            }
-        }
-        sandbox::install::apply_chart_crds(&client).await?;
-        // An interrupted earlier run may have left agent pods terminating on kubelet-less nodes,
-        // and namespaces terminating with migrations that the chart's operator would take up.
-        release::clear_stuck_pods(&client).await?;
-        testkit::harness::release_stale_namespaces(&client).await;
-        let registry = sandbox::registry::Registry::new(dirs);
-        let images = release::ensure_images(dirs, &registry)?;
-        release::install_rolled_out(
-            dirs,
-            &env,
-            &images,
-            &registry,
-            &[],
-            Duration::from_secs(300),
-        )
-        .await?;
         Ok(Self {
             dirs: dirs.clone(),
             env,

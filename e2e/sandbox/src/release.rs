@@ -235,11 +235,8 @@ pub fn render(dirs: &Dirs, sets: &[(&str, &str)]) -> Result<String, Error> {
         args.push("--set".into());
         args.push(format!("{key}={value}"));
     }
-    let out = Command::new(bin)
+    let out = helm_command(dirs, bin)
         .args(&args)
-        .env("HELM_CACHE_HOME", dirs.state.join("helm/cache"))
-        .env("HELM_CONFIG_HOME", dirs.state.join("helm/config"))
-        .env("HELM_DATA_HOME", dirs.state.join("helm/data"))
         .output()
         .map_err(|e| Error::Helm {
             args: args.join(" "),
@@ -254,15 +251,22 @@ pub fn render(dirs: &Dirs, sets: &[(&str, &str)]) -> Result<String, Error> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// Helm with its cache, configuration and data under the sandbox's state.
+fn helm_command(dirs: &Dirs, bin: PathBuf) -> Command {
+    let mut command = Command::new(bin);
+    command
+        .env("HELM_CACHE_HOME", dirs.state.join("helm/cache"))
+        .env("HELM_CONFIG_HOME", dirs.state.join("helm/config"))
+        .env("HELM_DATA_HOME", dirs.state.join("helm/data"));
+    command
+}
+
 /// Runs Helm with the sandbox's kubeconfig.
 pub fn helm(dirs: &Dirs, env: &Env, args: &[&str]) -> Result<String, Error> {
     let bin = helm::ensure(&dirs.cache)?;
-    let out = Command::new(bin)
+    let out = helm_command(dirs, bin)
         .args(args)
         .env("KUBECONFIG", &env.kubeconfig)
-        .env("HELM_CACHE_HOME", dirs.state.join("helm/cache"))
-        .env("HELM_CONFIG_HOME", dirs.state.join("helm/config"))
-        .env("HELM_DATA_HOME", dirs.state.join("helm/data"))
         .output()
         .map_err(|e| Error::Helm {
             args: args.join(" "),

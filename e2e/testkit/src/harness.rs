@@ -111,6 +111,41 @@ where
     }
 }
 
+/// The sandbox cluster with kube-migros installed by its chart, as users install it: images
+/// built from this checkout, `helm upgrade --install`, rolled out (the agents' device plugins
+/// registered). Before it: the agents that tests run as processes in the nodes stopped unless the
+/// release runs (they would hold the agent's ports), the chart's CRDs applied, and what an
+/// interrupted run left cleared (agent pods terminating on kubelet-less nodes, namespaces
+/// terminating with migrations that the chart's operator would take up).
+pub async fn chart_installed(
+    dirs: &Dirs,
+) -> anyhow::Result<(sandbox::cluster::Cluster, sandbox::release::Images)> {
+    use sandbox::release;
+    let cluster = sandbox::cluster::up(dirs).await?;
+    let env = cluster.env.clone();
+    let client = env.client().await?;
+    if !release::installed(dirs, &env)? {
+        for node in &cluster.nodes {
+            sandbox::nodes::Nodes::new(dirs).stop_all(node, "node-agent")?;
+        }
+    }
+    install::apply_chart_crds(&client).await?;
+    release::clear_stuck_pods(&client).await?;
+    release_stale_namespaces(&client).await;
+    let registry = sandbox::registry::Registry::new(dirs);
+    let images = release::ensure_images(dirs, &registry)?;
+    release::install_rolled_out(
+        dirs,
+        &env,
+        &images,
+        &registry,
+        &[],
+        std::time::Duration::from_secs(300),
+    )
+    .await?;
+    Ok((cluster, images))
+}
+
 /// Lets go the namespaces an interrupted run left terminating, held by its PodMigrations'
 /// finalizer with no operator of theirs left (an installed operator would reconcile them).
 pub async fn release_stale_namespaces(client: &Client) {
