@@ -10,6 +10,9 @@ use serde::{Deserialize, Serialize};
 pub const GROUP: &str = "migros.io";
 /// Label a pod carries to opt in to migration.
 pub const MIGRATABLE_LABEL: &str = "migros.io/migratable";
+/// Label that says why a PodMigration was made: `eviction` (the operator's eviction webhook),
+/// `kubectl-migros` and `kubectl-migros-drain` (the kubectl plugin).
+pub const REASON_LABEL: &str = "migros.io/reason";
 /// Label of RDMA pods; they get a cluster-unique block of rxe QP and MR numbers.
 pub const RDMA_LABEL: &str = "migros.io/rdma";
 

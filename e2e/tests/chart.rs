@@ -91,8 +91,7 @@ async fn migrate(client: &Client, ns: &str, name: &str, target: &str) -> PodMigr
 #[tokio::test]
 async fn the_chart_installs_kube_migros_that_migrates_pods_and_uninstalls_cleanly() {
     let dirs = Dirs::from_env();
-    let installed_at = k8s_openapi::jiff::Timestamp::now();
-    let (cluster, images) = harness::chart_installed(&dirs)
+    let (cluster, images, installed_at) = harness::chart_installed(&dirs)
         .await
         .unwrap_or_else(|e| panic!("kube-migros installed and rolled out: {e:#}"));
     eprintln!("images {}:{}", images.repository, images.tag);

@@ -75,36 +75,40 @@ pub async fn drain(client: &Client, args: DrainArgs) -> anyhow::Result<u8> {
         println!("{note}");
     }
     let migrations: Api<PodMigration> = Api::all(client.clone());
-    let in_flight: BTreeMap<(String, String), String> = migrations
+    let in_flight: Vec<PodMigration> = migrations
         .list(&ListParams::default())
         .await?
         .items
         .into_iter()
         .filter(|pm| {
-            !pm.status
-                .as_ref()
-                .and_then(|s| s.phase)
-                .is_some_and(|p| p.is_final())
-        })
-        .map(|pm| {
-            (
-                (pm.namespace().unwrap_or_default(), pm.spec.pod_name.clone()),
-                pm.name_any(),
-            )
+            pm.metadata.deletion_timestamp.is_none()
+                && !pm
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.phase)
+                    .is_some_and(|p| p.is_final())
         })
         .collect();
 
     let mut moving: Vec<(Key, String)> = vec![];
     let mut staying: Vec<(String, String)> = vec![];
+    let mut refused: Vec<(String, String)> = vec![];
     for pod in on_node.items.iter().filter(|p| runs(p)) {
         let ns = pod.namespace().unwrap_or_default();
         let label = format!("{ns}/{}", pod.name_any());
         match plan(client, &guard, pod).await? {
             Plan::Stay(why) => staying.push((label, why)),
             Plan::Move => {
-                let name = match in_flight.get(&(ns.clone(), pod.name_any())) {
-                    Some(name) => name.clone(),
-                    None => create(client, &ns, pod).await?,
+                let name = match in_flight.iter().find(|pm| moves(pm, pod)) {
+                    Some(pm) => pm.name_any(),
+                    None => match create(client, &ns, pod).await {
+                        Ok(name) => name,
+                        // The others go on; this pod is reported with the reason.
+                        Err(e) => {
+                            refused.push((label, format!("{e:#}")));
+                            continue;
+                        }
+                    },
                 };
                 moving.push(((ns, name), label));
             }
@@ -116,9 +120,13 @@ pub async fn drain(client: &Client, args: DrainArgs) -> anyhow::Result<u8> {
             println!("  {pod}: {why}");
         }
     }
+    for (pod, why) in &refused {
+        eprintln!("error: no migration of {pod}: {why}");
+    }
+    let worst_refusal = if refused.is_empty() { 0 } else { exit::ERROR };
     if moving.is_empty() {
         println!("No migratable pods on node/{}.", args.node);
-        return Ok(0);
+        return Ok(worst_refusal);
     }
     println!(
         "Moving {} off node/{}:",
@@ -128,8 +136,8 @@ pub async fn drain(client: &Client, args: DrainArgs) -> anyhow::Result<u8> {
     let mut display = Display::new(Mode::detect(), &moving);
     let keys: Vec<Key> = moving.iter().map(|(k, _)| k.clone()).collect();
     let ends = follow::follow(client, &mut display, &keys, false, args.timeout).await?;
-    let mut code = 0;
-    let mut failed = vec![];
+    let mut codes = vec![worst_refusal];
+    let mut failed: Vec<String> = refused.iter().map(|(pod, _)| pod.clone()).collect();
     for (key, label) in &moving {
         let this = match ends.get(key) {
             Some(End::Final(Outcome::Succeeded)) => continue,
@@ -138,13 +146,9 @@ pub async fn drain(client: &Client, args: DrainArgs) -> anyhow::Result<u8> {
             Some(End::Gone(_)) | None => exit::ERROR,
         };
         failed.push(format!("{label} ({})", key.1));
-        // A failure says more than a rollback, which says more than a wait that ran out.
-        code = match (code, this) {
-            (exit::FAILED, _) | (_, exit::FAILED) => exit::FAILED,
-            (exit::ROLLED_BACK, _) | (_, exit::ROLLED_BACK) => exit::ROLLED_BACK,
-            (_, other) => other,
-        };
+        codes.push(this);
     }
+    let code = exit::worst(codes);
     if failed.is_empty() {
         display.println(&format!(
             "node/{}: {} moved",
@@ -155,6 +159,19 @@ pub async fn drain(client: &Client, args: DrainArgs) -> anyhow::Result<u8> {
         display.println(&format!("not moved: {}", failed.join(", ")));
     }
     Ok(code)
+}
+
+/// Whether `pm`, in flight, moves `pod` away from where it runs: one that has not started yet
+/// (it takes the pod by name), or one whose source is this very pod (not one whose replacement
+/// of the same name this pod is).
+fn moves(pm: &PodMigration, pod: &Pod) -> bool {
+    let status = pm.status.clone().unwrap_or_default();
+    pm.namespace() == pod.namespace()
+        && pm.spec.pod_name == pod.name_any()
+        && status
+            .source_pod_uid
+            .as_ref()
+            .is_none_or(|uid| Some(uid) == pod.metadata.uid.as_ref())
 }
 
 /// `n` pods, in words.

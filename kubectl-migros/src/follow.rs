@@ -70,6 +70,17 @@ struct Line {
     seen: Option<(i64, Instant)>,
 }
 
+impl Line {
+    /// What a plain line starts with: the label, if any.
+    fn prefix(&self) -> String {
+        if self.label.is_empty() {
+            String::new()
+        } else {
+            format!("{}: ", self.label)
+        }
+    }
+}
+
 impl Display {
     /// Lines for `keys`, each labelled (empty labels for a single migration).
     pub fn new(mode: Mode, keys: &[(Key, String)]) -> Self {
@@ -180,12 +191,7 @@ impl Display {
                     }
                 }
                 if text != line.last {
-                    let label = if line.label.is_empty() {
-                        String::new()
-                    } else {
-                        format!("{}: ", line.label)
-                    };
-                    println!("[{:>5.1}s] {label}{text}", elapsed.as_secs_f64());
+                    println!("[{:>5.1}s] {}{text}", elapsed.as_secs_f64(), line.prefix());
                     line.last = text;
                 }
             }
@@ -214,14 +220,10 @@ impl Display {
                 bar.finish_with_message(text);
             }
             None => {
-                let label = if line.label.is_empty() {
-                    String::new()
-                } else {
-                    format!("{}: ", line.label)
-                };
                 println!(
-                    "[{:>5.1}s] {label}{text}",
-                    self.started.elapsed().as_secs_f64()
+                    "[{:>5.1}s] {}{text}",
+                    self.started.elapsed().as_secs_f64(),
+                    line.prefix()
                 );
             }
         }
@@ -298,10 +300,13 @@ pub async fn follow(
         let Some((ns, next)) = next else { break };
         let event = match next {
             Ok(event) => event,
-            // The watcher retries on its own with back-off; a refusal (RBAC, a missing CRD)
+            // The watcher lists and watches again on its own, with back-off, after a dropped
+            // connection or an API server restart; a refusal (no permission, no such resource)
             // does not go away, so it ends the wait.
             Err(watcher::Error::InitialListFailed(e))
-            | Err(watcher::Error::WatchStartFailed(e)) => {
+            | Err(watcher::Error::WatchStartFailed(e))
+                if matches!(&e, kube::Error::Api(s) if matches!(s.code, 401 | 403 | 404)) =>
+            {
                 return Err(e);
             }
             Err(_) => continue,

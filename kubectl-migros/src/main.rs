@@ -1,7 +1,7 @@
 //! `kubectl migros`: the kubectl plugin of kube-migros (docs/kubectl-migros.md). It creates,
 //! follows and aborts PodMigrations and drains nodes by moving their pods; the operator does the
-//! moving. Install it by copying `kubectl-migros` onto the PATH (or with krew,
-//! `kubectl-migros/krew/migros.yaml`).
+//! moving. Install it by copying `kubectl-migros` onto the PATH (or with krew, from the manifest
+//! `kubectl-migros/.krew.yaml` fills in at a release).
 
 mod drain;
 mod follow;
@@ -15,7 +15,7 @@ use crds::{PodMigration, PodMigrationSpec, Strategy};
 use k8s_openapi::{api::core::v1::Pod, jiff::Timestamp};
 use kube::{
     Api, Client, Config, ResourceExt,
-    api::{DeleteParams, ListParams, ObjectMeta, PostParams},
+    api::{DeleteParams, ListParams, ObjectMeta, PostParams, Preconditions},
     config::{KubeConfigOptions, Kubeconfig},
 };
 
@@ -35,8 +35,8 @@ struct Cli {
 /// What every kubectl command takes.
 #[derive(Debug, Args)]
 struct Global {
-    /// The kubeconfig file (default: $KUBECONFIG, then ~/.kube/config).
-    #[arg(long, global = true, env = "KUBECONFIG", hide_env = true)]
+    /// The kubeconfig file (default: the files $KUBECONFIG lists, merged, then ~/.kube/config).
+    #[arg(long, global = true)]
     kubeconfig: Option<PathBuf>,
     /// The kubeconfig context to use.
     #[arg(long, global = true)]
@@ -241,7 +241,8 @@ async fn status(client: &Client, namespace: &str, args: StatusArgs) -> anyhow::R
     });
     if pms.is_empty() {
         let whose = match (&args.pod, args.all_namespaces) {
-            (Some(pod), _) => format!("of pod {pod} in namespace {namespace}"),
+            (Some(pod), true) => format!("of a pod {pod} in any namespace"),
+            (Some(pod), false) => format!("of pod {pod} in namespace {namespace}"),
             (None, true) => "in any namespace".to_string(),
             (None, false) => format!("in namespace {namespace}"),
         };
@@ -263,29 +264,44 @@ async fn status(client: &Client, namespace: &str, args: StatusArgs) -> anyhow::R
 
 async fn abort(client: &Client, namespace: &str, args: AbortArgs) -> anyhow::Result<u8> {
     let api: Api<PodMigration> = Api::namespaced(client.clone(), namespace);
-    let pm = api
-        .get_opt(&args.migration)
-        .await?
-        .with_context(|| format!("podmigration {namespace}/{} not found", args.migration))?;
-    let status = pm.status.clone().unwrap_or_default();
-    if let Some(phase) = status.phase.filter(|p| p.is_final()) {
-        bail!(
-            "{} already ended {phase:?}: nothing to abort (`kubectl delete podmigration {}` removes it)",
-            args.migration,
-            args.migration
-        );
-    }
-    if status.committed {
-        bail!(
-            "{} is past its commit point: the source pod is gone and its checkpoint is the only \
-             copy, so the restore goes on and cannot be aborted",
-            args.migration
-        );
-    }
     // Deleting a migration before its commit point rolls it back (docs/operator.md); the
-    // finalizer keeps it until the source runs again.
-    api.delete(&args.migration, &DeleteParams::default())
-        .await?;
+    // finalizer keeps it until the source runs again. The deletion holds only for the object as
+    // read (its UID and resourceVersion): one that passed its commit point in between is read
+    // again and refused.
+    let pm = loop {
+        let pm = api
+            .get_opt(&args.migration)
+            .await?
+            .with_context(|| format!("podmigration {namespace}/{} not found", args.migration))?;
+        let status = pm.status.clone().unwrap_or_default();
+        if let Some(phase) = status.phase.filter(|p| p.is_final()) {
+            bail!(
+                "{} already ended {phase:?}: nothing to abort (`kubectl delete podmigration {}` \
+                 removes it)",
+                args.migration,
+                args.migration
+            );
+        }
+        if status.committed {
+            bail!(
+                "{} is past its commit point: the source pod is gone and its checkpoint is the \
+                 only copy, so the restore goes on and cannot be aborted",
+                args.migration
+            );
+        }
+        let params = DeleteParams {
+            preconditions: Some(Preconditions {
+                uid: pm.metadata.uid.clone(),
+                resource_version: pm.metadata.resource_version.clone(),
+            }),
+            ..Default::default()
+        };
+        match api.delete(&args.migration, &params).await {
+            Ok(_) => break pm,
+            Err(kube::Error::Api(s)) if s.code == 409 => continue,
+            Err(e) => return Err(e.into()),
+        }
+    };
     println!("podmigration.migros.io/{} aborting", args.migration);
     if !args.wait {
         return Ok(0);
@@ -322,15 +338,14 @@ async fn abort(client: &Client, namespace: &str, args: AbortArgs) -> anyhow::Res
     })
 }
 
-/// The label that says why a PodMigration was made (the eviction webhook's `eviction`; this
-/// plugin's `kubectl-migros` and `kubectl-migros-drain`).
-pub const REASON_LABEL: &str = "migros.io/reason";
+pub use crds::REASON_LABEL;
 
-/// `name` cut to at most `max` bytes (at a character boundary), for generated names.
+/// `name` cut to at most `max` bytes (at a character boundary) for a generated name's prefix,
+/// without a trailing `.` or `-` (a name must end with an alphanumeric character).
 pub fn short(name: &str, max: usize) -> &str {
     let mut end = name.len().min(max);
     while !name.is_char_boundary(end) {
         end -= 1;
     }
-    &name[..end]
+    name[..end].trim_end_matches(['.', '-'])
 }

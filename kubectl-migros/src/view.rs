@@ -27,6 +27,19 @@ pub mod exit {
     pub const FAILED: u8 = 4;
     /// `--timeout` passed before the migration ended (it goes on).
     pub const TIMED_OUT: u8 = 5;
+
+    /// The code of several outcomes: the one that says most, a failure before a rollback, before
+    /// an error, before a wait that ran out; 0 when all are 0.
+    pub fn worst(codes: impl IntoIterator<Item = u8>) -> u8 {
+        let rank = |c: u8| match c {
+            FAILED => 4,
+            ROLLED_BACK => 3,
+            ERROR => 2,
+            TIMED_OUT => 1,
+            _ => 0,
+        };
+        codes.into_iter().max_by_key(|c| rank(*c)).unwrap_or(0)
+    }
 }
 
 impl Outcome {
@@ -330,6 +343,11 @@ pub fn kept_checkpoints(pms: &[PodMigration], now: Timestamp) -> Option<String> 
     ]];
     for pm in pms {
         let Some(status) = &pm.status else { continue };
+        // Before the commit point the checkpoint goes with a rollback (the agents drop it); past
+        // it, the target keeps what it received.
+        if !status.committed {
+            continue;
+        }
         let Some(checkpoint) = &status.checkpoint else {
             continue;
         };
@@ -406,6 +424,15 @@ mod tests {
         );
         let failed = Outcome::of(&pm(Phase::Failed, "TargetUnavailable", "no node"));
         assert_eq!(failed.map(|o| o.exit_code()), Some(exit::FAILED));
+        // Several: the one that says most, whatever the order.
+        assert_eq!(exit::worst([0, exit::TIMED_OUT, exit::ERROR]), exit::ERROR);
+        assert_eq!(exit::worst([exit::ERROR, exit::TIMED_OUT]), exit::ERROR);
+        assert_eq!(
+            exit::worst([exit::ROLLED_BACK, exit::FAILED, 0]),
+            exit::FAILED
+        );
+        assert_eq!(exit::worst([0, 0]), 0);
+        assert_eq!(exit::worst([]), 0);
         for phase in [Phase::Pending, Phase::Transferring, Phase::CopyingMemory] {
             assert_eq!(Outcome::of(&pm(phase, "", "")), None, "{phase:?}");
         }
@@ -502,12 +529,19 @@ mod tests {
     fn kept_checkpoints_are_listed_with_their_place_size_and_age() {
         let now: Timestamp = "2026-12-04T11:00:00Z".parse().unwrap();
         assert_eq!(kept_checkpoints(&[pm(Phase::Failed, "", "")], now), None);
-        let mut failed = pm(Phase::Failed, "RestoreFailed", "");
-        failed.status.as_mut().unwrap().checkpoint = Some(CheckpointStatus {
+        let kept = CheckpointStatus {
             bytes: 300 << 20,
             location: Some("node-2:/var/lib/kube-migros/migrations/u1".into()),
             containers: vec![],
-        });
+        };
+        // Rolled back: the agents dropped it.
+        let mut rolled = pm(Phase::RolledBack, "TimedOut", "");
+        rolled.status.as_mut().unwrap().checkpoint = Some(kept.clone());
+        assert_eq!(kept_checkpoints(&[rolled], now), None);
+        let mut failed = pm(Phase::Failed, "RestoreFailed", "");
+        let status = failed.status.as_mut().unwrap();
+        status.checkpoint = Some(kept);
+        status.committed = true;
         assert_eq!(
             kept_checkpoints(&[failed], now).unwrap(),
             "MIGRATION   POD   KEPT AT                                     SIZE    AGE\n\

@@ -64,11 +64,12 @@ async fn encode(State(agent): State<Agent>) -> ([(&'static str, &'static str); 1
     // What only a look at the node tells: the store's room, and the longest frozen source.
     let store = agent.store().clone();
     let observed = tokio::task::spawn_blocking(move || {
-        let (free, capacity) = store.space().unwrap_or_default();
-        (free, capacity, store.longest_pause(crate::unix_now()))
+        let space = store.space().ok();
+        (space, store.longest_pause(crate::unix_now()))
     })
     .await;
-    if let Ok((free, capacity, pause)) = observed {
+    // A store that cannot be read keeps its last figures rather than reading as empty (full).
+    if let Ok((Some((free, capacity)), pause)) = observed {
         agent.parts.metrics.observe_node(free, capacity, pause);
     }
     (content_type, agent.parts.metrics.encode())

@@ -116,11 +116,13 @@ fn is_zero(n: &u64) -> bool {
 
 impl Record {
     /// How long a source's containers have been frozen by this agent at `now` (Unix seconds):
-    /// paused, and neither stopped for good nor resumed.
+    /// paused, and neither stopped for good nor resumed. A post-copy source past its commit point
+    /// is not frozen for its application, which runs on the target while these serve its pages.
     pub fn frozen_for(&self, now: u64) -> Option<Duration> {
+        let serving = self.post_copy && self.committed;
         let since = self
             .paused_at
-            .filter(|_| self.paused && !self.stopped && !self.resumed)?;
+            .filter(|_| self.paused && !self.stopped && !self.resumed && !serving)?;
         Some(Duration::from_secs(now.saturating_sub(since)))
     }
 
@@ -601,12 +603,16 @@ mod tests {
             ("later", 990, false, false),
             ("stopped", 100, true, false),
             ("resumed", 100, false, true),
+            ("serving", 100, false, false),
         ] {
             let mut r = Record::new(uid, Role::Source, "ns", "pod");
             r.paused = true;
             r.paused_at = Some(paused_at);
             r.stopped = stopped;
             r.resumed = resumed;
+            // A post-copy source serving its pages after the commit: its pod runs elsewhere.
+            r.post_copy = uid == "serving";
+            r.committed = uid == "serving";
             store.save(&r).unwrap();
         }
         assert_eq!(store.longest_pause(1_000), Duration::from_secs(100));

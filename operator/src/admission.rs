@@ -17,8 +17,8 @@ use kube::ResourceExt;
 
 use crate::replacement::{MIGRATION_UID_ANNOTATION, TEMPLATE_ANNOTATION};
 
-/// Label of a PodMigration the eviction webhook created: why it exists.
-pub const REASON_LABEL: &str = "migros.io/reason";
+/// Label of a PodMigration that says why it exists (the eviction webhook's: [`REASON_EVICTION`]).
+pub use crds::REASON_LABEL;
 /// Value of [`REASON_LABEL`] for migrations made for an eviction (a drain).
 pub const REASON_EVICTION: &str = "eviction";
 /// Annotation of a PodMigration the eviction webhook created: the UID of the evicted pod.

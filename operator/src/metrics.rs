@@ -92,6 +92,13 @@ impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("migros");
         let migrations = Family::<ResultLabels, Counter>::default();
+        // Every result from the start, at 0: a series that appears at its first count would
+        // show no increase for it.
+        for result in [Phase::Succeeded, Phase::Failed, Phase::RolledBack] {
+            let _ = migrations.get_or_create(&ResultLabels {
+                result: format!("{result:?}"),
+            });
+        }
         registry.register(
             "migrations",
             "PodMigrations that reached a final phase, by result",

@@ -603,8 +603,7 @@ async fn rdma_pods_get_their_rxe_block_from_their_first_start() {
             assert_eq!(t.record(1, "r8", "Plugin").await["inside"], false);
             let metrics = t.metrics(1).await;
             assert!(
-                metrics
-                    .contains(r#"migros_agent_rxe_starts_total{how="plugin",result="outside"} 1"#),
+                metrics.contains(r#"how="plugin",result="outside"} 1"#),
                 "{metrics}"
             );
             // node-1 has room since r1 and r2 left it.

@@ -117,9 +117,14 @@ where
 /// release runs (they would hold the agent's ports), the chart's CRDs applied, and what an
 /// interrupted run left cleared (agent pods terminating on kubelet-less nodes, namespaces
 /// terminating with migrations that the chart's operator would take up).
+/// Answers the cluster, the images and when the install began.
 pub async fn chart_installed(
     dirs: &Dirs,
-) -> anyhow::Result<(sandbox::cluster::Cluster, sandbox::release::Images)> {
+) -> anyhow::Result<(
+    sandbox::cluster::Cluster,
+    sandbox::release::Images,
+    k8s_openapi::jiff::Timestamp,
+)> {
     use sandbox::release;
     let cluster = sandbox::cluster::up(dirs).await?;
     let env = cluster.env.clone();
@@ -134,6 +139,7 @@ pub async fn chart_installed(
     release_stale_namespaces(&client).await;
     let registry = sandbox::registry::Registry::new(dirs);
     let images = release::ensure_images(dirs, &registry)?;
+    let at = k8s_openapi::jiff::Timestamp::now();
     release::install_rolled_out(
         dirs,
         &env,
@@ -143,7 +149,7 @@ pub async fn chart_installed(
         std::time::Duration::from_secs(300),
     )
     .await?;
-    Ok((cluster, images))
+    Ok((cluster, images, at))
 }
 
 /// Lets go the namespaces an interrupted run left terminating, held by its PodMigrations'
