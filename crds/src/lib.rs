@@ -1,8 +1,10 @@
 //! The kube-migros API: custom resource types of the group `migros.io`, their CEL validation rules,
 //! and the YAML rendering that `crdgen` writes into the Helm chart.
 
+pub mod discovery;
 pub mod movable;
 pub mod podmigration;
+pub mod quantity;
 pub mod rxeblock;
 
 pub use podmigration::*;

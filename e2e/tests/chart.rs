@@ -116,7 +116,7 @@ async fn the_chart_installs_kube_migros_that_migrates_pods_and_uninstalls_cleanl
     .await;
     let leases: Api<Lease> = Api::namespaced(client.clone(), NAMESPACE);
     for lease in leases
-        .list(&ListParams::default().labels(agent_api::discovery::LEASE_LABEL))
+        .list(&ListParams::default().labels(crds::discovery::LEASE_LABEL))
         .await
         .unwrap()
         .items

@@ -11,8 +11,14 @@ use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use crds::{PodMigration, PodMigrationSpec, Strategy};
-use k8s_openapi::{api::core::v1::Pod, jiff::Timestamp};
+use crds::{
+    PodMigration, PodMigrationSpec, Strategy,
+    discovery::{KEPT_ANNOTATION, KeptCheckpoint, LEASE_LABEL},
+};
+use k8s_openapi::{
+    api::{coordination::v1::Lease, core::v1::Pod},
+    jiff::Timestamp,
+};
 use kube::{
     Api, Client, Config, ResourceExt,
     api::{DeleteParams, ListParams, ObjectMeta, PostParams, Preconditions},
@@ -252,14 +258,51 @@ async fn status(client: &Client, namespace: &str, args: StatusArgs) -> anyhow::R
     let now = Timestamp::now();
     let rows: Vec<view::Row> = pms.iter().map(|pm| view::Row::of(pm, now)).collect();
     print!("{}", view::table(&rows, args.all_namespaces));
-    if let Some(kept) = view::kept_checkpoints(&pms, now) {
-        println!(
-            "\nCheckpoints the agents keep (until the PodMigration is deleted or their retention \
-             time passes):"
-        );
-        print!("{kept}");
+    match kept_on_nodes(client).await {
+        Ok(kept) => {
+            // With one pod named, or one namespace, only its checkpoints; those of a deleted
+            // migration are shown as well (an agent removes them at its next collection).
+            let mine = |k: &KeptCheckpoint| {
+                (args.all_namespaces || k.namespace == namespace)
+                    && args.pod.as_ref().is_none_or(|p| k.pod == *p)
+            };
+            let kept: Vec<KeptCheckpoint> = kept.into_iter().filter(mine).collect();
+            if let Some(table) = view::kept_checkpoints(&kept, &pms, args.all_namespaces, now) {
+                println!(
+                    "\nCheckpoints the agents keep (until the PodMigration is deleted, its retention \
+                     time passes, or the node's byte budget takes it):"
+                );
+                print!("{table}");
+            }
+        }
+        Err(e) => eprintln!("warning: the kept checkpoints are not listed: {e:#}"),
     }
     Ok(0)
+}
+
+/// What every agent reports it keeps, from the annotation of its Lease (any namespace: the
+/// release's is not known here).
+async fn kept_on_nodes(client: &Client) -> anyhow::Result<Vec<KeptCheckpoint>> {
+    let leases: Api<Lease> = Api::all(client.clone());
+    let list = leases
+        .list(&ListParams::default().labels(LEASE_LABEL))
+        .await
+        .context("reading the agents' Leases")?;
+    let mut kept = Vec::new();
+    for lease in list.items {
+        let Some(text) = lease.annotations().get(KEPT_ANNOTATION) else {
+            continue;
+        };
+        match serde_json::from_str::<Vec<KeptCheckpoint>>(text) {
+            Ok(list) => kept.extend(list),
+            Err(e) => eprintln!(
+                "warning: Lease {}/{}: {KEPT_ANNOTATION} unreadable: {e}",
+                lease.namespace().unwrap_or_default(),
+                lease.name_any()
+            ),
+        }
+    }
+    Ok(kept)
 }
 
 async fn abort(client: &Client, namespace: &str, args: AbortArgs) -> anyhow::Result<u8> {

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crds::{Phase, PodMigration, PodMigrationStatus};
+use crds::{Phase, PodMigration, PodMigrationStatus, discovery::KeptCheckpoint};
 use k8s_openapi::jiff::Timestamp;
 
 /// How a followed migration ended, and the exit code it gives.
@@ -331,44 +331,58 @@ pub fn summary(pm: &PodMigration) -> String {
     }
 }
 
-/// A migration's checkpoint that an agent keeps (a restore failed past the commit point): the
-/// rows of `kubectl migros status`'s second table.
-pub fn kept_checkpoints(pms: &[PodMigration], now: Timestamp) -> Option<String> {
-    let mut lines = vec![vec![
-        "MIGRATION".to_string(),
-        "POD".into(),
-        "KEPT AT".into(),
-        "SIZE".into(),
-        "AGE".into(),
-    ]];
-    for pm in pms {
-        let Some(status) = &pm.status else { continue };
-        // Before the commit point the checkpoint goes with a rollback (the agents drop it); past
-        // it, the target keeps what it received.
-        if !status.committed {
-            continue;
+/// The checkpoints the agents keep, as their Leases list them, joined with the migrations `pms`
+/// by UID: the rows of `kubectl migros status`'s second table, in the order of `pms` (oldest
+/// first), then by age; those of a migration not among them (deleted) last, named `-`.
+/// `namespaces` adds the namespace column.
+pub fn kept_checkpoints(
+    kept: &[KeptCheckpoint],
+    pms: &[PodMigration],
+    namespaces: bool,
+    now: Timestamp,
+) -> Option<String> {
+    let order = |k: &KeptCheckpoint| {
+        pms.iter()
+            .position(|pm| pm.metadata.uid.as_deref() == Some(k.migration.as_str()))
+    };
+    let mut rows: Vec<(Option<usize>, &KeptCheckpoint)> =
+        kept.iter().map(|k| (order(k), k)).collect();
+    rows.sort_by(|a, b| {
+        let key = |(at, k): &(Option<usize>, &KeptCheckpoint)| {
+            (at.is_none(), *at, k.since, k.role.clone())
+        };
+        key(a).cmp(&key(b))
+    });
+    let mut lines = vec![
+        [
+            "NAMESPACE",
+            "MIGRATION",
+            "POD",
+            "ROLE",
+            "KEPT AT",
+            "SIZE",
+            "AGE",
+        ]
+        .map(String::from)[usize::from(!namespaces)..]
+            .to_vec(),
+    ];
+    let now = now.as_second();
+    for (at, k) in rows {
+        let name = at
+            .and_then(|i| pms[i].metadata.name.clone())
+            .unwrap_or_else(|| "-".into());
+        let mut line = vec![
+            name,
+            k.pod.clone(),
+            k.role.clone(),
+            k.location.clone(),
+            bytes(i64::try_from(k.bytes).unwrap_or(i64::MAX)),
+            age(now.saturating_sub(i64::try_from(k.since).unwrap_or(i64::MAX))),
+        ];
+        if namespaces {
+            line.insert(0, k.namespace.clone());
         }
-        let Some(checkpoint) = &status.checkpoint else {
-            continue;
-        };
-        let Some(location) = &checkpoint.location else {
-            continue;
-        };
-        // The checkpoint is as old as the migration's last phase change that kept it.
-        let since = status
-            .phase_transitions
-            .last()
-            .map(|t| t.time.0)
-            .or_else(|| pm.metadata.creation_timestamp.as_ref().map(|t| t.0));
-        lines.push(vec![
-            pm.metadata.name.clone().unwrap_or_default(),
-            pm.spec.pod_name.clone(),
-            location.clone(),
-            bytes(checkpoint.bytes),
-            since
-                .map(|s| age(now.duration_since(s).as_secs()))
-                .unwrap_or_else(|| "-".into()),
-        ]);
+        lines.push(line);
     }
     (lines.len() > 1).then(|| {
         let cells: Vec<Vec<&str>> = lines
@@ -526,26 +540,45 @@ mod tests {
     }
 
     #[test]
-    fn kept_checkpoints_are_listed_with_their_place_size_and_age() {
+    fn kept_checkpoints_are_listed_with_their_migration_role_place_size_and_age() {
         let now: Timestamp = "2026-12-04T11:00:00Z".parse().unwrap();
-        assert_eq!(kept_checkpoints(&[pm(Phase::Failed, "", "")], now), None);
-        let kept = CheckpointStatus {
-            bytes: 300 << 20,
-            location: Some("node-2:/var/lib/kube-migros/migrations/u1".into()),
-            containers: vec![],
+        let kept = |uid: &str, role: &str, node: &str, bytes: u64, ago: u64| KeptCheckpoint {
+            migration: uid.into(),
+            namespace: "ns".into(),
+            pod: "app".into(),
+            role: role.into(),
+            bytes,
+            since: u64::try_from(now.as_second()).unwrap() - ago,
+            location: format!("{node}:/var/lib/kube-migros/migrations/{uid}"),
         };
-        // Rolled back: the agents dropped it.
-        let mut rolled = pm(Phase::RolledBack, "TimedOut", "");
-        rolled.status.as_mut().unwrap().checkpoint = Some(kept.clone());
-        assert_eq!(kept_checkpoints(&[rolled], now), None);
-        let mut failed = pm(Phase::Failed, "RestoreFailed", "");
-        let status = failed.status.as_mut().unwrap();
-        status.checkpoint = Some(kept);
-        status.committed = true;
+        let mut first = pm(Phase::Succeeded, "Succeeded", "");
+        first.metadata.uid = Some("u1".into());
+        let mut second = pm(Phase::Failed, "RestoreFailed", "");
+        second.metadata.name = Some("app-2".into());
+        second.metadata.uid = Some("u2".into());
+        let agents = [
+            kept("u2", "target", "node-3", 300 << 20, 3600),
+            kept("u1", "target", "node-2", 48 << 20, 120),
+            kept("u1", "source", "node-1", 48 << 20, 125),
+            kept("gone", "target", "node-2", 1 << 20, 60),
+        ];
+        assert_eq!(kept_checkpoints(&[], &[first.clone()], false, now), None);
+        // In the migrations' order (oldest first), then by age; one of no listed migration last.
         assert_eq!(
-            kept_checkpoints(&[failed], now).unwrap(),
-            "MIGRATION   POD   KEPT AT                                     SIZE    AGE\n\
-             app-1       app   node-2:/var/lib/kube-migros/migrations/u1   300Mi   60m\n"
+            kept_checkpoints(&agents, &[first, second.clone()], false, now).unwrap(),
+            "MIGRATION   POD   ROLE     KEPT AT                                       SIZE     AGE\n\
+             app-1       app   source   node-1:/var/lib/kube-migros/migrations/u1     48.0Mi   2m5s\n\
+             app-1       app   target   node-2:/var/lib/kube-migros/migrations/u1     48.0Mi   2m0s\n\
+             app-2       app   target   node-3:/var/lib/kube-migros/migrations/u2     300Mi    60m\n\
+             -           app   target   node-2:/var/lib/kube-migros/migrations/gone   1.00Mi   60s\n"
         );
+        // With the namespace column.
+        let all = kept_checkpoints(&agents, &[second], true, now).unwrap();
+        let last = all.lines().last().unwrap();
+        assert!(
+            last.starts_with("ns          -           app   target"),
+            "{all}"
+        );
+        assert!(all.starts_with("NAMESPACE   MIGRATION"), "{all}");
     }
 }

@@ -1,12 +1,16 @@
 //! The agent's Lease: how an agent tells the operator it lives and where. A Lease
-//! `kube-migros-agent-<node>` in the operator's namespace, annotated with the agent's gRPC endpoint and renewed while the agent runs.
+//! `kube-migros-agent-<node>` in the operator's namespace, annotated with the agent's gRPC endpoint
+//! and the checkpoints it keeps (`kubectl migros status` lists them), renewed while the agent runs.
 //! The operator treats a node whose Lease expired as having no agent. An agent that stops deletes its
 //! Lease; one that runs as a pod also names the pod as the Lease's owner, so that the garbage
 //! collector removes the Lease of an agent that was killed (e.g. by `helm uninstall`).
 
 use std::{collections::BTreeMap, time::Duration};
 
-use agent_api::discovery::{ENDPOINT_ANNOTATION, LEASE_LABEL, LEASE_PREFIX};
+use crds::discovery::{
+    ENDPOINT_ANNOTATION, KEPT_ANNOTATION, KeptCheckpoint, LEASE_LABEL, LEASE_PREFIX,
+};
+use tokio::sync::watch;
 
 use k8s_openapi::{
     api::coordination::v1::{Lease, LeaseSpec},
@@ -31,6 +35,9 @@ pub struct AgentLease {
     pub lease: Duration,
     /// The agent's pod (name, UID) when it runs as one, in the same namespace as the Lease.
     pub pod: Option<(String, String)>,
+    /// The checkpoints the agent keeps (garbage collection sends them); written anew when they
+    /// change.
+    pub kept: watch::Receiver<Vec<KeptCheckpoint>>,
 }
 
 impl AgentLease {
@@ -53,10 +60,7 @@ impl AgentLease {
                     LEASE_LABEL.to_string(),
                     "true".to_string(),
                 )])),
-                annotations: Some(BTreeMap::from([(
-                    ENDPOINT_ANNOTATION.to_string(),
-                    self.endpoint.clone(),
-                )])),
+                annotations: Some(self.annotations()),
                 ..Default::default()
             },
             spec: Some(LeaseSpec {
@@ -77,6 +81,21 @@ impl AgentLease {
         Ok(())
     }
 
+    /// The endpoint, and the kept checkpoints when there are any (the annotation goes with the
+    /// last of them: the field is this manager's).
+    fn annotations(&self) -> BTreeMap<String, String> {
+        let mut annotations =
+            BTreeMap::from([(ENDPOINT_ANNOTATION.to_string(), self.endpoint.clone())]);
+        let kept = self.kept.borrow();
+        if !kept.is_empty() {
+            annotations.insert(
+                KEPT_ANNOTATION.to_string(),
+                serde_json::to_string(&*kept).unwrap_or_default(),
+            );
+        }
+        annotations
+    }
+
     fn lease_name(&self) -> String {
         format!("{LEASE_PREFIX}{}", self.node)
     }
@@ -94,14 +113,24 @@ impl AgentLease {
         }
     }
 
-    /// Renews the Lease until the future is dropped; errors are logged and retried.
+    /// Renews the Lease until the future is dropped, at a third of its duration and whenever
+    /// the kept checkpoints change; errors are logged and retried.
     pub async fn keep(&self, client: Client) {
         let every = self.lease / 3;
+        let mut kept = self.kept.clone();
         loop {
             if let Err(e) = self.renew(&client).await {
                 tracing::warn!(node = %self.node, error = %e, "could not renew the agent Lease");
             }
-            tokio::time::sleep(every).await;
+            tokio::select! {
+                () = tokio::time::sleep(every) => {}
+                changed = kept.changed() => {
+                    if changed.is_err() {
+                        // Nobody publishes any more: renew on time only.
+                        tokio::time::sleep(every).await;
+                    }
+                }
+            }
         }
     }
 }

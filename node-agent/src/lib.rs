@@ -16,8 +16,9 @@
 //! - `rxe_counters`: the node's rxe ID counters, their lock and holds; `device_plugin`: the
 //!   kubelet's device plugin for `rdma/rxe`, which applies a pod's rxe block before its
 //!   containers start; `rxe_starts`: what the counters did at those starts;
-//! - process parts: `lease` (how the operator finds the agent), `admin` (`/live`, `/ready`,
-//!   `/metrics`), `gc`, `metrics`; `error`: the one error of the steps.
+//! - process parts: `lease` (how the operator finds the agent, and what it keeps), `admin`
+//!   (`/live`, `/ready`, `/metrics`), `gc` and `retention` (what is kept, and how much),
+//!   `metrics`; `error`: the one error of the steps.
 
 pub mod address;
 pub mod admin;
@@ -38,6 +39,7 @@ pub mod netns;
 pub mod oci;
 pub mod post_copy;
 pub mod restore;
+pub mod retention;
 pub mod room;
 pub mod runtime;
 pub mod rxe_counters;

@@ -11,6 +11,7 @@ use agent_api::{
 };
 use anyhow::Context;
 use clap::Parser;
+use crds::discovery::KeptCheckpoint;
 use kube::runtime::events::{Recorder, Reporter};
 use node_agent::{
     admin,
@@ -24,10 +25,12 @@ use node_agent::{
     netblock::NetBlock,
     oci,
     restore::{CriCheckpointArchive, CriCheckpointImage, RestoreBackend, RuntimeWrapper},
+    retention::Budget,
     runtime::Runtime,
     rxe_counters::{Counters, Holds},
     rxe_starts::Starts,
 };
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -180,6 +183,12 @@ struct Args {
     /// seconds untouched.
     #[arg(long, default_value_t = 7 * 86_400)]
     retention_seconds: u64,
+    /// At most this many bytes (a quantity: `20Gi`) of kept checkpoints of ended migrations on
+    /// the node; past it the oldest go first, those whose pod runs anyway before those that are
+    /// its only copy (docs/node-agent.md#kept-checkpoints). The agent lists PodMigrations to know
+    /// which ended, so it needs the API server (--lease-namespace). Unset: no budget.
+    #[arg(long, value_parser = parse_bytes, requires = "lease_namespace")]
+    retention_budget: Option<u64>,
     /// An address the agent never blocks, whatever it is asked (besides the node's own, the API
     /// server's as the agent reaches it and the in-cluster service's); repeatable.
     #[arg(long)]
@@ -226,6 +235,11 @@ struct Args {
     /// Seconds the agent's Lease stays valid without renewal (renewed at a third of it).
     #[arg(long, default_value_t = 15)]
     lease_seconds: u64,
+}
+
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    crds::quantity::bytes(s)
+        .ok_or_else(|| format!("{s:?} is not a whole number of bytes (such as 20Gi)"))
 }
 
 fn parse_range(s: &str) -> Result<Range<u32>, String> {
@@ -303,8 +317,9 @@ impl Args {
         }
     }
 
-    fn lease(&self) -> Option<AgentLease> {
+    fn lease(&self, kept: watch::Receiver<Vec<KeptCheckpoint>>) -> Option<AgentLease> {
         Some(AgentLease {
+            kept,
             namespace: self.lease_namespace.clone()?,
             node: self.node_name.clone(),
             endpoint: self
@@ -462,15 +477,8 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}", args.http_addr))?;
     let http = tokio::spawn(http);
-    let gc = tokio::spawn(gc::run(
-        agent.clone(),
-        Duration::from_secs(args.gc_interval_seconds),
-        Duration::from_secs(args.gc_after_seconds),
-        Duration::from_secs(args.retention_seconds),
-        shutdown.clone(),
-    ));
-    let plugin = plugin.map(|plugin| tokio::spawn(plugin.run(shutdown.clone())));
-    let lease = match args.lease() {
+    let (publish, kept) = watch::channel(Vec::new());
+    let lease = match args.lease(kept) {
         Some(lease) => {
             let client = kube::Client::try_default()
                 .await
@@ -484,6 +492,28 @@ async fn main() -> anyhow::Result<()> {
         }
         None => None,
     };
+    let budget = args
+        .retention_budget
+        .zip(lease.as_ref())
+        .map(|(bytes, (_, client, _))| {
+            info!(
+                bytes,
+                "kept checkpoints of ended migrations stay within a byte budget"
+            );
+            Budget::new(bytes, client.clone())
+        });
+    let gc = tokio::spawn(gc::run(
+        agent.clone(),
+        Duration::from_secs(args.gc_interval_seconds),
+        gc::Retention {
+            after: Duration::from_secs(args.gc_after_seconds),
+            kept_for: Duration::from_secs(args.retention_seconds),
+            budget,
+            publish,
+        },
+        shutdown.clone(),
+    ));
+    let plugin = plugin.map(|plugin| tokio::spawn(plugin.run(shutdown.clone())));
 
     tonic::transport::Server::builder()
         // Checkpoint streams are bulk data: HTTP/2 windows far larger than the 64 KiB default.

@@ -37,6 +37,8 @@ pub struct Metrics {
     migrations: Gauge,
     resumed: Counter,
     collected: Counter,
+    evicted: Counter,
+    kept_bytes: Gauge,
     rxe_starts: Family<RxeStartLabels, Counter>,
     store_free: Gauge,
     store_capacity: Gauge,
@@ -93,6 +95,18 @@ impl Metrics {
             "Migrations whose data garbage collection removed after undoing what they held",
             collected.clone(),
         );
+        let evicted = Counter::default();
+        registry.register(
+            "checkpoints_evicted",
+            "Kept checkpoints of ended migrations removed, oldest first, to keep this node within its byte budget",
+            evicted.clone(),
+        );
+        let kept_bytes = Gauge::default();
+        registry.register(
+            "kept_checkpoint_bytes",
+            "Bytes of the checkpoints this node keeps past their migration's commit point (or received whole)",
+            kept_bytes.clone(),
+        );
         let rxe_starts = Family::<RxeStartLabels, Counter>::default();
         registry.register(
             "rxe_starts",
@@ -127,6 +141,8 @@ impl Metrics {
             migrations,
             resumed,
             collected,
+            evicted,
+            kept_bytes,
             rxe_starts,
         }
     }
@@ -189,6 +205,16 @@ impl Metrics {
                 result: if inside { "inside" } else { "outside" }.into(),
             })
             .inc();
+    }
+
+    pub fn evicted(&self) {
+        self.evicted.inc();
+    }
+
+    /// The bytes of the checkpoints kept on the node, as the last collection found them.
+    pub fn kept(&self, bytes: u64) {
+        self.kept_bytes
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
     }
 
     pub fn stored(&self, n: usize) {

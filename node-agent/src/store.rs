@@ -172,6 +172,12 @@ impl Record {
         }
     }
 
+    /// Its data is kept for a manual restore: past the commit point, or a checkpoint received
+    /// whole (the target may not have heard of the commit yet, and it may be the only copy).
+    pub fn kept(&self) -> bool {
+        self.committed || self.received_whole()
+    }
+
     /// Target: every container's checkpoint arrived whole (and was staged).
     pub fn received_whole(&self) -> bool {
         self.role == Role::Target
@@ -488,19 +494,8 @@ impl Store {
             if active(&uid) {
                 continue;
             }
-            let dir = self.dir(&uid)?;
-            let modified = fs::metadata(dir.join("record.json"))
-                .or_else(|_| fs::metadata(&dir))
-                .and_then(|m| m.modified())
-                .map_err(io_at(&dir))?;
-            let untouched = now.duration_since(modified).unwrap_or_default();
-            // A checkpoint received whole is kept as long as one past the commit point: the
-            // target may not have heard of the commit yet, and it may be the only copy.
-            let kept = self
-                .load(&uid)
-                .ok()
-                .flatten()
-                .is_some_and(|r| r.committed || r.received_whole());
+            let untouched = now.duration_since(self.touched(&uid)?).unwrap_or_default();
+            let kept = self.load(&uid).ok().flatten().is_some_and(|r| r.kept());
             if untouched < if kept { retention } else { age } {
                 continue;
             }
@@ -508,6 +503,68 @@ impl Store {
         }
         Ok(stale)
     }
+
+    /// When migration `uid`'s record was last written (its directory's time without one).
+    fn touched(&self, uid: &str) -> Result<SystemTime, Error> {
+        let dir = self.dir(uid)?;
+        fs::metadata(dir.join("record.json"))
+            .or_else(|_| fs::metadata(&dir))
+            .and_then(|m| m.modified())
+            .map_err(io_at(&dir))
+    }
+
+    /// Bytes migration `uid`'s data takes on the disk (allocated blocks, so a sparse file counts
+    /// what it holds); symbolic links are not followed.
+    pub fn bytes(&self, uid: &str) -> Result<u64, Error> {
+        fn walk(path: &Path) -> io::Result<u64> {
+            use std::os::unix::fs::MetadataExt;
+            let meta = fs::symlink_metadata(path)?;
+            let mut total = meta.blocks() * 512;
+            if meta.is_dir() {
+                for entry in fs::read_dir(path)? {
+                    total += match walk(&entry?.path()) {
+                        Ok(n) => n,
+                        // Removed while it was counted.
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => 0,
+                        Err(e) => return Err(e),
+                    };
+                }
+            }
+            Ok(total)
+        }
+        let dir = self.dir(uid)?;
+        walk(&dir).map_err(io_at(&dir))
+    }
+
+    /// The checkpoints kept on this node ([`Record::kept`]), newest first.
+    pub fn kept(&self) -> Result<Vec<Kept>, Error> {
+        let mut kept = Vec::new();
+        for record in self.records().filter(Record::kept) {
+            let uid = record.uid.clone();
+            match (self.bytes(&uid), self.touched(&uid)) {
+                (Ok(bytes), Ok(since)) => kept.push(Kept {
+                    record,
+                    bytes,
+                    since,
+                }),
+                // Removed since it was listed.
+                (Err(Error::Io { source, .. }), _) | (_, Err(Error::Io { source, .. }))
+                    if source.kind() == io::ErrorKind::NotFound => {}
+                (Err(e), _) | (_, Err(e)) => return Err(e),
+            }
+        }
+        kept.sort_by(|a, b| b.since.cmp(&a.since).then(a.record.uid.cmp(&b.record.uid)));
+        Ok(kept)
+    }
+}
+
+/// A checkpoint kept on this node: its migration's record, its bytes on disk, and when it was
+/// last touched (its age counts from then).
+#[derive(Debug, Clone)]
+pub struct Kept {
+    pub record: Record,
+    pub bytes: u64,
+    pub since: SystemTime,
 }
 
 #[cfg(test)]
@@ -651,5 +708,40 @@ mod tests {
         assert_eq!(stale, ["kept", "old", "received"].map(String::from));
         // Naming them removes nothing: the caller undoes first.
         assert_eq!(store.list().unwrap().len(), 4);
+    }
+
+    #[test]
+    fn kept_checkpoints_are_listed_newest_first_with_their_bytes_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::new(dir.path());
+        for uid in ["older", "newer", "in-flight"] {
+            let mut r = Record::new(uid, Role::Source, "ns", "pod");
+            r.committed = uid != "in-flight";
+            store.save(&r).unwrap();
+            let data = store.subdir(uid, "checkpoint").unwrap();
+            fs::write(data.join("app.tar"), vec![7u8; 256 << 10]).unwrap();
+            // A link out of the store is not followed.
+            std::os::unix::fs::symlink("/usr", data.join("out")).unwrap();
+        }
+        let old = SystemTime::now() - Duration::from_secs(600);
+        fs::File::options()
+            .write(true)
+            .open(store.dir("older").unwrap().join("record.json"))
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+        let kept = store.kept().unwrap();
+        let uids: Vec<&str> = kept.iter().map(|k| k.record.uid.as_str()).collect();
+        assert_eq!(uids, ["newer", "older"]);
+        // The archive's 256 KiB and a little for the record and the directories.
+        for k in &kept {
+            assert!(
+                (256 << 10..300 << 10).contains(&k.bytes),
+                "{}: {} bytes",
+                k.record.uid,
+                k.bytes
+            );
+        }
+        assert!(kept[1].since <= old + Duration::from_secs(1));
     }
 }

@@ -5,13 +5,8 @@
 
 use std::{collections::BTreeMap, sync::Mutex, time::Duration};
 
-use agent_api::{
-    Step, StepArgs,
-    client::Client as AgentClient,
-    discovery::{ENDPOINT_ANNOTATION, LEASE_LABEL, LEASE_PREFIX},
-    tls::TlsMaterial,
-    v1,
-};
+use agent_api::{Step, StepArgs, client::Client as AgentClient, tls::TlsMaterial, v1};
+use crds::discovery::{ENDPOINT_ANNOTATION, LEASE_LABEL, LEASE_PREFIX};
 use futures::StreamExt;
 use k8s_openapi::{api::coordination::v1::Lease, jiff::Timestamp};
 use kube::{

@@ -1462,7 +1462,7 @@ fn step_args(pm: &PodMigration, f: &Facts) -> StepArgs {
             .bandwidth_limit
             .as_ref()
             .and_then(|q| {
-                targets::milli(&k8s_openapi::apimachinery::pkg::api::resource::Quantity(
+                crds::quantity::milli(&k8s_openapi::apimachinery::pkg::api::resource::Quantity(
                     q.clone(),
                 ))
             })

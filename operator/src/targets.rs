@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 
 use agent_api::{backend, v1::NodeCapabilities};
+use crds::quantity::milli;
 use k8s_openapi::{
     api::core::v1::{Node, NodeSelectorRequirement, NodeSelectorTerm, Pod, Taint, Toleration},
     apimachinery::pkg::api::resource::Quantity,
@@ -370,57 +371,6 @@ fn tolerates(t: &Toleration, taint: &Taint) -> bool {
     effect_ok && key_ok && value_ok
 }
 
-/// A Kubernetes quantity in milli-units: `100m` -> 100, `1` -> 1000, `1Ki` -> 1_024_000.
-pub fn milli(q: &Quantity) -> Option<i128> {
-    let s = q.0.trim();
-    let (negative, s) = match s.strip_prefix('-') {
-        Some(rest) => (true, rest),
-        None => (false, s.strip_prefix('+').unwrap_or(s)),
-    };
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(s.len());
-    let (number, suffix) = s.split_at(split);
-    if number.is_empty() {
-        return None;
-    }
-    let (int_part, frac_part) = number.split_once('.').unwrap_or((number, ""));
-    let int: i128 = if int_part.is_empty() {
-        0
-    } else {
-        int_part.parse().ok()?
-    };
-    // Fractions are kept to nine digits: nano-units are finer than any resource needs.
-    let frac9: String = frac_part.chars().take(9).collect();
-    let frac: i128 = if frac9.is_empty() {
-        0
-    } else {
-        format!("{frac9:0<9}").parse().ok()?
-    };
-    let nanos = int.checked_mul(1_000_000_000)? + frac;
-    let (mul, div): (i128, i128) = match suffix {
-        "" => (1, 1),
-        "m" => (1, 1000),
-        "k" => (1_000, 1),
-        "M" => (1_000_000, 1),
-        "G" => (1_000_000_000, 1),
-        "T" => (1_000_000_000_000, 1),
-        "P" => (1_000_000_000_000_000, 1),
-        "E" => (1_000_000_000_000_000_000, 1),
-        "Ki" => (1 << 10, 1),
-        "Mi" => (1 << 20, 1),
-        "Gi" => (1 << 30, 1),
-        "Ti" => (1 << 40, 1),
-        "Pi" => (1 << 50, 1),
-        "Ei" => (1 << 60, 1),
-        exp if exp.starts_with(['e', 'E']) => (10i128.checked_pow(exp[1..].parse().ok()?)?, 1),
-        _ => return None,
-    };
-    // milli-units = nanos * mul / div / 10^6
-    let value = nanos.checked_mul(mul)? / div / 1_000_000;
-    Some(if negative { -value } else { value })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -498,18 +448,6 @@ mod tests {
             agent,
             backends: &BACKENDS,
         }
-    }
-
-    #[test]
-    fn quantities_parse_to_milli_units() {
-        assert_eq!(milli(&q("100m")), Some(100));
-        assert_eq!(milli(&q("1.5")), Some(1500));
-        assert_eq!(milli(&q("1Ki")), Some(1_024_000));
-        assert_eq!(milli(&q("2Gi")), Some(2 * (1 << 30) * 1000));
-        assert_eq!(milli(&q("1e3")), Some(1_000_000));
-        assert_eq!(milli(&q("5M")), Some(5_000_000_000));
-        assert_eq!(milli(&q("fast")), None);
-        assert_eq!(milli(&q("")), None);
     }
 
     #[test]

@@ -158,6 +158,8 @@ impl TestAgent {
             endpoint: endpoint.to_string(),
             lease: Duration::from_secs(6),
             pod: None,
+            // A test agent keeps no checkpoints.
+            kept: tokio::sync::watch::channel(Vec::new()).1,
         };
         lease.renew(&client).await.expect("announce the test agent");
         let lease = tokio::spawn(async move { lease.keep(client).await });

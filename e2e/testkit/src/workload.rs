@@ -93,7 +93,7 @@ pub async fn agents_announced(client: &Client, namespace: &str, count: usize) ->
     let Ok(list) = leases.list(&Default::default()).await else {
         return false;
     };
-    let prefix = agent_api::discovery::LEASE_PREFIX;
+    let prefix = crds::discovery::LEASE_PREFIX;
     list.items
         .iter()
         .filter(|l| {

@@ -1,12 +1,12 @@
 //! The node-agent gRPC API shared by the operator and the agents: the generated protobuf types,
 //! client and server (`v1`); the step protocol (`steps`), its typed client (`client`) and the
 //! operations table that makes every step idempotent (`operations`); mutual-TLS configuration
-//! (`tls`), certificates for it (`pki`), who may call what (`identity`), how the operator finds
-//! the agents (`discovery`) and the checkpoint image both sides derive (`checkpoint_image`).
+//! (`tls`), certificates for it (`pki`), who may call what (`identity`) and the checkpoint image
+//! both sides derive (`checkpoint_image`). How the operator finds the agents (their Leases) is in
+//! `crds::discovery`, which the kubectl plugin reads too.
 
 pub mod checkpoint_image;
 pub mod client;
-pub mod discovery;
 pub mod identity;
 pub mod operations;
 pub mod pki;
