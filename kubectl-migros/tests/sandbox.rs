@@ -1,7 +1,7 @@
 //! `kubectl migros` against the sandbox cluster with kube-migros installed by its Helm chart, run
 //! as users run it: `kubectl migros ...`, the plugin found on the PATH. Moves (plain lines when the
-//! output is a pipe, exit codes for success and failure), the status table, an abort before the
-//! commit point, the live progress bar under a real terminal (tmux), and a drain. One test: it owns
+//! output is a pipe, exit codes for success and failure), the status table, the checkpoints the
+//! agents keep and their byte budget, an abort before the commit point, the live progress bar under a real terminal (tmux), and a drain. One test: it owns
 //! the nodes' agents and cordons a node.
 
 #![allow(clippy::expect_used, clippy::unwrap_used)] // a test fails by panicking
@@ -13,8 +13,14 @@ use std::{
     time::Duration,
 };
 
-use crds::{Phase, PodMigration};
-use k8s_openapi::api::core::v1::{Node, Pod};
+use crds::{
+    Phase, PodMigration,
+    discovery::{KEPT_ANNOTATION, KeptCheckpoint, LEASE_PREFIX},
+};
+use k8s_openapi::api::{
+    coordination::v1::Lease,
+    core::v1::{Node, Pod},
+};
 use kube::{
     Api, ResourceExt,
     api::{Patch, PatchParams, PostParams},
@@ -250,9 +256,94 @@ async fn kubectl_migros_moves_follows_aborts_and_drains() {
             text.find(&moved) < text.find(&failed),
             "oldest first: {text}"
         );
-        // The target keeps the received checkpoint until the PodMigration goes.
+        // Past the commit point the source keeps its checkpoint and the target the one it
+        // received, until the PodMigration goes: the agents publish them on their Leases with
+        // the bytes on their disk (the 48 MiB the pod touched, and more), and status lists them.
+        let moved_uid = pm.metadata.uid.clone().unwrap();
+        for (node, role) in [("node-1", "source"), ("node-2", "target")] {
+            let kept = eventually(Duration::from_secs(60), || async {
+                kept_on(&client, node)
+                    .await
+                    .into_iter()
+                    .find(|k| k.migration == moved_uid)
+            })
+            .await;
+            assert_eq!((kept.role.as_str(), kept.pod.as_str()), (role, "app"));
+            assert!(kept.bytes > 48 << 20, "{kept:?}");
+            assert!(kept.location.starts_with(&format!("{node}:/")), "{kept:?}");
+        }
+        let out = migros(env, dir, &["-n", &ns, "status", "app"]).await;
+        let text = stdout(&out);
         assert!(text.contains("Checkpoints the agents keep"), "{text}");
-        assert!(text.contains(&format!("{moved}   app   node-2:")), "{text}");
+        let rows = kept_rows(&text);
+        for (role, node) in [("source", "node-1:"), ("target", "node-2:")] {
+            assert!(
+                rows.iter().any(|r| r[0] == moved
+                    && r[1] == "app"
+                    && r[2] == role
+                    && r[3].starts_with(node)
+                    && r[4].ends_with("Mi")),
+                "no kept {role} of {moved}: {text}"
+            );
+        }
+
+        // The byte budget (128Mi per sandbox node): a bigger checkpoint of a second pod on the
+        // same two nodes puts each over it once that migration ended; the older checkpoint
+        // (app's, whose pod runs anyway) goes, the newer stays. Nothing goes while it moves.
+        let big = workload::pod(
+            demo,
+            "big",
+            "node-1",
+            serde_json::json!(["serve", "--status", ":8080", "--touch", "96Mi"]),
+            serde_json::json!({"migros.io/migratable": "true"}),
+            serde_json::json!({}),
+        );
+        pods.create(&PostParams::default(), &big).await.unwrap();
+        let big_ip = workload::ip_of(
+            &eventually(Duration::from_secs(90), || {
+                workload::running(&pods, "big", None)
+            })
+            .await,
+        )
+        .unwrap();
+        eventually(Duration::from_secs(60), || async move {
+            workload::state(big_ip)
+                .await
+                .filter(|s| num(s, "counter") > 2)
+        })
+        .await;
+        let out = migros(
+            env,
+            dir,
+            &["-n", &ns, "move", "big", "--to", "node-2", "--wait"],
+        )
+        .await;
+        assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
+        let big_uid = pms.get(&created(&out)).await.unwrap().metadata.uid.unwrap();
+        for node in ["node-1", "node-2"] {
+            let kept = eventually(Duration::from_secs(60), || async {
+                let kept = kept_on(&client, node).await;
+                let has = |uid: &str| kept.iter().any(|k| k.migration == uid);
+                (has(&big_uid) && !has(&moved_uid)).then_some(kept)
+            })
+            .await;
+            let big = kept.iter().find(|k| k.migration == big_uid).unwrap();
+            // The premise: the newer checkpoint alone fits the budget, both together did not.
+            assert!(
+                (96 << 20..128 << 20).contains(&big.bytes),
+                "{node}: {big:?}"
+            );
+        }
+        let out = migros(env, dir, &["-n", &ns, "status"]).await;
+        let text = stdout(&out);
+        let rows = kept_rows(&text);
+        assert!(
+            rows.iter().any(|r| r[1] == "big" && r[2] == "source")
+                && rows.iter().any(|r| r[1] == "big" && r[2] == "target")
+                && !rows.iter().any(|r| r[0] == moved),
+            "{text}"
+        );
+        pods.delete("big", &Default::default()).await.unwrap();
 
         // An abort before the commit point: the pod goes on where it was, the same process.
         let out = migros(
@@ -388,6 +479,28 @@ async fn kubectl_migros_moves_follows_aborts_and_drains() {
     })
     .await;
     release::uninstall(&dirs, &env).expect("helm uninstall");
+}
+
+/// What the agent of `node` publishes on its Lease that it keeps.
+async fn kept_on(client: &kube::Client, node: &str) -> Vec<KeptCheckpoint> {
+    let leases: Api<Lease> = Api::namespaced(client.clone(), release::NAMESPACE);
+    let lease = leases
+        .get_opt(&format!("{LEASE_PREFIX}{node}"))
+        .await
+        .unwrap();
+    lease
+        .and_then(|l| l.annotations().get(KEPT_ANNOTATION).cloned())
+        .map(|text| serde_json::from_str(&text).expect("a list of kept checkpoints"))
+        .unwrap_or_default()
+}
+
+/// The rows (cells) of the kept checkpoints' table in `status` output.
+fn kept_rows(text: &str) -> Vec<Vec<String>> {
+    text.lines()
+        .skip_while(|l| !l.starts_with("MIGRATION "))
+        .skip(1)
+        .map(|l| l.split_whitespace().map(String::from).collect())
+        .collect()
 }
 
 /// `kubectl migros move app --to node-3 --wait` in a tmux session of its own (a real terminal),

@@ -20,6 +20,8 @@ use crate::{Dirs, agents, controlplane::Env, gobuild, helm, images, registry, ro
 /// Release name and namespace of the sandbox's install.
 pub const RELEASE: &str = "kube-migros";
 pub const NAMESPACE: &str = "kube-migros";
+/// The byte budget of each sandbox node's kept checkpoints (chart value `agent.retentionBudget`).
+pub const SANDBOX_RETENTION_BUDGET: &str = "128Mi";
 /// The rxe counter files of the sandbox nodes (no RDMA device: plain files, see docs/sandbox.md).
 pub const SANDBOX_RXE_DIR: &str = "/opt/kube-migros/rxe";
 
@@ -332,6 +334,13 @@ pub fn install(
         ("agent.port", agents::AGENT_PORT.to_string()),
         // The nodes' uplink to each other (a port of their pod bridge).
         ("agent.answerDevices", "{eth0}".to_string()),
+        // The nodes share the host's disk: at most 128 MiB of kept checkpoints each, and what
+        // the agents keep is collected and published within seconds.
+        (
+            "agent.retentionBudget",
+            SANDBOX_RETENTION_BUDGET.to_string(),
+        ),
+        ("agent.gcIntervalSeconds", "5".to_string()),
         // Only the nodes with kubelets (test suites add Node objects without any).
         (selector.as_str(), "true".to_string()),
     ];
