@@ -101,6 +101,23 @@ pub fn claim_names(pod: &Pod) -> Vec<String> {
         .collect()
 }
 
+/// The claims of `pod`'s volumes that exist (a missing one is left out: [`why_not`] judges the
+/// pod by those it has).
+pub async fn claims(
+    client: &kube::Client,
+    pod: &Pod,
+) -> Result<Vec<PersistentVolumeClaim>, kube::Error> {
+    let api: kube::Api<PersistentVolumeClaim> = kube::Api::namespaced(
+        client.clone(),
+        pod.metadata.namespace.as_deref().unwrap_or_default(),
+    );
+    let mut claims = Vec::new();
+    for name in claim_names(pod) {
+        claims.extend(api.get_opt(&name).await?);
+    }
+    Ok(claims)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

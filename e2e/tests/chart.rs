@@ -13,6 +13,7 @@ use crds::{Phase, PodMigration};
 use k8s_openapi::api::{
     admissionregistration::v1::{ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding},
     apps::v1::{DaemonSet, Deployment},
+    authorization::v1::{ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec},
     certificates::v1::CertificateSigningRequest,
     coordination::v1::Lease,
     core::v1::{ConfigMap, Pod, Secret, ServiceAccount},
@@ -91,7 +92,7 @@ async fn migrate(client: &Client, ns: &str, name: &str, target: &str) -> PodMigr
 #[tokio::test]
 async fn the_chart_installs_kube_migros_that_migrates_pods_and_uninstalls_cleanly() {
     let dirs = Dirs::from_env();
-    let (cluster, images, installed_at) = harness::chart_installed(&dirs)
+    let (cluster, images, installed_at) = harness::chart_installed(&dirs, &[])
         .await
         .unwrap_or_else(|e| panic!("kube-migros installed and rolled out: {e:#}"));
     eprintln!("images {}:{}", images.repository, images.tag);
@@ -131,6 +132,7 @@ async fn the_chart_installs_kube_migros_that_migrates_pods_and_uninstalls_cleanl
 
     agents_have_their_own_nodes_certificates(&client, installed_at).await;
     an_agent_writes_only_its_own_lease(&env).await;
+    agents_only_list_podmigrations(&client).await;
 
     let (first_leader_ref, cluster_ref) = (&first_leader, &cluster);
     harness::with_namespace("chart", |client, ns| async move {
@@ -296,6 +298,45 @@ async fn the_chart_installs_kube_migros_that_migrates_pods_and_uninstalls_cleanl
         assert_eq!(still.metadata.uid, current.metadata.uid);
     })
     .await;
+}
+
+/// With a byte budget for kept checkpoints (the sandbox's values set one), the agents may list
+/// PodMigrations, to know which migrations ended, and do nothing else with them.
+async fn agents_only_list_podmigrations(client: &Client) {
+    let agent = format!("system:serviceaccount:{NAMESPACE}:kube-migros-agent");
+    let reviews: Api<SubjectAccessReview> = Api::all(client.clone());
+    for (verb, allowed) in [
+        ("list", true),
+        ("get", false),
+        ("watch", false),
+        ("create", false),
+        ("patch", false),
+        ("delete", false),
+    ] {
+        let review = SubjectAccessReview {
+            spec: SubjectAccessReviewSpec {
+                user: Some(agent.clone()),
+                groups: Some(vec!["system:serviceaccounts".into()]),
+                resource_attributes: Some(ResourceAttributes {
+                    group: Some("migros.io".into()),
+                    resource: Some("podmigrations".into()),
+                    verb: Some(verb.into()),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let answer = reviews
+            .create(&PostParams::default(), &review)
+            .await
+            .unwrap();
+        assert_eq!(
+            answer.status.map(|s| s.allowed),
+            Some(allowed),
+            "may an agent {verb} podmigrations?"
+        );
+    }
 }
 
 /// Each agent serves with a certificate of its own node, which it requested (signer

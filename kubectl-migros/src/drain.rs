@@ -9,7 +9,7 @@ use crds::{PodMigration, PodMigrationSpec, movable};
 use k8s_openapi::{
     api::{
         admissionregistration::v1::ValidatingWebhookConfiguration,
-        core::v1::{Namespace, Node, PersistentVolumeClaim, Pod},
+        core::v1::{Namespace, Node, Pod},
     },
     apimachinery::pkg::apis::meta::v1::LabelSelector,
 };
@@ -190,15 +190,7 @@ fn runs(pod: &Pod) -> bool {
 
 /// Whether `pod` moves, and why not if it does not.
 async fn plan(client: &Client, guard: &Guard, pod: &Pod) -> anyhow::Result<Plan> {
-    let ns = pod.namespace().unwrap_or_default();
-    let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), &ns);
-    let mut found = vec![];
-    for name in movable::claim_names(pod) {
-        if let Some(claim) = claims.get_opt(&name).await? {
-            found.push(claim);
-        }
-    }
-    if let Some(why) = movable::why_not(pod, &found) {
+    if let Some(why) = movable::why_not(pod, &movable::claims(client, pod).await?) {
         return Ok(Plan::Stay(why));
     }
     if !guard.migratable(client, pod).await? {

@@ -97,7 +97,7 @@ async fn set_unschedulable(client: &kube::Client, node: &str, cordoned: bool) {
 #[tokio::test]
 async fn kubectl_migros_moves_follows_aborts_and_drains() {
     let dirs = Dirs::from_env();
-    let (cluster, _, _) = harness::chart_installed(&dirs)
+    let (cluster, _, _) = harness::chart_installed(&dirs, &[])
         .await
         .unwrap_or_else(|e| panic!("kube-migros installed and rolled out: {e:#}"));
     let env = cluster.env.clone();

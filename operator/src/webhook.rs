@@ -11,7 +11,7 @@ use hyper_util::{
     rt::{TokioIo, TokioTimer},
     service::TowerToHyperService,
 };
-use k8s_openapi::api::core::v1::{Node, PersistentVolumeClaim, Pod};
+use k8s_openapi::api::core::v1::{Node, Pod};
 use kube::{
     Api, Client, ResourceExt,
     api::{ListParams, PostParams},
@@ -137,11 +137,7 @@ impl Webhooks {
             .list(&ListParams::default().fields(&format!("spec.podName={name}")))
             .await?
             .items;
-        let claims_api: Api<PersistentVolumeClaim> = Api::namespaced(self.client.clone(), ns);
-        let mut claims = Vec::new();
-        for claim in movable::claim_names(&pod) {
-            claims.extend(claims_api.get_opt(&claim).await?);
-        }
+        let claims = movable::claims(&self.client, &pod).await?;
         let mut names: Vec<String> = migrations
             .iter()
             .filter_map(|pm| pm.status.as_ref()?.source_node.clone())

@@ -246,7 +246,7 @@ impl std::fmt::Debug for Matrix {
 impl Matrix {
     /// Brings up the sandbox and installs the chart (release images built here) unless it runs.
     pub async fn install(dirs: &Dirs) -> anyhow::Result<Self> {
-        let (cluster, _, _) = testkit::harness::chart_installed(dirs).await?;
+        let (cluster, _, _) = testkit::harness::chart_installed(dirs, &[]).await?;
         let env = cluster.env.clone();
         let client = env.client().await?;
         Ok(Self {

@@ -20,7 +20,7 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::{Api, Client, ResourceExt, api::DeleteParams, runtime::watcher};
 use tokio::io::AsyncReadExt;
 
-use sandbox::{Dirs, cluster, install, registry::Registry, release};
+use sandbox::Dirs;
 use testkit::workload::{self, num};
 
 use crate::{MigrationRun, Options, TransferRuns};
@@ -93,36 +93,22 @@ pub type BySize = BTreeMap<String, Vec<MigrationRun>>;
 /// Runs `options.runs` migrations per size with StopAndCopy, then (with the runtime wrapper) as
 /// many with PostCopy; returns the runs per size of each.
 pub async fn run(dirs: &Dirs, options: &Options) -> anyhow::Result<(BySize, BySize)> {
-    let cluster = cluster::up(dirs).await?;
-    let env = cluster.env.clone();
-    let client = env.client().await?;
-    // Agents that tests ran as processes in the nodes would hold the agent's ports.
-    if !release::installed(dirs, &env)? {
-        for node in &cluster.nodes {
-            sandbox::nodes::Nodes::new(dirs).stop_all(node, "node-agent")?;
-        }
-    }
-    install::apply_chart_crds(&client).await?;
-    let registry = Registry::new(dirs);
-    let images = release::ensure_images(dirs, &registry)?;
     // The backend to measure: the agents offer the runtime wrapper first when it is installed;
     // checkpoint images only where the operator is allowed to choose them.
     let wrapper = options.backend == "runtime-wrapper";
     let (wrapper, images_allowed) = (wrapper.to_string(), (!wrapper).to_string());
-    release::install_rolled_out(
+    let (cluster, _, _) = testkit::harness::chart_installed(
         dirs,
-        &env,
-        &images,
-        &registry,
         &[
             ("runtimeWrapper.enabled", wrapper.as_str()),
             ("operator.allowCheckpointImages", images_allowed.as_str()),
             // PostCopy needs pipes of 4 MiB on the nodes.
             ("agent.raisePipeMaxSize", "true"),
         ],
-        Duration::from_secs(300),
     )
     .await?;
+    let env = cluster.env.clone();
+    let client = env.client().await?;
     workload::fresh_namespace(&client, NAMESPACE).await?;
     let demo = cluster.images.get("demo").context("no demo image")?.clone();
     let mut strategies = vec![Strategy::StopAndCopy];

@@ -112,14 +112,15 @@ where
 }
 
 /// The sandbox cluster with kube-migros installed by its chart, as users install it: images
-/// built from this checkout, `helm upgrade --install`, rolled out (the agents' device plugins
-/// registered). Before it: the agents that tests run as processes in the nodes stopped unless the
+/// built from this checkout, `helm upgrade --install` with the sandbox's values and `extra` (typed,
+/// as `--set`), rolled out (the agents' device plugins registered). Before it: the agents that tests run as processes in the nodes stopped unless the
 /// release runs (they would hold the agent's ports), the chart's CRDs applied, and what an
 /// interrupted run left cleared (agent pods terminating on kubelet-less nodes, namespaces
 /// terminating with migrations that the chart's operator would take up).
 /// Answers the cluster, the images and when the install began.
 pub async fn chart_installed(
     dirs: &Dirs,
+    extra: &[(&str, &str)],
 ) -> anyhow::Result<(
     sandbox::cluster::Cluster,
     sandbox::release::Images,
@@ -145,7 +146,7 @@ pub async fn chart_installed(
         &env,
         &images,
         &registry,
-        &[],
+        extra,
         std::time::Duration::from_secs(300),
     )
     .await?;
