@@ -105,6 +105,8 @@ struct Known {
     pm: Option<PodMigration>,
     /// Since when results wait to be written.
     unwritten_since: Option<std::time::Instant>,
+    /// When this operator last wrote the status.
+    written_at: Option<std::time::Instant>,
     /// What this operator last did to the migration's pod, until the watch shows it.
     pod: Option<Expected>,
 }
@@ -119,8 +121,10 @@ enum Expected {
     Created(Box<Pod>),
 }
 
-/// How long a transfer's progress may wait to be written while the transfer runs.
-const UNWRITTEN_AT_MOST: Duration = Duration::from_secs(3);
+/// How often at most a transfer's progress (or a post-copy's memory) is written while it runs.
+/// A running step answers after the agent's quick-answer wait (2 s by default), so each answer
+/// that moved is written: a progress display shows it every few seconds.
+const PROGRESS_EVERY: Duration = Duration::from_millis(1500);
 
 impl std::fmt::Debug for Context {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -462,14 +466,17 @@ async fn drive(watched: Arc<PodMigration>, ctx: &Context, cleanup: bool) -> Resu
         ctx.remember(&uid, &pm, unwritten_since);
         return Err(Error::CleanupPending(pm.name_any()));
     }
-    // A transfer's progress (or a post-copy's memory) kept while it runs long is written, so
-    // that its status shows it.
+    // A transfer's progress (or a post-copy's memory) kept while it runs is written, at most
+    // every PROGRESS_EVERY, so that its status shows it.
     let progress = |pm: &PodMigration| {
         pm.status
             .as_ref()
             .map(|s| (s.progress, s.memory.as_ref().map(|m| m.bytes_transferred)))
     };
-    if unwritten_since.is_some_and(|since| since.elapsed() >= UNWRITTEN_AT_MOST)
+    if unwritten_since.is_some()
+        && ctx
+            .written_at(&uid)
+            .is_none_or(|at| at.elapsed() >= PROGRESS_EVERY)
         && progress(&pm) != progress(&watched)
         && let Some(status) = pm.status.clone()
     {
@@ -502,6 +509,11 @@ impl Context {
             k.pm = Some(pm.clone());
             k.unwritten_since = unwritten_since;
         }
+    }
+
+    /// When this operator last wrote migration `uid`'s status.
+    fn written_at(&self, uid: &str) -> Option<std::time::Instant> {
+        self.known.lock().ok()?.get(uid)?.written_at
     }
 
     /// Forgets a migration that is over.
@@ -1544,7 +1556,11 @@ async fn write_status(
             }
         }
     };
-    ctx.remember(&updated.uid().unwrap_or_default(), &updated, None);
+    let uid = updated.uid().unwrap_or_default();
+    ctx.remember(&uid, &updated, None);
+    if let Ok(mut known) = ctx.known.lock() {
+        known.entry(uid).or_default().written_at = Some(std::time::Instant::now());
+    }
     tracing::debug!(phase = ?status.phase, message = ?status.message, "wrote the status");
     if status.phase != before {
         record_phase_change(pm, before, &status, ctx).await;
