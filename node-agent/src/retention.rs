@@ -4,10 +4,10 @@
 //! A checkpoint is kept past its migration's commit point (or once received whole) until the
 //! PodMigration is deleted or its retention time passes (`gc.rs`). With a byte budget, the kept
 //! checkpoints of *ended* migrations may take at most that many bytes on the node: past it, the
-//! agent removes them, after undoing what they hold, in this order, oldest first within each:
-//! those whose PodMigration is gone, those whose pod runs anyway (Succeeded, RolledBack, or Failed
-//! before the commit point), and last those that are the only copy of their pod (Failed past the
-//! commit point). A migration that has not ended (its PodMigration is in any other phase) or a
+//! agent removes them, after undoing what they hold, oldest first: first those whose pod runs
+//! anyway (Succeeded, RolledBack, or Failed before the commit point), then those that may be the
+//! only copy of their pod (Failed past the commit point, and those whose PodMigration is gone: a
+//! deletion after a failed restore keeps the checkpoint for the retention time). A migration that has not ended (its PodMigration is in any other phase) or a
 //! step of which runs is never touched, and its bytes do not count: nothing a running migration
 //! needs is removed. The agent learns which migrations ended by listing PodMigrations; when it
 //! cannot, it removes nothing.
@@ -22,21 +22,32 @@ use kube::{Api, Client, ResourceExt, api::ListParams};
 
 use crate::store::{Kept, Role};
 
-/// Where a kept checkpoint's migration stands, in the order the budget removes them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+/// Where a kept checkpoint's migration stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Standing {
-    /// Its PodMigration is gone (a Cleanup that never came).
-    Gone,
-    /// Ended with its pod running (on the target, or on the source again).
+    /// Ended with its pod running (on the target, or on the source again): removed first.
     Redundant,
     /// Failed past its commit point: the checkpoint is the pod's only copy.
     OnlyCopy,
+    /// Its PodMigration is gone: a Cleanup that never came, or a deletion after a failed restore
+    /// (whose checkpoint is kept for the retention time, the pod's only copy); removed with the
+    /// only copies.
+    Gone,
     /// Not ended: never removed, not counted.
     InFlight,
 }
 
 impl Standing {
     /// Where migration `pm` stands (`None`: it is gone).
+    /// The order in which the budget removes checkpoints (then oldest first).
+    fn rank(self) -> u8 {
+        match self {
+            Self::Redundant => 0,
+            Self::OnlyCopy | Self::Gone => 1,
+            Self::InFlight => 2,
+        }
+    }
+
     pub fn of(pm: Option<&PodMigration>) -> Self {
         use crds::Phase;
         let Some(pm) = pm else {
@@ -53,7 +64,8 @@ impl Standing {
 }
 
 /// The migrations (by UID) of `kept` to remove so that the checkpoints of ended migrations take
-/// at most `budget` bytes: in [`Standing`] order, oldest first. `standing` says where a
+/// at most `budget` bytes: those whose pod runs anyway first, then the (possible) only copies,
+/// oldest first within each. `standing` says where a
 /// migration stands, `active` whether a step of it runs (never removed, like one in flight).
 pub fn over_budget(
     kept: &[Kept],
@@ -61,11 +73,12 @@ pub fn over_budget(
     standing: impl Fn(&str) -> Standing,
     active: impl Fn(&str) -> bool,
 ) -> Vec<String> {
-    let mut ended: Vec<(Standing, SystemTime, &Kept)> = kept
+    let mut ended: Vec<(u8, SystemTime, &Kept)> = kept
         .iter()
         .filter(|k| !active(&k.record.uid))
-        .map(|k| (standing(&k.record.uid), k.since, k))
-        .filter(|(s, _, _)| *s != Standing::InFlight)
+        .map(|k| (standing(&k.record.uid), k))
+        .filter(|(s, _)| *s != Standing::InFlight)
+        .map(|(s, k)| (s.rank(), k.since, k))
         .collect();
     ended.sort_by(|a, b| (a.0, a.1, &a.2.record.uid).cmp(&(b.0, b.1, &b.2.record.uid)));
     let mut total: u64 = ended.iter().map(|(_, _, k)| k.bytes).sum();
@@ -183,22 +196,21 @@ mod tests {
     }
 
     #[test]
-    fn the_budget_removes_ended_migrations_gone_first_then_redundant_then_only_copies_oldest_first()
-    {
+    fn the_budget_removes_ended_migrations_whose_pod_runs_first_then_possible_only_copies_oldest_first()
+     {
         let all = [
             kept("flight", 900, 500),
             kept("running-step", 900, 400),
             kept("only-old", 100, 300),
             kept("redundant-new", 100, 10),
             kept("redundant-old", 100, 200),
-            kept("gone", 100, 5),
+            kept("gone", 100, 250),
         ];
         let standing = |uid: &str| match uid {
             "flight" => Standing::InFlight,
             "only-old" => Standing::OnlyCopy,
             "gone" => Standing::Gone,
-            // A step runs: its standing does not matter.
-            "running-step" => Standing::Gone,
+            // "running-step" too: a step runs, so its standing does not matter.
             _ => Standing::Redundant,
         };
         let active = |uid: &str| uid == "running-step";
@@ -206,15 +218,16 @@ mod tests {
         assert!(over_budget(&all, 400, standing, active).is_empty());
         assert_eq!(
             over_budget(&all, 250, standing, active),
-            ["gone", "redundant-old"]
+            ["redundant-old", "redundant-new"]
         );
+        // A gone migration's checkpoint may be a pod's only copy: with the only copies, by age.
         assert_eq!(
             over_budget(&all, 100, standing, active),
-            ["gone", "redundant-old", "redundant-new"]
+            ["redundant-old", "redundant-new", "only-old"]
         );
         assert_eq!(
             over_budget(&all, 0, standing, active),
-            ["gone", "redundant-old", "redundant-new", "only-old"]
+            ["redundant-old", "redundant-new", "only-old", "gone"]
         );
     }
 
