@@ -320,29 +320,51 @@ async fn kubectl_migros_moves_follows_aborts_and_drains() {
         .await;
         assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
         let big_uid = pms.get(&created(&out)).await.unwrap().metadata.uid.unwrap();
+        let budget: u64 = 128 << 20;
+        let mut big_kept = Vec::new();
         for node in ["node-1", "node-2"] {
+            // The older checkpoint goes; the newer is decided in the same collection.
             let kept = eventually(Duration::from_secs(60), || async {
                 let kept = kept_on(&client, node).await;
-                let has = |uid: &str| kept.iter().any(|k| k.migration == uid);
-                (has(&big_uid) && !has(&moved_uid)).then_some(kept)
+                (!kept.iter().any(|k| k.migration == moved_uid)).then_some(kept)
             })
             .await;
-            let big = kept.iter().find(|k| k.migration == big_uid).unwrap();
-            // The premise: the newer checkpoint alone fits the budget, both together did not.
-            assert!(
-                (96 << 20..128 << 20).contains(&big.bytes),
-                "{node}: {big:?}"
-            );
+            // What earlier tests may have left (a deleted migration's checkpoint after a failed
+            // restore, a possible only copy) is removed after the newer one, whose pod runs: the
+            // newer stays unless it no longer fits beside that.
+            let others: u64 = kept
+                .iter()
+                .filter(|k| k.migration != big_uid)
+                .map(|k| k.bytes)
+                .sum();
+            match kept.iter().find(|k| k.migration == big_uid) {
+                Some(big) => {
+                    // The premise: the newer checkpoint alone fits the budget, both did not.
+                    assert!((96 << 20..budget).contains(&big.bytes), "{node}: {big:?}");
+                    assert!(
+                        others + big.bytes <= budget,
+                        "{node}: over the budget: {kept:?}"
+                    );
+                    big_kept.push(node);
+                }
+                None => assert!(
+                    others + (96 << 20) > budget,
+                    "{node}: the newer checkpoint went although it fits: {kept:?}"
+                ),
+            }
         }
         let out = migros(env, dir, &["-n", &ns, "status"]).await;
         let text = stdout(&out);
         let rows = kept_rows(&text);
-        assert!(
-            rows.iter().any(|r| r[1] == "big" && r[2] == "source")
-                && rows.iter().any(|r| r[1] == "big" && r[2] == "target")
-                && !rows.iter().any(|r| r[0] == moved),
-            "{text}"
-        );
+        assert!(!rows.iter().any(|r| r[0] == moved), "{text}");
+        for (node, role) in [("node-1", "source"), ("node-2", "target")] {
+            if big_kept.contains(&node) {
+                assert!(
+                    rows.iter().any(|r| r[1] == "big" && r[2] == role),
+                    "no {role} row of big: {text}"
+                );
+            }
+        }
         pods.delete("big", &Default::default()).await.unwrap();
 
         // An abort before the commit point: the pod goes on where it was, the same process.
