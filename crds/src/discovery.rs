@@ -12,11 +12,14 @@ pub const LEASE_LABEL: &str = "migros.io/agent";
 /// Annotation with the agent's gRPC endpoint (`host:port`).
 pub const ENDPOINT_ANNOTATION: &str = "migros.io/agent-endpoint";
 /// Annotation with the checkpoints the agent keeps past their migration's commit point (or
-/// received whole), as a JSON list of [`KeptCheckpoint`], newest first, at most
-/// [`KEPT_LISTED`] of them.
+/// received whole), as a JSON list of [`KeptCheckpoint`], newest first: at most [`KEPT_LISTED`]
+/// of them and [`KEPT_BYTES`] of JSON.
 pub const KEPT_ANNOTATION: &str = "migros.io/kept-checkpoints";
-/// The most checkpoints one Lease lists (an object's annotations hold at most 256 KiB).
-pub const KEPT_LISTED: usize = 200;
+/// The most checkpoints one Lease lists.
+pub const KEPT_LISTED: usize = 100;
+/// The most bytes of JSON the list takes (an object's annotations hold at most 256 KiB in all,
+/// and the Lease is written at every renewal).
+pub const KEPT_BYTES: usize = 32 << 10;
 
 /// A checkpoint an agent keeps on its node.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -35,4 +38,13 @@ pub struct KeptCheckpoint {
     pub since: u64,
     /// Where it is: `<node>:<directory>`.
     pub location: String,
+}
+
+/// The checkpoints an agent's Lease lists (none without the annotation).
+pub fn kept_of(
+    annotations: &std::collections::BTreeMap<String, String>,
+) -> Result<Vec<KeptCheckpoint>, serde_json::Error> {
+    annotations
+        .get(KEPT_ANNOTATION)
+        .map_or(Ok(Vec::new()), |text| serde_json::from_str(text))
 }

@@ -316,7 +316,11 @@ async fn agents_only_list_podmigrations(client: &Client) {
         let review = SubjectAccessReview {
             spec: SubjectAccessReviewSpec {
                 user: Some(agent.clone()),
-                groups: Some(vec!["system:serviceaccounts".into()]),
+                groups: Some(vec![
+                    "system:serviceaccounts".into(),
+                    format!("system:serviceaccounts:{NAMESPACE}"),
+                    "system:authenticated".into(),
+                ]),
                 resource_attributes: Some(ResourceAttributes {
                     group: Some("migros.io".into()),
                     resource: Some("podmigrations".into()),

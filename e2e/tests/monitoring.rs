@@ -2,7 +2,8 @@
 //! PrometheusRule whose rules `promtool check rules` accepts and whose alerts fire as
 //! `charts/kube-migros/tests/alerts.test.yaml` expects (`promtool test rules`, promtool built from
 //! the Prometheus Go module), and a Grafana dashboard whose queries, like the rules', name only
-//! metrics that the operator and the agents export.
+//! metrics that the operator and the agents export. Also rendered: the agents' access to
+//! PodMigrations, only `list` and only with a byte budget for kept checkpoints.
 
 #![allow(clippy::expect_used, clippy::unwrap_used)] // a test fails by panicking
 
@@ -244,4 +245,30 @@ fn the_charts_alerts_pass_promtool_and_the_dashboard_shows_exported_metrics() {
         unknown.is_empty(),
         "queries name metrics nobody exports: {unknown:?} (exported: {exported:?})"
     );
+}
+
+#[test]
+fn agents_may_list_podmigrations_only_with_a_byte_budget() {
+    let dirs = Dirs::from_env();
+    let agent_rules = |sets: &[(&str, &str)]| -> Vec<Value> {
+        let docs = documents(&release::render(&dirs, sets).expect("helm template"));
+        of_kind(&docs, "ClusterRole")
+            .into_iter()
+            .filter(|r| {
+                r["metadata"]["name"]
+                    .as_str()
+                    .is_some_and(|n| n.ends_with("-agent"))
+            })
+            .flat_map(|r| r["rules"].as_array().cloned().unwrap_or_default())
+            .filter(|rule| {
+                rule["resources"]
+                    .as_array()
+                    .is_some_and(|r| r.iter().any(|r| r == "podmigrations"))
+            })
+            .collect()
+    };
+    assert!(agent_rules(&[IMAGES]).is_empty(), "no budget, no access");
+    let rules = agent_rules(&[IMAGES, ("agent.retentionBudget", "20Gi")]);
+    assert_eq!(rules.len(), 1, "{rules:?}");
+    assert_eq!(rules[0]["verbs"], serde_json::json!(["list"]));
 }

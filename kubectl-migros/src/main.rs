@@ -13,7 +13,7 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use crds::{
     PodMigration, PodMigrationSpec, Strategy,
-    discovery::{KEPT_ANNOTATION, KeptCheckpoint, LEASE_LABEL},
+    discovery::{self, KEPT_ANNOTATION, KeptCheckpoint, LEASE_LABEL},
 };
 use k8s_openapi::{
     api::{coordination::v1::Lease, core::v1::Pod},
@@ -261,7 +261,7 @@ async fn status(client: &Client, namespace: &str, args: StatusArgs) -> anyhow::R
     match kept_on_nodes(client).await {
         Ok(kept) => {
             // With one pod named, or one namespace, only its checkpoints; those of a deleted
-            // migration are shown as well (an agent removes them at its next collection).
+            // migration are shown as well (after a failed restore, a pod's only copy).
             let mine = |k: &KeptCheckpoint| {
                 (args.all_namespaces || k.namespace == namespace)
                     && args.pod.as_ref().is_none_or(|p| k.pod == *p)
@@ -290,10 +290,7 @@ async fn kept_on_nodes(client: &Client) -> anyhow::Result<Vec<KeptCheckpoint>> {
         .context("reading the agents' Leases")?;
     let mut kept = Vec::new();
     for lease in list.items {
-        let Some(text) = lease.annotations().get(KEPT_ANNOTATION) else {
-            continue;
-        };
-        match serde_json::from_str::<Vec<KeptCheckpoint>>(text) {
+        match discovery::kept_of(lease.annotations()) {
             Ok(list) => kept.extend(list),
             Err(e) => eprintln!(
                 "warning: Lease {}/{}: {KEPT_ANNOTATION} unreadable: {e}",

@@ -15,7 +15,7 @@ use std::{
 
 use crds::{
     Phase, PodMigration,
-    discovery::{KEPT_ANNOTATION, KeptCheckpoint, LEASE_PREFIX},
+    discovery::{self, KeptCheckpoint, LEASE_PREFIX},
 };
 use k8s_openapi::api::{
     coordination::v1::Lease,
@@ -289,7 +289,7 @@ async fn kubectl_migros_moves_follows_aborts_and_drains() {
 
         // The byte budget (128Mi per sandbox node): a bigger checkpoint of a second pod on the
         // same two nodes puts each over it once that migration ended; the older checkpoint
-        // (app's, whose pod runs anyway) goes, the newer stays. Nothing goes while it moves.
+        // (app's, whose pod runs anyway) goes, the newer stays.
         let big = workload::pod(
             demo,
             "big",
@@ -511,8 +511,7 @@ async fn kept_on(client: &kube::Client, node: &str) -> Vec<KeptCheckpoint> {
         .await
         .unwrap();
     lease
-        .and_then(|l| l.annotations().get(KEPT_ANNOTATION).cloned())
-        .map(|text| serde_json::from_str(&text).expect("a list of kept checkpoints"))
+        .map(|l| discovery::kept_of(l.annotations()).expect("a list of kept checkpoints"))
         .unwrap_or_default()
 }
 

@@ -12,7 +12,7 @@
 use std::time::Duration;
 
 use crds::discovery::KeptCheckpoint;
-use tokio::sync::watch;
+use tokio::{sync::watch, time::MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -37,25 +37,36 @@ pub struct Retention {
 /// How often the deadlines of paused sources are looked at.
 const DEADLINES_EVERY: Duration = Duration::from_secs(1);
 
+/// How long the list of PodMigrations may take before a collection goes on without the budget.
+const LIST_TIMEOUT: Duration = Duration::from_secs(20);
+
 /// Every [`DEADLINES_EVERY`], resumes sources past their deadline; every `every`, collects what
-/// `retention` lets go, and reports the count of stored migrations and what is kept.
+/// `retention` lets go, and reports the count of stored migrations and what is kept. The two run
+/// apart: a collection waiting on the disk or the API server never delays a resume.
 pub async fn run(agent: Agent, every: Duration, retention: Retention, shutdown: CancellationToken) {
     // What a post-copy migration left when the agent's last run ended.
     agent.recover_post_copy_sources().await;
     agent.recover_post_copy_targets().await;
-    let mut deadlines = tokio::time::interval(DEADLINES_EVERY);
-    let mut collections = tokio::time::interval(every);
-    loop {
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            _ = deadlines.tick() => {
-                agent.resume_expired().await;
-            }
-            _ = collections.tick() => {
-                collect(&agent, retention.after, retention.kept_for).await;
-                keep_within(&agent, &retention).await;
-            }
+    let deadlines = async {
+        let mut deadlines = tokio::time::interval(DEADLINES_EVERY);
+        deadlines.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            deadlines.tick().await;
+            agent.resume_expired().await;
         }
+    };
+    let collections = async {
+        let mut collections = tokio::time::interval(every);
+        collections.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            collections.tick().await;
+            collect(&agent, retention.after, retention.kept_for).await;
+            keep_within(&agent, &retention).await;
+        }
+    };
+    tokio::select! {
+        () = shutdown.cancelled() => {}
+        ((), ()) = async { tokio::join!(deadlines, collections) } => {}
     }
 }
 
@@ -90,16 +101,29 @@ async fn collect(agent: &Agent, after: Duration, retention: Duration) {
 /// and its bytes.
 async fn keep_within(agent: &Agent, retention: &Retention) {
     let store = agent.store();
-    if let Some(budget) = &retention.budget {
-        match (store.kept(), budget.standings().await) {
-            (Ok(kept), Ok(standings)) => {
+    let mut kept = match store.kept() {
+        Ok(kept) => kept,
+        Err(e) => return warn!(error = %e, "cannot list the kept checkpoints"),
+    };
+    // Only when everything kept, ended or not, is over the budget is it worth asking which ended.
+    if let Some(budget) = retention
+        .budget
+        .as_ref()
+        .filter(|b| kept.iter().map(|k| k.bytes).sum::<u64>() > b.bytes)
+    {
+        match tokio::time::timeout(LIST_TIMEOUT, budget.standings()).await {
+            Ok(Ok(standings)) => {
                 let standing = |uid: &str| standings.get(uid).copied().unwrap_or(Standing::Gone);
-                for uid in
-                    retention::over_budget(&kept, budget.bytes, standing, |uid| agent.active(uid))
-                {
+                let over =
+                    retention::over_budget(&kept, budget.bytes, standing, |uid| agent.active(uid));
+                for uid in &over {
+                    // A step that began since the list (a Release, a Cleanup) goes first.
+                    if agent.active(uid) {
+                        continue;
+                    }
                     match agent.clone().cleanup(uid.clone()).await {
                         Ok(_) => {
-                            info!(migration = %uid, budget = budget.bytes, standing = ?standing(&uid), "removed a kept checkpoint to stay within the byte budget");
+                            info!(migration = %uid, budget = budget.bytes, standing = ?standing(uid), "removed a kept checkpoint to stay within the byte budget");
                             agent.parts.metrics.evicted();
                         }
                         Err(e) => {
@@ -107,25 +131,27 @@ async fn keep_within(agent: &Agent, retention: &Retention) {
                         }
                     }
                 }
+                if !over.is_empty() {
+                    match store.kept() {
+                        Ok(now) => kept = now,
+                        Err(e) => return warn!(error = %e, "cannot list the kept checkpoints"),
+                    }
+                }
             }
-            (Err(e), _) => warn!(error = %e, "cannot list the kept checkpoints"),
             // Without knowing which migrations ended, nothing is removed.
-            (_, Err(e)) => {
+            Ok(Err(e)) => {
                 warn!(error = %e, "cannot list PodMigrations; the byte budget is not applied this time")
             }
+            Err(_) => warn!(
+                "listing PodMigrations took over {LIST_TIMEOUT:?}; the byte budget is not applied this time"
+            ),
         }
     }
-    match store.kept() {
-        Ok(kept) => {
-            agent.parts.metrics.kept(kept.iter().map(|k| k.bytes).sum());
-            let list =
-                retention::published(&kept, &agent.settings.node_name, |uid| store.location(uid));
-            retention.publish.send_if_modified(|published| {
-                let changed = *published != list;
-                *published = list;
-                changed
-            });
-        }
-        Err(e) => warn!(error = %e, "cannot list the kept checkpoints"),
-    }
+    agent.parts.metrics.kept(kept.iter().map(|k| k.bytes).sum());
+    let list = retention::published(&kept, &agent.settings.node_name, |uid| store.location(uid));
+    retention.publish.send_if_modified(|published| {
+        let changed = *published != list;
+        *published = list;
+        changed
+    });
 }

@@ -203,8 +203,9 @@ struct Args {
     /// when it is lower. A node-wide sysctl: off unless the admin allows it.
     #[arg(long)]
     raise_pipe_max_size: bool,
-    /// Seconds between garbage collections of the checkpoint store.
-    #[arg(long, default_value_t = 60)]
+    /// Seconds between garbage collections of the checkpoint store (retention time, byte budget,
+    /// the kept list on the Lease); at least 1.
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
     gc_interval_seconds: u64,
     /// The runtime handler (RuntimeClass handler) whose runtime is `migros-runc`: offers the
     /// runtime-wrapper backend (restore when the kubelet starts the replacement; any containerd
@@ -478,30 +479,27 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("binding {}", args.http_addr))?;
     let http = tokio::spawn(http);
     let (publish, kept) = watch::channel(Vec::new());
-    let lease = match args.lease(kept) {
-        Some(lease) => {
-            let client = kube::Client::try_default()
+    let lease = args.lease(kept);
+    let client = match &lease {
+        Some(_) => Some(
+            kube::Client::try_default()
                 .await
-                .context("connecting to the API server to announce the agent")?;
-            lease.renew(&client).await.context("announcing the agent")?;
-            let keeper = tokio::spawn({
-                let (lease, client) = (lease.clone(), client.clone());
-                async move { lease.keep(client).await }
-            });
-            Some((lease, client, keeper))
-        }
+                .context("connecting to the API server to announce the agent")?,
+        ),
         None => None,
     };
     let budget = args
         .retention_budget
-        .zip(lease.as_ref())
-        .map(|(bytes, (_, client, _))| {
+        .zip(client.clone())
+        .map(|(bytes, client)| {
             info!(
                 bytes,
                 "kept checkpoints of ended migrations stay within a byte budget"
             );
-            Budget::new(bytes, client.clone())
+            Budget::new(bytes, client)
         });
+    // Garbage collection first: paused sources past their deadline are resumed whatever the API
+    // server does.
     let gc = tokio::spawn(gc::run(
         agent.clone(),
         Duration::from_secs(args.gc_interval_seconds),
@@ -513,6 +511,17 @@ async fn main() -> anyhow::Result<()> {
         },
         shutdown.clone(),
     ));
+    let lease = match lease.zip(client) {
+        Some((lease, client)) => {
+            lease.renew(&client).await.context("announcing the agent")?;
+            let keeper = tokio::spawn({
+                let (lease, client) = (lease.clone(), client.clone());
+                async move { lease.keep(client).await }
+            });
+            Some((lease, client, keeper))
+        }
+        None => None,
+    };
     let plugin = plugin.map(|plugin| tokio::spawn(plugin.run(shutdown.clone())));
 
     tonic::transport::Server::builder()

@@ -7,7 +7,8 @@
 //! agent removes them, after undoing what they hold, oldest first: first those whose pod runs
 //! anyway (Succeeded, RolledBack, or Failed before the commit point), then those that may be the
 //! only copy of their pod (Failed past the commit point, and those whose PodMigration is gone: a
-//! deletion after a failed restore keeps the checkpoint for the retention time). A migration that has not ended (its PodMigration is in any other phase) or a
+//! deletion after a failed restore keeps the checkpoint for the retention time).
+//! A migration that has not ended (its PodMigration is in any other phase) or a
 //! step of which runs is never touched, and its bytes do not count: nothing a running migration
 //! needs is removed. The agent learns which migrations ended by listing PodMigrations; when it
 //! cannot, it removes nothing.
@@ -38,7 +39,6 @@ pub enum Standing {
 }
 
 impl Standing {
-    /// Where migration `pm` stands (`None`: it is gone).
     /// The order in which the budget removes checkpoints (then oldest first).
     fn rank(self) -> u8 {
         match self {
@@ -48,6 +48,8 @@ impl Standing {
         }
     }
 
+    /// Where migration `pm` stands (`None`: it is gone). A failure past the commit point counts
+    /// as a possible only copy whatever its reason: removed later rather than sooner.
     pub fn of(pm: Option<&PodMigration>) -> Self {
         use crds::Phase;
         let Some(pm) = pm else {
@@ -120,12 +122,13 @@ impl Budget {
 }
 
 /// What the agent of `node` publishes of `kept` (newest first) on its Lease: at most
-/// [`crds::discovery::KEPT_LISTED`] entries.
+/// [`crds::discovery::KEPT_LISTED`] entries and [`crds::discovery::KEPT_BYTES`] of JSON.
 pub fn published(
     kept: &[Kept],
     node: &str,
     location: impl Fn(&str) -> String,
 ) -> Vec<KeptCheckpoint> {
+    let mut room = crds::discovery::KEPT_BYTES;
     kept.iter()
         .take(crds::discovery::KEPT_LISTED)
         .map(|k| KeptCheckpoint {
@@ -144,6 +147,13 @@ pub fn published(
                 .map(|d| d.as_secs())
                 .unwrap_or_default(),
             location: format!("{node}:{}", location(&k.record.uid)),
+        })
+        .take_while(|entry| {
+            // Its JSON and a comma.
+            let size = serde_json::to_string(entry).map_or(usize::MAX, |j| j.len() + 1);
+            let fits = size <= room;
+            room = room.saturating_sub(size);
+            fits
         })
         .collect()
 }
@@ -249,5 +259,10 @@ mod tests {
             published(&many, "n", |_| String::new()).len(),
             crds::discovery::KEPT_LISTED
         );
+        // Long locations: the list stops before its JSON passes the limit.
+        let long = published(&many, "n", |_| "/x".repeat(400));
+        let json = serde_json::to_string(&long).unwrap();
+        assert!(!long.is_empty() && long.len() < crds::discovery::KEPT_LISTED);
+        assert!(json.len() <= crds::discovery::KEPT_BYTES, "{}", json.len());
     }
 }

@@ -719,7 +719,15 @@ mod tests {
             r.committed = uid != "in-flight";
             store.save(&r).unwrap();
             let data = store.subdir(uid, "checkpoint").unwrap();
-            fs::write(data.join("app.tar"), vec![7u8; 256 << 10]).unwrap();
+            // Bytes that no file system compresses away (a linear congruential sequence).
+            let mut x: u32 = 12345;
+            let noise: Vec<u8> = (0..256 << 10)
+                .map(|_| {
+                    x = x.wrapping_mul(1_103_515_245).wrapping_add(12_345);
+                    (x >> 16) as u8
+                })
+                .collect();
+            fs::write(data.join("app.tar"), noise).unwrap();
             // A link out of the store is not followed.
             std::os::unix::fs::symlink("/usr", data.join("out")).unwrap();
         }

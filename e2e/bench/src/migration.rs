@@ -104,6 +104,10 @@ pub async fn run(dirs: &Dirs, options: &Options) -> anyhow::Result<(BySize, BySi
             ("operator.allowCheckpointImages", images_allowed.as_str()),
             // PostCopy needs pipes of 4 MiB on the nodes.
             ("agent.raisePipeMaxSize", "true"),
+            // No removals of GiB checkpoints while the next run is measured: no byte budget, and
+            // collections at the chart's default interval.
+            ("agent.retentionBudget", ""),
+            ("agent.gcIntervalSeconds", "60"),
         ],
     )
     .await?;

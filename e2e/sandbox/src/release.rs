@@ -359,7 +359,11 @@ pub fn install(
     .iter()
     .map(|s| s.to_string())
     .collect();
-    for (key, value) in sets {
+    // Helm applies --set-string after --set: a value `extra` names replaces the sandbox's.
+    for (key, value) in sets
+        .into_iter()
+        .filter(|(k, _)| !extra.iter().any(|(e, _)| e == k))
+    {
         args.push("--set-string".into());
         args.push(format!("{key}={value}"));
     }
